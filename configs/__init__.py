@@ -1,0 +1,1 @@
+"""Typed configuration: dataclasses (`schema.py`), YAML loading (`loader.py`), presets (`*.yaml`)."""

@@ -1,0 +1,1 @@
+"""Pure attention decisions: entropy profiling, budgets, KV compression selection, baselines."""
