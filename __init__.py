@@ -14,6 +14,7 @@ from entropyinfer.errors import (
     EntropyInferError,
     InvalidRequestError,
     PromptTooLongError,
+    RequestCancelled,
     UnknownPolicyError,
     UnsupportedArchitectureError,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "EntropyInferError",
     "InvalidRequestError",
     "PromptTooLongError",
+    "RequestCancelled",
     "RequestOutput",
     "SamplingParams",
     "UnknownPolicyError",

@@ -33,3 +33,7 @@ class InvalidRequestError(EntropyInferError, ValueError):
     def __init__(self, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.field = field
+
+
+class RequestCancelled(EntropyInferError):
+    """The request was cancelled (its cancel event was set) before it finished."""

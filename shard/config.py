@@ -1,0 +1,24 @@
+"""Engine settings (typed; loaded from YAML or keyword overrides through `configs/loader.py`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from entropyinfer.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    # Tokens per chunk of the token-wise prefill work (norms, projections, MLP): bounds activation memory.
+    # Attention itself runs over the whole prompt in one fused kernel, so no N x N matrix ever exists.
+    prefill_chunk_size: int = 4096
+    # Capture the decode step in a CUDA graph (GPU only) when at least this many tokens are generated.
+    cuda_graph_min_tokens: int = 8
+    cuda_graphs: bool = True
+    max_batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        if self.prefill_chunk_size < 1:
+            raise ConfigError(f"prefill_chunk_size must be >= 1, got {self.prefill_chunk_size}")
+        if self.max_batch_size < 1:
+            raise ConfigError(f"max_batch_size must be >= 1, got {self.max_batch_size}")

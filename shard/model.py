@@ -1,0 +1,102 @@
+"""One decoder-only transformer for the Llama family (Llama 2/3/3.1, Qwen2/2.5, Qwen3, openPangu-Embedded).
+
+The families differ only in flags of `ModelArch` (qkv/o bias, q/k norm, rope scaling, tied embeddings).
+Parameter names follow Hugging Face, so a checkpoint loads by name. The model holds no cache and no
+policy: `shard/engine.py` drives it layer by layer in prefill and step by step in decode.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from entropyinfer.shard.arch import ModelArch
+from entropyinfer.shard.layers import RMSNorm, Rotary, apply_rotary
+
+
+class Attention(nn.Module):
+    def __init__(self, arch: ModelArch, **kw):
+        super().__init__()
+        hq, hkv, d, h = arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.hidden_size
+        self.num_heads, self.num_kv_heads, self.head_dim = hq, hkv, d
+        self.q_proj = nn.Linear(h, hq * d, bias=arch.qkv_bias, **kw)
+        self.k_proj = nn.Linear(h, hkv * d, bias=arch.qkv_bias, **kw)
+        self.v_proj = nn.Linear(h, hkv * d, bias=arch.qkv_bias, **kw)
+        self.o_proj = nn.Linear(hq * d, h, bias=arch.o_bias, **kw)
+        self.q_norm = RMSNorm(d, arch.rms_norm_eps, **kw) if arch.qk_norm else None
+        self.k_norm = RMSNorm(d, arch.rms_norm_eps, **kw) if arch.qk_norm else None
+
+    def qkv(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: [B, T, hidden] -> q [B, Hq, T, d], k and v [B, Hkv, T, d] (rope applied to q and k)."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+
+class MLP(nn.Module):
+    def __init__(self, arch: ModelArch, **kw):
+        super().__init__()
+        h, i = arch.hidden_size, arch.intermediate_size
+        self.gate_proj = nn.Linear(h, i, bias=arch.mlp_bias, **kw)
+        self.up_proj = nn.Linear(h, i, bias=arch.mlp_bias, **kw)
+        self.down_proj = nn.Linear(i, h, bias=arch.mlp_bias, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, arch: ModelArch, **kw):
+        super().__init__()
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, **kw)
+        self.self_attn = Attention(arch, **kw)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, **kw)
+        self.mlp = MLP(arch, **kw)
+
+    def attention_inputs(
+        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.self_attn.qkv(self.input_layernorm(h), cos, sin)
+
+    def finish(self, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """h: residual [B, T, hidden]; attn: attention output [B, T, Hq * d]."""
+        h = h + self.self_attn.o_proj(attn)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Backbone(nn.Module):
+    def __init__(self, arch: ModelArch, **kw):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size, **kw)
+        self.layers = nn.ModuleList(DecoderLayer(arch, **kw) for _ in range(arch.num_layers))
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, **kw)
+
+
+class CausalLM(nn.Module):
+    """Weights and per-layer pieces; `shard/engine.py` runs them."""
+
+    def __init__(self, arch: ModelArch, device: torch.device | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.arch = arch
+        self.model = Backbone(arch, **kw)
+        self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False, **kw)
+        if arch.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.rotary = Rotary(arch, device=device)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.layers
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head, in fp32: h [..., hidden] -> [..., vocab]."""
+        return self.lm_head(self.model.norm(h)).float()

@@ -1,0 +1,94 @@
+"""Build a model and fill it from a Hugging Face safetensors checkpoint, tensor by tensor, on the target device.
+
+Parameters are created on the meta device and materialised directly on the target device; each checkpoint
+tensor is read (straight to that device) and copied into its parameter, so no second full copy of the
+weights ever exists in host or device memory.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from entropyinfer.errors import CheckpointNotFoundError
+from entropyinfer.shard.arch import ModelArch
+from entropyinfer.shard.layers import rope_inv_freq
+from entropyinfer.shard.model import CausalLM
+
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [folder / name for name in sorted(set(weight_map.values()))]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointNotFoundError(f"{folder} holds no *.safetensors files; convert the checkpoint first")
+    return files
+
+
+def iter_checkpoint(folder: Path, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+    dev = "cpu" if device.type == "cpu" else str(device)
+    for path in checkpoint_files(folder):
+        with safe_open(str(path), framework="pt", device=dev) as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                yield name, f.get_tensor(name)
+
+
+def empty_model(arch: ModelArch, device: torch.device, dtype: torch.dtype) -> CausalLM:
+    """Allocate (uninitialised) parameters on `device`; rope frequencies are computed, not loaded."""
+    with torch.device("meta"):
+        model = CausalLM(arch, dtype=dtype)
+    model = model.to_empty(device=device)
+    if arch.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.rotary.inv_freq = rope_inv_freq(arch).to(device)
+    return model.eval().requires_grad_(False)
+
+
+def load_model(folder: str | Path, device: torch.device, dtype: torch.dtype) -> CausalLM:
+    folder = Path(folder)
+    arch = ModelArch.from_folder(folder)
+    model = empty_model(arch, device, dtype)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    missing = set(params)
+    for name, tensor in iter_checkpoint(folder, device):
+        if name.endswith(IGNORED_SUFFIXES):
+            continue
+        param = params.get(name)
+        if param is None:
+            raise CheckpointNotFoundError(f"checkpoint tensor {name!r} has no place in the {arch.model_type} model")
+        if tuple(param.shape) != tuple(tensor.shape):
+            raise CheckpointNotFoundError(
+                f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}"
+            )
+        with torch.no_grad():
+            param.copy_(tensor)
+        missing.discard(name)
+        del tensor
+    if arch.tie_word_embeddings:
+        missing.discard("lm_head.weight")
+    if missing:
+        raise CheckpointNotFoundError(f"checkpoint {folder} lacks tensors: {', '.join(sorted(missing)[:8])}")
+    return model
+
+
+def random_model(arch: ModelArch, device: torch.device, dtype: torch.dtype, seed: int = 0) -> CausalLM:
+    """Random weights of a real shape (for speed benchmarks): N(0, 0.02) linears, unit norms."""
+    model = empty_model(arch, device, dtype)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+    return model
