@@ -49,7 +49,9 @@ class ModelArch:
     def from_folder(cls, folder: str | Path) -> ModelArch:
         path = Path(folder) / "config.json"
         if not path.is_file():
-            raise CheckpointNotFoundError(f"{folder} has no config.json: pass a Hugging Face checkpoint folder")
+            raise CheckpointNotFoundError(
+                f"{folder} has no config.json: pass a Hugging Face checkpoint folder"
+            )
         return cls.from_hf_config(json.loads(path.read_text()))
 
     @classmethod
@@ -59,7 +61,8 @@ class ModelArch:
             model_type = "PanguEmbedded"
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedArchitectureError(
-                f"model_type {model_type!r} is not supported; entropyinfer runs {', '.join(SUPPORTED_MODEL_TYPES)}"
+                f"model_type {model_type!r} is not supported; "
+                f"entropyinfer runs {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
         if model_type == "PanguEmbedded":
             _refuse_later_pangu(cfg)

@@ -48,7 +48,7 @@ class Engine:
         """Run a prompt [N] into cache slot `slot`; return fp32 logits of the last position [vocab]
         (or of every position [N, vocab] with `all_logits`, for tests)."""
         n = tokens.shape[0]
-        hq, hkv, d = self.arch.num_heads, self.arch.num_kv_heads, self.arch.head_dim
+        hq, d = self.arch.num_heads, self.arch.head_dim
         chunk = self.config.prefill_chunk_size
         spans = [(c0, min(n, c0 + chunk)) for c0 in range(0, n, chunk)]
         h = self.model.model.embed_tokens(tokens.to(self.device))  # [N, hidden]

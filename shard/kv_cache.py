@@ -1,4 +1,4 @@
-"""Preallocated KV cache: one tensor [layers, 2, batch, kv_heads, capacity, head_dim], head-major per layer."""
+"""Preallocated KV cache: one tensor [layers, 2, batch, kv_heads, capacity, head_dim]."""
 
 from __future__ import annotations
 

@@ -11,7 +11,9 @@ from entropyinfer.shard.arch import ModelArch
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, device: torch.device | None = None, dtype: torch.dtype | None = None):
+    def __init__(
+        self, dim: int, eps: float, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
         self.eps = eps
@@ -47,6 +49,8 @@ def rope_inv_freq(arch: ModelArch) -> torch.Tensor:
 class Rotary(nn.Module):
     """cos/sin for given positions, computed on the fly (cheap, and static-shape for CUDA graphs)."""
 
+    inv_freq: torch.Tensor
+
     def __init__(self, arch: ModelArch, device: torch.device | None = None):
         super().__init__()
         self.register_buffer("inv_freq", rope_inv_freq(arch).to(device), persistent=False)
@@ -58,7 +62,7 @@ class Rotary(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [..., heads, T, d]; cos/sin: [..., T, d] broadcast over heads (Hugging Face's rotate-half layout)."""
+    """x: [..., heads, T, d]; cos/sin: [..., T, d], broadcast over heads (Hugging Face's rotate-half)."""
     cos = cos.unsqueeze(-3)
     sin = sin.unsqueeze(-3)
     half = x.shape[-1] // 2

@@ -30,8 +30,14 @@ from entropyinfer.shard.weights import load_model
 Prompt = str | list[dict[str, str]]
 ProgressFn = Callable[[int, int], None]
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 
 
 @dataclass
@@ -125,7 +131,8 @@ class LLM:
                 ids = ids["input_ids"]
             return list(ids)
         raise InvalidRequestError(
-            "a prompt is a non-empty string or a non-empty list of {'role', 'content'} messages", field="prompt"
+            "a prompt is a non-empty string or a non-empty list of {'role', 'content'} messages",
+            field="prompt",
         )
 
     def count_tokens(self, prompt: Prompt) -> int:
@@ -183,7 +190,7 @@ class LLM:
                     f"model's context of {self.max_context} tokens: shorten the prompt or lower max_tokens"
                 )
         total_prefill = sum(len(ids) for ids in token_lists)
-        seqs = [_Sequence(self, p, ids, params) for p, ids in zip(prompts, token_lists)]
+        seqs = [_Sequence(self, p, ids, params) for p, ids in zip(prompts, token_lists, strict=True)]
         cache = self.engine.new_cache(len(seqs), max(len(ids) for ids in token_lists) + params.max_tokens)
         done_before = 0
         for i, seq in enumerate(seqs):
@@ -195,7 +202,11 @@ class LLM:
 
             t0 = _now(self.device)
             logits = self.engine.prefill(
-                torch.tensor(seq.prompt_ids, dtype=torch.long), cache, i, attention, progress=on_layer,
+                torch.tensor(seq.prompt_ids, dtype=torch.long),
+                cache,
+                i,
+                attention,
+                progress=on_layer,
                 cancel=cancel,
             )
             token = sample(logits, params, seq.generator)
@@ -230,7 +241,10 @@ class LLM:
             picks = (
                 logits.argmax(-1).tolist()
                 if params.greedy
-                else [sample(logits[i], params, s.generator) if not s.finished else 0 for i, s in enumerate(seqs)]
+                else [
+                    sample(logits[i], params, s.generator) if not s.finished else 0
+                    for i, s in enumerate(seqs)
+                ]
             )
             elapsed = _now(dev) - t0
             for i, s in enumerate(seqs):
@@ -302,8 +316,9 @@ def _as_batch(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
         return [prompts]  # one chat conversation
     if isinstance(prompts, (list, tuple)) and prompts:
         return list(prompts)
-    raise InvalidRequestError("prompts must be a string, a chat message list, or a non-empty list of them",
-                              field="prompts")
+    raise InvalidRequestError(
+        "prompts must be a string, a chat message list, or a non-empty list of them", field="prompts"
+    )
 
 
 def _now(device: torch.device) -> float:

@@ -94,8 +94,8 @@ class CausalLM(nn.Module):
         self.rotary = Rotary(arch, device=device)
 
     @property
-    def layers(self) -> nn.ModuleList:
-        return self.model.layers
+    def layers(self) -> list[DecoderLayer]:
+        return list(self.model.layers)  # type: ignore[arg-type]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head, in fp32: h [..., hidden] -> [..., vocab]."""

@@ -1,4 +1,4 @@
-"""Build a model and fill it from a Hugging Face safetensors checkpoint, tensor by tensor, on the target device.
+"""Build a model and fill it from a Hugging Face safetensors checkpoint, tensor by tensor, on its device.
 
 Parameters are created on the meta device and materialised directly on the target device; each checkpoint
 tensor is read (straight to that device) and copied into its parameter, so no second full copy of the
@@ -63,7 +63,9 @@ def load_model(folder: str | Path, device: torch.device, dtype: torch.dtype) -> 
             continue
         param = params.get(name)
         if param is None:
-            raise CheckpointNotFoundError(f"checkpoint tensor {name!r} has no place in the {arch.model_type} model")
+            raise CheckpointNotFoundError(
+                f"checkpoint tensor {name!r} has no place in the {arch.model_type} model"
+            )
         if tuple(param.shape) != tuple(tensor.shape):
             raise CheckpointNotFoundError(
                 f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}"
@@ -77,6 +79,20 @@ def load_model(folder: str | Path, device: torch.device, dtype: torch.dtype) -> 
     if missing:
         raise CheckpointNotFoundError(f"checkpoint {folder} lacks tensors: {', '.join(sorted(missing)[:8])}")
     return model
+
+
+def model_from_state_dict(
+    arch: ModelArch, state_dict: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype
+) -> CausalLM:
+    """Wrap existing tensors (e.g. a transformers model's, same names) without copying them."""
+    with torch.device("meta"):
+        model = CausalLM(arch, dtype=dtype)
+    wanted = {k: v for k, v in state_dict.items() if not k.endswith(IGNORED_SUFFIXES)}
+    model.load_state_dict(wanted, strict=not arch.tie_word_embeddings, assign=True)
+    if arch.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.rotary.inv_freq = rope_inv_freq(arch).to(device)
+    return model.eval().requires_grad_(False)
 
 
 def random_model(arch: ModelArch, device: torch.device, dtype: torch.dtype, seed: int = 0) -> CausalLM:

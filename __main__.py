@@ -1,0 +1,5 @@
+import sys
+
+from entropyinfer.cli import main
+
+sys.exit(main())

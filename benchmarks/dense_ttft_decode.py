@@ -1,0 +1,158 @@
+"""Issue 2 benchmark (GPU): time to first token and decode ms/token, random-weight Llama-3-8B shape,
+this engine's dense path against Hugging Face transformers (eager, SDPA), at 32k / 64k / 128k tokens.
+
+Both engines share the same weight tensors (ours wraps transformers' state dict, no copy).
+Run: `python benchmarks/dense_ttft_decode.py [--lengths 32768 65536 131072]`; writes
+dense_ttft_decode.{json,md} to $OUT (device machine) or benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import LLAMA3_8B, cuda_time, environment, write_results
+
+from entropyinfer.shard.arch import ModelArch
+from entropyinfer.shard.attention import DensePrefill
+from entropyinfer.shard.config import EngineConfig
+from entropyinfer.shard.engine import Engine, GraphedDecode
+from entropyinfer.shard.weights import model_from_state_dict
+
+
+def build_models() -> tuple[Any, Engine]:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(**LLAMA3_8B)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    arch = ModelArch.from_hf_config(cfg.to_dict())
+    ours = model_from_state_dict(arch, hf.state_dict(), torch.device("cuda"), torch.bfloat16)
+    return hf, Engine(ours, EngineConfig(prefill_chunk_size=8192))
+
+
+def ours_ttft(engine: Engine, tokens: torch.Tensor, extra: int) -> tuple[float, Any]:
+    cache = engine.new_cache(1, tokens.shape[0] + extra)
+    holder: dict[str, Any] = {}
+
+    def run() -> None:
+        holder["tok"] = engine.prefill(tokens, cache, 0, DensePrefill()).argmax()
+
+    return cuda_time(run), (cache, holder["tok"])
+
+
+def ours_decode(engine: Engine, cache: Any, first: torch.Tensor, n: int, steps: int) -> float:
+    graph = GraphedDecode(engine, cache)
+    tokens = first.view(1).long()
+    positions = torch.tensor([n], device="cuda")
+
+    def step() -> None:
+        nonlocal tokens
+        tokens = graph(tokens, positions).argmax(-1)
+        positions.add_(1)
+
+    for _ in range(3):
+        step()
+    return cuda_time(lambda: [step() for _ in range(steps)]) / steps
+
+
+@torch.inference_mode()
+def hf_ttft_decode(hf: Any, tokens: torch.Tensor, steps: int) -> tuple[float, float | None]:
+    holder: dict[str, Any] = {}
+
+    def prefill() -> None:
+        out = hf(tokens[None], use_cache=True, logits_to_keep=1)
+        holder["pkv"], holder["tok"] = out.past_key_values, out.logits[0, -1].argmax().view(1, 1)
+
+    ttft = cuda_time(prefill)
+    if steps <= 0:
+        return ttft, None
+    pkv, tok = holder.pop("pkv"), holder.pop("tok")
+
+    def step() -> None:
+        nonlocal tok
+        out = hf(tok, past_key_values=pkv, use_cache=True)
+        tok = out.logits[0, -1].argmax().view(1, 1)
+
+    step()
+    return ttft, cuda_time(lambda: [step() for _ in range(steps)]) / steps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 65536, 131072])
+    ap.add_argument("--decode-steps", type=int, default=32)
+    ap.add_argument("--hf-decode-steps", type=int, default=8)
+    ap.add_argument("--skip-hf", action="store_true")
+    args = ap.parse_args()
+
+    hf, engine = build_models()
+    warm = torch.randint(0, LLAMA3_8B["vocab_size"], (4096,), device="cuda")
+    ours_ttft(engine, warm, 8)
+    if not args.skip_hf:
+        hf_ttft_decode(hf, warm, 0)
+    rows: list[dict[str, Any]] = []
+    for n in args.lengths:
+        tokens = torch.randint(0, LLAMA3_8B["vocab_size"], (n,), device="cuda")
+        row: dict[str, Any] = {"tokens": n}
+        try:
+            torch.cuda.reset_peak_memory_stats()
+            ttft, (cache, first) = ours_ttft(engine, tokens, args.decode_steps + 8)
+            row["ours_ttft_s"] = ttft / 1e3
+            row["ours_decode_ms"] = ours_decode(engine, cache, first, n, args.decode_steps)
+            row["ours_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+            del cache
+        except Exception:
+            row["ours_error"] = traceback.format_exc(limit=3)
+            print(row["ours_error"], flush=True)
+        gc.collect()
+        torch.cuda.empty_cache()
+        if not args.skip_hf:
+            try:
+                torch.cuda.reset_peak_memory_stats()
+                ttft, dec = hf_ttft_decode(hf, tokens, args.hf_decode_steps if n == max(args.lengths) else 0)
+                row["hf_ttft_s"] = ttft / 1e3
+                row["hf_decode_ms"] = dec
+                row["hf_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+            except Exception:
+                row["hf_error"] = traceback.format_exc(limit=3)
+                print(row["hf_error"], flush=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+        if "ours_ttft_s" in row and "hf_ttft_s" in row:
+            row["ttft_speedup"] = row["hf_ttft_s"] / row["ours_ttft_s"]
+        rows.append(row)
+        print(row, flush=True)
+    meta = {
+        "env": environment(),
+        "model": "Llama-3-8B shape, random weights, bf16, batch 1",
+        "ours": "layer-wise prefill, chunk 8192, cuDNN SDPA; decode Triton split-K kernel in a CUDA graph",
+        "hf": "transformers eager, attn_implementation=sdpa, DynamicCache",
+    }
+    cols = [
+        "tokens",
+        "ours_ttft_s",
+        "hf_ttft_s",
+        "ttft_speedup",
+        "ours_decode_ms",
+        "hf_decode_ms",
+        "ours_peak_gb",
+        "hf_peak_gb",
+    ]
+    print(
+        write_results(
+            "dense_ttft_decode", "Dense TTFT and decode, Llama-3-8B shape (random weights)", cols, rows, meta
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
