@@ -6,12 +6,19 @@ blocks (`policies/`), a kernel (`kernels/`) computes; this module only dispatche
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 
+from entropyinfer.errors import UnknownPolicyError
 from entropyinfer.kernels.decode_attention import decode_attention
+from entropyinfer.kernels.sparse_prefill import sparse_prefill_attention
+from entropyinfer.policies.config import SparsePrefillConfig
+from entropyinfer.policies.entropy import plan_density, plan_layer
+
+POLICY_NAMES = ("dense", "entropy", "fixed")
+SPARSE_POLICIES = ("entropy", "fixed")
 
 
 class PrefillAttention(Protocol):
@@ -61,20 +68,61 @@ def cached_decode_attention(
     return decode_attention(q, k_cache, v_cache, lengths)
 
 
-POLICY_NAMES = ("dense",)
+class SparsePrefill:
+    """EntropyInfer (`entropy`) or CritiPrefill (`fixed`) prefill: per layer, profile the blocks, pick
+    per-(KV head, segment) block lists (`policies/entropy.py`), run the block-sparse kernel on them.
+    Layer 0 and prompts too short to have a sparse segment run dense."""
+
+    def __init__(self, policy: str, config: SparsePrefillConfig):
+        self.policy, self.config = policy, config
+        self.layer_density: list[float] = []
+        self.layer_rigid: list[float | None] = []
+        self.budget_tokens: list[torch.Tensor] = []
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        cfg, n = self.config, q.shape[1]
+        # Segment s is sparse only if it starts at or after threshold_len and is not the last one.
+        if layer == 0 or n <= max(cfg.threshold_len, cfg.segment_size) + cfg.segment_size:
+            self.layer_density.append(1.0)
+            self.layer_rigid.append(None)
+            return dense_causal_attention(q, k, v)
+        plan = plan_layer(q, k, cfg, policy="fixed" if self.policy == "fixed" else "entropy")
+        counts = plan.counts.masked_fill(plan.dense_segments[None, :], -1)
+        out = sparse_prefill_attention(
+            q, k, v, plan.block_idx, counts, segment_size=cfg.segment_size, block_size=cfg.block_size
+        )
+        self.layer_density.append(
+            plan_density(plan.counts, plan.dense_segments, n, cfg.segment_size, cfg.block_size)
+        )
+        self.layer_rigid.append(float(plan.rigid.float().mean().item()))
+        self.budget_tokens.append((plan.counts[:, ~plan.dense_segments] * cfg.block_size).flatten())
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        rigid = [r for r in self.layer_rigid if r is not None]
+        out: dict[str, Any] = {
+            "density": sum(self.layer_density) / max(len(self.layer_density), 1),
+            "rigid_fraction": sum(rigid) / len(rigid) if rigid else 0.0,
+            "rigid_fraction_per_layer": self.layer_rigid,
+        }
+        tokens = torch.cat(self.budget_tokens).float() if self.budget_tokens else None
+        if tokens is not None and tokens.numel():
+            out["budget_tokens"] = {
+                "mean": float(tokens.mean()),
+                "min": int(tokens.min()),
+                "max": int(tokens.max()),
+                "base": self.config.base_budget if self.policy == "entropy" else self.config.fixed_budget,
+            }
+        return out
 
 
 def check_policy(policy: str) -> None:
-    from entropyinfer.errors import UnknownPolicyError
-
     if policy not in POLICY_NAMES:
         raise UnknownPolicyError(f"unknown policy {policy!r}; choose one of: {', '.join(POLICY_NAMES)}")
 
 
-def build_prefill_attention(policy: str, overrides: dict) -> DensePrefill:
-    from entropyinfer.errors import ConfigError
-
+def build_prefill_attention(policy: str, config: SparsePrefillConfig) -> PrefillAttention:
     check_policy(policy)
-    if overrides:
-        raise ConfigError(f"policy {policy!r} takes no options, got: {', '.join(sorted(overrides))}")
+    if policy in SPARSE_POLICIES:
+        return SparsePrefill(policy, config)
     return DensePrefill()

@@ -10,7 +10,8 @@ from entropyinfer.shard.arch import ModelArch
 class KVCache:
     def __init__(self, arch: ModelArch, batch: int, capacity: int, device: torch.device, dtype: torch.dtype):
         self.batch, self.capacity = batch, capacity
-        self.data = torch.empty(
+        # Zeroed: slots past a head's length are never attended, but 0 * garbage-NaN would still poison sums.
+        self.data = torch.zeros(
             arch.num_layers, 2, batch, arch.num_kv_heads, capacity, arch.head_dim, device=device, dtype=dtype
         )
         # Valid keys per (sequence, KV head); equal across heads for a dense cache.

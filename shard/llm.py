@@ -19,6 +19,7 @@ from entropyinfer.errors import (
     PromptTooLongError,
     RequestCancelled,
 )
+from entropyinfer.policies.config import load_sparse_config
 from entropyinfer.shard.arch import ModelArch
 from entropyinfer.shard.attention import build_prefill_attention, check_policy
 from entropyinfer.shard.config import EngineConfig
@@ -58,6 +59,11 @@ class StreamEvent:
     output: RequestOutput | None = None  # set on the sequence's last event
 
 
+def default_sparse_preset(max_context: int) -> str:
+    """The short-context preset for models of <= 8k tokens (SmolLM2), else the reference defaults."""
+    return "entropy_short" if max_context <= 8192 else "entropy_long"
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -78,8 +84,11 @@ class LLM:
     """Offline engine on one device.
 
     `LLM(model, policy="dense", device=None, dtype=None, **overrides)`: `model` is an embedded name
-    ("smollm2-135m") or a Hugging Face checkpoint folder; `overrides` set `EngineConfig` fields
-    (e.g. `prefill_chunk_size`) or the policy's hyperparameters (e.g. `base_budget`).
+    ("smollm2-135m") or a Hugging Face checkpoint folder; `policy` is "dense", "entropy" or "fixed".
+    Sparse hyperparameters come from `policy_config` (a preset name such as "entropy_short", or a YAML
+    file; default: the long-context preset, or the short one for models of <= 8k context) and
+    `overrides` (e.g. `base_budget=512`); `overrides` may also set `EngineConfig` fields
+    (e.g. `prefill_chunk_size`). Unknown keys raise `ConfigError`.
     """
 
     def __init__(
@@ -89,17 +98,20 @@ class LLM:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         *,
+        policy_config: str | None = None,
         trust_remote_code: bool = False,
         **overrides: Any,
     ):
         check_policy(policy)
+        self.policy = policy
         engine_keys = {f.name for f in dataclasses.fields(EngineConfig)}
         self.engine_config = from_dict(EngineConfig, {k: v for k, v in overrides.items() if k in engine_keys})
-        self.policy_overrides = {k: v for k, v in overrides.items() if k not in engine_keys}
-        self.policy = policy
-        build_prefill_attention(policy, self.policy_overrides)  # validate overrides now, not per request
         self.checkpoint = resolve_checkpoint(model)
         self.arch = ModelArch.from_folder(self.checkpoint)
+        policy_overrides = {k: v for k, v in overrides.items() if k not in engine_keys}
+        self.sparse_config = load_sparse_config(
+            policy_config or default_sparse_preset(self.arch.max_position_embeddings), **policy_overrides
+        )
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.tokenizer = _load_tokenizer(self.checkpoint, trust_remote_code)
@@ -194,7 +206,7 @@ class LLM:
         cache = self.engine.new_cache(len(seqs), max(len(ids) for ids in token_lists) + params.max_tokens)
         done_before = 0
         for i, seq in enumerate(seqs):
-            attention = build_prefill_attention(policy, self.policy_overrides)
+            attention = build_prefill_attention(policy, self.sparse_config)
 
             def on_layer(done: int, total: int, base: int = done_before) -> None:
                 if progress is not None:

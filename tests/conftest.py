@@ -14,3 +14,11 @@ import torch  # noqa: E402
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real embedded model (SmolLM2-135M-Instruct, fp32 on CPU), loaded once for the whole run."""
+    from entropyinfer import LLM
+
+    return LLM("smollm2-135m", device="cpu")

@@ -15,21 +15,40 @@ from entropyinfer.shard.engine import Engine
 from entropyinfer.shard.weights import load_model
 
 TINY = dict(
-    vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=256,
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
 )
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
 
 CASES = {
     "llama3_gqa_scaled": (LlamaConfig, dict(TINY, rope_parameters=LLAMA3_ROPE)),
-    "llama2_tied_linear": (LlamaConfig, dict(TINY, num_key_value_heads=4, tie_word_embeddings=True,
-                                             rope_parameters={"rope_type": "linear", "rope_theta": 10000.0,
-                                                              "factor": 2.0})),
+    "llama2_tied_linear": (
+        LlamaConfig,
+        dict(
+            TINY,
+            num_key_value_heads=4,
+            tie_word_embeddings=True,
+            rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+        ),
+    ),
     "qwen2_bias_tied": (Qwen2Config, dict(TINY, tie_word_embeddings=True)),
     "qwen3_qknorm": (Qwen3Config, dict(TINY, head_dim=32, num_key_value_heads=1)),
-    "pangu_embedded": (LlamaConfig, dict(TINY, attention_bias=True, rope_parameters={"rope_theta": 1.6e7,
-                                                                                     "rope_type": "default"})),
+    "pangu_embedded": (
+        LlamaConfig,
+        dict(TINY, attention_bias=True, rope_parameters={"rope_theta": 1.6e7, "rope_type": "default"}),
+    ),
 }
 
 
@@ -82,7 +101,9 @@ def test_chunked_prefill_equals_one_shot(tmp_path):
     for chunk in (7, 16, 50, 4096):
         engine = Engine(model, EngineConfig(prefill_chunk_size=chunk))
         cache = engine.new_cache(1, 64)
-        outs.append((engine.prefill(tokens, cache, 0, DensePrefill(), all_logits=True), cache.data[:, :, :, :, :50]))
+        outs.append(
+            (engine.prefill(tokens, cache, 0, DensePrefill(), all_logits=True), cache.data[:, :, :, :, :50])
+        )
     for logits, kv in outs[1:]:
         torch.testing.assert_close(logits, outs[0][0], rtol=0, atol=1e-5)
         torch.testing.assert_close(kv, outs[0][1], rtol=0, atol=1e-5)
@@ -98,4 +119,6 @@ def test_later_pangu_variants_and_unknown_architectures_are_refused():
     with pytest.raises(UnsupportedArchitectureError, match="mamba"):
         ModelArch.from_hf_config(dict(TINY, model_type="mamba"))
     with pytest.raises(UnsupportedArchitectureError, match="yarn"):
-        ModelArch.from_hf_config(dict(TINY, model_type="llama", rope_scaling={"rope_type": "yarn", "factor": 4.0}))
+        ModelArch.from_hf_config(
+            dict(TINY, model_type="llama", rope_scaling={"rope_type": "yarn", "factor": 4.0})
+        )
