@@ -1,9 +1,10 @@
-"""Issue 2 benchmark (GPU): time to first token and decode ms/token, random-weight Llama-3-8B shape,
-this engine's dense path against Hugging Face transformers (eager, SDPA), at 32k / 64k / 128k tokens.
+"""Whole-model benchmark (GPU): time to first token and decode ms/token, random-weight Llama-3-8B shape,
+at 32k / 64k / 128k tokens: this engine's dense path, its entropy-sparse prefill, and Hugging Face
+transformers (eager, SDPA), in one run.
 
 Both engines share the same weight tensors (ours wraps transformers' state dict, no copy).
-Run: `python benchmarks/dense_ttft_decode.py [--lengths 32768 65536 131072]`; writes
-dense_ttft_decode.{json,md} to $OUT (device machine) or benchmarks/results/.
+Run: `python benchmarks/ttft_decode.py [--lengths 32768 65536 131072]`; writes
+ttft_decode.{json,md} to $OUT (device machine) or benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import LLAMA3_8B, cuda_time, environment, write_results
 
+from entropyinfer.policies.config import load_sparse_config
 from entropyinfer.shard.arch import ModelArch
-from entropyinfer.shard.attention import DensePrefill
+from entropyinfer.shard.attention import DensePrefill, PrefillAttention, SparsePrefill
 from entropyinfer.shard.config import EngineConfig
 from entropyinfer.shard.engine import Engine, GraphedDecode
 from entropyinfer.shard.weights import model_from_state_dict
@@ -39,12 +41,14 @@ def build_models() -> tuple[Any, Engine]:
     return hf, Engine(ours, EngineConfig(prefill_chunk_size=8192))
 
 
-def ours_ttft(engine: Engine, tokens: torch.Tensor, extra: int) -> tuple[float, Any]:
+def ours_ttft(
+    engine: Engine, tokens: torch.Tensor, extra: int, attention: PrefillAttention | None = None
+) -> tuple[float, Any]:
     cache = engine.new_cache(1, tokens.shape[0] + extra)
     holder: dict[str, Any] = {}
 
     def run() -> None:
-        holder["tok"] = engine.prefill(tokens, cache, 0, DensePrefill()).argmax()
+        holder["tok"] = engine.prefill(tokens, cache, 0, attention or DensePrefill()).argmax()
 
     return cuda_time(run), (cache, holder["tok"])
 
@@ -97,6 +101,11 @@ def main() -> None:
     hf, engine = build_models()
     warm = torch.randint(0, LLAMA3_8B["vocab_size"], (4096,), device="cuda")
     ours_ttft(engine, warm, 8)
+    try:
+        warm_sparse = torch.randint(0, LLAMA3_8B["vocab_size"], (16384,), device="cuda")
+        ours_ttft(engine, warm_sparse, 8, SparsePrefill("entropy", load_sparse_config("entropy_long")))
+    except Exception:
+        traceback.print_exc()
     if not args.skip_hf:
         hf_ttft_decode(hf, warm, 0)
     rows: list[dict[str, Any]] = []
@@ -113,6 +122,19 @@ def main() -> None:
         except Exception:
             row["ours_error"] = traceback.format_exc(limit=3)
             print(row["ours_error"], flush=True)
+        gc.collect()
+        torch.cuda.empty_cache()
+        try:
+            sparse = SparsePrefill("entropy", load_sparse_config("entropy_long"))
+            ttft, (cache, _) = ours_ttft(engine, tokens, 8, sparse)
+            row["entropy_ttft_s"] = ttft / 1e3
+            row["entropy_density"] = sparse.stats()["density"]
+            if "ours_ttft_s" in row:
+                row["entropy_speedup"] = row["ours_ttft_s"] / row["entropy_ttft_s"]
+            del cache
+        except Exception:
+            row["entropy_error"] = traceback.format_exc(limit=3)
+            print(row["entropy_error"], flush=True)
         gc.collect()
         torch.cuda.empty_cache()
         if not args.skip_hf:
@@ -135,6 +157,7 @@ def main() -> None:
         "env": environment(),
         "model": "Llama-3-8B shape, random weights, bf16, batch 1",
         "ours": "layer-wise prefill, chunk 8192, cuDNN SDPA; decode Triton split-K kernel in a CUDA graph",
+        "entropy": "entropy_long preset (S=512, b=8, B0=2048, threshold 4096), per-head budgets",
         "hf": "transformers eager, attn_implementation=sdpa, DynamicCache",
     }
     cols = [
@@ -142,15 +165,16 @@ def main() -> None:
         "ours_ttft_s",
         "hf_ttft_s",
         "ttft_speedup",
+        "entropy_ttft_s",
+        "entropy_density",
+        "entropy_speedup",
         "ours_decode_ms",
         "hf_decode_ms",
         "ours_peak_gb",
         "hf_peak_gb",
     ]
     print(
-        write_results(
-            "dense_ttft_decode", "Dense TTFT and decode, Llama-3-8B shape (random weights)", cols, rows, meta
-        )
+        write_results("ttft_decode", "TTFT and decode, Llama-3-8B shape (random weights)", cols, rows, meta)
     )
 
 
