@@ -1,5 +1,8 @@
 """Attention execution on one shard: dense causal prefill and decode over the KV cache.
 
+On a GPU the Triton kernels run; on the CPU their plain-torch references do (ARCHITECTURE.md), whatever
+TRITON_INTERPRET says: the interpreter is for testing kernels, not for serving.
+
 Sparse prefill (entropy / fixed policies) plugs in through `PrefillAttention`: the policy decides the
 blocks (`policies/`), a kernel (`kernels/`) computes; this module only dispatches.
 """
@@ -13,7 +16,9 @@ import torch.nn.functional as F
 
 from entropyinfer.errors import UnknownPolicyError
 from entropyinfer.kernels.decode_attention import decode_attention
+from entropyinfer.kernels.decode_attention_ref import decode_attention_ref
 from entropyinfer.kernels.sparse_prefill import sparse_prefill_attention
+from entropyinfer.kernels.sparse_prefill_ref import sparse_prefill_attention_ref
 from entropyinfer.policies.config import SparsePrefillConfig
 from entropyinfer.policies.entropy import plan_density, plan_layer
 
@@ -65,7 +70,9 @@ def cached_decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor
 ) -> torch.Tensor:
     """q [B, Hq, d] over k_cache/v_cache [B, Hkv, capacity, d] with lengths [B, Hkv] -> [B, Hq, d]."""
-    return decode_attention(q, k_cache, v_cache, lengths)
+    if q.device.type == "cuda":
+        return decode_attention(q, k_cache, v_cache, lengths)
+    return decode_attention_ref(q, k_cache, v_cache, lengths)
 
 
 class SparsePrefill:
@@ -86,11 +93,13 @@ class SparsePrefill:
             self.layer_density.append(1.0)
             self.layer_rigid.append(None)
             return dense_causal_attention(q, k, v)
-        plan = plan_layer(q, k, cfg, policy="fixed" if self.policy == "fixed" else "entropy")
+        on_gpu = q.device.type == "cuda"
+        policy = "fixed" if self.policy == "fixed" else "entropy"
+        plan = plan_layer(q, k, cfg, policy=policy, backend="triton" if on_gpu else "torch")
         counts = plan.counts.masked_fill(plan.dense_segments[None, :], -1)
-        out = sparse_prefill_attention(
-            q, k, v, plan.block_idx, counts, segment_size=cfg.segment_size, block_size=cfg.block_size
-        )
+        attend = sparse_prefill_attention if on_gpu else sparse_prefill_attention_ref
+        s_len, b = cfg.segment_size, cfg.block_size
+        out = attend(q, k, v, plan.block_idx, counts, segment_size=s_len, block_size=b)
         self.layer_density.append(
             plan_density(plan.counts, plan.dense_segments, n, cfg.segment_size, cfg.block_size)
         )
