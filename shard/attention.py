@@ -94,8 +94,13 @@ class SparsePrefill:
             self.layer_rigid.append(None)
             return dense_causal_attention(q, k, v)
         on_gpu = q.device.type == "cuda"
-        policy = "fixed" if self.policy == "fixed" else "entropy"
-        plan = plan_layer(q, k, cfg, policy=policy, backend="triton" if on_gpu else "torch")
+        plan = plan_layer(
+            q,
+            k,
+            cfg,
+            policy="fixed" if self.policy == "fixed" else "entropy",
+            backend="triton" if on_gpu else "torch",
+        )
         counts = plan.counts.masked_fill(plan.dense_segments[None, :], -1)
         attend = sparse_prefill_attention if on_gpu else sparse_prefill_attention_ref
         s_len, b = cfg.segment_size, cfg.block_size

@@ -1,0 +1,43 @@
+"""The Serve application builder: `entropyinfer.cluster.app:build_app` in configs/serve.yaml.
+
+    serve run configs/serve.yaml          # or: serve deploy configs/serve.yaml, entropyinfer serve
+
+`build_app(args)` receives the application's `args` (typed by `ServeAppConfig`; unknown keys raise
+ConfigError with their dotted name) and returns Ingress(FastAPI) -> Engine (shard actors in its
+replica's placement group).
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+from ray.serve import Application, Deployment
+
+from entropyinfer.cluster.config import ServeAppConfig, app_config, to_args
+from entropyinfer.cluster.engine import EngineDeployment, resolve_accelerator, shard_bundles
+from entropyinfer.cluster.ingress import Ingress
+
+
+def build_app(args: dict[str, Any] | ServeAppConfig | None = None) -> Application:
+    config = app_config(args)
+    accelerator = resolve_accelerator(config.engine)
+    plain = to_args(config)
+    engine = (
+        cast(Deployment, EngineDeployment)
+        .options(
+            num_replicas=config.engine.num_replicas,
+            max_ongoing_requests=config.engine.max_ongoing_requests,
+            placement_group_bundles=shard_bundles(config.engine, accelerator),
+            placement_group_strategy="STRICT_PACK",
+            health_check_timeout_s=60.0,
+        )
+        .bind(plain, accelerator)
+    )
+    return (
+        cast(Deployment, Ingress)
+        .options(
+            num_replicas=config.ingress.num_replicas,
+            max_ongoing_requests=config.ingress.max_ongoing_requests,
+        )
+        .bind(engine, plain)
+    )

@@ -1,0 +1,220 @@
+"""The embedded default: Ray in this process, the Serve app on 127.0.0.1, SQLite in a local folder.
+
+    with EmbeddedServer(config, port=8000) as server:   # starts local Ray, Serve, the app
+        Client(server.url).run(...)
+    # leaving the block deletes the app, shuts Serve and Ray down: no Ray process is left behind
+
+`deploy_to_cluster` is the cluster path (used by the `ray up` YAMLs through `entropyinfer serve
+--address auto --detach`): it submits the Serve config to a running cluster, like `serve deploy`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from entropyinfer.cluster.config import ServeAppConfig, ServeFile, load_serve_file, to_args
+from entropyinfer.configs.loader import replace
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "entropyinfer"
+STOP_TIMEOUT_S = 60.0
+
+
+def prepare_ray_env() -> None:
+    """Environment for a local Ray started from here: Ray 2.60 turns token auth on by default for
+    `ray.init()`; the embedded server binds loopback only, so it runs without (set RAY_AUTH_MODE=token
+    to keep it). No usage-stats upload."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def apply_overrides(
+    serve_file: ServeFile,
+    *,
+    model: str | None = None,
+    policy: str | None = None,
+    accelerator: str | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    db_path: str | None = None,
+    api_key: str | None = None,
+) -> ServeFile:
+    """The serve file with command-line overrides applied (re-validated by the typed loader)."""
+    engine: dict[str, Any] = {}
+    if model is not None:
+        engine["model"] = model
+    if policy is not None:
+        engine["policy"] = policy
+    if accelerator is not None:
+        engine["accelerator"] = accelerator
+    overrides: dict[str, Any] = {"engine": engine} if engine else {}
+    if db_path is not None:
+        overrides["jobs"] = {"db_path": db_path}
+    if api_key is not None:
+        overrides["auth"] = {"api_key": api_key}
+    app = replace(serve_file.app, overrides, "args") if overrides else serve_file.app
+    return dataclasses.replace(
+        serve_file,
+        app=app,
+        host=host if host is not None else serve_file.host,
+        port=port if port is not None else serve_file.port,
+    )
+
+
+class EmbeddedServer:
+    """Local Ray + Serve + the entropyinfer app in this process. Not reentrant; one per process."""
+
+    def __init__(
+        self,
+        config: ServeAppConfig,
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = 8000,
+        app_name: str = APP_NAME,
+        log_to_driver: bool = False,
+        num_cpus: int | None = None,
+        metrics_port: int | None = None,
+    ) -> None:
+        self.config = config
+        self.metrics_port = metrics_port  # Prometheus endpoint of Ray's metrics agent (None: Ray picks one)
+        self.host = host
+        self.port = port if port else free_port(host)
+        self.app_name = app_name
+        self.log_to_driver = log_to_driver
+        self.num_cpus = num_cpus
+        self._owns_ray = False
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"http://{host}:{self.port}"
+
+    def __enter__(self) -> EmbeddedServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> str:
+        """Start Ray (unless this process already runs one), Serve and the app; returns the URL."""
+        prepare_ray_env()
+        import ray
+        from ray import serve
+
+        if not ray.is_initialized():
+            ray.init(
+                address="local",
+                include_dashboard=False,
+                log_to_driver=self.log_to_driver,
+                num_cpus=self.num_cpus,
+                namespace="entropyinfer",
+                _metrics_export_port=self.metrics_port,
+            )
+            self._owns_ray = True
+        try:
+            serve.start(http_options={"host": self.host, "port": self.port}, proxy_location="HeadOnly")
+            self.deploy()
+        except BaseException:  # Ctrl-C or a failed deploy: leave no Ray processes behind
+            self.stop()
+            raise
+        return self.url
+
+    def deploy(self, config: ServeAppConfig | None = None) -> None:
+        """(Re)deploy the app and wait until it serves (the model is loaded)."""
+        from ray import serve
+
+        from entropyinfer.cluster.app import build_app
+
+        if config is not None:
+            self.config = config
+        t0 = time.perf_counter()
+        serve.run(build_app(self.config), name=self.app_name, route_prefix="/")
+        log.info("entropyinfer app ready at %s in %.1fs", self.url, time.perf_counter() - t0)
+
+    def restart_app(self) -> None:
+        """Delete the application and deploy it again (fresh replicas; the SQLite store persists)."""
+        from ray import serve
+
+        serve.delete(self.app_name)
+        self.deploy()
+
+    def stop(self) -> None:
+        """Delete the app, stop Serve and (if started here) Ray and its processes."""
+        import ray
+        from ray import serve
+
+        if not ray.is_initialized():
+            return
+        # Graceful first (replicas hand running jobs back to the queue), bounded in time: if Ray is
+        # already half down (a signal reached the raylet too), shut down anyway.
+        deleter = threading.Thread(target=serve.delete, args=(self.app_name,), daemon=True)
+        deleter.start()
+        deleter.join(STOP_TIMEOUT_S)
+        if deleter.is_alive():
+            log.warning("deleting the Serve app did not finish in %.0fs; shutting Ray down", STOP_TIMEOUT_S)
+        if self._owns_ray:
+            ray.shutdown()  # stops Serve's actors and every Ray process this process started
+            self._owns_ray = False
+
+
+def embedded_server(
+    config_path: str | Path = "serve",
+    *,
+    model: str | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    db_path: str | None = None,
+    api_key: str | None = None,
+    log_to_driver: bool = False,
+) -> EmbeddedServer:
+    """An EmbeddedServer for a Serve config file (default configs/serve.yaml) with overrides."""
+    sf = apply_overrides(
+        load_serve_file(config_path), model=model, host=host, port=port, db_path=db_path, api_key=api_key
+    )
+    return EmbeddedServer(sf.app, host=sf.host, port=sf.port, log_to_driver=log_to_driver)
+
+
+def deploy_to_cluster(serve_file: ServeFile, *, address: str = "auto", dashboard: str | None = None) -> None:
+    """Submit the app to a running Ray cluster through the dashboard's REST API (what `serve deploy`
+    does) and return at once; the cluster builds it and the autoscaler adds the nodes it needs."""
+    prepare_ray_env()
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    config = {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": serve_file.host, "port": serve_file.port},
+        "applications": [
+            {
+                "name": serve_file.app_name,
+                "route_prefix": serve_file.route_prefix,
+                "import_path": serve_file.import_path,
+                "args": _plain(to_args(serve_file.app)),
+            }
+        ],
+    }
+    url = dashboard or os.environ.get("RAY_DASHBOARD_ADDRESS") or "http://127.0.0.1:8265"
+    ServeSubmissionClient(url).deploy_applications(config)
+    log.info("submitted %s to the cluster at %s (address %s)", serve_file.app_name, url, address)
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj

@@ -1,0 +1,35 @@
+"""One local Ray + Serve + entropyinfer app (real SmolLM2 on CPU) for the whole serving test session.
+
+Started in-process with `ray.init()` through the embedded launcher and shut down with `ray.shutdown()`
+at the end (never `ray stop`, which would kill other Ray instances on the machine).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+API_KEY = "test-key-123"
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    pytest.importorskip("ray")
+    from entropyinfer.cluster.config import AuthConfig, EngineConfig, JobsConfig, LimitsConfig, ServeAppConfig
+    from entropyinfer.cluster.launcher import EmbeddedServer, free_port
+
+    db: Path = tmp_path_factory.mktemp("jobs") / "jobs.sqlite"
+    config = ServeAppConfig(
+        engine=EngineConfig(model="smollm2-135m", policy="dense", policies=("dense", "entropy", "fixed")),
+        jobs=JobsConfig(db_path=str(db), poll_s=0.2, progress_interval_s=0.1, lease_s=30.0),
+        limits=LimitsConfig(max_body_bytes=1 << 20, max_batch_documents=4, max_questions=2, max_tokens=64),
+        auth=AuthConfig(api_key=API_KEY, api_key_env=None),
+    )
+    srv = EmbeddedServer(config, port=None, metrics_port=free_port())
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()

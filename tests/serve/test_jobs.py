@@ -1,0 +1,215 @@
+"""The SQLite job store and the job worker, with a fake engine (no Ray)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from entropyinfer.cluster.jobs import IdempotencyConflict, JobStore, JobWorker, NewDocument, NewJob
+from entropyinfer.errors import PromptTooLongError
+
+
+def _job(texts: list[str], questions: tuple[str, ...] = ("q?",), tokens: int = 10) -> NewJob:
+    docs = tuple(NewDocument(t, f"d{i}", tuple(tokens for _ in questions)) for i, t in enumerate(texts))
+    return NewJob(docs, questions, {"sampling": {"max_tokens": 4}, "policy": "dense"})
+
+
+class FakeEngine:
+    """Answers with the document's first word; prefill progress in 3 steps of `delay` seconds."""
+
+    def __init__(self, delay: float = 0.0, fail_on: str | None = None, reject_on: str | None = None) -> None:
+        self.delay = delay
+        self.fail_on = fail_on
+        self.reject_on = reject_on
+        self.calls: list[str] = []
+        self.closed_early = 0
+
+    async def run(
+        self, prompt: list[dict[str, str]], sampling: dict[str, Any], policy: str | None
+    ) -> AsyncIterator[dict[str, Any]]:
+        text = prompt[-1]["content"]
+        self.calls.append(text)
+        if self.fail_on and self.fail_on in text:
+            raise RuntimeError("engine exploded")
+        if self.reject_on and self.reject_on in text:
+            raise PromptTooLongError("prompt too long")
+        finished = False
+        try:
+            for i in range(1, 4):
+                await asyncio.sleep(self.delay)
+                yield {"type": "progress", "done": 3 * i, "total": 9}
+            finished = True
+            yield {
+                "type": "final",
+                "text": text.split()[0],
+                "finish_reason": "stop",
+                "stats": {"policy": policy},
+            }
+        finally:
+            if not finished:
+                self.closed_early += 1
+
+
+def _worker(store: JobStore, engine: FakeEngine, **kw: Any) -> JobWorker:
+    kw.setdefault("progress_interval_s", 0.0)
+    kw.setdefault("poll_s", 0.05)
+    classify = lambda e: str(e) if isinstance(e, PromptTooLongError) else None  # noqa: E731
+    return JobWorker(store, engine, system_prompt="sys", classify=classify, **kw)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> JobStore:
+    s = JobStore(tmp_path / "jobs.sqlite")
+    yield s
+    s.close()
+
+
+def test_job_runs_to_completion_with_progress(store: JobStore) -> None:
+    job, created = store.submit(_job(["alpha one", "beta two"], ("q1", "q2")))
+    assert created and job.state == "queued" and job.prefill_total == 40 and job.n_documents == 2
+    worker = _worker(store, FakeEngine())
+    claimed = store.claim(worker.worker_id)
+    assert claimed is not None and claimed.id == job.id and store.claim("other") is None
+    assert asyncio.run(worker.process(claimed)) == "succeeded"
+    done = store.get(job.id)
+    assert done is not None and done.state == "succeeded"
+    assert (done.documents_done, done.prefill_done) == (2, 40)
+    results = store.results(job.id)
+    assert [(r["document_index"], r["question_index"], r["text"]) for r in results] == [
+        (0, 0, "alpha"),
+        (0, 1, "alpha"),
+        (1, 0, "beta"),
+        (1, 1, "beta"),
+    ]
+    assert results[0]["document_name"] == "d0" and results[0]["stats"] == {"policy": "dense"}
+    assert done.to_dict()["progress"]["documents_total"] == 2
+
+
+def test_job_survives_reopening_the_file(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "j.sqlite")
+    job, _ = store.submit(_job(["gamma"]))
+    worker = _worker(store, FakeEngine())
+    claimed = store.claim(worker.worker_id)
+    assert claimed is not None
+    asyncio.run(worker.process(claimed))
+    store.close()
+    again = JobStore(tmp_path / "j.sqlite")
+    got = again.get(job.id)
+    assert got is not None and got.state == "succeeded"
+    assert again.results(job.id)[0]["text"] == "gamma"
+    again.close()
+
+
+def test_idempotency_key(store: JobStore) -> None:
+    first, created = store.submit(_job(["a"]), "key-1")
+    second, created2 = store.submit(_job(["a"]), "key-1")
+    assert created and not created2 and first.id == second.id
+    with pytest.raises(IdempotencyConflict):
+        store.submit(_job(["different"]), "key-1")
+    third, created3 = store.submit(_job(["a"]), "key-2")
+    assert created3 and third.id != first.id
+
+
+def test_cancel_queued_and_running(store: JobStore) -> None:
+    queued, _ = store.submit(_job(["x"]))
+    cancelled = store.cancel(queued.id)
+    assert cancelled is not None and cancelled.state == "cancelled"
+    assert store.cancel("job-unknown") is None
+
+    running, _ = store.submit(_job(["first doc", "second doc"]))
+    engine = FakeEngine(delay=0.05)
+    worker = _worker(store, engine)
+
+    async def scenario() -> str:
+        claimed = store.claim(worker.worker_id)
+        assert claimed is not None
+        task = asyncio.create_task(worker.process(claimed))
+        await asyncio.sleep(0.08)  # inside the first document's prefill
+        store.cancel(running.id)
+        return await task
+
+    assert asyncio.run(scenario()) == "cancelled"
+    job = store.get(running.id)
+    assert job is not None and job.state == "cancelled" and job.documents_done == 0
+    assert engine.closed_early == 1 and len(engine.calls) == 1
+
+
+def test_lost_job_resumes_then_fails(store: JobStore) -> None:
+    job, _ = store.submit(_job(["one", "two", "three"]))
+    engine = FakeEngine()
+    worker = _worker(store, engine)
+    claimed = store.claim("dead-worker")
+    assert claimed is not None
+    task = store.pending_tasks(job.id)[0]
+    store.record_result(task, text="one", finish_reason="stop", stats={})  # it finished one document
+    time.sleep(0.02)
+    assert store.recover(lease_s=0.01, max_attempts=3) == (1, 0)
+    resumed = store.get(job.id)
+    assert resumed is not None and resumed.state == "queued" and resumed.lost_count == 1
+    claimed = store.claim(worker.worker_id)
+    assert claimed is not None
+    assert asyncio.run(worker.process(claimed)) == "succeeded"
+    assert len(engine.calls) == 2  # the finished document is not run again
+    assert [r["text"] for r in store.results(job.id)] == ["one", "two", "three"]
+
+    lost, _ = store.submit(_job(["four"]))
+    for _ in range(2):
+        assert store.claim("dead") is not None
+        time.sleep(0.02)
+        store.recover(lease_s=0.01, max_attempts=2)
+    failed = store.get(lost.id)
+    assert failed is not None and failed.state == "failed" and "lost 2 times" in (failed.error or "")
+
+
+def test_release_on_clean_stop(store: JobStore) -> None:
+    job, _ = store.submit(_job(["x"]))
+    worker = _worker(store, FakeEngine())
+    assert store.claim(worker.worker_id) is not None
+    assert worker.stop() == 1
+    back = store.get(job.id)
+    assert back is not None and back.state == "queued" and back.lost_count == 0
+
+
+def test_task_rejection_is_recorded_and_engine_failure_fails_the_job(store: JobStore) -> None:
+    job, _ = store.submit(_job(["fine", "toolong doc", "fine again"]))
+    worker = _worker(store, FakeEngine(reject_on="toolong"))
+    claimed = store.claim(worker.worker_id)
+    assert claimed is not None
+    assert asyncio.run(worker.process(claimed)) == "succeeded"
+    results = store.results(job.id)
+    assert results[1]["error"] == "prompt too long" and results[1]["finish_reason"] == "error"
+    assert results[2]["text"] == "fine"
+
+    bad, _ = store.submit(_job(["ok", "boom"]))
+    worker = _worker(store, FakeEngine(fail_on="boom"))
+    claimed = store.claim(worker.worker_id)
+    assert claimed is not None
+    assert asyncio.run(worker.process(claimed)) == "failed"
+    got = store.get(bad.id)
+    assert got is not None and "engine exploded" in (got.error or "") and got.documents_done == 1
+
+
+def test_worker_loop_picks_up_submissions_and_expires(store: JobStore) -> None:
+    worker = _worker(store, FakeEngine())
+
+    async def scenario() -> None:
+        loop = asyncio.create_task(worker.run_forever(concurrency=2))
+        ids = [store.submit(_job([f"doc{i}"]))[0].id for i in range(3)]
+        worker.notify()
+        for _ in range(200):
+            states = [store.get(i).state for i in ids]  # type: ignore[union-attr]
+            if all(s == "succeeded" for s in states):
+                break
+            await asyncio.sleep(0.02)
+        assert states == ["succeeded"] * 3
+        loop.cancel()
+
+    asyncio.run(scenario())
+    assert store.queue_length() == 0
+    assert store.expire(ttl_s=-1.0) == 3
+    assert store.results("anything") == []

@@ -1,0 +1,105 @@
+"""Request validation at the HTTP edge: every bad input names its field."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydantic import BaseModel, ValidationError
+
+from entropyinfer.cluster.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    JobRequest,
+    first_error,
+)
+
+
+def _field(model: type[BaseModel], body: dict[str, Any]) -> str | None:
+    with pytest.raises(ValidationError) as e:
+        model.model_validate(body)
+    field, message = first_error(e.value)
+    assert message
+    return field
+
+
+def test_valid_job_normalises_documents() -> None:
+    job = JobRequest.model_validate(
+        {"documents": ["a", b"b", {"text": b"c", "name": "c.txt"}], "questions": ["q1", "q2"]}
+    )
+    assert [(d.text, d.name) for d in job.docs] == [("a", None), ("b", None), ("c", "c.txt")]
+    assert job.question_list == ["q1", "q2"]
+    assert job.temperature == 0.0
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"question": "q"}, "documents"),
+        ({"documents": [], "question": "q"}, "documents"),
+        ({"documents": ["ok", "  "], "question": "q"}, "documents[1]"),
+        ({"documents": ["ok", b"\xff"], "question": "q"}, "documents[1]"),
+        ({"documents": [7], "question": "q"}, "documents[0]"),
+        ({"documents": ["d"]}, "question"),
+        ({"documents": ["d"], "question": "q", "questions": ["q"]}, "question"),
+        ({"documents": ["d"], "questions": ["q", ""]}, "questions[1]"),
+        ({"documents": ["d"], "question": "q", "max_tokens": "10"}, "max_tokens"),
+        ({"documents": ["d"], "question": "q", "max_tokens": 0}, "max_tokens"),
+        ({"documents": ["d"], "question": "q", "max_tokens": True}, "max_tokens"),
+        ({"documents": ["d"], "question": "q", "temperature": -0.5}, "temperature"),
+        ({"documents": ["d"], "question": "q", "temperature": 1e9}, "temperature"),
+        ({"documents": ["d"], "question": "q", "temperature": float("nan")}, "temperature"),
+        ({"documents": ["d"], "question": "q", "top_p": 0}, "top_p"),
+        ({"documents": ["d"], "question": "q", "top_k": -1}, "top_k"),
+        ({"documents": ["d"], "question": "q", "seed": -1}, "seed"),
+        ({"documents": ["d"], "question": "q", "stop": [""]}, "stop"),
+        ({"documents": ["d"], "question": "q", "polcy": "dense"}, "polcy"),
+    ],
+)
+def test_bad_job_bodies_name_the_field(body: dict[str, Any], field: str) -> None:
+    assert _field(JobRequest, body) == field
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({}, "prompt"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": 5}, "prompt"),
+        ({"prompt": ["a", "b"], "stream": True}, "prompt"),
+        ({"prompt": "p", "n": 2}, "n"),
+        ({"prompt": "p", "stream": "yes"}, "stream"),
+        ({"prompt": "p", "logprobs": 3}, "logprobs"),
+    ],
+)
+def test_bad_completion_bodies(body: dict[str, Any], field: str) -> None:
+    assert _field(CompletionRequest, body) == field
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({}, "messages"),
+        ({"messages": []}, "messages"),
+        ({"messages": "hello"}, "messages"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user"}]}, "messages[0].content"),
+        ({"messages": [{"role": "system", "content": "only a system message"}]}, "messages"),
+    ],
+)
+def test_bad_chat_bodies(body: dict[str, Any], field: str) -> None:
+    assert _field(ChatCompletionRequest, body) == field
+
+
+def test_chat_accepts_openai_shapes() -> None:
+    req = ChatCompletionRequest.model_validate(
+        {
+            "model": "m",
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+            "max_completion_tokens": 5,
+            "presence_penalty": 0,  # unknown OpenAI fields are ignored
+        }
+    )
+    assert req.max_tokens == 5
+    assert req.chat() == [{"role": "user", "content": "hi"}]
