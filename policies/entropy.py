@@ -1,0 +1,210 @@
+"""Segment-wise sparse prefill decisions for one layer: the `entropy` (EntropyInfer) and `fixed`
+(CritiPrefill) policies.
+
+Profiling (`kernels.block_scoring`) -> rigid / dynamic heads -> budget recurrence -> block counts -> top
+blocks per (KV head, segment). The result, a `LayerPlan`, is what the block-sparse prefill kernel consumes:
+per (KV head, segment) a count and an ascending list of ``block_size``-token key blocks; segments marked dense
+attend every key before them. Every segment also attends its own keys causally.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from entropyinfer.errors import UnknownPolicyError
+from entropyinfer.kernels.block_scoring import Backend, block_scores, budget_scan, select_blocks
+from entropyinfer.kernels.block_scoring_ref import BlockScores, num_blocks, num_segments, visible_blocks
+from entropyinfer.policies.config import SparsePrefillConfig
+
+__all__ = [
+    "POLICIES",
+    "LayerPlan",
+    "count_caps",
+    "counts_from_budgets",
+    "dense_segment_mask",
+    "plan_density",
+    "plan_from_scores",
+    "plan_layer",
+    "rigid_heads",
+]
+
+Policy = Literal["entropy", "fixed"]
+POLICIES: tuple[str, ...] = ("entropy", "fixed")
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """Sparse prefill plan of one layer (one sequence). Tensors live on the inputs' device.
+
+    entropy: float32 ``[Hkv, nseg]`` block-attention entropy (nats) per KV head and query segment.
+    rigid: bool ``[Hkv]`` heads whose entropy stays below e_t in every segment >= 1 (False with one segment).
+    budgets: float32 ``[Hkv, nseg]`` budgets in tokens before the caps.
+    counts: int32 ``[Hkv, nseg]`` blocks kept per (KV head, segment); in reference mode every row is the max
+        over KV heads. ``counts[:, 0] == 0``.
+    block_idx: int32 ``[Hkv, nseg, max_count]`` (``max_count >= 1``): the selected block ids, ascending in the
+        first ``counts[h, s]`` entries, -1 after.
+    dense_segments: bool ``[nseg]`` segments that attend every earlier key (those starting before
+        threshold_len, and the last).
+    probs: float32 ``[Hkv, nseg, nblocks]`` block probabilities, only when asked for (tests, analysis).
+    """
+
+    entropy: torch.Tensor
+    rigid: torch.Tensor
+    budgets: torch.Tensor
+    counts: torch.Tensor
+    block_idx: torch.Tensor
+    dense_segments: torch.Tensor
+    seq_len: int
+    segment_size: int
+    block_size: int
+    probs: torch.Tensor | None = None
+
+    @property
+    def num_segments(self) -> int:
+        return self.counts.shape[1]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.counts.shape[0]
+
+    @property
+    def density(self) -> float:
+        """Fraction of the causal QK work computed (see `plan_density`); syncs with the device."""
+        return plan_density(
+            self.counts, self.dense_segments, self.seq_len, self.segment_size, self.block_size
+        )
+
+    def kernel_counts(self) -> torch.Tensor:
+        """int32 ``[Hkv, nseg]`` for `kernels.sparse_prefill`: the counts, and -1 for dense segments."""
+        return torch.where(self.dense_segments[None, :], torch.full_like(self.counts, -1), self.counts)
+
+
+def count_caps(seq_len: int, segment_size: int, block_size: int, device: torch.device | str) -> torch.Tensor:
+    """int64 ``[nseg]``: blocks segment s may keep, ``min(s*S/b, nblocks - ((N mod S)//b + 1))``, >= 0.
+
+    The second term is the reference's bound (it only binds on the last segment, which runs dense).
+    """
+    nseg = num_segments(seq_len, segment_size)
+    last = num_blocks(seq_len, segment_size, block_size) - ((seq_len % segment_size) // block_size + 1)
+    return visible_blocks(nseg, segment_size, block_size, device).clamp(max=last).clamp(min=0)
+
+
+def rigid_heads(entropy: torch.Tensor, entropy_threshold: float) -> torch.Tensor:
+    """bool ``[Hkv]``: entropy below e_t in every segment >= 1 (segment 0 sees nothing); False if nseg < 2."""
+    if entropy.shape[1] < 2:
+        return torch.zeros(entropy.shape[0], dtype=torch.bool, device=entropy.device)
+    return (entropy[:, 1:] < entropy_threshold).all(dim=1)
+
+
+def counts_from_budgets(budgets: torch.Tensor, caps: torch.Tensor, block_size: int) -> torch.Tensor:
+    """int32 ``floor(B / b)`` capped by ``caps``, segment 0 set to 0 (float32 division, as the reference)."""
+    counts = torch.minimum((budgets.float() / block_size).to(torch.int64), caps[None, :])
+    counts[:, 0] = 0
+    return counts.to(torch.int32)
+
+
+def dense_segment_mask(
+    seq_len: int, segment_size: int, threshold_len: int, device: torch.device | str
+) -> torch.Tensor:
+    """bool ``[nseg]``: segments that start before threshold_len, and the last segment."""
+    nseg = num_segments(seq_len, segment_size)
+    starts = torch.arange(nseg, device=device) * segment_size
+    return (starts < threshold_len) | (starts + segment_size >= seq_len)
+
+
+def plan_density(
+    counts: torch.Tensor, dense_segments: torch.Tensor, seq_len: int, segment_size: int, block_size: int
+) -> float:
+    """Causal QK work of the plan over that of dense causal attention, averaged over KV heads.
+
+    A sparse segment (always full: the last one is dense) costs ``S * count * b`` for its blocks plus
+    ``S (S + 1) / 2`` inside itself; a dense segment ``s`` costs ``sum_i (i + 1)`` over its queries.
+    """
+    s_len, n = segment_size, seq_len
+    nseg = counts.shape[1]
+    start = torch.arange(nseg, device=counts.device, dtype=torch.float64) * s_len
+    end = (start + s_len).clamp(max=n)
+    dense_work = (end * (end + 1) - start * (start + 1)) / 2  # sum_{i=start}^{end-1} (i + 1)
+    sparse_work = s_len * counts.double() * block_size + s_len * (s_len + 1) / 2
+    work = torch.where(dense_segments[None, :], dense_work[None, :], sparse_work)
+    total = counts.shape[0] * n * (n + 1) / 2
+    return float(work.sum().item() / total)
+
+
+def plan_from_scores(
+    scores: BlockScores,
+    cfg: SparsePrefillConfig,
+    seq_len: int,
+    *,
+    policy: Policy = "entropy",
+    backend: Backend = "auto",
+    with_probs: bool = False,
+) -> LayerPlan:
+    """Budgets, counts and block selection from a layer's profiling (see `plan_layer`)."""
+    if policy not in POLICIES:
+        raise UnknownPolicyError(
+            f"unknown sparse prefill policy {policy!r}; choose one of: {', '.join(POLICIES)}"
+        )
+    s_len, b = cfg.segment_size, cfg.block_size
+    if scores.segment_size != s_len or scores.block_size != b:
+        raise ValueError(
+            f"scores were computed with S={scores.segment_size}, b={scores.block_size}; "
+            f"the config has S={s_len}, b={b}"
+        )
+    entropy = scores.entropy
+    device = entropy.device
+    rigid = rigid_heads(entropy, cfg.entropy_threshold)
+    if policy == "entropy":
+        budgets = budget_scan(entropy, rigid, cfg.base_budget, cfg.alpha, cfg.delta, backend=backend)
+        max_budget = cfg.max_budget
+    else:
+        budgets = torch.full_like(entropy, float(cfg.fixed_budget))
+        max_budget = cfg.fixed_budget
+    caps = count_caps(seq_len, s_len, b, device)
+    counts = counts_from_budgets(budgets, caps, b)
+    if cfg.mode == "reference":
+        counts = counts.amax(dim=0, keepdim=True).expand_as(counts).contiguous()
+    # a static bound on the counts: no device sync to size block_idx
+    nseg = entropy.shape[1]
+    max_count = min(max_budget // b, max((nseg - 1) * (s_len // b), 0))
+    block_idx = select_blocks(scores.logits, counts, s_len, b, max_count, backend=backend)
+    return LayerPlan(
+        entropy=entropy,
+        rigid=rigid,
+        budgets=budgets,
+        counts=counts,
+        block_idx=block_idx,
+        dense_segments=dense_segment_mask(seq_len, s_len, cfg.threshold_len, device),
+        seq_len=seq_len,
+        segment_size=s_len,
+        block_size=b,
+        probs=scores.probs() if with_probs else None,
+    )
+
+
+def plan_layer(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cfg: SparsePrefillConfig,
+    *,
+    policy: Policy = "entropy",
+    backend: Backend = "auto",
+    with_probs: bool = False,
+) -> LayerPlan:
+    """Profile one layer and decide its sparse prefill.
+
+    Args:
+        q: ``[Hq, N, d]`` post-RoPE queries of one sequence.
+        k: ``[Hkv, N, d]`` post-RoPE keys (KV heads not repeated).
+        cfg: segment / block sizes, budgets, mode (`per_head` or `reference`).
+        policy: ``entropy`` (budgets from the entropy recurrence) or ``fixed`` (``cfg.fixed_budget``
+            everywhere).
+        backend: ``triton`` (compiled on GPU, interpreted on CPU), ``torch`` (the reference), or ``auto``
+            (Triton on GPU or under TRITON_INTERPRET=1, else torch).
+        with_probs: also return the block probabilities (``LayerPlan.probs``).
+    """
+    scores = block_scores(q, k, cfg.segment_size, cfg.block_size, backend=backend)
+    return plan_from_scores(scores, cfg, q.shape[1], policy=policy, backend=backend, with_probs=with_probs)

@@ -1,0 +1,302 @@
+"""Latent KV compression in decode (EntropyInfer) and its SnapKV special case: which cached positions to keep.
+
+Pure decisions on tensors (ALGORITHM.md, "Decode"); `shard/compression.py` executes them on a cache.
+
+An *observation window* of ``W`` queries sits on the last ``W`` cached positions. Latent compression
+(``gap = N_D >= 1``) keeps the last ``W - N_D`` prompt queries, runs ``N_D`` decode steps on the full cache
+appending each step's query, then compresses; SnapKV (``gap = -1``) compresses right after prefill with
+the last ``W`` prompt queries. The two differ only in *when* they compress.
+
+Per KV head (heads here are independent rows: callers flatten (sequence, KV head) into one dim):
+
+1. ``probs = softmax(q k^T / sqrt(d))`` of every window query over the head's keys, with a causal corner
+   (window query ``i`` sits on position ``len - W + i`` and sees keys up to it), averaged over the window
+   queries, in float32. GQA: the ``G`` query heads of a KV head are scored against its keys, no K/V repeat.
+2. Over the *prefix* (positions ``0 .. len - W - 1``): 1-D pooling per query head (``avg``: zero padding,
+   padded slots counted, as SnapKV's ``F.avg_pool1d``; or ``max``, or ``none``).
+3. Reduce over the ``G`` query heads of the group: ``max`` (default; what BENCHMARKS.md measured) or ``mean``.
+4. Keep the top ``capacity - W`` prefix positions (ascending order) and the last ``W`` positions.
+   A head with ``len <= capacity`` keeps everything, in order.
+
+Per-head capacities (``head_capacity: entropy``): every KV head of a layer gets ``floor = max(W,
+ceil(min_head_fraction * C))`` and the rest of the layer's ``Hkv * C`` tokens is shared in proportion to the
+head's mean prefill entropy (dynamic heads get more, rigid heads, entropy ~0, stay at the floor); the total
+per layer is exactly ``Hkv * C``. Layers without entropy (layer 0, prompts that ran dense) stay uniform.
+
+Re-compression (``recompress_every = R > 0``): after the first compression, every ``R`` decode steps the
+compact cache is compressed again to the same capacities with the last ``W`` generated queries.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from entropyinfer.configs.loader import from_dict, load_yaml, merge
+from entropyinfer.errors import ConfigError
+
+__all__ = [
+    "KVCompressionConfig",
+    "KeepPlan",
+    "head_capacities",
+    "load_kv_compression_config",
+    "plan_keep",
+    "prefix_scores",
+    "select_positions",
+    "window_scores",
+]
+
+Pooling = Literal["avg", "max", "none"]
+GroupReduce = Literal["max", "mean"]
+HeadCapacity = Literal["uniform", "entropy"]
+_POOLINGS = ("avg", "max", "none")
+_REDUCES = ("max", "mean")
+_HEAD_CAPACITIES = ("uniform", "entropy")
+
+
+@dataclass(frozen=True)
+class KVCompressionConfig:
+    """Decode-time KV compression (ALGORITHM.md, "Decode").
+
+    Presets: `configs/latent.yaml`, `configs/snapkv.yaml`."""
+
+    window: int = 32  # W: observation queries; the last W keys are always kept
+    gap: int = 16  # N_D: decode steps on the full cache before compressing; -1 = SnapKV (right after prefill)
+    capacity: int = 1024  # C: tokens kept per KV head (a layer's mean, with per-head capacities)
+    pooling: Pooling = "avg"  # 1-D pooling of the scores over positions
+    kernel_size: int = 5  # pooling kernel (odd)
+    group_reduce: GroupReduce = "max"  # over the G query heads of a GQA group
+    head_capacity: HeadCapacity = "uniform"  # or "entropy": per-head capacities from the prefill entropy
+    min_head_fraction: float = 0.5  # entropy capacities: every head keeps at least this fraction of C (and W)
+    recompress_every: int = 0  # R: compress the compact cache again every R generated tokens; 0 = never
+
+    def __post_init__(self) -> None:
+        for name, minimum in (("window", 1), ("capacity", 1), ("kernel_size", 1), ("recompress_every", 0)):
+            _check_int(name, getattr(self, name), minimum)
+        _check_int("gap", self.gap, -1)
+        if self.gap == 0 or self.gap > self.window:
+            raise ConfigError(
+                f"gap: -1 (SnapKV: compress right after prefill) or 1 .. window ({self.window}), "
+                f"got {self.gap}"
+            )
+        if self.capacity < self.window:
+            raise ConfigError(f"capacity: must be at least window ({self.window}), got {self.capacity}")
+        if self.kernel_size % 2 == 0:
+            raise ConfigError(f"kernel_size: must be odd (same-length pooling), got {self.kernel_size}")
+        for name, value, allowed in (
+            ("pooling", self.pooling, _POOLINGS),
+            ("group_reduce", self.group_reduce, _REDUCES),
+            ("head_capacity", self.head_capacity, _HEAD_CAPACITIES),
+        ):
+            if value not in allowed:
+                raise ConfigError(f"{name}: {value!r} is not one of {list(allowed)}")
+        f = self.min_head_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or not 0 < f <= 1:
+            raise ConfigError(f"min_head_fraction: expected a number in (0, 1], got {f!r}")
+
+    @property
+    def method(self) -> str:
+        return "snapkv" if self.gap < 0 else "latent"
+
+    @property
+    def compress_after(self) -> int:
+        """Decode steps that run on the full cache before the first compression (0 for SnapKV)."""
+        return max(self.gap, 0)
+
+    @property
+    def prompt_queries(self) -> int:
+        """Prompt queries the observation window keeps after prefill: W (SnapKV) or W - N_D."""
+        return self.window - self.compress_after
+
+    @property
+    def min_head_capacity(self) -> int:
+        return max(self.window, math.ceil(self.min_head_fraction * self.capacity))
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name}: expected an integer, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{name}: must be >= {minimum}, got {value}")
+
+
+def load_kv_compression_config(name_or_path: str | Path = "latent", **overrides: Any) -> KVCompressionConfig:
+    """A preset name (`latent`, `snapkv`) or a YAML path, with keyword overrides on top.
+
+    Raises `ConfigError` for a missing file, an unknown key or a bad value (the message names the key).
+    """
+    return from_dict(KVCompressionConfig, merge(load_yaml(name_or_path), overrides))
+
+
+# ------------------------------------------------------------------------------------------------- scoring
+def window_scores(
+    q_obs: torch.Tensor,
+    keys: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    scale: float | None = None,
+    max_elements: int = 1 << 26,
+) -> torch.Tensor:
+    """Mean attention of the window queries over each head's keys.
+
+    Args:
+        q_obs: ``[H, G, W, d]``: the ``G`` query heads of each of ``H`` KV heads; window query ``i`` sits on
+            position ``lengths[h] - W + i`` (rows with a negative position are ignored).
+        keys: ``[H, S, d]``, the first ``lengths[h]`` valid.
+        lengths: integer ``[H]``, ``1 <= lengths[h] <= S``.
+        max_elements: float32 score elements computed at once (the loop runs over chunks of heads).
+
+    Returns float32 ``[H, G, S]``: the softmax probabilities averaged over the valid window queries; 0 at
+    positions ``>= lengths[h]``.
+    """
+    h, g, w, d = q_obs.shape
+    s = keys.shape[1]
+    scale = d**-0.5 if scale is None else scale
+    lengths = lengths.to(device=keys.device, dtype=torch.long)
+    out = torch.empty(h, g, s, dtype=torch.float32, device=keys.device)
+    step = max(1, max_elements // max(g * w * s, 1))
+    key_pos = torch.arange(s, device=keys.device)
+    for h0 in range(0, h, step):
+        h1 = min(h, h0 + step)
+        q = q_obs[h0:h1].float().reshape(h1 - h0, g * w, d)
+        logits = torch.bmm(q, keys[h0:h1].float().transpose(1, 2)).mul_(scale).view(h1 - h0, g, w, s)
+        q_pos = lengths[h0:h1, None] - w + torch.arange(w, device=keys.device)  # [h, W]
+        visible = key_pos[None, None, :] <= q_pos[:, :, None]  # [h, W, S]: causal (and inside the length)
+        logits.masked_fill_(~visible[:, None], float("-inf"))
+        valid_q = q_pos >= 0  # [h, W]
+        probs = torch.softmax(logits, dim=-1)
+        probs = torch.where(valid_q[:, None, :, None], probs, torch.zeros((), device=keys.device))
+        out[h0:h1] = probs.sum(dim=2) / valid_q.sum(dim=1).clamp(min=1)[:, None, None]
+    return out
+
+
+def prefix_scores(
+    probs: torch.Tensor,
+    lengths: torch.Tensor,
+    window: int,
+    *,
+    pooling: Pooling = "avg",
+    kernel_size: int = 5,
+    group_reduce: GroupReduce = "max",
+) -> torch.Tensor:
+    """Pool the window scores over positions and reduce them over the GQA group.
+
+    probs: float32 ``[H, G, S]`` (`window_scores`). Returns float32 ``[H, S]``: the score of each prefix
+    position ``0 .. lengths[h] - W - 1``, ``-inf`` elsewhere. Pooling sees zeros outside the prefix.
+    """
+    h, g, s = probs.shape
+    lengths = lengths.to(device=probs.device, dtype=torch.long)
+    in_prefix = torch.arange(s, device=probs.device)[None, :] < (lengths - window)[:, None]  # [H, S]
+    x = torch.where(in_prefix[:, None, :], probs, torch.zeros((), device=probs.device))
+    if pooling != "none" and kernel_size > 1:
+        flat = x.reshape(h * g, 1, s)
+        pad = kernel_size // 2
+        if pooling == "avg":
+            flat = F.avg_pool1d(flat, kernel_size, stride=1, padding=pad, count_include_pad=True)
+        else:
+            flat = F.max_pool1d(flat, kernel_size, stride=1, padding=pad)
+        x = flat.view(h, g, s)
+    x = x.amax(dim=1) if group_reduce == "max" else x.mean(dim=1)
+    return x.masked_fill(~in_prefix, float("-inf"))
+
+
+@dataclass(frozen=True)
+class KeepPlan:
+    """Which positions each head keeps: ``indices`` int64 ``[H, slots]`` (the first ``counts[h]`` valid,
+    ascending; 0 after), ``counts`` int64 ``[H]``."""
+
+    indices: torch.Tensor
+    counts: torch.Tensor
+
+
+def select_positions(
+    scores: torch.Tensor, lengths: torch.Tensor, capacities: torch.Tensor, window: int, slots: int
+) -> KeepPlan:
+    """Top ``capacities[h] - W`` prefix positions by score plus the last ``min(W, len)`` positions, ascending.
+
+    scores: ``[H, S]`` (`prefix_scores`: ``-inf`` outside the prefix); lengths, capacities: integer ``[H]``
+    with ``capacities >= W``; ``slots`` (static) must be ``>= min(capacities[h], lengths[h])`` for every head.
+    No host sync: the shapes depend only on ``S`` and ``slots``.
+    """
+    h, s = scores.shape
+    dev = scores.device
+    lengths = lengths.to(device=dev, dtype=torch.long)
+    capacities = capacities.to(device=dev, dtype=torch.long)
+    recent = lengths.clamp(max=window)  # [H]
+    prefix = lengths - recent
+    keep = torch.minimum((capacities - window).clamp(min=0), prefix)  # [H] top positions kept from the prefix
+    kmax = min(slots, s)
+    cols = torch.arange(slots, device=dev)[None, :]
+    if kmax > 0:
+        top = scores.topk(kmax, dim=1).indices  # descending scores
+        rank = torch.arange(kmax, device=dev)[None, :]
+        top = torch.where(rank < keep[:, None], top, torch.full_like(top, s)).sort(dim=1).values
+        top = F.pad(top, (0, slots - kmax), value=s)
+    else:
+        top = torch.full((h, slots), s, dtype=torch.long, device=dev)
+    tail = prefix[:, None] + (cols - keep[:, None])  # the recent positions, after the kept prefix ones
+    indices = torch.where(cols < keep[:, None], top, tail)
+    counts = keep + recent
+    indices = torch.where(cols < counts[:, None], indices, torch.zeros_like(indices))
+    return KeepPlan(indices=indices, counts=counts)
+
+
+def plan_keep(
+    q_obs: torch.Tensor,
+    keys: torch.Tensor,
+    lengths: torch.Tensor,
+    capacities: torch.Tensor,
+    cfg: KVCompressionConfig,
+    slots: int,
+    *,
+    scale: float | None = None,
+) -> KeepPlan:
+    """Score, pool, reduce and select for ``H`` KV heads: q_obs ``[H, G, W, d]``, keys ``[H, S, d]``."""
+    probs = window_scores(q_obs, keys, lengths, scale=scale)
+    scores = prefix_scores(
+        probs,
+        lengths,
+        cfg.window,
+        pooling=cfg.pooling,
+        kernel_size=cfg.kernel_size,
+        group_reduce=cfg.group_reduce,
+    )
+    return select_positions(scores, lengths, capacities, cfg.window, slots)
+
+
+# ------------------------------------------------------------------------------------ per-head capacities
+def head_capacities(
+    entropy: torch.Tensor | None, cfg: KVCompressionConfig, shape: tuple[int, int]
+) -> torch.Tensor:
+    """int64 ``[L, Hkv]`` tokens kept per (layer, KV head) of one sequence.
+
+    ``uniform`` (or no entropy): ``C`` everywhere. ``entropy``: entropy is float ``[L, Hkv]`` mean prefill
+    entropy per head (NaN for a layer that ran dense); every head gets ``cfg.min_head_capacity`` plus a share
+    of the rest in proportion to its entropy, rounded by largest remainder so that each layer's total is
+    exactly ``Hkv * C``. Layers with NaN or zero total entropy stay uniform.
+    """
+    layers, hkv = shape
+    c = cfg.capacity
+    out = torch.full((layers, hkv), c, dtype=torch.long)
+    if cfg.head_capacity != "entropy" or entropy is None:
+        return out
+    ent = entropy.detach().to("cpu", torch.float64)
+    floor = cfg.min_head_capacity
+    spare = hkv * (c - floor)
+    for li in range(layers):
+        e = ent[li].clamp(min=0)
+        total = float(e.sum())
+        if not math.isfinite(total) or total <= 0 or spare <= 0:
+            continue
+        share = e / total * spare
+        base = share.floor().long()
+        left = spare - int(base.sum())
+        order = torch.argsort(share - base, descending=True, stable=True)
+        base[order[:left]] += 1
+        out[li] = floor + base
+    return out
