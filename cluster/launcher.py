@@ -36,6 +36,9 @@ def prepare_ray_env() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
+BIND_ATTEMPTS = 3
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -92,7 +95,10 @@ class EmbeddedServer:
         self.config = config
         self.metrics_port = metrics_port  # Prometheus endpoint of Ray's metrics agent (None: Ray picks one)
         self.host = host
-        self.port = port if port else free_port(host)
+        # Port 0 / None: pick a free one after Ray has started (Ray's own processes take random ports
+        # too, so a port picked earlier can be gone by the time Serve's proxy binds it).
+        self._auto_port = not port
+        self.port = port or 0
         self.app_name = app_name
         self.log_to_driver = log_to_driver
         self.num_cpus = num_cpus
@@ -114,7 +120,6 @@ class EmbeddedServer:
         """Start Ray (unless this process already runs one), Serve and the app; returns the URL."""
         prepare_ray_env()
         import ray
-        from ray import serve
 
         if not ray.is_initialized():
             ray.init(
@@ -127,12 +132,27 @@ class EmbeddedServer:
             )
             self._owns_ray = True
         try:
-            serve.start(http_options={"host": self.host, "port": self.port}, proxy_location="HeadOnly")
+            self._start_serve()
             self.deploy()
         except BaseException:  # Ctrl-C or a failed deploy: leave no Ray processes behind
             self.stop()
             raise
         return self.url
+
+    def _start_serve(self) -> None:
+        from ray import serve
+
+        for attempt in range(BIND_ATTEMPTS):
+            if self._auto_port:
+                self.port = free_port(self.host)
+            try:
+                serve.start(http_options={"host": self.host, "port": self.port}, proxy_location="HeadOnly")
+                return
+            except Exception as e:
+                if not self._auto_port or "bind" not in str(e) or attempt == BIND_ATTEMPTS - 1:
+                    raise
+                log.warning("port %d was taken before Serve could bind it; trying another", self.port)
+                serve.shutdown()
 
     def deploy(self, config: ServeAppConfig | None = None) -> None:
         """(Re)deploy the app and wait until it serves (the model is loaded)."""

@@ -1,0 +1,132 @@
+"""Plain-torch reference for block-sparse prefill attention: the oracle of `sparse_prefill` and its CPU path.
+
+Semantics (shared with `entropyinfer.kernels.sparse_prefill.sparse_prefill_attention`):
+
+- One sequence per call. ``q``: ``[Hq, Nq, d]``; ``k``, ``v``: ``[Hkv, Nk, d]`` (KV heads not repeated);
+  ``G = Hq // Hkv`` and query head ``h`` reads KV head ``h // G``.
+- Query row ``r`` sits at absolute position ``p = q_offset + r``; keys are indexed by absolute position, so
+  ``Nk >= q_offset + Nq`` (normally equal: a chunk ``[q_offset, q_offset + Nq)`` of a longer prompt).
+- Segments of ``segment_size`` (``S``) positions: segment ``s`` is ``[s*S, (s+1)*S)``.
+  ``nseg = ceil((q_offset + Nq) / S)``; ``block_idx`` / ``block_cnt`` need at least ``nseg`` segment rows.
+- ``block_idx[hk, s, :block_cnt[hk, s]]``: ids of the key blocks of ``block_size`` (``b``) tokens that KV head
+  ``hk`` selected for segment ``s`` (block ``j`` covers keys ``[j*b, (j+1)*b)``, every one ending at or before
+  ``s*S``), sorted ascending. ``block_cnt[hk, s] == -1`` marks a dense segment: every key of ``[0, s*S)``.
+- Every query also attends causally inside its own segment: keys ``[s*S, p]``.
+- Softmax over that set with ``scale`` (``d ** -0.5`` by default), computed in float32; output
+  ``[Hq, Nq, d]`` in q's dtype.
+
+The reference loops over (segment, KV head) and gathers the attended keys explicitly, so its memory is bounded
+by one ``[G, S, keys]`` score block; it is an oracle, not a fast path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["check_sparse_prefill_args", "num_segments", "sparse_prefill_attention_ref"]
+
+
+def num_segments(q_offset: int, nq: int, segment_size: int) -> int:
+    """Segments that the chunk ``[q_offset, q_offset + nq)`` touches, counted from position 0."""
+    return -(-(q_offset + nq) // segment_size)
+
+
+def check_sparse_prefill_args(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_idx: torch.Tensor,
+    block_cnt: torch.Tensor,
+    segment_size: int,
+    block_size: int,
+    q_offset: int,
+) -> None:
+    """Shape and dtype checks shared by the kernel launcher and the reference (no device sync)."""
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(
+            f"q, k, v must be 3-D [H, N, d]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    hq, nq, d = q.shape
+    hkv, nk, dk = k.shape
+    if v.shape != k.shape or dk != d:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must be [Hkv, Nk, {d}]")
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"query heads {hq} must be a multiple of KV heads {hkv}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device == block_idx.device == block_cnt.device):
+        raise ValueError("q, k, v, block_idx, block_cnt must be on one device")
+    if segment_size <= 0 or block_size <= 0:
+        raise ValueError(f"segment_size {segment_size} and block_size {block_size} must be positive")
+    if q_offset < 0 or nk < q_offset + nq:
+        raise ValueError(f"keys must cover [0, q_offset + Nq): Nk={nk}, q_offset={q_offset}, Nq={nq}")
+    nseg = num_segments(q_offset, nq, segment_size)
+    if block_idx.dtype != torch.int32 or block_cnt.dtype != torch.int32:
+        raise ValueError(f"block_idx / block_cnt must be int32; got {block_idx.dtype}, {block_cnt.dtype}")
+    if block_idx.dim() != 3 or block_idx.shape[0] != hkv or block_idx.shape[1] < nseg:
+        raise ValueError(f"block_idx must be [Hkv={hkv}, nseg>={nseg}, max_k]; got {tuple(block_idx.shape)}")
+    if block_cnt.dim() != 2 or block_cnt.shape[0] != hkv or block_cnt.shape[1] < nseg:
+        raise ValueError(f"block_cnt must be [Hkv={hkv}, nseg>={nseg}]; got {tuple(block_cnt.shape)}")
+
+
+def sparse_prefill_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_idx: torch.Tensor,
+    block_cnt: torch.Tensor,
+    *,
+    segment_size: int,
+    block_size: int,
+    scale: float | None = None,
+    q_offset: int = 0,
+) -> torch.Tensor:
+    """Block-sparse prefill attention, plain torch (see the module docstring for the semantics).
+
+    Also validates the block lists (counts within ``max_k``, ids non-negative and ending at or before their
+    segment's start), which the kernel does not do.
+    """
+    check_sparse_prefill_args(q, k, v, block_idx, block_cnt, segment_size, block_size, q_offset)
+    hq, nq, d = q.shape
+    hkv = k.shape[0]
+    group = hq // hkv
+    seg, b = segment_size, block_size
+    if scale is None:
+        scale = d**-0.5
+    nseg = num_segments(q_offset, nq, seg)
+    counts = block_cnt[:, :nseg].tolist()
+    max_k = block_idx.shape[2]
+    out = torch.empty_like(q)
+    within = torch.arange(b, device=k.device)
+
+    for s in range(q_offset // seg, nseg):
+        seg_start = s * seg
+        p_lo, p_hi = max(seg_start, q_offset), min(seg_start + seg, q_offset + nq)
+        pos = torch.arange(p_lo, p_hi, device=q.device)
+        own = torch.arange(seg_start, p_hi, device=k.device)
+        own_mask = own[None, :] <= pos[:, None]  # [L, own]
+        for hk in range(hkv):
+            cnt = counts[hk][s]
+            if cnt < 0:
+                prefix = torch.arange(0, seg_start, device=k.device)
+            else:
+                if cnt > max_k:
+                    raise ValueError(f"block_cnt[{hk}, {s}] = {cnt} exceeds max_k = {max_k}")
+                ids = block_idx[hk, s, :cnt].long()
+                if cnt and (int(ids.min()) < 0 or (int(ids.max()) + 1) * b > seg_start):
+                    raise ValueError(
+                        f"block ids of (head {hk}, segment {s}) must lie in [0, {seg_start // b})"
+                    )
+                prefix = (ids[:, None] * b + within[None, :]).reshape(-1)
+            keys = torch.cat([prefix, own])
+            kh = k[hk, keys].float()  # [K, d]
+            vh = v[hk, keys].float()
+            qs = q[hk * group : (hk + 1) * group, p_lo - q_offset : p_hi - q_offset].float()  # [G, L, d]
+            scores = torch.matmul(qs, kh.T) * scale  # [G, L, K]
+            mask = torch.cat([own_mask.new_ones(len(pos), len(prefix)), own_mask], dim=1)
+            scores = scores.masked_fill(~mask, float("-inf"))
+            probs = torch.softmax(scores, dim=-1)
+            out[hk * group : (hk + 1) * group, p_lo - q_offset : p_hi - q_offset] = torch.matmul(
+                probs, vh
+            ).to(q.dtype)
+    return out
