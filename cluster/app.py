@@ -4,7 +4,8 @@
 
 `build_app(args)` receives the application's `args` (typed by `ServeAppConfig`; unknown keys raise
 ConfigError with their dotted name) and returns Ingress(FastAPI) -> Engine (shard actors in its
-replica's placement group).
+replica's placement group). The ingress replicas run on the head node, where the SQLite job store lives
+(`ray_actor_options` of the Ingress deployment).
 """
 
 from __future__ import annotations

@@ -8,9 +8,11 @@
         print(r.document_name, r.text)
 
 Documents may be paths (`os.PathLike`; read as bytes), strings (the text itself) or bytes (UTF-8).
-Bodies go as msgpack by default. Connection errors and 503 answers are retried with exponential backoff;
-a job submission reuses its idempotency key across retries, so a retry never creates a second job.
-Errors the server reports raise `APIError` subclasses carrying its message, type and field.
+Bodies go as msgpack by default. 503 answers and transport errors (connect, read, write, pool, timeouts)
+are retried with exponential backoff for idempotent calls (reads, cancel, and job submission, which reuses
+its idempotency key across retries, so a retry never creates a second job); a completion is retried only
+when it cannot have reached the server. Errors the server reports raise `APIError` subclasses carrying
+its message, type and field; transport errors raise `ConnectionFailed` (`RequestTimeout` for timeouts).
 """
 
 from __future__ import annotations
@@ -76,7 +78,12 @@ class ServerError(APIError):
 
 
 class ConnectionFailed(ClientError):
-    """The server could not be reached after all retries."""
+    """The request failed in transport after all retries: no connection, connection dropped, or a
+    read/write error; `RequestTimeout` when it timed out."""
+
+
+class RequestTimeout(ConnectionFailed):
+    """Connecting, sending, waiting for the answer or for a pooled connection took longer than `timeout`."""
 
 
 class JobFailedError(ClientError):
@@ -286,7 +293,13 @@ class _Core:
         )
 
 
-_RETRY_TRANSPORT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError)
+# Transport errors after which the request surely did not reach the server: retried for every call.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+
+def _transport_error(method: str, url: str, e: httpx.TransportError) -> ConnectionFailed:
+    cls = RequestTimeout if isinstance(e, httpx.TimeoutException) else ConnectionFailed
+    return cls(f"{method} {url}: {type(e).__name__}: {e}")
 
 
 def _is_tty() -> bool:
@@ -337,10 +350,9 @@ class Client:
                 )
                 if resp.status_code != 503 or attempt >= self._core.retries:
                     return self._core.parse(resp)
-            except _RETRY_TRANSPORT as e:
-                retryable = safe or isinstance(e, (httpx.ConnectError, httpx.ConnectTimeout))
-                if not retryable or attempt >= self._core.retries:
-                    raise ConnectionFailed(f"{method} {self._core.url}{path}: {type(e).__name__}: {e}") from e
+            except httpx.TransportError as e:
+                if not (safe or isinstance(e, _NOT_SENT)) or attempt >= self._core.retries:
+                    raise _transport_error(method, self._core.url + path, e) from e
             time.sleep(self._core.retry_delay(attempt, resp))
             attempt += 1
 
@@ -442,8 +454,8 @@ class Client:
                         return
                     if delta:
                         yield delta
-        except (httpx.ConnectError, httpx.ConnectTimeout) as e:
-            raise ConnectionFailed(f"POST {self._core.url}{path}: {e}") from e
+        except httpx.TransportError as e:
+            raise _transport_error("POST", self._core.url + path, e) from e
 
     def models(self) -> list[str]:
         return [m["id"] for m in self._request("GET", "/v1/models", safe=True)["data"]]
@@ -497,10 +509,9 @@ class AsyncClient:
                 )
                 if resp.status_code != 503 or attempt >= self._core.retries:
                     return self._core.parse(resp)
-            except _RETRY_TRANSPORT as e:
-                retryable = safe or isinstance(e, (httpx.ConnectError, httpx.ConnectTimeout))
-                if not retryable or attempt >= self._core.retries:
-                    raise ConnectionFailed(f"{method} {self._core.url}{path}: {type(e).__name__}: {e}") from e
+            except httpx.TransportError as e:
+                if not (safe or isinstance(e, _NOT_SENT)) or attempt >= self._core.retries:
+                    raise _transport_error(method, self._core.url + path, e) from e
             await asyncio.sleep(self._core.retry_delay(attempt, resp))
             attempt += 1
 
@@ -586,8 +597,8 @@ class AsyncClient:
                         return
                     if delta:
                         yield delta
-        except (httpx.ConnectError, httpx.ConnectTimeout) as e:
-            raise ConnectionFailed(f"POST {self._core.url}{path}: {e}") from e
+        except httpx.TransportError as e:
+            raise _transport_error("POST", self._core.url + path, e) from e
 
     async def models(self) -> list[str]:
         return [m["id"] for m in (await self._request("GET", "/v1/models", safe=True))["data"]]

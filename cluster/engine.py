@@ -26,6 +26,7 @@ from entropyinfer.cluster.shard_actor import ShardActor
 log = logging.getLogger(__name__)
 
 HEALTH_TIMEOUT_S = 30.0
+STATUS_TIMEOUT_S = 5.0
 
 
 def resolve_accelerator(cfg: EngineConfig) -> str:
@@ -58,6 +59,7 @@ class EngineDeployment:
             "policy": cfg.policy,
             "device": cfg.device,
             "dtype": cfg.dtype,
+            "policy_config": cfg.policy_config,
             "overrides": dict(cfg.overrides),
             "cpu_threads": cfg.cpu_threads,
         }
@@ -89,6 +91,14 @@ class EngineDeployment:
     async def info(self) -> dict[str, Any]:
         return dict(self.info_)
 
+    async def status(self) -> dict[str, Any]:
+        """Live state for /healthz (raises if a shard does not answer within STATUS_TIMEOUT_S): the info,
+        requests in flight in this replica, and each shard's counters (busy, cancelled, ...)."""
+        shards = await asyncio.wait_for(
+            asyncio.gather(*(s.stats.remote() for s in self.shards)), STATUS_TIMEOUT_S
+        )
+        return {**self.info_, "in_flight": self.metrics.in_flight_count, "shards": list(shards)}
+
     async def count_tokens(self, prompts: list[Any]) -> list[int]:
         return list(await self.shards[0].count_tokens.remote(prompts))
 
@@ -106,7 +116,11 @@ class EngineDeployment:
                 request_id, prompt, sampling, policy, stream
             )
             async for ref in gen:
-                event = await ref
+                try:
+                    event = await ref
+                except Exception:
+                    finished = True  # the shard rejected or ended the request itself: nothing to cancel
+                    raise
                 if event["type"] == "final":
                     finished = True
                     self.metrics.record(event, policy or self.config.engine.policy, time.perf_counter() - t0)

@@ -2,7 +2,9 @@
 
 Every error is a JSON (or msgpack, per Accept) body `{"error": {"message", "type", "field"}}` with a
 4xx status for bad requests, so a client always learns which field to fix and the replica keeps serving.
-The ingress also owns the SQLite job store and runs the job worker as a background task.
+The API key is checked once for every route but /healthz (an app-level dependency). The ingress also owns
+the SQLite job store and runs the job worker as a background task; its replicas run on the head node,
+where the store's file is.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route signatures' annotations at runtime.
@@ -14,13 +16,13 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar, cast
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
-from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from entropyinfer.cluster import wire
@@ -55,8 +57,31 @@ M = TypeVar("M", bound=BaseModel)
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 DEFAULT_JOB_MAX_TOKENS = 256
 DEFAULT_CHAT_MAX_TOKENS = 256
+HEALTH_TIMEOUT_S = 5.0  # /healthz asks the engine (and its shards) live, within this
+INFO_TIMEOUT_S = 10.0  # engine info for /v1/models and job submission
+SHUTDOWN_TIMEOUT_S = 5.0  # for the job worker to stop (well within Serve's 20 s graceful shutdown)
+# Ray's resource on the head node (Serve pins its controller the same way): the ingress replicas run
+# there, so the SQLite job store is one file on one disk whichever node a replica would otherwise get.
+HEAD_NODE_RESOURCE = "node:__internal_head__"
+PUBLIC_PATHS = ("/healthz",)
 
-app = FastAPI(title="entropyinfer", docs_url=None, redoc_url=None, openapi_url=None)
+
+async def _require_api_key(request: Request) -> None:
+    """App-level dependency: every route but PUBLIC_PATHS needs the key when one is configured."""
+    route = request.scope.get("route")  # the matched route (the catch-all for unknown paths)
+    if getattr(route, "path", request.url.path) in PUBLIC_PATHS:
+        return
+    ingress: Ingress = serve.get_replica_context().servable_object  # type: ignore[assignment]
+    ingress._authorize(request)
+
+
+app = FastAPI(
+    title="entropyinfer",
+    docs_url=None,
+    redoc_url=None,
+    openapi_url=None,
+    dependencies=[Depends(_require_api_key)],
+)
 
 
 class HTTPError(Exception):
@@ -114,6 +139,17 @@ def unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
+def engine_unavailable(exc: BaseException) -> bool:
+    """The engine could not take the request now (replica or actor gone or restarting, back-pressure):
+    a 503 for a client, a retry later for a job."""
+    exc = unwrap(exc)
+    return isinstance(exc, (RayActorError, serve.exceptions.BackPressureError)) or type(exc).__name__ in (
+        "DeploymentUnavailableError",
+        "ReplicaUnavailableError",
+        "ActorUnavailableError",
+    )
+
+
 def to_http_error(exc: BaseException, prompt_field: str = "prompt") -> HTTPError:
     """Map an engine-side exception to the HTTP error a client sees."""
     exc = unwrap(exc)
@@ -130,10 +166,7 @@ def to_http_error(exc: BaseException, prompt_field: str = "prompt") -> HTTPError
         return HTTPError(400, str(exc))
     if isinstance(exc, RequestCancelled):
         return HTTPError(499, "request cancelled", "cancelled")
-    if isinstance(exc, (RayActorError, serve.exceptions.BackPressureError)) or type(exc).__name__ in (
-        "DeploymentUnavailableError",
-        "ActorUnavailableError",
-    ):
+    if engine_unavailable(exc):
         return HTTPError(503, f"engine unavailable: {exc}; retry later", "unavailable")
     log.exception("internal error", exc_info=exc)
     return HTTPError(500, f"internal error: {type(exc).__name__}: {exc}", "internal_error")
@@ -172,9 +205,24 @@ def _classify_task_error(exc: BaseException) -> str | None:
     return None
 
 
-@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0})
+async def _bounded(call: Any, timeout_s: float, what: str) -> Any:
+    """Await an engine call for at most `timeout_s` (then cancel it): a 503 when it does not answer."""
+    response = cast(DeploymentResponse[Any], call)
+    try:
+        return await asyncio.wait_for(response, timeout_s)
+    except asyncio.TimeoutError:
+        response.cancel()
+        raise HTTPError(
+            503, f"engine unavailable: {what} took over {timeout_s:g}s; retry later", "unavailable"
+        ) from None
+
+
+@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0, "resources": {HEAD_NODE_RESOURCE: 0.001}})
 @serve.ingress(app)
 class Ingress:
+    health_timeout_s = HEALTH_TIMEOUT_S
+    info_timeout_s = INFO_TIMEOUT_S
+
     def __init__(self, engine: DeploymentHandle, args: dict[str, Any]) -> None:
         self.config: ServeAppConfig = app_config(args)
         self.engine = engine
@@ -193,6 +241,8 @@ class Ingress:
             system_prompt=jobs.system_prompt,
             prompt_template=jobs.prompt_template,
             classify=_classify_task_error,
+            transient=engine_unavailable,
+            retry_backoff_s=jobs.retry_backoff_s,
             on_job_done=lambda state: self.metrics.finished.inc(tags={"state": state}),
         )
         self._engine_info: dict[str, Any] | None = None
@@ -200,7 +250,7 @@ class Ingress:
         self._start_worker()
 
     def _start_worker(self) -> None:
-        if self._worker_task is not None and not self._worker_task.done():
+        if self.worker.stopping or (self._worker_task is not None and not self._worker_task.done()):
             return
         if (
             self._worker_task is not None
@@ -215,9 +265,9 @@ class Ingress:
         self._worker_task = loop.create_task(self.worker.run_forever(self.config.jobs.workers))
 
     async def __del__(self) -> None:
-        released = self.worker.stop()
-        if self._worker_task is not None:
-            self._worker_task.cancel()
+        # Stop the worker loops first (cancelling their engine requests), then hand the jobs back: a loop
+        # still running could otherwise claim a job after the hand-back and strand it for a lease.
+        released = await self.worker.shutdown(self._worker_task, SHUTDOWN_TIMEOUT_S)
         log.info("ingress stopping: %d running job(s) handed back to the queue", released)
 
     async def check_health(self) -> None:
@@ -252,8 +302,12 @@ class Ingress:
             body += chunk
             if len(body) > limit:
                 raise HTTPError(413, f"body exceeds the limit of {limit} bytes", "request_too_large", "body")
+        bounds = wire.Limits(
+            max_items=self.config.limits.max_wire_items,
+            max_containers=4 * self.config.limits.max_wire_items + 64,
+        )
         try:
-            data = wire.decode(bytes(body), fmt)
+            data = wire.decode(bytes(body), fmt, bounds)
         except wire.WireError as e:
             raise HTTPError(e.status, str(e), field="body") from None
         if not isinstance(data, dict):
@@ -272,8 +326,14 @@ class Ingress:
             raise HTTPError(e.status, str(e), "unsupported_media_type", "content-type") from None
 
     async def _info(self) -> dict[str, Any]:
+        """The engine's static info (model, context length), fetched once; a 503 if it does not answer."""
         if self._engine_info is None:
-            self._engine_info = await self.engine.info.remote()
+            try:
+                self._engine_info = await _bounded(
+                    self.engine.info.remote(), self.info_timeout_s, "engine info"
+                )
+            except Exception as e:
+                raise to_http_error(e) from None  # an HTTPError (the 503 of a timeout) as it is
         return self._engine_info
 
     def _check_common(self, req: SamplingFields, model: str | None = None) -> None:
@@ -301,15 +361,15 @@ class Ingress:
 
     @app.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
+        """200 only when an engine replica and its shards answer now (bounded in time, never cached)."""
         try:
-            info = await asyncio.wait_for(self._info(), 10.0)
+            status = await _bounded(self.engine.status.remote(), self.health_timeout_s, "the health check")
         except Exception as e:
             raise HTTPError(503, f"engine not ready: {type(e).__name__}", "unavailable") from None
-        return {"status": "ok", "model": self.config.model_name, "device": info.get("device")}
+        return {"status": "ok", "model": self.config.model_name, "device": status.get("device")}
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> Response:
-        self._authorize(request)
         info = await self._info()
         card = {
             "id": self.config.model_name,
@@ -324,7 +384,6 @@ class Ingress:
 
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
-        self._authorize(request)
         req = await self._body(request, CompletionRequest)
         self._check_common(req, req.model)
         if len(req.prompts) > self.config.limits.max_prompts:
@@ -334,12 +393,15 @@ class Ingress:
         sampling = req.sampling(DEFAULT_COMPLETION_MAX_TOKENS)
         if req.stream:
             return await self._stream(request, req.prompts[0], sampling, req, chat=False)
+        responses = [self.engine.generate.remote(p, sampling, req.policy) for p in req.prompts]
         try:
-            outs = await asyncio.gather(
-                *(self.engine.generate.remote(p, sampling, req.policy) for p in req.prompts)
-            )
-        except Exception as e:
-            raise to_http_error(e, "prompt") from None
+            outs = await asyncio.gather(*responses)
+        except BaseException as e:  # one prompt failed (or the client left): stop the other generations
+            for response in responses:
+                response.cancel()
+            if isinstance(e, Exception):
+                raise to_http_error(e, "prompt") from None
+            raise
         choices = [
             {
                 "index": i,
@@ -354,7 +416,6 @@ class Ingress:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
-        self._authorize(request)
         req = await self._body(request, ChatCompletionRequest)
         self._check_common(req, req.model)
         sampling = req.sampling(DEFAULT_CHAT_MAX_TOKENS)
@@ -467,11 +528,10 @@ class Ingress:
 
     @app.post("/v1/jobs")
     async def create_job(self, request: Request) -> Response:
-        self._authorize(request)
         req = await self._body(request, JobRequest)
         self._check_common(req)
         limits = self.config.limits
-        docs, questions = req.docs, req.question_list
+        docs, questions = req.documents, req.question_list
         if len(docs) > limits.max_batch_documents:
             raise HTTPError(
                 400,
@@ -482,7 +542,7 @@ class Ingress:
             raise HTTPError(400, f"questions: more than {limits.max_questions} questions", field="questions")
         key = req.idempotency_key or request.headers.get("idempotency-key") or None
         params: dict[str, Any] = {"sampling": req.sampling(DEFAULT_JOB_MAX_TOKENS), "policy": req.policy}
-        named = [(d.name, str(d.text)) for d in docs]
+        named = [(d.name, d.text) for d in docs]
         if key is not None:
             try:
                 existing = await asyncio.to_thread(
@@ -492,16 +552,23 @@ class Ingress:
                 raise HTTPError(409, str(e), "conflict", "idempotency_key") from None
             if existing is not None:
                 return _respond(request, {**existing.to_dict(), "created": False}, 200)
-        prompts = [self.worker.prompt(text, q) for _, text in named for q in questions]
+        # Each document's tokens once (with an empty question), each question's once (with an empty
+        # document), and the template's own: a (document, question) prompt has n_doc + n_q - n_template
+        # tokens. Never a prompt per pair: that is a copy of every document per question.
+        prompts = [self.worker.prompt(text, "") for _, text in named]
+        prompts += [self.worker.prompt("", q) for q in questions]
+        prompts.append(self.worker.prompt("", ""))
         try:
             counts = await self.engine.count_tokens.remote(prompts)
             max_context = int((await self._info())["max_context"])
         except Exception as e:
             raise to_http_error(e, "documents") from None
+        del prompts
+        doc_counts, question_counts, template = counts[: len(named)], counts[len(named) : -1], counts[-1]
         max_tokens = params["sampling"]["max_tokens"]
         new_docs = []
         for i, (name, text) in enumerate(named):
-            tokens = tuple(counts[i * len(questions) : (i + 1) * len(questions)])
+            tokens = tuple(doc_counts[i] + n - template for n in question_counts)
             if max(tokens) + max_tokens > max_context:
                 raise HTTPError(
                     400,
@@ -528,12 +595,10 @@ class Ingress:
 
     @app.get("/v1/jobs/{job_id}")
     async def get_job(self, job_id: str, request: Request) -> Response:
-        self._authorize(request)
         return _respond(request, (await self._job_or_404(job_id)).to_dict())
 
     @app.get("/v1/jobs/{job_id}/results")
     async def job_results(self, job_id: str, request: Request) -> Response:
-        self._authorize(request)
         job = await self._job_or_404(job_id)
         results = await asyncio.to_thread(self.store.results, job_id)
         return _respond(
@@ -543,12 +608,10 @@ class Ingress:
 
     @app.delete("/v1/jobs/{job_id}")
     async def cancel_job(self, job_id: str, request: Request) -> Response:
-        self._authorize(request)
         await self._job_or_404(job_id)
         job = await asyncio.to_thread(self.store.cancel, job_id)
         return _respond(request, job.to_dict() if job is not None else {})
 
     @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"], include_in_schema=False)
     async def not_found(self, path: str, request: Request) -> Response:
-        self._authorize(request)
         raise HTTPError(404, f"no route /{path}", "not_found", "path")

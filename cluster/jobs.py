@@ -7,8 +7,10 @@ is reported as prefill tokens done / total and documents done / total. Finished 
 finish: a job that is resumed (after its worker was lost) skips them.
 
 The store is plain synchronous sqlite3 (WAL, one connection guarded by a lock); it imports nothing from
-Ray, so its tests need no cluster. Several processes may share one file: claiming a job is one
-`BEGIN IMMEDIATE` transaction.
+Ray, so its tests need no cluster. Several processes on one host may share one file (ingress replicas,
+or an old and a new replica during a redeploy): claiming a job is one `BEGIN IMMEDIATE` transaction and
+every worker loop has its own id, so a job runs in one place; a running job is heartbeated on a timer.
+The file must be on a local disk of that host (SQLite locking is not safe over network filesystems).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -319,10 +321,13 @@ class JobStore:
 
     # ---- the worker's side ----------------------------------------------------------------------
 
-    def claim(self, worker: str) -> Job | None:
-        """Take the oldest queued job for `worker` (state running), or None."""
+    def claim(self, worker: str, accept: Callable[[], bool] | None = None) -> Job | None:
+        """Take the oldest queued job for `worker` (state running), or None. `accept` is asked inside the
+        transaction: a worker that is shutting down takes nothing, even with a claim already under way."""
         now = time.time()
         with self._tx() as db:
+            if accept is not None and not accept():
+                return None
             row = db.execute(
                 "SELECT id FROM jobs WHERE state = 'queued' ORDER BY created_at LIMIT 1"
             ).fetchone()
@@ -335,16 +340,32 @@ class JobStore:
             )
             return self._get(db, row["id"])
 
-    def pending_tasks(self, job_id: str) -> list[Task]:
+    def pending_documents(self, job_id: str) -> list[int]:
+        """Indices of the documents that still have unfinished tasks, in order."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT t.doc_idx, t.q_idx, t.question, t.prompt_tokens, d.text FROM tasks t"
-                " JOIN documents d ON d.job_id = t.job_id AND d.idx = t.doc_idx"
-                " WHERE t.job_id = ? AND t.done = 0 ORDER BY t.doc_idx, t.q_idx",
-                (job_id,),
+                "SELECT DISTINCT doc_idx FROM tasks WHERE job_id = ? AND done = 0 ORDER BY doc_idx", (job_id,)
             ).fetchall()
+        return [int(r[0]) for r in rows]
+
+    def pending_tasks(self, job_id: str, doc_idx: int | None = None) -> list[Task]:
+        """Unfinished tasks (of one document, or all); a document's tasks share one copy of its text."""
+        where, args = ("AND doc_idx = ?", (job_id, doc_idx)) if doc_idx is not None else ("", (job_id,))
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT doc_idx, q_idx, question, prompt_tokens FROM tasks"
+                f" WHERE job_id = ? AND done = 0 {where} ORDER BY doc_idx, q_idx",
+                args,
+            ).fetchall()
+            texts: dict[int, str] = {}
+            for r in rows:
+                if r["doc_idx"] not in texts:
+                    texts[r["doc_idx"]] = self._db.execute(
+                        "SELECT text FROM documents WHERE job_id = ? AND idx = ?", (job_id, r["doc_idx"])
+                    ).fetchone()[0]
         return [
-            Task(job_id, r["doc_idx"], r["q_idx"], r["question"], r["prompt_tokens"], r["text"]) for r in rows
+            Task(job_id, r["doc_idx"], r["q_idx"], r["question"], r["prompt_tokens"], texts[r["doc_idx"]])
+            for r in rows
         ]
 
     def heartbeat(self, job_id: str, worker: str, partial_prefill: int = 0) -> bool:
@@ -393,14 +414,54 @@ class JobStore:
                 (state, error, time.time(), job_id, worker),
             )
 
-    def release(self, worker: str) -> int:
-        """Put `worker`'s running jobs back in the queue (a clean shutdown); returns how many."""
+    def release(self, *workers: str) -> int:
+        """Put these workers' running jobs back in the queue (a clean shutdown); returns how many."""
         with self._tx() as db:
-            cur = db.execute(
-                "UPDATE jobs SET state = 'queued', worker = NULL WHERE state = 'running' AND worker = ?",
-                (worker,),
+            return sum(
+                db.execute(
+                    "UPDATE jobs SET state = 'queued', worker = NULL WHERE state = 'running' AND worker = ?",
+                    (worker,),
+                ).rowcount
+                for worker in workers
             )
-            return cur.rowcount
+
+    def requeue(
+        self, job_id: str, worker: str, max_attempts: int, reason: str
+    ) -> tuple[Literal["queued", "failed", "cancelled"], int] | None:
+        """The engine was unavailable while `worker` ran the job: queue it again (finished tasks stay
+        done), counted in lost_count like a lost worker, or fail it at `max_attempts`. Returns (state,
+        lost_count), or None when the job is no longer this worker's."""
+        now = time.time()
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT lost_count, cancel_requested FROM jobs"
+                " WHERE id = ? AND worker = ? AND state = 'running'",
+                (job_id, worker),
+            ).fetchone()
+            if row is None:
+                return None
+            lost = row["lost_count"] + 1
+            done = self._done_prefill(db, job_id)
+            if row["cancel_requested"]:
+                db.execute(
+                    "UPDATE jobs SET state = 'cancelled', finished_at = ?, worker = NULL, lost_count = ?,"
+                    " prefill_done = ?, error = 'cancelled by request' WHERE id = ?",
+                    (now, lost, done, job_id),
+                )
+                return "cancelled", lost
+            if lost >= max_attempts:
+                db.execute(
+                    "UPDATE jobs SET state = 'failed', finished_at = ?, worker = NULL, lost_count = ?,"
+                    " prefill_done = ?, error = ? WHERE id = ?",
+                    (now, lost, done, f"the engine was unavailable {lost} times ({reason}); gave up", job_id),
+                )
+                return "failed", lost
+            db.execute(
+                "UPDATE jobs SET state = 'queued', worker = NULL, lost_count = ?, prefill_done = ?"
+                " WHERE id = ?",
+                (lost, done, job_id),
+            )
+            return "queued", lost
 
     def recover(self, lease_s: float, max_attempts: int) -> tuple[int, int]:
         """Running jobs whose worker stopped heartbeating for `lease_s`: requeue them, or fail them once
@@ -498,8 +559,9 @@ class EngineRunner(Protocol):
 
     Events are dicts: {"type": "progress", "done": int, "total": int} while prefilling, then
     {"type": "final", "text": str, "finish_reason": str, "stats": dict} last. A request that cannot
-    be served raises (InvalidRequestError / PromptTooLongError are recorded on the task; anything else
-    fails the job). Leaving the iterator early must cancel the request in the engine.
+    be served raises (InvalidRequestError / PromptTooLongError are recorded on the task; an engine
+    outage requeues the job; anything else fails the job). Leaving the iterator early must cancel the
+    request in the engine.
     """
 
     def run(
@@ -511,10 +573,34 @@ class TaskError(Exception):
     """A task's request was rejected by the engine; the job goes on with its other tasks."""
 
 
+@dataclass(frozen=True)
+class _Outcome:
+    """How one task ended: done (result or per-task error recorded), stop (cancel requested, or the job
+    is no longer ours), retry (the engine was unavailable: requeue the job), fail (fail the job)."""
+
+    kind: Literal["done", "stop", "retry", "fail"]
+    message: str | None = None
+
+
+class _Lease:
+    """One claimed job in a worker loop: its heartbeat and the stop signal."""
+
+    def __init__(self, job_id: str, worker: str) -> None:
+        self.job_id = job_id
+        self.worker = worker
+        self.partial = 0  # prefill tokens of the task in progress
+        self.stopped = asyncio.Event()  # cancel requested, or the job was taken away
+        self.lock = asyncio.Lock()  # orders heartbeats and result writes of this job
+
+
 class JobWorker:
     """Runs queued jobs: claims one, runs its pending tasks in order, writes each result, honours cancel.
 
-    `classify(exc)` tells a task-level rejection (returns a message) from a failure of the job (None).
+    `classify(exc)` tells a task-level rejection (returns a message) from a failure of the job (None);
+    `transient(exc)` marks an engine outage (the job is requeued, counted in lost_count, and the worker
+    waits `retry_backoff_s`, doubled per attempt, before taking jobs again). Each loop of `run_forever`
+    claims under its own id (`worker_id/<n>`), and a running job is heartbeated every `heartbeat_s`
+    (default lease_s / 4) even while the engine sends nothing, so its lease never runs out while it runs.
     """
 
     def __init__(
@@ -530,6 +616,9 @@ class JobWorker:
         system_prompt: str | None = None,
         prompt_template: str = "{document}\n\nQuestion: {question}",
         classify: Callable[[BaseException], str | None] = lambda e: None,
+        transient: Callable[[BaseException], bool] = lambda e: False,
+        retry_backoff_s: float = 10.0,
+        heartbeat_s: float | None = None,
         on_task_done: Callable[[dict[str, Any]], None] = lambda stats: None,
         on_job_done: Callable[[str], None] = lambda state: None,
     ) -> None:
@@ -544,10 +633,15 @@ class JobWorker:
         self.system_prompt = system_prompt
         self.prompt_template = prompt_template
         self.classify = classify
+        self.transient = transient
+        self.retry_backoff_s = retry_backoff_s
+        self.heartbeat_s = heartbeat_s if heartbeat_s is not None else lease_s / 4
         self.on_task_done = on_task_done
         self.on_job_done = on_job_done
+        self._ids = {self.worker_id}  # every id this worker claims under (released on stop)
         self._wake = asyncio.Event()
         self._stopping = False
+        self._paused_until = 0.0  # monotonic time: the engine was unavailable, take no job before
 
     def prompt(self, document: str, question: str) -> list[dict[str, str]]:
         return build_prompt(document, question, self.system_prompt, self.prompt_template)
@@ -556,10 +650,16 @@ class JobWorker:
         """A job was submitted: look at the queue now instead of at the next poll."""
         self._wake.set()
 
-    async def run_forever(self, concurrency: int = 1) -> None:
-        await asyncio.gather(*(self._loop() for _ in range(concurrency)))
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
 
-    async def _loop(self) -> None:
+    async def run_forever(self, concurrency: int = 1) -> None:
+        ids = [f"{self.worker_id}/{i}" for i in range(concurrency)]
+        self._ids.update(ids)
+        await asyncio.gather(*(self._loop(worker_id) for worker_id in ids))
+
+    async def _loop(self, worker_id: str) -> None:
         last_sweep = 0.0
         while not self._stopping:
             try:
@@ -567,55 +667,146 @@ class JobWorker:
                     await asyncio.to_thread(self.store.recover, self.lease_s, self.max_attempts)
                     await asyncio.to_thread(self.store.expire, self.result_ttl_s)
                     last_sweep = time.monotonic()
-                job = await asyncio.to_thread(self.store.claim, self.worker_id)
+                paused = self._paused_until - time.monotonic()
+                if paused > 0:
+                    await asyncio.sleep(min(paused, self.poll_s))
+                    continue
+                job = await asyncio.to_thread(self.store.claim, worker_id, self._accepting)
                 if job is None:
                     self._wake.clear()
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), self.poll_s)
                     continue
-                self.on_job_done(await self.process(job))
+                state = await self.process(job, worker_id)
+                if state in TERMINAL:
+                    self.on_job_done(state)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("job worker loop error; retrying")
                 await asyncio.sleep(self.poll_s)
 
+    def _accepting(self) -> bool:
+        return not self._stopping
+
     def stop(self) -> int:
-        """Stop taking jobs and hand running ones back to the queue (for a clean shutdown)."""
+        """Stop taking jobs and hand running ones back to the queue. Prefer `shutdown`, which first
+        stops the loops: a loop still running can claim a job after this returns."""
         self._stopping = True
         self._wake.set()
-        return self.store.release(self.worker_id)
+        return self.store.release(*self._ids)
 
-    async def process(self, job: Job) -> str:
-        """Run one claimed job to a terminal state (or until it is taken away); returns the state."""
+    async def shutdown(self, runner: asyncio.Task[Any] | None = None, timeout: float = 30.0) -> int:
+        """Clean shutdown: stop taking jobs, cancel `runner` (the `run_forever` task) and wait for it (the
+        engine requests in flight are cancelled), then hand the running jobs back to the queue."""
+        self._stopping = True
+        self._wake.set()
+        if runner is not None and not runner.done():
+            runner.cancel()
+            await asyncio.wait({runner}, timeout=timeout)
+        return await asyncio.to_thread(self.store.release, *self._ids)
+
+    async def process(self, job: Job, worker_id: str | None = None) -> str:
+        """Run one job claimed by `worker_id` (default `self.worker_id`) to a terminal state, or until it
+        is requeued or taken away; returns the job's state."""
+        lease = _Lease(job.id, worker_id or self.worker_id)
+        beat = asyncio.create_task(self._keep_alive(lease))
+        try:
+            return await self._process(job, lease)
+        finally:
+            beat.cancel()
+            await asyncio.wait({beat})
+
+    async def _process(self, job: Job, lease: _Lease) -> str:
         sampling = job.params.get("sampling", {})
         policy = job.params.get("policy")
-        tasks = await asyncio.to_thread(self.store.pending_tasks, job.id)
-        for task in tasks:
-            if await asyncio.to_thread(self.store.heartbeat, job.id, self.worker_id, 0):
-                return await self._stop_job(job.id)
-            outcome = await self._run_task(task, sampling, policy)
-            if outcome == "stop":
-                return await self._stop_job(job.id)
-            if outcome is not None and outcome != "done":
-                await asyncio.to_thread(self.store.finish, job.id, self.worker_id, "failed", outcome)
-                return "failed"
-        if await asyncio.to_thread(self.store.heartbeat, job.id, self.worker_id, 0):
-            return await self._stop_job(job.id)
-        await asyncio.to_thread(self.store.finish, job.id, self.worker_id, "succeeded")
+        # One document at a time: a job's documents are never all in memory at once.
+        for doc_idx in await asyncio.to_thread(self.store.pending_documents, job.id):
+            for task in await asyncio.to_thread(self.store.pending_tasks, job.id, doc_idx):
+                if lease.stopped.is_set() or await self._heartbeat(lease):
+                    return await self._stop_job(lease)
+                outcome = await self._run_task(task, sampling, policy, lease)
+                if outcome.kind == "stop":
+                    return await self._stop_job(lease)
+                if outcome.kind == "retry":
+                    return await self._requeue(lease, outcome.message or "engine unavailable")
+                if outcome.kind == "fail":
+                    await asyncio.to_thread(
+                        self.store.finish, job.id, lease.worker, "failed", outcome.message
+                    )
+                    return "failed"
+        if await self._heartbeat(lease):
+            return await self._stop_job(lease)
+        await asyncio.to_thread(self.store.finish, job.id, lease.worker, "succeeded")
         return "succeeded"
 
-    async def _stop_job(self, job_id: str) -> str:
-        job = await asyncio.to_thread(self.store.get, job_id)
+    async def _heartbeat(self, lease: _Lease) -> bool:
+        """Record liveness (and the current task's prefill progress); True: stop this job."""
+        async with lease.lock:
+            stop = await asyncio.to_thread(self.store.heartbeat, lease.job_id, lease.worker, lease.partial)
+        if stop:
+            lease.stopped.set()
+        return stop
+
+    async def _keep_alive(self, lease: _Lease) -> None:
+        """Heartbeat on a timer while the job runs (the engine may send nothing for a long time: queued
+        behind other requests, or a replica starting); a stop it sees interrupts the task in flight."""
+        while not lease.stopped.is_set():
+            await asyncio.sleep(self.heartbeat_s)
+            try:
+                await self._heartbeat(lease)
+            except Exception:
+                log.exception("job %s: heartbeat failed", lease.job_id)
+
+    async def _requeue(self, lease: _Lease, reason: str) -> str:
+        requeued = await asyncio.to_thread(
+            self.store.requeue, lease.job_id, lease.worker, self.max_attempts, reason
+        )
+        if requeued is None:
+            job = await asyncio.to_thread(self.store.get, lease.job_id)
+            return job.state if job is not None else "deleted"
+        state, lost = requeued
+        if state == "queued":
+            backoff = min(self.lease_s, self.retry_backoff_s * 2 ** (lost - 1))
+            self._paused_until = max(self._paused_until, time.monotonic() + backoff)
+            log.warning(
+                "job %s: engine unavailable (%s); requeued (attempt %d of %d), pausing %.1fs",
+                lease.job_id,
+                reason,
+                lost,
+                self.max_attempts,
+                backoff,
+            )
+        return state
+
+    async def _stop_job(self, lease: _Lease) -> str:
+        job = await asyncio.to_thread(self.store.get, lease.job_id)
         if job is not None and job.state == "running" and job.cancel_requested:
             await asyncio.to_thread(
-                self.store.finish, job_id, self.worker_id, "cancelled", "cancelled by request"
+                self.store.finish, lease.job_id, lease.worker, "cancelled", "cancelled by request"
             )
             return "cancelled"
         return job.state if job is not None else "deleted"
 
-    async def _run_task(self, task: Task, sampling: dict[str, Any], policy: str | None) -> str | None:
-        """'done', 'stop' (cancel requested or job lost), or an error message that fails the job."""
+    async def _run_task(
+        self, task: Task, sampling: dict[str, Any], policy: str | None, lease: _Lease
+    ) -> _Outcome:
+        """Run one task; a stop seen by the heartbeat timer cancels it (and its engine request)."""
+        run = asyncio.create_task(self._consume(task, sampling, policy, lease))
+        stopped = asyncio.create_task(lease.stopped.wait())
+        try:
+            await asyncio.wait({run, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            if not run.done():
+                run.cancel()  # closing the engine stream cancels the request in the engine
+                await asyncio.wait({run})
+        return _Outcome("stop") if run.cancelled() else run.result()
+
+    async def _consume(
+        self, task: Task, sampling: dict[str, Any], policy: str | None, lease: _Lease
+    ) -> _Outcome:
+        where = f"document {task.doc_idx}, question {task.q_idx}"
         last = time.monotonic()
         final: dict[str, Any] | None = None
         events = self.engine.run(self.prompt(task.document, task.question), sampling, policy)
@@ -626,40 +817,40 @@ class JobWorker:
                     continue
                 if ev.get("type") == "progress" and time.monotonic() - last >= self.progress_interval_s:
                     last = time.monotonic()
-                    done = min(int(ev.get("done", 0)), task.prompt_tokens)
-                    stop = await asyncio.to_thread(self.store.heartbeat, task.job_id, self.worker_id, done)
-                    if stop:
-                        return "stop"
+                    lease.partial = min(int(ev.get("done", 0)), task.prompt_tokens)
+                    if await self._heartbeat(lease):
+                        return _Outcome("stop")
         except asyncio.CancelledError:
             raise
         except Exception as e:
+            if self.transient(e):
+                return _Outcome("retry", f"{where}: {type(e).__name__}: {e}")
             message = self.classify(e)
             if message is None:
                 log.exception("job %s: task (%d, %d) failed", task.job_id, task.doc_idx, task.q_idx)
-                return f"document {task.doc_idx}, question {task.q_idx}: {type(e).__name__}: {e}"
-            await asyncio.to_thread(
-                self.store.record_result, task, text=None, finish_reason="error", stats=None, error=message
-            )
-            return "done"
+                return _Outcome("fail", f"{where}: {type(e).__name__}: {e}")
+            await self._record(lease, task, text=None, finish_reason="error", stats=None, error=message)
+            return _Outcome("done")
         finally:
             aclose = getattr(events, "aclose", None)
             if aclose is not None:
                 with contextlib.suppress(Exception):
                     await aclose()
         if final is None:
-            return f"document {task.doc_idx}, question {task.q_idx}: the engine ended without a result"
+            return _Outcome("fail", f"{where}: the engine ended without a result")
         if final.get("finish_reason") == "cancelled":
-            return "stop"
+            return _Outcome("stop")
         stats = dict(final.get("stats") or {})
-        await asyncio.to_thread(
-            self.store.record_result,
-            task,
-            text=final.get("text", ""),
-            finish_reason=final.get("finish_reason"),
-            stats=stats,
+        await self._record(
+            lease, task, text=final.get("text", ""), finish_reason=final.get("finish_reason"), stats=stats
         )
         self.on_task_done(stats)
-        return "done"
+        return _Outcome("done")
+
+    async def _record(self, lease: _Lease, task: Task, **result: Any) -> None:
+        async with lease.lock:
+            lease.partial = 0
+            await asyncio.to_thread(self.store.record_result, task, **result)
 
 
 def build_prompt(

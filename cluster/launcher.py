@@ -29,10 +29,14 @@ STOP_TIMEOUT_S = 60.0
 
 
 def prepare_ray_env() -> None:
-    """Environment for a local Ray started from here: Ray 2.60 turns token auth on by default for
-    `ray.init()`; the embedded server binds loopback only, so it runs without (set RAY_AUTH_MODE=token
-    to keep it). No usage-stats upload."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    """Environment for Ray started or joined from here: no usage-stats upload.
+
+    Token authentication is never turned off here. Ray 2.60 turns it on for a new local `ray.init()`
+    (the token is ~/.ray/auth_token, made on first use), and it has to stay on: only the Serve HTTP proxy
+    binds 127.0.0.1, while the GCS, raylet, object manager and worker gRPC ports bind every interface
+    whatever `_node_ip_address` says (Ray maps 127.0.0.1 to the node's routable IP), so without the
+    token anyone on the network could run code in this process's cluster. Joining a cluster
+    (`--address`), Ray uses the token when there is one."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
@@ -122,6 +126,13 @@ class EmbeddedServer:
         import ray
 
         if not ray.is_initialized():
+            # Unset, Ray turns token auth on for the new cluster itself (and refreshes its cached config,
+            # which setting RAY_AUTH_MODE here would not, were Ray's config read before in this process).
+            if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+                log.warning(
+                    "RAY_AUTH_MODE=disabled: Ray's internal ports listen on every network interface, so "
+                    "anyone who can reach this machine can run code in it; unset it to keep token auth"
+                )
             ray.init(
                 address="local",
                 include_dashboard=False,
@@ -223,18 +234,10 @@ def deploy_to_cluster(serve_file: ServeFile, *, address: str = "auto", dashboard
                 "name": serve_file.app_name,
                 "route_prefix": serve_file.route_prefix,
                 "import_path": serve_file.import_path,
-                "args": _plain(to_args(serve_file.app)),
+                "args": to_args(serve_file.app),  # tuples go out as JSON arrays
             }
         ],
     }
     url = dashboard or os.environ.get("RAY_DASHBOARD_ADDRESS") or "http://127.0.0.1:8265"
     ServeSubmissionClient(url).deploy_applications(config)
     log.info("submitted %s to the cluster at %s (address %s)", serve_file.app_name, url, address)
-
-
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj

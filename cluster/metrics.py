@@ -42,6 +42,10 @@ class EngineMetrics:
         )
         self._in_flight = 0
 
+    @property
+    def in_flight_count(self) -> int:
+        return self._in_flight
+
     def inflight(self, delta: int) -> None:
         self._in_flight += delta
         self.in_flight.set(self._in_flight)

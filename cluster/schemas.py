@@ -1,17 +1,39 @@
 """Request bodies at the HTTP edge (pydantic), and how a validation error names its field.
 
-Types are strict (no "10" for 10, no true for 1); non-finite floats are rejected. The OpenAI-compatible
+Types are strict (no "10" for 10, no true for 1); non-finite floats are rejected. Text must be valid
+Unicode: JSON can carry lone surrogates ("\\ud800") that no UTF-8 encoder accepts, so they are rejected
+here, naming the field, instead of failing later in the tokenizer, a hash or SQLite. The OpenAI-compatible
 bodies ignore unknown fields (clients send many), the job body rejects them (it is ours).
 Limits that come from the config (max_tokens cap, batch size) are checked in the ingress.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 _STRICT = {"strict": True, "allow_inf_nan": False}
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_NOT_UNICODE = "text is not valid Unicode (a lone surrogate such as \\ud800 cannot be encoded as UTF-8)"
+
+
+def _unicode(text: str) -> str:
+    if _SURROGATE.search(text):
+        raise ValueError(_NOT_UNICODE)
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]  # a str that can be encoded as UTF-8
 
 
 class SamplingFields(BaseModel):
@@ -24,8 +46,8 @@ class SamplingFields(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0, le=100_000)  # extension: 0 = off
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    stop: str | list[str] | None = None
-    policy: str | None = Field(default=None, min_length=1, max_length=64)  # extension: attention policy
+    stop: Text | list[Text] | None = None
+    policy: Text | None = Field(default=None, min_length=1, max_length=64)  # extension: attention policy
 
     @field_validator("stop")
     @classmethod
@@ -52,10 +74,10 @@ class SamplingFields(BaseModel):
 
 
 class _OpenAIFields(SamplingFields):
-    model: str | None = None
+    model: Text | None = None
     stream: bool = False
     n: int = 1
-    user: str | None = None
+    user: Text | None = None
     stream_options: dict[str, Any] | None = None
 
     @field_validator("n")
@@ -71,7 +93,7 @@ class _OpenAIFields(SamplingFields):
 
 
 class CompletionRequest(_OpenAIFields):
-    prompt: str | list[str]
+    prompt: Text | list[Text]
     echo: bool = False
     logprobs: int | None = None
 
@@ -113,13 +135,13 @@ class CompletionRequest(_OpenAIFields):
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore", **_STRICT)  # type: ignore[typeddict-item]
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", **_STRICT)  # type: ignore[typeddict-item]
     role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
+    content: Text | list[TextPart]
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -142,9 +164,23 @@ class ChatCompletionRequest(_OpenAIFields):
 
 
 class DocumentIn(BaseModel):
+    """One document of a job: a string, UTF-8 bytes, or {"text", "name"}; `text` is always str here."""
+
     model_config = ConfigDict(extra="forbid", **_STRICT)  # type: ignore[typeddict-item]
-    text: str | bytes
-    name: str | None = Field(default=None, max_length=512)
+    text: str
+    name: Text | None = Field(default=None, max_length=512)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _normalise(cls, value: Any) -> Any:
+        if isinstance(value, (str, bytes)):
+            value = {"text": value}
+        if isinstance(value, dict) and isinstance(value.get("text"), bytes):
+            try:
+                value = {**value, "text": value["text"].decode("utf-8")}
+            except UnicodeDecodeError:
+                raise ValueError("document is not valid UTF-8 text") from None
+        return value
 
 
 class JobRequest(SamplingFields):
@@ -152,27 +188,21 @@ class JobRequest(SamplingFields):
 
     model_config = ConfigDict(extra="forbid", **_STRICT)  # type: ignore[typeddict-item]
 
-    documents: list[str | bytes | DocumentIn] = Field(min_length=1)
-    question: str | None = None
-    questions: list[str] | None = None
+    documents: list[DocumentIn] = Field(min_length=1)
+    question: Text | None = None
+    questions: list[Text] | None = None
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
-    idempotency_key: str | None = Field(default=None, min_length=1, max_length=256)
+    idempotency_key: Text | None = Field(default=None, min_length=1, max_length=256)
 
     @field_validator("documents")
     @classmethod
-    def _documents(cls, docs: list[str | bytes | DocumentIn]) -> list[DocumentIn]:
-        out = []
-        for i, d in enumerate(docs):
-            doc = d if isinstance(d, DocumentIn) else DocumentIn(text=d)
-            if isinstance(doc.text, bytes):
-                try:
-                    doc = DocumentIn(text=doc.text.decode("utf-8"), name=doc.name)
-                except UnicodeDecodeError:
-                    raise _FieldError(f"documents[{i}]", "document is not valid UTF-8 text") from None
-            if not str(doc.text).strip():
+    def _documents(cls, docs: list[DocumentIn]) -> list[DocumentIn]:
+        for i, doc in enumerate(docs):
+            if not doc.text.strip():
                 raise _FieldError(f"documents[{i}]", "document is empty")
-            out.append(doc)
-        return out
+            if _SURROGATE.search(doc.text):
+                raise _FieldError(f"documents[{i}]", _NOT_UNICODE)
+        return docs
 
     @model_validator(mode="after")
     def _questions(self) -> JobRequest:
@@ -192,10 +222,6 @@ class JobRequest(SamplingFields):
     @property
     def question_list(self) -> list[str]:
         return [self.question] if self.question is not None else list(self.questions or [])
-
-    @property
-    def docs(self) -> list[DocumentIn]:
-        return [d for d in self.documents if isinstance(d, DocumentIn)]
 
 
 class _FieldError(ValueError):
@@ -234,11 +260,24 @@ def first_error(exc: ValidationError) -> tuple[str | None, str]:
     if isinstance(ctx_error, _FieldError):
         return ctx_error.field, f"{ctx_error.field}: {ctx_error.message}"
     field = field_path(tuple(err["loc"]))
-    # A union reports one error per member it tried, all at the same field: show them together.
-    same = [e for e in errors if field_path(tuple(e["loc"])) == field]
+    # A union reports one error per member it tried, at the field or inside it (`prompt` as a str, and
+    # `prompt[1]` as a list). A member whose type matched but whose value is wrong says what to fix.
+    inside = [e for e in errors if _within(field_path(tuple(e["loc"])), field)]
+    specific = [e for e in inside if not str(e["type"]).endswith("_type")]
+    if specific:
+        field = field_path(tuple(specific[0]["loc"]))
+        same = [e for e in specific if field_path(tuple(e["loc"])) == field]
+    else:
+        same = [e for e in errors if field_path(tuple(e["loc"])) == field]
     msgs = list(dict.fromkeys(_message(e) for e in same))
     msg = msgs[0] if len(msgs) == 1 else "invalid value: " + "; or ".join(msgs)
     return field, f"{field}: {msg}" if field else msg
+
+
+def _within(path: str | None, field: str | None) -> bool:
+    if path is None or field is None:
+        return path == field
+    return path == field or path.startswith((field + "[", field + "."))
 
 
 def _message(err: Any) -> str:

@@ -10,7 +10,10 @@ the shard is busy. Events (plain dicts, see `EngineRunner` in jobs.py):
     {"type": "final", "text": str, "finish_reason": str, "completion_tokens": int, "stats": dict}
 
 `cancel(request_id)` sets the request's cancel event; the engine checks it between prefill chunks and
-decode steps, and the request ends with a final event whose finish_reason is "cancelled".
+decode steps, and the request ends with a final event whose finish_reason is "cancelled". A cancel for a
+request this shard is not running is kept EARLY_CANCEL_TTL_S (actor tasks of an async actor may start out
+of order, so it can come before its request) and then dropped: cancels of finished or rejected requests
+leave nothing behind.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -31,6 +35,8 @@ log = logging.getLogger(__name__)
 Prompt = str | list[dict[str, str]]
 KEEPALIVE_S = 1.0
 PROGRESS_EVERY_S = 0.2
+EARLY_CANCEL_TTL_S = 60.0  # how long a cancel for a request not (yet) running here is remembered
+EARLY_CANCEL_MAX = 10_000  # and how many at most
 
 
 class ShardActor:
@@ -47,18 +53,34 @@ class ShardActor:
         if device in (None, "cpu") and not torch.cuda.is_available():
             torch.set_num_threads(int(engine.get("cpu_threads") or os.cpu_count() or 1))
         t0 = time.perf_counter()
-        self.llm = LLM(
+        llm = LLM(
             model=engine["model"],
             policy=engine["policy"],
             device=device,
             dtype=engine.get("dtype"),
+            policy_config=engine.get("policy_config"),
             **dict(engine.get("overrides") or {}),
         )
-        self.load_s = time.perf_counter() - t0
-        self.model_name = engine["model"]
+        self._setup(llm, engine["model"], time.perf_counter() - t0)
+
+    @classmethod
+    def with_llm(cls, llm: Any, model_name: str = "test", rank: int = 0, world_size: int = 1) -> ShardActor:
+        """A shard around an already built LLM (or a stand-in with count_tokens, max_context, generate,
+        stream): for tests and for embedding without Ray."""
+        shard = cls.__new__(cls)
+        shard.rank, shard.world_size = rank, world_size
+        shard._setup(llm, model_name, 0.0)
+        return shard
+
+    def _setup(self, llm: Any, model_name: str, load_s: float) -> None:
+        self.llm = llm
+        self.load_s = load_s
+        self.model_name = model_name
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-        self._cancels: dict[str, threading.Event] = {}
+        self._cancels: dict[str, threading.Event] = {}  # requests running here
+        self._early_cancels: OrderedDict[str, float] = OrderedDict()  # request id -> monotonic time
         self._busy = 0
+        self._cancelled = 0  # requests the model stopped early because they were cancelled
 
     async def ready(self) -> dict[str, Any]:
         return {
@@ -73,19 +95,47 @@ class ShardActor:
         """Answers while a request runs (the model has its own thread); returns requests in flight."""
         return self._busy
 
+    async def stats(self) -> dict[str, int]:
+        """Counters for health checks and tests: requests in flight and running, cancels."""
+        return {
+            "busy": self._busy,
+            "running": len(self._cancels),
+            "cancelled": self._cancelled,
+            "early_cancels": len(self._early_cancels),
+        }
+
     async def count_tokens(self, prompts: list[Prompt]) -> list[int]:
         return await asyncio.to_thread(lambda: [self.llm.count_tokens(p) for p in prompts])
 
     async def cancel(self, request_id: str) -> bool:
-        """Cancel a request (also one that has not reached this shard yet); True if it was running."""
-        known = request_id in self._cancels
-        self._cancels.setdefault(request_id, threading.Event()).set()
-        return known
+        """Cancel a request; True if it was running here. A cancel for a request not running here (not
+        started yet, or already over) is remembered for EARLY_CANCEL_TTL_S, then dropped."""
+        event = self._cancels.get(request_id)
+        if event is not None:
+            event.set()
+            return True
+        self._prune_early_cancels()
+        self._early_cancels[request_id] = time.monotonic()
+        self._early_cancels.move_to_end(request_id)
+        while len(self._early_cancels) > EARLY_CANCEL_MAX:
+            self._early_cancels.popitem(last=False)
+        return False
+
+    def _prune_early_cancels(self) -> None:
+        horizon = time.monotonic() - EARLY_CANCEL_TTL_S
+        while self._early_cancels:
+            oldest, at = next(iter(self._early_cancels.items()))
+            if at >= horizon:
+                break
+            del self._early_cancels[oldest]
 
     async def run(
         self, request_id: str, prompt: Prompt, sampling: dict[str, Any], policy: str | None, stream: bool
     ) -> AsyncIterator[dict[str, Any]]:
         cancel = self._cancels.setdefault(request_id, threading.Event())
+        self._prune_early_cancels()
+        if self._early_cancels.pop(request_id, None) is not None:
+            cancel.set()  # its cancel came first
         try:
             async for event in self._run(cancel, prompt, sampling, policy, stream):
                 yield event
@@ -145,6 +195,7 @@ class ShardActor:
                     ]
                     put("event", _final(out))
             except RequestCancelled:
+                self._cancelled += 1
                 put("event", {"type": "final", "text": "", "finish_reason": "cancelled", "stats": {}})
             except BaseException as e:
                 put("error", e)

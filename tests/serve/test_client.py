@@ -19,6 +19,7 @@ from entropyinfer.cluster.client import (
     ConnectionFailed,
     JobFailedError,
     NotFoundError,
+    RequestTimeout,
     ServerError,
 )
 
@@ -169,3 +170,86 @@ def test_async_client() -> None:
 
     asyncio.run(scenario())
     assert calls == ["POST /v1/jobs", "GET /v1/jobs/job-1", "GET /v1/jobs/job-1/results"]
+
+
+def _failing_then_ok(errors: list[type[httpx.TransportError]]) -> tuple[httpx.MockTransport, list[str]]:
+    """Raises each error in turn, then answers with a job."""
+    calls: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request.method)
+        if len(calls) <= len(errors):
+            raise errors[len(calls) - 1]("boom", request=request)
+        return _reply(200, _job())
+
+    return httpx.MockTransport(handler), calls
+
+
+@pytest.mark.parametrize(
+    "error", [httpx.ReadTimeout, httpx.WriteError, httpx.WriteTimeout, httpx.PoolTimeout, httpx.ReadError]
+)
+def test_idempotent_calls_retry_every_transport_error(error: type[httpx.TransportError]) -> None:
+    transport, calls = _failing_then_ok([error, error])
+    with Client("http://x", retries=2, backoff_s=0.001, transport=transport) as c:
+        assert c.status("job-1").state == "queued"
+    assert len(calls) == 3
+    transport, calls = _failing_then_ok([error])
+    with Client("http://x", retries=2, backoff_s=0.001, transport=transport) as c:
+        assert c.submit(["doc"], "q?").id == "job-1"  # keyed submission: safe to repeat
+    assert calls == ["POST", "POST"]
+
+
+@pytest.mark.parametrize(
+    ("error", "cls"),
+    [
+        (httpx.ReadTimeout, RequestTimeout),
+        (httpx.WriteError, ConnectionFailed),
+        (httpx.PoolTimeout, RequestTimeout),
+    ],
+)
+def test_transport_errors_are_typed_after_retries(
+    error: type[httpx.TransportError], cls: type[Exception]
+) -> None:
+    transport, calls = _failing_then_ok([error] * 10)
+    with Client("http://x", retries=2, backoff_s=0.001, transport=transport) as c, pytest.raises(cls):
+        c.cancel("job-1")
+    assert len(calls) == 3
+
+
+def test_a_completion_is_not_repeated_once_it_may_have_reached_the_server() -> None:
+    transport, calls = _failing_then_ok([httpx.ReadTimeout])
+    with (
+        Client("http://x", retries=3, backoff_s=0.001, transport=transport) as c,
+        pytest.raises(RequestTimeout),
+    ):
+        c.complete("hi")
+    assert len(calls) == 1
+    transport, calls = _failing_then_ok([httpx.PoolTimeout])  # never sent: retried
+    with (
+        Client("http://x", retries=3, backoff_s=0.001, transport=transport) as c,
+        pytest.raises(KeyError),  # the mock answers with a job, not a completion: it was sent again
+    ):
+        c.complete("hi")
+    assert len(calls) == 2
+
+
+def test_async_client_retries_and_types_transport_errors() -> None:
+    async def scenario() -> None:
+        transport, calls = _failing_then_ok([httpx.ReadTimeout, httpx.WriteError])
+        async with AsyncClient("http://x", retries=2, backoff_s=0.001, transport=transport) as c:
+            assert (await c.status("job-1")).state == "queued"
+        assert len(calls) == 3
+        transport, calls = _failing_then_ok([httpx.ReadTimeout] * 5)
+        async with AsyncClient("http://x", retries=1, backoff_s=0.001, transport=transport) as c:
+            with pytest.raises(RequestTimeout):
+                await c.results("job-1")
+
+    asyncio.run(scenario())
+
+
+def test_stream_transport_errors_are_typed() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadError("connection reset", request=request)
+
+    with Client("http://x", transport=httpx.MockTransport(handler)) as c, pytest.raises(ConnectionFailed):
+        list(c.stream("hi"))

@@ -13,8 +13,11 @@ from typing import Any
 import httpx
 import msgpack
 import pytest
+from fastapi.routing import APIRoute
 
 from entropyinfer.cluster.client import AuthenticationError, Client, ConflictError, NotFoundError
+from entropyinfer.cluster.ingress import PUBLIC_PATHS
+from entropyinfer.cluster.ingress import app as ingress_app
 from entropyinfer.cluster.launcher import EmbeddedServer
 
 from .conftest import API_KEY
@@ -23,6 +26,7 @@ pytestmark = [pytest.mark.serve, pytest.mark.slow]
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 PROMPT = "The capital of France is"
+STORY = "Once upon a time, in a land far away,"  # greedy SmolLM2 writes all 64 tokens: a long generation
 FINISHED: dict[str, str] = {}  # a job the batch test finished, read again after the restart
 DOCS = [
     "The Eiffel Tower is in Paris. It was finished in 1889 for the World's Fair.",
@@ -39,6 +43,33 @@ def url(server: EmbeddedServer) -> str:
 def client(url: str) -> Client:
     with Client(url, api_key=API_KEY, retries=2, backoff_s=0.2) as c:
         yield c
+
+
+def _engine_status(server: EmbeddedServer) -> dict[str, Any]:
+    """The engine replica's live counters: requests in flight, and per shard busy/cancelled."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("Engine", app_name=server.app_name)
+    return dict(handle.status.remote().result(timeout_s=60))
+
+
+def _cancelled(status: dict[str, Any]) -> int:
+    return sum(int(s["cancelled"]) for s in status["shards"])
+
+
+def _wait_for_cancel(server: EmbeddedServer, before: int, timeout_s: float = 30.0) -> dict[str, Any]:
+    """Wait until the model stopped a request early (the shard's cancelled count went up) and nothing
+    is in flight any more; fails after `timeout_s` (a generation left running ends with `length`)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = _engine_status(server)
+        idle = status["in_flight"] == 0 and all(s["busy"] == 0 for s in status["shards"])
+        if (_cancelled(status) > before and idle) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert _cancelled(status) > before, f"the generation was not cancelled: {status}"
+    assert idle, f"requests still in flight: {status}"
+    return status
 
 
 def _post(
@@ -73,6 +104,42 @@ def test_healthz_needs_no_key_and_models_list(url: str, client: Client) -> None:
 def test_api_key_is_enforced(url: str, headers: dict[str, str], method: str, path: str) -> None:
     r = httpx.request(method, url + path, headers=headers, content=b'{"prompt": "x"}', timeout=30)
     assert r.status_code == 401
+    assert r.json()["error"]["type"] == "authentication_error"
+
+
+def _api_routes(router: Any) -> list[APIRoute]:
+    """The app's routes; FastAPI >= 0.137 nests included routers (Serve includes the class's routes)."""
+    found: list[APIRoute] = []
+    for route in router.routes:
+        if isinstance(route, APIRoute):
+            found.append(route)
+        elif hasattr(route, "original_router"):
+            found += _api_routes(route.original_router)
+    return found
+
+
+# Every route of the app (from FastAPI's own table), path parameters filled in: each needs the key.
+PROTECTED = sorted(
+    (method, route.path.replace("{job_id}", "job-x").replace("{path:path}", "nope"))
+    for route in _api_routes(ingress_app)
+    if route.path not in PUBLIC_PATHS
+    for method in route.methods
+)
+
+
+def test_every_route_is_in_the_protected_list() -> None:
+    paths = {path for _, path in PROTECTED}
+    assert {"/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/jobs", "/v1/jobs/job-x"} <= paths
+    assert {"/v1/jobs/job-x/results", "/nope"} <= paths and len(PROTECTED) >= 12
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}])
+@pytest.mark.parametrize(("method", "path"), PROTECTED, ids=[f"{m} {p}" for m, p in PROTECTED])
+def test_api_key_is_enforced_on_every_route(
+    url: str, headers: dict[str, str], method: str, path: str
+) -> None:
+    r = httpx.request(method, url + path, headers=headers, content=b'{"prompt": "x"}', timeout=30)
+    assert r.status_code == 401, r.text
     assert r.json()["error"]["type"] == "authentication_error"
 
 
@@ -200,6 +267,50 @@ BAD = [
     ("unknown-job-field", "/v1/jobs", {**JOB, "questoin": "typo"}, "json", 400, "questoin"),
     ("n-greater-than-one", "/v1/completions", {"prompt": "x", "n": 3}, "json", 400, "n"),
     ("body-too-large", "/v1/jobs", {**JOB, "documents": ["x" * (2 << 20)]}, "json", 413, "body"),
+    # JSON strings with lone surrogates decode to str that no UTF-8 encoder (tokenizer, SQLite) accepts
+    ("surrogate-prompt", "/v1/completions", b'{"prompt": "\\ud800", "max_tokens": 2}', "json", 400, "prompt"),
+    (
+        "surrogate-chat",
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "hi \\udfff"}]}',
+        "json",
+        400,
+        "messages[0].content",
+    ),
+    (
+        "surrogate-document",
+        "/v1/jobs",
+        b'{"documents": ["ok", "\\ud800"], "question": "q"}',
+        "json",
+        400,
+        "documents[1]",
+    ),
+    ("surrogate-question", "/v1/jobs", b'{"documents":["x"],"question":"\\ud800"}', "json", 400, "question"),
+    (
+        "surrogate-idempotency-key",
+        "/v1/jobs",
+        b'{"documents": ["ok"], "question": "q", "idempotency_key": "\\ud800"}',
+        "json",
+        400,
+        "idempotency_key",
+    ),
+    (
+        "integer-over-4300-digits",
+        "/v1/completions",
+        b'{"prompt": "x", "max_tokens": 1' + b"0" * 5000 + b"}",
+        "json",
+        400,
+        "body",
+    ),
+    ("msgpack-empty-arrays", "/v1/jobs", b"\xdd\x00\x07\xa1\x20" + b"\x90" * 500_000, "msgpack", 400, "body"),
+    (
+        "msgpack-nested-arrays",
+        "/v1/jobs",
+        msgpack.packb({"documents": [[[]] * 4000] * 50, "question": "q"}),
+        "msgpack",
+        400,
+        "body",
+    ),
 ]
 
 
@@ -265,28 +376,41 @@ def test_cancel_a_running_job(client: Client) -> None:
     while client.status(job.id).state != "running":
         assert time.monotonic() < deadline
         time.sleep(0.1)
+    queued = client.submit(["never runs"], "q?", max_tokens=2)  # the one worker loop is busy: queued
+    assert client.cancel(queued.id).state == "cancelled"
     t0 = time.monotonic()
     client.cancel(job.id)
     final = client.wait(job.id, poll_s=0.1, timeout=60, progress=False)
     assert final.state == "cancelled"
     assert time.monotonic() - t0 < 20  # the engine stopped mid-document, not after all three
     assert final.documents_done < 3
-    queued = client.submit(["never runs"], "q?", max_tokens=2)
-    assert client.cancel(queued.id).state in ("cancelled", "running")
+    settled = client.wait(queued.id, poll_s=0.1, timeout=30, progress=False)
+    assert settled.state == "cancelled" and settled.documents_done == 0 and client.results(queued.id) == []
 
 
-def test_streaming_client_disconnect_does_not_wedge_the_engine(url: str, client: Client) -> None:
+def test_streaming_client_disconnect_does_not_wedge_the_engine(
+    server: EmbeddedServer, url: str, client: Client
+) -> None:
+    before = _cancelled(_engine_status(server))
     with httpx.stream(
         "POST",
         url + "/v1/completions",
-        json={"prompt": PROMPT, "max_tokens": 64, "stream": True},
+        json={"prompt": STORY, "max_tokens": 64, "temperature": 0, "stream": True},
         headers=AUTH,
         timeout=60,
     ) as resp:
         for line in resp.iter_lines():
             if line.startswith("data:"):
                 break  # hang up after the first token
+    _wait_for_cancel(server, before)  # the model stopped: the generation did not run to its 64 tokens
     assert client.complete(PROMPT, max_tokens=2, temperature=0).text is not None
+
+
+def test_a_failing_prompt_cancels_the_other_prompts_of_the_request(server: EmbeddedServer, url: str) -> None:
+    before = _cancelled(_engine_status(server))
+    r = _post(url, "/v1/completions", {"prompt": [STORY, LONG_DOC], "max_tokens": 64, "temperature": 0})
+    assert r.status_code == 400 and r.json()["error"]["field"] == "prompt", r.text
+    _wait_for_cancel(server, before)  # the story's generation was stopped, not left to run to the end
 
 
 def test_project_metrics_reach_prometheus(server: EmbeddedServer) -> None:

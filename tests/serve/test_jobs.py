@@ -213,3 +213,229 @@ def test_worker_loop_picks_up_submissions_and_expires(store: JobStore) -> None:
     assert store.queue_length() == 0
     assert store.expire(ttl_s=-1.0) == 3
     assert store.results("anything") == []
+
+
+# ---- engine outages, leases, several loops, shutdown ---------------------------------------------------
+
+
+class EngineDown(Exception):
+    """Stands for RayActorError / DeploymentUnavailableError: what the ingress maps to a 503."""
+
+
+class FlakyEngine(FakeEngine):
+    """Unavailable for the first `down` requests."""
+
+    def __init__(self, down: int, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.down = down
+
+    async def run(
+        self, prompt: list[dict[str, str]], sampling: dict[str, Any], policy: str | None
+    ) -> AsyncIterator[dict[str, Any]]:
+        if self.down > 0:
+            self.down -= 1
+            self.calls.append(prompt[-1]["content"])
+            raise EngineDown("engine replica restarting")
+        async for ev in super().run(prompt, sampling, policy):
+            yield ev
+
+
+class StalledEngine(FakeEngine):
+    """Sends nothing for `stall` seconds (queued behind other requests), then answers."""
+
+    def __init__(self, stall: float) -> None:
+        super().__init__()
+        self.stall = stall
+
+    async def run(
+        self, prompt: list[dict[str, str]], sampling: dict[str, Any], policy: str | None
+    ) -> AsyncIterator[dict[str, Any]]:
+        self.calls.append(prompt[-1]["content"])
+        finished = False
+        try:
+            await asyncio.sleep(self.stall)
+            finished = True
+            yield {"type": "final", "text": "late", "finish_reason": "stop", "stats": {}}
+        finally:
+            if not finished:
+                self.closed_early += 1
+
+
+def _transient_worker(store: JobStore, engine: FakeEngine, **kw: Any) -> JobWorker:
+    return _worker(store, engine, transient=lambda e: isinstance(e, EngineDown), **kw)
+
+
+def test_engine_outage_requeues_the_job_then_fails_at_the_attempt_limit(store: JobStore) -> None:
+    job, _ = store.submit(_job(["one", "two"]))
+    engine = FlakyEngine(down=1)
+    worker = _transient_worker(store, engine, max_attempts=3, retry_backoff_s=0.0)
+    claimed = store.claim(worker.worker_id)
+    assert claimed is not None
+    assert asyncio.run(worker.process(claimed)) == "queued"  # not failed
+    back = store.get(job.id)
+    assert back is not None and back.state == "queued" and back.lost_count == 1 and back.error is None
+    claimed = store.claim(worker.worker_id)
+    assert claimed is not None and asyncio.run(worker.process(claimed)) == "succeeded"
+    assert [r["text"] for r in store.results(job.id)] == ["one", "two"]
+
+    down, _ = store.submit(_job(["three", "four"]))
+    engine = FlakyEngine(down=10)
+    worker = _transient_worker(store, engine, max_attempts=3, retry_backoff_s=0.0)
+    states = []
+    for _ in range(3):
+        claimed = store.claim(worker.worker_id)
+        assert claimed is not None
+        states.append(asyncio.run(worker.process(claimed)))
+    assert states == ["queued", "queued", "failed"]
+    failed = store.get(down.id)
+    assert failed is not None and failed.state == "failed" and failed.lost_count == 3
+    error = failed.error or ""
+    assert "unavailable 3 times" in error and "engine replica restarting" in error
+
+
+def test_worker_loop_rides_out_an_engine_outage_with_backoff(store: JobStore) -> None:
+    engine = FlakyEngine(down=2)
+    worker = _transient_worker(store, engine, max_attempts=3, retry_backoff_s=0.05)
+    done: list[str] = []
+    worker.on_job_done = done.append
+
+    async def scenario() -> None:
+        loop = asyncio.create_task(worker.run_forever())
+        job_id = store.submit(_job(["alpha"]))[0].id
+        worker.notify()
+        t0 = time.monotonic()
+        for _ in range(300):
+            job = store.get(job_id)
+            if job is not None and job.finished:
+                break
+            await asyncio.sleep(0.01)
+        await worker.shutdown(loop)
+        assert job is not None and job.state == "succeeded" and job.lost_count == 2
+        assert time.monotonic() - t0 >= 0.05 + 0.1  # it waited 0.05 s, then 0.1 s, before retrying
+
+    asyncio.run(scenario())
+    assert done == ["succeeded"]  # only terminal states are counted as finished jobs
+
+
+def test_timer_heartbeat_keeps_a_slow_job_from_running_twice(store: JobStore) -> None:
+    """No engine event for longer than the lease: the timer keeps the lease, and the other loop (its own
+    worker id) neither recovers nor re-runs the job."""
+    engine = StalledEngine(stall=0.8)
+    worker = _worker(store, engine, lease_s=0.2, poll_s=0.02)
+
+    async def scenario() -> None:
+        loop = asyncio.create_task(worker.run_forever(concurrency=2))
+        job_id = store.submit(_job(["slow doc"]))[0].id
+        worker.notify()
+        for _ in range(300):
+            job = store.get(job_id)
+            if job is not None and job.finished:
+                break
+            await asyncio.sleep(0.01)
+        await worker.shutdown(loop)
+        assert job is not None and job.state == "succeeded" and job.lost_count == 0
+
+    asyncio.run(scenario())
+    assert len(engine.calls) == 1
+
+
+def test_each_worker_loop_claims_under_its_own_id(store: JobStore) -> None:
+    ids = [store.submit(_job([f"doc{i}"]))[0].id for i in range(2)]
+    engine = StalledEngine(stall=0.3)
+    worker = _worker(store, engine)
+
+    async def scenario() -> set[str]:
+        loop = asyncio.create_task(worker.run_forever(concurrency=2))
+        owners: set[str] = set()
+        for _ in range(100):
+            rows = store._db.execute("SELECT worker FROM jobs WHERE state = 'running'").fetchall()
+            owners |= {r[0] for r in rows}
+            if len(owners) == 2:
+                break
+            await asyncio.sleep(0.01)
+        await worker.shutdown(loop)
+        return owners
+
+    owners = asyncio.run(scenario())
+    assert len(owners) == 2 and all(o.startswith(worker.worker_id + "/") for o in owners)
+    assert all(store.get(i).state == "queued" for i in ids)  # type: ignore[union-attr]
+
+
+def test_cancel_seen_by_the_heartbeat_timer_stops_a_silent_request(store: JobStore) -> None:
+    job, _ = store.submit(_job(["silent"]))
+    engine = StalledEngine(stall=30.0)
+    worker = _worker(store, engine, heartbeat_s=0.05)
+
+    async def scenario() -> str:
+        claimed = store.claim(worker.worker_id)
+        assert claimed is not None
+        task = asyncio.create_task(worker.process(claimed))
+        await asyncio.sleep(0.1)
+        store.cancel(job.id)
+        return await asyncio.wait_for(task, 5.0)
+
+    assert asyncio.run(scenario()) == "cancelled"
+    assert engine.closed_early == 1
+
+
+class SlowClaimStore(JobStore):
+    """A claim that takes a while in its thread (a busy disk): the shutdown race."""
+
+    def claim(self, worker: str, accept: Any = None) -> Any:
+        time.sleep(0.3)
+        return super().claim(worker, accept)
+
+
+def test_shutdown_stops_the_loops_before_handing_jobs_back(tmp_path: Path) -> None:
+    store = SlowClaimStore(tmp_path / "jobs.sqlite")
+    worker = _worker(store, FakeEngine())
+
+    async def scenario() -> int:
+        loop = asyncio.create_task(worker.run_forever())
+        await asyncio.sleep(0.05)  # the loop is inside its claim
+        store.submit(_job(["arrives during shutdown"]))
+        released = await worker.shutdown(loop)
+        await asyncio.sleep(0.5)  # the claim thread has finished by now
+        return released
+
+    assert asyncio.run(scenario()) == 0
+    rows = store._db.execute("SELECT state, worker FROM jobs").fetchall()
+    assert [(r["state"], r["worker"]) for r in rows] == [("queued", None)]  # not stranded as running
+    store.close()
+
+
+def test_pending_tasks_share_one_copy_of_each_document(store: JobStore) -> None:
+    job, _ = store.submit(_job(["first document", "second document"], ("q1", "q2", "q3")))
+    assert store.pending_documents(job.id) == [0, 1]
+    tasks = store.pending_tasks(job.id)
+    assert len(tasks) == 6 and len({id(t.document) for t in tasks}) == 2
+    one = store.pending_tasks(job.id, 1)
+    assert [(t.doc_idx, t.q_idx) for t in one] == [(1, 0), (1, 1), (1, 2)]
+    store.record_result(one[0], text="x", finish_reason="stop", stats={})
+    assert [t.q_idx for t in store.pending_tasks(job.id, 1)] == [1, 2]
+
+
+def test_two_stores_on_one_file_run_each_job_once(tmp_path: Path) -> None:
+    """Two ingress replicas on the head node: two connections, two workers, one file."""
+    path = tmp_path / "shared.sqlite"
+    stores = [JobStore(path), JobStore(path)]
+    engines = [FakeEngine(delay=0.01), FakeEngine(delay=0.01)]
+    workers = [_worker(s, e, lease_s=5.0) for s, e in zip(stores, engines, strict=True)]
+    ids = [stores[0].submit(_job([f"doc{i} text"]))[0].id for i in range(8)]
+
+    async def scenario() -> None:
+        loops = [asyncio.create_task(w.run_forever(concurrency=2)) for w in workers]
+        for w in workers:
+            w.notify()
+        for _ in range(500):
+            if all(stores[1].get(i).finished for i in ids):  # type: ignore[union-attr]
+                break
+            await asyncio.sleep(0.01)
+        for w, loop in zip(workers, loops, strict=True):
+            await w.shutdown(loop)
+
+    asyncio.run(scenario())
+    assert all(stores[0].get(i).state == "succeeded" for i in ids)  # type: ignore[union-attr]
+    assert len(engines[0].calls) + len(engines[1].calls) == 8
+    for s in stores:
+        s.close()

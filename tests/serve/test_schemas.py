@@ -27,7 +27,7 @@ def test_valid_job_normalises_documents() -> None:
     job = JobRequest.model_validate(
         {"documents": ["a", b"b", {"text": b"c", "name": "c.txt"}], "questions": ["q1", "q2"]}
     )
-    assert [(d.text, d.name) for d in job.docs] == [("a", None), ("b", None), ("c", "c.txt")]
+    assert [(d.text, d.name) for d in job.documents] == [("a", None), ("b", None), ("c", "c.txt")]
     assert job.question_list == ["q1", "q2"]
     assert job.temperature == 0.0
 
@@ -103,3 +103,42 @@ def test_chat_accepts_openai_shapes() -> None:
     )
     assert req.max_tokens == 5
     assert req.chat() == [{"role": "user", "content": "hi"}]
+
+
+LONE = "\ud800"  # what JSON "\ud800" decodes to: a str no UTF-8 encoder accepts
+
+
+@pytest.mark.parametrize(
+    ("model", "body", "field"),
+    [
+        (JobRequest, {"documents": [LONE], "question": "q"}, "documents[0]"),
+        (JobRequest, {"documents": ["ok", {"text": "a" + LONE}], "question": "q"}, "documents[1]"),
+        (JobRequest, {"documents": [{"text": "ok", "name": LONE}], "question": "q"}, "documents[0].name"),
+        (JobRequest, {"documents": ["ok"], "question": LONE}, "question"),
+        (JobRequest, {"documents": ["ok"], "questions": ["fine", LONE]}, "questions[1]"),
+        (JobRequest, {"documents": ["ok"], "question": "q", "idempotency_key": LONE}, "idempotency_key"),
+        (JobRequest, {"documents": ["ok"], "question": "q", "stop": [LONE]}, "stop[0]"),
+        (JobRequest, {"documents": ["ok"], "question": "q", "policy": LONE}, "policy"),
+        (CompletionRequest, {"prompt": LONE}, "prompt"),
+        (CompletionRequest, {"prompt": ["fine", "x\udfffy"]}, "prompt[1]"),
+        (CompletionRequest, {"prompt": "p", "model": LONE}, "model"),
+        (ChatCompletionRequest, {"messages": [{"role": "user", "content": LONE}]}, "messages[0].content"),
+        (
+            ChatCompletionRequest,
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": LONE}]}]},
+            "messages[0].content[0].text",
+        ),
+    ],
+)
+def test_text_that_is_not_unicode_names_its_field(
+    model: type[BaseModel], body: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(ValidationError) as e:
+        model.model_validate(body)
+    got, message = first_error(e.value)
+    assert got == field and "not valid Unicode" in message, message
+
+
+def test_valid_unicode_text_passes() -> None:
+    job = JobRequest.model_validate({"documents": ["東京 😀 é"], "question": "¿qué?", "stop": ["😀"]})
+    assert job.documents[0].text.encode("utf-8")

@@ -52,3 +52,40 @@ def test_content_types() -> None:
     assert e.value.status == 415
     assert wire.response_format("application/msgpack, */*") == "msgpack"
     assert wire.response_format("*/*") == "json"
+
+
+def test_an_integer_too_long_to_parse_is_a_wire_error() -> None:
+    """json.loads raises a plain ValueError (not JSONDecodeError) past 4300 digits."""
+    with pytest.raises(wire.WireError) as e:
+        wire.decode(b'{"max_tokens": 1' + b"0" * 5000 + b"}", "json")
+    assert e.value.status == 400
+
+
+LIMITS = wire.Limits(max_items=4096, max_map_len=64, max_containers=1000)
+
+
+def _array32(n: int, item: bytes) -> bytes:
+    return b"\xdd" + n.to_bytes(4, "big") + item * n
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        _array32(200_000, b"\x90"),  # 200k empty arrays: ~13 MB of lists from 200 kB
+        _array32(200_000, b"\x80"),  # 200k empty maps
+        msgpack.packb([[[]] * 4000] * 10),  # each array within max_items, 40k containers in all
+        msgpack.packb({f"k{i}": 0 for i in range(100)}),  # a map over max_map_len
+    ],
+    ids=["empty-arrays", "empty-maps", "nested-arrays", "wide-map"],
+)
+def test_msgpack_bombs_are_rejected_within_limits(body: bytes) -> None:
+    with pytest.raises(wire.WireError) as e:
+        wire.decode(body, "msgpack", LIMITS)
+    assert e.value.status == 400
+
+
+def test_limits_let_real_bodies_through_and_the_client_decodes_without_them() -> None:
+    job = {"documents": [{"text": "d" * 1000, "name": f"{i}.txt"} for i in range(256)], "question": "q?"}
+    assert wire.decode(wire.pack(job), "msgpack", LIMITS) == job
+    big = {"results": [{"i": i} for i in range(5000)]}  # a response: no server limits on the client
+    assert wire.decode(wire.pack(big), "msgpack") == big
