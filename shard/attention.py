@@ -5,6 +5,10 @@ TRITON_INTERPRET says: the interpreter is for testing kernels, not for serving.
 
 Sparse prefill (entropy / fixed policies) plugs in through `PrefillAttention`: the policy decides the
 blocks (`policies/`), a kernel (`kernels/`) computes; this module only dispatches.
+
+Policies: `dense` (dense prefill, full cache), `fixed` (CritiPrefill prefill, full cache), `entropy`
+(EntropyInfer prefill + latent KV compression in decode), `snapkv` (dense prefill + SnapKV compression right
+after prefill). `DECODE_COMPRESSION` names each policy's default compression preset (`configs/<name>.yaml`).
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ from entropyinfer.kernels.sparse_prefill_ref import sparse_prefill_attention_ref
 from entropyinfer.policies.config import SparsePrefillConfig
 from entropyinfer.policies.entropy import plan_density, plan_layer
 
-POLICY_NAMES = ("dense", "entropy", "fixed")
+POLICY_NAMES = ("dense", "entropy", "fixed", "snapkv")
 SPARSE_POLICIES = ("entropy", "fixed")
+DECODE_COMPRESSION = {"dense": "none", "fixed": "none", "entropy": "latent", "snapkv": "snapkv"}
 
 
 class PrefillAttention(Protocol):
@@ -85,6 +90,7 @@ class SparsePrefill:
         self.layer_density: list[float] = []
         self.layer_rigid: list[float | None] = []
         self.budget_tokens: list[torch.Tensor] = []
+        self.layer_entropy: list[torch.Tensor | None] = []  # per layer: mean entropy per KV head, or None
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         cfg, n = self.config, q.shape[1]
@@ -92,6 +98,7 @@ class SparsePrefill:
         if layer == 0 or n <= max(cfg.threshold_len, cfg.segment_size) + cfg.segment_size:
             self.layer_density.append(1.0)
             self.layer_rigid.append(None)
+            self.layer_entropy.append(None)
             return dense_causal_attention(q, k, v)
         on_gpu = q.device.type == "cuda"
         plan = plan_layer(
@@ -110,7 +117,16 @@ class SparsePrefill:
         )
         self.layer_rigid.append(float(plan.rigid.float().mean().item()))
         self.budget_tokens.append((plan.counts[:, ~plan.dense_segments] * cfg.block_size).flatten())
+        self.layer_entropy.append(plan.entropy[:, 1:].float().mean(dim=1))
         return out
+
+    def head_entropy(self, num_kv_heads: int) -> torch.Tensor | None:
+        """float32 ``[layers, Hkv]`` (CPU): each KV head's mean block entropy over segments >= 1, NaN for
+        layers that ran dense; None if no layer was profiled. Feeds per-head KV compression capacities."""
+        if all(e is None for e in self.layer_entropy):
+            return None
+        nan = torch.full((num_kv_heads,), float("nan"))
+        return torch.stack([nan if e is None else e.detach().float().cpu() for e in self.layer_entropy])
 
     def stats(self) -> dict[str, Any]:
         rigid = [r for r in self.layer_rigid if r is not None]

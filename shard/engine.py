@@ -3,20 +3,25 @@
 Prefill runs one layer at a time over the whole prompt: the token-wise work (norms, q/k/v projections,
 rope, o projection, MLP) in chunks of `prefill_chunk_size` tokens, attention over the whole prompt in
 one call to the layer's `PrefillAttention` (dense fused SDPA, or a sparse policy's kernel). Only the last
-position's logits are computed. Decode is one static-shape step, CUDA-graph captured on GPU.
+position's logits are computed. Decode is one static-shape step, CUDA-graph captured on GPU, over the full
+`KVCache` (token p written at position p) or, after decode-time compression (`shard/compression.py`), over a
+`CompactKVCache` (each token appended at its head's own length; rope still uses the true position). While an
+`ObservationWindow` is given, prefill stores the last prompt queries in it and decode appends its queries.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 import torch
 
 from entropyinfer.errors import RequestCancelled
 from entropyinfer.shard.attention import PrefillAttention, cached_decode_attention
+from entropyinfer.shard.compression import DecodeCompressor, ObservationWindow
 from entropyinfer.shard.config import EngineConfig
-from entropyinfer.shard.kv_cache import KVCache
+from entropyinfer.shard.kv_cache import CompactKVCache, KVCache
 from entropyinfer.shard.model import CausalLM
 
 ProgressFn = Callable[[int, int], None]
@@ -44,9 +49,11 @@ class Engine:
         progress: ProgressFn | None = None,
         cancel: threading.Event | None = None,
         all_logits: bool = False,
+        observe: ObservationWindow | None = None,
     ) -> torch.Tensor:
         """Run a prompt [N] into cache slot `slot`; return fp32 logits of the last position [vocab]
-        (or of every position [N, vocab] with `all_logits`, for tests)."""
+        (or of every position [N, vocab] with `all_logits`, for tests). With `observe`, the last prompt
+        queries of every layer go to the observation window of decode-time compression."""
         n = tokens.shape[0]
         hq, d = self.arch.num_heads, self.arch.head_dim
         chunk = self.config.prefill_chunk_size
@@ -61,6 +68,8 @@ class Engine:
                 q_all[:, c0:c1] = q[0]
                 k_cache[:, c0:c1] = k[0]
                 v_cache[:, c0:c1] = v[0]
+            if observe is not None:
+                observe.record_prompt(li, slot, q_all, n)
             attn = attention(li, q_all, k_cache[:, :n], v_cache[:, :n])  # [Hq, N, d]
             for c0, c1 in spans:
                 a = attn[:, c0:c1].transpose(0, 1).reshape(1, c1 - c0, hq * d)
@@ -76,50 +85,144 @@ class Engine:
         return self.model.logits(h[n - 1])
 
     @torch.inference_mode()
-    def decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def decode_step(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache | CompactKVCache,
+        obs: ObservationWindow | None = None,
+    ) -> torch.Tensor:
         """One token per cache slot: tokens [B], positions [B] (int64) -> fp32 logits [B, vocab].
 
-        Static shapes and no host syncs, so the step can be captured in a CUDA graph.
+        Static shapes and no host syncs, so the step can be captured in a CUDA graph. On a `KVCache` the
+        token is written at its position; on a `CompactKVCache` at ``lengths[layer, b, h]`` of every head
+        (which then grows by one). With `obs`, every layer's queries are appended to the window.
         """
         b = tokens.shape[0]
         hq, d = self.arch.num_heads, self.arch.head_dim
         h = self.model.model.embed_tokens(tokens)[:, None]  # [B, 1, hidden]
         cos, sin = self.model.rotary(positions[:, None], self.dtype)  # [B, 1, d]
         rows = torch.arange(b, device=tokens.device)
-        cache.lengths.copy_((positions + 1).to(torch.int32)[:, None].expand_as(cache.lengths))
+        compact = isinstance(cache, CompactKVCache)
+        if isinstance(cache, CompactKVCache):
+            heads = torch.arange(self.arch.num_kv_heads, device=tokens.device)[None, :]
+            write = cache.lengths.long()  # [L, B, Hkv]: where this token goes in every head
+            cache.lengths.add_(1)
+            pos = positions.to(torch.int32)[None, :, None, None].expand(*write.shape, 1)
+            cache.positions.scatter_(3, write[..., None], pos)
+        else:
+            cache.lengths.copy_((positions + 1).to(torch.int32)[:, None].expand_as(cache.lengths))
+        if obs is not None:
+            obs.begin_step()
         for li, layer in enumerate(self.model.layers):
             q, k, v = layer.attention_inputs(h, cos, sin)  # [B, H, 1, d]
             k_cache, v_cache = cache.k(li), cache.v(li)
-            k_cache[rows, :, positions] = k[:, :, 0]
-            v_cache[rows, :, positions] = v[:, :, 0]
-            o = cached_decode_attention(q[:, :, 0], k_cache, v_cache, cache.lengths)  # [B, Hq, d]
+            if compact:
+                k_cache[rows[:, None], heads, write[li]] = k[:, :, 0]
+                v_cache[rows[:, None], heads, write[li]] = v[:, :, 0]
+            else:
+                k_cache[rows, :, positions] = k[:, :, 0]
+                v_cache[rows, :, positions] = v[:, :, 0]
+            if obs is not None:
+                obs.append(li, q)
+            o = cached_decode_attention(q[:, :, 0], k_cache, v_cache, cache.layer_lengths(li))  # [B, Hq, d]
             h = layer.finish(h, o.reshape(b, 1, hq * d))
         return self.model.logits(h[:, 0])
 
 
 class GraphedDecode:
-    """The decode step captured in a CUDA graph for one cache (static buffers, replayed per token)."""
+    """The decode step captured in a CUDA graph for one cache (static buffers, replayed per token).
 
-    def __init__(self, engine: Engine, cache: KVCache):
-        self.engine, self.cache = engine, cache
+    Works for a full `KVCache` and a `CompactKVCache` (optionally appending queries to `obs`). Warm-up runs
+    outside the capture mutate the cache's lengths (and the window's counter): they are restored after each.
+    A full cache is warmed up at its last position, which no sequence has reached yet; a compact cache at
+    each head's next free slot, which the next real step overwrites (so it needs one free slot).
+    """
+
+    def __init__(self, engine: Engine, cache: KVCache | CompactKVCache, obs: ObservationWindow | None = None):
+        self.engine, self.cache, self.obs = engine, cache, obs
         b = cache.batch
         self.tokens = torch.zeros(b, dtype=torch.long, device=engine.device)
-        # Warm-up and capture write K/V at the last cache position, which no sequence has reached yet.
         self.positions = torch.full((b,), cache.capacity - 1, dtype=torch.long, device=engine.device)
-        saved = cache.lengths.clone()
+        state = [cache.lengths] + (obs.state() if obs is not None else [])
+        saved = [t.clone() for t in state]
+
+        def restore() -> None:
+            for t, s in zip(state, saved, strict=True):
+                t.copy_(s)
+
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm-up: Triton compiles and allocates outside the capture
             for _ in range(2):
-                engine.decode_step(self.tokens, self.positions, cache)
+                engine.decode_step(self.tokens, self.positions, cache, obs)
+                restore()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = engine.decode_step(self.tokens, self.positions, cache)
-        cache.lengths.copy_(saved)
+            self.logits = engine.decode_step(self.tokens, self.positions, cache, obs)
+        restore()
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         self.tokens.copy_(tokens)
         self.positions.copy_(positions)
         self.graph.replay()
         return self.logits
+
+
+class DecodeRunner:
+    """Decode steps of one batch: runs compression when it is due, and picks eager steps or a CUDA graph.
+
+    Before the first compression the steps run eagerly (they append queries to the observation window, and
+    a graph of the full cache would be thrown away at once); otherwise, on GPU with `graphs`, the step is
+    captured in a CUDA graph when at least `min_graph_steps` steps remain (counting the one about to run).
+    The first compression moves what is kept into a compact buffer and releases the full cache, so
+    `cache` is then a new object and the graph is captured again; re-compression works in place.
+    `paused_s`: seconds spent compressing and capturing, reported apart from the decode time.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        cache: KVCache | CompactKVCache,
+        max_steps: int,
+        compressor: DecodeCompressor | None = None,
+        *,
+        graphs: bool = True,
+        min_graph_steps: int = 8,
+    ):
+        self.engine, self.cache, self.max_steps, self.compressor = engine, cache, max_steps, compressor
+        self.graphs, self.min_graph_steps = graphs, min_graph_steps
+        self.steps = 0
+        self.paused_s = 0.0
+        self._step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+
+    def _build(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        c, cache, engine = self.compressor, self.cache, self.engine
+        obs = c.obs if c is not None and c.records_queries else None
+        observing = c is not None and c.compressions == 0
+        left = self.max_steps - self.steps + 1
+        if self.graphs and engine.device.type == "cuda" and not observing and left >= self.min_graph_steps:
+            return GraphedDecode(engine, cache, obs)
+        return lambda t, p: engine.decode_step(t, p, cache, obs)
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One step: tokens [B] at positions [B] -> fp32 logits [B, vocab]."""
+        if self._step is None or (self.compressor is not None and self.compressor.due(self.steps)):
+            t0 = _now(self.engine.device)
+            if self.compressor is not None and self.compressor.due(self.steps):
+                compact = self.compressor.run(self.cache, self.steps)
+                if compact is not self.cache:
+                    self.cache, self._step = compact, None
+            if self._step is None:
+                self._step = self._build()
+            self.paused_s += _now(self.engine.device) - t0
+        logits = self._step(tokens, positions)
+        self.steps += 1
+        return logits
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

@@ -20,11 +20,20 @@ from entropyinfer.errors import (
     RequestCancelled,
 )
 from entropyinfer.policies.config import load_sparse_config
+from entropyinfer.policies.kv_compression import KVCompressionConfig, load_kv_compression_config
 from entropyinfer.shard.arch import ModelArch
-from entropyinfer.shard.attention import build_prefill_attention, check_policy
+from entropyinfer.shard.attention import (
+    DECODE_COMPRESSION,
+    POLICY_NAMES,
+    SparsePrefill,
+    build_prefill_attention,
+    check_policy,
+)
+from entropyinfer.shard.compression import DecodeCompressor
 from entropyinfer.shard.config import EngineConfig
 from entropyinfer.shard.embedded import resolve_checkpoint
-from entropyinfer.shard.engine import Engine, GraphedDecode
+from entropyinfer.shard.engine import DecodeRunner, Engine
+from entropyinfer.shard.kv_cache import CompactKVCache, KVCache
 from entropyinfer.shard.sampling import SamplingParams, make_generator, sample
 from entropyinfer.shard.weights import load_model
 
@@ -84,11 +93,16 @@ class LLM:
     """Offline engine on one device.
 
     `LLM(model, policy="dense", device=None, dtype=None, **overrides)`: `model` is an embedded name
-    ("smollm2-135m") or a Hugging Face checkpoint folder; `policy` is "dense", "entropy" or "fixed".
-    Sparse hyperparameters come from `policy_config` (a preset name such as "entropy_short", or a YAML
-    file; default: the long-context preset, or the short one for models of <= 8k context) and
+    ("smollm2-135m") or a Hugging Face checkpoint folder; `policy` is "dense", "entropy", "fixed" or
+    "snapkv". Sparse hyperparameters come from `policy_config` (a preset name such as "entropy_short", or a
+    YAML file; default: the long-context preset, or the short one for models of <= 8k context) and
     `overrides` (e.g. `base_budget=512`); `overrides` may also set `EngineConfig` fields
     (e.g. `prefill_chunk_size`). Unknown keys raise `ConfigError`.
+
+    Decode-time KV compression: `entropy` compresses with the `latent` preset, `snapkv` with the `snapkv`
+    preset, `dense` and `fixed` do not. `kv_compression` overrides that for every policy: "none", a preset
+    name or a YAML file (`configs/latent.yaml` documents the fields); `kv_<field>` overrides one field
+    (e.g. `kv_capacity=2048`, `kv_head_capacity="entropy"`, `kv_recompress_every=256`).
     """
 
     def __init__(
@@ -108,7 +122,12 @@ class LLM:
         self.engine_config = from_dict(EngineConfig, {k: v for k, v in overrides.items() if k in engine_keys})
         self.checkpoint = resolve_checkpoint(model)
         self.arch = ModelArch.from_folder(self.checkpoint)
-        policy_overrides = {k: v for k, v in overrides.items() if k not in engine_keys}
+        kv_keys = {k for k in overrides if k.startswith("kv_")}
+        self.set_kv_compression(
+            str(overrides.get("kv_compression", "auto")),
+            **{k[3:]: v for k, v in overrides.items() if k in kv_keys - {"kv_compression"}},
+        )
+        policy_overrides = {k: v for k, v in overrides.items() if k not in engine_keys | kv_keys}
         self.sparse_config = load_sparse_config(
             policy_config or default_sparse_preset(self.arch.max_position_embeddings), **policy_overrides
         )
@@ -124,6 +143,32 @@ class LLM:
     @property
     def max_context(self) -> int:
         return self.arch.max_position_embeddings
+
+    def set_kv_compression(self, kv_compression: str = "auto", **fields: Any) -> None:
+        """Choose the decode-time KV compression for later requests: "auto" (each policy's default), "none",
+        a preset name or a YAML file, with field overrides (``capacity=512``; the constructor's
+        ``kv_<field>`` keywords). Raises `ConfigError` naming a bad key."""
+        self.kv_compression, self.kv_overrides = kv_compression, dict(fields)
+        for p in POLICY_NAMES:  # fail now, naming the key, rather than at the first request
+            self.kv_config(p)
+
+    def kv_config(self, policy: str) -> KVCompressionConfig | None:
+        """The decode-time KV compression a policy runs with (None: keep the full cache)."""
+        name = DECODE_COMPRESSION[policy] if self.kv_compression == "auto" else self.kv_compression
+        if name == "none":
+            return None
+        known = {f.name for f in dataclasses.fields(KVCompressionConfig)}
+        unknown = sorted(set(self.kv_overrides) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown config key(s): {', '.join('kv_' + k for k in unknown)}; known keys: "
+                f"kv_compression, {', '.join('kv_' + k for k in sorted(known))}"
+            )
+        try:
+            return load_kv_compression_config(name, **self.kv_overrides)
+        except ConfigError as e:
+            key = next((k for k in self.kv_overrides if str(e).startswith(f"{k}:")), None)
+            raise ConfigError(f"kv_{e}" if key else f"kv_compression={name!r}: {e}") from None
 
     # ----------------------------------------------------------------------------------------- prompts
     def encode(self, prompt: Prompt) -> list[int]:
@@ -204,8 +249,15 @@ class LLM:
         total_prefill = sum(len(ids) for ids in token_lists)
         seqs = [_Sequence(self, p, ids, params) for p, ids in zip(prompts, token_lists, strict=True)]
         cache = self.engine.new_cache(len(seqs), max(len(ids) for ids in token_lists) + params.max_tokens)
+        kv_cfg = self.kv_config(policy)
+        compressor = None
+        if kv_cfg is not None and params.max_tokens > 1:
+            compressor = DecodeCompressor(
+                self.arch, kv_cfg, len(seqs), params.max_tokens - 1, self.device, self.dtype
+            )
         done_before = 0
         for i, seq in enumerate(seqs):
+            seq.compressor = compressor
             attention = build_prefill_attention(policy, self.sparse_config)
 
             def on_layer(done: int, total: int, base: int = done_before) -> None:
@@ -220,35 +272,47 @@ class LLM:
                 attention,
                 progress=on_layer,
                 cancel=cancel,
+                observe=compressor.obs if compressor is not None else None,
             )
+            if compressor is not None and isinstance(attention, SparsePrefill):
+                compressor.set_head_entropy(i, attention.head_entropy(self.arch.num_kv_heads))
             token = sample(logits, params, seq.generator)
             seq.stats["prefill_ms"] = (_now(self.device) - t0) * 1e3
             seq.stats.update(attention.stats())
             seq.stats["policy"] = policy
             done_before += len(seq.prompt_ids)
             yield from seq.push(token, i, cache)
-        yield from self._decode(seqs, params, cache, cancel)
+        yield from self._decode(seqs, params, cache, cancel, compressor)
 
     def _decode(
-        self, seqs: list[_Sequence], params: SamplingParams, cache: Any, cancel: threading.Event | None
+        self,
+        seqs: list[_Sequence],
+        params: SamplingParams,
+        cache: KVCache | CompactKVCache,
+        cancel: threading.Event | None,
+        compressor: DecodeCompressor | None = None,
     ) -> Iterator[StreamEvent]:
         if all(s.finished for s in seqs):
             return
         dev = self.device
         tokens = torch.tensor([s.last_token for s in seqs], dtype=torch.long, device=dev)
         positions = torch.tensor([len(s.prompt_ids) for s in seqs], dtype=torch.long, device=dev)
-        step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
         cfg = self.engine_config
-        if dev.type == "cuda" and cfg.cuda_graphs and params.max_tokens >= cfg.cuda_graph_min_tokens:
-            step = GraphedDecode(self.engine, cache)
-        else:
-            step = lambda t, p: self.engine.decode_step(t, p, cache)  # noqa: E731
+        runner = DecodeRunner(
+            self.engine,
+            cache,
+            params.max_tokens - 1,
+            compressor,
+            graphs=cfg.cuda_graphs,
+            min_graph_steps=cfg.cuda_graph_min_tokens,
+        )
         t0 = _now(dev)
         steps = 0
         while not all(s.finished for s in seqs):
             if cancel is not None and cancel.is_set():
                 raise RequestCancelled("request cancelled during decode")
-            logits = step(tokens, positions)
+            logits = runner(tokens, positions)
+            cache = runner.cache  # a compact cache once compression has run
             steps += 1
             picks = (
                 logits.argmax(-1).tolist()
@@ -258,7 +322,7 @@ class LLM:
                     for i, s in enumerate(seqs)
                 ]
             )
-            elapsed = _now(dev) - t0
+            elapsed = _now(dev) - t0 - runner.paused_s  # compression and graph capture apart
             for i, s in enumerate(seqs):
                 if not s.finished:
                     s.decode_steps = steps
@@ -284,12 +348,13 @@ class _Sequence:
         self.decode_steps = 0
         self.decode_seconds = 0.0
         self.stats: dict[str, Any] = {"prompt_tokens": len(prompt_ids)}
+        self.compressor: DecodeCompressor | None = None
 
     @property
     def last_token(self) -> int:
         return self.generated[-1]
 
-    def push(self, token: int, index: int, cache: Any) -> Iterator[StreamEvent]:
+    def push(self, token: int, index: int, cache: KVCache | CompactKVCache) -> Iterator[StreamEvent]:
         self.generated.append(token)
         if token in self.stop_ids:
             self.finished, self.finish_reason = True, "stop"
@@ -310,14 +375,22 @@ class _Sequence:
         output = self._output(index, cache) if self.finished else None
         yield StreamEvent(index=index, token_id=token, text=delta, finished=self.finished, output=output)
 
-    def _output(self, index: int, cache: Any) -> RequestOutput:
+    def _output(self, index: int, cache: KVCache | CompactKVCache) -> RequestOutput:
         stats = dict(self.stats)
         stats["generated_tokens"] = len(self.generated)
         stats["decode_ms_per_token"] = (
             self.decode_seconds * 1e3 / self.decode_steps if self.decode_steps else 0.0
         )
         stats["kv_tokens_kept"] = cache.tokens_kept(index)
+        stats["kv_tokens_kept_per_layer"] = cache.tokens_per_layer(index)
+        stats["kv_tokens_kept_total"] = round(
+            sum(stats["kv_tokens_kept_per_layer"]) * self.llm.arch.num_kv_heads
+        )  # positions held, summed over layers and KV heads
         stats["kv_bytes"] = cache.bytes_used(index)
+        stats["kv_compression"] = "none"
+        if self.compressor is not None:
+            stats.update(self.compressor.stats(index))
+        stats.setdefault("kv_bytes_before", stats["kv_bytes"])
         return RequestOutput(self.prompt, self.text, list(self.generated), self.finish_reason, stats)
 
 

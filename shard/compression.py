@@ -1,0 +1,212 @@
+"""Executing decode-time KV compression (latent / SnapKV, `policies/kv_compression.py`) on a batch's cache.
+
+- `ObservationWindow`: the queries compression scores with, ``[layers, batch, Hq, W, d]``, a ring indexed by
+  decode step, so no K/V is copied to observe: prefill stores the last ``W - N_D`` prompt queries of every
+  layer (slots ``N_D .. W-1``), decode step ``i`` (from 1) writes its queries to slot ``(i - 1) mod W``. After
+  ``s`` steps, window query ``i`` (position ``len - W + i``) is in slot ``(s + i) mod W``. The slot index is a
+  device tensor, so the append is captured in the decode CUDA graph.
+- `compress`: per layer, score the window against every (sequence, KV head)'s keys, pick the kept positions,
+  gather them into a `CompactKVCache` (or, re-compressing, back into the same compact buffer, so a captured
+  graph stays valid). The caller then releases the full cache.
+- `DecodeCompressor`: when to compress (after ``N_D`` decode steps, or right after prefill for SnapKV; then
+  every ``R`` steps if asked), the per-head capacities, and the statistics.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from entropyinfer.policies.kv_compression import KVCompressionConfig, head_capacities, plan_keep
+from entropyinfer.shard.arch import ModelArch
+from entropyinfer.shard.kv_cache import CompactKVCache, KVCache
+
+AnyCache = KVCache | CompactKVCache
+
+
+class ObservationWindow:
+    def __init__(
+        self,
+        arch: ModelArch,
+        batch: int,
+        window: int,
+        prompt_queries: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
+        self.window, self.prompt_queries = window, prompt_queries
+        self.group = arch.group_size
+        self.q = torch.zeros(
+            arch.num_layers, batch, arch.num_heads, window, arch.head_dim, device=device, dtype=dtype
+        )
+        self.counter = torch.zeros(1, dtype=torch.long, device=device)  # decode steps recorded
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # where this step's queries go
+
+    def record_prompt(self, layer: int, slot: int, q_all: torch.Tensor, n: int) -> None:
+        """Prefill: keep the last ``W - N_D`` prompt queries of one layer (q_all ``[Hq, >=n, d]``)."""
+        p = min(self.prompt_queries, n)
+        self.q[layer, slot, :, self.window - p :] = q_all[:, n - p : n]
+
+    def begin_step(self) -> None:
+        """Decode, once per step before the layers (device ops only: graph-capturable)."""
+        torch.remainder(self.counter, self.window, out=self.slot)
+        self.counter.add_(1)
+
+    def append(self, layer: int, q: torch.Tensor) -> None:
+        """Decode: this step's queries of one layer, q ``[B, Hq, 1, d]``."""
+        self.q[layer].index_copy_(2, self.slot, q)
+
+    def ordered(self, layer: int, steps: int) -> torch.Tensor:
+        """``[B, Hq, W, d]`` after ``steps`` decode steps: index ``i`` holds the query of position
+        ``len - W + i``."""
+        order = (torch.arange(self.window, device=self.q.device) + steps) % self.window
+        return self.q[layer].index_select(2, order)
+
+    def state(self) -> list[torch.Tensor]:
+        return [self.counter, self.slot]
+
+
+def compact_slots(
+    lengths: torch.Tensor, capacities: torch.Tensor, steps_left: int, recompress_every: int
+) -> int:
+    """Slots of a compact buffer: the most any head keeps plus room for the tokens still to generate.
+
+    lengths: tokens per head now, ``[L, B, Hkv]`` (or broadcastable); capacities ``[L, B, Hkv]``. Without
+    re-compression a head holds ``min(capacity, length)`` + ``steps_left``. With it (every R steps), a head
+    holds at most ``min(capacity, length at the last compression) + R``, and that length is at most
+    ``length + steps_left`` (short sequences keep growing below their capacity).
+    """
+    caps, lens = capacities.cpu().long(), lengths.cpu().long()
+    if recompress_every <= 0:
+        return int(torch.minimum(caps, lens).max().item()) + steps_left
+    return int(torch.minimum(caps, lens + steps_left).max().item()) + min(recompress_every, steps_left)
+
+
+@torch.inference_mode()
+def compress(
+    cache: AnyCache,
+    obs: ObservationWindow,
+    cfg: KVCompressionConfig,
+    capacities: torch.Tensor,
+    steps: int,
+    slots: int,
+    arch: ModelArch,
+) -> CompactKVCache:
+    """Keep, per (layer, sequence, KV head), the top ``capacity - W`` positions and the last ``W``.
+
+    cache: the full `KVCache` (first compression; left untouched, the caller releases it) or a
+    `CompactKVCache` (re-compression, done in place). capacities: int64 ``[L, B, Hkv]``. steps: decode steps
+    run so far (orders the observation ring). slots: size of the new compact buffer (`compact_slots`; must
+    hold every head's ``min(capacity, length)``), ignored in place. Returns the compact cache.
+    """
+    nl, b, hkv, d, g = arch.num_layers, cache.batch, arch.num_kv_heads, arch.head_dim, arch.group_size
+    device = cache.data.device
+    if isinstance(cache, CompactKVCache):
+        out = cache
+        span = slots = cache.capacity
+    else:
+        span = int(cache.lengths.max().item())
+        out = CompactKVCache(arch, b, slots, device, cache.data.dtype)
+    caps = capacities.to(device)
+    for li in range(nl):
+        lens = cache.layer_lengths(li).long().reshape(b * hkv)
+        keys = cache.k(li)[:, :, :span].reshape(b * hkv, span, d)
+        values = cache.v(li)[:, :, :span].reshape(b * hkv, span, d)
+        q_obs = obs.ordered(li, steps).reshape(b * hkv, g, obs.window, d)
+        plan = plan_keep(q_obs, keys, lens, caps[li].reshape(b * hkv), cfg, slots)
+        idx = plan.indices[..., None].expand(-1, -1, d)
+        new_k, new_v = keys.gather(1, idx), values.gather(1, idx)
+        if isinstance(cache, CompactKVCache):
+            src = cache.positions[li].reshape(b * hkv, span).gather(1, plan.indices)
+        else:
+            src = plan.indices.to(torch.int32)
+        out.k(li).copy_(new_k.view(b, hkv, slots, d))
+        out.v(li).copy_(new_v.view(b, hkv, slots, d))
+        out.positions[li].copy_(src.view(b, hkv, slots))
+        out.lengths[li].copy_(plan.counts.view(b, hkv))
+    return out
+
+
+class DecodeCompressor:
+    """Compression schedule and state of one decoding batch; max_steps: the most decode steps it runs."""
+
+    def __init__(
+        self,
+        arch: ModelArch,
+        cfg: KVCompressionConfig,
+        batch: int,
+        max_steps: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
+        self.arch, self.cfg, self.max_steps = arch, cfg, max_steps
+        self.obs = ObservationWindow(arch, batch, cfg.window, cfg.prompt_queries, device, dtype)
+        self.capacities = torch.full(
+            (arch.num_layers, batch, arch.num_kv_heads), cfg.capacity, dtype=torch.long
+        )  # [L, B, Hkv]
+        self.compressions = 0
+        self.last_step = 0
+        self.compression_ms = 0.0
+        self.bytes_before: list[int] = []
+        self.cuda_memory: tuple[int, int] | None = None  # torch.cuda.memory_allocated around the first
+
+    def set_head_entropy(self, slot: int, entropy: torch.Tensor | None) -> None:
+        """Per-head capacities of one sequence from its prefill entropy (float ``[L, Hkv]``, NaN rows for
+        dense layers); only with ``head_capacity: entropy``."""
+        shape = (self.arch.num_layers, self.arch.num_kv_heads)
+        self.capacities[:, slot] = head_capacities(entropy, self.cfg, shape)
+
+    @property
+    def records_queries(self) -> bool:
+        """Whether decode steps must append their queries to the observation window."""
+        return self.compressions == 0 or self.cfg.recompress_every > 0
+
+    def due(self, steps: int) -> bool:
+        """Compress before decode step ``steps + 1``?"""
+        if self.compressions == 0:
+            return steps == self.cfg.compress_after
+        r = self.cfg.recompress_every
+        return r > 0 and steps - self.last_step >= r
+
+    def run(self, cache: AnyCache, steps: int) -> CompactKVCache:
+        """Compress (the first time: into a new compact buffer, and release ``cache``; later: in place)."""
+        device = cache.data.device
+        t0 = _now(device)
+        first = self.compressions == 0
+        if first:
+            self.bytes_before = [cache.bytes_used(i) for i in range(cache.batch)]
+            mem_before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        remaining = max(self.max_steps - steps, 0)
+        lengths = cache.lengths if isinstance(cache, CompactKVCache) else cache.lengths[None]
+        slots = compact_slots(lengths, self.capacities, remaining, self.cfg.recompress_every)
+        out = compress(cache, self.obs, self.cfg, self.capacities, steps, slots, self.arch)
+        if out is not cache and isinstance(cache, KVCache):
+            cache.release()
+        if first and device.type == "cuda":
+            self.cuda_memory = (mem_before, torch.cuda.memory_allocated(device))
+        self.compressions += 1
+        self.last_step = steps
+        self.compression_ms += (_now(device) - t0) * 1e3
+        return out
+
+    def stats(self, slot: int) -> dict:
+        out: dict = {
+            "kv_compression": self.cfg.method,
+            "kv_capacity": self.cfg.capacity,
+            "kv_compressions": self.compressions,
+            "compression_ms": self.compression_ms,
+        }
+        if self.bytes_before:
+            out["kv_bytes_before"] = self.bytes_before[slot]
+        if self.cuda_memory is not None:  # the whole device, not this sequence alone
+            out["cuda_memory_before_compression"], out["cuda_memory_after_compression"] = self.cuda_memory
+        if self.cfg.head_capacity == "entropy":
+            out["kv_head_capacities"] = self.capacities[:, slot].tolist()
+        return out
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
