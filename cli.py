@@ -58,6 +58,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_quality(args: argparse.Namespace) -> int:
+    """Passkey / multi-key retrieval, perplexity and KL vs dense on SmolLM2 (see shard/quality.py)."""
+    import os
+
+    from entropyinfer.shard.quality import FULL_PLAN, QUICK_PLAN, file_writer, load_previous, run_and_report
+
+    plan = QUICK_PLAN if args.quick else FULL_PLAN
+    name = "quality_quick" if args.quick else "quality"
+    out = (
+        args.out
+        or os.environ.get("OUT")
+        or ("benchmarks/results" if Path("benchmarks/results").is_dir() else ".")
+    )
+    previous = None if args.fresh else load_previous(str(Path(out) / f"{name}.json"))
+    command = "entropyinfer bench quality" + (" --quick" if args.quick else "")
+    meta = run_and_report(
+        plan, file_writer(out, name), previous=previous, command=command, threads=args.threads
+    )
+    print((Path(out) / f"{name}.md").read_text())
+    print(f"target met: {meta['target']['met']}; results in {out}/{name}.json")
+    return 0
+
+
 def _rounded(stats: dict[str, Any]) -> dict[str, Any]:
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in stats.items()}
 
@@ -76,6 +99,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--offline", action="store_true", help="use the Python API directly, not the Serve app")
     _add_engine_args(demo)
     demo.set_defaults(func=cmd_demo)
+
+    bench = sub.add_parser("bench", help="benchmarks that run on this machine")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    quality = bench_sub.add_parser("quality", help="retrieval accuracy, perplexity and KL of sparse vs dense")
+    quality.add_argument("--quick", action="store_true", help="smoke run (1k/2k tokens, a few minutes)")
+    quality.add_argument("--fresh", action="store_true", help="ignore an earlier, interrupted run's results")
+    quality.add_argument(
+        "--out",
+        default=None,
+        help="folder for the results (default: $OUT, else benchmarks/results or .)",
+    )
+    quality.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    quality.set_defaults(func=cmd_bench_quality)
 
     try:  # serving commands live under cluster/ (Ray); the engine works without them
         from entropyinfer.cluster.cli_commands import add_serve_parser, add_submit_parser

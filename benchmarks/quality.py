@@ -1,0 +1,64 @@
+"""Quality of entropy-guided sparse prefill against dense on a real model (SmolLM2-135M-Instruct, CPU).
+
+Passkey and multi-key needle retrieval over prompt lengths and depths, perplexity of the haystack's real
+text and logit KL(dense || sparse) from the same prefill; dense / entropy / fixed with the short-context
+preset, and a budget sweep (entropy B0 and fixed budgets) at 8k tokens. The tasks, scoring and matrix live in
+`entropyinfer.shard.quality` (also run by `entropyinfer bench quality`).
+
+Run: `python benchmarks/quality.py [--quick] [--fresh]`; writes quality.{json,md} (quality_quick.* with
+--quick) to $OUT or benchmarks/results/ after every case. A rerun resumes: finished cases of the same plan
+whose prompt is unchanged are kept (--fresh starts over).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, out_dir, write_results
+
+from entropyinfer.shard.quality import (
+    DEFAULT_THREADS,
+    FULL_PLAN,
+    QUICK_PLAN,
+    load_previous,
+    run_and_report,
+)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: 1k/2k tokens, one depth (a few minutes)")
+    ap.add_argument("--fresh", action="store_true", help="ignore the results of an earlier, interrupted run")
+    ap.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch CPU threads (default 1)")
+    args = ap.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    plan = QUICK_PLAN if args.quick else FULL_PLAN
+    name = "quality_quick" if args.quick else "quality"
+    previous = None if args.fresh else load_previous(str(out_dir() / f"{name}.json"))
+
+    def write(title: str, columns: list[str], rows: list[dict[str, Any]], meta: dict[str, Any], notes: str):
+        return write_results(name, title, columns, rows, meta, notes)
+
+    command = "python benchmarks/quality.py" + (" --quick" if args.quick else "")
+    if args.threads != DEFAULT_THREADS:
+        command += f" --threads {args.threads}"
+    meta = run_and_report(
+        plan,
+        write,
+        previous=previous,
+        env=environment(),
+        command=command,
+        threads=args.threads,
+        log=lambda line: print(line, flush=True),
+    )
+    print((out_dir() / f"{name}.md").read_text())
+    print(f"target met: {meta['target']['met']} ({meta['run_seconds'] / 60:.1f} min)")
+
+
+if __name__ == "__main__":
+    main()
