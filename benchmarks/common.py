@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from entropyinfer.shard.quality import markdown_table
+
 # Llama-3-8B's shape (random weights serve speed measurements; quality needs a trained model).
 LLAMA3_8B = dict(
     vocab_size=128256,
@@ -98,20 +100,9 @@ def write_results(
     (folder / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     env = meta.get("env", {})
     lines = [f"# {title}", "", ", ".join(f"{k}: {v}" for k, v in env.items() if v is not None), ""]
-    lines.append("| " + " | ".join(columns) + " |")
-    lines.append("|" + "---|" * len(columns))
-    for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |")
+    lines.append(markdown_table(columns, rows))
     if notes:
         lines += ["", notes]
     table = "\n".join(lines) + "\n"
     (folder / f"{name}.md").write_text(table)
     return table
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
-    return str(v)

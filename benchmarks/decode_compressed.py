@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import LLAMA3_8B, cuda_time, environment, wall_time, write_results
+from common import LLAMA3_8B, cuda_time, environment, markdown_table, wall_time, write_results
 
 from entropyinfer.policies.config import load_sparse_config
 from entropyinfer.policies.kv_compression import KVCompressionConfig, load_kv_compression_config
@@ -258,19 +258,6 @@ def e2e_hf(hf: Any, prompt: torch.Tensor, new_tokens: int) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------- main
-def table(rows: list[dict[str, Any]], cols: list[str]) -> str:
-    def fmt(v: Any) -> str:
-        if v is None:
-            return "-"
-        if isinstance(v, float):
-            return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
-        return str(v)
-
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
@@ -311,7 +298,7 @@ def main() -> None:
 
     def save() -> None:
         meta["wall_s"] = time.perf_counter() - started
-        notes = "## End to end\n\n" + table(e2e_rows, E2E_COLS) if e2e_rows else ""
+        notes = "## End to end\n\n" + markdown_table(E2E_COLS, e2e_rows) if e2e_rows else ""
         meta["e2e_rows"] = e2e_rows
         print(
             write_results(

@@ -1,7 +1,7 @@
 """One local Ray + Serve + entropyinfer app (real SmolLM2 on CPU) for the whole serving test session.
 
 Started in-process with `ray.init()` through the embedded launcher and shut down with `ray.shutdown()`
-at the end (never `ray stop`, which would kill other Ray instances on the machine).
+at the end (never the Ray CLI's stop command, which would kill every Ray instance on the machine).
 """
 
 from __future__ import annotations
