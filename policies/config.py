@@ -62,10 +62,6 @@ class SparsePrefillConfig:
             raise ConfigError(f"mode: {self.mode!r} is not one of {list(_MODES)}")
 
     @property
-    def blocks_per_segment(self) -> int:
-        return self.segment_size // self.block_size
-
-    @property
     def max_budget(self) -> int:
         """Largest budget (tokens) the entropy policy can give: 3 * B0."""
         return 3 * self.base_budget

@@ -88,10 +88,6 @@ class CompactKVCache:
         per_token_head = 2 * self.data.shape[-1] * self.data.element_size()
         return int(self.lengths[:, slot].long().sum().item()) * per_token_head
 
-    def buffer_bytes(self, slot: int) -> int:
-        """Bytes of the buffer reserved for one sequence (kept tokens, room to generate, padding)."""
-        return self.nbytes // self.batch
-
     @property
     def nbytes(self) -> int:
         kv = self.data.numel() * self.data.element_size()
