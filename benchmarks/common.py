@@ -73,6 +73,25 @@ def cuda_time(fn: Callable[[], Any], reps: int = 1, warmup: int = 0) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def decode_ms(engine: Any, cache: Any, tokens: torch.Tensor, positions: torch.Tensor, steps: int) -> float:
+    """Median ms per greedy decode step over `cache` (CUDA-graph captured on the GPU), after 3 warm-up steps.
+    `positions` advances in place."""
+    from entropyinfer.shard.engine import GraphedDecode
+
+    on_gpu = tokens.device.type == "cuda"
+    graph: Any = GraphedDecode(engine, cache) if on_gpu else (lambda t, p: engine.decode_step(t, p, cache))
+
+    def step() -> None:
+        nonlocal tokens
+        tokens = graph(tokens, positions).argmax(-1)
+        positions.add_(1)
+
+    for _ in range(3):
+        step()
+    run = lambda: [step() for _ in range(steps)]  # noqa: E731
+    return (cuda_time(run) if on_gpu else wall_time(run)) / steps
+
+
 def wall_time(fn: Callable[[], Any], reps: int = 1) -> float:
     times = []
     for _ in range(reps):

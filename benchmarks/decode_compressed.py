@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import LLAMA3_8B, cuda_time, environment, markdown_table, wall_time, write_results
+from common import LLAMA3_8B, cuda_time, decode_ms, environment, markdown_table, wall_time, write_results
 
 from entropyinfer.policies.config import load_sparse_config
 from entropyinfer.policies.kv_compression import KVCompressionConfig, load_kv_compression_config
@@ -43,7 +43,7 @@ from entropyinfer.shard.arch import ModelArch
 from entropyinfer.shard.attention import DensePrefill, PrefillAttention, SparsePrefill
 from entropyinfer.shard.compression import DecodeCompressor
 from entropyinfer.shard.config import EngineConfig
-from entropyinfer.shard.engine import DecodeRunner, Engine, GraphedDecode
+from entropyinfer.shard.engine import DecodeRunner, Engine
 from entropyinfer.shard.kv_cache import CompactKVCache, KVCache
 from entropyinfer.shard.weights import model_from_state_dict
 
@@ -130,20 +130,9 @@ def random_cache(engine: Engine, batch: int, context: int, room: int) -> KVCache
 
 
 def time_decode(engine: Engine, cache: KVCache | CompactKVCache, context: int, steps: int) -> float:
-    graph: Any = (
-        GraphedDecode(engine, cache) if DEV.type == "cuda" else lambda t, p: engine.decode_step(t, p, cache)
-    )
     tokens = torch.randint(0, engine.arch.vocab_size, (cache.batch,), device=DEV)
     positions = torch.full((cache.batch,), context, dtype=torch.long, device=DEV)
-
-    def step() -> None:
-        nonlocal tokens
-        tokens = graph(tokens, positions).argmax(-1)
-        positions.add_(1)
-
-    for _ in range(3):
-        step()
-    return timed(lambda: [step() for _ in range(steps)]) / steps
+    return decode_ms(engine, cache, tokens, positions, steps)
 
 
 def decode_row(engine: Engine, context: int, batch: int, capacity: int | None, steps: int) -> dict[str, Any]:

@@ -19,13 +19,13 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import LLAMA3_8B, cuda_time, environment, write_results
+from common import LLAMA3_8B, cuda_time, decode_ms, environment, write_results
 
 from entropyinfer.policies.config import load_sparse_config
 from entropyinfer.shard.arch import ModelArch
 from entropyinfer.shard.attention import DensePrefill, PrefillAttention, SparsePrefill
 from entropyinfer.shard.config import EngineConfig
-from entropyinfer.shard.engine import Engine, GraphedDecode
+from entropyinfer.shard.engine import Engine
 from entropyinfer.shard.weights import model_from_state_dict
 
 
@@ -54,18 +54,7 @@ def ours_ttft(
 
 
 def ours_decode(engine: Engine, cache: Any, first: torch.Tensor, n: int, steps: int) -> float:
-    graph = GraphedDecode(engine, cache)
-    tokens = first.view(1).long()
-    positions = torch.tensor([n], device="cuda")
-
-    def step() -> None:
-        nonlocal tokens
-        tokens = graph(tokens, positions).argmax(-1)
-        positions.add_(1)
-
-    for _ in range(3):
-        step()
-    return cuda_time(lambda: [step() for _ in range(steps)]) / steps
+    return decode_ms(engine, cache, first.view(1).long(), torch.tensor([n], device="cuda"), steps)
 
 
 @torch.inference_mode()

@@ -67,6 +67,14 @@ def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def check_int(name: str, value: Any, *, minimum: int) -> None:
+    """For `__post_init__` checks: `value` is an int (not a bool) and at least `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name}: expected an integer, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{name}: must be >= {minimum}, got {value}")
+
+
 def _join(where: str, key: str) -> str:
     return f"{where}.{key}" if where else str(key)
 

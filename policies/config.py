@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from entropyinfer.configs.loader import from_dict, load_yaml, merge
+from entropyinfer.configs.loader import check_int, from_dict, load_yaml, merge
 from entropyinfer.errors import ConfigError
 
 __all__ = ["SparsePrefillConfig", "load_sparse_config"]
@@ -41,8 +41,8 @@ class SparsePrefillConfig:
 
     def __post_init__(self) -> None:
         for name in ("segment_size", "block_size", "base_budget", "fixed_budget"):
-            _check_int(name, getattr(self, name), minimum=1)
-        _check_int("threshold_len", self.threshold_len, minimum=0)
+            check_int(name, getattr(self, name), minimum=1)
+        check_int("threshold_len", self.threshold_len, minimum=0)
         if self.segment_size % self.block_size:
             raise ConfigError(
                 f"segment_size: must be a multiple of block_size ({self.block_size}), got {self.segment_size}"
@@ -65,13 +65,6 @@ class SparsePrefillConfig:
     def max_budget(self) -> int:
         """Largest budget (tokens) the entropy policy can give: 3 * B0."""
         return 3 * self.base_budget
-
-
-def _check_int(name: str, value: Any, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{name}: expected an integer, got {value!r}")
-    if value < minimum:
-        raise ConfigError(f"{name}: must be >= {minimum}, got {value}")
 
 
 def load_sparse_config(name_or_path: str | Path = "entropy_long", **overrides: Any) -> SparsePrefillConfig:

@@ -37,7 +37,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from entropyinfer.configs.loader import from_dict, load_yaml, merge
+from entropyinfer.configs.loader import check_int, from_dict, load_yaml, merge
 from entropyinfer.errors import ConfigError
 
 __all__ = [
@@ -77,8 +77,8 @@ class KVCompressionConfig:
 
     def __post_init__(self) -> None:
         for name, minimum in (("window", 1), ("capacity", 1), ("kernel_size", 1), ("recompress_every", 0)):
-            _check_int(name, getattr(self, name), minimum)
-        _check_int("gap", self.gap, -1)
+            check_int(name, getattr(self, name), minimum=minimum)
+        check_int("gap", self.gap, minimum=-1)
         if self.gap == 0 or self.gap > self.window:
             raise ConfigError(
                 f"gap: -1 (SnapKV: compress right after prefill) or 1 .. window ({self.window}), "
@@ -116,13 +116,6 @@ class KVCompressionConfig:
     @property
     def min_head_capacity(self) -> int:
         return max(self.window, math.ceil(self.min_head_fraction * self.capacity))
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{name}: expected an integer, got {value!r}")
-    if value < minimum:
-        raise ConfigError(f"{name}: must be >= {minimum}, got {value}")
 
 
 def load_kv_compression_config(name_or_path: str | Path = "latent", **overrides: Any) -> KVCompressionConfig:
