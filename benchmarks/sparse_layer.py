@@ -34,6 +34,20 @@ def sdpa_ms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Any) -> 
         return do_bench(lambda: F.scaled_dot_product_attention(q[None], ke, ve, is_causal=True), rep=200)
 
 
+def graphed_ms(fn: Any) -> float:
+    """GPU time of `fn` alone: replay of a CUDA graph of it (no host launch cost)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return do_bench(graph.replay, rep=200)
+
+
 def sparse_ms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, policy: str, cfg: Any) -> dict[str, Any]:
     n = q.shape[1]
 
@@ -41,28 +55,34 @@ def sparse_ms(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, policy: str, cf
         return plan_layer(q, k, cfg, policy=policy, backend="triton")
 
     p = plan()
-    counts = p.counts.masked_fill(p.dense_segments[None, :], -1)
     kw = dict(segment_size=cfg.segment_size, block_size=cfg.block_size)
 
     def attend() -> Any:
-        return sparse_prefill_attention(q, k, v, p.block_idx, counts, **kw)
+        return sparse_prefill_attention(q, k, v, p.block_idx, p.kernel_counts, **kw)
 
     def both() -> Any:
         pl = plan()
-        c = pl.counts.masked_fill(pl.dense_segments[None, :], -1)
-        return sparse_prefill_attention(q, k, v, pl.block_idx, c, **kw)
+        return sparse_prefill_attention(q, k, v, pl.block_idx, pl.kernel_counts, **kw)
 
     density = plan_density(p.counts, p.dense_segments, n, cfg.segment_size, cfg.block_size)
     attn_ms = do_bench(attend, rep=200)
+    total_ms = do_bench(both, rep=200)
     flops = 4 * D * HQ * density * n * (n + 1) / 2
-    return {
+    out = {
         "profile_ms": do_bench(plan, rep=200),
         "attn_ms": attn_ms,
-        "total_ms": do_bench(both, rep=200),
+        "total_ms": total_ms,
         "density": density,
         "rigid_fraction": p.rigid.float().mean().item(),
         "attn_tflops": flops / attn_ms / 1e9,
     }
+    try:
+        out["profile_gpu_ms"] = graphed_ms(plan)
+        out["total_graphed_ms"] = graphed_ms(both)
+    except Exception:
+        out["graph_error"] = traceback.format_exc(limit=3)
+        print(out["graph_error"], flush=True)
+    return out
 
 
 def main() -> None:
@@ -96,6 +116,8 @@ def main() -> None:
                 if "fa2_ms" in row:
                     row[f"{policy}_vs_fa2"] = row["fa2_ms"] / r["total_ms"]
                 row[f"{policy}_profile_share"] = r["profile_ms"] / r["total_ms"]
+                if "profile_gpu_ms" in r:
+                    row[f"{policy}_profile_gpu_share"] = r["profile_gpu_ms"] / r["total_ms"]
             except Exception:
                 row[policy + "_error"] = traceback.format_exc(limit=4)
                 print(row[policy + "_error"], flush=True)
@@ -113,6 +135,9 @@ def main() -> None:
         "entropy_vs_cudnn",
         "entropy_vs_fa2",
         "entropy_profile_share",
+        "entropy_profile_gpu_ms",
+        "entropy_profile_gpu_share",
+        "entropy_total_graphed_ms",
         "entropy_density",
         "entropy_rigid_fraction",
         "entropy_attn_tflops",

@@ -10,7 +10,9 @@ One layer of one sequence in five launches, none looping over segments in Python
    diagonal exit at once. Writes the visible block logits once, float32 ``[Hkv, nseg, nblocks]``.
 3. `_entropy_kernel`: one program per (segment, KV head) row: max, sum of ``exp(x - max)``, then
    ``-sum p log(p + 1e-9)`` with ``p = exp(x - max) / sum`` (three passes over the row, from L2).
-4. `_budget_kernel`: the budget recurrence, one program per KV head, a sequential float32 loop over segments.
+4. `_counts_kernel`: one program per KV head: the rigid test, the budget recurrence (a sequential float32
+   loop over segments, or one fixed budget), the capped block counts and the dense-segment marks, so that no
+   torch glue runs between profiling and selection.
 5. `_select_kernel`: a tile of (segment) rows per program: the ``count``-th largest logit of each row by a
    bitwise radix select on order-preserving float bits (32 counting steps, over a row held in registers when
    it fits one chunk), then a prefix-sum compaction that writes the selected block ids in ascending order.
@@ -34,9 +36,10 @@ import triton.language as tl
 from entropyinfer.kernels.block_scoring_ref import (
     ENTROPY_EPS,
     RATIO_EPS,
+    BlockCounts,
     BlockScores,
+    block_counts_ref,
     block_scores_ref,
-    budget_scan_ref,
     check_qk,
     num_blocks,
     num_segments,
@@ -46,8 +49,8 @@ from entropyinfer.kernels.block_scoring_ref import (
 __all__ = [
     "Backend",
     "ScoringTiles",
+    "block_counts",
     "block_scores",
-    "budget_scan",
     "interpreter_ready",
     "scoring_tiles",
     "select_blocks",
@@ -220,36 +223,69 @@ def _entropy_kernel(
 
 
 @triton.jit
-def _budget_kernel(
+def _counts_kernel(
     ent_ptr,
-    rigid_ptr,
     budget_ptr,
+    counts_ptr,
+    kcounts_ptr,
+    rigid_ptr,
+    dense_ptr,
     stride_eh,
     stride_bh,
+    stride_ch,
     nseg,
+    seq_len,
+    seg_size,
+    seg_blocks,
+    last_cap,
+    threshold_len,
     base,
     top,
     step,
     delta,
     ratio_max,
     eps,
+    e_t,
+    block_f,
+    DYNAMIC: tl.constexpr,
+    NSEG_P2: tl.constexpr,
 ):
     h = tl.program_id(0).to(tl.int64)
     row = ent_ptr + h * stride_eh
-    out = budget_ptr + h * stride_bh
-    rigid = tl.load(rigid_ptr + h) != 0
+    offs = tl.arange(0, NSEG_P2)
+    later = (offs >= 1) & (offs < nseg)
+    ent = tl.load(row + offs, mask=later, other=0.0)
+    not_below = tl.sum(tl.where(later, tl.where(ent < e_t, 0, 1), 0), axis=0)  # NaN counts as not below
+    rigid = (not_below == 0) & (nseg >= 2)
+    tl.store(rigid_ptr + h, rigid.to(tl.int8))
+    b_out = budget_ptr + h * stride_bh
+    c_out = counts_ptr + h * stride_ch
+    k_out = kcounts_ptr + h * stride_ch
     budget = base + 0.0  # float32 scalar, carried through the loop
-    tl.store(out, budget)
+    dense = (threshold_len > 0) | (seg_size >= seq_len)
+    tl.store(b_out, budget)
+    tl.store(c_out, 0)
+    tl.store(k_out, tl.where(dense, -1, 0))
+    tl.store(dense_ptr, dense.to(tl.int8))  # every program writes the same mask
     prev = tl.load(row)
     for s in range(1, nseg):
-        cur = tl.load(row + s)
-        ratio = tl.math.div_rn(cur - prev, prev + eps)
-        ratio = tl.where(s == 1, delta, ratio)
-        ratio = tl.minimum(tl.maximum(ratio, 0.0), ratio_max)
-        budget = budget + step * (ratio - delta)
-        budget = tl.minimum(tl.maximum(budget, base), top)
-        tl.store(out + s, tl.where(rigid, base, budget))
-        prev = cur
+        if DYNAMIC:
+            cur = tl.load(row + s)
+            ratio = tl.math.div_rn(cur - prev, prev + eps)
+            ratio = tl.where(s == 1, delta, ratio)
+            ratio = tl.minimum(tl.maximum(ratio, 0.0), ratio_max)
+            budget = budget + step * (ratio - delta)
+            budget = tl.minimum(tl.maximum(budget, base), top)
+            prev = cur
+        kept = tl.where(rigid, base, budget)
+        tl.store(b_out + s, kept)
+        cap = tl.maximum(tl.minimum(s * seg_blocks, last_cap), 0)
+        count = tl.minimum(tl.math.div_rn(kept, block_f).to(tl.int32), cap)
+        start = s * seg_size
+        dense = (start < threshold_len) | (start + seg_size >= seq_len)
+        tl.store(c_out + s, count)
+        tl.store(k_out + s, tl.where(dense, -1, count))
+        tl.store(dense_ptr + s, dense.to(tl.int8))
 
 
 @triton.jit
@@ -532,28 +568,47 @@ def block_scores(
     return _block_scores_triton(q, k, segment_size, block_size, tiles)
 
 
-def budget_scan(
+def block_counts(
     entropy: torch.Tensor,
-    rigid: torch.Tensor,
+    *,
+    seq_len: int,
+    segment_size: int,
+    block_size: int,
+    threshold_len: int,
+    entropy_threshold: float,
     base_budget: float,
     alpha: float,
     delta: float,
-    *,
+    fixed_budget: float | None = None,
     backend: Backend = "auto",
-) -> torch.Tensor:
-    """float32 ``[Hkv, nseg]`` budgets (tokens) of the entropy recurrence; see `budget_scan_ref`."""
+) -> BlockCounts:
+    """Rigid heads, budgets, block counts and dense segments in one launch; see `block_counts_ref`."""
+    kw = dict(seq_len=seq_len, segment_size=segment_size, block_size=block_size, threshold_len=threshold_len)
     if not _use_triton(entropy.device, backend):
-        return budget_scan_ref(entropy, rigid, base_budget, alpha, delta)
+        return block_counts_ref(
+            entropy, **kw, entropy_threshold=entropy_threshold, base_budget=base_budget, alpha=alpha,
+            delta=delta, fixed_budget=fixed_budget,
+        )  # fmt: skip
     entropy = entropy.float().contiguous()
     hkv, nseg = entropy.shape
+    dev = entropy.device
     budgets = torch.empty_like(entropy)
-    _kernel(_budget_kernel, entropy.device)[(hkv,)](
-        entropy, rigid.to(torch.int8), budgets, entropy.stride(0), budgets.stride(0), nseg,
-        float(base_budget), float(3 * base_budget), float(alpha * base_budget), float(delta),
-        float(1.0 + delta), RATIO_EPS, num_warps=1,
+    counts = torch.empty(hkv, nseg, dtype=torch.int32, device=dev)
+    kernel_counts = torch.empty_like(counts)
+    rigid = torch.empty(hkv, dtype=torch.int8, device=dev)
+    dense = torch.empty(nseg, dtype=torch.int8, device=dev)
+    base = float(base_budget if fixed_budget is None else fixed_budget)
+    last_cap = num_blocks(seq_len, segment_size, block_size) - ((seq_len % segment_size) // block_size + 1)
+    _kernel(_counts_kernel, dev)[(hkv,)](
+        entropy, budgets, counts, kernel_counts, rigid, dense,
+        entropy.stride(0), budgets.stride(0), counts.stride(0),
+        nseg, seq_len, segment_size, segment_size // block_size, last_cap, threshold_len,
+        base, float(3 * base_budget), float(alpha * base_budget), float(delta), float(1.0 + delta), RATIO_EPS,
+        float(entropy_threshold), float(block_size),
+        DYNAMIC=fixed_budget is None, NSEG_P2=_pow2(nseg), num_warps=1,
         enable_fp_fusion=False,  # no FMA: the same float32 roundings as the reference, so the same counts
     )  # fmt: skip
-    return budgets
+    return BlockCounts(rigid.view(torch.bool), budgets, counts, kernel_counts, dense.view(torch.bool))
 
 
 def select_blocks(

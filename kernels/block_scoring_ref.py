@@ -15,6 +15,9 @@ shared/fixtures/entropyinfer_reference):
   blocks (hidden blocks get probability 0); segment 0 sees nothing and gets the uniform ``1 / nblocks``.
 - Entropy ``-sum p * log(p + 1e-9)`` in float32.
 - Budget recurrence (`budget_scan_ref`): in float32, in the reference's order of operations.
+- Counts (`block_counts_ref`): rigid heads (entropy below e_t in every segment >= 1), budgets (the recurrence,
+  or one fixed budget), ``floor(B / b)`` blocks capped by what the segment may see, the dense segments (those
+  starting before threshold_len, and the last) marked -1 for the block-sparse kernel.
 """
 
 from __future__ import annotations
@@ -24,13 +27,19 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
+    "BlockCounts",
     "BlockScores",
+    "block_counts_ref",
     "block_logits_ref",
     "block_scores_ref",
     "budget_scan_ref",
     "check_qk",
+    "count_caps",
+    "counts_from_budgets",
+    "dense_segment_mask",
     "num_blocks",
     "num_segments",
+    "rigid_heads",
     "segment_block_reps_ref",
     "select_blocks_ref",
     "visible_blocks",
@@ -204,3 +213,82 @@ def select_blocks_ref(
     idx = torch.where(keep, idx, torch.full_like(idx, sentinel)).sort(dim=-1).values
     out[..., :k] = torch.where(idx == sentinel, torch.full_like(idx, -1), idx).to(torch.int32)
     return out
+
+
+@dataclass(frozen=True)
+class BlockCounts:
+    """How many key blocks each (KV head, segment) of one layer keeps.
+
+    rigid: bool ``[Hkv]``; budgets: float32 ``[Hkv, nseg]`` tokens before the caps; counts: int32
+    ``[Hkv, nseg]`` with ``counts[:, 0] == 0``; kernel_counts: int32, the counts with -1 on dense segments
+    (the form `kernels.sparse_prefill` takes); dense_segments: bool ``[nseg]``.
+    """
+
+    rigid: torch.Tensor
+    budgets: torch.Tensor
+    counts: torch.Tensor
+    kernel_counts: torch.Tensor
+    dense_segments: torch.Tensor
+
+
+def rigid_heads(entropy: torch.Tensor, entropy_threshold: float) -> torch.Tensor:
+    """bool ``[Hkv]``: entropy below e_t in every segment >= 1 (segment 0 sees nothing); False if nseg < 2."""
+    if entropy.shape[1] < 2:
+        return torch.zeros(entropy.shape[0], dtype=torch.bool, device=entropy.device)
+    return (entropy[:, 1:] < entropy_threshold).all(dim=1)
+
+
+def count_caps(seq_len: int, segment_size: int, block_size: int, device: torch.device | str) -> torch.Tensor:
+    """int64 ``[nseg]``: blocks segment s may keep, ``min(s*S/b, nblocks - ((N mod S)//b + 1))``, >= 0.
+
+    The second term is the reference's bound (it only binds on the last segment, which runs dense).
+    """
+    nseg = num_segments(seq_len, segment_size)
+    last = num_blocks(seq_len, segment_size, block_size) - ((seq_len % segment_size) // block_size + 1)
+    return visible_blocks(nseg, segment_size, block_size, device).clamp(max=last).clamp(min=0)
+
+
+def counts_from_budgets(budgets: torch.Tensor, caps: torch.Tensor, block_size: int) -> torch.Tensor:
+    """int32 ``floor(B / b)`` capped by ``caps``, segment 0 set to 0 (float32 division, as the reference)."""
+    counts = torch.minimum((budgets.float() / block_size).to(torch.int64), caps[None, :])
+    counts[:, 0] = 0
+    return counts.to(torch.int32)
+
+
+def dense_segment_mask(
+    seq_len: int, segment_size: int, threshold_len: int, device: torch.device | str
+) -> torch.Tensor:
+    """bool ``[nseg]``: segments that start before threshold_len, and the last segment."""
+    nseg = num_segments(seq_len, segment_size)
+    starts = torch.arange(nseg, device=device) * segment_size
+    return (starts < threshold_len) | (starts + segment_size >= seq_len)
+
+
+def block_counts_ref(
+    entropy: torch.Tensor,
+    *,
+    seq_len: int,
+    segment_size: int,
+    block_size: int,
+    threshold_len: int,
+    entropy_threshold: float,
+    base_budget: float,
+    alpha: float,
+    delta: float,
+    fixed_budget: float | None = None,
+) -> BlockCounts:
+    """Rigid heads, budgets and block counts from a layer's entropy ``[Hkv, nseg]``.
+
+    Budgets follow the entropy recurrence (`budget_scan_ref`), or are ``fixed_budget`` everywhere when it is
+    given (the CritiPrefill baseline; rigid heads are still reported).
+    """
+    rigid = rigid_heads(entropy, entropy_threshold)
+    if fixed_budget is None:
+        budgets = budget_scan_ref(entropy, rigid, base_budget, alpha, delta)
+    else:
+        budgets = torch.full_like(entropy, float(fixed_budget), dtype=torch.float32)
+    caps = count_caps(seq_len, segment_size, block_size, entropy.device)
+    counts = counts_from_budgets(budgets, caps, block_size)
+    dense = dense_segment_mask(seq_len, segment_size, threshold_len, entropy.device)
+    kernel_counts = counts.masked_fill(dense[None, :], -1)
+    return BlockCounts(rigid, budgets, counts, kernel_counts, dense)

@@ -1,7 +1,7 @@
 """Segment-wise sparse prefill decisions for one layer: the `entropy` (EntropyInfer) and `fixed`
 (CritiPrefill) policies.
 
-Profiling (`kernels.block_scoring`) -> rigid / dynamic heads -> budget recurrence -> block counts -> top
+Profiling and counts (`kernels.block_scoring`: rigid / dynamic heads, budget recurrence, block counts) -> top
 blocks per (KV head, segment). The result, a `LayerPlan`, is what the block-sparse prefill kernel consumes:
 per (KV head, segment) a count and an ascending list of ``block_size``-token key blocks; segments marked dense
 attend every key before them. Every segment also attends its own keys causally.
@@ -15,20 +15,17 @@ from typing import Literal
 import torch
 
 from entropyinfer.errors import UnknownPolicyError
-from entropyinfer.kernels.block_scoring import Backend, block_scores, budget_scan, select_blocks
-from entropyinfer.kernels.block_scoring_ref import BlockScores, num_blocks, num_segments, visible_blocks
+from entropyinfer.kernels.block_scoring import Backend, block_counts, block_scores, select_blocks
+from entropyinfer.kernels.block_scoring_ref import BlockScores
 from entropyinfer.policies.config import SparsePrefillConfig
 
 __all__ = [
     "POLICIES",
     "LayerPlan",
-    "count_caps",
-    "counts_from_budgets",
-    "dense_segment_mask",
     "plan_density",
+    "plan_density_tensor",
     "plan_from_scores",
     "plan_layer",
-    "rigid_heads",
 ]
 
 Policy = Literal["entropy", "fixed"]
@@ -44,6 +41,8 @@ class LayerPlan:
     budgets: float32 ``[Hkv, nseg]`` budgets in tokens before the caps.
     counts: int32 ``[Hkv, nseg]`` blocks kept per (KV head, segment); in reference mode every row is the max
         over KV heads. ``counts[:, 0] == 0``.
+    kernel_counts: int32 ``[Hkv, nseg]``: the counts with -1 on dense segments, what `kernels.sparse_prefill`
+        takes.
     block_idx: int32 ``[Hkv, nseg, max_count]`` (``max_count >= 1``): the selected block ids, ascending in the
         first ``counts[h, s]`` entries, -1 after.
     dense_segments: bool ``[nseg]`` segments that attend every earlier key (those starting before
@@ -55,6 +54,7 @@ class LayerPlan:
     rigid: torch.Tensor
     budgets: torch.Tensor
     counts: torch.Tensor
+    kernel_counts: torch.Tensor
     block_idx: torch.Tensor
     dense_segments: torch.Tensor
     seq_len: int
@@ -77,42 +77,20 @@ class LayerPlan:
             self.counts, self.dense_segments, self.seq_len, self.segment_size, self.block_size
         )
 
-    def kernel_counts(self) -> torch.Tensor:
-        """int32 ``[Hkv, nseg]`` for `kernels.sparse_prefill`: the counts, and -1 for dense segments."""
-        return torch.where(self.dense_segments[None, :], torch.full_like(self.counts, -1), self.counts)
 
-
-def count_caps(seq_len: int, segment_size: int, block_size: int, device: torch.device | str) -> torch.Tensor:
-    """int64 ``[nseg]``: blocks segment s may keep, ``min(s*S/b, nblocks - ((N mod S)//b + 1))``, >= 0.
-
-    The second term is the reference's bound (it only binds on the last segment, which runs dense).
-    """
-    nseg = num_segments(seq_len, segment_size)
-    last = num_blocks(seq_len, segment_size, block_size) - ((seq_len % segment_size) // block_size + 1)
-    return visible_blocks(nseg, segment_size, block_size, device).clamp(max=last).clamp(min=0)
-
-
-def rigid_heads(entropy: torch.Tensor, entropy_threshold: float) -> torch.Tensor:
-    """bool ``[Hkv]``: entropy below e_t in every segment >= 1 (segment 0 sees nothing); False if nseg < 2."""
-    if entropy.shape[1] < 2:
-        return torch.zeros(entropy.shape[0], dtype=torch.bool, device=entropy.device)
-    return (entropy[:, 1:] < entropy_threshold).all(dim=1)
-
-
-def counts_from_budgets(budgets: torch.Tensor, caps: torch.Tensor, block_size: int) -> torch.Tensor:
-    """int32 ``floor(B / b)`` capped by ``caps``, segment 0 set to 0 (float32 division, as the reference)."""
-    counts = torch.minimum((budgets.float() / block_size).to(torch.int64), caps[None, :])
-    counts[:, 0] = 0
-    return counts.to(torch.int32)
-
-
-def dense_segment_mask(
-    seq_len: int, segment_size: int, threshold_len: int, device: torch.device | str
+def plan_density_tensor(
+    counts: torch.Tensor, dense_segments: torch.Tensor, seq_len: int, segment_size: int, block_size: int
 ) -> torch.Tensor:
-    """bool ``[nseg]``: segments that start before threshold_len, and the last segment."""
-    nseg = num_segments(seq_len, segment_size)
-    starts = torch.arange(nseg, device=device) * segment_size
-    return (starts < threshold_len) | (starts + segment_size >= seq_len)
+    """`plan_density` as a float64 0-dim tensor on the counts' device (no device sync)."""
+    s_len, n = segment_size, seq_len
+    nseg = counts.shape[1]
+    start = torch.arange(nseg, device=counts.device, dtype=torch.float64) * s_len
+    end = (start + s_len).clamp(max=n)
+    dense_work = (end * (end + 1) - start * (start + 1)) / 2  # sum_{i=start}^{end-1} (i + 1)
+    sparse_work = s_len * counts.double() * block_size + s_len * (s_len + 1) / 2
+    work = torch.where(dense_segments[None, :], dense_work[None, :], sparse_work)
+    total = counts.shape[0] * n * (n + 1) / 2
+    return work.sum() / total
 
 
 def plan_density(
@@ -123,15 +101,7 @@ def plan_density(
     A sparse segment (always full: the last one is dense) costs ``S * count * b`` for its blocks plus
     ``S (S + 1) / 2`` inside itself; a dense segment ``s`` costs ``sum_i (i + 1)`` over its queries.
     """
-    s_len, n = segment_size, seq_len
-    nseg = counts.shape[1]
-    start = torch.arange(nseg, device=counts.device, dtype=torch.float64) * s_len
-    end = (start + s_len).clamp(max=n)
-    dense_work = (end * (end + 1) - start * (start + 1)) / 2  # sum_{i=start}^{end-1} (i + 1)
-    sparse_work = s_len * counts.double() * block_size + s_len * (s_len + 1) / 2
-    work = torch.where(dense_segments[None, :], dense_work[None, :], sparse_work)
-    total = counts.shape[0] * n * (n + 1) / 2
-    return float(work.sum().item() / total)
+    return float(plan_density_tensor(counts, dense_segments, seq_len, segment_size, block_size).item())
 
 
 def plan_from_scores(
@@ -155,29 +125,36 @@ def plan_from_scores(
             f"the config has S={s_len}, b={b}"
         )
     entropy = scores.entropy
-    device = entropy.device
-    rigid = rigid_heads(entropy, cfg.entropy_threshold)
-    if policy == "entropy":
-        budgets = budget_scan(entropy, rigid, cfg.base_budget, cfg.alpha, cfg.delta, backend=backend)
-        max_budget = cfg.max_budget
-    else:
-        budgets = torch.full_like(entropy, float(cfg.fixed_budget))
-        max_budget = cfg.fixed_budget
-    caps = count_caps(seq_len, s_len, b, device)
-    counts = counts_from_budgets(budgets, caps, b)
+    bc = block_counts(
+        entropy,
+        seq_len=seq_len,
+        segment_size=s_len,
+        block_size=b,
+        threshold_len=cfg.threshold_len,
+        entropy_threshold=cfg.entropy_threshold,
+        base_budget=cfg.base_budget,
+        alpha=cfg.alpha,
+        delta=cfg.delta,
+        fixed_budget=cfg.fixed_budget if policy == "fixed" else None,
+        backend=backend,
+    )
+    counts, kernel_counts = bc.counts, bc.kernel_counts
     if cfg.mode == "reference":
         counts = counts.amax(dim=0, keepdim=True).expand_as(counts).contiguous()
+        kernel_counts = counts.masked_fill(bc.dense_segments[None, :], -1)
     # a static bound on the counts: no device sync to size block_idx
+    max_budget = cfg.max_budget if policy == "entropy" else cfg.fixed_budget
     nseg = entropy.shape[1]
     max_count = min(max_budget // b, max((nseg - 1) * (s_len // b), 0))
     block_idx = select_blocks(scores.logits, counts, s_len, b, max_count, backend=backend)
     return LayerPlan(
         entropy=entropy,
-        rigid=rigid,
-        budgets=budgets,
+        rigid=bc.rigid,
+        budgets=bc.budgets,
         counts=counts,
+        kernel_counts=kernel_counts,
         block_idx=block_idx,
-        dense_segments=dense_segment_mask(seq_len, s_len, cfg.threshold_len, device),
+        dense_segments=bc.dense_segments,
         seq_len=seq_len,
         segment_size=s_len,
         block_size=b,

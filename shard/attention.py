@@ -24,7 +24,7 @@ from entropyinfer.kernels.decode_attention_ref import decode_attention_ref
 from entropyinfer.kernels.sparse_prefill import sparse_prefill_attention
 from entropyinfer.kernels.sparse_prefill_ref import sparse_prefill_attention_ref
 from entropyinfer.policies.config import SparsePrefillConfig
-from entropyinfer.policies.entropy import plan_density, plan_layer
+from entropyinfer.policies.entropy import plan_density_tensor, plan_layer
 
 POLICY_NAMES = ("dense", "entropy", "fixed", "snapkv")
 SPARSE_POLICIES = ("entropy", "fixed")
@@ -83,13 +83,16 @@ def cached_decode_attention(
 class SparsePrefill:
     """EntropyInfer (`entropy`) or CritiPrefill (`fixed`) prefill: per layer, profile the blocks, pick
     per-(KV head, segment) block lists (`policies/entropy.py`), run the block-sparse kernel on them.
-    Layer 0 and prompts too short to have a sparse segment run dense."""
+    Layer 0 and prompts too short to have a sparse segment run dense.
+
+    Nothing here waits for the GPU: per-layer statistics stay device tensors until `stats()`, so the host
+    keeps queueing the next layers' kernels while this one runs."""
 
     def __init__(self, policy: str, config: SparsePrefillConfig):
         self.policy, self.config = policy, config
-        self.layer_density: list[float] = []
-        self.layer_rigid: list[float | None] = []
-        self.budget_tokens: list[torch.Tensor] = []
+        self.layer_density: list[float | torch.Tensor] = []
+        self.layer_rigid: list[torch.Tensor | None] = []  # per layer: fraction of rigid KV heads, or None
+        self.sparse_counts: list[tuple[torch.Tensor, torch.Tensor]] = []  # (counts, dense_segments)
         self.layer_entropy: list[torch.Tensor | None] = []  # per layer: mean entropy per KV head, or None
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -108,15 +111,12 @@ class SparsePrefill:
             policy="fixed" if self.policy == "fixed" else "entropy",
             backend="triton" if on_gpu else "torch",
         )
-        counts = plan.counts.masked_fill(plan.dense_segments[None, :], -1)
         attend = sparse_prefill_attention if on_gpu else sparse_prefill_attention_ref
         s_len, b = cfg.segment_size, cfg.block_size
-        out = attend(q, k, v, plan.block_idx, counts, segment_size=s_len, block_size=b)
-        self.layer_density.append(
-            plan_density(plan.counts, plan.dense_segments, n, cfg.segment_size, cfg.block_size)
-        )
-        self.layer_rigid.append(float(plan.rigid.float().mean().item()))
-        self.budget_tokens.append((plan.counts[:, ~plan.dense_segments] * cfg.block_size).flatten())
+        out = attend(q, k, v, plan.block_idx, plan.kernel_counts, segment_size=s_len, block_size=b)
+        self.layer_density.append(plan_density_tensor(plan.counts, plan.dense_segments, n, s_len, b))
+        self.layer_rigid.append(plan.rigid.float().mean())
+        self.sparse_counts.append((plan.counts, plan.dense_segments))
         self.layer_entropy.append(plan.entropy[:, 1:].float().mean(dim=1))
         return out
 
@@ -129,18 +129,23 @@ class SparsePrefill:
         return torch.stack([nan if e is None else e.detach().float().cpu() for e in self.layer_entropy])
 
     def stats(self) -> dict[str, Any]:
-        rigid = [r for r in self.layer_rigid if r is not None]
+        rigid = [None if r is None else float(r) for r in self.layer_rigid]
+        profiled = [r for r in rigid if r is not None]
         out: dict[str, Any] = {
-            "density": sum(self.layer_density) / max(len(self.layer_density), 1),
-            "rigid_fraction": sum(rigid) / len(rigid) if rigid else 0.0,
-            "rigid_fraction_per_layer": self.layer_rigid,
+            "density": sum(float(d) for d in self.layer_density) / max(len(self.layer_density), 1),
+            "rigid_fraction": sum(profiled) / len(profiled) if profiled else 0.0,
+            "rigid_fraction_per_layer": rigid,
         }
-        tokens = torch.cat(self.budget_tokens).float() if self.budget_tokens else None
-        if tokens is not None and tokens.numel():
+        tokens = [
+            (counts[:, ~dense] * self.config.block_size).flatten().float().cpu()
+            for counts, dense in self.sparse_counts
+        ]
+        budget = torch.cat(tokens) if tokens else None
+        if budget is not None and budget.numel():
             out["budget_tokens"] = {
-                "mean": float(tokens.mean()),
-                "min": int(tokens.min()),
-                "max": int(tokens.max()),
+                "mean": float(budget.mean()),
+                "min": int(budget.min()),
+                "max": int(budget.max()),
                 "base": self.config.base_budget if self.policy == "entropy" else self.config.fixed_budget,
             }
         return out

@@ -17,14 +17,14 @@ if not torch.cuda.is_available():
 import pytest
 
 from entropyinfer.kernels.block_scoring import (
+    block_counts,
     block_scores,
-    budget_scan,
     interpreter_ready,
     select_blocks,
 )
 from entropyinfer.kernels.block_scoring_ref import (
+    block_counts_ref,
     block_scores_ref,
-    budget_scan_ref,
     num_blocks,
     num_segments,
     segment_block_reps_ref,
@@ -100,18 +100,44 @@ def test_fp16_inputs_match_reference() -> None:
     torch.testing.assert_close(got.entropy, ref.entropy, rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.parametrize("nseg", [1, 2, 9])
-def test_budget_scan_matches_reference(nseg: int) -> None:
-    gen = torch.Generator().manual_seed(nseg)
+@pytest.mark.parametrize(
+    ("seq_len", "seg", "b", "threshold", "fixed"),
+    [
+        (1000, 64, 8, 256, None),  # ragged last segment, 16 segments
+        (1024, 128, 8, 512, None),  # N a multiple of S
+        (64, 64, 8, 0, None),  # one segment: nothing to profile, never rigid
+        (130, 64, 8, 64, None),  # two full segments and a 2-token one
+        (4100, 256, 16, 0, None),  # threshold 0: every full segment may be sparse
+        (1000, 64, 8, 256, 200.0),  # the fixed baseline
+    ],
+)
+def test_block_counts_match_reference(
+    seq_len: int, seg: int, b: int, threshold: int, fixed: float | None
+) -> None:
+    nseg = num_segments(seq_len, seg)
+    gen = torch.Generator().manual_seed(seq_len + seg)
     # entropies over many scales, near-rigid ones included (H ~ 1e-28 .. 5 nats)
-    entropy = torch.exp(torch.empty(4, nseg).uniform_(-64.0, 1.6, generator=gen)).to(DEVICE)
-    entropy[1] = torch.linspace(0.5, 5.0, nseg)
-    rigid = torch.tensor([False, False, True, False], device=DEVICE)
-    got = budget_scan(entropy, rigid, 256.0, 0.5, 0.4, backend="triton")
-    ref = budget_scan_ref(entropy, rigid, 256.0, 0.5, 0.4)
-    torch.testing.assert_close(got, ref, rtol=0, atol=0)
-    assert bool((got >= 256).all()) and bool((got <= 768).all())
-    assert bool((got[2] == 256).all())
+    entropy = torch.exp(torch.empty(4, nseg).uniform_(-64.0, 1.6, generator=gen))
+    entropy[1] = 0.01 * 1.6 ** torch.arange(nseg)  # growing by 60% a segment: the budget climbs
+    entropy[2, 1:] = 1e-7  # rigid (below e_t = 1e-5 after segment 0)
+    entropy[3, 1:] = 1e-7
+    entropy[3, -1] = 1e-5  # not rigid: one segment at the threshold
+    kw = dict(
+        seq_len=seq_len, segment_size=seg, block_size=b, threshold_len=threshold,
+        entropy_threshold=1e-5, base_budget=256.0, alpha=0.5, delta=0.4, fixed_budget=fixed,
+    )  # fmt: skip
+    got = block_counts(entropy.to(DEVICE), **kw, backend="triton")  # type: ignore[arg-type]
+    ref = block_counts_ref(entropy.to(DEVICE), **kw)  # type: ignore[arg-type]
+    for name in ("rigid", "budgets", "counts", "kernel_counts", "dense_segments"):
+        torch.testing.assert_close(getattr(got, name), getattr(ref, name), rtol=0, atol=0, msg=name)
+    assert got.rigid.tolist() == [False, False, nseg >= 2, False]
+    if fixed is None:
+        assert bool((got.budgets >= 256).all()) and bool((got.budgets <= 768).all())
+        if nseg > 4:
+            assert float(got.budgets[1].max()) > 256  # the growing head gets more than B0
+    assert bool((got.counts[:, 0] == 0).all())
+    assert bool((got.kernel_counts[:, got.dense_segments] == -1).all())
+    assert bool(got.dense_segments[-1]) and bool(got.dense_segments[0] == (threshold > 0 or nseg == 1))
 
 
 def rand_counts(hkv: int, nseg: int, seg: int, b: int, max_count: int, seed: int) -> torch.Tensor:

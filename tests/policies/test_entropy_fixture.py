@@ -24,9 +24,9 @@ from safetensors.torch import load_file
 
 from entropyinfer.errors import ConfigError, UnknownPolicyError
 from entropyinfer.kernels.block_scoring import block_scores, interpreter_ready
-from entropyinfer.kernels.block_scoring_ref import BlockScores, num_blocks
+from entropyinfer.kernels.block_scoring_ref import BlockScores, count_caps, num_blocks
 from entropyinfer.policies.config import SparsePrefillConfig, load_sparse_config
-from entropyinfer.policies.entropy import count_caps, plan_from_scores, plan_layer
+from entropyinfer.policies.entropy import plan_from_scores, plan_layer
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CASES = ["L1", "L13", "L16", "L25", "synth"]
@@ -169,7 +169,7 @@ def test_dense_segments_density_and_kernel_counts() -> None:
     plan = plan_layer(q, k, SHORT, backend="torch")
     # threshold 512: segments 0..3 start before it; segment 7 is the last
     assert plan.dense_segments.tolist() == [True] * 4 + [False] * 3 + [True]
-    kc = plan.kernel_counts()
+    kc = plan.kernel_counts
     assert bool((kc[:, plan.dense_segments] == -1).all())
     assert torch.equal(kc[:, ~plan.dense_segments], plan.counts[:, ~plan.dense_segments])
     # density by hand: dense segments count their full causal work
