@@ -137,8 +137,11 @@ class GraphedDecode:
     outside the capture mutate the cache's lengths (and the window's counter): they are restored after each.
     A full cache is warmed up at its last position, which no sequence has reached yet; a compact cache at
     each head's next free slot, which the next real step overwrites (so it needs one free slot).
+    Runs under inference mode, like the step it captures: a compact cache's tensors are inference tensors
+    (compression makes them there), and restoring them in place is only allowed in that mode.
     """
 
+    @torch.inference_mode()
     def __init__(self, engine: Engine, cache: KVCache | CompactKVCache, obs: ObservationWindow | None = None):
         self.engine, self.cache, self.obs = engine, cache, obs
         b = cache.batch
@@ -163,6 +166,7 @@ class GraphedDecode:
             self.logits = engine.decode_step(self.tokens, self.positions, cache, obs)
         restore()
 
+    @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         self.tokens.copy_(tokens)
         self.positions.copy_(positions)

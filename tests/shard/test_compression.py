@@ -15,7 +15,7 @@ from entropyinfer.policies.kv_compression import KVCompressionConfig, plan_keep
 from entropyinfer.shard.arch import ModelArch
 from entropyinfer.shard.attention import DensePrefill
 from entropyinfer.shard.compression import DecodeCompressor, ObservationWindow, compact_slots, compress
-from entropyinfer.shard.engine import Engine
+from entropyinfer.shard.engine import Engine, GraphedDecode
 from entropyinfer.shard.kv_cache import CompactKVCache, KVCache
 from entropyinfer.shard.weights import random_model
 
@@ -232,3 +232,33 @@ def test_compression_releases_the_full_cache_memory(engine):
     stats = compressor.stats(0)
     assert stats["kv_bytes_before"] == 60 * 2 * 2 * 2 * 16 * 4 and stats["compression_ms"] > 0
     assert compact.bytes_used(0) == 8 * 2 * 2 * 2 * 16 * 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CUDA graphs)")
+def test_graphed_decode_over_a_compact_cache_equals_eager_steps():
+    """The CUDA-graph step over a compact cache (made by compression, under inference mode) replays the eager
+    step: same logits, same appended lengths."""
+    dev = torch.device("cuda")
+    model = random_model(ARCH, dev, torch.float32, seed=3)
+    eng = Engine(model)
+    cfg = KVCompressionConfig(window=4, gap=-1, capacity=12)
+    steps = 5
+    runs = []
+    for graphed in (False, True):
+        comp = DecodeCompressor(ARCH, cfg, 2, steps, dev, torch.float32)
+        cache = eng.new_cache(2, 64)
+        for i, n in enumerate((40, 27)):
+            eng.prefill(
+                torch.arange(n, device=dev) % ARCH.vocab_size, cache, i, DensePrefill(), observe=comp.obs
+            )
+        compact = comp.run(cache, 0)
+        step = GraphedDecode(eng, compact) if graphed else (lambda t, p, c=compact: eng.decode_step(t, p, c))
+        tokens, positions = torch.tensor([3, 4], device=dev), torch.tensor([40, 27], device=dev)
+        out = []
+        for _ in range(steps):
+            logits = step(tokens, positions).clone()
+            out.append(logits)
+            tokens, positions = logits.argmax(-1), positions + 1
+        runs.append((torch.stack(out), compact.lengths.clone()))
+    torch.testing.assert_close(runs[1][0], runs[0][0], atol=1e-4, rtol=1e-4)
+    assert torch.equal(runs[1][1], runs[0][1])
