@@ -21,6 +21,12 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", default="dense", help="attention policy: dense, entropy, fixed, ...")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: per device)")
+    p.add_argument(
+        "--load-format",
+        choices=("auto", "dummy"),
+        default="auto",
+        help="auto: the checkpoint's weights; dummy: random weights of its shape (speed tests)",
+    )
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
@@ -31,7 +37,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     text = Path(args.prompt_file).read_text()
     prompt: Any = document_prompt(text, args.question) if args.question else text
-    llm = LLM(args.model, policy=args.policy, device=args.device, dtype=args.dtype)
+    llm = LLM(
+        args.model, policy=args.policy, device=args.device, dtype=args.dtype, load_format=args.load_format
+    )
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
     out = llm.generate(prompt, params)[0]
     print(out.text.strip())
@@ -49,7 +57,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from entropyinfer.shard.embedded import real_document
 
     document = real_document(3000)
-    llm = LLM(args.model, policy=args.policy, device=args.device, dtype=args.dtype)
+    llm = LLM(
+        args.model, policy=args.policy, device=args.device, dtype=args.dtype, load_format=args.load_format
+    )
     prompt = document_prompt(document, DEMO_QUESTION)
     print(f"document: {llm.count_tokens(prompt)} tokens (CPython's pydoc topics); question: {DEMO_QUESTION}")
     out = llm.generate(prompt, SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature))[0]

@@ -22,6 +22,12 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model preset or checkpoint folder (overrides the config)")
     p.add_argument("--policy", default=None, help="default attention policy (overrides the config)")
     p.add_argument("--accelerator", choices=("auto", "gpu", "cpu"), default=None, help="shard bundles")
+    p.add_argument(
+        "--load-format",
+        choices=("auto", "dummy"),
+        default=None,
+        help="dummy: random weights of the checkpoint's shape (overrides the config's engine.load_format)",
+    )
     p.add_argument("--host", default=None, help="HTTP bind address (default from config: 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="HTTP port (default from config: 8000)")
     p.add_argument("--db", default=None, help="SQLite job store path (default from config)")
@@ -73,6 +79,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model=args.model,
         policy=args.policy,
         accelerator=args.accelerator,
+        load_format=args.load_format,
         host=args.host,
         port=args.port,
         db_path=args.db,

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from entropyinfer.configs.loader import from_dict, load_yaml
 from entropyinfer.errors import ConfigError
+from entropyinfer.shard.config import check_load_format
 
 KNOWN_POLICIES = ("dense", "entropy", "fixed", "snapkv")
 
@@ -29,6 +30,9 @@ class EngineConfig:
     # Sparse-prefill settings: a preset name (entropy_long, entropy_short) or a YAML file, passed to
     # LLM(policy_config=...); None: the LLM's default for the model's context length.
     policy_config: str | None = None
+    # LLM(load_format=...): "auto" reads the checkpoint's safetensors; "dummy" builds random weights of the
+    # checkpoint's shape (the folder needs only config.json and the tokenizer): benchmarks, tests.
+    load_format: str = "auto"
     # Extra LLM(**overrides): sparse-prefill fields (base_budget, ...), shard engine fields
     # (prefill_chunk_size, ...), kv_* decode compression fields; checked when the config is loaded.
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -50,11 +54,25 @@ class EngineConfig:
             raise ConfigError(
                 f"engine.policies: unknown policy {unknown[0]!r}; known: {list(KNOWN_POLICIES)}"
             )
+        check_load_format(self.load_format, "engine.load_format")
         if self.num_shards != 1:
             raise ConfigError("engine.num_shards: only 1 shard per replica is supported for now")
         if self.cpus_per_shard < 0 or self.num_replicas < 1 or self.max_ongoing_requests < 1:
             raise ConfigError("engine: cpus_per_shard >= 0, num_replicas >= 1, max_ongoing_requests >= 1")
         check_llm_options(self.policy_config, self.overrides)
+
+    def shard_args(self) -> dict[str, Any]:
+        """What each shard actor builds its `LLM` from (`ShardActor(engine=...)`)."""
+        return {
+            "model": self.model,
+            "policy": self.policy,
+            "device": self.device,
+            "dtype": self.dtype,
+            "policy_config": self.policy_config,
+            "load_format": self.load_format,
+            "overrides": dict(self.overrides),
+            "cpu_threads": self.cpu_threads,
+        }
 
 
 @dataclass(frozen=True)
@@ -153,7 +171,7 @@ class ServeAppConfig:
 
 
 # LLM(...) keyword arguments that have their own `engine` key, and plain LLM keywords allowed in overrides.
-_ENGINE_OWN_KEYS = ("model", "policy", "device", "dtype", "policy_config")
+_ENGINE_OWN_KEYS = ("model", "policy", "device", "dtype", "policy_config", "load_format")
 _LLM_KEYWORDS = ("trust_remote_code",)
 _DEFAULT_SPARSE_PRESETS = ("entropy_short", "entropy_long")  # LLM picks one by the model's context
 

@@ -54,15 +54,7 @@ class EngineDeployment:
         self.accelerator = accelerator
         pg = get_current_placement_group()
         remote_shard: Any = ray.remote(ShardActor)
-        engine_args = {
-            "model": cfg.model,
-            "policy": cfg.policy,
-            "device": cfg.device,
-            "dtype": cfg.dtype,
-            "policy_config": cfg.policy_config,
-            "overrides": dict(cfg.overrides),
-            "cpu_threads": cfg.cpu_threads,
-        }
+        engine_args = cfg.shard_args()
         self.shards: list[Any] = []
         for rank in range(cfg.num_shards):
             strategy = (
@@ -84,6 +76,7 @@ class EngineDeployment:
             "policy": cfg.policy,
             "policies": list(cfg.policies),
             "accelerator": accelerator,
+            "load_format": cfg.load_format,
         }
         self.metrics = EngineMetrics()
         log.info("engine replica ready: %s", self.info_)

@@ -55,6 +55,7 @@ def apply_overrides(
     model: str | None = None,
     policy: str | None = None,
     accelerator: str | None = None,
+    load_format: str | None = None,
     host: str | None = None,
     port: int | None = None,
     db_path: str | None = None,
@@ -68,6 +69,8 @@ def apply_overrides(
         engine["policy"] = policy
     if accelerator is not None:
         engine["accelerator"] = accelerator
+    if load_format is not None:
+        engine["load_format"] = load_format
     overrides: dict[str, Any] = {"engine": engine} if engine else {}
     if db_path is not None:
         overrides["jobs"] = {"db_path": db_path}

@@ -59,6 +59,7 @@ class ShardActor:
             device=device,
             dtype=engine.get("dtype"),
             policy_config=engine.get("policy_config"),
+            load_format=engine.get("load_format", "auto"),
             **dict(engine.get("overrides") or {}),
         )
         self._setup(llm, engine["model"], time.perf_counter() - t0)

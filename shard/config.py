@@ -6,6 +6,17 @@ from dataclasses import dataclass
 
 from entropyinfer.errors import ConfigError
 
+# How `LLM(load_format=...)` gets its weights (vLLM's names): "auto" reads the checkpoint's safetensors;
+# "dummy" fills a model of the checkpoint's shape with random weights (only config.json and the tokenizer
+# are read), for speed measurements and serving tests without a real checkpoint.
+LOAD_FORMATS = ("auto", "dummy")
+
+
+def check_load_format(value: object, name: str = "load_format") -> None:
+    """Raise ConfigError naming `name` unless `value` is one of LOAD_FORMATS."""
+    if value not in LOAD_FORMATS:
+        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(LOAD_FORMATS)}")
+
 
 @dataclass(frozen=True)
 class EngineConfig:

@@ -30,12 +30,12 @@ from entropyinfer.shard.attention import (
     check_policy,
 )
 from entropyinfer.shard.compression import DecodeCompressor
-from entropyinfer.shard.config import EngineConfig
+from entropyinfer.shard.config import EngineConfig, check_load_format
 from entropyinfer.shard.embedded import resolve_checkpoint
 from entropyinfer.shard.engine import DecodeRunner, Engine
 from entropyinfer.shard.kv_cache import CompactKVCache, KVCache
 from entropyinfer.shard.sampling import SamplingParams, make_generator, sample
-from entropyinfer.shard.weights import load_model
+from entropyinfer.shard.weights import build_model
 
 Prompt = str | list[dict[str, str]]
 ProgressFn = Callable[[int, int], None]
@@ -94,10 +94,12 @@ class LLM:
 
     `LLM(model, policy="dense", device=None, dtype=None, **overrides)`: `model` is an embedded name
     ("smollm2-135m") or a Hugging Face checkpoint folder; `policy` is "dense", "entropy", "fixed" or
-    "snapkv". Sparse hyperparameters come from `policy_config` (a preset name such as "entropy_short", or a
-    YAML file; default: the long-context preset, or the short one for models of <= 8k context) and
-    `overrides` (e.g. `base_budget=512`); `overrides` may also set `EngineConfig` fields
-    (e.g. `prefill_chunk_size`). Unknown keys raise `ConfigError`.
+    "snapkv". `load_format` (named as in vLLM): "auto" reads the checkpoint's safetensors, "dummy" builds
+    the model with random weights of the checkpoint's shape, so the folder needs only config.json and the
+    tokenizer files (speed measurements, serving tests). Sparse hyperparameters come from `policy_config`
+    (a preset name such as "entropy_short", or a YAML file; default: the long-context preset, or the short
+    one for models of <= 8k context) and `overrides` (e.g. `base_budget=512`); `overrides` may also set
+    `EngineConfig` fields (e.g. `prefill_chunk_size`). Unknown keys raise `ConfigError`.
 
     Decode-time KV compression: `entropy` compresses with the `latent` preset, `snapkv` with the `snapkv`
     preset, `dense` and `fixed` do not. `kv_compression` overrides that for every policy: "none", a preset
@@ -114,9 +116,12 @@ class LLM:
         *,
         policy_config: str | None = None,
         trust_remote_code: bool = False,
+        load_format: str = "auto",
         **overrides: Any,
     ):
         check_policy(policy)
+        check_load_format(load_format)
+        self.load_format = load_format
         self.policy = policy
         engine_keys = {f.name for f in dataclasses.fields(EngineConfig)}
         self.engine_config = from_dict(EngineConfig, {k: v for k, v in overrides.items() if k in engine_keys})
@@ -134,7 +139,7 @@ class LLM:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.tokenizer = _load_tokenizer(self.checkpoint, trust_remote_code)
-        self.model = load_model(self.checkpoint, self.device, self.dtype)
+        self.model = build_model(self.checkpoint, self.device, self.dtype, load_format)
         self.engine = Engine(self.model, self.engine_config)
         self.eos_token_ids = set(self.arch.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:

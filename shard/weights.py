@@ -2,7 +2,8 @@
 
 Parameters are created on the meta device and materialised directly on the target device; each checkpoint
 tensor is read (straight to that device) and copied into its parameter, so no second full copy of the
-weights ever exists in host or device memory.
+weights ever exists in host or device memory. `build_model(..., load_format="dummy")` fills the same model
+with random weights instead (only config.json is read).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from safetensors import safe_open
 
 from entropyinfer.errors import CheckpointNotFoundError
 from entropyinfer.shard.arch import ModelArch
+from entropyinfer.shard.config import check_load_format
 from entropyinfer.shard.layers import rope_inv_freq
 from entropyinfer.shard.model import CausalLM
 
@@ -50,6 +52,17 @@ def empty_model(arch: ModelArch, device: torch.device, dtype: torch.dtype) -> Ca
         model.lm_head.weight = model.model.embed_tokens.weight
     model.rotary.inv_freq = rope_inv_freq(arch).to(device)
     return model.eval().requires_grad_(False)
+
+
+def build_model(
+    folder: str | Path, device: torch.device, dtype: torch.dtype, load_format: str = "auto"
+) -> CausalLM:
+    """The model of a checkpoint folder: its safetensors weights ("auto"), or random weights of its shape
+    ("dummy": `random_model`, seed 0, so every load of a folder gets the same weights)."""
+    check_load_format(load_format)
+    if load_format == "dummy":
+        return random_model(ModelArch.from_folder(folder), device, dtype)
+    return load_model(folder, device, dtype)
 
 
 def load_model(folder: str | Path, device: torch.device, dtype: torch.dtype) -> CausalLM:

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from entropyinfer.cluster.config import EngineConfig, IngressConfig, LimitsConfig, app_config
+from entropyinfer.cluster.config import (
+    EngineConfig,
+    IngressConfig,
+    LimitsConfig,
+    app_config,
+    load_serve_file,
+)
+from entropyinfer.cluster.launcher import apply_overrides
 from entropyinfer.errors import ConfigError
 
 
@@ -21,6 +29,8 @@ from entropyinfer.errors import ConfigError
         ({"overrides": {"trust_remote_code": "yes"}}, "trust_remote_code"),
         ({"policy_config": "no_such_preset"}, "engine.policy_config"),
         ({"policy_config": "entropy_long", "overrides": {"alpha": "x"}}, "alpha"),
+        ({"load_format": "npz"}, "engine.load_format"),
+        ({"overrides": {"load_format": "dummy"}}, "engine.overrides.load_format"),
     ],
 )
 def test_bad_llm_options_fail_at_load_naming_the_key(engine: dict[str, Any], names: str) -> None:
@@ -39,6 +49,22 @@ def test_good_llm_options_load() -> None:
     )
     assert cfg.engine.policy_config == "entropy_long" and cfg.engine.overrides["base_budget"] == 512
     assert EngineConfig(overrides={"segment_size": 64}).policy_config is None
+
+
+def test_load_format_loads_from_a_serve_file_and_the_command_line(tmp_path: Path) -> None:
+    path = tmp_path / "serve.yaml"
+    path.write_text(
+        "applications:\n"
+        "  - name: entropyinfer\n"
+        "    import_path: entropyinfer.cluster.app:build_app\n"
+        "    args: {engine: {model: /ckpt, load_format: dummy, accelerator: gpu}}\n"
+    )
+    sf = load_serve_file(path)
+    assert sf.app.engine.load_format == "dummy" and sf.app.engine.shard_args()["load_format"] == "dummy"
+    assert EngineConfig().load_format == "auto"
+    assert apply_overrides(sf, load_format="auto").app.engine.load_format == "auto"
+    with pytest.raises(ConfigError, match=r"engine\.load_format"):
+        apply_overrides(sf, load_format="safetensors")
 
 
 def test_limits_and_ingress() -> None:
