@@ -63,10 +63,10 @@ class Engine:
         q_all = torch.empty(hq, n, d, device=self.device, dtype=self.dtype)
         for li, layer in enumerate(self.model.layers):
             k_cache, v_cache = cache.k(li)[slot], cache.v(li)[slot]
-            for c0, c1 in spans:
-                q, k, v = layer.attention_inputs(h[None, c0:c1], cos[c0:c1], sin[c0:c1])
-                q_all[:, c0:c1] = q[0]
-                k_cache[:, c0:c1] = k[0]
+            for c0, c1 in spans:  # rope writes q and k straight into the query buffer and the cache
+                _, _, v = layer.attention_inputs(
+                    h[None, c0:c1], cos[c0:c1], sin[c0:c1], q_all[None, :, c0:c1], k_cache[None, :, c0:c1]
+                )
                 v_cache[:, c0:c1] = v[0]
             if observe is not None:
                 observe.record_prompt(li, slot, q_all, n)
@@ -177,9 +177,10 @@ class GraphedDecode:
 class DecodeRunner:
     """Decode steps of one batch: runs compression when it is due, and picks eager steps or a CUDA graph.
 
-    Before the first compression the steps run eagerly (they append queries to the observation window, and
-    a graph of the full cache would be thrown away at once); otherwise, on GPU with `graphs`, the step is
-    captured in a CUDA graph when at least `min_graph_steps` steps remain (counting the one about to run).
+    On GPU with `graphs`, the step is captured in a CUDA graph when at least `min_graph_steps` steps will
+    run on it (counting the one about to run): until the end, or, before the first compression, until that
+    compression (latent compression observes N_D generated tokens over the full cache first; the graph then
+    appends their queries to the observation window). Otherwise the steps run eagerly.
     The first compression moves what is kept into a compact buffer and releases the full cache, so
     `cache` is then a new object and the graph is captured again; re-compression works in place.
     `paused_s`: seconds spent compressing and capturing, reported apart from the decode time.
@@ -204,9 +205,10 @@ class DecodeRunner:
     def _build(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         c, cache, engine = self.compressor, self.cache, self.engine
         obs = c.obs if c is not None and c.records_queries else None
-        observing = c is not None and c.compressions == 0
         left = self.max_steps - self.steps + 1
-        if self.graphs and engine.device.type == "cuda" and not observing and left >= self.min_graph_steps:
+        if c is not None and c.compressions == 0:  # the full cache lives until the first compression
+            left = min(left, c.cfg.compress_after - self.steps + 1)
+        if self.graphs and engine.device.type == "cuda" and left >= self.min_graph_steps:
             return GraphedDecode(engine, cache, obs)
         return lambda t, p: engine.decode_step(t, p, cache, obs)
 

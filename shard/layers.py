@@ -1,4 +1,8 @@
-"""Building blocks shared by every model family: RMSNorm and rotary position embeddings."""
+"""Building blocks shared by every model family: RMSNorm and rotary position embeddings.
+
+On a GPU the token-wise operations run as fused Triton kernels (`kernels/layer_ops.py`), on the CPU as their
+torch references (Hugging Face's exact computation), whatever TRITON_INTERPRET says.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ import math
 import torch
 from torch import nn
 
+from entropyinfer.kernels.layer_ops import rms_norm, rotary
+from entropyinfer.kernels.layer_ops_ref import rms_norm_ref, rotary_ref
 from entropyinfer.shard.arch import ModelArch
 
 
@@ -19,9 +25,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return (rms_norm if x.is_cuda else rms_norm_ref)(x, self.weight, self.eps)
 
 
 def rope_inv_freq(arch: ModelArch) -> torch.Tensor:
@@ -61,10 +65,9 @@ class Rotary(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [..., heads, T, d]; cos/sin: [..., T, d], broadcast over heads (Hugging Face's rotate-half)."""
-    cos = cos.unsqueeze(-3)
-    sin = sin.unsqueeze(-3)
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def rope(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x: [B, T, heads, d] (a projection's output, viewed) -> [B, heads, T, d], into `out` when given;
+    cos/sin: [B, T, d] or [T, d]."""
+    return (rotary if x.is_cuda else rotary_ref)(x, cos, sin, out)

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from entropyinfer.kernels.layer_ops import add_rms_norm, silu_mul
 from entropyinfer.shard.arch import ModelArch
-from entropyinfer.shard.layers import RMSNorm, Rotary, apply_rotary
+from entropyinfer.shard.layers import RMSNorm, Rotary, rope
 
 
 class Attention(nn.Module):
@@ -28,17 +29,22 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(d, arch.rms_norm_eps, **kw) if arch.qk_norm else None
 
     def qkv(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        q_out: torch.Tensor | None = None,
+        k_out: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: [B, T, hidden] -> q [B, Hq, T, d], k and v [B, Hkv, T, d] (rope applied to q and k)."""
+        """x: [B, T, hidden] -> q [B, Hq, T, d], k and v [B, Hkv, T, d] (rope applied to q and k; v a view).
+        q and k are written into `q_out` / `k_out` when given (e.g. the KV cache)."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+        return rope(q, cos, sin, q_out), rope(k, cos, sin, k_out), v.transpose(1, 2)
 
 
 class MLP(nn.Module):
@@ -50,7 +56,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(i, h, bias=arch.mlp_bias, **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(silu_mul(gate, up) if x.is_cuda else F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -62,14 +69,25 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(arch, **kw)
 
     def attention_inputs(
-        self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        q_out: torch.Tensor | None = None,
+        k_out: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.self_attn.qkv(self.input_layernorm(h), cos, sin)
+        return self.self_attn.qkv(self.input_layernorm(h), cos, sin, q_out, k_out)
 
     def finish(self, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """h: residual [B, T, hidden]; attn: attention output [B, T, Hq * d]."""
-        h = h + self.self_attn.o_proj(attn)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        o = self.self_attn.o_proj(attn)
+        norm = self.post_attention_layernorm
+        if h.is_cuda:  # the residual add fused into the norm
+            normed, h = add_rms_norm(o, h, norm.weight, norm.eps)
+        else:
+            h = h + o
+            normed = norm(h)
+        return h + self.mlp(normed)
 
 
 class Backbone(nn.Module):

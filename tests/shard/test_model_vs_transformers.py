@@ -1,4 +1,8 @@
-"""Our model definitions against transformers' own implementations (tiny random configs, fp32)."""
+"""Our model definitions against transformers' own implementations (tiny random configs, fp32).
+
+On a machine with CUDA the logits test also runs our model on the GPU, where the token-wise operations are the
+fused Triton kernels (`kernels/layer_ops.py`), against transformers on the CPU.
+"""
 
 from __future__ import annotations
 
@@ -69,10 +73,15 @@ def _save_hf(tmp_path, name):
     return hf
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", list(CASES))
-def test_logits_match_transformers(tmp_path, name):
+def test_logits_match_transformers(tmp_path, name, device):
     hf = _save_hf(tmp_path, name)
-    model = load_model(tmp_path, torch.device("cpu"), torch.float32)
+    model = load_model(tmp_path, torch.device(device), torch.float32)
+    tol = 1e-4 if device == "cpu" else 1e-3
     arch = model.arch
     if name == "pangu_embedded":
         assert arch.model_type == "PanguEmbedded" and arch.qkv_bias and arch.o_bias
@@ -81,16 +90,16 @@ def test_logits_match_transformers(tmp_path, name):
         ref = hf(tokens[None]).logits[0].float()
     engine = Engine(model, EngineConfig(prefill_chunk_size=16))
     cache = engine.new_cache(1, 64)
-    got = engine.prefill(tokens, cache, 0, DensePrefill(), all_logits=True)
-    assert (got - ref).abs().max().item() <= 1e-4
+    got = engine.prefill(tokens, cache, 0, DensePrefill(), all_logits=True).cpu()
+    assert (got - ref).abs().max().item() <= tol
 
     # Decode steps over the cache give the logits of the next positions too.
     more = torch.randint(0, 128, (3,))
     with torch.no_grad():
         ref_next = hf(torch.cat([tokens, more])[None]).logits[0, -3:].float()
     for i in range(3):
-        step = engine.decode_step(more[i : i + 1], torch.tensor([37 + i]), cache)
-        assert (step[0] - ref_next[i]).abs().max().item() <= 1e-4
+        step = engine.decode_step(more[i : i + 1].to(device), torch.tensor([37 + i], device=device), cache)
+        assert (step[0].cpu() - ref_next[i]).abs().max().item() <= tol
 
 
 def test_chunked_prefill_equals_one_shot(tmp_path):

@@ -1,0 +1,206 @@
+"""Fused token-wise layer operations in Triton: RMSNorm (optionally with the residual add), rotary
+embeddings written straight into their destination, and the MLP's ``silu(gate) * up``.
+
+Each replaces a chain of small torch kernels (RMSNorm alone is eight: cast, square, mean, add, rsqrt,
+multiply, cast, scale) by one pass over the data in float32 with a single rounding at the end, which
+matters twice: in prefill these passes read and write the whole prompt's activations (float32
+intermediates included), and in a decode step, where every kernel is tiny, their count is what the
+step costs beyond reading the weights. `layer_ops_ref.py` holds the torch reference (Hugging Face's
+exact computation); results agree with it to the dtype's rounding (they round once, the reference at
+every step).
+
+Layouts: rows are the last dimension, which must be contiguous; other strides are free. `rotary` reads
+``x [B, T, H, d]`` (the projection's output, viewed) and writes ``[B, H, T, d]`` into ``out`` when given
+(in prefill: the layer's query buffer and the KV cache), so the transpose and the copy come for free.
+
+CPU tensors run in Triton's interpreter when ``TRITON_INTERPRET=1`` was set before triton was imported
+(tests, float32 / float16), else the reference runs (Triton cannot run there).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from entropyinfer.kernels.layer_ops_ref import add_rms_norm_ref, rms_norm_ref, rotary_ref, silu_mul_ref
+
+__all__ = ["add_rms_norm", "rms_norm", "rotary", "silu_mul"]
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr,
+    r_ptr,
+    w_ptr,
+    out_ptr,
+    sum_ptr,
+    stride_x,
+    stride_r,
+    stride_o,
+    stride_s,
+    n_cols,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(sum_ptr.dtype.element_ty)
+        tl.store(sum_ptr + row * stride_s + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
+    y = (xf * inv).to(out_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, (y * w).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(
+    x_ptr,
+    cos_ptr,
+    sin_ptr,
+    out_ptr,
+    sxb,
+    sxt,
+    sxh,
+    scb,
+    sct,
+    sob,
+    soh,
+    sot,
+    T,
+    H,
+    HALF,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)  # one (b, t) per program along axis 0
+    b = pid // T
+    t = pid % T
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_HALF)
+    dm = offs_d < HALF
+    c = tl.load(cos_ptr + b * scb + t * sct + offs_d, mask=dm, other=0.0).to(tl.float32)[None, :]
+    s = tl.load(sin_ptr + b * scb + t * sct + offs_d, mask=dm, other=0.0).to(tl.float32)[None, :]
+    m = (offs_h < H)[:, None] & dm[None, :]
+    src = x_ptr + b * sxb + t * sxt + offs_h[:, None].to(tl.int64) * sxh + offs_d[None, :]
+    x1 = tl.load(src, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=m, other=0.0).to(tl.float32)
+    dst = out_ptr + b * sob + t * sot + offs_h[:, None].to(tl.int64) * soh + offs_d[None, :]
+    ty = out_ptr.dtype.element_ty
+    tl.store(dst, (x1 * c - x2 * s).to(ty), mask=m)
+    tl.store(dst + HALF, (x2 * c + x1 * s).to(ty), mask=m)
+
+
+@triton.jit
+def _silu_mul_kernel(g_ptr, u_ptr, o_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    tl.store(o_ptr + offs, (g / (1.0 + tl.exp(-g)) * u).to(o_ptr.dtype.element_ty), mask=m)
+
+
+def _runs_triton(t: torch.Tensor) -> bool:
+    return t.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    return x.reshape(-1, x.shape[-1])
+
+
+def _norm_warps(block: int) -> int:
+    return min(max(block // 512, 1), 8)
+
+
+def _check_norm(x: torch.Tensor, weight: torch.Tensor) -> None:
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"weight must be [{x.shape[-1]}], got {tuple(weight.shape)}")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension of ``x [..., D]`` (see `rms_norm_ref`); a new tensor like ``x``."""
+    _check_norm(x, weight)
+    if not _runs_triton(x) or x.numel() == 0:
+        return rms_norm_ref(x, weight, eps)
+    rows = _rows(x)
+    out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
+    block = triton.next_power_of_2(rows.shape[1])
+    _rms_norm_kernel[(rows.shape[0],)](
+        rows, rows, weight, out, out, rows.stride(0), rows.stride(0), out.stride(0), out.stride(0),
+        rows.shape[1], float(eps), HAS_RESIDUAL=False, BLOCK=block, num_warps=_norm_warps(block),
+    )  # fmt: skip
+    return out.view(x.shape)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``s = x + residual`` and RMSNorm of ``s`` in one pass: returns ``(normed, s)`` (see
+    `add_rms_norm_ref`)."""
+    _check_norm(x, weight)
+    if x.shape != residual.shape:
+        raise ValueError(f"x {tuple(x.shape)} and residual {tuple(residual.shape)} differ in shape")
+    if not _runs_triton(x) or x.numel() == 0:
+        return add_rms_norm_ref(x, residual, weight, eps)
+    rows, res = _rows(x), _rows(residual)
+    out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
+    total = torch.empty_like(out)
+    block = triton.next_power_of_2(rows.shape[1])
+    _rms_norm_kernel[(rows.shape[0],)](
+        rows, res, weight, out, total, rows.stride(0), res.stride(0), out.stride(0), total.stride(0),
+        rows.shape[1], float(eps), HAS_RESIDUAL=True, BLOCK=block, num_warps=_norm_warps(block),
+    )  # fmt: skip
+    return out.view(x.shape), total.view(x.shape)
+
+
+def rotary(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Rotary embedding of ``x [B, T, H, d]`` -> ``[B, H, T, d]`` (into ``out`` when given, any strides
+    with a contiguous last dimension); ``cos``/``sin`` are ``[B, T, d]`` or ``[T, d]`` (see `rotary_ref`)."""
+    bsz, t, h, d = x.shape
+    if d % 2 or cos.shape[-1] != d or sin.shape != cos.shape:
+        raise ValueError(f"rotary: head dim {d} must be even and match cos/sin {tuple(cos.shape)}")
+    if out is not None and tuple(out.shape) != (bsz, h, t, d):
+        raise ValueError(f"rotary: out must be {(bsz, h, t, d)}, got {tuple(out.shape)}")
+    if not _runs_triton(x) or x.numel() == 0:
+        return rotary_ref(x, cos, sin, out)
+    if out is None:
+        out = torch.empty(bsz, h, t, d, dtype=x.dtype, device=x.device)
+    if x.stride(-1) != 1 or out.stride(-1) != 1:
+        raise ValueError("rotary: x and out need a contiguous last dimension")
+    if cos.stride(-1) != 1:
+        cos, sin = cos.contiguous(), sin.contiguous()
+    scb, sct = (0, cos.stride(0)) if cos.dim() == 2 else (cos.stride(0), cos.stride(1))
+    block_h = min(triton.next_power_of_2(h), 16)
+    _rotary_kernel[(bsz * t, triton.cdiv(h, block_h))](
+        x, cos, sin, out, x.stride(0), x.stride(1), x.stride(2), scb, sct,
+        out.stride(0), out.stride(1), out.stride(2), t, h, d // 2,
+        BLOCK_H=block_h, BLOCK_HALF=triton.next_power_of_2(d // 2), num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` in one pass (see `silu_mul_ref`)."""
+    if gate.shape != up.shape:
+        raise ValueError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} differ in shape")
+    if not _runs_triton(gate) or gate.numel() == 0:
+        return silu_mul_ref(gate, up)
+    gate, up = gate.contiguous(), up.contiguous()
+    out = torch.empty_like(gate)
+    block = 2048
+    _silu_mul_kernel[(triton.cdiv(gate.numel(), block),)](
+        gate, up, out, gate.numel(), BLOCK=block, num_warps=8
+    )
+    return out
