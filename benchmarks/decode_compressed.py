@@ -40,7 +40,7 @@ from common import LLAMA3_8B, cuda_time, decode_ms, environment, markdown_table,
 from entropyinfer.policies.config import load_sparse_config
 from entropyinfer.policies.kv_compression import KVCompressionConfig, load_kv_compression_config
 from entropyinfer.shard.arch import ModelArch
-from entropyinfer.shard.attention import DensePrefill, PrefillAttention, SparsePrefill
+from entropyinfer.shard.attention import DensePrefill, PrefillAttention, SparsePrefill, warm_up_sparse_prefill
 from entropyinfer.shard.compression import DecodeCompressor
 from entropyinfer.shard.config import EngineConfig
 from entropyinfer.shard.engine import DecodeRunner, Engine
@@ -313,6 +313,11 @@ def main() -> None:
         entropy_prefill(),
         load_kv_compression_config("latent", **kv),
     )
+    a = engine.arch  # as LLM does when it loads: compile the sparse kernels for every size class
+    warm_up_sparse_prefill(
+        load_sparse_config(SPARSE_PRESET), a.num_heads, a.num_kv_heads, a.head_dim, a.max_position_embeddings,
+        engine.device, engine.dtype,
+    )  # fmt: skip
     if not args.skip_hf:
         hf_decode_ms(hf, 1024, 2)  # the first call pays one-time costs
     free()

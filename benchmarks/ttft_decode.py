@@ -23,7 +23,7 @@ from common import LLAMA3_8B, cuda_time, decode_ms, environment, write_results
 
 from entropyinfer.policies.config import load_sparse_config
 from entropyinfer.shard.arch import ModelArch
-from entropyinfer.shard.attention import DensePrefill, PrefillAttention, SparsePrefill
+from entropyinfer.shard.attention import DensePrefill, PrefillAttention, SparsePrefill, warm_up_sparse_prefill
 from entropyinfer.shard.config import EngineConfig
 from entropyinfer.shard.engine import Engine
 from entropyinfer.shard.weights import model_from_state_dict
@@ -90,9 +90,12 @@ def main() -> None:
     hf, engine = build_models()
     warm = torch.randint(0, LLAMA3_8B["vocab_size"], (4096,), device="cuda")
     ours_ttft(engine, warm, 8)
-    try:
-        warm_sparse = torch.randint(0, LLAMA3_8B["vocab_size"], (16384,), device="cuda")
-        ours_ttft(engine, warm_sparse, 8, SparsePrefill("entropy", load_sparse_config("entropy_long")))
+    try:  # as LLM does when it loads: compile the sparse kernels for every size class
+        a = engine.arch
+        warm_up_sparse_prefill(
+            load_sparse_config("entropy_long"), a.num_heads, a.num_kv_heads, a.head_dim,
+            a.max_position_embeddings, engine.device, engine.dtype,
+        )  # fmt: skip
     except Exception:
         traceback.print_exc()
     if not args.skip_hf:

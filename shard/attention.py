@@ -151,6 +151,51 @@ class SparsePrefill:
         return out
 
 
+def warm_up_lengths(config: SparsePrefillConfig, max_len: int) -> list[int]:
+    """Prompt lengths (<= max_len) whose sparse prefill compiles every kernel variant a request can need.
+
+    The profiling kernels pick their row chunk by the number of key blocks, in powers of two up to 4096
+    (then fixed): one length per size class from the shortest sparse prompt on, and one past 4096 blocks,
+    each also one token shorter, since Triton compiles integer arguments divisible by 16 apart."""
+    s_len, bps = config.segment_size, config.segment_size // config.block_size
+    shortest = max(config.threshold_len, s_len) + s_len + 1
+    nseg_min = -(-shortest // s_len)
+    size = 1 << max((nseg_min - 1) * bps - 1, 0).bit_length()  # the shortest prompt's size class
+    longest = max_len // s_len  # segments of the longest whole-segment prompt allowed
+    segments = []
+    while size <= 8192:  # 8192: any count past 4096 blocks
+        low = max(size // 2 // bps + 2, nseg_min)  # fewest segments with more than size / 2 blocks
+        nseg = min(size // bps + 1 if size <= 4096 else low, longest)  # the class's longest prompt
+        if nseg >= low:
+            segments.append(nseg)
+        size *= 2
+    lengths = [n for nseg in segments for n in (nseg * s_len, nseg * s_len - 1)]
+    return [n for n in lengths if shortest <= n <= max_len]
+
+
+@torch.inference_mode()
+def warm_up_sparse_prefill(
+    config: SparsePrefillConfig,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    max_len: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> None:
+    """Run both sparse policies once at every `warm_up_lengths` length on random data (GPU only), so that
+    requests never wait for a kernel compile; a no-op on the CPU (the torch references need none)."""
+    if device.type != "cuda":
+        return
+    gen = torch.Generator(device=device).manual_seed(0)
+    for n in warm_up_lengths(config, max_len):
+        q = torch.randn(num_heads, n, head_dim, device=device, dtype=dtype, generator=gen)
+        k = torch.randn(num_kv_heads, n, head_dim, device=device, dtype=dtype, generator=gen)
+        for policy in SPARSE_POLICIES:
+            SparsePrefill(policy, config)(1, q, k, k)
+    torch.cuda.synchronize(device)
+
+
 def check_policy(policy: str) -> None:
     if policy not in POLICY_NAMES:
         raise UnknownPolicyError(f"unknown policy {policy!r}; choose one of: {', '.join(POLICY_NAMES)}")

@@ -27,6 +27,9 @@ class EngineConfig:
     cuda_graph_min_tokens: int = 8
     cuda_graphs: bool = True
     max_batch_size: int = 32
+    # GPU: compile the sparse-prefill kernels for every block-count size class when the model loads, so the
+    # first long request of each size does not pay Triton's compile time (a few seconds, once per process).
+    warm_up_kernels: bool = True
 
     def __post_init__(self) -> None:
         if self.prefill_chunk_size < 1:

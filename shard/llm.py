@@ -28,6 +28,7 @@ from entropyinfer.shard.attention import (
     SparsePrefill,
     build_prefill_attention,
     check_policy,
+    warm_up_sparse_prefill,
 )
 from entropyinfer.shard.compression import DecodeCompressor
 from entropyinfer.shard.config import EngineConfig, check_load_format
@@ -141,6 +142,12 @@ class LLM:
         self.tokenizer = _load_tokenizer(self.checkpoint, trust_remote_code)
         self.model = build_model(self.checkpoint, self.device, self.dtype, load_format)
         self.engine = Engine(self.model, self.engine_config)
+        if self.engine_config.warm_up_kernels:
+            a = self.arch
+            warm_up_sparse_prefill(
+                self.sparse_config, a.num_heads, a.num_kv_heads, a.head_dim, a.max_position_embeddings,
+                self.device, self.dtype,
+            )  # fmt: skip
         self.eos_token_ids = set(self.arch.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(int(self.tokenizer.eos_token_id))

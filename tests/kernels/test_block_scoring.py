@@ -109,6 +109,7 @@ def test_fp16_inputs_match_reference() -> None:
         (130, 64, 8, 64, None),  # two full segments and a 2-token one
         (4100, 256, 16, 0, None),  # threshold 0: every full segment may be sparse
         (1000, 64, 8, 256, 200.0),  # the fixed baseline
+        (70000, 512, 8, 4096, None),  # 137 segments: more than one chunk of the rigid test
     ],
 )
 def test_block_counts_match_reference(

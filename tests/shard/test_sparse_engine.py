@@ -6,6 +6,7 @@ import pytest
 
 from entropyinfer import LLM, SamplingParams
 from entropyinfer.cli import main as cli_main
+from entropyinfer.policies.config import load_sparse_config
 from entropyinfer.shard.embedded import real_document
 
 
@@ -76,3 +77,22 @@ def test_cli_generate_answers_a_question_about_a_file(tmp_path, capsys):
     out = capsys.readouterr()
     assert "Ingrid" in out.out
     assert '"prompt_tokens"' in out.err
+
+
+def test_warm_up_lengths_cover_every_kernel_size_class():
+    from entropyinfer.shard.attention import warm_up_lengths
+
+    for preset, max_len in (("entropy_long", 1 << 20), ("entropy_short", 8192)):
+        cfg = load_sparse_config(preset)
+        s, bps = cfg.segment_size, cfg.segment_size // cfg.block_size
+        lengths = warm_up_lengths(cfg, max_len)
+        shortest = max(cfg.threshold_len, s) + s + 1
+        assert lengths and all(shortest <= n <= max_len for n in lengths)
+
+        def size_class(n: int, s: int = s, bps: int = bps) -> int:  # the profiling kernels' row chunk
+            nblk = (-(-n // s) - 1) * bps
+            return min(1 << (nblk - 1).bit_length(), 8192)
+
+        wanted = {size_class(n) for n in range(shortest, max_len + 1, s)}
+        assert {size_class(n) for n in lengths} == wanted
+        assert any(n % 16 for n in lengths) and any(n % 16 == 0 for n in lengths)
