@@ -1,5 +1,6 @@
 """Fused token-wise layer operations in Triton: RMSNorm (optionally with the residual add), rotary
-embeddings written straight into their destination, and the MLP's ``silu(gate) * up``.
+embeddings written straight into their destination, and the MLP's ``silu(gate) * up`` over the fused
+gate|up projection's output.
 
 Each replaces a chain of small torch kernels (RMSNorm alone is eight: cast, square, mean, add, rsqrt,
 multiply, cast, scale) by one pass over the data in float32 with a single rounding at the end, which
@@ -25,9 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from entropyinfer.kernels.layer_ops_ref import add_rms_norm_ref, rms_norm_ref, rotary_ref, silu_mul_ref
+from entropyinfer.kernels.layer_ops_ref import add_rms_norm_ref, rms_norm_ref, rotary_ref, silu_and_mul_ref
 
-__all__ = ["add_rms_norm", "rms_norm", "rotary", "silu_mul"]
+__all__ = ["add_rms_norm", "rms_norm", "rotary", "silu_and_mul"]
 
 
 @triton.jit
@@ -100,12 +101,13 @@ def _rotary_kernel(
 
 
 @triton.jit
-def _silu_mul_kernel(g_ptr, u_ptr, o_ptr, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < n
-    g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    tl.store(o_ptr + offs, (g / (1.0 + tl.exp(-g)) * u).to(o_ptr.dtype.element_ty), mask=m)
+def _silu_and_mul_kernel(x_ptr, o_ptr, stride_x, stride_o, n_cols, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = cols < n_cols
+    g = tl.load(x_ptr + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(x_ptr + row * stride_x + n_cols + cols, mask=m, other=0.0).to(tl.float32)
+    tl.store(o_ptr + row * stride_o + cols, (g / (1.0 + tl.exp(-g)) * u).to(o_ptr.dtype.element_ty), mask=m)
 
 
 def _runs_triton(t: torch.Tensor) -> bool:
@@ -191,16 +193,18 @@ def rotary(
     return out
 
 
-def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` in one pass (see `silu_mul_ref`)."""
-    if gate.shape != up.shape:
-        raise ValueError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} differ in shape")
-    if not _runs_triton(gate) or gate.numel() == 0:
-        return silu_mul_ref(gate, up)
-    gate, up = gate.contiguous(), up.contiguous()
-    out = torch.empty_like(gate)
-    block = 2048
-    _silu_mul_kernel[(triton.cdiv(gate.numel(), block),)](
-        gate, up, out, gate.numel(), BLOCK=block, num_warps=8
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for ``x = [gate | up]`` (the fused projection's output) in one pass:
+    ``[..., 2I] -> [..., I]`` (see `silu_and_mul_ref`)."""
+    if x.shape[-1] % 2:
+        raise ValueError(f"silu_and_mul: the last dimension {x.shape[-1]} must be even (gate | up)")
+    if not _runs_triton(x) or x.numel() == 0:
+        return silu_and_mul_ref(x)
+    rows = _rows(x)
+    n = rows.shape[1] // 2
+    out = torch.empty(rows.shape[0], n, dtype=x.dtype, device=x.device)
+    block = min(triton.next_power_of_2(n), 2048)
+    _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(n, block))](
+        rows, out, rows.stride(0), out.stride(0), n, BLOCK=block, num_warps=4 if block < 2048 else 8
     )
-    return out
+    return out.view(*x.shape[:-1], n)

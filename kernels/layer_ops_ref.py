@@ -2,7 +2,8 @@
 
 These are exactly the Hugging Face Llama computations, rounding included: RMSNorm normalises in float32,
 rounds to the input dtype, then multiplies by the weight in that dtype; rotary embeddings rotate-half in the
-input dtype; the MLP activation is ``silu(gate) * up`` in the input dtype.
+input dtype; the MLP activation is ``silu(gate) * up`` in the input dtype (gate and up side by side in
+one tensor, the fused projection's output).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["add_rms_norm_ref", "rms_norm_ref", "rotary_ref", "silu_mul_ref"]
+__all__ = ["add_rms_norm_ref", "rms_norm_ref", "rotary_ref", "silu_and_mul_ref"]
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -48,5 +49,7 @@ def rotary_ref(
     return out
 
 
-def silu_mul_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for ``x = [gate | up]`` along the last dimension: ``[..., 2I] -> [..., I]``."""
+    gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up

@@ -8,10 +8,10 @@ policy: `shard/engine.py` drives it layer by layer in prefill and step by step i
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from entropyinfer.kernels.layer_ops import add_rms_norm, silu_mul
+from entropyinfer.kernels.layer_ops import add_rms_norm, silu_and_mul
+from entropyinfer.kernels.layer_ops_ref import silu_and_mul_ref
 from entropyinfer.shard.arch import ModelArch
 from entropyinfer.shard.layers import RMSNorm, Rotary, rope
 
@@ -27,6 +27,14 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(hq * d, h, bias=arch.o_bias, **kw)
         self.q_norm = RMSNorm(d, arch.rms_norm_eps, **kw) if arch.qk_norm else None
         self.k_norm = RMSNorm(d, arch.rms_norm_eps, **kw) if arch.qk_norm else None
+        self.qkv_proj: nn.Linear | None = None  # q|k|v in one matrix, made by `fuse` after loading
+
+    def fuse(self) -> None:
+        """Replace q/k/v_proj (Hugging Face's names, which checkpoints load into) by one projection: one
+        GEMM instead of three, and two fewer kernels per decode step. Their memory is released."""
+        if self.qkv_proj is None:
+            self.qkv_proj = _concat_linears([self.q_proj, self.k_proj, self.v_proj])
+            del self.q_proj, self.k_proj, self.v_proj
 
     def qkv(
         self,
@@ -39,9 +47,9 @@ class Attention(nn.Module):
         """x: [B, T, hidden] -> q [B, Hq, T, d], k and v [B, Hkv, T, d] (rope applied to q and k; v a view).
         q and k are written into `q_out` / `k_out` when given (e.g. the KV cache)."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, v = _fused(self.qkv_proj, "qkv_proj")(x).split([hq * d, hkv * d, hkv * d], dim=-1)
+        q, k, v = q.view(b, t, hq, d), k.view(b, t, hkv, d), v.view(b, t, hkv, d)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         return rope(q, cos, sin, q_out), rope(k, cos, sin, k_out), v.transpose(1, 2)
@@ -54,10 +62,40 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(h, i, bias=arch.mlp_bias, **kw)
         self.up_proj = nn.Linear(h, i, bias=arch.mlp_bias, **kw)
         self.down_proj = nn.Linear(i, h, bias=arch.mlp_bias, **kw)
+        self.gate_up_proj: nn.Linear | None = None  # gate|up in one matrix, made by `fuse` after loading
+
+    def fuse(self) -> None:
+        """Replace gate/up_proj by one projection (see `Attention.fuse`)."""
+        if self.gate_up_proj is None:
+            self.gate_up_proj = _concat_linears([self.gate_proj, self.up_proj])
+            del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(silu_mul(gate, up) if x.is_cuda else F.silu(gate) * up)
+        gate_up = _fused(self.gate_up_proj, "gate_up_proj")(x)
+        return self.down_proj(silu_and_mul(gate_up) if x.is_cuda else silu_and_mul_ref(gate_up))
+
+
+def _concat_linears(parts: list[nn.Linear]) -> nn.Linear:
+    """One nn.Linear whose output is the parts' outputs side by side (same input)."""
+    w = parts[0].weight
+    fused = nn.Linear(
+        w.shape[1],
+        sum(p.out_features for p in parts),
+        bias=parts[0].bias is not None,
+        device="meta",
+        dtype=w.dtype,
+    )
+    with torch.no_grad():
+        fused.weight = nn.Parameter(torch.cat([p.weight for p in parts]), requires_grad=False)
+        if parts[0].bias is not None:
+            fused.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
+    return fused
+
+
+def _fused(layer: nn.Linear | None, name: str) -> nn.Linear:
+    if layer is None:
+        raise RuntimeError(f"{name} is missing: call CausalLM.fuse_projections() after loading the weights")
+    return layer
 
 
 class DecoderLayer(nn.Module):
@@ -110,6 +148,13 @@ class CausalLM(nn.Module):
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = Rotary(arch, device=device)
+
+    def fuse_projections(self) -> CausalLM:
+        """Fuse q/k/v and gate/up projections in every layer (after the weights are loaded; idempotent)."""
+        for layer in self.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+        return self
 
     @property
     def layers(self) -> list[DecoderLayer]:

@@ -91,13 +91,15 @@ def load_model(folder: str | Path, device: torch.device, dtype: torch.dtype) -> 
         missing.discard("lm_head.weight")
     if missing:
         raise CheckpointNotFoundError(f"checkpoint {folder} lacks tensors: {', '.join(sorted(missing)[:8])}")
-    return model
+    del params  # so that fusing frees each layer's separate projections as it goes
+    return model.fuse_projections()
 
 
 def model_from_state_dict(
     arch: ModelArch, state_dict: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype
 ) -> CausalLM:
-    """Wrap existing tensors (e.g. a transformers model's, same names) without copying them."""
+    """Wrap existing tensors (e.g. a transformers model's, same names); only the fused q|k|v and gate|up
+    projections are new tensors."""
     with torch.device("meta"):
         model = CausalLM(arch, dtype=dtype)
     wanted = {k: v for k, v in state_dict.items() if not k.endswith(IGNORED_SUFFIXES)}
@@ -105,7 +107,7 @@ def model_from_state_dict(
     if arch.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.rotary.inv_freq = rope_inv_freq(arch).to(device)
-    return model.eval().requires_grad_(False)
+    return model.eval().requires_grad_(False).fuse_projections()
 
 
 def random_model(arch: ModelArch, device: torch.device, dtype: torch.dtype, seed: int = 0) -> CausalLM:
@@ -120,4 +122,4 @@ def random_model(arch: ModelArch, device: torch.device, dtype: torch.dtype, seed
                 p.zero_()
             else:
                 p.normal_(0.0, 0.02, generator=gen)
-    return model
+    return model.fuse_projections()

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from entropyinfer.kernels.layer_ops import add_rms_norm, rms_norm, rotary, silu_mul
-from entropyinfer.kernels.layer_ops_ref import add_rms_norm_ref, rms_norm_ref, rotary_ref, silu_mul_ref
+from entropyinfer.kernels.layer_ops import add_rms_norm, rms_norm, rotary, silu_and_mul
+from entropyinfer.kernels.layer_ops_ref import add_rms_norm_ref, rms_norm_ref, rotary_ref, silu_and_mul_ref
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -79,13 +79,20 @@ def test_rotary_matches_reference(
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(1, 7), (3, 5000), (2, 1, 1536)])
-def test_silu_mul_matches_reference(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
-    g, u = randn(*shape, dtype=dtype) * 4, randn(*shape, dtype=dtype)
+@pytest.mark.parametrize("shape", [(1, 14), (3, 5000), (2, 1, 3072), (7, 2 * 4099)])
+def test_silu_and_mul_matches_reference(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    x = randn(*shape, dtype=dtype) * 4
     rtol, atol = TOL[dtype]
-    torch.testing.assert_close(silu_mul(g, u), silu_mul_ref(g, u), rtol=rtol, atol=atol)
+    got = silu_and_mul(x)
+    assert got.shape == (*shape[:-1], shape[-1] // 2)
+    torch.testing.assert_close(got, silu_and_mul_ref(x), rtol=rtol, atol=atol)
+    # a strided input (rows of a wider buffer)
+    wide = randn(shape[0], shape[-1] + 6, dtype=dtype)[:, : shape[-1]]
+    torch.testing.assert_close(silu_and_mul(wide), silu_and_mul_ref(wide), rtol=rtol, atol=atol)
 
 
-def test_empty_inputs() -> None:
+def test_empty_and_bad_inputs() -> None:
     assert rms_norm(randn(0, 8), randn(8), 1e-5).shape == (0, 8)
-    assert silu_mul(randn(0), randn(0)).shape == (0,)
+    assert silu_and_mul(randn(0, 8)).shape == (0, 4)
+    with pytest.raises(ValueError, match="even"):
+        silu_and_mul(randn(2, 7))

@@ -39,8 +39,8 @@ def engine() -> Engine:
     model = random_model(ARCH, CPU, torch.float32, seed=3)
     with torch.no_grad():
         for layer in model.layers:
-            layer.self_attn.q_proj.weight.mul_(12)
-            layer.self_attn.k_proj.weight.mul_(12)
+            qk_rows = (ARCH.num_heads + ARCH.num_kv_heads) * ARCH.head_dim  # q and k of the fused q|k|v
+            layer.self_attn.qkv_proj.weight[:qk_rows].mul_(12)
     return Engine(model)
 
 
