@@ -42,15 +42,21 @@ def build_models() -> tuple[Any, Engine]:
 
 
 def ours_ttft(
-    engine: Engine, tokens: torch.Tensor, extra: int, attention: PrefillAttention | None = None
+    engine: Engine,
+    tokens: torch.Tensor,
+    extra: int,
+    attention: PrefillAttention | None = None,
+    reps: int = 1,
+    warmup: int = 0,
 ) -> tuple[float, Any]:
+    """Median prefill time (ms) over `reps` runs after `warmup` untimed ones, and (cache, first token)."""
     cache = engine.new_cache(1, tokens.shape[0] + extra)
     holder: dict[str, Any] = {}
 
     def run() -> None:
         holder["tok"] = engine.prefill(tokens, cache, 0, attention or DensePrefill()).argmax()
 
-    return cuda_time(run), (cache, holder["tok"])
+    return cuda_time(run, reps=reps, warmup=warmup), (cache, holder["tok"])
 
 
 def ours_decode(engine: Engine, cache: Any, first: torch.Tensor, n: int, steps: int) -> float:
@@ -65,7 +71,7 @@ def hf_ttft_decode(hf: Any, tokens: torch.Tensor, steps: int) -> tuple[float, fl
         out = hf(tokens[None], use_cache=True, logits_to_keep=1)
         holder["pkv"], holder["tok"] = out.past_key_values, out.logits[0, -1].argmax().view(1, 1)
 
-    ttft = cuda_time(prefill)
+    ttft = cuda_time(prefill, warmup=1)  # after an untimed run at this length, as ours
     if steps <= 0:
         return ttft, None
     pkv, tok = holder.pop("pkv"), holder.pop("tok")
@@ -85,6 +91,9 @@ def main() -> None:
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--hf-decode-steps", type=int, default=8)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument(
+        "--reps", type=int, default=2, help="timed prefills per length (median), after one untimed"
+    )
     args = ap.parse_args()
 
     hf, engine = build_models()
@@ -106,7 +115,7 @@ def main() -> None:
         row: dict[str, Any] = {"tokens": n}
         try:
             torch.cuda.reset_peak_memory_stats()
-            ttft, (cache, first) = ours_ttft(engine, tokens, args.decode_steps + 8)
+            ttft, (cache, first) = ours_ttft(engine, tokens, args.decode_steps + 8, reps=args.reps, warmup=1)
             row["ours_ttft_s"] = ttft / 1e3
             row["ours_decode_ms"] = ours_decode(engine, cache, first, n, args.decode_steps)
             row["ours_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
@@ -118,7 +127,7 @@ def main() -> None:
         torch.cuda.empty_cache()
         try:
             sparse = SparsePrefill("entropy", load_sparse_config("entropy_long"))
-            ttft, (cache, _) = ours_ttft(engine, tokens, 8, sparse)
+            ttft, (cache, _) = ours_ttft(engine, tokens, 8, sparse, reps=args.reps, warmup=1)
             row["entropy_ttft_s"] = ttft / 1e3
             row["entropy_density"] = sparse.stats()["density"]
             if "ours_ttft_s" in row:
