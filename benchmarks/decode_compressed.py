@@ -20,14 +20,17 @@ engine's dense path.
 Run: `python benchmarks/decode_compressed.py` (options: --contexts, --skip-hf, --skip-e2e); writes
 decode_compressed.{json,md} to $OUT (device machine) or benchmarks/results/, after every part.
 `--smoke` runs the same code on the CPU with a tiny model and short contexts (eager steps instead of CUDA
-graphs, wall-clock timing), to check the script without a GPU; it writes decode_compressed_smoke.*.
+graphs, wall-clock timing), to check the script without a GPU; it writes decode_compressed_smoke.* to $OUT
+or a temporary folder (never into the repository).
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -266,6 +269,8 @@ def main() -> None:
     name, warm, kv = "decode_compressed", 16384, {}
     if args.smoke:
         DEV, SPARSE_PRESET, name, warm = torch.device("cpu"), "entropy_short", "decode_compressed_smoke", 1024
+        if not os.environ.get("OUT"):  # smoke results are not results: keep them out of the repository
+            os.environ["OUT"] = tempfile.mkdtemp(prefix="decode_compressed_smoke_")
         args.contexts, args.capacities, args.batch8_max_context = [512, 1536], [64, 128], 512
         args.decode_steps, args.hf_decode_steps, args.e2e_prompt, args.e2e_new_tokens = 4, 2, 1536, 40
         kv = {"capacity": 128}
