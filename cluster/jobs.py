@@ -677,9 +677,7 @@ class JobWorker:
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), self.poll_s)
                     continue
-                state = await self.process(job, worker_id)
-                if state in TERMINAL:
-                    self.on_job_done(state)
+                await self.process(job, worker_id)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -708,11 +706,15 @@ class JobWorker:
 
     async def process(self, job: Job, worker_id: str | None = None) -> str:
         """Run one job claimed by `worker_id` (default `self.worker_id`) to a terminal state, or until it
-        is requeued or taken away; returns the job's state."""
+        is requeued or taken away; returns the job's state. `on_job_done` sees terminal states at once,
+        before any await, so a shutdown racing the job's end cannot lose the count."""
         lease = _Lease(job.id, worker_id or self.worker_id)
         beat = asyncio.create_task(self._keep_alive(lease))
         try:
-            return await self._process(job, lease)
+            state = await self._process(job, lease)
+            if state in TERMINAL:
+                self.on_job_done(state)
+            return state
         finally:
             beat.cancel()
             await asyncio.wait({beat})
