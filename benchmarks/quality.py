@@ -1,8 +1,10 @@
 """Quality of entropy-guided sparse prefill against dense on a real model (SmolLM2-135M-Instruct, CPU).
 
-Passkey and multi-key needle retrieval over prompt lengths and depths, perplexity of the haystack's real
-text and logit KL(dense || sparse) from the same prefill; dense / entropy / fixed with the short-context
-preset, and a budget sweep (entropy B0 and fixed budgets) at 8k tokens. The tasks, scoring and matrix live in
+Passkey retrieval (a 5-digit "secret number" in real prose) over prompt lengths 2k-8k and five depths,
+perplexity of the haystack's real text and logit KL(dense || sparse) from the same prefill; dense / entropy /
+fixed (at about the entropy densities) with the short-context preset, and a sweep (entropy B0=384 / 512,
+reference mode, fixed 128) at 8k tokens. The multi-key task stays in the harness but not in the plans:
+SmolLM2-135M answers it densely only for the last pair. The tasks, scoring and matrix live in
 `entropyinfer.shard.quality` (also run by `entropyinfer bench quality`).
 
 Run: `python benchmarks/quality.py [--quick] [--fresh]`; writes quality.{json,md} (quality_quick.* with

@@ -3,11 +3,12 @@
 Pure functions over an `LLM` (the engine is driven directly, so one loaded model serves every policy and
 budget of a sweep):
 
-- `passkey_case`: a 5-digit pass key hidden at a given depth of real text (CPython's pydoc topics, see
-  `shard/embedded.py`), asked through the chat template; `multikey_case`: several "secret code of the X"
-  key-value pairs hidden at several depths, one of them asked for. Both build a prompt of a given token
-  length (or at most 16 tokens fewer) and record where the needle landed (`Case.needle_token`,
-  `Case.depth_actual`).
+- `passkey_case`: a 5-digit code ("The secret number is X. Remember it. X is the secret number.") hidden at
+  a given depth of real prose (`prose_text`: the plain-sentence paragraphs of CPython's pydoc topics, no
+  code, no digits), asked through the chat template with the answer started ("The secret number is");
+  `multikey_case`: several "secret code of the X" key-value pairs hidden at several depths, one of them
+  asked for. Both build a prompt of a given token length (or at most 16 tokens fewer) and record where the
+  needle landed (`Case.needle_token`, `Case.depth_actual`).
 - `run_case`: prefill through a policy configuration, then greedy decoding that stops as soon as a 5-digit
   number is complete (or at EOS); `score`: exact match of the answer's first 5-digit number with the code.
 - `haystack_metrics`: the same prefill with logits at every position gives the perplexity of the haystack
@@ -37,7 +38,7 @@ import torch
 
 from entropyinfer.policies.config import SparsePrefillConfig
 from entropyinfer.shard.attention import PrefillAttention, build_prefill_attention
-from entropyinfer.shard.embedded import real_document
+from entropyinfer.shard.embedded import real_documents
 
 __all__ = [
     "FULL_PLAN",
@@ -65,23 +66,42 @@ CODE_RE = re.compile(r"(?<!\d)\d{5}(?!\d)")
 """A 5-digit code: five digits with no digit on either side."""
 
 PASSKEY_INSTRUCTION = (
-    "There is an important piece of information hidden inside a lot of irrelevant text. "
-    "Find it and memorize it. I will quiz you about the important information there."
+    "A secret number is hidden inside the following text. Find it and remember it. "
+    "Then answer: what is the secret number?"
 )
-PASSKEY_NEEDLE = "The pass key is {code}. Remember it. {code} is the pass key."
-PASSKEY_QUESTION = "What is the pass key? Answer with the 5-digit number only."
+PASSKEY_NEEDLE = "The secret number is {code}. Remember it. {code} is the secret number."
+PASSKEY_QUESTION = "What is the secret number? Look for it in the text above."
+PASSKEY_ANSWER_PREFIX = "The secret number is"
+"""The pass-key task (Mohtashami & Jaggi 2023) with "secret number" for "pass key", the question asked before
+and after the text, and the assistant turn started with "The secret number is" (the prompt's last tokens).
+Pilot, SmolLM2-135M dense, this prose haystack, depths 0.1/0.3/0.5/0.7/0.9:
+- the former wording (needle "The pass key is X. Remember it. X is the pass key.", question "What is the pass
+  key? Answer with the 5-digit number only."): 1/5 at 4k. In Python's reference "pass" is a statement: the
+  model answers 'The pass key is "pass".' (on the whole pydoc topics: "The pass key is a special attribute
+  of the class ...");
+- "magic number" asked with "Answer with the 5-digit number only.": 0/5 at 4k ("The magic number is 1000.");
+  with the answer started ("The magic number is"): 4/5;
+- "secret number", the answer started, question only after the text: 5/5 at 4k, 3/5 at 6k (depths 0.1 and
+  0.3 lost: " 13." for 13400, " 456." for 45386: the first digits, then a full stop);
+- this wording: 4/4 at 4k (0.3 not piloted), 4/5 at 6k (0.1 lost: " 134.");
+- the classic synthetic filler ("The grass is green. The sky is blue. ...") is solved at 4k and 6k by every
+  wording tried: it tests less than real prose."""
 
 MULTIKEY_INSTRUCTION = (
     "Several secret codes are hidden inside a lot of irrelevant text. Find them and memorize them. "
     "I will quiz you about one of them."
 )
 MULTIKEY_NEEDLE = "The secret code of the {key} is {code}. Remember it: the {key} has the code {code}."
-MULTIKEY_QUESTION = "What is the secret code of the {key}? Answer with the 5-digit number only."
+MULTIKEY_QUESTION = "What is the secret code of the {key}?"
+MULTIKEY_ANSWER_PREFIX = "The secret code of the {key} is"
 MULTIKEY_KEYS = ("castle", "violin", "harbor", "meadow", "rocket", "lantern", "glacier", "orchard")
 MULTIKEY_DEPTHS = (0.1, 0.5, 0.9)
 """Depths of the hidden pairs of a multi-key case (plus the asked depth if it is not one of them). With five
 pairs SmolLM2-135M answers 5 of 12 pilot cases densely at 2k-4k, with three 7 of 12: three keep the task
-informative (dense must mostly succeed for a sparse policy's loss to show)."""
+informative (dense must mostly succeed for a sparse policy's loss to show). In the full run with the former
+wording dense answered only the last pair's case at every length (1 of 3 at 2k, 4k and 8k: it answers the
+last code it read), and with the prose haystack and the answer started the 4k depth-0.1 case still gets the
+last pair's code: the task is kept but left out of the plans."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -102,6 +122,7 @@ class Case:
     needle_token: int  # index in prompt_ids of the asked needle's first code digit
     haystack_span: tuple[int, int]  # [start, end) token indices of the haystack (filler + needles)
     keys: dict[str, str] = field(default_factory=dict)  # multikey: every hidden key -> code
+    answer_prefix: str = ""  # the assistant turn's start, the prompt's last tokens (after the template)
 
     @property
     def key(self) -> str:
@@ -119,13 +140,49 @@ FILLER_TOKENS = 16384
 
 _FILLER: dict[int, list[int]] = {}
 
+_PROSE_CHARS = frozenset(" ,.;:'\"()-?!")
+
+
+def prose_text() -> str:
+    """Real English prose: the paragraphs of CPython's pydoc topics (`shard/embedded.py`, the Language
+    Reference; same topics, same order) that are plain sentences: no indented (code or grammar) line, no
+    digit, at least 120 characters ending with a full stop, at most 2% of characters other than letters,
+    spaces and ,.;:'"()-?!. About 320 paragraphs, 96,000 characters, 21,000 SmolLM2 tokens on Python 3.11.
+
+    Without digits the hidden 5-digit code is the only number of the haystack, and without code the text is
+    one register; on the whole topics (grammar rules, code, numbers) SmolLM2-135M answers 1 of 5 dense
+    4k-token pass-key cases, on this prose with the same wording also 1 of 5 (the wording was the problem,
+    see `PASSKEY_NEEDLE`), but the prose keeps the task about retrieval, not about telling a code from the
+    numbers around it."""
+    paragraphs: list[str] = []
+    for doc in real_documents(len(_topic_names())):
+        for para in re.split(r"\n\s*\n", doc):
+            lines = para.split("\n")
+            if any(line.startswith(" ") for line in lines):
+                continue
+            text = " ".join(line.strip() for line in lines)
+            if len(text) < 120 or not text.endswith(".") or any(c.isdigit() for c in text):
+                continue
+            if sum(not (c.isalpha() or c in _PROSE_CHARS) for c in text) > 0.02 * len(text):
+                continue
+            paragraphs.append(text)
+    return "\n\n".join(paragraphs)
+
+
+def _topic_names() -> list[str]:
+    from pydoc_data.topics import topics
+
+    from entropyinfer.shard.embedded import MIN_TOPIC_CHARS
+
+    return [name for name in topics if len(topics[name].strip()) >= MIN_TOPIC_CHARS]
+
 
 def haystack_tokens(llm: Any, n: int) -> list[int]:
-    """The first `n` tokens of real English text (pydoc topics, tokenized once without special tokens),
+    """The first `n` tokens of real English prose (`prose_text`, tokenized once without special tokens),
     so the haystack of a length does not depend on what was built before."""
     key = id(llm.tokenizer)
     if key not in _FILLER:
-        _FILLER[key] = list(llm.tokenizer.encode(real_document(FILLER_TOKENS), add_special_tokens=False))
+        _FILLER[key] = list(llm.tokenizer.encode(prose_text(), add_special_tokens=False))[:FILLER_TOKENS]
     tokens = _FILLER[key]
     if not 0 < n <= len(tokens):
         raise ValueError(f"haystack_tokens: n must be between 1 and {len(tokens)}, got {n}")
@@ -164,9 +221,13 @@ def _build(
     asked: str,
     expected: str,
     keys: dict[str, str],
+    answer_prefix: str,
 ) -> Case:
-    """Fill real text around `needles` ((depth, sentence) pairs) so that the prompt has `length` tokens."""
+    """Fill real text around `needles` ((depth, sentence) pairs) so that the prompt has `length` tokens.
+    The prompt is the chat template's rendering of one user message (instruction, haystack, question) with
+    the assistant turn started by `answer_prefix`."""
     tok = llm.tokenizer
+    prefix_ids = list(tok.encode(answer_prefix, add_special_tokens=False)) if answer_prefix else []
     filler_n = length  # adjusted until the prompt has `length` tokens (or a few fewer, never more)
     best: tuple[int, list[int], str, list[dict[str, str]]] | None = None
     tried: set[int] = set()
@@ -183,7 +244,7 @@ def _build(
         pieces.append(text[prev:])
         haystack = "".join(pieces).strip()
         messages = [{"role": "user", "content": f"{instruction}\n\n{haystack}\n\n{question}"}]
-        ids = llm.encode(messages)
+        ids = llm.encode(messages) + prefix_ids
         if len(ids) <= length and (best is None or len(ids) > len(best[1])):
             best = (filler_n, ids, haystack, messages)
         if len(ids) == length:
@@ -198,7 +259,7 @@ def _build(
     _, ids, haystack, messages = best
     # Where the haystack and the asked code sit, in tokens (through the fast tokenizer's offsets).
     rendered = str(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-    enc = tok(rendered, add_special_tokens=False)
+    enc = tok(rendered + answer_prefix, add_special_tokens=False)
     if list(enc["input_ids"]) != list(ids):
         raise ValueError(f"{task} prompt: the rendered chat template tokenizes differently from encode()")
     hay_at = rendered.index(haystack)
@@ -215,11 +276,13 @@ def _build(
         needle_token=needle_token,
         haystack_span=span,
         keys=keys,
+        answer_prefix=answer_prefix,
     )
 
 
 def passkey_case(llm: Any, length: int, depth: float, seed: int = 0) -> Case:
-    """A 5-digit pass key hidden at `depth` (0..1) of real text, in a prompt of `length` tokens."""
+    """A 5-digit code (the "magic number") hidden at `depth` (0..1) of real prose, in a prompt of `length`
+    tokens that ends with the answer's start ("The magic number is")."""
     rng = random.Random(f"passkey/{length}/{depth:g}/{seed}")
     (code,) = _codes(rng, 1, llm.tokenizer.decode(haystack_tokens(llm, length)))
     needle = PASSKEY_NEEDLE.format(code=code)
@@ -234,6 +297,7 @@ def passkey_case(llm: Any, length: int, depth: float, seed: int = 0) -> Case:
         needle,
         code,
         {},
+        PASSKEY_ANSWER_PREFIX,
     )
 
 
@@ -261,6 +325,7 @@ def multikey_case(llm: Any, length: int, depth: float, seed: int = 0) -> Case:
         needles[i][1],
         codes[i],
         dict(zip(keys, codes, strict=True)),
+        MULTIKEY_ANSWER_PREFIX.format(key=keys[i]),
     )
 
 
@@ -358,20 +423,21 @@ class QualityPlan:
 FULL_PLAN = QualityPlan(
     name="full",
     preset="entropy_short",
-    tasks=("passkey", "multikey"),
-    # Longest first (the target is at 8k). 8176 + up to 16 generated tokens = SmolLM2's 8192. No 6k: on the
-    # shared 2-core machine the whole plan is about 40 minutes without it.
-    lengths=(8176, 4096, 2048),
-    depths=(0.1, 0.5, 0.9),
-    main=(DENSE, entropy_spec(256), fixed_spec(256)),
-    sweep=(entropy_spec(128), entropy_spec(512), fixed_spec(128), fixed_spec(512)),
+    tasks=("passkey",),
+    # Longest first (the target is at 8k). 8176 + up to 16 generated tokens = SmolLM2's 8192. Fixed budgets
+    # of about the entropy configurations' densities: fixed 256 ~ entropy B0=128, fixed 512 ~ B0=256 at 8k.
+    # About 55 minutes on the shared 2-core machine (one torch thread).
+    lengths=(8176, 6144, 4096, 2048),
+    depths=(0.1, 0.3, 0.5, 0.7, 0.9),
+    main=(DENSE, entropy_spec(128), entropy_spec(256), fixed_spec(256), fixed_spec(512)),
+    sweep=(entropy_spec(384), entropy_spec(512), entropy_spec(256, "reference"), fixed_spec(128)),
     sweep_lengths=(8176,),
 )
 
 QUICK_PLAN = QualityPlan(
     name="quick",
     preset="entropy_short",
-    tasks=("passkey", "multikey"),
+    tasks=("passkey",),
     lengths=(2048, 1024),
     depths=(0.5,),
     main=(DENSE, entropy_spec(256), fixed_spec(256)),
@@ -797,7 +863,8 @@ def run_and_report(
             "target": verdict,
             "cases": records,
         }
-        write(title, SUMMARY_COLUMNS, rows, meta, report_notes(plan, meta))
+        columns = [c for c in SUMMARY_COLUMNS if c not in TASKS or c in plan.tasks]
+        write(title, columns, rows, meta, report_notes(plan, meta))
         return meta
 
     if done:
@@ -825,8 +892,16 @@ def report_notes(plan: QualityPlan, meta: dict[str, Any]) -> str:
         "",
         f"Tasks: {', '.join(plan.tasks)}; prompt lengths {', '.join(map(str, plan.lengths))} tokens "
         f"(chat template included); depths {depths}; greedy, exact match of the 5-digit code. "
-        f"Multi-key: {len(MULTIKEY_DEPTHS)} key-value pairs at depths {key_depths}, one asked. "
-        "Haystack: CPython's pydoc topics.",
+        "Haystack: real prose (the plain-sentence paragraphs of CPython's pydoc topics: no code, no "
+        "digits). Passkey: needle 'The secret number is X. Remember it. X is the secret number.', "
+        "question before and after the text, assistant turn started with 'The secret number is'."
+        + (
+            f" Multi-key: {len(MULTIKEY_DEPTHS)} pairs 'The secret code of the K is X. ...' at depths "
+            f"{key_depths} (plus the asked depth), one asked, answer started with "
+            "'The secret code of the K is'."
+            if "multikey" in plan.tasks
+            else ""
+        ),
         f"Preset `{plan.preset}` (S={cfg['segment_size']}, b={cfg['block_size']}, threshold "
         f"{cfg['threshold_len']}); `entropy B0=x`: base budget x (per_head mode unless named); `fixed x`: "
         "x tokens per (KV head, segment). Sweep configurations run only at "
@@ -837,7 +912,10 @@ def report_notes(plan: QualityPlan, meta: dict[str, Any]) -> str:
         "agree_dense_%: cases whose answer code equals dense's (right or wrong). ppl: perplexity of the "
         f"haystack (real text) of the passkey prompt at depth {plan.logits_depth:g}, from the same "
         "prefill; ppl_window, kl_mean (KL(dense || policy), nats, mean per position), top1_agree: over "
-        f"the haystack's last {plan.kl_window} positions.",
+        f"the haystack's last {plan.kl_window} positions. The pydoc topics repeat some sections, so the "
+        "haystack repeats paragraphs; where the window holds repeats of earlier paragraphs (at 8176 tokens: "
+        "dense ppl_window about 4 against 10-14 elsewhere) dense predicts them by copying from far back, "
+        "and kl_mean there measures long-range copying more than local text.",
         "",
         f"Target (issue 3): entropy within {plan.target_points:g} points of dense accuracy at a density "
         f"of at most {plan.target_density:.0%} at {v['length']} tokens. Dense accuracy there: "
@@ -858,6 +936,21 @@ def report_notes(plan: QualityPlan, meta: dict[str, Any]) -> str:
             f"Dense solves at {v['length']} tokens: {', '.join(solved)} (task@depth); the accuracy "
             "comparison there rests on those cases.",
         ]
+    correct: dict[tuple[int, str], int] = {}
+    for x in meta["cases"]:
+        correct[(x["length"], x["config"])] = correct.get((x["length"], x["config"]), 0) + bool(x["correct"])
+    per_length = []
+    for length in plan.lengths:
+        parts = [
+            f"{r['config']} {correct[(length, r['config'])]}/{r['cases']}"
+            + (f" ({r['density']:.2f})" if r["density"] is not None and r["policy"] != "dense" else "")
+            for r in summarize(meta["cases"])
+            if r["length"] == length
+        ]
+        if parts:
+            per_length.append(f"- {length}: " + "; ".join(parts))
+    if per_length:
+        lines += ["", "Correct cases per length (mean density):", *per_length, ""]
     lines.append(
         "Reading the retrieval numbers: the question, and so the answer, sit in the prompt's last segment, "
         "which every policy computes densely (ALGORITHM.md, step 8), and every segment attends its own keys: "
