@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from entropyinfer.kernels.layer_ops import add_rms_norm, silu_and_mul
-from entropyinfer.kernels.layer_ops_ref import silu_and_mul_ref
+from entropyinfer.kernels.layer_ops_ref import add_rms_norm_ref, silu_and_mul_ref
 from entropyinfer.shard.arch import ModelArch
 from entropyinfer.shard.layers import RMSNorm, Rotary, rope
 
@@ -119,12 +119,8 @@ class DecoderLayer(nn.Module):
     def finish(self, h: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """h: residual [B, T, hidden]; attn: attention output [B, T, Hq * d]."""
         o = self.self_attn.o_proj(attn)
-        norm = self.post_attention_layernorm
-        if h.is_cuda:  # the residual add fused into the norm
-            normed, h = add_rms_norm(o, h, norm.weight, norm.eps)
-        else:
-            h = h + o
-            normed = norm(h)
+        norm = self.post_attention_layernorm  # the residual add fused into it
+        normed, h = (add_rms_norm if h.is_cuda else add_rms_norm_ref)(o, h, norm.weight, norm.eps)
         return h + self.mlp(normed)
 
 
