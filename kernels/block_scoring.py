@@ -52,6 +52,7 @@ __all__ = [
     "block_counts",
     "block_scores",
     "interpreter_ready",
+    "row_chunk",
     "scoring_tiles",
     "select_blocks",
 ]
@@ -400,6 +401,15 @@ def _pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
+MAX_ROW_CHUNK = 4096  # blocks per step of the entropy and selection kernels on GPU; longer rows loop
+
+
+def row_chunk(nblocks: int) -> int:
+    """The GPU row kernels' chunk for rows of `nblocks` blocks. It is a compile-time constant, as is whether
+    a row fits one chunk (``nblocks <= row_chunk(nblocks)``): each distinct pair is one more compile."""
+    return min(_pow2(max(nblocks, 1)), MAX_ROW_CHUNK)
+
+
 def scoring_tiles(
     nseg: int, nblocks: int, segment_size: int, block_size: int, dim: int = 128, *, cuda: bool = True
 ) -> ScoringTiles:
@@ -420,10 +430,10 @@ def scoring_tiles(
             logits_warps=4,
             logits_stages=2,
             rows=1,
-            chunk=min(_pow2(nblk), 4096),
+            chunk=row_chunk(nblk),
             row_warps=8,
             select_rows=1,
-            select_chunk=min(_pow2(nblk), 4096),
+            select_chunk=row_chunk(nblk),
             select_warps=8,
         )
     return ScoringTiles(

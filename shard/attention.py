@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from entropyinfer.errors import UnknownPolicyError
+from entropyinfer.kernels.block_scoring import row_chunk
 from entropyinfer.kernels.decode_attention import decode_attention
 from entropyinfer.kernels.decode_attention_ref import decode_attention_ref
 from entropyinfer.kernels.sparse_prefill import sparse_prefill_attention
@@ -154,23 +155,20 @@ class SparsePrefill:
 def warm_up_lengths(config: SparsePrefillConfig, max_len: int) -> list[int]:
     """Prompt lengths (<= max_len) whose sparse prefill compiles every kernel variant a request can need.
 
-    The profiling kernels pick their row chunk by the number of key blocks, in powers of two up to 4096
-    (then fixed): one length per size class from the shortest sparse prompt on, and one past 4096 blocks,
-    each also one token shorter, since Triton compiles integer arguments divisible by 16 apart."""
+    The profiling kernels are compiled per `row_chunk` of the key-block count (and whether a row fits one
+    chunk): the shortest prompt of each such class, and each also one token shorter, since Triton compiles
+    integer arguments divisible by 16 apart."""
     s_len, bps = config.segment_size, config.segment_size // config.block_size
     shortest = max(config.threshold_len, s_len) + s_len + 1
-    nseg_min = -(-shortest // s_len)
-    size = 1 << max((nseg_min - 1) * bps - 1, 0).bit_length()  # the shortest prompt's size class
-    longest = max_len // s_len  # segments of the longest whole-segment prompt allowed
-    segments = []
-    while size <= 8192:  # 8192: any count past 4096 blocks
-        low = max(size // 2 // bps + 2, nseg_min)  # fewest segments with more than size / 2 blocks
-        nseg = min(size // bps + 1 if size <= 4096 else low, longest)  # the class's longest prompt
-        if nseg >= low:
-            segments.append(nseg)
-        size *= 2
-    lengths = [n for nseg in segments for n in (nseg * s_len, nseg * s_len - 1)]
-    return [n for n in lengths if shortest <= n <= max_len]
+    seen: set[tuple[int, bool]] = set()
+    lengths = []
+    for nseg in range(-(-shortest // s_len), max_len // s_len + 1):
+        nblk = (nseg - 1) * bps
+        variant = (row_chunk(nblk), nblk <= row_chunk(nblk))
+        if variant not in seen:
+            seen.add(variant)
+            lengths += [n for n in (nseg * s_len, nseg * s_len - 1) if n >= shortest]
+    return lengths
 
 
 @torch.inference_mode()
