@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from entropyinfer.cluster.jobs import IdempotencyConflict, JobStore, JobWorker, NewDocument, NewJob
+from entropyinfer.cluster.jobs import IdempotencyConflict, Job, JobStore, JobWorker, NewDocument, NewJob
 from entropyinfer.errors import PromptTooLongError
 
 
@@ -293,6 +293,16 @@ def test_engine_outage_requeues_the_job_then_fails_at_the_attempt_limit(store: J
     assert "unavailable 3 times" in error and "engine replica restarting" in error
 
 
+async def _finished(store: JobStore, job_id: str, timeout_s: float = 30.0) -> Job | None:
+    """The job once it is finished (polled every 10 ms), or as last seen after `timeout_s` (slow CI)."""
+    deadline = time.monotonic() + timeout_s
+    job = store.get(job_id)
+    while (job is None or not job.finished) and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+        job = store.get(job_id)
+    return job
+
+
 def test_worker_loop_rides_out_an_engine_outage_with_backoff(store: JobStore) -> None:
     engine = FlakyEngine(down=2)
     worker = _transient_worker(store, engine, max_attempts=3, retry_backoff_s=0.05)
@@ -304,11 +314,7 @@ def test_worker_loop_rides_out_an_engine_outage_with_backoff(store: JobStore) ->
         job_id = store.submit(_job(["alpha"]))[0].id
         worker.notify()
         t0 = time.monotonic()
-        for _ in range(3000):  # up to 30 s: CI machines can be slow
-            job = store.get(job_id)
-            if job is not None and job.finished:
-                break
-            await asyncio.sleep(0.01)
+        job = await _finished(store, job_id)
         await worker.shutdown(loop)
         assert job is not None and job.state == "succeeded" and job.lost_count == 2
         assert time.monotonic() - t0 >= 0.05 + 0.1  # it waited 0.05 s, then 0.1 s, before retrying
@@ -327,11 +333,7 @@ def test_timer_heartbeat_keeps_a_slow_job_from_running_twice(store: JobStore) ->
         loop = asyncio.create_task(worker.run_forever(concurrency=2))
         job_id = store.submit(_job(["slow doc"]))[0].id
         worker.notify()
-        for _ in range(3000):  # up to 30 s: CI machines can be slow
-            job = store.get(job_id)
-            if job is not None and job.finished:
-                break
-            await asyncio.sleep(0.01)
+        job = await _finished(store, job_id)
         await worker.shutdown(loop)
         assert job is not None and job.state == "succeeded" and job.lost_count == 0
 
