@@ -20,7 +20,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from entropyinfer.cluster.config import load_serve_file
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_YAMLS = sorted(
     p for p in (ROOT / "cluster").glob("*.yaml") if "provider" in yaml.safe_load(p.read_text())
 )
