@@ -294,16 +294,20 @@ def free_gpu() -> None:
 
 
 def serve_config(args: argparse.Namespace, folder: Path, db: Path) -> Any:
-    from entropyinfer.cluster.config import AuthConfig, EngineConfig, JobsConfig, ServeAppConfig
+    from entropyinfer.cluster.config import AuthConfig, JobsConfig, ReplicaConfig, ServeAppConfig
+    from entropyinfer.shard.config import LLMConfig
 
+    llm = {
+        "model": str(folder),
+        "policy": args.policy,
+        "dtype": args.dtype or "auto",
+        "device": "cpu" if args.smoke else None,  # None: the shard's GPU
+        "load_format": "dummy",
+    }
     return ServeAppConfig(
-        engine=EngineConfig(
-            model=str(folder),
-            policy=args.policy,
+        engine=ReplicaConfig(
+            llm=LLMConfig.from_keywords(llm),
             policies=tuple(dict.fromkeys((args.policy, "dense", "entropy", "fixed"))),
-            dtype=args.dtype,
-            device="cpu" if args.smoke else None,  # None: the shard's GPU
-            load_format="dummy",
             accelerator="cpu" if args.smoke else "gpu",
             cpu_threads=1 if args.smoke else None,  # as the Python API's torch in --smoke
         ),

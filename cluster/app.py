@@ -3,7 +3,7 @@
     serve run configs/serve.yaml          # or: serve deploy configs/serve.yaml, entropyinfer serve
 
 `build_app(args)` receives the application's `args` (typed by `ServeAppConfig`; unknown keys raise
-ConfigError with their dotted name) and returns Ingress(FastAPI) -> Engine (shard actors in its
+ConfigError with their dotted name) and returns Ingress(FastAPI) -> Engine (cluster/replica.py: shard actors in its
 replica's placement group). The ingress replicas run on the head node, where the SQLite job store lives
 (`ray_actor_options` of the Ingress deployment).
 """
@@ -14,17 +14,16 @@ from typing import Any, cast
 
 from ray.serve import Application, Deployment
 
-from entropyinfer.cluster.config import ServeAppConfig, app_config, to_args
-from entropyinfer.cluster.engine import EngineDeployment, resolve_accelerator, shard_bundles
+from entropyinfer.cluster.config import ServeAppConfig, app_config
 from entropyinfer.cluster.ingress import Ingress
+from entropyinfer.cluster.replica import EngineReplica, resolve_accelerator, shard_bundles
 
 
 def build_app(args: dict[str, Any] | ServeAppConfig | None = None) -> Application:
     config = app_config(args)
     accelerator = resolve_accelerator(config.engine)
-    plain = to_args(config)
     engine = (
-        cast(Deployment, EngineDeployment)
+        cast(Deployment, EngineReplica)
         .options(
             num_replicas=config.engine.num_replicas,
             max_ongoing_requests=config.engine.max_ongoing_requests,
@@ -32,7 +31,7 @@ def build_app(args: dict[str, Any] | ServeAppConfig | None = None) -> Applicatio
             placement_group_strategy="STRICT_PACK",
             health_check_timeout_s=60.0,
         )
-        .bind(plain, accelerator)
+        .bind(config, accelerator)
     )
     return (
         cast(Deployment, Ingress)
@@ -40,5 +39,5 @@ def build_app(args: dict[str, Any] | ServeAppConfig | None = None) -> Applicatio
             num_replicas=config.ingress.num_replicas,
             max_ongoing_requests=config.ingress.max_ongoing_requests,
         )
-        .bind(engine, plain)
+        .bind(engine, config)
     )

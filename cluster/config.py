@@ -1,6 +1,7 @@
 """Typed configuration of the Serve application (the `args` of configs/serve.yaml's application).
 
-Loaded with `entropyinfer.configs.loader.from_dict`, so unknown keys fail with their dotted name.
+Loaded with `entropyinfer.configs.loader.from_dict`, so unknown keys fail with their dotted name. The model
+instance is `engine.llm`, the same `LLMConfig` that `LLM(...)` builds from the same keywords.
 """
 
 from __future__ import annotations
@@ -11,33 +12,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from entropyinfer.configs.loader import from_dict, load_yaml
+from entropyinfer.configs.loader import from_dict, load_yaml, merge
 from entropyinfer.errors import ConfigError
-from entropyinfer.shard.config import check_load_format
+from entropyinfer.policies.registry import get_policy
+from entropyinfer.shard.config import LLMConfig
 
-KNOWN_POLICIES = ("dense", "entropy", "fixed", "snapkv")
+
+def _serve_llm_config() -> LLMConfig:
+    return LLMConfig.from_keywords({"policy": "entropy"})
 
 
 @dataclass(frozen=True)
-class EngineConfig:
-    """What the engine deployment runs and how its replicas are placed."""
+class ReplicaConfig:
+    """The engine replica: the model instance it runs (`llm`) and how its replicas are placed.
 
-    model: str = "smollm2-135m"  # a model preset LLM knows, or a checkpoint folder
-    policy: str = "entropy"  # default attention policy when a request names none
+    `llm` is built from the keywords of `LLM(...)` (`shard.config.LLMConfig.from_keywords`): model, policy,
+    policy_config, load_format, dtype, base_budget, kv_capacity, max_num_seqs, ...; a typo fails at load,
+    naming the key."""
+
+    llm: LLMConfig = field(default_factory=_serve_llm_config)
     policies: tuple[str, ...] = ("dense", "entropy", "fixed")  # accepted in a request's `policy` field
-    device: str | None = None  # passed to LLM; None: the shard's GPU if it has one, else CPU
-    dtype: str | None = None
-    # Sparse-prefill settings: a preset name (entropy_long, entropy_short) or a YAML file, passed to
-    # LLM(policy_config=...); None: the LLM's default for the model's context length.
-    policy_config: str | None = None
-    # LLM(load_format=...): "auto" reads the checkpoint's safetensors; "dummy" builds random weights of the
-    # checkpoint's shape (the folder needs only config.json and the tokenizer): benchmarks, tests.
-    load_format: str = "auto"
-    # Extra LLM(**overrides): sparse-prefill fields (base_budget, ...), shard engine fields
-    # (prefill_chunk_size, ...), kv_* decode compression fields; checked when the config is loaded.
-    overrides: dict[str, Any] = field(default_factory=dict)
     accelerator: Literal["auto", "gpu", "cpu"] = "auto"  # auto: GPU bundles iff the cluster has GPUs
-    num_shards: int = 1  # shard actors per replica: one placement-group bundle each
     cpus_per_shard: float = 1.0
     cpu_threads: int | None = None  # torch threads of a CPU shard; None: all cores of its node
     num_replicas: int = 1
@@ -45,34 +40,22 @@ class EngineConfig:
     load_timeout_s: float = 900.0
 
     def __post_init__(self) -> None:
-        if self.policy not in self.policies:
+        for p in self.policies:
+            try:
+                get_policy(p)
+            except ConfigError as e:
+                raise ConfigError(f"engine.policies: {e}") from None
+        if self.llm.policy not in self.policies:
             raise ConfigError(
-                f"engine.policy {self.policy!r} is not in engine.policies {list(self.policies)}"
+                f"engine.llm.policy {self.llm.policy!r} is not in engine.policies {list(self.policies)}"
             )
-        unknown = [p for p in self.policies if p not in KNOWN_POLICIES]
-        if unknown:
-            raise ConfigError(
-                f"engine.policies: unknown policy {unknown[0]!r}; known: {list(KNOWN_POLICIES)}"
-            )
-        check_load_format(self.load_format, "engine.load_format")
-        if self.num_shards != 1:
-            raise ConfigError("engine.num_shards: only 1 shard per replica is supported for now")
         if self.cpus_per_shard < 0 or self.num_replicas < 1 or self.max_ongoing_requests < 1:
             raise ConfigError("engine: cpus_per_shard >= 0, num_replicas >= 1, max_ongoing_requests >= 1")
-        check_llm_options(self.policy_config, self.overrides)
 
-    def shard_args(self) -> dict[str, Any]:
-        """What each shard actor builds its `LLM` from (`ShardActor(engine=...)`)."""
-        return {
-            "model": self.model,
-            "policy": self.policy,
-            "device": self.device,
-            "dtype": self.dtype,
-            "policy_config": self.policy_config,
-            "load_format": self.load_format,
-            "overrides": dict(self.overrides),
-            "cpu_threads": self.cpu_threads,
-        }
+    @property
+    def num_shards(self) -> int:
+        """Shard actors per replica (one placement-group bundle each): tensor x sequence parallel size."""
+        return self.llm.parallel.world_size
 
 
 @dataclass(frozen=True)
@@ -158,7 +141,7 @@ class IngressConfig:
 class ServeAppConfig:
     """The Serve application: `args` of the application in configs/serve.yaml."""
 
-    engine: EngineConfig = field(default_factory=EngineConfig)
+    engine: ReplicaConfig = field(default_factory=ReplicaConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
@@ -167,78 +150,7 @@ class ServeAppConfig:
 
     @property
     def model_name(self) -> str:
-        return self.served_model_name or self.engine.model
-
-
-# LLM(...) keyword arguments that have their own `engine` key, and plain LLM keywords allowed in overrides.
-_ENGINE_OWN_KEYS = ("model", "policy", "device", "dtype", "policy_config", "load_format")
-_LLM_KEYWORDS = ("trust_remote_code",)
-_DEFAULT_SPARSE_PRESETS = ("entropy_short", "entropy_long")  # LLM picks one by the model's context
-
-
-def check_llm_options(policy_config: str | None, overrides: dict[str, Any]) -> None:
-    """Fail at config load, naming the key, on what `LLM(policy_config=..., **overrides)` would reject in
-    every engine replica (a crash-looping deployment): the same split as LLM's: shard engine fields,
-    kv_* decode-compression fields, the rest sparse-prefill fields."""
-    from entropyinfer.configs.loader import load_yaml
-    from entropyinfer.policies.config import SparsePrefillConfig, load_sparse_config
-    from entropyinfer.shard.config import EngineConfig as ShardEngineConfig
-
-    where = "engine.overrides"
-    for key in _ENGINE_OWN_KEYS:
-        if key in overrides:
-            raise ConfigError(f"{where}.{key}: set engine.{key} instead")
-    if policy_config is not None:
-        try:
-            load_yaml(policy_config)
-        except ConfigError as e:
-            raise ConfigError(f"engine.policy_config: {e}") from None
-    engine_keys = {f.name for f in dataclasses.fields(ShardEngineConfig)}
-    sparse_keys = {f.name for f in dataclasses.fields(SparsePrefillConfig)}
-    kv = {k: v for k, v in overrides.items() if k.startswith("kv_")}
-    kv_fields = _check_kv_overrides(kv, where) if kv else set()
-    known = engine_keys | sparse_keys | kv_fields | set(_LLM_KEYWORDS)
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ConfigError(
-            f"unknown config key(s): {', '.join(f'{where}.{k}' for k in unknown)}; known keys: "
-            f"{', '.join(sorted(engine_keys | sparse_keys))}, kv_compression, kv_<field>, trust_remote_code"
-        )
-    if not isinstance(overrides.get("trust_remote_code", False), bool):
-        raise ConfigError(f"{where}.trust_remote_code: expected true or false")
-    try:
-        from_dict(ShardEngineConfig, {k: v for k, v in overrides.items() if k in engine_keys})
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
-    sparse = {k: v for k, v in overrides.items() if k in sparse_keys}
-    errors: list[ConfigError] = []
-    for preset in (policy_config,) if policy_config is not None else _DEFAULT_SPARSE_PRESETS:
-        try:
-            load_sparse_config(preset, **sparse)
-            return
-        except ConfigError as e:
-            errors.append(e)
-    raise ConfigError(f"{where}: {errors[0]}")
-
-
-def _check_kv_overrides(kv: dict[str, Any], where: str) -> set[str]:
-    """The kv_* keys LLM knows (kv_compression and kv_<KVCompressionConfig field>); checks their values
-    against the preset(s) they apply to. Imports torch, so only when some kv_* key is set."""
-    from entropyinfer.policies.kv_compression import KVCompressionConfig, load_kv_compression_config
-
-    known = {"kv_compression"} | {f"kv_{f.name}" for f in dataclasses.fields(KVCompressionConfig)}
-    fields_ = {k[3:]: v for k, v in kv.items() if k in known and k != "kv_compression"}
-    name = kv.get("kv_compression", "auto")
-    if not isinstance(name, str):
-        raise ConfigError(f"{where}.kv_compression: expected a preset name, a YAML file, auto or none")
-    presets = {"auto": ("latent", "snapkv"), "none": ()}.get(name, (name,))
-    if set(kv) <= known:
-        for preset in presets:
-            try:
-                load_kv_compression_config(preset, **fields_)
-            except ConfigError as e:
-                raise ConfigError(f"{where}: kv_compression={preset!r}: {e}") from None
-    return known
+        return self.served_model_name or self.engine.llm.model.model
 
 
 def app_config(args: dict[str, Any] | ServeAppConfig | None) -> ServeAppConfig:
@@ -246,11 +158,6 @@ def app_config(args: dict[str, Any] | ServeAppConfig | None) -> ServeAppConfig:
     if isinstance(args, ServeAppConfig):
         return args
     return from_dict(ServeAppConfig, dict(args or {}), "args")
-
-
-def to_args(config: ServeAppConfig) -> dict[str, Any]:
-    """Plain-dict form (what `serve run` passes back as `args`)."""
-    return dataclasses.asdict(config)
 
 
 @dataclass(frozen=True)
@@ -263,6 +170,12 @@ class ServeFile:
     route_prefix: str
     import_path: str
     app: ServeAppConfig
+    args: dict[str, Any] = field(default_factory=dict)  # the application's args as written in the file
+
+    def with_args(self, overrides: dict[str, Any]) -> ServeFile:
+        """The file with `overrides` merged into its args (nested mappings merge) and typed again."""
+        args = merge(self.args, overrides)
+        return dataclasses.replace(self, args=args, app=from_dict(ServeAppConfig, args, "args"))
 
 
 def load_serve_file(path: str | Path = "serve") -> ServeFile:
@@ -281,11 +194,15 @@ def load_serve_file(path: str | Path = "serve") -> ServeFile:
     if not isinstance(http, dict):
         raise ConfigError(f"{path}: http_options must be a mapping")
     idx = apps.index(app)
+    args = app.get("args") or {}
+    if not isinstance(args, dict):
+        raise ConfigError(f"{path}: applications[{idx}].args must be a mapping")
     return ServeFile(
         host=str(http.get("host", "127.0.0.1")),
         port=int(http.get("port", 8000)),
         app_name=str(app.get("name", "default")),
         route_prefix=str(app.get("route_prefix", "/")),
         import_path=str(app["import_path"]),
-        app=from_dict(ServeAppConfig, app.get("args") or {}, f"applications[{idx}].args"),
+        app=from_dict(ServeAppConfig, args, f"applications[{idx}].args"),
+        args=args,
     )

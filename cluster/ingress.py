@@ -378,7 +378,7 @@ class Ingress:
             "owned_by": "entropyinfer",
             "max_context": info.get("max_context"),
             "policies": list(self.config.engine.policies),
-            "default_policy": self.config.engine.policy,
+            "default_policy": self.config.engine.llm.policy,
         }
         return _respond(request, {"object": "list", "data": [card]})
 

@@ -19,8 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from entropyinfer.cluster.config import ServeAppConfig, ServeFile, load_serve_file, to_args
-from entropyinfer.configs.loader import replace
+from entropyinfer.cluster.config import ServeAppConfig, ServeFile, load_serve_file
 
 log = logging.getLogger(__name__)
 
@@ -62,24 +61,19 @@ def apply_overrides(
     api_key: str | None = None,
 ) -> ServeFile:
     """The serve file with command-line overrides applied (re-validated by the typed loader)."""
-    engine: dict[str, Any] = {}
-    if model is not None:
-        engine["model"] = model
-    if policy is not None:
-        engine["policy"] = policy
+    llm = {
+        k: v for k, v in (("model", model), ("policy", policy), ("load_format", load_format)) if v is not None
+    }
+    engine: dict[str, Any] = {"llm": llm} if llm else {}
     if accelerator is not None:
         engine["accelerator"] = accelerator
-    if load_format is not None:
-        engine["load_format"] = load_format
     overrides: dict[str, Any] = {"engine": engine} if engine else {}
     if db_path is not None:
         overrides["jobs"] = {"db_path": db_path}
     if api_key is not None:
         overrides["auth"] = {"api_key": api_key}
-    app = replace(serve_file.app, overrides, "args") if overrides else serve_file.app
     return dataclasses.replace(
-        serve_file,
-        app=app,
+        serve_file.with_args(overrides) if overrides else serve_file,
         host=host if host is not None else serve_file.host,
         port=port if port is not None else serve_file.port,
     )
@@ -237,7 +231,7 @@ def deploy_to_cluster(serve_file: ServeFile, *, address: str = "auto", dashboard
                 "name": serve_file.app_name,
                 "route_prefix": serve_file.route_prefix,
                 "import_path": serve_file.import_path,
-                "args": to_args(serve_file.app),  # tuples go out as JSON arrays
+                "args": serve_file.args,  # as written in the file, with the overrides merged
             }
         ],
     }

@@ -1,16 +1,13 @@
 """The shard actor: one per GPU (or CPU bundle) of an engine replica's placement group; holds the `LLM`.
 
-Requests are validated at once (sampling values, policy, prompt length) and answered with an
-`accepted` event, then run one at a time on a single model thread, so a bad request fails fast even while
-the shard is busy. Events (plain dicts, see `EngineRunner` in jobs.py):
-
-    {"type": "accepted", "prompt_tokens": int}
-    {"type": "progress", "done": int, "total": int}   # prefill tokens; repeated as a keepalive in decode
-    {"type": "token", "text": str, "token_id": int}    # streaming requests only
-    {"type": "final", "text": str, "finish_reason": str, "completion_tokens": int, "stats": dict}
+`run(request)` answers an `events.Request` with typed events (cluster/events.py). The request is
+validated at once (policy, prompt length; its `SamplingParams` was validated where it was built) and
+answered with `Accepted`, or with an `Error` naming the field to fix; it then runs one at a time on a
+single model thread, so a bad request fails fast even while the shard is busy: `Progress` while it
+prefills (repeated every KEEPALIVE_S as a keepalive), `Token` for streaming requests, `Final` last.
 
 `cancel(request_id)` sets the request's cancel event; the engine checks it between prefill chunks and
-decode steps, and the request ends with a final event whose finish_reason is "cancelled". A cancel for a
+decode steps, and the request ends with a `Final` whose finish_reason is "cancelled". A cancel for a
 request this shard is not running is kept EARLY_CANCEL_TTL_S (actor tasks of an async actor may start out
 of order, so it can come before its request) and then dropped: cancels of finished or rejected requests
 leave nothing behind.
@@ -26,54 +23,65 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
-from entropyinfer.errors import PromptTooLongError
+from entropyinfer.cluster.events import Accepted, Error, Event, Final, Progress, Prompt, Request, Token
+from entropyinfer.errors import PromptTooLongError, RequestCancelled
+
+if TYPE_CHECKING:
+    from entropyinfer.shard.config import LLMConfig
+    from entropyinfer.shard.llm import LLM, RequestOutput
 
 log = logging.getLogger(__name__)
 
-Prompt = str | list[dict[str, str]]
 KEEPALIVE_S = 1.0
 PROGRESS_EVERY_S = 0.2
 EARLY_CANCEL_TTL_S = 60.0  # how long a cancel for a request not (yet) running here is remembered
 EARLY_CANCEL_MAX = 10_000  # and how many at most
 
 
+class ShardInfo(TypedDict):
+    model: str
+    max_context: int
+    device: str
+    load_s: float
+    rank: int
+
+
+class ShardStats(TypedDict):
+    busy: int  # requests in flight (validating or running)
+    running: int  # requests holding a cancel event here
+    cancelled: int  # requests the model stopped early because they were cancelled
+    early_cancels: int  # cancels remembered for requests not (yet) running here
+
+
 class ShardActor:
     """Wrapped with `ray.remote` by the engine deployment (this module does not import Ray)."""
 
-    def __init__(self, engine: dict[str, Any], rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self, config: LLMConfig, rank: int = 0, world_size: int = 1, cpu_threads: int | None = None
+    ) -> None:
         import torch
 
-        from entropyinfer import LLM
+        from entropyinfer.shard.llm import LLM
 
         self.rank = rank
         self.world_size = world_size
-        device = engine.get("device")
-        if device in (None, "cpu") and not torch.cuda.is_available():
-            torch.set_num_threads(int(engine.get("cpu_threads") or os.cpu_count() or 1))
+        if config.model.device in (None, "cpu") and not torch.cuda.is_available():
+            torch.set_num_threads(int(cpu_threads or os.cpu_count() or 1))
         t0 = time.perf_counter()
-        llm = LLM(
-            model=engine["model"],
-            policy=engine["policy"],
-            device=device,
-            dtype=engine.get("dtype"),
-            policy_config=engine.get("policy_config"),
-            load_format=engine.get("load_format", "auto"),
-            **dict(engine.get("overrides") or {}),
-        )
-        self._setup(llm, engine["model"], time.perf_counter() - t0)
+        llm = LLM.from_config(config)
+        self._setup(llm, config.model.model, time.perf_counter() - t0)
 
     @classmethod
-    def with_llm(cls, llm: Any, model_name: str = "test", rank: int = 0, world_size: int = 1) -> ShardActor:
-        """A shard around an already built LLM (or a stand-in with count_tokens, max_context, generate,
-        stream): for tests and for embedding without Ray."""
+    def with_llm(cls, llm: LLM, model_name: str = "test", rank: int = 0, world_size: int = 1) -> ShardActor:
+        """A shard around an already built LLM: for tests and for embedding without Ray."""
         shard = cls.__new__(cls)
         shard.rank, shard.world_size = rank, world_size
         shard._setup(llm, model_name, 0.0)
         return shard
 
-    def _setup(self, llm: Any, model_name: str, load_s: float) -> None:
+    def _setup(self, llm: LLM, model_name: str, load_s: float) -> None:
         self.llm = llm
         self.load_s = load_s
         self.model_name = model_name
@@ -83,11 +91,11 @@ class ShardActor:
         self._busy = 0
         self._cancelled = 0  # requests the model stopped early because they were cancelled
 
-    async def ready(self) -> dict[str, Any]:
+    async def ready(self) -> ShardInfo:
         return {
             "model": self.model_name,
             "max_context": int(self.llm.max_context),
-            "device": str(getattr(self.llm, "device", "")),
+            "device": str(self.llm.device),
             "load_s": self.load_s,
             "rank": self.rank,
         }
@@ -96,7 +104,7 @@ class ShardActor:
         """Answers while a request runs (the model has its own thread); returns requests in flight."""
         return self._busy
 
-    async def stats(self) -> dict[str, int]:
+    async def stats(self) -> ShardStats:
         """Counters for health checks and tests: requests in flight and running, cancels."""
         return {
             "busy": self._busy,
@@ -130,47 +138,44 @@ class ShardActor:
                 break
             del self._early_cancels[oldest]
 
-    async def run(
-        self, request_id: str, prompt: Prompt, sampling: dict[str, Any], policy: str | None, stream: bool
-    ) -> AsyncIterator[dict[str, Any]]:
-        cancel = self._cancels.setdefault(request_id, threading.Event())
+    async def run(self, request: Request) -> AsyncIterator[Event]:
+        """The events of one request (see cluster/events.py); closing the stream early cancels it."""
+        cancel = self._cancels.setdefault(request.request_id, threading.Event())
         self._prune_early_cancels()
-        if self._early_cancels.pop(request_id, None) is not None:
+        if self._early_cancels.pop(request.request_id, None) is not None:
             cancel.set()  # its cancel came first
         try:
-            async for event in self._run(cancel, prompt, sampling, policy, stream):
+            async for event in self._run(cancel, request):
                 yield event
         finally:
-            self._cancels.pop(request_id, None)
+            self._cancels.pop(request.request_id, None)
 
-    async def _run(
-        self,
-        cancel: threading.Event,
-        prompt: Prompt,
-        sampling: dict[str, Any],
-        policy: str | None,
-        stream: bool,
-    ) -> AsyncIterator[dict[str, Any]]:
-        from entropyinfer import SamplingParams
-        from entropyinfer.errors import RequestCancelled
-        from entropyinfer.shard.attention import check_policy
+    async def _run(self, cancel: threading.Event, request: Request) -> AsyncIterator[Event]:
+        from entropyinfer.policies.registry import get_policy
 
-        params = SamplingParams(**sampling)  # InvalidRequestError names the field
-        if policy is not None:
-            check_policy(policy)
-        n = await asyncio.to_thread(self.llm.count_tokens, prompt)
-        if n + params.max_tokens > self.llm.max_context:
-            raise PromptTooLongError(
-                f"the prompt has {n} tokens; with max_tokens={params.max_tokens} that exceeds the model's "
-                f"context of {self.llm.max_context} tokens: shorten it or lower max_tokens"
-            )
-        yield {"type": "accepted", "prompt_tokens": n}
+        prompt, params, policy = request.prompt, request.sampling, request.policy
+        try:
+            if policy is not None:
+                get_policy(policy)
+            n = await asyncio.to_thread(self.llm.count_tokens, prompt)
+            if n + params.max_tokens > self.llm.max_context:
+                raise PromptTooLongError(
+                    f"the prompt has {n} tokens; with max_tokens={params.max_tokens} that exceeds the "
+                    f"model's context of {self.llm.max_context} tokens: shorten it or lower max_tokens"
+                )
+        except Exception as e:
+            rejected = Error.from_exception(e)
+            if rejected is None:
+                raise
+            yield rejected
+            return
+        yield Accepted(n)
 
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        queue: asyncio.Queue[Event | BaseException | None] = asyncio.Queue()
 
-        def put(kind: str, item: Any) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, (kind, item))
+        def put(item: Event | BaseException | None) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
 
         last_progress = [0.0]
 
@@ -178,51 +183,49 @@ class ShardActor:
             now = time.monotonic()
             if done >= total or now - last_progress[0] >= PROGRESS_EVERY_S:
                 last_progress[0] = now
-                put("event", {"type": "progress", "done": done, "total": total})
+                put(Progress(done, total))
 
         def work() -> None:
             try:
                 if cancel.is_set():
                     raise RequestCancelled("cancelled before it started")
-                if stream:
+                if request.stream:
                     for ev in self.llm.stream(prompt, params, policy=policy, cancel=cancel):
                         if ev.text:
-                            put("event", {"type": "token", "text": ev.text, "token_id": ev.token_id})
+                            put(Token(ev.text, ev.token_id))
                         if ev.output is not None:
-                            put("event", _final(ev.output))
+                            put(_final(ev.output, n))
                 else:
-                    out = self.llm.generate(prompt, params, policy=policy, progress=progress, cancel=cancel)[
-                        0
-                    ]
-                    put("event", _final(out))
+                    outs = self.llm.generate(prompt, params, policy=policy, progress=progress, cancel=cancel)
+                    put(_final(outs[0], n))
             except RequestCancelled:
                 self._cancelled += 1
-                put("event", {"type": "final", "text": "", "finish_reason": "cancelled", "stats": {}})
+                put(Final("", "cancelled", 0, n))
             except BaseException as e:
-                put("error", e)
+                put(Error.from_exception(e) or e)
             finally:
-                put("done", None)
+                put(None)
 
         self._busy += 1
         future = loop.run_in_executor(self._model_thread, work)
         finished = False
-        last: dict[str, Any] = {"type": "progress", "done": 0, "total": n}
+        last = Progress(0, n)
         try:
             while True:
                 try:
-                    kind, item = await asyncio.wait_for(queue.get(), KEEPALIVE_S)
+                    item = await asyncio.wait_for(queue.get(), KEEPALIVE_S)
                 except asyncio.TimeoutError:
                     yield last  # keepalive: the job worker heartbeats on progress events
                     continue
-                if kind == "done":
+                if item is None:
                     break
-                if kind == "error":
+                if isinstance(item, BaseException):
                     raise item
-                if item["type"] == "progress":
+                if isinstance(item, Progress):
                     last = item
-                if item["type"] == "final":
+                elif isinstance(item, (Final, Error)):
                     finished = True
-                    last = {"type": "progress", "done": n, "total": n}
+                    last = Progress(n, n)
                 yield item
         finally:
             if not finished:
@@ -232,12 +235,6 @@ class ShardActor:
                 future.add_done_callback(lambda f: f.exception())
 
 
-def _final(out: Any) -> dict[str, Any]:
+def _final(out: RequestOutput, prompt_tokens: int) -> Final:
     stats = {k: v for k, v in dict(out.stats).items() if isinstance(v, (int, float, str, bool)) or v is None}
-    return {
-        "type": "final",
-        "text": out.text,
-        "finish_reason": out.finish_reason,
-        "completion_tokens": len(out.token_ids),
-        "stats": stats,
-    }
+    return Final(out.text, out.finish_reason, len(out.token_ids), prompt_tokens, stats)

@@ -1,7 +1,11 @@
-"""The one place where configuration is read: YAML or dicts into typed, frozen dataclasses.
+"""The one place where configuration is read: YAML, dicts or flat keywords into typed, frozen dataclasses.
 
 Unknown keys are rejected with their dotted name, values are checked against the field's type,
 and each dataclass may validate itself in `__post_init__` (raise `ConfigError`).
+
+Flat keywords (`LLM(model, policy, base_budget=512, kv_capacity=2048)`) are put into the sections of a nested
+config by `split_keywords`. A dataclass with a classmethod ``from_keywords(mapping, where)`` (`LLMConfig`) is
+built from such a flat mapping wherever it is a field of another config (the Serve config's `engine.llm`).
 """
 
 from __future__ import annotations
@@ -9,8 +13,9 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import yaml
 
@@ -52,6 +57,36 @@ def from_dict(cls: type[T], data: Any, where: str = "") -> T:
         return cls(**kwargs)
     except TypeError as e:  # a required field is missing
         raise ConfigError(f"{where or cls.__name__}: {e}") from None
+
+
+class KeywordSection(NamedTuple):
+    """A section of a nested config and the flat keywords it takes (``prefix + field``)."""
+
+    name: str
+    fields: tuple[str, ...]
+    prefix: str = ""
+
+
+def split_keywords(
+    keywords: Mapping[str, Any], sections: Sequence[KeywordSection], where: str = ""
+) -> dict[str, dict[str, Any]]:
+    """Sort flat keywords into sections: ``{section: {field: value}}`` (every section present, maybe empty).
+
+    A keyword belongs to the first section that has it; an unknown one raises `ConfigError` naming it and
+    listing every valid keyword."""
+    out: dict[str, dict[str, Any]] = {s.name: {} for s in sections}
+    owners: dict[str, tuple[str, str]] = {}
+    for s in sections:
+        for f in s.fields:
+            owners.setdefault(s.prefix + f, (s.name, f))
+    unknown = sorted(str(k) for k in keywords if k not in owners)
+    if unknown:
+        names = ", ".join(_join(where, k) for k in unknown)
+        raise ConfigError(f"unknown config key(s): {names}; valid keys: {', '.join(sorted(owners))}")
+    for key, value in keywords.items():
+        section, name = owners[key]
+        out[section][name] = value
+    return out
 
 
 def replace(obj: T, overrides: dict[str, Any], where: str = "") -> T:
@@ -101,6 +136,9 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
         return value
     if dataclasses.is_dataclass(tp):
+        builder = getattr(tp, "from_keywords", None)
+        if builder is not None and isinstance(value, dict):
+            return builder(value, where)
         return from_dict(tp, value, where)  # type: ignore[arg-type]
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):

@@ -10,7 +10,7 @@ attend every key before them. Every segment also attends its own keys causally.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import get_args
 
 import torch
 
@@ -18,6 +18,7 @@ from entropyinfer.errors import UnknownPolicyError
 from entropyinfer.kernels.block_scoring import Backend, block_counts, block_scores, select_blocks
 from entropyinfer.kernels.block_scoring_ref import BlockScores
 from entropyinfer.policies.config import SparsePrefillConfig
+from entropyinfer.policies.registry import Selection
 
 __all__ = [
     "POLICIES",
@@ -28,8 +29,8 @@ __all__ = [
     "plan_layer",
 ]
 
-Policy = Literal["entropy", "fixed"]
-POLICIES: tuple[str, ...] = ("entropy", "fixed")
+# The block-selection rules (`policies.registry.Policy.selection`): "entropy" budgets or one "fixed" budget.
+POLICIES: tuple[str, ...] = get_args(Selection)
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ def plan_from_scores(
     cfg: SparsePrefillConfig,
     seq_len: int,
     *,
-    policy: Policy = "entropy",
+    policy: Selection = "entropy",
     backend: Backend = "auto",
     with_probs: bool = False,
 ) -> LayerPlan:
@@ -167,7 +168,7 @@ def plan_layer(
     k: torch.Tensor,
     cfg: SparsePrefillConfig,
     *,
-    policy: Policy = "entropy",
+    policy: Selection = "entropy",
     backend: Backend = "auto",
     with_probs: bool = False,
 ) -> LayerPlan:

@@ -6,19 +6,17 @@ TRITON_INTERPRET says: the interpreter is for testing kernels, not for serving.
 Sparse prefill (entropy / fixed policies) plugs in through `PrefillAttention`: the policy decides the
 blocks (`policies/`), a kernel (`kernels/`) computes; this module only dispatches.
 
-Policies: `dense` (dense prefill, full cache), `fixed` (CritiPrefill prefill, full cache), `entropy`
-(EntropyInfer prefill + latent KV compression in decode), `snapkv` (dense prefill + SnapKV compression right
-after prefill). `DECODE_COMPRESSION` names each policy's default compression preset (`configs/<name>.yaml`).
+Which policy prefills how is the registry's table (`policies/registry.py`): `build_prefill_attention` turns
+a policy's `prefill` kind ("dense" / "sparse") and `selection` rule into the attention object below.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Protocol, get_args
 
 import torch
 import torch.nn.functional as F
 
-from entropyinfer.errors import UnknownPolicyError
 from entropyinfer.kernels.block_scoring import row_chunk
 from entropyinfer.kernels.decode_attention import decode_attention
 from entropyinfer.kernels.decode_attention_ref import decode_attention_ref
@@ -26,10 +24,11 @@ from entropyinfer.kernels.sparse_prefill import sparse_prefill_attention
 from entropyinfer.kernels.sparse_prefill_ref import sparse_prefill_attention_ref
 from entropyinfer.policies.config import SparsePrefillConfig
 from entropyinfer.policies.entropy import plan_density_tensor, plan_layer
+from entropyinfer.policies.registry import Selection, get_policy
 
-POLICY_NAMES = ("dense", "entropy", "fixed", "snapkv")
-SPARSE_POLICIES = ("entropy", "fixed")
-DECODE_COMPRESSION = {"dense": "none", "fixed": "none", "entropy": "latent", "snapkv": "snapkv"}
+# The block-selection rules of the sparse policies ("entropy", "fixed"): what the kernel warm-up compiles.
+SPARSE_SELECTIONS: tuple[Selection, ...] = get_args(Selection)
+
 
 
 class PrefillAttention(Protocol):
@@ -89,7 +88,7 @@ class SparsePrefill:
     Nothing here waits for the GPU: per-layer statistics stay device tensors until `stats()`, so the host
     keeps queueing the next layers' kernels while this one runs."""
 
-    def __init__(self, policy: str, config: SparsePrefillConfig):
+    def __init__(self, policy: Selection, config: SparsePrefillConfig):
         self.policy, self.config = policy, config
         self.layer_density: list[float | torch.Tensor] = []
         self.layer_rigid: list[torch.Tensor | None] = []  # per layer: fraction of rigid KV heads, or None
@@ -109,7 +108,7 @@ class SparsePrefill:
             q,
             k,
             cfg,
-            policy="fixed" if self.policy == "fixed" else "entropy",
+            policy=self.policy,
             backend="triton" if on_gpu else "torch",
         )
         attend = sparse_prefill_attention if on_gpu else sparse_prefill_attention_ref
@@ -189,18 +188,16 @@ def warm_up_sparse_prefill(
     for n in warm_up_lengths(config, max_len):
         q = torch.randn(num_heads, n, head_dim, device=device, dtype=dtype, generator=gen)
         k = torch.randn(num_kv_heads, n, head_dim, device=device, dtype=dtype, generator=gen)
-        for policy in SPARSE_POLICIES:
+        for policy in SPARSE_SELECTIONS:
             SparsePrefill(policy, config)(1, q, k, k)
     torch.cuda.synchronize(device)
 
 
-def check_policy(policy: str) -> None:
-    if policy not in POLICY_NAMES:
-        raise UnknownPolicyError(f"unknown policy {policy!r}; choose one of: {', '.join(POLICY_NAMES)}")
 
 
 def build_prefill_attention(policy: str, config: SparsePrefillConfig) -> PrefillAttention:
-    check_policy(policy)
-    if policy in SPARSE_POLICIES:
-        return SparsePrefill(policy, config)
+    """The prefill attention of a registered policy (`UnknownPolicyError` for an unknown name)."""
+    entry = get_policy(policy)
+    if entry.selection is not None:
+        return SparsePrefill(entry.selection, config)
     return DensePrefill()

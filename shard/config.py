@@ -1,15 +1,51 @@
-"""Engine settings (typed; loaded from YAML or keyword overrides through `configs/loader.py`)."""
+"""The configuration of one model instance: `LLMConfig`, frozen and nested, built in one place.
+
+    LLMConfig
+      model     ModelConfig      which checkpoint, where, in which dtype, how long a context
+      policy    str              the default attention policy (`policies/registry.py`)
+      engine    EngineConfig     how the engine runs it (chunk sizes, sequences per step, CUDA graphs)
+      sparse    SparsePrefillConfig  sparse-prefill hyperparameters (a preset in configs/ + keywords)
+      kv        KVConfig         decode-time KV compression of every policy
+      parallel  ParallelConfig   tensor / sequence parallel sizes
+
+Users never build the nesting by hand: `LLM(model, policy=..., **keywords)`, the `engine.llm` mapping of the
+Serve config and the CLI all pass flat keywords to `LLMConfig.from_keywords`, which puts each keyword in its
+section (`configs.loader.split_keywords`), resolves the presets and checks every value, raising `ConfigError`
+that names an unknown or ill-typed key and lists the valid ones. Engine settings use vLLM's names where the
+meaning is the same (`max_num_seqs`, `max_model_len`, `load_format`, `tensor_parallel_size`).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
 
+from entropyinfer.configs.loader import KeywordSection, check_int, from_dict, split_keywords
 from entropyinfer.errors import ConfigError
+from entropyinfer.policies.config import SparsePrefillConfig, load_sparse_config
+from entropyinfer.policies.kv_compression import KVCompressionConfig, load_kv_compression_config
+from entropyinfer.policies.registry import POLICIES, get_policy
 
-# How `LLM(load_format=...)` gets its weights (vLLM's names): "auto" reads the checkpoint's safetensors;
-# "dummy" fills a model of the checkpoint's shape with random weights (only config.json and the tokenizer
-# are read), for speed measurements and serving tests without a real checkpoint.
-LOAD_FORMATS = ("auto", "dummy")
+__all__ = [
+    "LOAD_FORMATS",
+    "EngineConfig",
+    "KVConfig",
+    "LLMConfig",
+    "ModelConfig",
+    "ParallelConfig",
+    "check_load_format",
+    "default_sparse_preset",
+]
+
+# How the weights are read (vLLM's names): "auto" reads the checkpoint's safetensors; "dummy" fills a model
+# of the checkpoint's shape with random weights (only config.json and the tokenizer are read): benchmarks,
+# serving tests without a real checkpoint.
+LoadFormat = Literal["auto", "dummy"]
+LOAD_FORMATS: tuple[str, ...] = ("auto", "dummy")
 
 
 def check_load_format(value: object, name: str = "load_format") -> None:
@@ -18,21 +54,203 @@ def check_load_format(value: object, name: str = "load_format") -> None:
         raise ConfigError(f"{name}: {value!r} is not one of {', '.join(LOAD_FORMATS)}")
 
 
+DTYPES = ("auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str = "smollm2-135m"  # an embedded model name or a Hugging Face checkpoint folder
+    device: str | None = None  # "cpu", "cuda", "cuda:1"; None: the GPU if there is one, else the CPU
+    dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    load_format: LoadFormat = "auto"
+    trust_remote_code: bool = False  # tokenizers that are remote code (openPangu) need consent
+    max_model_len: int | None = None  # a shorter context than the checkpoint's (None: the checkpoint's)
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ConfigError("model: give an embedded model name or a checkpoint folder")
+        check_load_format(self.load_format)
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.max_model_len is not None:
+            check_int("max_model_len", self.max_model_len, minimum=1)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     # Tokens per chunk of the token-wise prefill work (norms, projections, MLP): bounds activation memory.
     # Attention itself runs over the whole prompt in one fused kernel, so no N x N matrix ever exists.
     prefill_chunk_size: int = 4096
-    # Capture the decode step in a CUDA graph (GPU only) when at least this many tokens are generated.
-    cuda_graph_min_tokens: int = 8
-    cuda_graphs: bool = True
-    max_batch_size: int = 32
+    max_num_seqs: int = 32  # sequences decoded together (prompts of one generate call, for now)
+    cuda_graphs: bool = True  # capture the decode step in a CUDA graph (GPU only) ...
+    cuda_graph_min_tokens: int = 8  # ... when at least this many tokens are generated
     # GPU: compile the sparse-prefill kernels for every block-count size class when the model loads, so the
     # first long request of each size does not pay Triton's compile time (a few seconds, once per process).
     warm_up_kernels: bool = True
 
     def __post_init__(self) -> None:
-        if self.prefill_chunk_size < 1:
-            raise ConfigError(f"prefill_chunk_size must be >= 1, got {self.prefill_chunk_size}")
-        if self.max_batch_size < 1:
-            raise ConfigError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        check_int("prefill_chunk_size", self.prefill_chunk_size, minimum=1)
+        check_int("max_num_seqs", self.max_num_seqs, minimum=1)
+        check_int("cuda_graph_min_tokens", self.cuda_graph_min_tokens, minimum=0)
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    sequence_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        check_int("tensor_parallel_size", self.tensor_parallel_size, minimum=1)
+        check_int("sequence_parallel_size", self.sequence_parallel_size, minimum=1)
+        if self.world_size != 1:
+            raise ConfigError(
+                "tensor_parallel_size / sequence_parallel_size: only 1 is supported so far "
+                f"(got {self.tensor_parallel_size} x {self.sequence_parallel_size})"
+            )
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.sequence_parallel_size
+
+
+@dataclass(frozen=True)
+class KVConfig:
+    """Decode-time KV compression, resolved for every policy (None: that policy keeps the full cache).
+
+    `compression` is what was asked for: "auto" (each policy's default preset from the registry: entropy
+    -> latent, snapkv -> snapkv, dense and fixed -> none), "none", or a preset name / YAML file that every
+    policy then uses; `kv_<field>` keywords override fields of the preset(s)."""
+
+    compression: str = "auto"
+    by_policy: dict[str, KVCompressionConfig | None] = field(default_factory=dict)
+
+    def for_policy(self, policy: str) -> KVCompressionConfig | None:
+        get_policy(policy)
+        return self.by_policy.get(policy)
+
+    @classmethod
+    def build(cls, compression: str = "auto", **fields: Any) -> KVConfig:
+        known = {f.name for f in dataclasses.fields(KVCompressionConfig)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown config key(s): {', '.join('kv_' + k for k in unknown)}; known keys: "
+                f"kv_compression, {', '.join('kv_' + k for k in sorted(known))}"
+            )
+        if not isinstance(compression, str) or not compression:
+            raise ConfigError("kv_compression: expected auto, none, a preset name or a YAML file")
+        by_policy: dict[str, KVCompressionConfig | None] = {}
+        resolved: dict[str, KVCompressionConfig] = {}
+        for name, policy in POLICIES.items():
+            preset = policy.kv_compression if compression == "auto" else compression
+            if preset == "none":
+                by_policy[name] = None
+                continue
+            if preset not in resolved:
+                try:
+                    resolved[preset] = load_kv_compression_config(preset, **fields)
+                except ConfigError as e:
+                    key = next((k for k in fields if str(e).startswith(f"{k}:")), None)
+                    raise ConfigError(f"kv_{e}" if key else f"kv_compression={preset!r}: {e}") from None
+            by_policy[name] = resolved[preset]
+        return cls(compression, by_policy)
+
+
+def default_sparse_preset(max_context: int | None) -> str:
+    """The short-context preset for models of <= 8k tokens (SmolLM2), else the reference defaults."""
+    return "entropy_short" if max_context is not None and max_context <= 8192 else "entropy_long"
+
+
+def checkpoint_context(model: str) -> int | None:
+    """The context length of `model` without loading it: an embedded model's known config, or a folder's
+    config.json; None when neither can be read here (then the long-context preset is the default)."""
+    from entropyinfer.shard.embedded import embedded_model
+
+    spec = embedded_model(model)
+    if spec is not None:
+        value = spec.expected_config.get("max_position_embeddings")
+        return int(value) if isinstance(value, int) else None
+    path = Path(model).expanduser() / "config.json"
+    try:
+        value = json.loads(path.read_text()).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return int(value) if isinstance(value, int) else None
+
+
+def _section(cls: type, name: str, *, prefix: str = "", extra: tuple[str, ...] = ()) -> KeywordSection:
+    return KeywordSection(name, tuple(f.name for f in dataclasses.fields(cls)) + extra, prefix)
+
+
+# Where each keyword of LLM(...) goes. `policy_config` picks the sparse preset; `kv_compression` the KV one.
+_SECTIONS = (
+    KeywordSection("top", ("policy",)),
+    _section(ModelConfig, "model"),
+    _section(EngineConfig, "engine"),
+    _section(ParallelConfig, "parallel"),
+    _section(SparsePrefillConfig, "sparse", extra=("policy_config",)),
+    _section(KVCompressionConfig, "kv", prefix="kv_", extra=("compression",)),
+)
+_RENAMED = {"max_batch_size": "max_num_seqs"}
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    policy: str = "dense"
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    sparse: SparsePrefillConfig = field(default_factory=SparsePrefillConfig)
+    sparse_preset: str = "entropy_long"  # the preset (or YAML file) `sparse` was built from
+    kv: KVConfig = field(default_factory=KVConfig.build)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def __post_init__(self) -> None:
+        get_policy(self.policy)
+
+    @classmethod
+    def from_keywords(cls, keywords: Mapping[str, Any], where: str = "") -> LLMConfig:
+        """The config of `LLM(**keywords)`: model, policy, device, dtype, load_format, trust_remote_code,
+        max_model_len; EngineConfig and ParallelConfig fields; `policy_config` (a sparse preset in configs/
+        or a YAML file; default: by the model's context) and SparsePrefillConfig fields on top of it;
+        `kv_compression` and `kv_<KVCompressionConfig field>`."""
+        for old, new in _RENAMED.items():
+            if old in keywords:
+                raise ConfigError(f"{_join(where, old)}: renamed to {new} (vLLM's name)")
+        parts = split_keywords(keywords, _SECTIONS, where)
+        policy = parts["top"].get("policy", "dense")
+        if not isinstance(policy, str):
+            raise ConfigError(f"{_join(where, 'policy')}: expected a policy name, got {policy!r}")
+        get_policy(policy)  # UnknownPolicyError lists the names
+        try:
+            model = from_dict(ModelConfig, parts["model"])
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}" if where else str(e)) from None
+        sparse_kw = dict(parts["sparse"])
+        preset = sparse_kw.pop("policy_config", None)
+        if preset is None:
+            preset = default_sparse_preset(checkpoint_context(model.model))
+        if not isinstance(preset, str):
+            raise ConfigError(f"{_join(where, 'policy_config')}: expected a preset name or a YAML file")
+        kv_kw = dict(parts["kv"])
+        compression = kv_kw.pop("compression", "auto")
+        try:
+            return cls(
+                model=model,
+                policy=policy,
+                engine=from_dict(EngineConfig, parts["engine"]),
+                sparse=load_sparse_config(preset, **sparse_kw),
+                sparse_preset=preset,
+                kv=KVConfig.build(compression, **kv_kw),
+                parallel=from_dict(ParallelConfig, parts["parallel"]),
+            )
+        except ConfigError as e:
+            raise type(e)(f"{where}: {e}" if where else str(e)) from None
+
+    def with_sparse(self, **fields: Any) -> LLMConfig:
+        """A copy whose sparse settings have `fields` replaced (checked; ConfigError names a bad key)."""
+        merged = {**dataclasses.asdict(self.sparse), **fields}
+        return dataclasses.replace(self, sparse=from_dict(SparsePrefillConfig, merged))
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key

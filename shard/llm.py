@@ -6,32 +6,25 @@ import dataclasses
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from entropyinfer.configs.loader import from_dict
 from entropyinfer.errors import (
     ConfigError,
     InvalidRequestError,
     PromptTooLongError,
     RequestCancelled,
 )
-from entropyinfer.policies.config import load_sparse_config
-from entropyinfer.policies.kv_compression import KVCompressionConfig, load_kv_compression_config
+from entropyinfer.policies.config import SparsePrefillConfig
+from entropyinfer.policies.kv_compression import KVCompressionConfig
+from entropyinfer.policies.registry import get_policy
 from entropyinfer.shard.arch import ModelArch
-from entropyinfer.shard.attention import (
-    DECODE_COMPRESSION,
-    POLICY_NAMES,
-    SparsePrefill,
-    build_prefill_attention,
-    check_policy,
-    warm_up_sparse_prefill,
-)
+from entropyinfer.shard.attention import SparsePrefill, build_prefill_attention, warm_up_sparse_prefill
 from entropyinfer.shard.compression import DecodeCompressor
-from entropyinfer.shard.config import EngineConfig, check_load_format
+from entropyinfer.shard.config import KVConfig, LLMConfig
 from entropyinfer.shard.embedded import resolve_checkpoint
 from entropyinfer.shard.engine import DecodeRunner, Engine
 from entropyinfer.shard.kv_cache import CompactKVCache, KVCache
@@ -69,11 +62,6 @@ class StreamEvent:
     output: RequestOutput | None = None  # set on the sequence's last event
 
 
-def default_sparse_preset(max_context: int) -> str:
-    """The short-context preset for models of <= 8k tokens (SmolLM2), else the reference defaults."""
-    return "entropy_short" if max_context <= 8192 else "entropy_long"
-
-
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -90,62 +78,76 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return _DTYPES[dtype]
 
 
+def _dtype_name(dtype: str | torch.dtype | None) -> str:
+    if dtype is None:
+        return "auto"
+    if isinstance(dtype, torch.dtype):
+        names = {v: k for k, v in _DTYPES.items() if "float" in k}
+        if dtype not in names:
+            raise ConfigError(f"dtype {dtype} is not one of {', '.join(_DTYPES)}")
+        return names[dtype]
+    return dtype
+
+
 class LLM:
     """Offline engine on one device.
 
-    `LLM(model, policy="dense", device=None, dtype=None, **overrides)`: `model` is an embedded name
-    ("smollm2-135m") or a Hugging Face checkpoint folder; `policy` is "dense", "entropy", "fixed" or
-    "snapkv". `load_format` (named as in vLLM): "auto" reads the checkpoint's safetensors, "dummy" builds
-    the model with random weights of the checkpoint's shape, so the folder needs only config.json and the
-    tokenizer files (speed measurements, serving tests). Sparse hyperparameters come from `policy_config`
-    (a preset name such as "entropy_short", or a YAML file; default: the long-context preset, or the short
-    one for models of <= 8k context) and `overrides` (e.g. `base_budget=512`); `overrides` may also set
-    `EngineConfig` fields (e.g. `prefill_chunk_size`). Unknown keys raise `ConfigError`.
-
-    Decode-time KV compression: `entropy` compresses with the `latent` preset, `snapkv` with the `snapkv`
-    preset, `dense` and `fixed` do not. `kv_compression` overrides that for every policy: "none", a preset
-    name or a YAML file (`configs/latent.yaml` documents the fields); `kv_<field>` overrides one field
-    (e.g. `kv_capacity=2048`, `kv_head_capacity="entropy"`, `kv_recompress_every=256`).
+    `LLM(model, policy="dense", device=None, dtype=None, **keywords)`: `model` is an embedded name
+    ("smollm2-135m") or a Hugging Face checkpoint folder; `policy` one of `policies.registry.POLICY_NAMES`
+    ("dense", "entropy", "fixed", "snapkv"). The keywords are those of
+    `shard.config.LLMConfig.from_keywords`: `load_format` ("auto" reads the checkpoint's safetensors,
+    "dummy" builds random weights of its shape, as in vLLM), `trust_remote_code`, `max_model_len`; engine
+    settings (`prefill_chunk_size`, `max_num_seqs`, `cuda_graphs`, ...); `policy_config` (a sparse preset
+    such as "entropy_short", or a YAML file; default: the long-context preset, or the short one for models
+    of <= 8k context) and sparse fields on top of it (`base_budget=512`); `kv_compression` ("auto": entropy
+    -> latent, snapkv -> snapkv, dense and fixed -> none; or "none", a preset, a YAML file) and
+    `kv_<field>` (`kv_capacity=2048`). Unknown keys raise
+    `ConfigError` naming them. `LLM.from_config(LLMConfig)` takes a built config (the Serve shard actors).
     """
 
     def __init__(
         self,
-        model: str,
+        model: str = "smollm2-135m",
         policy: str = "dense",
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
-        *,
-        policy_config: str | None = None,
-        trust_remote_code: bool = False,
-        load_format: str = "auto",
-        **overrides: Any,
+        **keywords: Any,
     ):
-        check_policy(policy)
-        check_load_format(load_format)
-        self.load_format = load_format
-        self.policy = policy
-        engine_keys = {f.name for f in dataclasses.fields(EngineConfig)}
-        self.engine_config = from_dict(EngineConfig, {k: v for k, v in overrides.items() if k in engine_keys})
-        self.checkpoint = resolve_checkpoint(model)
+        config = LLMConfig.from_keywords(
+            {
+                "model": str(model),
+                "policy": policy,
+                "device": None if device is None else str(device),
+                "dtype": _dtype_name(dtype),
+                **keywords,
+            }
+        )
+        self._load(config)
+
+    @classmethod
+    def from_config(cls, config: LLMConfig) -> LLM:
+        llm = cls.__new__(cls)
+        llm._load(config)
+        return llm
+
+    def _load(self, config: LLMConfig) -> None:
+        self.config = config
+        self.checkpoint = resolve_checkpoint(config.model.model)
         self.arch = ModelArch.from_folder(self.checkpoint)
-        kv_keys = {k for k in overrides if k.startswith("kv_")}
-        self.set_kv_compression(
-            str(overrides.get("kv_compression", "auto")),
-            **{k[3:]: v for k, v in overrides.items() if k in kv_keys - {"kv_compression"}},
-        )
-        policy_overrides = {k: v for k, v in overrides.items() if k not in engine_keys | kv_keys}
-        self.sparse_config = load_sparse_config(
-            policy_config or default_sparse_preset(self.arch.max_position_embeddings), **policy_overrides
-        )
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        self.tokenizer = _load_tokenizer(self.checkpoint, trust_remote_code)
-        self.model = build_model(self.checkpoint, self.device, self.dtype, load_format)
-        self.engine = Engine(self.model, self.engine_config)
-        if self.engine_config.warm_up_kernels:
+        limit = config.model.max_model_len
+        if limit is not None and limit > self.arch.max_position_embeddings:
+            raise ConfigError(
+                f"max_model_len={limit} exceeds the model's context of {self.arch.max_position_embeddings}"
+            )
+        self.device = resolve_device(config.model.device)
+        self.dtype = resolve_dtype(config.model.dtype, self.device)
+        self.tokenizer = _load_tokenizer(self.checkpoint, config.model.trust_remote_code)
+        self.model = build_model(self.checkpoint, self.device, self.dtype, config.model.load_format)
+        self.engine = Engine(self.model, config.engine)
+        if config.engine.warm_up_kernels:
             a = self.arch
             warm_up_sparse_prefill(
-                self.sparse_config, a.num_heads, a.num_kv_heads, a.head_dim, a.max_position_embeddings,
+                config.sparse, a.num_heads, a.num_kv_heads, a.head_dim, self.max_context,
                 self.device, self.dtype,
             )  # fmt: skip
         self.eos_token_ids = set(self.arch.eos_token_ids)
@@ -153,34 +155,27 @@ class LLM:
             self.eos_token_ids.add(int(self.tokenizer.eos_token_id))
 
     @property
+    def policy(self) -> str:
+        """The default policy of requests that name none."""
+        return self.config.policy
+
+    @property
+    def sparse_config(self) -> SparsePrefillConfig:
+        return self.config.sparse
+
+    @property
     def max_context(self) -> int:
-        return self.arch.max_position_embeddings
+        return self.config.model.max_model_len or self.arch.max_position_embeddings
 
     def set_kv_compression(self, kv_compression: str = "auto", **fields: Any) -> None:
         """Choose the decode-time KV compression for later requests: "auto" (each policy's default), "none",
         a preset name or a YAML file, with field overrides (``capacity=512``; the constructor's
         ``kv_<field>`` keywords). Raises `ConfigError` naming a bad key."""
-        self.kv_compression, self.kv_overrides = kv_compression, dict(fields)
-        for p in POLICY_NAMES:  # fail now, naming the key, rather than at the first request
-            self.kv_config(p)
+        self.config = dataclasses.replace(self.config, kv=KVConfig.build(kv_compression, **fields))
 
     def kv_config(self, policy: str) -> KVCompressionConfig | None:
         """The decode-time KV compression a policy runs with (None: keep the full cache)."""
-        name = DECODE_COMPRESSION[policy] if self.kv_compression == "auto" else self.kv_compression
-        if name == "none":
-            return None
-        known = {f.name for f in dataclasses.fields(KVCompressionConfig)}
-        unknown = sorted(set(self.kv_overrides) - known)
-        if unknown:
-            raise ConfigError(
-                f"unknown config key(s): {', '.join('kv_' + k for k in unknown)}; known keys: "
-                f"kv_compression, {', '.join('kv_' + k for k in sorted(known))}"
-            )
-        try:
-            return load_kv_compression_config(name, **self.kv_overrides)
-        except ConfigError as e:
-            key = next((k for k in self.kv_overrides if str(e).startswith(f"{k}:")), None)
-            raise ConfigError(f"kv_{e}" if key else f"kv_compression={name!r}: {e}") from None
+        return self.config.kv.for_policy(policy)
 
     # ----------------------------------------------------------------------------------------- prompts
     def encode(self, prompt: Prompt) -> list[int]:
@@ -214,13 +209,19 @@ class LLM:
         params: SamplingParams | None = None,
         *,
         policy: str | None = None,
+        policy_options: Mapping[str, Any] | None = None,
         progress: ProgressFn | None = None,
         cancel: threading.Event | None = None,
     ) -> list[RequestOutput]:
-        """One `RequestOutput` per prompt (a single prompt still gives a list of one)."""
+        """One `RequestOutput` per prompt (a single prompt still gives a list of one).
+
+        `policy` overrides the default policy for this call; `policy_options` overrides sparse-prefill
+        fields for this call (``{"target_density": 0.25}``, ``{"base_budget": 512}``; ConfigError names a
+        bad key)."""
         batch = _as_batch(prompts)
         outputs: list[RequestOutput | None] = [None] * len(batch)
-        for ev in self._run(batch, params or SamplingParams(), policy, progress, cancel):
+        run = self._run(batch, params or SamplingParams(), policy, policy_options, progress, cancel)
+        for ev in run:
             if ev.output is not None:
                 outputs[ev.index] = ev.output
         return [o for o in outputs if o is not None]
@@ -231,25 +232,28 @@ class LLM:
         params: SamplingParams | None = None,
         *,
         policy: str | None = None,
+        policy_options: Mapping[str, Any] | None = None,
         cancel: threading.Event | None = None,
     ) -> Iterator[StreamEvent]:
         """Token-by-token events for one prompt; the last has `finished=True` and the full `output`."""
-        yield from self._run([prompt], params or SamplingParams(), policy, None, cancel)
+        yield from self._run([prompt], params or SamplingParams(), policy, policy_options, None, cancel)
 
     def _run(
         self,
         prompts: list[Prompt],
         params: SamplingParams,
         policy: str | None,
+        policy_options: Mapping[str, Any] | None,
         progress: ProgressFn | None,
         cancel: threading.Event | None,
     ) -> Iterator[StreamEvent]:
         policy = policy or self.policy
-        check_policy(policy)
-        if len(prompts) > self.engine_config.max_batch_size:
+        get_policy(policy)
+        config = self.config.with_sparse(**policy_options) if policy_options else self.config
+        max_seqs = config.engine.max_num_seqs
+        if len(prompts) > max_seqs:
             raise InvalidRequestError(
-                f"{len(prompts)} prompts exceed max_batch_size={self.engine_config.max_batch_size}",
-                field="prompts",
+                f"{len(prompts)} prompts exceed max_num_seqs={max_seqs}", field="prompts"
             )
         token_lists = [self.encode(p) for p in prompts]
         for i, ids in enumerate(token_lists):
@@ -270,7 +274,7 @@ class LLM:
         done_before = 0
         for i, seq in enumerate(seqs):
             seq.compressor = compressor
-            attention = build_prefill_attention(policy, self.sparse_config)
+            attention = build_prefill_attention(policy, config.sparse)
 
             def on_layer(done: int, total: int, base: int = done_before) -> None:
                 if progress is not None:
@@ -309,7 +313,7 @@ class LLM:
         dev = self.device
         tokens = torch.tensor([s.last_token for s in seqs], dtype=torch.long, device=dev)
         positions = torch.tensor([len(s.prompt_ids) for s in seqs], dtype=torch.long, device=dev)
-        cfg = self.engine_config
+        cfg = self.config.engine
         runner = DecodeRunner(
             self.engine,
             cache,

@@ -1,4 +1,5 @@
-"""Suite-wide settings: CPU-friendly threading, deterministic seeds, offline Hugging Face."""
+"""Suite-wide settings: CPU-friendly threading, deterministic seeds, offline Hugging Face, and the `slow`
+marker on every test that loads the real SmolLM2 (so `pytest -m "not slow"` is the fast loop)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,31 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import inspect
+
 import pytest
 import torch
+
+# Fixtures that load the real SmolLM2 (in this process, in a Serve replica, or as its converted checkpoint).
+SMOLLM2_FIXTURES = {"smollm2", "server", "checkpoint"}
+
+
+def loads_smollm2(item: pytest.Item) -> bool:
+    """The test uses a SmolLM2 fixture (directly or through another fixture) or builds the model itself."""
+    if SMOLLM2_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return True
+    function = getattr(item, "function", None)
+    try:
+        source = inspect.getsource(function) if function is not None else ""
+    except (OSError, TypeError):
+        return False
+    return "smollm2-135m" in source
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if loads_smollm2(item):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(autouse=True)

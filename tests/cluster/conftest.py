@@ -17,12 +17,22 @@ API_KEY = "test-key-123"
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     pytest.importorskip("ray")
-    from entropyinfer.cluster.config import AuthConfig, EngineConfig, JobsConfig, LimitsConfig, ServeAppConfig
+    from entropyinfer.cluster.config import (
+        AuthConfig,
+        JobsConfig,
+        LimitsConfig,
+        ReplicaConfig,
+        ServeAppConfig,
+    )
     from entropyinfer.cluster.launcher import EmbeddedServer, free_port
+    from entropyinfer.shard.config import LLMConfig
 
     db: Path = tmp_path_factory.mktemp("jobs") / "jobs.sqlite"
     config = ServeAppConfig(
-        engine=EngineConfig(model="smollm2-135m", policy="dense", policies=("dense", "entropy", "fixed")),
+        engine=ReplicaConfig(
+            llm=LLMConfig.from_keywords({"model": "smollm2-135m", "policy": "dense"}),
+            policies=("dense", "entropy", "fixed"),
+        ),
         jobs=JobsConfig(db_path=str(db), poll_s=0.2, progress_interval_s=0.1, lease_s=30.0),
         limits=LimitsConfig(max_body_bytes=1 << 20, max_batch_documents=4, max_questions=2, max_tokens=64),
         auth=AuthConfig(api_key=API_KEY, api_key_env=None),

@@ -64,10 +64,11 @@ def test_the_shard_actor_builds_its_llm_from_the_serve_config(folder) -> None:
     from entropyinfer.cluster.config import app_config
     from entropyinfer.cluster.shard_actor import ShardActor
 
-    cfg = app_config({"engine": {"model": str(folder), "load_format": "dummy", "device": "cpu"}})
-    shard = ShardActor(cfg.engine.shard_args())  # what the engine deployment passes each shard actor
+    llm = {"model": str(folder), "load_format": "dummy", "device": "cpu", "policy": "entropy"}
+    cfg = app_config({"engine": {"llm": llm}})
+    shard = ShardActor(cfg.engine.llm)  # what the engine replica passes each shard actor
     info = asyncio.run(shard.ready())
-    assert info["max_context"] == 1024 and shard.llm.load_format == "dummy"
+    assert info["max_context"] == 1024 and shard.llm.config.model.load_format == "dummy"
 
 
 def test_cli_generate_with_dummy_weights(folder, tmp_path, capsys) -> None:

@@ -1,0 +1,148 @@
+"""The engine replica (the Serve deployment "Engine"): one per model replica, owning a shard group.
+
+It forwards a typed `events.Request` to its shard actor and streams the shard's typed events back
+(cluster/events.py); closing the stream early cancels the request in the shard. Serve reserves a placement group per replica (`placement_group_bundles`: one bundle per GPU, or a CPU
+bundle per shard where there is no GPU); the replica starts its shard actors inside it, one per bundle,
+so the same code later runs tensor/sequence-parallel groups. With one shard, rank 0 does everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any, TypedDict
+
+import ray
+from ray import serve
+from ray.util.placement_group import get_current_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from entropyinfer.cluster.config import ReplicaConfig, ServeAppConfig, app_config
+from entropyinfer.cluster.events import Error, Event, Final, Prompt, Request
+from entropyinfer.cluster.metrics import EngineMetrics
+from entropyinfer.cluster.shard_actor import ShardActor, ShardInfo, ShardStats
+
+log = logging.getLogger(__name__)
+
+HEALTH_TIMEOUT_S = 30.0
+STATUS_TIMEOUT_S = 5.0
+
+
+def resolve_accelerator(cfg: ReplicaConfig) -> str:
+    """'gpu' or 'cpu' for `accelerator: auto`: GPUs iff the (already initialized) Ray cluster has some."""
+    if cfg.accelerator != "auto":
+        return cfg.accelerator
+    if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0:
+        return "gpu"
+    return "cpu"
+
+
+def shard_bundles(cfg: ReplicaConfig, accelerator: str) -> list[dict[str, float]]:
+    """One placement-group bundle per shard: a GPU each on GPU clusters, CPU only otherwise."""
+    bundle: dict[str, float] = {"CPU": cfg.cpus_per_shard}
+    if accelerator == "gpu":
+        bundle["GPU"] = 1.0
+    return [dict(bundle) for _ in range(cfg.num_shards)]
+
+
+class EngineInfo(ShardInfo):
+    """What /v1/models and job submission read: the first shard's info and the replica's config."""
+
+    policy: str
+    policies: list[str]
+    accelerator: str
+    load_format: str
+
+
+class EngineStatus(EngineInfo):
+    """Live state for /healthz: requests in flight in the replica, each shard's counters."""
+
+    in_flight: int
+    shards: list[ShardStats]
+
+
+@serve.deployment(name="Engine", ray_actor_options={"num_cpus": 0})
+class EngineReplica:
+    def __init__(self, args: dict[str, Any] | ServeAppConfig, accelerator: str) -> None:
+        self.config: ServeAppConfig = app_config(args)
+        cfg = self.config.engine
+        self.accelerator = accelerator
+        pg = get_current_placement_group()
+        remote_shard: Any = ray.remote(ShardActor)
+        self.shards: list[Any] = []
+        for rank in range(cfg.num_shards):
+            strategy = (
+                PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=rank)
+                if pg is not None
+                else None
+            )
+            self.shards.append(
+                remote_shard.options(
+                    num_cpus=cfg.cpus_per_shard,
+                    num_gpus=1 if accelerator == "gpu" else 0,
+                    scheduling_strategy=strategy,
+                    max_concurrency=64,
+                ).remote(cfg.llm, rank, cfg.num_shards, cfg.cpu_threads)
+            )
+        infos: list[ShardInfo] = ray.get([s.ready.remote() for s in self.shards], timeout=cfg.load_timeout_s)
+        self.info_: EngineInfo = {
+            **infos[0],
+            "policy": cfg.llm.policy,
+            "policies": list(cfg.policies),
+            "accelerator": accelerator,
+            "load_format": cfg.llm.model.load_format,
+        }
+        self.metrics = EngineMetrics()
+        log.info("engine replica ready: %s", self.info_)
+
+    async def info(self) -> EngineInfo:
+        return self.info_.copy()
+
+    async def status(self) -> EngineStatus:
+        """Live state for /healthz (raises if a shard does not answer within STATUS_TIMEOUT_S): the info,
+        requests in flight in this replica, and each shard's counters (busy, cancelled, ...)."""
+        shards = await asyncio.wait_for(
+            asyncio.gather(*(s.stats.remote() for s in self.shards)), STATUS_TIMEOUT_S
+        )
+        return EngineStatus(**self.info_, in_flight=self.metrics.in_flight_count, shards=list(shards))
+
+    async def count_tokens(self, prompts: list[Prompt]) -> list[int]:
+        return list(await self.shards[0].count_tokens.remote(prompts))
+
+    async def run(self, request: Request) -> AsyncIterator[Event]:
+        """The shard's events of one request; closing the stream before its last event cancels it."""
+        shard = self.shards[0]
+        finished = False
+        t0 = time.perf_counter()
+        self.metrics.inflight(+1)
+        try:
+            gen = shard.run.options(num_returns="streaming").remote(request)
+            async for ref in gen:
+                try:
+                    event: Event = await ref
+                except Exception:
+                    finished = True  # the shard ended the request itself (a bug): nothing to cancel
+                    raise
+                if isinstance(event, Final):
+                    finished = True
+                    policy = request.policy or self.config.engine.llm.policy
+                    self.metrics.record(event, policy, time.perf_counter() - t0)
+                elif isinstance(event, Error):
+                    finished = True
+                yield event
+        finally:
+            self.metrics.inflight(-1)
+            if not finished:
+                shard.cancel.remote(request.request_id)  # fire and forget: we may be inside a cancellation
+
+    async def generate(self, request: Request) -> Final | Error:
+        """The last event of a non-streaming request."""
+        async for event in self.run(request):
+            if isinstance(event, (Final, Error)):
+                return event
+        raise RuntimeError("the shard ended the request without a result")
+
+    async def check_health(self) -> None:
+        await asyncio.wait_for(asyncio.gather(*(s.health.remote() for s in self.shards)), HEALTH_TIMEOUT_S)
