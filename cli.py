@@ -54,7 +54,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
         return run_demo(model=args.model)
     from entropyinfer import LLM, SamplingParams
-    from entropyinfer.shard.embedded import real_document
+    from entropyinfer.evaluation.corpus import real_document
 
     document = real_document(3000)
     llm = LLM(
@@ -69,10 +69,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_quality(args: argparse.Namespace) -> int:
-    """Passkey / multi-key retrieval, perplexity and KL vs dense on SmolLM2 (see shard/quality.py)."""
+    """Passkey / multi-key retrieval, perplexity and KL vs dense on SmolLM2 (see evaluation/)."""
     import os
 
-    from entropyinfer.shard.quality import FULL_PLAN, QUICK_PLAN, file_writer, load_previous, run_and_report
+    from entropyinfer.evaluation.plans import FULL_PLAN, QUICK_PLAN
+    from entropyinfer.evaluation.report import file_writer, load_previous
+    from entropyinfer.evaluation.runner import run_and_report
 
     plan = QUICK_PLAN if args.quick else FULL_PLAN
     name = "quality_quick" if args.quick else "quality"

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from entropyinfer.shard.quality import markdown_table
+from entropyinfer.evaluation.report import markdown_table
 
 # Llama-3-8B's shape (random weights serve speed measurements; quality needs a trained model).
 LLAMA3_8B = dict(

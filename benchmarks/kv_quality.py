@@ -2,7 +2,7 @@
 SnapKV against latent compression at capacities 256 / 512 / 1024 tokens per KV head, on tasks whose answer
 comes after generated text.
 
-Tasks (real English text from `shard/embedded.py` as the haystack, 2k and 4k tokens, 5 depths):
+Tasks (real English text from `evaluation/corpus.py` as the haystack, 2k and 4k tokens, 5 depths):
 
 - `passkey`: a 5-digit pass key hidden at a depth, asked in the prompt; the answer follows a decoded
   preamble ("I was asked to find the pass key ... The pass key is").
@@ -48,10 +48,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, write_results
 
 from entropyinfer import LLM
+from entropyinfer.evaluation.corpus import real_document
 from entropyinfer.policies.kv_compression import KVCompressionConfig, load_kv_compression_config
 from entropyinfer.shard.attention import DensePrefill, PrefillAttention, SparsePrefill
 from entropyinfer.shard.compression import DecodeCompressor, ObservationWindow
-from entropyinfer.shard.embedded import real_document
 from entropyinfer.shard.engine import DecodeRunner
 from entropyinfer.shard.kv_cache import KVCache
 

@@ -4,8 +4,8 @@ Passkey retrieval (a 5-digit "secret number" in real prose) over prompt lengths 
 perplexity of the haystack's real text and logit KL(dense || sparse) from the same prefill; dense / entropy /
 fixed (at about the entropy densities) with the short-context preset, and a sweep (entropy B0=384 / 512,
 reference mode, fixed 128) at 8k tokens. The multi-key task stays in the harness but not in the plans:
-SmolLM2-135M answers it densely only for the last pair. The tasks, scoring and matrix live in
-`entropyinfer.shard.quality` (also run by `entropyinfer bench quality`).
+SmolLM2-135M answers it densely only for the last pair. The tasks, scoring, matrix and report live in
+`entropyinfer.evaluation` (also run by `entropyinfer bench quality`).
 
 Run: `python benchmarks/quality.py [--quick] [--fresh]`; writes quality.{json,md} (quality_quick.* with
 --quick) to $OUT or benchmarks/results/ after every case. A rerun resumes: finished cases of the same plan
@@ -18,18 +18,13 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, out_dir, write_results
 
-from entropyinfer.shard.quality import (
-    DEFAULT_THREADS,
-    FULL_PLAN,
-    QUICK_PLAN,
-    load_previous,
-    run_and_report,
-)
+from entropyinfer.evaluation.plans import FULL_PLAN, QUICK_PLAN
+from entropyinfer.evaluation.report import RunMeta, SummaryRow, load_previous
+from entropyinfer.evaluation.runner import DEFAULT_THREADS, run_and_report
 
 
 def main() -> None:
@@ -43,8 +38,8 @@ def main() -> None:
     name = "quality_quick" if args.quick else "quality"
     previous = None if args.fresh else load_previous(str(out_dir() / f"{name}.json"))
 
-    def write(title: str, columns: list[str], rows: list[dict[str, Any]], meta: dict[str, Any], notes: str):
-        return write_results(name, title, columns, rows, meta, notes)
+    def write(title: str, columns: list[str], rows: list[SummaryRow], meta: RunMeta, notes: str) -> str:
+        return write_results(name, title, columns, rows, dict(meta), notes)
 
     command = "python benchmarks/quality.py" + (" --quick" if args.quick else "")
     if args.threads != DEFAULT_THREADS:

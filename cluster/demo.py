@@ -31,7 +31,7 @@ def run_demo(
     from entropyinfer.cluster.client import Client
     from entropyinfer.cluster.config import load_serve_file
     from entropyinfer.cluster.launcher import EmbeddedServer, apply_overrides
-    from entropyinfer.shard.embedded import real_documents
+    from entropyinfer.evaluation.corpus import real_documents
 
     logging.getLogger("ray").setLevel(logging.WARNING)
     logging.getLogger("ray.serve").setLevel(logging.WARNING)

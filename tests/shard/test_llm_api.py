@@ -17,7 +17,7 @@ from entropyinfer import (
     UnknownPolicyError,
     UnsupportedArchitectureError,
 )
-from entropyinfer.shard.embedded import real_document
+from entropyinfer.evaluation.corpus import real_document
 
 PROMPTS = [
     [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],

@@ -6,8 +6,8 @@ import pytest
 
 from entropyinfer import LLM, SamplingParams
 from entropyinfer.cli import main as cli_main
+from entropyinfer.evaluation.corpus import real_document
 from entropyinfer.policies.config import load_sparse_config
-from entropyinfer.shard.embedded import real_document
 
 
 @pytest.fixture(scope="module")
