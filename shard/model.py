@@ -7,6 +7,8 @@ policy: `shard/engine.py` drives it layer by layer in prefill and step by step i
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -17,7 +19,7 @@ from entropyinfer.shard.layers import RMSNorm, Rotary, rope
 
 
 class Attention(nn.Module):
-    def __init__(self, arch: ModelArch, **kw):
+    def __init__(self, arch: ModelArch, **kw: Any) -> None:
         super().__init__()
         hq, hkv, d, h = arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.hidden_size
         self.num_heads, self.num_kv_heads, self.head_dim = hq, hkv, d
@@ -56,7 +58,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, arch: ModelArch, **kw):
+    def __init__(self, arch: ModelArch, **kw: Any) -> None:
         super().__init__()
         h, i = arch.hidden_size, arch.intermediate_size
         self.gate_proj = nn.Linear(h, i, bias=arch.mlp_bias, **kw)
@@ -99,7 +101,7 @@ def _fused(layer: nn.Linear | None, name: str) -> nn.Linear:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, arch: ModelArch, **kw):
+    def __init__(self, arch: ModelArch, **kw: Any) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, **kw)
         self.self_attn = Attention(arch, **kw)
@@ -125,7 +127,7 @@ class DecoderLayer(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, arch: ModelArch, **kw):
+    def __init__(self, arch: ModelArch, **kw: Any) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size, **kw)
         self.layers = nn.ModuleList(DecoderLayer(arch, **kw) for _ in range(arch.num_layers))
