@@ -36,14 +36,15 @@ Decode reads each K/V byte once and is bound by HBM, so the wasted MMA rows are 
 cannot keep up with 4 TB/s. (Triton also rewrites such a broadcast-reduce into a tf32 ``tl.dot`` once all
 dims reach 16, which loses float32 accuracy.) So there is one path.
 
-Tiles (`_config`): K and V tiles of 16 KiB each, ``BLOCK_N = 64`` at ``d = 128`` (3 stages), 128 at
-``d = 64`` (2 stages), 4 warps. Measured (H200, bf16, CUDA graphs, L2-cold): 4.2-4.4 TB/s on large
+Tiles (`tiling.decode_tiles`): K and V tiles of 16 KiB each, ``BLOCK_N = 64`` at ``d = 128`` (3 stages),
+128 at ``d = 64`` (2 stages), 4 warps. Measured (H200, bf16, CUDA graphs, L2-cold): 4.2-4.4 TB/s on large
 batches; against PyTorch's SDPA (``enable_gqa``, dense caches only: it cannot take per-head lengths) within
 about 3% from 8k keys on (run-to-run noise is up to 10% at batch 1), up to 10-15% behind at batch >= 16
 with 1k keys, level or ahead at batch 1-8 up to 8k keys.
 
-Splits (`choose_num_splits`): ``num_splits`` is static per call, from shapes only: about 2 programs per SM
-(3 for ``d <= 64``), at least 2 splits from ``L_max >= 512``, no split under one 64-key tile, at most 64.
+Splits (`tiling.choose_num_splits`): ``num_splits`` is static per call, from shapes only: about 2 programs
+per SM (3 for ``d <= 64``), at least 2 splits from ``L_max >= 512``, no split under one 64-key tile, at
+most 64.
 
 CUDA graphs: no host sync, no ``.item()``, nothing allocated from ``lengths``' values. The scratch is
 cached per (device, B, Hq, d, num_splits) (see `get_workspace`); pass ``out`` to reuse an output buffer.
@@ -51,27 +52,25 @@ Warm up once outside the capture so that the kernels are compiled and the scratc
 cache is shared: launches that may run concurrently on different streams need separate workspaces
 (``workspace=``).
 
-CPU: with ``q`` on the CPU and ``TRITON_INTERPRET`` not ``"1"``, Triton cannot run, so `decode_attention`
-returns `decode_attention_ref`'s result (written into ``out`` when given). Under ``TRITON_INTERPRET=1``
-(set before triton is first imported) the kernels run in Triton's interpreter; tests use float32/float16
-there, since the interpreter's bf16 ``tl.dot`` is wrong.
+CPU: ``backend="auto"`` (the default) returns `decode_attention_ref`'s result for CPU tensors (written into
+``out`` when given); ``backend="triton"`` runs the kernels in Triton's interpreter (`kernels.backend`; tests,
+float32/float16 only, since the interpreter's bf16 ``tl.dot`` is wrong).
 """
 
 from __future__ import annotations
 
-import functools
-import os
 from typing import Any, NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from entropyinfer.kernels.backend import Backend, jit_kernel, runs_triton
 from entropyinfer.kernels.decode_attention_ref import decode_attention_ref
+from entropyinfer.kernels.tiling import choose_num_splits, decode_tiles, sm_count
 
 __all__ = [
     "DecodeWorkspace",
-    "choose_num_splits",
     "clear_workspace_cache",
     "decode_attention",
     "get_workspace",
@@ -79,43 +78,37 @@ __all__ = [
 
 _LOG2E = 1.4426950408889634
 
-# Split heuristics (see `choose_num_splits`), fitted on an H200 (132 SMs) in bf16.
-_PROGRAMS_PER_SM = 2
-_TWO_SPLITS_FROM = 512
-_MIN_KEYS_PER_SPLIT = 64
-_MAX_SPLITS = 64
-
 
 @triton.jit
 def _decode_split_kernel(
-    Q,
-    K,
-    V,
-    Lens,
-    MidO,
-    MidLse,
-    Out,
-    stride_qb,
-    stride_qh,
-    stride_kb,
-    stride_kh,
-    stride_kl,
-    stride_vb,
-    stride_vh,
-    stride_vl,
-    stride_lb,
-    stride_lh,
-    stride_mb,
-    stride_mh,
-    stride_ms,
-    stride_lse_b,
-    stride_lse_h,
-    stride_ob,
-    stride_oh,
-    qk_scale,
-    L_max,
-    Hkv,
-    num_splits,
+    Q: tl.tensor,
+    K: tl.tensor,
+    V: tl.tensor,
+    Lens: tl.tensor,
+    MidO: tl.tensor,
+    MidLse: tl.tensor,
+    Out: tl.tensor,
+    stride_qb: tl.tensor,
+    stride_qh: tl.tensor,
+    stride_kb: tl.tensor,
+    stride_kh: tl.tensor,
+    stride_kl: tl.tensor,
+    stride_vb: tl.tensor,
+    stride_vh: tl.tensor,
+    stride_vl: tl.tensor,
+    stride_lb: tl.tensor,
+    stride_lh: tl.tensor,
+    stride_mb: tl.tensor,
+    stride_mh: tl.tensor,
+    stride_ms: tl.tensor,
+    stride_lse_b: tl.tensor,
+    stride_lse_h: tl.tensor,
+    stride_ob: tl.tensor,
+    stride_oh: tl.tensor,
+    qk_scale: tl.tensor,
+    L_max: tl.tensor,
+    Hkv: tl.tensor,
+    num_splits: tl.tensor,
     HEAD_DIM: tl.constexpr,
     G: tl.constexpr,
     BLOCK_G: tl.constexpr,
@@ -123,7 +116,7 @@ def _decode_split_kernel(
     BLOCK_D: tl.constexpr,
     WRITE_OUT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-):
+) -> None:
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = (pid_bh // Hkv).to(tl.int64)
@@ -185,22 +178,22 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_merge_kernel(
-    MidO,
-    MidLse,
-    Out,
-    stride_mb,
-    stride_mh,
-    stride_ms,
-    stride_lse_b,
-    stride_lse_h,
-    stride_ob,
-    stride_oh,
-    Hq,
-    num_splits,
+    MidO: tl.tensor,
+    MidLse: tl.tensor,
+    Out: tl.tensor,
+    stride_mb: tl.tensor,
+    stride_mh: tl.tensor,
+    stride_ms: tl.tensor,
+    stride_lse_b: tl.tensor,
+    stride_lse_h: tl.tensor,
+    stride_ob: tl.tensor,
+    stride_oh: tl.tensor,
+    Hq: tl.tensor,
+    num_splits: tl.tensor,
     HEAD_DIM: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
-):
+) -> None:
     pid = tl.program_id(0)
     b = (pid // Hq).to(tl.int64)
     h = (pid % Hq).to(tl.int64)
@@ -260,62 +253,6 @@ def clear_workspace_cache() -> None:
     _WORKSPACES.clear()
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.get_device_properties(device).multi_processor_count)
-    return 4  # the interpreter: few splits keep CPU tests fast
-
-
-def choose_num_splits(batch: int, num_kv_heads: int, l_max: int, sm_count: int, head_dim: int = 128) -> int:
-    """Splits per (sequence, KV head) for a dense-ish batch; static for a given shape.
-
-    About ``_PROGRAMS_PER_SM`` programs per SM in all (3 for ``d <= 64``, whose keys are half the bytes),
-    at least 2 splits once ``L_max >= _TWO_SPLITS_FROM``, at most one ``_MIN_KEYS_PER_SPLIT``-key tile of
-    ``L_max`` per split and ``_MAX_SPLITS``. Depends on shapes only (never on ``lengths``' values), so one
-    captured graph serves every step. Batches with very uneven lengths run 10-20% faster with 2-8x more
-    splits (pass ``num_splits``); the kernel cannot see that from shapes.
-    """
-    per_sm = _PROGRAMS_PER_SM + (1 if head_dim <= 64 else 0)
-    want = round(per_sm * sm_count / max(1, batch * num_kv_heads))
-    if l_max >= _TWO_SPLITS_FROM:
-        want = max(want, 2)
-    by_length = max(1, l_max // _MIN_KEYS_PER_SPLIT)
-    return max(1, min(want, by_length, _MAX_SPLITS))
-
-
-def _config(block_d: int, elem_bytes: int) -> tuple[int, int, int]:
-    """``(BLOCK_N, num_warps, num_stages)`` of the split kernel, measured on an H200 in bf16.
-
-    K and V tiles of 16 KiB each (128 x 64 or 64 x 128 bf16), 4 warps; 3 stages at ``d = 128``, 2 at
-    ``d = 64`` and for float32 (shared memory).
-    """
-    if block_d <= 64:
-        return 128, 4, 2
-    if block_d <= 128:
-        return 64, 4, (2 if elem_bytes > 2 else 3)
-    return 32, 4, 2
-
-
-def _check_interpreter(interpret: bool, device: torch.device) -> None:
-    """Fail clearly when ``TRITON_INTERPRET=1`` came too late for CPU tensors.
-
-    ``@triton.jit`` (here and in ``triton.language``'s own helpers) picks interpreter or compiler once, when
-    triton is imported; setting the variable afterwards cannot switch it. Set it before anything imports
-    triton (for pytest: in the top-level ``tests/conftest.py``).
-    """
-    if not (interpret and device.type == "cpu"):
-        return
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not isinstance(_decode_split_kernel, InterpretedFunction):
-        raise RuntimeError(
-            "TRITON_INTERPRET=1 was set after triton was imported, so the Triton kernels were compiled for a "
-            "GPU and cannot run on CPU tensors; set TRITON_INTERPRET=1 before the first import of triton "
-            "(for pytest: in tests/conftest.py), or unset it to use the torch reference on the CPU"
-        )
-
-
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -326,6 +263,7 @@ def decode_attention(
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
     workspace: DecodeWorkspace | None = None,
+    backend: Backend = "auto",
 ) -> torch.Tensor:
     """Decode attention of one token per sequence over per-KV-head caches (split-K, GQA-aware).
 
@@ -338,10 +276,11 @@ def decode_attention(
         out: optional ``[B, Hq, d]`` output buffer in q's dtype (last dim contiguous).
         workspace: optional scratch (see `DecodeWorkspace`); the cached `get_workspace` buffers by default.
             Two launches that may run concurrently (different streams) need different workspaces.
+        backend: ``auto`` (the kernels for CUDA tensors, else `decode_attention_ref`), ``triton`` (the
+            kernels, interpreted for CPU tensors) or ``torch`` (the reference); see `kernels.backend`.
 
     Returns:
-        ``[B, Hq, d]`` in q's dtype (``out`` when given). On the CPU without ``TRITON_INTERPRET=1``:
-        `decode_attention_ref`'s result.
+        ``[B, Hq, d]`` in q's dtype (``out`` when given).
     """
     _check_inputs(q, k_cache, v_cache, lengths, out)
     batch, hq, d = q.shape
@@ -350,8 +289,7 @@ def decode_attention(
     if scale is None:
         scale = d**-0.5
 
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    if q.device.type == "cpu" and not interpret:
+    if not runs_triton(q.device, backend):
         ref = decode_attention_ref(q, k_cache, v_cache, lengths, scale=scale)
         if out is None:
             return ref
@@ -366,12 +304,12 @@ def decode_attention(
         return out.zero_()
 
     if num_splits is None:
-        num_splits = choose_num_splits(batch, hkv, l_max, _sm_count(q.device), d)
+        num_splits = choose_num_splits(batch, hkv, l_max, sm_count(q.device), d)
     num_splits = max(1, int(num_splits))
 
     block_d = triton.next_power_of_2(d)
     block_g = max(16, triton.next_power_of_2(group))  # tl.dot needs M >= 16: pad the group
-    block_n, num_warps, num_stages = _config(block_d, q.element_size())
+    block_n, num_warps, num_stages = decode_tiles(block_d, q.element_size())
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"  # tf32: unused for 16-bit inputs
 
     if num_splits > 1:
@@ -382,8 +320,7 @@ def decode_attention(
     else:
         mid_o, mid_lse = out, out  # unused: the kernel writes the output itself
 
-    _check_interpreter(interpret, q.device)
-    _decode_split_kernel[(batch * hkv, num_splits)](
+    jit_kernel(_decode_split_kernel, q.device)[(batch * hkv, num_splits)](
         q,
         k_cache,
         v_cache,
@@ -423,7 +360,7 @@ def decode_attention(
         num_stages=num_stages,
     )
     if num_splits > 1:
-        _decode_merge_kernel[(batch * hq,)](
+        jit_kernel(_decode_merge_kernel, q.device)[(batch * hq,)](
             mid_o,
             mid_lse,
             out,

@@ -35,30 +35,25 @@ each fill costs a few percent).
 
 Programs run on a 1-D grid, heaviest (last) query tiles first, all KV heads interleaved.
 
-Tiles: `tile_config` (a table keyed on head dim and dtype) or an explicit ``config=TileConfig(...)`` for
-sweeps.
-On CPU without ``TRITON_INTERPRET=1`` the launcher returns `sparse_prefill_attention_ref`'s result (Triton
-cannot run there); under ``TRITON_INTERPRET=1`` the kernel runs in Triton's interpreter (test with float32 or
-float16: the interpreter's bf16 ``tl.dot`` is wrong).
+Tiles: `tiling.tile_config` (a table keyed on head dim and dtype) or an explicit
+``config=TileConfig(...)`` for sweeps.
+``backend="auto"`` (the default) runs `sparse_prefill_attention_ref` for CPU tensors; ``backend="triton"``
+runs the kernel in Triton's interpreter there (`kernels.backend`; test with float32 or float16: the
+interpreter's bf16 ``tl.dot`` is wrong).
 """
 
 from __future__ import annotations
-
-import os
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
-from entropyinfer.kernels.sparse_prefill_ref import (
-    check_sparse_prefill_args,
-    num_segments,
-    sparse_prefill_attention_ref,
-)
+from entropyinfer.kernels.backend import Backend, jit_kernel, runs_triton
+from entropyinfer.kernels.block_layout import check_sparse_prefill_args, num_segments
+from entropyinfer.kernels.sparse_prefill_ref import sparse_prefill_attention_ref
+from entropyinfer.kernels.tiling import TileConfig, tile_config
 
-__all__ = ["TileConfig", "dense_causal_attention", "sparse_prefill_attention", "tile_config"]
+__all__ = ["dense_causal_attention", "sparse_prefill_attention"]
 
 _LOG2E = 1.4426950408889634
 _NEG_INIT = tl.constexpr(-1.0e30)  # finite running-max start: a row fully masked in one tile never makes NaN
@@ -66,21 +61,21 @@ _NEG_INIT = tl.constexpr(-1.0e30)  # finite running-max start: a row fully maske
 
 @triton.jit
 def _attend_tile(
-    acc,
-    l_i,
-    m_i,
-    q,
-    k_base,
-    v_base,
-    kn,
-    mask,
-    offs_d,
-    stride_kn,
-    stride_vn,
-    qk_scale,
+    acc: tl.tensor,
+    l_i: tl.tensor,
+    m_i: tl.tensor,
+    q: tl.tensor,
+    k_base: tl.tensor,
+    v_base: tl.tensor,
+    kn: tl.tensor,
+    mask: tl.tensor,
+    offs_d: tl.tensor,
+    stride_kn: tl.tensor,
+    stride_vn: tl.tensor,
+    qk_scale: tl.tensor,
     MASKED: tl.constexpr,
     PRECISION: tl.constexpr,
-):
+) -> tuple[tl.tensor, tl.tensor, tl.tensor]:
     """One online-softmax step over the keys ``kn`` ([BLOCK_N] absolute positions, all loadable)."""
     k = tl.load(k_base + kn[:, None] * stride_kn + offs_d[None, :])
     qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
@@ -102,32 +97,32 @@ def _attend_tile(
 
 @triton.jit
 def _sparse_prefill_fwd(
-    Q,
-    K,
-    V,
-    O,
-    IDX,
-    CNT,
-    stride_qh,
-    stride_qm,
-    stride_kh,
-    stride_kn,
-    stride_vh,
-    stride_vn,
-    stride_oh,
-    stride_om,
-    stride_ih,
-    stride_is,
-    stride_ch,
-    stride_cs,
-    Nq,
-    Nk,
-    q_offset,
-    seg_size,
-    first_tile,
-    n_tiles,
-    n_kv_heads,
-    qk_scale,
+    Q: tl.tensor,
+    K: tl.tensor,
+    V: tl.tensor,
+    O: tl.tensor,
+    IDX: tl.tensor,
+    CNT: tl.tensor,
+    stride_qh: tl.tensor,
+    stride_qm: tl.tensor,
+    stride_kh: tl.tensor,
+    stride_kn: tl.tensor,
+    stride_vh: tl.tensor,
+    stride_vn: tl.tensor,
+    stride_oh: tl.tensor,
+    stride_om: tl.tensor,
+    stride_ih: tl.tensor,
+    stride_is: tl.tensor,
+    stride_ch: tl.tensor,
+    stride_cs: tl.tensor,
+    Nq: tl.tensor,
+    Nk: tl.tensor,
+    q_offset: tl.tensor,
+    seg_size: tl.tensor,
+    first_tile: tl.tensor,
+    n_tiles: tl.tensor,
+    n_kv_heads: tl.tensor,
+    qk_scale: tl.tensor,
     G: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -135,7 +130,7 @@ def _sparse_prefill_fwd(
     BLOCK_N: tl.constexpr,
     B: tl.constexpr,
     PRECISION: tl.constexpr,
-):
+) -> None:
     pid = tl.program_id(0)
     hk = pid % n_kv_heads
     tile = first_tile + n_tiles - 1 - pid // n_kv_heads  # heaviest tiles first
@@ -226,54 +221,8 @@ def _sparse_prefill_fwd(
     )
 
 
-@dataclass(frozen=True)
-class TileConfig:
-    """Tile shape and launch parameters. ``block_m`` counts stacked rows (G heads x positions)."""
-
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-
-
-def tile_config(head_dim: int, dtype: torch.dtype) -> TileConfig:
-    """Default tiles, keyed on head dim and dtype (Hopper-minded; sweep with ``config=`` on the GPU).
-
-    16-bit, d <= 64: 128 x 64 tiles, 4 warps. 16-bit, d = 128: 128 x 64 tiles, 8 warps (two warpgroups of
-    64 rows keep the 128 x 128 float32 accumulator at 64 registers a thread). 3 stages: K and V tiles of
-    16 KiB each (d = 128, bf16) x 3 plus the Q tile is about 128 KiB of shared memory. float32 (not a speed
-    path) and d > 128 use smaller tiles.
-    """
-    if dtype == torch.float32 or head_dim > 128:
-        return TileConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
-    if head_dim <= 64:
-        return TileConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
-    return TileConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
-
-
 def _pow2_divisor(n: int) -> int:
     return n & -n
-
-
-_INTERPRETED: dict[str, Any] = {}
-
-
-def _kernel(interpret: bool) -> Any:
-    """The kernel as the interpreter or the compiler wants it.
-
-    ``@triton.jit`` picks interpreter or compiler when this module is imported; a process may import it before
-    ``TRITON_INTERPRET=1`` is set, so CPU tensors get an interpreted copy built here on demand.
-    """
-    fn: Any = _sparse_prefill_fwd
-    if not interpret:
-        return fn
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if isinstance(fn, InterpretedFunction):
-        return fn
-    if "fwd" not in _INTERPRETED:
-        _INTERPRETED["fwd"] = InterpretedFunction(fn.fn)
-    return _INTERPRETED["fwd"]
 
 
 def sparse_prefill_attention(
@@ -288,6 +237,7 @@ def sparse_prefill_attention(
     scale: float | None = None,
     q_offset: int = 0,
     config: TileConfig | None = None,
+    backend: Backend = "auto",
 ) -> torch.Tensor:
     """Block-sparse prefill attention of one sequence (or one chunk of it), GQA-aware.
 
@@ -305,17 +255,18 @@ def sparse_prefill_attention(
         scale: softmax scale, ``d ** -0.5`` by default.
         q_offset: absolute position of q's first row (chunked prefill).
         config: tile override; `tile_config` by default.
+        backend: ``auto`` (the kernel for CUDA tensors, else `sparse_prefill_attention_ref`), ``triton`` (the
+            kernel, interpreted for CPU tensors) or ``torch`` (the reference); see `kernels.backend`.
 
     Returns:
-        ``[Hq, Nq, d]`` in q's dtype. On CPU without ``TRITON_INTERPRET=1``: the torch reference's result.
+        ``[Hq, Nq, d]`` in q's dtype.
     """
     check_sparse_prefill_args(q, k, v, block_idx, block_cnt, segment_size, block_size, q_offset)
     hq, nq, d = q.shape
     hkv, nk, _ = k.shape
     if scale is None:
         scale = d**-0.5
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    if q.device.type == "cpu" and not interpret:
+    if not runs_triton(q.device, backend):
         return sparse_prefill_attention_ref(
             q,
             k,
@@ -351,9 +302,9 @@ def sparse_prefill_attention(
 
     first_tile = q_offset // block_p
     n_tiles = -(-(q_offset + nq) // block_p) - first_tile
-    assert num_segments(q_offset, nq, segment_size) <= block_cnt.shape[1]
+    assert num_segments(q_offset + nq, segment_size) <= block_cnt.shape[1]
     grid = (n_tiles * hkv,)
-    _kernel(interpret)[grid](
+    jit_kernel(_sparse_prefill_fwd, q.device)[grid](
         q,
         k,
         v,
@@ -401,15 +352,16 @@ def dense_causal_attention(
     scale: float | None = None,
     q_offset: int = 0,
     config: TileConfig | None = None,
+    backend: Backend = "auto",
 ) -> torch.Tensor:
     """Dense causal attention through the same kernel: every segment dense (``block_cnt = -1``).
 
     ``q``: ``[Hq, Nq, d]`` at positions ``[q_offset, q_offset + Nq)``, ``k``, ``v``: ``[Hkv, Nk, d]``; query
-    ``p`` attends keys ``[0, p]``. Same CPU fallback as `sparse_prefill_attention`.
+    ``p`` attends keys ``[0, p]``. Same ``backend`` as `sparse_prefill_attention`.
     """
     segment_size = 1024
     hkv = k.shape[0]
-    nseg = max(1, num_segments(q_offset, q.shape[1], segment_size))
+    nseg = max(1, num_segments(q_offset + q.shape[1], segment_size))
     block_idx = torch.zeros(hkv, nseg, 1, dtype=torch.int32, device=q.device)
     block_cnt = torch.full((hkv, nseg), -1, dtype=torch.int32, device=q.device)
     return sparse_prefill_attention(
@@ -423,4 +375,5 @@ def dense_causal_attention(
         scale=scale,
         q_offset=q_offset,
         config=config,
+        backend=backend,
     )

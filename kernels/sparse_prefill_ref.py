@@ -7,7 +7,8 @@ Semantics (shared with `entropyinfer.kernels.sparse_prefill.sparse_prefill_atten
 - Query row ``r`` sits at absolute position ``p = q_offset + r``; keys are indexed by absolute position, so
   ``Nk >= q_offset + Nq`` (normally equal: a chunk ``[q_offset, q_offset + Nq)`` of a longer prompt).
 - Segments of ``segment_size`` (``S``) positions: segment ``s`` is ``[s*S, (s+1)*S)``.
-  ``nseg = ceil((q_offset + Nq) / S)``; ``block_idx`` / ``block_cnt`` need at least ``nseg`` segment rows.
+  ``nseg = ceil((q_offset + Nq) / S)`` (`block_layout.num_segments`); ``block_idx`` / ``block_cnt`` need at
+  least ``nseg`` segment rows.
 - ``block_idx[hk, s, :block_cnt[hk, s]]``: ids of the key blocks of ``block_size`` (``b``) tokens that KV head
   ``hk`` selected for segment ``s`` (block ``j`` covers keys ``[j*b, (j+1)*b)``, every one ending at or before
   ``s*S``), sorted ascending. ``block_cnt[hk, s] == -1`` marks a dense segment: every key of ``[0, s*S)``.
@@ -23,50 +24,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_sparse_prefill_args", "num_segments", "sparse_prefill_attention_ref"]
+from entropyinfer.kernels.block_layout import check_sparse_prefill_args, num_segments
 
-
-def num_segments(q_offset: int, nq: int, segment_size: int) -> int:
-    """Segments that the chunk ``[q_offset, q_offset + nq)`` touches, counted from position 0."""
-    return -(-(q_offset + nq) // segment_size)
-
-
-def check_sparse_prefill_args(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    block_idx: torch.Tensor,
-    block_cnt: torch.Tensor,
-    segment_size: int,
-    block_size: int,
-    q_offset: int,
-) -> None:
-    """Shape and dtype checks shared by the kernel launcher and the reference (no device sync)."""
-    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
-        raise ValueError(
-            f"q, k, v must be 3-D [H, N, d]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
-    hq, nq, d = q.shape
-    hkv, nk, dk = k.shape
-    if v.shape != k.shape or dk != d:
-        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must be [Hkv, Nk, {d}]")
-    if hkv == 0 or hq % hkv != 0:
-        raise ValueError(f"query heads {hq} must be a multiple of KV heads {hkv}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device == block_idx.device == block_cnt.device):
-        raise ValueError("q, k, v, block_idx, block_cnt must be on one device")
-    if segment_size <= 0 or block_size <= 0:
-        raise ValueError(f"segment_size {segment_size} and block_size {block_size} must be positive")
-    if q_offset < 0 or nk < q_offset + nq:
-        raise ValueError(f"keys must cover [0, q_offset + Nq): Nk={nk}, q_offset={q_offset}, Nq={nq}")
-    nseg = num_segments(q_offset, nq, segment_size)
-    if block_idx.dtype != torch.int32 or block_cnt.dtype != torch.int32:
-        raise ValueError(f"block_idx / block_cnt must be int32; got {block_idx.dtype}, {block_cnt.dtype}")
-    if block_idx.dim() != 3 or block_idx.shape[0] != hkv or block_idx.shape[1] < nseg:
-        raise ValueError(f"block_idx must be [Hkv={hkv}, nseg>={nseg}, max_k]; got {tuple(block_idx.shape)}")
-    if block_cnt.dim() != 2 or block_cnt.shape[0] != hkv or block_cnt.shape[1] < nseg:
-        raise ValueError(f"block_cnt must be [Hkv={hkv}, nseg>={nseg}]; got {tuple(block_cnt.shape)}")
+__all__ = ["sparse_prefill_attention_ref"]
 
 
 def sparse_prefill_attention_ref(
@@ -93,7 +53,7 @@ def sparse_prefill_attention_ref(
     seg, b = segment_size, block_size
     if scale is None:
         scale = d**-0.5
-    nseg = num_segments(q_offset, nq, seg)
+    nseg = num_segments(q_offset + nq, seg)
     counts = block_cnt[:, :nseg].tolist()
     max_k = block_idx.shape[2]
     out = torch.empty_like(q)

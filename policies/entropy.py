@@ -1,10 +1,11 @@
 """Segment-wise sparse prefill decisions for one layer: the `entropy` (EntropyInfer) and `fixed`
 (CritiPrefill) policies.
 
-Profiling and counts (`kernels.block_scoring`: rigid / dynamic heads, budget recurrence, block counts) -> top
-blocks per (KV head, segment). The result, a `LayerPlan`, is what the block-sparse prefill kernel consumes:
-per (KV head, segment) a count and an ascending list of ``block_size``-token key blocks; segments marked dense
-attend every key before them. Every segment also attends its own keys causally.
+Profiling (`kernels.block_scoring`), then counts and selection (`kernels.block_selection`: rigid / dynamic
+heads, budget recurrence, block counts, top blocks per (KV head, segment)). The result, a `LayerPlan`, is
+what the block-sparse prefill kernel consumes: per (KV head, segment) a count and an ascending list of
+``block_size``-token key blocks; segments marked dense attend every key before them. Every segment also
+attends its own keys causally.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from typing import get_args
 import torch
 
 from entropyinfer.errors import UnknownPolicyError
-from entropyinfer.kernels.block_scoring import Backend, block_counts, block_scores, select_blocks
-from entropyinfer.kernels.block_scoring_ref import BlockScores
+from entropyinfer.kernels.backend import Backend
+from entropyinfer.kernels.block_layout import BlockScores
+from entropyinfer.kernels.block_scoring import block_scores
+from entropyinfer.kernels.block_selection import block_counts, select_blocks
 from entropyinfer.policies.config import SparsePrefillConfig
 from entropyinfer.policies.registry import Selection
 
@@ -181,7 +184,7 @@ def plan_layer(
         policy: ``entropy`` (budgets from the entropy recurrence) or ``fixed`` (``cfg.fixed_budget``
             everywhere).
         backend: ``triton`` (compiled on GPU, interpreted on CPU), ``torch`` (the reference), or ``auto``
-            (Triton on GPU or under TRITON_INTERPRET=1, else torch).
+            (Triton for CUDA tensors, else torch); see `kernels.backend`.
         with_probs: also return the block probabilities (``LayerPlan.probs``).
     """
     scores = block_scores(q, k, cfg.segment_size, cfg.block_size, backend=backend)

@@ -1,7 +1,8 @@
 """Attention execution on one shard: dense causal prefill and decode over the KV cache.
 
 On a GPU the Triton kernels run; on the CPU their plain-torch references do (ARCHITECTURE.md), whatever
-TRITON_INTERPRET says: the interpreter is for testing kernels, not for serving.
+TRITON_INTERPRET says: the interpreter is for testing kernels, not for serving. Each kernel op decides
+that itself (`kernels/backend.py`); this module passes no backend.
 
 Sparse prefill (entropy / fixed policies) plugs in through `PrefillAttention`: the policy decides the
 blocks (`policies/`), a kernel (`kernels/`) computes; this module only dispatches.
@@ -17,18 +18,15 @@ from typing import Any, Protocol, get_args
 import torch
 import torch.nn.functional as F
 
-from entropyinfer.kernels.block_scoring import row_chunk
 from entropyinfer.kernels.decode_attention import decode_attention
-from entropyinfer.kernels.decode_attention_ref import decode_attention_ref
 from entropyinfer.kernels.sparse_prefill import sparse_prefill_attention
-from entropyinfer.kernels.sparse_prefill_ref import sparse_prefill_attention_ref
+from entropyinfer.kernels.tiling import row_chunk
 from entropyinfer.policies.config import SparsePrefillConfig
 from entropyinfer.policies.entropy import plan_density_tensor, plan_layer
 from entropyinfer.policies.registry import Selection, get_policy
 
 # The block-selection rules of the sparse policies ("entropy", "fixed"): what the kernel warm-up compiles.
 SPARSE_SELECTIONS: tuple[Selection, ...] = get_args(Selection)
-
 
 
 class PrefillAttention(Protocol):
@@ -75,9 +73,7 @@ def cached_decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor
 ) -> torch.Tensor:
     """q [B, Hq, d] over k_cache/v_cache [B, Hkv, capacity, d] with lengths [B, Hkv] -> [B, Hq, d]."""
-    if q.device.type == "cuda":
-        return decode_attention(q, k_cache, v_cache, lengths)
-    return decode_attention_ref(q, k_cache, v_cache, lengths)
+    return decode_attention(q, k_cache, v_cache, lengths)
 
 
 class SparsePrefill:
@@ -103,17 +99,16 @@ class SparsePrefill:
             self.layer_rigid.append(None)
             self.layer_entropy.append(None)
             return dense_causal_attention(q, k, v)
-        on_gpu = q.device.type == "cuda"
         plan = plan_layer(
             q,
             k,
             cfg,
             policy=self.policy,
-            backend="triton" if on_gpu else "torch",
         )
-        attend = sparse_prefill_attention if on_gpu else sparse_prefill_attention_ref
         s_len, b = cfg.segment_size, cfg.block_size
-        out = attend(q, k, v, plan.block_idx, plan.kernel_counts, segment_size=s_len, block_size=b)
+        out = sparse_prefill_attention(
+            q, k, v, plan.block_idx, plan.kernel_counts, segment_size=s_len, block_size=b
+        )
         self.layer_density.append(plan_density_tensor(plan.counts, plan.dense_segments, n, s_len, b))
         self.layer_rigid.append(plan.rigid.float().mean())
         self.sparse_counts.append((plan.counts, plan.dense_segments))
@@ -191,8 +186,6 @@ def warm_up_sparse_prefill(
         for policy in SPARSE_SELECTIONS:
             SparsePrefill(policy, config)(1, q, k, k)
     torch.cuda.synchronize(device)
-
-
 
 
 def build_prefill_attention(policy: str, config: SparsePrefillConfig) -> PrefillAttention:

@@ -1,7 +1,8 @@
 """Building blocks shared by every model family: RMSNorm and rotary position embeddings.
 
 On a GPU the token-wise operations run as fused Triton kernels (`kernels/layer_ops.py`), on the CPU as their
-torch references (Hugging Face's exact computation), whatever TRITON_INTERPRET says.
+torch references (Hugging Face's exact computation), whatever TRITON_INTERPRET says: each op decides that
+itself (`kernels/backend.py`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import torch
 from torch import nn
 
 from entropyinfer.kernels.layer_ops import rms_norm, rotary
-from entropyinfer.kernels.layer_ops_ref import rms_norm_ref, rotary_ref
 from entropyinfer.shard.arch import ModelArch
 
 
@@ -25,7 +25,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (rms_norm if x.is_cuda else rms_norm_ref)(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def rope_inv_freq(arch: ModelArch) -> torch.Tensor:
@@ -70,4 +70,4 @@ def rope(
 ) -> torch.Tensor:
     """x: [B, T, heads, d] (a projection's output, viewed) -> [B, heads, T, d], into `out` when given;
     cos/sin: [B, T, d] or [T, d]."""
-    return (rotary if x.is_cuda else rotary_ref)(x, cos, sin, out)
+    return rotary(x, cos, sin, out)

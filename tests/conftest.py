@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import os
 
+import torch
+
+# Without a GPU, kernel tests run the Triton kernels (backend="triton") in Triton's interpreter, which
+# triton.language binds at its first import: set it here, before anything imports triton (torch does not).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import inspect
 
 import pytest
-import torch
 
 # Fixtures that load the real SmolLM2 (in this process, in a Serve replica, or as its converted checkpoint).
 SMOLLM2_FIXTURES = {"smollm2", "server", "checkpoint"}

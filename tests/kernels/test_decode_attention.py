@@ -1,30 +1,22 @@
 """Tests of the split-K decode attention kernel (`kernels/decode_attention.py`) and its torch reference.
 
 Layout under test: q [B, Hq, d], k/v caches [B, Hkv, L_max, d] (possibly strided views), per-(sequence, KV
-head) int32 lengths [B, Hkv], Hq = G * Hkv. On the CPU the Triton kernels run under TRITON_INTERPRET=1 (set
-here before triton is imported: triton decides once, at import), in float32/float16 only
-(the interpreter's bf16 tl.dot is wrong) and on small shapes. With a CUDA device, the `gpu` tests compile the
-kernels for real and check bf16/fp16 and CUDA-graph capture.
+head) int32 lengths [B, Hkv], Hq = G * Hkv. On the CPU, ``backend="triton"`` runs the Triton kernels in the
+interpreter (TRITON_INTERPRET=1 is set in tests/conftest.py before triton is imported), in float32/float16
+only (the interpreter's bf16 tl.dot is wrong) and on small shapes. With a CUDA device, the `gpu` tests compile
+the kernels for real and check bf16/fp16 and CUDA-graph capture.
 """
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest
-
 from entropyinfer.kernels import decode_attention as da
-from entropyinfer.kernels.decode_attention import (
-    choose_num_splits,
-    decode_attention,
-    get_workspace,
-)
+from entropyinfer.kernels.backend import interpreter_ready
+from entropyinfer.kernels.decode_attention import decode_attention, get_workspace
 from entropyinfer.kernels.decode_attention_ref import decode_attention_ref
+from entropyinfer.kernels.tiling import choose_num_splits, sm_count
 
 TOL = {
     torch.float32: {"atol": 2e-5, "rtol": 2e-5},
@@ -34,18 +26,15 @@ TOL = {
 
 
 @pytest.fixture
-def interpret(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Run the Triton kernels on CPU tensors in the interpreter.
+def interpret() -> None:
+    """The kernels of these tests run on CPU tensors (``backend="triton"``), in the interpreter.
 
-    Triton picks interpreter or compiler when it is first imported: without a GPU this module sets
-    TRITON_INTERPRET=1 before importing it (if some earlier test module imported triton without it, the
-    launcher raises a clear error). With a GPU the kernels are compiled and the `gpu` tests cover them.
+    Triton picks interpreter or compiler when it is first imported: without a GPU tests/conftest.py sets
+    TRITON_INTERPRET=1 before that (if it came too late, the launcher raises a clear error). With a GPU the
+    kernels are compiled and the `gpu` tests cover them.
     """
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not isinstance(da._decode_split_kernel, InterpretedFunction) and torch.cuda.is_available():
+    if not interpreter_ready() and torch.cuda.is_available():
         pytest.skip("triton compiles for the GPU in this process; the gpu tests cover the kernels")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 def _inputs(
@@ -135,7 +124,7 @@ def test_kernel_matches_reference(group: int, d: int, dtype: torch.dtype, num_sp
     l_max = 83
     q, k, v = _inputs(100 + group * 10 + d, 2, 2, group, l_max, d, dtype)
     lengths = torch.tensor([[0, l_max], [1, 66]], dtype=torch.int32)
-    out = decode_attention(q, k, v, lengths, num_splits=num_splits)
+    out = decode_attention(q, k, v, lengths, num_splits=num_splits, backend="triton")
     ref = decode_attention_ref(q, k, v, lengths)
     _check(out, ref, dtype)
     assert torch.all(out[0, :group] == 0)
@@ -145,8 +134,8 @@ def test_kernel_matches_reference(group: int, d: int, dtype: torch.dtype, num_sp
 def test_kernel_default_splits_and_scale() -> None:
     q, k, v = _inputs(7, 1, 3, 3, 300, 64, torch.float32)
     lengths = torch.tensor([[300, 129, 64]], dtype=torch.int32)
-    assert choose_num_splits(1, 3, 300, da._sm_count(q.device)) > 1  # the default path merges splits
-    out = decode_attention(q, k, v, lengths, scale=0.2)
+    assert choose_num_splits(1, 3, 300, sm_count(q.device)) > 1  # the default path merges splits
+    out = decode_attention(q, k, v, lengths, scale=0.2, backend="triton")
     _check(out, decode_attention_ref(q, k, v, lengths, scale=0.2), torch.float32)
 
 
@@ -165,7 +154,7 @@ def test_kernel_strided_views_and_out() -> None:
     assert not lengths.is_contiguous() and not k.is_contiguous() and not q.is_contiguous()
     out_buf = torch.full((batch, hkv * group + 1, d), 7.0)
     out = out_buf[:, 1:]
-    res = decode_attention(q, k, v, lengths, num_splits=3, out=out)
+    res = decode_attention(q, k, v, lengths, num_splits=3, out=out, backend="triton")
     assert res.data_ptr() == out.data_ptr()
     _check(out, decode_attention_ref(q, k, v, lengths), torch.float32)
     assert torch.all(out_buf[:, 0] == 7.0)  # nothing written outside the view
@@ -181,28 +170,32 @@ def test_kernel_workspace_reuse_and_empty_splits() -> None:
     ws.mid_lse.fill_(float("nan"))
     for lens in ([[20], [3]], [[0], [0]], [[1], [19]]):
         lengths = torch.tensor(lens, dtype=torch.int32)
-        out = decode_attention(q, k, v, lengths, num_splits=8)
+        out = decode_attention(q, k, v, lengths, num_splits=8, backend="triton")
         _check(out, decode_attention_ref(q, k, v, lengths), torch.float16)
     own = da.DecodeWorkspace(torch.empty(2, 3, 8, 64), torch.empty(2, 3, 8))
     lengths = torch.tensor([[17], [5]], dtype=torch.int32)
-    out = decode_attention(q, k, v, lengths, num_splits=8, workspace=own)
+    out = decode_attention(q, k, v, lengths, num_splits=8, workspace=own, backend="triton")
     _check(out, decode_attention_ref(q, k, v, lengths), torch.float16)
     with pytest.raises(ValueError, match="workspace shapes"):
-        decode_attention(q, k, v, lengths, num_splits=4, workspace=own)
+        decode_attention(q, k, v, lengths, num_splits=4, workspace=own, backend="triton")
 
 
 @pytest.mark.usefixtures("interpret")
 def test_kernel_int64_lengths_and_clamp() -> None:
     q, k, v = _inputs(12, 1, 2, 2, 30, 64, torch.float32)
     lengths = torch.tensor([[30, 5]], dtype=torch.int64)
-    out = decode_attention(q, k, v, lengths, num_splits=2)
+    out = decode_attention(q, k, v, lengths, num_splits=2, backend="triton")
     _check(out, decode_attention_ref(q, k, v, lengths), torch.float32)
-    over = decode_attention(q, k, v, torch.tensor([[99, 5]], dtype=torch.int32), num_splits=2)
+    over = decode_attention(
+        q, k, v, torch.tensor([[99, 5]], dtype=torch.int32), num_splits=2, backend="triton"
+    )
     _check(over, out, torch.float32)  # lengths past L_max are clamped to L_max
 
 
-def test_cpu_fallback_without_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+@pytest.mark.parametrize("interpret_env", ["0", "1"])
+def test_cpu_runs_reference_by_default(monkeypatch: pytest.MonkeyPatch, interpret_env: str) -> None:
+    """``backend="auto"`` on CPU tensors is the reference, whatever TRITON_INTERPRET says (serving)."""
+    monkeypatch.setenv("TRITON_INTERPRET", interpret_env)
     q, k, v = _inputs(13, 2, 3, 3, 16, 64, torch.float32)
     lengths = torch.tensor([[16, 0, 5], [1, 2, 3]], dtype=torch.int32)
     ref = decode_attention_ref(q, k, v, lengths)
@@ -210,25 +203,6 @@ def test_cpu_fallback_without_interpreter(monkeypatch: pytest.MonkeyPatch) -> No
     out = torch.empty_like(q)
     assert decode_attention(q, k, v, lengths, out=out) is out
     assert torch.equal(out, ref)
-
-
-def test_choose_num_splits() -> None:
-    # Few (sequence, head) pairs and a long cache: about 2 programs per SM.
-    assert choose_num_splits(1, 8, 131072, 132) == 33
-    assert choose_num_splits(4, 8, 8192, 132) == 8
-    assert choose_num_splits(1, 3, 1 << 20, 132) == 64  # capped
-    assert choose_num_splits(8, 3, 8192, 132, head_dim=64) == 16  # d = 64: 3 programs per SM
-    # Enough programs already: one split for short caches, two from 512 keys on.
-    assert choose_num_splits(256, 8, 256, 132) == 1
-    assert choose_num_splits(256, 8, 1024, 132) == 2
-    assert choose_num_splits(64, 8, 4096, 132) == 2
-    assert choose_num_splits(256, 8, 4096, 132) == 2
-    # Short cache: no split shorter than one 64-key tile.
-    assert choose_num_splits(1, 3, 300, 132) == 4
-    assert choose_num_splits(1, 1, 1, 132) == 1
-    for b, h, lm in ((1, 3, 1024), (4, 8, 8192), (16, 8, 32768)):
-        s = choose_num_splits(b, h, lm, 132)
-        assert 1 <= s <= 64
 
 
 def test_input_validation() -> None:
@@ -256,10 +230,7 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA dev
 @gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize(("group", "d"), [(1, 128), (3, 64), (4, 128), (8, 128), (8, 64), (16, 96), (2, 256)])
-def test_gpu_matches_reference(
-    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, group: int, d: int
-) -> None:
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+def test_gpu_matches_reference(dtype: torch.dtype, group: int, d: int) -> None:
     l_max = 1000
     q, k, v = _inputs(200 + group + d, 3, 2, group, l_max, d, dtype, "cuda")
     lengths = torch.tensor([[0, 1], [l_max, 999], [64, 513]], dtype=torch.int32, device="cuda")
@@ -270,9 +241,8 @@ def test_gpu_matches_reference(
 
 
 @gpu
-def test_gpu_cuda_graph_capture(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gpu_cuda_graph_capture() -> None:
     """Capture once, then change lengths and inputs in place: replays follow them, no reallocation."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
     dtype = torch.bfloat16
     q, k, v = _inputs(300, 2, 4, 4, 2048, 128, dtype, "cuda")
     lengths = torch.tensor([[2048, 1, 0, 700], [5, 2047, 1024, 64]], dtype=torch.int32, device="cuda")

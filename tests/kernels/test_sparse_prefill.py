@@ -1,29 +1,22 @@
 """Tests of the block-sparse prefill attention kernel (`kernels/sparse_prefill.py`) and its torch reference.
 
-On the CPU the Triton kernel runs under TRITON_INTERPRET=1 (set before triton is imported when there is no
-GPU, and again per test: the launcher reads it per call and builds an interpreted kernel on demand), in
-float32/float16 only (the interpreter's bf16 tl.dot is wrong), on small shapes. With a CUDA device the same
+``backend="triton"`` forces the kernel: on the CPU it runs in Triton's interpreter (TRITON_INTERPRET=1 is set
+in tests/conftest.py before triton is imported), in float32/float16 only (the interpreter's bf16 tl.dot is
+wrong), on small shapes. With a CUDA device the same
 tests compile the kernel for real, and the `gpu` tests add bf16 and the production tile table.
 """
 
 from __future__ import annotations
 
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
+import torch
 import torch.nn.functional as F
 
-from entropyinfer.kernels.sparse_prefill import (
-    TileConfig,
-    dense_causal_attention,
-    sparse_prefill_attention,
-)
-from entropyinfer.kernels.sparse_prefill_ref import num_segments, sparse_prefill_attention_ref
+from entropyinfer.kernels.backend import Backend
+from entropyinfer.kernels.block_layout import num_segments
+from entropyinfer.kernels.sparse_prefill import dense_causal_attention, sparse_prefill_attention
+from entropyinfer.kernels.sparse_prefill_ref import sparse_prefill_attention_ref
+from entropyinfer.kernels.tiling import TileConfig
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}  # atol = rtol
@@ -33,12 +26,6 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA dev
 
 def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
     torch.testing.assert_close(out, ref, atol=TOL[dtype], rtol=TOL[dtype])
-
-
-@pytest.fixture(autouse=True)
-def interpret(monkeypatch: pytest.MonkeyPatch) -> None:
-    if DEVICE == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 def make_qkv(
@@ -58,7 +45,7 @@ def make_blocks(
     visible block), ``zero`` (no block), ``mixed`` (random, some segments dense with count -1).
     """
     gen = torch.Generator().manual_seed(seed)
-    nseg = num_segments(0, n_total, seg)
+    nseg = num_segments(n_total, seg)
     max_k = max(1, (nseg - 1) * seg // b)
     idx = torch.full((hkv, nseg, max_k), PAD_ID, dtype=torch.int32)
     cnt = torch.zeros(hkv, nseg, dtype=torch.int32)
@@ -126,9 +113,10 @@ def run_both(
     b: int,
     q_offset: int = 0,
     config: TileConfig | None = None,
+    backend: Backend = "triton",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     kw = {"segment_size": seg, "block_size": b, "q_offset": q_offset}
-    out = sparse_prefill_attention(q, k, v, idx, cnt, config=config, **kw)
+    out = sparse_prefill_attention(q, k, v, idx, cnt, config=config, backend=backend, **kw)
     ref = sparse_prefill_attention_ref(q, k, v, idx, cnt, **kw)
     return out, ref
 
@@ -234,19 +222,20 @@ def test_dense_causal_matches_sdpa(hq: int, hkv: int, d: int, dtype: torch.dtype
     group = hq // hkv
     kr, vr = (t.repeat_interleave(group, 0) for t in (k, v))
     sdpa = F.scaled_dot_product_attention(q.float(), kr.float(), vr.float(), is_causal=True).to(dtype)
-    assert_close(dense_causal_attention(q, k, v), sdpa, dtype)
+    assert_close(dense_causal_attention(q, k, v, backend="triton"), sdpa, dtype)
     # every segment dense through the sparse entry point, with a small S, is the same attention
     seg = 16
-    nseg = num_segments(0, n, seg)
+    nseg = num_segments(n, seg)
     idx = torch.zeros(hkv, nseg, 1, dtype=torch.int32, device=DEVICE)
     cnt = torch.full((hkv, nseg), -1, dtype=torch.int32, device=DEVICE)
-    out = sparse_prefill_attention(q, k, v, idx, cnt, segment_size=seg, block_size=8)
+    out = sparse_prefill_attention(q, k, v, idx, cnt, segment_size=seg, block_size=8, backend="triton")
     assert_close(out, sdpa, dtype)
     # a chunk at q_offset > 0 against all earlier keys
     off = 29
     mask = torch.ones(n - off, n, dtype=torch.bool, device=DEVICE).tril(diagonal=off)
     sdpa_c = F.scaled_dot_product_attention(q[:, off:].float(), kr.float(), vr.float(), attn_mask=mask)
-    assert_close(dense_causal_attention(q[:, off:], k, v, q_offset=off), sdpa_c.to(dtype), dtype)
+    got = dense_causal_attention(q[:, off:], k, v, q_offset=off, backend="triton")
+    assert_close(got, sdpa_c.to(dtype), dtype)
 
 
 def test_all_visible_blocks_equal_dense() -> None:
@@ -254,7 +243,7 @@ def test_all_visible_blocks_equal_dense() -> None:
     n, seg, b = 96, 32, 8
     q, k, v = make_qkv(8, 2, n, 32, torch.float16, seed=5)
     idx, cnt = make_blocks(2, n, seg, b, "all", seed=5)
-    out = sparse_prefill_attention(q, k, v, idx, cnt, segment_size=seg, block_size=b)
+    out = sparse_prefill_attention(q, k, v, idx, cnt, segment_size=seg, block_size=b, backend="triton")
     kr, vr = (t.float().repeat_interleave(4, 0) for t in (k, v))
     sdpa = F.scaled_dot_product_attention(q.float(), kr, vr, is_causal=True).to(torch.float16)
     assert_close(out, sdpa, torch.float16)
@@ -268,18 +257,23 @@ def test_custom_scale_and_strided_inputs() -> None:
     v = base[:, 5:6].transpose(0, 1)
     idx, cnt = make_blocks(1, n, seg, b, "random", seed=3)
     kw = {"segment_size": seg, "block_size": b, "scale": 0.3}
-    out = sparse_prefill_attention(q, k, v, idx, cnt, **kw)
+    out = sparse_prefill_attention(q, k, v, idx, cnt, **kw, backend="triton")
     ref = sparse_prefill_attention_ref(q.contiguous(), k.contiguous(), v.contiguous(), idx, cnt, **kw)
     assert_close(out, ref, torch.float32)
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="CPU fallback")
-def test_cpu_without_interpreter_falls_back_to_reference(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+@pytest.mark.parametrize("interpret_env", ["0", "1"])
+def test_cpu_runs_reference_by_default(monkeypatch: pytest.MonkeyPatch, interpret_env: str) -> None:
+    """``backend="auto"`` on CPU tensors is the reference, whatever TRITON_INTERPRET says (serving)."""
+    monkeypatch.setenv("TRITON_INTERPRET", interpret_env)
     q, k, v = make_qkv(4, 2, 50, 16, torch.float32, seed=1)
     idx, cnt = make_blocks(2, 50, 16, 4, "mixed", seed=1)
-    out, ref = run_both(q, k, v, idx, cnt, 16, 4)
+    out, ref = run_both(q, k, v, idx, cnt, 16, 4, backend="auto")
     assert torch.equal(out, ref)
+    kr, vr = (t.repeat_interleave(2, 0) for t in (k, v))
+    sdpa = F.scaled_dot_product_attention(q, kr, vr, is_causal=True)
+    assert_close(dense_causal_attention(q, k, v), sdpa, torch.float32)
 
 
 def test_rejects_bad_shapes() -> None:

@@ -9,22 +9,19 @@ kernels (under TRITON_INTERPRET=1 on CPU, float32).
 from __future__ import annotations
 
 import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 from functools import cache
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from entropyinfer.errors import ConfigError, UnknownPolicyError
-from entropyinfer.kernels.block_scoring import block_scores, interpreter_ready
-from entropyinfer.kernels.block_scoring_ref import BlockScores, count_caps, num_blocks
+from entropyinfer.kernels.backend import interpreter_ready
+from entropyinfer.kernels.block_layout import BlockScores, num_blocks
+from entropyinfer.kernels.block_scoring import block_scores
+from entropyinfer.kernels.block_selection_ref import count_caps
 from entropyinfer.policies.config import SparsePrefillConfig, load_sparse_config
 from entropyinfer.policies.entropy import plan_from_scores, plan_layer
 
