@@ -3,9 +3,9 @@
     serve run configs/serve.yaml          # or: serve deploy configs/serve.yaml, entropyinfer serve
 
 `build_app(args)` receives the application's `args` (typed by `ServeAppConfig`; unknown keys raise
-ConfigError with their dotted name) and returns Ingress(FastAPI) -> Engine (cluster/replica.py: shard actors in its
-replica's placement group). The ingress replicas run on the head node, where the SQLite job store lives
-(`ray_actor_options` of the Ingress deployment).
+ConfigError with their dotted name) and returns Ingress (cluster/ingress.py, FastAPI) -> Engine
+(cluster/replica.py: shard actors in its replica's placement group). The ingress replicas run on the
+head node, where the SQLite job store lives (`ray_actor_options` of the Ingress deployment).
 """
 
 from __future__ import annotations

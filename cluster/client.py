@@ -18,292 +18,58 @@ its message, type and field; transport errors raise `ConnectionFailed` (`Request
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import random
-import sys
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Iterable, Iterator
+from typing import Literal
 
 import httpx
+from typing_extensions import Unpack
 
-from entropyinfer.cluster import wire
-from entropyinfer.errors import EntropyInferError
+from entropyinfer.cluster.client_core import (
+    DEFAULT_URL,
+    NOT_SENT,
+    Core,
+    Document,
+    Messages,
+    Payload,
+    Progress,
+    transport_error,
+)
+from entropyinfer.cluster.client_types import (
+    APIError,
+    AuthenticationError,
+    BadRequestError,
+    Body,
+    ClientError,
+    Completion,
+    ConflictError,
+    ConnectionFailed,
+    JobFailedError,
+    JobOptions,
+    JobResult,
+    JobStatus,
+    NotFoundError,
+    RequestTimeout,
+    ServerError,
+)
 
-DEFAULT_URL = "http://127.0.0.1:8000"
-Document = str | bytes | os.PathLike[str]
-Messages = Sequence[dict[str, str]]
-
-
-# ---- errors -------------------------------------------------------------------------------------
-
-
-class ClientError(EntropyInferError):
-    """Base of the SDK's errors."""
-
-
-class APIError(ClientError):
-    """The server answered with an error; `message`, `type` and `field` are the server's."""
-
-    def __init__(self, status: int, message: str, type: str | None = None, field: str | None = None) -> None:
-        super().__init__(f"HTTP {status}: {message}")
-        self.status = status
-        self.message = message
-        self.type = type
-        self.field = field
-
-
-class BadRequestError(APIError):
-    """400/413/415/422: the request is invalid; `field` names the offending field when known."""
-
-
-class AuthenticationError(APIError):
-    """401/403: missing or wrong API key."""
-
-
-class NotFoundError(APIError):
-    """404: unknown job id, route or model."""
-
-
-class ConflictError(APIError):
-    """409: the idempotency key was used for a different request."""
-
-
-class ServerError(APIError):
-    """5xx after retries (503 included when retries are exhausted)."""
-
-
-class ConnectionFailed(ClientError):
-    """The request failed in transport after all retries: no connection, connection dropped, or a
-    read/write error; `RequestTimeout` when it timed out."""
-
-
-class RequestTimeout(ConnectionFailed):
-    """Connecting, sending, waiting for the answer or for a pooled connection took longer than `timeout`."""
-
-
-class JobFailedError(ClientError):
-    """`wait` saw the job fail; `job` holds its final status and `job.error` the reason."""
-
-    def __init__(self, job: JobStatus) -> None:
-        super().__init__(f"job {job.id} failed: {job.error}")
-        self.job = job
-
-
-def _api_error(status: int, body: Any) -> APIError:
-    err = body.get("error") if isinstance(body, dict) else None
-    if isinstance(err, dict):
-        message, typ, fld = str(err.get("message")), err.get("type"), err.get("field")
-    else:
-        message, typ, fld = (str(body)[:500] or f"HTTP {status}"), None, None
-    cls: type[APIError]
-    if status in (400, 413, 415, 422):
-        cls = BadRequestError
-    elif status in (401, 403):
-        cls = AuthenticationError
-    elif status == 404:
-        cls = NotFoundError
-    elif status == 409:
-        cls = ConflictError
-    elif status >= 500:
-        cls = ServerError
-    else:
-        cls = APIError
-    return cls(status, message, typ, fld)
-
-
-# ---- results ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class JobStatus:
-    id: str
-    state: str  # queued | running | succeeded | failed | cancelled
-    documents_done: int
-    documents_total: int
-    prefill_tokens_done: int
-    prefill_tokens_total: int
-    error: str | None = None
-    created_at: float | None = None
-    finished_at: float | None = None
-    created: bool = True  # False when an idempotent resubmission returned an existing job
-
-    @property
-    def finished(self) -> bool:
-        return self.state in ("succeeded", "failed", "cancelled")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> JobStatus:
-        p = d.get("progress") or {}
-        return cls(
-            id=d["id"],
-            state=d["state"],
-            documents_done=int(p.get("documents_done", 0)),
-            documents_total=int(p.get("documents_total", 0)),
-            prefill_tokens_done=int(p.get("prefill_tokens_done", 0)),
-            prefill_tokens_total=int(p.get("prefill_tokens_total", 0)),
-            error=d.get("error"),
-            created_at=d.get("created_at"),
-            finished_at=d.get("finished_at"),
-            created=bool(d.get("created", True)),
-        )
-
-
-@dataclass(frozen=True)
-class JobResult:
-    document_index: int
-    document_name: str | None
-    question_index: int
-    question: str
-    text: str | None
-    finish_reason: str | None
-    error: str | None = None
-    stats: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> JobResult:
-        return cls(
-            document_index=d["document_index"],
-            document_name=d.get("document_name"),
-            question_index=d["question_index"],
-            question=d["question"],
-            text=d.get("text"),
-            finish_reason=d.get("finish_reason"),
-            error=d.get("error"),
-            stats=dict(d.get("stats") or {}),
-        )
-
-
-@dataclass(frozen=True)
-class Completion:
-    text: str
-    finish_reason: str | None
-    usage: dict[str, int]
-    stats: dict[str, Any]
-    raw: dict[str, Any] = field(repr=False)
-
-
-# ---- request building shared by both clients ----------------------------------------------------
-
-
-class _Core:
-    def __init__(
-        self,
-        url: str,
-        api_key: str | None,
-        timeout: float,
-        retries: int,
-        backoff_s: float,
-        wire_format: Literal["msgpack", "json"],
-    ) -> None:
-        self.url = url.rstrip("/")
-        self.api_key = api_key if api_key is not None else os.environ.get("ENTROPYINFER_API_KEY")
-        self.timeout = timeout
-        self.retries = retries
-        self.backoff_s = backoff_s
-        self.fmt: wire.Format = wire_format
-
-    def headers(self, body: bool) -> dict[str, str]:
-        h = {"Accept": wire.media_type(self.fmt)}
-        if body:
-            h["Content-Type"] = wire.media_type(self.fmt)
-        if self.api_key:
-            h["Authorization"] = f"Bearer {self.api_key}"
-        return h
-
-    def encode(self, payload: dict[str, Any]) -> bytes:
-        return wire.encode(payload, self.fmt)
-
-    def job_payload(
-        self,
-        documents: Iterable[Document],
-        question: str | None,
-        questions: Sequence[str] | None,
-        idempotency_key: str,
-        params: dict[str, Any],
-    ) -> dict[str, Any]:
-        docs = [self._document(d) for d in documents]
-        payload: dict[str, Any] = {"documents": docs, "idempotency_key": idempotency_key}
-        if question is not None:
-            payload["question"] = question
-        if questions is not None:
-            payload["questions"] = list(questions)
-        payload.update({k: v for k, v in params.items() if v is not None})
-        return payload
-
-    def _document(self, doc: Document) -> Any:
-        if isinstance(doc, str):
-            return doc
-        if isinstance(doc, bytes):
-            return doc if self.fmt == "msgpack" else doc.decode("utf-8")
-        path = Path(doc)
-        data = path.read_bytes()
-        text: str | bytes = data if self.fmt == "msgpack" else data.decode("utf-8")
-        return {"name": path.name, "text": text}
-
-    @staticmethod
-    def parse(resp: httpx.Response) -> Any:
-        ctype = resp.headers.get("content-type", "")
-        try:
-            body: Any = wire.decode(resp.content, wire.format_of(ctype)) if resp.content else None
-        except wire.WireError:
-            body = resp.text
-        if resp.status_code >= 400:
-            raise _api_error(resp.status_code, body)
-        return body
-
-    def retry_delay(self, attempt: int, resp: httpx.Response | None) -> float:
-        if resp is not None:
-            after = resp.headers.get("retry-after")
-            if after:
-                try:
-                    return min(float(after), 30.0)
-                except ValueError:
-                    pass
-        return min(self.backoff_s * 2**attempt, 10.0) * (0.5 + random.random() / 2)
-
-    @staticmethod
-    def completion(body: dict[str, Any], chat: bool) -> Completion:
-        choice = body["choices"][0]
-        text = choice["message"]["content"] if chat else choice["text"]
-        return Completion(
-            text, choice.get("finish_reason"), body.get("usage", {}), body.get("entropyinfer", {}), body
-        )
-
-    @staticmethod
-    def sse_delta(line: str, chat: bool) -> str | None:
-        """The text of one SSE `data:` line; None for [DONE] and non-data lines; raises on an error event."""
-        if not line.startswith("data:"):
-            return ""
-        data = line[5:].strip()
-        if data == "[DONE]":
-            return None
-        event = json.loads(data)
-        if "error" in event:
-            raise _api_error(int(event["error"].get("code") or 500), event)
-        if not event.get("choices"):
-            return ""
-        choice = event["choices"][0]
-        return (
-            str((choice.get("delta") or {}).get("content") or "") if chat else str(choice.get("text") or "")
-        )
-
-
-# Transport errors after which the request surely did not reach the server: retried for every call.
-_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
-
-
-def _transport_error(method: str, url: str, e: httpx.TransportError) -> ConnectionFailed:
-    cls = RequestTimeout if isinstance(e, httpx.TimeoutException) else ConnectionFailed
-    return cls(f"{method} {url}: {type(e).__name__}: {e}")
-
-
-def _is_tty() -> bool:
-    return sys.stderr.isatty()
+__all__ = [  # the SDK's errors and results, importable from here too
+    "APIError",
+    "AsyncClient",
+    "AuthenticationError",
+    "BadRequestError",
+    "Client",
+    "ClientError",
+    "Completion",
+    "ConflictError",
+    "ConnectionFailed",
+    "JobFailedError",
+    "JobResult",
+    "JobStatus",
+    "NotFoundError",
+    "RequestTimeout",
+    "ServerError",
+]
 
 
 # ---- the synchronous client ---------------------------------------------------------------------
@@ -323,7 +89,7 @@ class Client:
         wire_format: Literal["msgpack", "json"] = "msgpack",
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        self._core = _Core(url, api_key, timeout, retries, backoff_s, wire_format)
+        self._core = Core(url, api_key, timeout, retries, backoff_s, wire_format)
         self._http = httpx.Client(timeout=timeout, transport=transport)
 
     def __enter__(self) -> Client:
@@ -335,7 +101,7 @@ class Client:
     def close(self) -> None:
         self._http.close()
 
-    def _request(self, method: str, path: str, payload: dict[str, Any] | None = None, *, safe: bool) -> Any:
+    def _request(self, method: str, path: str, payload: Payload | None = None, *, safe: bool) -> Body:
         """`safe`: the request may be repeated after a transport error (GET, DELETE, keyed submit)."""
         content = self._core.encode(payload) if payload is not None else None
         attempt = 0
@@ -351,34 +117,19 @@ class Client:
                 if resp.status_code != 503 or attempt >= self._core.retries:
                     return self._core.parse(resp)
             except httpx.TransportError as e:
-                if not (safe or isinstance(e, _NOT_SENT)) or attempt >= self._core.retries:
-                    raise _transport_error(method, self._core.url + path, e) from e
+                if not (safe or isinstance(e, NOT_SENT)) or attempt >= self._core.retries:
+                    raise transport_error(method, self._core.url + path, e) from e
             time.sleep(self._core.retry_delay(attempt, resp))
             attempt += 1
 
     # jobs
 
     def submit(
-        self,
-        documents: Iterable[Document],
-        question: str | None = None,
-        *,
-        questions: Sequence[str] | None = None,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        seed: int | None = None,
-        stop: str | list[str] | None = None,
-        policy: str | None = None,
-        idempotency_key: str | None = None,
+        self, documents: Iterable[Document], question: str | None = None, **options: Unpack[JobOptions]
     ) -> JobStatus:
-        """Submit a batch of documents with one question (or several, each asked of every document)."""
-        key = idempotency_key or uuid.uuid4().hex
-        params: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p}
-        params["top_k"] = top_k
-        params.update({"seed": seed, "stop": stop, "policy": policy})
-        payload = self._core.job_payload(documents, question, questions, key, params)
+        """Submit a batch of documents with one question (or several, `questions=`, each asked of every
+        document); `options` are sampling parameters, `policy` and `idempotency_key` (JobOptions)."""
+        payload, _ = self._core.job_payload(documents, question, options)
         return JobStatus.from_dict(self._request("POST", "/v1/jobs", payload, safe=True))
 
     def status(self, job_id: str) -> JobStatus:
@@ -402,7 +153,7 @@ class Client:
     ) -> JobStatus:
         """Poll until the job finishes; a tqdm bar of prefill tokens (on by default only on a TTY)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with _Progress(progress) as bar:
+        with Progress(progress) as bar:
             while True:
                 job = self.status(job_id)
                 bar.update(job)
@@ -416,31 +167,33 @@ class Client:
         return job
 
     def run(
-        self, documents: Iterable[Document], question: str, *, progress: bool | None = None, **params: Any
+        self,
+        documents: Iterable[Document],
+        question: str,
+        *,
+        progress: bool | None = None,
+        **options: Unpack[JobOptions],
     ) -> list[JobResult]:
         """Submit, wait and fetch the results in one call."""
-        job = self.submit(documents, question, **params)
+        job = self.submit(documents, question, **options)
         self.wait(job.id, progress=progress)
         return self.results(job.id)
 
     # OpenAI-compatible endpoints
 
-    def complete(self, prompt: str, **params: Any) -> Completion:
+    def complete(self, prompt: str, **params: object) -> Completion:
         body = self._request("POST", "/v1/completions", {"prompt": prompt, **params}, safe=False)
         return self._core.completion(body, chat=False)
 
-    def chat(self, messages: Messages, **params: Any) -> Completion:
+    def chat(self, messages: Messages, **params: object) -> Completion:
         body = self._request(
             "POST", "/v1/chat/completions", {"messages": list(messages), **params}, safe=False
         )
         return self._core.completion(body, chat=True)
 
-    def stream(self, prompt: str | Messages, **params: Any) -> Iterator[str]:
+    def stream(self, prompt: str | Messages, **params: object) -> Iterator[str]:
         """Text deltas of a streaming completion (chat when `prompt` is a message list)."""
-        chat = not isinstance(prompt, str)
-        path = "/v1/chat/completions" if chat else "/v1/completions"
-        payload = {("messages" if chat else "prompt"): prompt if not chat else list(prompt), **params}
-        payload["stream"] = True
+        path, chat, payload = self._core.stream_payload(prompt, params)
         headers = self._core.headers(True)
         content = self._core.encode(payload)
         try:
@@ -455,12 +208,12 @@ class Client:
                     if delta:
                         yield delta
         except httpx.TransportError as e:
-            raise _transport_error("POST", self._core.url + path, e) from e
+            raise transport_error("POST", self._core.url + path, e) from e
 
     def models(self) -> list[str]:
         return [m["id"] for m in self._request("GET", "/v1/models", safe=True)["data"]]
 
-    def health(self) -> dict[str, Any]:
+    def health(self) -> dict[str, object]:
         return dict(self._request("GET", "/healthz", safe=True))
 
 
@@ -481,7 +234,7 @@ class AsyncClient:
         wire_format: Literal["msgpack", "json"] = "msgpack",
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self._core = _Core(url, api_key, timeout, retries, backoff_s, wire_format)
+        self._core = Core(url, api_key, timeout, retries, backoff_s, wire_format)
         self._http = httpx.AsyncClient(timeout=timeout, transport=transport)
 
     async def __aenter__(self) -> AsyncClient:
@@ -493,9 +246,7 @@ class AsyncClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _request(
-        self, method: str, path: str, payload: dict[str, Any] | None = None, *, safe: bool
-    ) -> Any:
+    async def _request(self, method: str, path: str, payload: Payload | None = None, *, safe: bool) -> Body:
         content = self._core.encode(payload) if payload is not None else None
         attempt = 0
         while True:
@@ -510,22 +261,15 @@ class AsyncClient:
                 if resp.status_code != 503 or attempt >= self._core.retries:
                     return self._core.parse(resp)
             except httpx.TransportError as e:
-                if not (safe or isinstance(e, _NOT_SENT)) or attempt >= self._core.retries:
-                    raise _transport_error(method, self._core.url + path, e) from e
+                if not (safe or isinstance(e, NOT_SENT)) or attempt >= self._core.retries:
+                    raise transport_error(method, self._core.url + path, e) from e
             await asyncio.sleep(self._core.retry_delay(attempt, resp))
             attempt += 1
 
     async def submit(
-        self,
-        documents: Iterable[Document],
-        question: str | None = None,
-        *,
-        questions: Sequence[str] | None = None,
-        idempotency_key: str | None = None,
-        **params: Any,
+        self, documents: Iterable[Document], question: str | None = None, **options: Unpack[JobOptions]
     ) -> JobStatus:
-        key = idempotency_key or uuid.uuid4().hex
-        payload = self._core.job_payload(documents, question, questions, key, params)
+        payload, _ = self._core.job_payload(documents, question, options)
         return JobStatus.from_dict(await self._request("POST", "/v1/jobs", payload, safe=True))
 
     async def status(self, job_id: str) -> JobStatus:
@@ -548,7 +292,7 @@ class AsyncClient:
         raise_on_failure: bool = True,
     ) -> JobStatus:
         deadline = None if timeout is None else time.monotonic() + timeout
-        with _Progress(progress) as bar:
+        with Progress(progress) as bar:
             while True:
                 job = await self.status(job_id)
                 bar.update(job)
@@ -562,26 +306,28 @@ class AsyncClient:
         return job
 
     async def run(
-        self, documents: Iterable[Document], question: str, *, progress: bool | None = None, **params: Any
+        self,
+        documents: Iterable[Document],
+        question: str,
+        *,
+        progress: bool | None = None,
+        **options: Unpack[JobOptions],
     ) -> list[JobResult]:
-        job = await self.submit(documents, question, **params)
+        job = await self.submit(documents, question, **options)
         await self.wait(job.id, progress=progress)
         return await self.results(job.id)
 
-    async def complete(self, prompt: str, **params: Any) -> Completion:
+    async def complete(self, prompt: str, **params: object) -> Completion:
         body = await self._request("POST", "/v1/completions", {"prompt": prompt, **params}, safe=False)
         return self._core.completion(body, chat=False)
 
-    async def chat(self, messages: Messages, **params: Any) -> Completion:
+    async def chat(self, messages: Messages, **params: object) -> Completion:
         payload = {"messages": list(messages), **params}
         body = await self._request("POST", "/v1/chat/completions", payload, safe=False)
         return self._core.completion(body, chat=True)
 
-    async def stream(self, prompt: str | Messages, **params: Any) -> AsyncIterator[str]:
-        chat = not isinstance(prompt, str)
-        path = "/v1/chat/completions" if chat else "/v1/completions"
-        payload = {("messages" if chat else "prompt"): prompt if not chat else list(prompt), **params}
-        payload["stream"] = True
+    async def stream(self, prompt: str | Messages, **params: object) -> AsyncIterator[str]:
+        path, chat, payload = self._core.stream_payload(prompt, params)
         headers = self._core.headers(True)
         content = self._core.encode(payload)
         try:
@@ -598,39 +344,10 @@ class AsyncClient:
                     if delta:
                         yield delta
         except httpx.TransportError as e:
-            raise _transport_error("POST", self._core.url + path, e) from e
+            raise transport_error("POST", self._core.url + path, e) from e
 
     async def models(self) -> list[str]:
         return [m["id"] for m in (await self._request("GET", "/v1/models", safe=True))["data"]]
 
-    async def health(self) -> dict[str, Any]:
+    async def health(self) -> dict[str, object]:
         return dict(await self._request("GET", "/healthz", safe=True))
-
-
-class _Progress:
-    """A tqdm bar over prefill tokens with documents done/total; disabled off a TTY by default."""
-
-    def __init__(self, enabled: bool | None) -> None:
-        self.enabled = _is_tty() if enabled is None else enabled
-        self.bar: Any = None
-
-    def __enter__(self) -> _Progress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-    def update(self, job: JobStatus) -> None:
-        if not self.enabled:
-            return
-        if self.bar is None:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=job.prefill_tokens_total, unit="tok", unit_scale=True, desc=job.id[:16])
-        self.bar.total = job.prefill_tokens_total
-        self.bar.n = job.prefill_tokens_done
-        self.bar.set_postfix_str(
-            f"docs {job.documents_done}/{job.documents_total} {job.state}", refresh=False
-        )
-        self.bar.refresh()

@@ -14,9 +14,9 @@ prefixes every name with `ray_`:
 
 from __future__ import annotations
 
-from typing import Any
-
 from ray.serve.metrics import Counter, Gauge, Histogram
+
+from entropyinfer.cluster.events import Final
 
 DENSITY_BUCKETS = [0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0]
 
@@ -50,17 +50,18 @@ class EngineMetrics:
         self._in_flight += delta
         self.in_flight.set(self._in_flight)
 
-    def record(self, final: dict[str, Any], policy: str, seconds: float) -> None:
-        stats = final.get("stats") or {}
+    def record(self, final: Final, policy: str, seconds: float) -> None:
+        stats = final.stats
         tags = {"policy": str(stats.get("policy") or policy)}
-        tokens = int(stats.get("prompt_tokens") or 0)
+        tokens = final.prompt_tokens if not final.cancelled else 0
         if tokens > 0:
             self.prefill_tokens.inc(tokens, tags=tags)
-            prefill_ms = float(stats.get("prefill_ms") or 0.0)
-            if prefill_ms > 0:
+            prefill_ms = stats.get("prefill_ms")
+            if isinstance(prefill_ms, (int, float)) and prefill_ms > 0:
                 self.prefill_tps.set(tokens / (prefill_ms / 1e3), tags=tags)
-        if stats.get("density") is not None:
-            self.density.observe(float(stats["density"]), tags=tags)
+        density = stats.get("density")
+        if isinstance(density, (int, float)):
+            self.density.observe(float(density), tags=tags)
 
 
 class JobMetrics:

@@ -1,7 +1,8 @@
 """The engine replica (the Serve deployment "Engine"): one per model replica, owning a shard group.
 
 It forwards a typed `events.Request` to its shard actor and streams the shard's typed events back
-(cluster/events.py); closing the stream early cancels the request in the shard. Serve reserves a placement group per replica (`placement_group_bundles`: one bundle per GPU, or a CPU
+(cluster/events.py); closing the stream before its last event cancels the request in the shard.
+Serve reserves a placement group per replica (`placement_group_bundles`: one bundle per GPU, or a CPU
 bundle per shard where there is no GPU); the replica starts its shard actors inside it, one per bundle,
 so the same code later runs tensor/sequence-parallel groups. With one shard, rank 0 does everything.
 """
@@ -12,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any, TypedDict
+from typing import Any
 
 import ray
 from ray import serve

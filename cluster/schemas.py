@@ -1,8 +1,11 @@
-"""Request bodies at the HTTP edge (pydantic), and how a validation error names its field.
+"""Request bodies at the HTTP edge: read (within the size limit), decoded (JSON or msgpack, cluster/wire.py)
+and validated (pydantic), and how a validation error names its field.
 
-Types are strict (no "10" for 10, no true for 1); non-finite floats are rejected. Text must be valid
-Unicode: JSON can carry lone surrogates ("\\ud800") that no UTF-8 encoder accepts, so they are rejected
-here, naming the field, instead of failing later in the tokenizer, a hash or SQLite. The OpenAI-compatible
+Types are strict (no "10" for 10, no true for 1); non-finite floats are rejected. Sampling values are
+not range-checked here: each body builds its `SamplingParams` (`sampling_params`), which checks them
+against the one table of limits in shard/sampling.py, naming the field. Text must be valid Unicode:
+JSON can carry lone surrogates ("\\ud800") that no UTF-8 encoder accepts, so they are rejected here,
+naming the field, instead of failing later in the tokenizer, a hash or SQLite. The OpenAI-compatible
 bodies ignore unknown fields (clients send many), the job body rejects them (it is ours).
 Limits that come from the config (max_tokens cap, batch size) are checked in the ingress.
 """
@@ -10,17 +13,29 @@ Limits that come from the config (max_tokens cap, batch size) are checked in the
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
 )
+
+from entropyinfer.cluster import wire
+from entropyinfer.cluster.config import LimitsConfig
+from entropyinfer.cluster.http_errors import HTTPError
+from entropyinfer.errors import InvalidRequestError
+from entropyinfer.shard.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from fastapi import Request
+
+M = TypeVar("M", bound=BaseModel)
 
 _STRICT = {"strict": True, "allow_inf_nan": False}
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -37,40 +52,41 @@ Text = Annotated[str, AfterValidator(_unicode)]  # a str that can be encoded as 
 
 
 class SamplingFields(BaseModel):
-    """Sampling parameters shared by every request kind (OpenAI names)."""
+    """Sampling parameters shared by every request kind (OpenAI names), built into a SamplingParams."""
 
     model_config = ConfigDict(extra="ignore", **_STRICT)  # type: ignore[typeddict-item]
+    default_max_tokens: ClassVar[int] = 256
 
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0, le=100_000)  # extension: 0 = off
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # extension: 0 = off
+    seed: int | None = None
     stop: Text | list[Text] | None = None
     policy: Text | None = Field(default=None, min_length=1, max_length=64)  # extension: attention policy
+    _sampling: SamplingParams | None = PrivateAttr(default=None)
 
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, v: str | list[str] | None) -> list[str] | None:
-        stops = [v] if isinstance(v, str) else v
-        if stops is None:
-            return None
-        if len(stops) > 8:
-            raise ValueError("at most 8 stop sequences")
-        if any(not s for s in stops):
-            raise ValueError("stop sequences must be non-empty")
-        return stops
+    @model_validator(mode="after")
+    def _build_sampling(self) -> SamplingFields:
+        try:
+            self._sampling = SamplingParams(
+                max_tokens=self.max_tokens if self.max_tokens is not None else self.default_max_tokens,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                top_k=self.top_k,
+                seed=self.seed,
+                stop=self.stop,
+            )
+        except InvalidRequestError as e:
+            field = e.field or "body"
+            raise _FieldError(field, str(e).removeprefix(f"{field} ")) from None
+        return self
 
-    def sampling(self, default_max_tokens: int) -> dict[str, Any]:
-        """The keyword arguments of SamplingParams."""
-        return {
-            "max_tokens": self.max_tokens if self.max_tokens is not None else default_max_tokens,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": self.top_k,
-            "seed": self.seed,
-            "stop": self.stop,
-        }
+    @property
+    def sampling_params(self) -> SamplingParams:
+        """The request's sampling parameters (validated with the body)."""
+        assert self._sampling is not None, "built by the model's validator"
+        return self._sampling
 
 
 class _OpenAIFields(SamplingFields):
@@ -93,6 +109,8 @@ class _OpenAIFields(SamplingFields):
 
 
 class CompletionRequest(_OpenAIFields):
+    default_max_tokens: ClassVar[int] = 16  # OpenAI's default for /v1/completions
+
     prompt: Text | list[Text]
     echo: bool = False
     logprobs: int | None = None
@@ -149,12 +167,18 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_OpenAIFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _max_completion_tokens(cls, data: Any) -> Any:
+        """OpenAI's newer name for max_tokens (before the sampling parameters are built from it)."""
+        if isinstance(data, dict) and data.get("max_tokens") is None and "max_completion_tokens" in data:
+            data = {**data, "max_tokens": data["max_completion_tokens"]}
+        return data
 
     @model_validator(mode="after")
     def _messages(self) -> ChatCompletionRequest:
-        if self.max_tokens is None and self.max_completion_tokens is not None:
-            self.max_tokens = self.max_completion_tokens
         if not any(m.role == "user" and m.text().strip() for m in self.messages):
             raise _FieldError("messages", "messages must contain a non-empty user message")
         return self
@@ -191,7 +215,7 @@ class JobRequest(SamplingFields):
     documents: list[DocumentIn] = Field(min_length=1)
     question: Text | None = None
     questions: list[Text] | None = None
-    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    temperature: float = 0.0
     idempotency_key: Text | None = Field(default=None, min_length=1, max_length=256)
 
     @field_validator("documents")
@@ -286,3 +310,35 @@ def _message(err: Any) -> str:
     if err["type"] == "extra_forbidden":
         return "unknown field"
     return str(err["msg"]).removeprefix("Value error, ")
+
+
+async def read_body(request: Request, model: type[M], limits: LimitsConfig) -> M:
+    """Read a request body (within `limits.max_body_bytes`), decode it (JSON or msgpack, by Content-Type,
+    msgpack within bounds on its containers) and validate it; every failure is an HTTPError naming
+    `body`, `content-type` or the offending field."""
+    limit = limits.max_body_bytes
+    try:
+        fmt = wire.format_of(request.headers.get("content-type"))
+    except wire.WireError as e:
+        raise HTTPError(e.status, str(e), "unsupported_media_type", "content-type") from None
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        too_large = f"body of {declared} bytes exceeds the limit of {limit}"
+        raise HTTPError(413, too_large, "request_too_large", "body")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise HTTPError(413, f"body exceeds the limit of {limit} bytes", "request_too_large", "body")
+    bounds = wire.Limits(max_items=limits.max_wire_items, max_containers=4 * limits.max_wire_items + 64)
+    try:
+        data = wire.decode(bytes(body), fmt, bounds)
+    except wire.WireError as e:
+        raise HTTPError(e.status, str(e), field="body") from None
+    if not isinstance(data, dict):
+        raise HTTPError(400, f"the body must be an object, got {type(data).__name__}", field="body")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        field, message = first_error(e)
+        raise HTTPError(400, message, field=field or "body") from None

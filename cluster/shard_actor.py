@@ -23,7 +23,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, TypedDict
 
 from entropyinfer.cluster.events import Accepted, Error, Event, Final, Progress, Prompt, Request, Token
 from entropyinfer.errors import PromptTooLongError, RequestCancelled

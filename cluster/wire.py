@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal, NoReturn, TypeVar
 
 import msgpack
 
@@ -24,6 +24,7 @@ MSGPACK_TYPE = "application/msgpack"
 _MSGPACK_ALIASES = ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack")
 
 Format = Literal["json", "msgpack"]
+T = TypeVar("T")
 
 
 class WireError(ValueError):
@@ -64,7 +65,7 @@ def media_type(fmt: Format) -> str:
     return MSGPACK_TYPE if fmt == "msgpack" else JSON_TYPE
 
 
-def decode(body: bytes, fmt: Format, limits: Limits | None = None) -> Any:
+def decode(body: bytes, fmt: Format, limits: Limits | None = None) -> object:
     """Decode a request body (msgpack within `limits` when given); raises WireError with what is wrong."""
     if not body:
         raise WireError("the request body is empty")
@@ -80,29 +81,29 @@ def decode(body: bytes, fmt: Format, limits: Limits | None = None) -> Any:
         raise WireError(f"malformed JSON body: {e}") from None
 
 
-def encode(obj: Any, fmt: Format) -> bytes:
+def encode(obj: object, fmt: Format) -> bytes:
     """Encode a response (plain data only)."""
     if fmt == "msgpack":
         return msgpack.packb(obj, use_bin_type=True)
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
 
 
-def pack(obj: Any) -> bytes:
+def pack(obj: object) -> bytes:
     """msgpack bytes for plain data (what the client SDK sends)."""
     return msgpack.packb(obj, use_bin_type=True)
 
 
-def unpack(body: bytes) -> Any:
+def unpack(body: bytes) -> object:
     """Decode msgpack bytes with the same safe settings the server uses."""
     return _unpack(body)
 
 
-def _unpack(body: bytes, limits: Limits | None = None) -> Any:
-    bounds: dict[str, Any] = {}
+def _unpack(body: bytes, limits: Limits | None = None) -> object:
+    bounds: dict[str, Any] = {}  # keyword arguments of msgpack.unpackb
     if limits is not None:
         containers = 0
 
-        def count(obj: Any) -> Any:  # called once per decoded array and map
+        def count(obj: T) -> T:  # called once per decoded array and map
             nonlocal containers
             containers += 1
             if containers > limits.max_containers:

@@ -1,18 +1,51 @@
-"""Sampling parameters (validated on construction) and the token sampler."""
+"""Sampling parameters (validated on construction, against one table of limits) and the token sampler.
+
+`LIMITS` is the one place the accepted ranges live: the HTTP edge (cluster/schemas.py) builds a
+`SamplingParams`, so a request is checked once, here, and its `InvalidRequestError` names the field.
+Ranges follow OpenAI's own (temperature [0, 2], top_p (0, 1]); `max_tokens` is capped again by a
+server's config (`limits.max_tokens`) in the ingress.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 
 from entropyinfer.errors import InvalidRequestError
 
+
+@dataclass(frozen=True)
+class Range:
+    """A closed range [lo, hi], or (lo, hi] when `lo_open`."""
+
+    lo: float
+    hi: float
+    lo_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        return (self.lo < value if self.lo_open else self.lo <= value) and value <= self.hi
+
+    def __str__(self) -> str:
+        return f"{'(' if self.lo_open else '['}{_num(self.lo)}, {_num(self.hi)}]"
+
+
 MAX_TOKENS_LIMIT = 1 << 20
+MAX_STOP_SEQUENCES = 8
+LIMITS: dict[str, Range] = {
+    "max_tokens": Range(1, MAX_TOKENS_LIMIT),
+    "temperature": Range(0.0, 2.0),
+    "top_p": Range(0.0, 1.0, lo_open=True),
+    "top_k": Range(0, 1 << 31),  # 0 = off
+    "seed": Range(0, 2**63 - 1),
+}
+_INTEGERS = ("max_tokens", "top_k", "seed")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens. temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off."""
 
@@ -29,30 +62,56 @@ class SamplingParams:
         def bad(name: str, why: str) -> InvalidRequestError:
             return InvalidRequestError(f"{name} {why} (got {getattr(self, name)!r})", field=name)
 
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
-            raise bad("max_tokens", "must be an integer")
-        if not 1 <= self.max_tokens <= MAX_TOKENS_LIMIT:
-            raise bad("max_tokens", f"must be between 1 and {MAX_TOKENS_LIMIT}")
-        for name, lo, hi in (("temperature", 0.0, 100.0), ("top_p", 0.0, 1.0)):
+        for name, bounds in LIMITS.items():
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            if name == "seed" and v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, int if name in _INTEGERS else (int, float)):
+                raise bad(name, "must be an integer" if name in _INTEGERS else "must be a number")
+            if isinstance(v, float) and not math.isfinite(v):
                 raise bad(name, "must be a finite number")
-            if not lo <= v <= hi or (name == "top_p" and v == 0.0):
-                raise bad(name, f"must be in {'(0, 1]' if name == 'top_p' else f'[{lo}, {hi}]'}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise bad("top_k", "must be a non-negative integer")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise bad("seed", "must be an integer or null")
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        if self.stop is not None and not all(isinstance(s, str) and s for s in self.stop):
-            raise bad("stop", "must be a non-empty string or a list of non-empty strings")
-        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
+            if v not in bounds:
+                raise bad(name, f"must be in {bounds}")
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop
+        if stop is not None:
+            if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+                raise bad("stop", "must be a non-empty string or a list of non-empty strings")
+            if len(stop) > MAX_STOP_SEQUENCES:
+                raise bad("stop", f"must have at most {MAX_STOP_SEQUENCES} sequences")
+            object.__setattr__(self, "stop", list(stop))
+        ids = self.stop_token_ids
+        if not isinstance(ids, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids
+        ):
             raise bad("stop_token_ids", "must be a list of token ids")
+        if not isinstance(self.ignore_eos, bool):
+            raise bad("ignore_eos", "must be true or false")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain data (JSON and msgpack): every field, `stop` as a list or None."""
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> SamplingParams:
+        """The inverse of `to_dict` (missing fields take their defaults); an unknown key is an
+        InvalidRequestError naming it, like a value out of range."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in data:
+            if key not in known:
+                raise InvalidRequestError(f"{key}: not a sampling parameter", field=str(key))
+        return cls(**data)  # type: ignore[arg-type]  # the values are checked in __post_init__
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def _plain(value: object) -> object:
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:

@@ -16,6 +16,7 @@ from entropyinfer.cluster.client import (
     AuthenticationError,
     BadRequestError,
     Client,
+    ClientError,
     ConnectionFailed,
     JobFailedError,
     NotFoundError,
@@ -67,6 +68,34 @@ def test_submit_retries_503_and_connection_errors_with_the_same_key(tmp_path: Pa
     assert body["documents"] == [{"name": "doc.txt", "text": b"from a file"}, "inline", b"raw bytes"]
     assert body["question"] == "what?" and body["max_tokens"] == 5 and body["policy"] == "dense"
     assert "temperature" not in body
+
+
+def test_both_clients_send_the_same_job_body_with_every_option() -> None:
+    bodies: list[dict[str, Any]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        bodies.append(json.loads(request.content))
+        return _reply(201, _job(), "json")
+
+    options: dict[str, Any] = {"questions": ["q1", "q2"], "top_k": 5, "stop": ["."], "seed": 3}
+    with Client("http://x", wire_format="json", transport=httpx.MockTransport(handler)) as c:
+        c.submit(["doc", b"bytes"], idempotency_key="key-1", **options)
+
+    async def submit_async() -> None:
+        transport = httpx.MockTransport(handler)
+        async with AsyncClient("http://x", wire_format="json", transport=transport) as c:
+            await c.submit(["doc", b"bytes"], idempotency_key="key-1", **options)
+
+    asyncio.run(submit_async())
+    expected = {"documents": ["doc", "bytes"], "idempotency_key": "key-1", **options}
+    assert bodies == [expected, expected]
+
+
+def test_an_answer_that_is_not_an_object_is_a_client_error() -> None:
+    transport = httpx.MockTransport(lambda r: httpx.Response(200, text="<html>proxy</html>"))
+    with Client("http://x", transport=transport) as c, pytest.raises(ClientError) as e:
+        c.status("job-1")
+    assert "expected an object" in str(e.value) and "proxy" in str(e.value)
 
 
 def test_retries_give_up() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -16,9 +17,13 @@ import pytest
 from fastapi.routing import APIRoute
 
 from entropyinfer.cluster.client import AuthenticationError, Client, ConflictError, NotFoundError
+from entropyinfer.cluster.config import JobsConfig
 from entropyinfer.cluster.ingress import PUBLIC_PATHS
 from entropyinfer.cluster.ingress import app as ingress_app
+from entropyinfer.cluster.job_worker import build_prompt
 from entropyinfer.cluster.launcher import EmbeddedServer
+from entropyinfer.shard.llm import LLM
+from entropyinfer.shard.sampling import SamplingParams
 
 from .conftest import API_KEY
 
@@ -40,9 +45,14 @@ def url(server: EmbeddedServer) -> str:
 
 
 @pytest.fixture
-def client(url: str) -> Client:
+def client(url: str) -> Iterator[Client]:
     with Client(url, api_key=API_KEY, retries=2, backoff_s=0.2) as c:
         yield c
+
+
+def _offline(llm: LLM, prompt: str | list[dict[str, str]], max_tokens: int, policy: str = "dense") -> str:
+    """What the same model answers through the Python API, greedily: what the server must answer."""
+    return llm.generate(prompt, SamplingParams(max_tokens=max_tokens), policy=policy)[0].text
 
 
 def _engine_status(server: EmbeddedServer) -> dict[str, Any]:
@@ -182,12 +192,16 @@ def test_completion_and_stream_agree(url: str, client: Client) -> None:
     assert chunks[-1]["usage"]["completion_tokens"] == body["usage"]["completion_tokens"]
 
 
-def test_chat_over_msgpack_and_policy_selection(client: Client) -> None:
+def test_chat_over_msgpack_and_policy_selection(client: Client, smollm2: LLM) -> None:
     messages = [{"role": "user", "content": "Name a colour."}]
     out = client.chat(messages, max_tokens=3, temperature=0, policy="fixed")
-    assert isinstance(out.text, str) and out.stats["policy"] == "fixed"
+    assert out.text and out.text == _offline(smollm2, messages, 3, policy="fixed")
+    assert out.stats["policy"] == "fixed" and out.finish_reason in ("stop", "length")
+    assert out.usage["prompt_tokens"] == smollm2.count_tokens(messages)
     streamed = "".join(client.stream(messages, max_tokens=3, temperature=0))
-    assert streamed == client.chat(messages, max_tokens=3, temperature=0).text
+    assert (
+        streamed == client.chat(messages, max_tokens=3, temperature=0).text == _offline(smollm2, messages, 3)
+    )
 
 
 # ---- bad input ------------------------------------------------------------------------------------
@@ -230,6 +244,15 @@ BAD = [
         "temperature",
     ),
     ("absurd-temperature", "/v1/jobs", {**JOB, "temperature": 1e30}, "json", 400, "temperature"),
+    # OpenAI's cap, in the HTTP edge and in the engine alike (one table of limits)
+    (
+        "temperature-over-2",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "temperature": 2.5},
+        "json",
+        400,
+        "temperature",
+    ),
     (
         "zero-top-p",
         "/v1/chat/completions",
@@ -345,17 +368,22 @@ def test_replica_still_serves_after_bad_input(client: Client) -> None:
 # ---- document jobs --------------------------------------------------------------------------------
 
 
-def test_job_batch_through_the_sdk(client: Client) -> None:
-    job = client.submit(DOCS, "Which place does the document talk about?", max_tokens=6)
+def test_job_batch_through_the_sdk(client: Client, smollm2: LLM) -> None:
+    question = "Which place does the document talk about?"
+    job = client.submit(DOCS, question, max_tokens=6)
     assert job.created and job.documents_total == 2 and job.prefill_tokens_total > 0
     done = client.wait(job.id, poll_s=0.2, timeout=300, progress=False)
     assert done.state == "succeeded"
     assert (done.documents_done, done.prefill_tokens_done) == (2, done.prefill_tokens_total)
     results = client.results(job.id)
     assert [r.document_index for r in results] == [0, 1]
-    assert all(
-        r.text and r.finish_reason in ("stop", "length") and r.stats["prompt_tokens"] > 0 for r in results
-    )
+    jobs = JobsConfig()  # the server's prompt template and system prompt
+    for doc, r in zip(DOCS, results, strict=True):
+        prompt = build_prompt(doc, question, jobs.system_prompt, jobs.prompt_template)
+        assert r.text and r.text == _offline(smollm2, prompt, 6), (r.text, doc)
+        assert r.finish_reason in ("stop", "length") and r.stats["prompt_tokens"] == smollm2.count_tokens(
+            prompt
+        )
     FINISHED["job"] = job.id
 
 
@@ -389,7 +417,7 @@ def test_cancel_a_running_job(client: Client) -> None:
 
 
 def test_streaming_client_disconnect_does_not_wedge_the_engine(
-    server: EmbeddedServer, url: str, client: Client
+    server: EmbeddedServer, url: str, client: Client, smollm2: LLM
 ) -> None:
     before = _cancelled(_engine_status(server))
     with httpx.stream(
@@ -403,7 +431,7 @@ def test_streaming_client_disconnect_does_not_wedge_the_engine(
             if line.startswith("data:"):
                 break  # hang up after the first token
     _wait_for_cancel(server, before)  # the model stopped: the generation did not run to its 64 tokens
-    assert client.complete(PROMPT, max_tokens=2, temperature=0).text is not None
+    assert client.complete(PROMPT, max_tokens=2, temperature=0).text == _offline(smollm2, PROMPT, 2)
 
 
 def test_a_failing_prompt_cancels_the_other_prompts_of_the_request(server: EmbeddedServer, url: str) -> None:
@@ -436,7 +464,7 @@ def test_project_metrics_reach_prometheus(server: EmbeddedServer) -> None:
 # ---- restart (last: it redeploys the app) ---------------------------------------------------------
 
 
-def test_finished_job_survives_an_app_restart(server: EmbeddedServer, client: Client) -> None:
+def test_finished_job_survives_an_app_restart(server: EmbeddedServer, client: Client, smollm2: LLM) -> None:
     job_id = FINISHED.get("job")
     if job_id is None:
         job = client.submit(DOCS[:1], "q?", max_tokens=2)
@@ -458,4 +486,4 @@ def test_finished_job_survives_an_app_restart(server: EmbeddedServer, client: Cl
         resumed = after.wait(running.id, poll_s=0.2, timeout=300, progress=False)
         assert resumed.state == "succeeded" and resumed.documents_done == 2
         assert [r.document_index for r in after.results(running.id)] == [0, 1]
-        assert after.complete(PROMPT, max_tokens=2, temperature=0).text is not None
+        assert after.complete(PROMPT, max_tokens=2, temperature=0).text == _offline(smollm2, PROMPT, 2)

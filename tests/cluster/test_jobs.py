@@ -1,4 +1,4 @@
-"""The SQLite job store and the job worker, with a fake engine (no Ray)."""
+"""The SQLite job store and the job worker, with a fake engine speaking the typed events (no Ray)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,16 @@ from typing import Any
 
 import pytest
 
-from entropyinfer.cluster.jobs import IdempotencyConflict, Job, JobStore, JobWorker, NewDocument, NewJob
-from entropyinfer.errors import PromptTooLongError
+from entropyinfer.cluster.events import Error, Event, Final, Progress, Request
+from entropyinfer.cluster.job_store import JobStore
+from entropyinfer.cluster.job_types import IdempotencyConflict, Job, NewDocument, NewJob
+from entropyinfer.cluster.job_worker import JobWorker
+from entropyinfer.shard.sampling import SamplingParams
 
 
 def _job(texts: list[str], questions: tuple[str, ...] = ("q?",), tokens: int = 10) -> NewJob:
     docs = tuple(NewDocument(t, f"d{i}", tuple(tokens for _ in questions)) for i, t in enumerate(texts))
-    return NewJob(docs, questions, {"sampling": {"max_tokens": 4}, "policy": "dense"})
+    return NewJob(docs, questions, {"sampling": SamplingParams(max_tokens=4).to_dict(), "policy": "dense"})
 
 
 class FakeEngine:
@@ -27,29 +30,26 @@ class FakeEngine:
         self.fail_on = fail_on
         self.reject_on = reject_on
         self.calls: list[str] = []
+        self.requests: list[Request] = []
         self.closed_early = 0
 
-    async def run(
-        self, prompt: list[dict[str, str]], sampling: dict[str, Any], policy: str | None
-    ) -> AsyncIterator[dict[str, Any]]:
-        text = prompt[-1]["content"]
+    async def run(self, request: Request) -> AsyncIterator[Event]:
+        assert isinstance(request.prompt, list)
+        text = request.prompt[-1]["content"]
         self.calls.append(text)
+        self.requests.append(request)
         if self.fail_on and self.fail_on in text:
             raise RuntimeError("engine exploded")
         if self.reject_on and self.reject_on in text:
-            raise PromptTooLongError("prompt too long")
+            yield Error("prompt_too_long", "prompt too long")
+            return
         finished = False
         try:
             for i in range(1, 4):
                 await asyncio.sleep(self.delay)
-                yield {"type": "progress", "done": 3 * i, "total": 9}
+                yield Progress(3 * i, 9)
             finished = True
-            yield {
-                "type": "final",
-                "text": text.split()[0],
-                "finish_reason": "stop",
-                "stats": {"policy": policy},
-            }
+            yield Final(text.split()[0], "stop", 1, 9, {"policy": request.policy})
         finally:
             if not finished:
                 self.closed_early += 1
@@ -58,8 +58,7 @@ class FakeEngine:
 def _worker(store: JobStore, engine: FakeEngine, **kw: Any) -> JobWorker:
     kw.setdefault("progress_interval_s", 0.0)
     kw.setdefault("poll_s", 0.05)
-    classify = lambda e: str(e) if isinstance(e, PromptTooLongError) else None  # noqa: E731
-    return JobWorker(store, engine, system_prompt="sys", classify=classify, **kw)
+    return JobWorker(store, engine, system_prompt="sys", **kw)
 
 
 @pytest.fixture
@@ -88,6 +87,43 @@ def test_job_runs_to_completion_with_progress(store: JobStore) -> None:
     ]
     assert results[0]["document_name"] == "d0" and results[0]["stats"] == {"policy": "dense"}
     assert done.to_dict()["progress"]["documents_total"] == 2
+
+
+def test_each_task_is_one_typed_request_with_the_jobs_sampling(store: JobStore) -> None:
+    job, _ = store.submit(_job(["alpha one", "beta two"], ("q1", "q2")))
+    engine = FakeEngine()
+    worker = _worker(store, engine)
+    claimed = store.claim(worker.worker_id)
+    assert claimed is not None and asyncio.run(worker.process(claimed)) == "succeeded"
+    assert [r.sampling for r in engine.requests] == [SamplingParams(max_tokens=4)] * 4
+    assert {r.policy for r in engine.requests} == {"dense"} and not any(r.stream for r in engine.requests)
+    assert len({r.request_id for r in engine.requests}) == 4  # each task its own (cancellable) request
+    assert all(r.request_id.startswith(job.id + "/") for r in engine.requests)
+    assert engine.requests[1].prompt == [
+        {"role": "system", "content": "sys"},
+        {"role": "user", "content": "alpha one\n\nQuestion: q2"},
+    ]
+
+
+def test_a_job_whose_stored_sampling_is_invalid_fails_naming_it(store: JobStore) -> None:
+    docs = (NewDocument("text", None, (3,)),)
+    job, _ = store.submit(NewJob(docs, ("q?",), {"sampling": {"temperature": 9.0}, "policy": None}))
+    engine = FakeEngine()
+    worker = _worker(store, engine)
+    claimed = store.claim(worker.worker_id)
+    assert claimed is not None and asyncio.run(worker.process(claimed)) == "failed"
+    failed = store.get(job.id)
+    assert failed is not None and "temperature" in (failed.error or "") and engine.calls == []
+
+
+def test_counting_prompts_give_every_tasks_token_count() -> None:
+    """The ingress counts each document once and each question once; the sum minus the bare template is
+    the (document, question) prompt's count."""
+    worker = JobWorker(JobStore(":memory:"), FakeEngine(), system_prompt="sys")
+    prompts = worker.counting_prompts(["doc a", "doc b"], ["q1", "q2", "q3"])
+    assert len(prompts) == 2 + 3 + 1 and prompts[-1] == worker.prompt("", "")
+    counts = [100, 200, 7, 8, 9, 5]  # doc a, doc b, q1..q3, template
+    assert JobWorker.task_tokens(counts, 2) == [(102, 103, 104), (202, 203, 204)]
 
 
 def test_job_survives_reopening_the_file(tmp_path: Path) -> None:
@@ -182,7 +218,9 @@ def test_task_rejection_is_recorded_and_engine_failure_fails_the_job(store: JobS
     assert claimed is not None
     assert asyncio.run(worker.process(claimed)) == "succeeded"
     results = store.results(job.id)
-    assert results[1]["error"] == "prompt too long" and results[1]["finish_reason"] == "error"
+    assert (
+        results[1]["error"] == "prompt_too_long: prompt too long" and results[1]["finish_reason"] == "error"
+    )
     assert results[2]["text"] == "fine"
 
     bad, _ = store.submit(_job(["ok", "boom"]))
@@ -229,14 +267,12 @@ class FlakyEngine(FakeEngine):
         super().__init__(**kw)
         self.down = down
 
-    async def run(
-        self, prompt: list[dict[str, str]], sampling: dict[str, Any], policy: str | None
-    ) -> AsyncIterator[dict[str, Any]]:
+    async def run(self, request: Request) -> AsyncIterator[Event]:
         if self.down > 0:
             self.down -= 1
-            self.calls.append(prompt[-1]["content"])
+            self.calls.append(str(request.prompt))
             raise EngineDown("engine replica restarting")
-        async for ev in super().run(prompt, sampling, policy):
+        async for ev in super().run(request):
             yield ev
 
 
@@ -247,15 +283,13 @@ class StalledEngine(FakeEngine):
         super().__init__()
         self.stall = stall
 
-    async def run(
-        self, prompt: list[dict[str, str]], sampling: dict[str, Any], policy: str | None
-    ) -> AsyncIterator[dict[str, Any]]:
-        self.calls.append(prompt[-1]["content"])
+    async def run(self, request: Request) -> AsyncIterator[Event]:
+        self.calls.append(str(request.prompt))
         finished = False
         try:
             await asyncio.sleep(self.stall)
             finished = True
-            yield {"type": "final", "text": "late", "finish_reason": "stop", "stats": {}}
+            yield Final("late", "stop", 1, 9)
         finally:
             if not finished:
                 self.closed_early += 1

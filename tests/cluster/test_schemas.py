@@ -13,6 +13,8 @@ from entropyinfer.cluster.schemas import (
     JobRequest,
     first_error,
 )
+from entropyinfer.errors import InvalidRequestError
+from entropyinfer.shard.sampling import LIMITS, SamplingParams
 
 
 def _field(model: type[BaseModel], body: dict[str, Any]) -> str | None:
@@ -142,3 +144,48 @@ def test_text_that_is_not_unicode_names_its_field(
 def test_valid_unicode_text_passes() -> None:
     job = JobRequest.model_validate({"documents": ["東京 😀 é"], "question": "¿qué?", "stop": ["😀"]})
     assert job.documents[0].text.encode("utf-8")
+
+
+def test_each_body_builds_its_sampling_params_with_its_default_max_tokens() -> None:
+    chat = ChatCompletionRequest.model_validate(
+        {"messages": [{"role": "user", "content": "hi"}], "stop": "."}
+    )
+    assert chat.sampling_params == SamplingParams(max_tokens=256, temperature=1.0, stop=["."])
+    completion = CompletionRequest.model_validate({"prompt": "p", "top_p": 0.5, "seed": 7})
+    assert completion.sampling_params == SamplingParams(max_tokens=16, temperature=1.0, top_p=0.5, seed=7)
+    job = JobRequest.model_validate({"documents": ["d"], "question": "q", "max_tokens": 3, "top_k": 2})
+    assert job.sampling_params == SamplingParams(max_tokens=3, temperature=0.0, top_k=2)
+
+
+@pytest.mark.parametrize(
+    ("name", "ok", "bad"),
+    [
+        ("temperature", 2.0, 2.5),  # OpenAI's cap, in the HTTP bodies and in the engine alike
+        ("temperature", 0.0, -0.1),
+        ("top_p", 1.0, 0.0),
+        ("max_tokens", 1, 0),
+        ("top_k", 0, -1),
+        ("seed", 0, -1),
+    ],
+)
+def test_one_table_of_limits_for_the_http_edge_and_the_engine(name: str, ok: float, bad: float) -> None:
+    assert ok in LIMITS[name] and bad not in LIMITS[name]
+    body = {"documents": ["d"], "question": "q", name: ok}
+    assert getattr(JobRequest.model_validate(body).sampling_params, name) == ok
+    with pytest.raises(InvalidRequestError) as engine:
+        SamplingParams(**{name: bad})
+    with pytest.raises(ValidationError) as edge:
+        JobRequest.model_validate({**body, name: bad})
+    field, message = first_error(edge.value)
+    assert field == engine.value.field == name
+    assert message == f"{name}: " + str(engine.value).removeprefix(f"{name} ")
+    assert str(LIMITS[name]) in message
+
+
+def test_chat_max_completion_tokens_is_its_max_tokens() -> None:
+    messages = [{"role": "user", "content": "hi"}]
+    newer = ChatCompletionRequest.model_validate({"messages": messages, "max_completion_tokens": 7})
+    assert newer.sampling_params.max_tokens == 7
+    both = {"messages": messages, "max_tokens": 3, "max_completion_tokens": 7}
+    assert ChatCompletionRequest.model_validate(both).sampling_params.max_tokens == 3
+    assert _field(ChatCompletionRequest, {"messages": messages, "max_completion_tokens": 0}) == "max_tokens"
