@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from entropyinfer.kernels.layer_ops import add_rms_norm, silu_and_mul
-from entropyinfer.kernels.layer_ops_ref import add_rms_norm_ref, silu_and_mul_ref
 from entropyinfer.shard.arch import ModelArch
 from entropyinfer.shard.layers import RMSNorm, Rotary, rope
 
@@ -74,7 +73,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = _fused(self.gate_up_proj, "gate_up_proj")(x)
-        return self.down_proj(silu_and_mul(gate_up) if x.is_cuda else silu_and_mul_ref(gate_up))
+        return self.down_proj(silu_and_mul(gate_up))
 
 
 def _concat_linears(parts: list[nn.Linear]) -> nn.Linear:
@@ -122,7 +121,7 @@ class DecoderLayer(nn.Module):
         """h: residual [B, T, hidden]; attn: attention output [B, T, Hq * d]."""
         o = self.self_attn.o_proj(attn)
         norm = self.post_attention_layernorm  # the residual add fused into it
-        normed, h = (add_rms_norm if h.is_cuda else add_rms_norm_ref)(o, h, norm.weight, norm.eps)
+        normed, h = add_rms_norm(o, h, norm.weight, norm.eps)
         return h + self.mlp(normed)
 
 
