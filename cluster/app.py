@@ -10,7 +10,7 @@ head node, where the SQLite job store lives (`ray_actor_options` of the Ingress 
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import cast
 
 from ray.serve import Application, Deployment
 
@@ -19,7 +19,7 @@ from entropyinfer.cluster.ingress import Ingress
 from entropyinfer.cluster.replica import EngineReplica, resolve_accelerator, shard_bundles
 
 
-def build_app(args: dict[str, Any] | ServeAppConfig | None = None) -> Application:
+def build_app(args: dict[str, object] | ServeAppConfig | None = None) -> Application:
     config = app_config(args)
     accelerator = resolve_accelerator(config.engine)
     engine = (

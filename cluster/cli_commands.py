@@ -14,7 +14,12 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from entropyinfer.cluster.config import ServeFile
+
+    Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]  # what add_subparsers returns
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
@@ -47,7 +52,7 @@ def serve_argument_parser() -> argparse.ArgumentParser:
     return p
 
 
-def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
+def add_serve_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "serve", help="run the HTTP server (embedded local Ray, or deploy to a cluster)"
     )
@@ -56,7 +61,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def add_submit_parser(subparsers: Any) -> argparse.ArgumentParser:
+def add_submit_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("submit", help="submit documents with a question to a running server")
     p.add_argument("files", nargs="+", type=Path, help="text files, one document each")
     p.add_argument("--question", "-q", action="append", required=True, help="repeat for several questions")
@@ -108,7 +113,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve_on_cluster(serve_file: Any, address: str) -> int:
+def _serve_on_cluster(serve_file: ServeFile, address: str) -> int:
     from entropyinfer.cluster.launcher import prepare_ray_env
 
     prepare_ray_env()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Any
+from collections.abc import Mapping
 
 DEMO_QUESTION = "In one sentence, what does this document explain?"
 DEMO_DOCUMENTS = 3
@@ -60,7 +60,7 @@ def run_demo(
     return 0 if final.state == "succeeded" else 1
 
 
-def _stats(stats: dict[str, Any]) -> str:
+def _stats(stats: Mapping[str, object]) -> str:
     keys = ("policy", "prompt_tokens", "prefill_ms", "density", "decode_ms_per_token", "kv_tokens_kept")
     parts = []
     for k in keys:

@@ -66,12 +66,12 @@ class EngineStatus(EngineInfo):
 
 @serve.deployment(name="Engine", ray_actor_options={"num_cpus": 0})
 class EngineReplica:
-    def __init__(self, args: dict[str, Any] | ServeAppConfig, accelerator: str) -> None:
+    def __init__(self, args: dict[str, object] | ServeAppConfig, accelerator: str) -> None:
         self.config: ServeAppConfig = app_config(args)
         cfg = self.config.engine
         self.accelerator = accelerator
         pg = get_current_placement_group()
-        remote_shard: Any = ray.remote(ShardActor)
+        remote_shard: Any = ray.remote(ShardActor)  # Ray's actor classes and handles are untyped
         self.shards: list[Any] = []
         for rank in range(cfg.num_shards):
             strategy = (

@@ -25,6 +25,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import ErrorDetails
 
 from entropyinfer.cluster import wire
 from entropyinfer.cluster.config import LimitsConfig
@@ -94,7 +95,7 @@ class _OpenAIFields(SamplingFields):
     stream: bool = False
     n: int = 1
     user: Text | None = None
-    stream_options: dict[str, Any] | None = None
+    stream_options: dict[str, object] | None = None
 
     @field_validator("n")
     @classmethod
@@ -304,7 +305,7 @@ def _within(path: str | None, field: str | None) -> bool:
     return path == field or path.startswith((field + "[", field + "."))
 
 
-def _message(err: Any) -> str:
+def _message(err: ErrorDetails) -> str:
     if err["type"] == "missing":
         return "field required" if len(err["loc"]) <= 1 else f"field {err['loc'][-1]!r} required"
     if err["type"] == "extra_forbidden":
