@@ -438,5 +438,6 @@ class JobStore:
             cancel_requested=bool(r["cancel_requested"]),
             lost_count=r["lost_count"],
             error=r["error"],
+            worker=r["worker"],
             params=cast(JobParams, json.loads(r["params"])),
         )

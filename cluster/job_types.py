@@ -114,6 +114,7 @@ class Job:
     cancel_requested: bool
     lost_count: int
     error: str | None
+    worker: str | None  # the worker loop running it (None unless running)
     params: JobParams = field(repr=False)
 
     @property

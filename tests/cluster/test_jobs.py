@@ -384,8 +384,8 @@ def test_each_worker_loop_claims_under_its_own_id(store: JobStore) -> None:
         loop = asyncio.create_task(worker.run_forever(concurrency=2))
         owners: set[str] = set()
         for _ in range(100):
-            rows = store._db.execute("SELECT worker FROM jobs WHERE state = 'running'").fetchall()
-            owners |= {r[0] for r in rows}
+            jobs = [store.get(i) for i in ids]
+            owners |= {j.worker for j in jobs if j is not None and j.state == "running" and j.worker}
             if len(owners) == 2:
                 break
             await asyncio.sleep(0.01)
@@ -426,17 +426,18 @@ def test_shutdown_stops_the_loops_before_handing_jobs_back(tmp_path: Path) -> No
     store = SlowClaimStore(tmp_path / "jobs.sqlite")
     worker = _worker(store, FakeEngine())
 
-    async def scenario() -> int:
+    async def scenario() -> tuple[int, str]:
         loop = asyncio.create_task(worker.run_forever())
         await asyncio.sleep(0.05)  # the loop is inside its claim
-        store.submit(_job(["arrives during shutdown"]))
+        job_id = store.submit(_job(["arrives during shutdown"]))[0].id
         released = await worker.shutdown(loop)
         await asyncio.sleep(0.5)  # the claim thread has finished by now
-        return released
+        return released, job_id
 
-    assert asyncio.run(scenario()) == 0
-    rows = store._db.execute("SELECT state, worker FROM jobs").fetchall()
-    assert [(r["state"], r["worker"]) for r in rows] == [("queued", None)]  # not stranded as running
+    released, job_id = asyncio.run(scenario())
+    assert released == 0 and store.queue_length() == 1
+    job = store.get(job_id)
+    assert job is not None and (job.state, job.worker) == ("queued", None)  # not stranded as running
     store.close()
 
 
