@@ -1,4 +1,14 @@
-"""Ray: the Serve application, shard actors, the policy actor, the job store and the client SDK.
+"""Ray: the Serve application, its actors, the document-job store and the client SDK.
 
-Only this subpackage imports Ray, FastAPI or DeepSpeed's distributed parts.
+Only this subpackage imports Ray, FastAPI or DeepSpeed's distributed parts. A request, file by file:
+
+    app.py            build_app: Ingress -> Engine, from the typed config (config.py)
+    ingress.py        the FastAPI routes; bodies read and validated in schemas.py (wire.py: JSON/msgpack),
+                      answers shaped in openai_format.py, errors in http_errors.py
+    job_store.py      the SQLite job store (records in job_types.py); job_worker.py runs its jobs
+    replica.py        the engine replica: forwards an events.Request to its shard actor
+    shard_actor.py    holds the LLM; answers with the typed events of events.py
+    client.py         the SDK (Client, AsyncClient; client_core.py, client_types.py)
+    launcher.py       the embedded server (local Ray); cli_commands.py, demo.py: the CLI's part
+    metrics.py        the project's Prometheus metrics
 """

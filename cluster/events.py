@@ -168,6 +168,8 @@ def decode(data: bytes) -> Message:
         allowed = _WIRE_TYPES[name]
         if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
             raise MessageError(f"{tag}.{name}: a {type(value).__name__} is not a valid value")
+    if not _plain_prompt(values.get("prompt", "")) or not _plain_stats(values.get("stats", {})):
+        raise MessageError(f"{tag}: a prompt is text or {{role, content}} messages, stats are scalars")
     if cls is Error and values.get("type") not in _ERROR_TYPES:
         raise MessageError(f"error.type {values.get('type')!r}; known: {', '.join(_ERROR_TYPES)}")
     try:
@@ -176,6 +178,21 @@ def decode(data: bytes) -> Message:
         return cls(**values)
     except (TypeError, InvalidRequestError) as e:
         raise MessageError(f"{tag}: {e}") from None
+
+
+def _plain_prompt(prompt: object) -> bool:
+    if isinstance(prompt, str):
+        return True
+    return isinstance(prompt, list) and all(
+        isinstance(m, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in m.items())
+        for m in prompt
+    )
+
+
+def _plain_stats(stats: object) -> bool:
+    return isinstance(stats, dict) and all(
+        isinstance(v, (int, float, str, bool)) or v is None for v in stats.values()
+    )
 
 
 def decode_event(data: bytes) -> Event:

@@ -88,6 +88,13 @@ def _raw(**body: object) -> bytes:
             _raw(v=VERSION, tag="request", request_id="r", prompt="p", sampling={"temprature": 1}),
             "temprature",
         ),
+        (_raw(v=VERSION, tag="request", request_id="r", prompt=[{"role": 1}], sampling={}), "a prompt is"),
+        (
+            _raw(
+                v=VERSION, tag="final", text="", finish_reason="stop", completion_tokens=0, stats={"a": [1]}
+            ),
+            "stats",
+        ),
         (msgpack.packb([1, 2]), "a message is a map"),
         (b"\xc1", "not a msgpack message"),
     ],
