@@ -39,7 +39,7 @@ def test_the_byte_symbols_are_gpt2s() -> None:
 
 def test_dummy_weights_generate_and_one_byte_is_one_token(folder) -> None:
     llm = LLM(str(folder), load_format="dummy", device="cpu")
-    assert llm.load_format == "dummy" and llm.arch.vocab_size == 320
+    assert llm.config.model.load_format == "dummy" and llm.arch.vocab_size == 320
     text = "héllo, wörld " * 7
     ids = llm.encode(text)
     assert ids[0] == BOS_ID and ids[1:] == list(text.encode())
