@@ -3,7 +3,7 @@
 The model is Llama-3-8B-shaped with random weights (`load_format="dummy"`), from a checkpoint folder built
 here in a temporary folder: config.json plus a byte-level tokenizer (one byte = one token,
 shard/dummy_checkpoint.py), so the job's prompt has exactly `--tokens` tokens. The prompt is the one the job
-worker builds (cluster/jobs.py `build_prompt` with the default system prompt and template): the document,
+worker builds (cluster/job_worker.py `build_prompt` with the default system prompt and template): the document,
 then a short question, through the chat template. Greedy, `--max-tokens` new tokens.
 
 1. Python API: `LLM(folder, policy, load_format="dummy")`, one warm-up run at `--warmup-tokens`, then the
@@ -60,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import LLAMA3_8B, environment, out_dir, write_results
 
 from entropyinfer.cluster.config import JobsConfig
-from entropyinfer.cluster.jobs import build_prompt
+from entropyinfer.cluster.job_worker import build_prompt
 from entropyinfer.shard.dummy_checkpoint import write_dummy_checkpoint
 
 QUESTION = "What is the passkey mentioned in the document? Answer with the number only."
