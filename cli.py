@@ -33,7 +33,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from entropyinfer import LLM, SamplingParams
+    from entropyinfer.shard.llm import LLM
+    from entropyinfer.shard.sampling import SamplingParams
 
     text = Path(args.prompt_file).read_text()
     prompt: Any = document_prompt(text, args.question) if args.question else text
@@ -53,8 +54,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         from entropyinfer.cluster.demo import run_demo
 
         return run_demo(model=args.model)
-    from entropyinfer import LLM, SamplingParams
     from entropyinfer.evaluation.corpus import real_document
+    from entropyinfer.shard.llm import LLM
+    from entropyinfer.shard.sampling import SamplingParams
 
     document = real_document(3000)
     llm = LLM(

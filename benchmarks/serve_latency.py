@@ -2,9 +2,9 @@
 
 The model is Llama-3-8B-shaped with random weights (`load_format="dummy"`), from a checkpoint folder built
 here in a temporary folder: config.json plus a byte-level tokenizer (one byte = one token,
-shard/dummy_checkpoint.py), so the job's prompt has exactly `--tokens` tokens. The prompt is the one the job
-worker builds (cluster/job_worker.py `build_prompt` with the default system prompt and template): the document,
-then a short question, through the chat template. Greedy, `--max-tokens` new tokens.
+shard/dummy_checkpoint.py), so the job's prompt has exactly `--tokens` tokens. The prompt is the one the
+job worker builds (cluster/job_worker.py `build_prompt` with the default system prompt and template): the
+document, then a short question, through the chat template. Greedy, `--max-tokens` new tokens.
 
 1. Python API: `LLM(folder, policy, load_format="dummy")`, one warm-up run at `--warmup-tokens`, then the
    job's prompt through `LLM.stream` (time to the first text; total) and `LLM.generate` (total).
