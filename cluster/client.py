@@ -32,7 +32,7 @@ from entropyinfer.cluster.client_core import (
     Document,
     Messages,
     Payload,
-    Progress,
+    ProgressBar,
     transport_error,
 )
 from entropyinfer.cluster.client_types import (
@@ -153,7 +153,7 @@ class Client:
     ) -> JobStatus:
         """Poll until the job finishes; a tqdm bar of prefill tokens (on by default only on a TTY)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with Progress(progress) as bar:
+        with ProgressBar(progress) as bar:
             while True:
                 job = self.status(job_id)
                 bar.update(job)
@@ -292,7 +292,7 @@ class AsyncClient:
         raise_on_failure: bool = True,
     ) -> JobStatus:
         deadline = None if timeout is None else time.monotonic() + timeout
-        with Progress(progress) as bar:
+        with ProgressBar(progress) as bar:
             while True:
                 job = await self.status(job_id)
                 bar.update(job)

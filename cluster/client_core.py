@@ -162,14 +162,14 @@ def _is_tty() -> bool:
     return sys.stderr.isatty()
 
 
-class Progress:
+class ProgressBar:
     """A tqdm bar over prefill tokens with documents done/total; disabled off a TTY by default."""
 
     def __init__(self, enabled: bool | None) -> None:
         self.enabled = _is_tty() if enabled is None else enabled
         self.bar: tqdm[NoReturn] | None = None
 
-    def __enter__(self) -> Progress:
+    def __enter__(self) -> ProgressBar:
         return self
 
     def __exit__(self, *exc: object) -> None:
