@@ -3,6 +3,7 @@
 - Profiling and selection (`block_scoring`, `block_selection`): `scoring_tiles`, `select_tiles`, and
   `row_chunk`, the GPU row kernels' chunk (a compile-time constant: the warm-up derives its lengths from it).
 - Decode (`decode_attention`): `choose_num_splits` (split-K), `decode_tiles`, `sm_count`.
+- Paged decode (`paged_decode_attention`): `choose_paged_num_splits`, `paged_decode_tiles`.
 - Sparse prefill (`sparse_prefill`): `TileConfig`, `tile_config`.
 
 GPU choices were measured on an H200; under the interpreter (CPU tensors) the tiles are few and large, since
@@ -22,7 +23,9 @@ __all__ = [
     "SelectTiles",
     "TileConfig",
     "choose_num_splits",
+    "choose_paged_num_splits",
     "decode_tiles",
+    "paged_decode_tiles",
     "pow2",
     "row_chunk",
     "scoring_tiles",
@@ -197,3 +200,30 @@ def tile_config(head_dim: int, dtype: torch.dtype) -> TileConfig:
     if head_dim <= 64:
         return TileConfig(block_m=128, block_n=64, num_warps=4, num_stages=3)
     return TileConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
+
+
+# ----------------------------------------------------------------------------------------------------
+# paged decode
+
+
+def choose_paged_num_splits(
+    batch: int, num_kv_heads: int, max_pages: int, page_size: int, sm_count: int, head_dim: int = 128
+) -> int:
+    """Splits per (sequence, KV head) of paged decode attention (`paged_decode_attention`).
+
+    The paged kernel walks a head's keys in the same tiles as the contiguous one, so the split rule is
+    `choose_num_splits` with the table's capacity ``max_pages * page_size`` as ``L_max``: shapes only, one
+    captured graph per (batch, max_pages) serves every step.
+    """
+    return choose_num_splits(batch, num_kv_heads, max_pages * page_size, sm_count, head_dim)
+
+
+def paged_decode_tiles(block_d: int, elem_bytes: int, page_size: int) -> tuple[int, int, int]:
+    """``(BLOCK_N, num_warps, num_stages)`` of the paged decode split kernel.
+
+    The contiguous kernel's tiles (`decode_tiles`): a tile gathers its keys row by row through the block
+    table, so any power-of-two page size works with any ``BLOCK_N`` (a tile spans several small pages or
+    part of a large one); ``page_size`` is an argument so that a measured per-page-size choice has a home.
+    """
+    del page_size
+    return decode_tiles(block_d, elem_bytes)
