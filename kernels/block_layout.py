@@ -119,7 +119,8 @@ class BlockScores:
     ``logits [Hkv, nseg, nblocks]`` float32 block logits (GQA mean); only the visible entries
     ``j < s * S / b`` are defined (the Triton path leaves the others unwritten). ``row_max`` / ``row_sum``
     ``[Hkv, nseg]``: softmax max and normaliser over the visible blocks (0 and 1 where nothing is visible).
-    ``entropy [Hkv, nseg]``: float32 nats.
+    ``entropy [Hkv, nseg]``: float32 nats. ``spread [Hkv, nseg]``: float32 entropy (nats) of the block
+    distribution at a logit scale (the `spread` budget rule's input), when it was asked for; 0 at segment 0.
     """
 
     logits: torch.Tensor
@@ -128,6 +129,7 @@ class BlockScores:
     entropy: torch.Tensor
     segment_size: int
     block_size: int
+    spread: torch.Tensor | None = None
 
     def probs(self) -> torch.Tensor:
         """float32 ``[Hkv, nseg, nblocks]`` block probabilities, the reference's ``p`` (hidden blocks 0)."""

@@ -9,7 +9,8 @@ One layer of one sequence in four launches, none looping over segments in Python
    (``qmax|qmin x kmax|kmin``, float32 accumulation), the per-head max, the GQA mean; tiles above the causal
    diagonal exit at once. Writes the visible block logits once, float32 ``[Hkv, nseg, nblocks]``.
 3. `_entropy_kernel`: one program per (segment, KV head) row: max, sum of ``exp(x - max)``, then
-   ``-sum p log(p + 1e-9)`` with ``p = exp(x - max) / sum`` (three passes over the row, from L2).
+   ``-sum p log(p + 1e-9)`` with ``p = exp(x - max) / sum`` (three passes over the row, from L2); for the
+   `spread` budget rule also the entropy at a logit scale ``t`` in the same passes (`spread_entropy_ref`).
 
 Budgets, counts and the top-k selection that follow are `block_selection`'s (two more launches). Layout and
 result types: `block_layout`; tiles: `tiling.scoring_tiles`; ``backend``: `backend.runs_triton` (Triton for
@@ -148,6 +149,7 @@ def _entropy_kernel(
     ent_ptr: tl.tensor,
     rmax_ptr: tl.tensor,
     rsum_ptr: tl.tensor,
+    spread_ptr: tl.tensor,
     stride_lh: tl.tensor,
     stride_ls: tl.tensor,
     stride_eh: tl.tensor,
@@ -155,8 +157,10 @@ def _entropy_kernel(
     nblocks: tl.tensor,
     blocks_per_seg: tl.tensor,
     eps: tl.tensor,
+    spread_scale: tl.tensor,
     ROWS: tl.constexpr,  # segments per program
     CHUNK: tl.constexpr,  # blocks per step along a row
+    SPREAD: tl.constexpr,  # also the entropy at logit scale spread_scale (the `spread` budget rule)
 ) -> None:
     h = tl.program_id(1).to(tl.int64)
     s = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -172,19 +176,32 @@ def _entropy_kernel(
     m = tl.max(m_acc, axis=1)
     m = tl.where(vis > 0, m, 0.0)
     z_acc = tl.zeros([ROWS, CHUNK], tl.float32)
+    zt_acc = tl.zeros([ROWS, CHUNK], tl.float32)
     for c in range(0, vis_max, CHUNK):
         ok = (c + offs < vis[:, None]) & s_ok[:, None]
         x = tl.load(rows + c + offs, mask=ok, other=0.0)
         z_acc += tl.where(ok, tl.exp(x - m[:, None]), 0.0)
+        if SPREAD:
+            zt_acc += tl.where(ok, tl.exp((x - m[:, None]) * spread_scale), 0.0)
     z = tl.sum(z_acc, axis=1)
     z = tl.where(vis > 0, z, 1.0)
     e_acc = tl.zeros([ROWS, CHUNK], tl.float32)
+    ey_acc = tl.zeros([ROWS, CHUNK], tl.float32)
     for c in range(0, vis_max, CHUNK):
         ok = (c + offs < vis[:, None]) & s_ok[:, None]
         x = tl.load(rows + c + offs, mask=ok, other=0.0)
         p = tl.math.div_rn(tl.exp(x - m[:, None]), tl.broadcast_to(z[:, None], [ROWS, CHUNK]))
         e_acc += tl.where(ok, p * tl.log(p + eps), 0.0)
+        if SPREAD:
+            y = (x - m[:, None]) * spread_scale
+            ey_acc += tl.where(ok, tl.exp(y) * y, 0.0)
     ent = -tl.sum(e_acc, axis=1)
+    if SPREAD:
+        # H = log z - sum(exp(y) y) / z, y = t (x - max), z = sum exp(y): -sum p log p, no log per block
+        zt = tl.sum(zt_acc, axis=1)
+        zt = tl.where(zt > 0, zt, 1.0)
+        spread = tl.log(zt) - tl.math.div_rn(tl.sum(ey_acc, axis=1), zt)
+        tl.store(spread_ptr + h * stride_eh + s, tl.where(vis > 0, spread, 0.0), mask=s_ok)
     # nothing visible (segment 0): the reference's uniform 1/nblocks, entropy ln(nblocks); unused downstream
     ent = tl.where(vis > 0, ent, tl.log(tl.maximum(nblocks, 1).to(tl.float32)))
     out = h * stride_eh + s
@@ -220,7 +237,12 @@ def _minmax(
 
 
 def _block_scores_triton(
-    q: torch.Tensor, k: torch.Tensor, segment_size: int, block_size: int, tiles: ScoringTiles | None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    segment_size: int,
+    block_size: int,
+    tiles: ScoringTiles | None,
+    spread_logit_scale: float | None,
 ) -> BlockScores:
     hq, n, dim = q.shape
     hkv = k.shape[0]
@@ -237,6 +259,7 @@ def _block_scores_triton(
     entropy = torch.empty(hkv, nseg, dtype=torch.float32, device=dev)
     row_max = torch.empty_like(entropy)
     row_sum = torch.empty_like(entropy)
+    spread = None if spread_logit_scale is None else torch.empty_like(entropy)
     bps = segment_size // block_size
     if nblk > 0:
         grid = (triton.cdiv(nseg, t.block_s), triton.cdiv(nblk, t.block_j), hkv)
@@ -250,12 +273,16 @@ def _block_scores_triton(
             num_warps=t.logits_warps, num_stages=t.logits_stages,
         )  # fmt: skip
     jit_kernel(_entropy_kernel, dev)[(triton.cdiv(nseg, t.rows), hkv)](
-        logits, entropy, row_max, row_sum, logits.stride(0), logits.stride(1), entropy.stride(0),
-        nseg, nblk, bps, ENTROPY_EPS, ROWS=t.rows, CHUNK=t.chunk, num_warps=t.row_warps,
+        logits, entropy, row_max, row_sum, entropy if spread is None else spread,
+        logits.stride(0), logits.stride(1), entropy.stride(0),
+        nseg, nblk, bps, ENTROPY_EPS, float(spread_logit_scale or 0.0),
+        ROWS=t.rows, CHUNK=t.chunk, SPREAD=spread is not None, num_warps=t.row_warps,
     )  # fmt: skip
     if nblk == 0:
         entropy.zero_()
-    return BlockScores(logits, row_max, row_sum, entropy, segment_size, block_size)
+        if spread is not None:
+            spread.zero_()
+    return BlockScores(logits, row_max, row_sum, entropy, segment_size, block_size, spread)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -270,13 +297,18 @@ def block_scores(
     *,
     backend: Backend = "auto",
     tiles: ScoringTiles | None = None,
+    spread_logit_scale: float | None = None,
 ) -> BlockScores:
-    """Block logits (GQA mean, visible entries), softmax statistics and entropy of one layer.
+    """Block logits (GQA mean, visible entries), softmax statistics and entropy of one layer; with
+    `spread_logit_scale` (>= 0), also the entropy at that logit scale (`BlockScores.spread`, in the same
+    launch).
 
     ``q [Hq, N, d]``, ``k [Hkv, N, d]`` post-RoPE (KV heads not repeated). float32 inputs are scored exactly
     (IEEE dots); bf16/fp16 inputs use tensor-core dots with float32 accumulation.
     """
     check_qk(q, k, segment_size, block_size)
+    if spread_logit_scale is not None and not spread_logit_scale >= 0:
+        raise ValueError(f"spread_logit_scale must be >= 0, got {spread_logit_scale}")
     if not runs_triton(q.device, backend):
-        return block_scores_ref(q, k, segment_size, block_size)
-    return _block_scores_triton(q, k, segment_size, block_size, tiles)
+        return block_scores_ref(q, k, segment_size, block_size, spread_logit_scale)
+    return _block_scores_triton(q, k, segment_size, block_size, tiles, spread_logit_scale)

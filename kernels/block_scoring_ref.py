@@ -9,6 +9,9 @@ Layout: `block_layout` (segments of ``S`` queries, key blocks of ``b`` keys, vis
 - Segment ``s`` sees blocks ``j < s * S / b``. Softmax in float32 as ``exp(x - max) / sum`` over the visible
   blocks (hidden blocks get probability 0); segment 0 sees nothing and gets the uniform ``1 / nblocks``.
 - Entropy ``-sum p * log(p + 1e-9)`` in float32.
+- Spread entropy (`spread_entropy_ref`, for the `spread` budget rule): the entropy of ``softmax(t * x)`` over
+  the visible blocks at a logit scale ``t``, as ``y = t * (x - max)``, ``z = sum exp(y)``,
+  ``H = log z - sum exp(y) * y / z`` (no epsilon; 0 where nothing is visible).
 """
 
 from __future__ import annotations
@@ -17,7 +20,13 @@ import torch
 
 from entropyinfer.kernels.block_layout import BlockScores, check_qk, num_blocks, num_segments, visible_blocks
 
-__all__ = ["ENTROPY_EPS", "block_logits_ref", "block_scores_ref", "segment_block_reps_ref"]
+__all__ = [
+    "ENTROPY_EPS",
+    "block_logits_ref",
+    "block_scores_ref",
+    "segment_block_reps_ref",
+    "spread_entropy_ref",
+]
 
 ENTROPY_EPS = 1e-9  # inside the log of the entropy, as in the reference
 
@@ -52,8 +61,36 @@ def block_logits_ref(q: torch.Tensor, k: torch.Tensor, segment_size: int, block_
     return torch.maximum(hi, lo).view(hkv, g, nseg, -1).mean(dim=1)
 
 
-def block_scores_ref(q: torch.Tensor, k: torch.Tensor, segment_size: int, block_size: int) -> BlockScores:
-    """Logits, masked float32 softmax (``exp(x - max) / sum``) and entropy, as the reference computes them."""
+def spread_entropy_ref(
+    logits: torch.Tensor, segment_size: int, block_size: int, logit_scale: float
+) -> torch.Tensor:
+    """float32 ``[Hkv, nseg]``: entropy (nats) of ``softmax(logit_scale * logits)`` over each segment's
+    visible blocks (``logit_scale >= 0``); 0 where nothing is visible. Entries beyond them are ignored."""
+    hkv, nseg, nblk = logits.shape
+    if nblk == 0:
+        return torch.zeros(hkv, nseg, dtype=torch.float32, device=logits.device)
+    vis = visible_blocks(nseg, segment_size, block_size, logits.device)
+    visible = torch.arange(nblk, device=logits.device)[None, :] < vis[:, None]
+    x = logits.float().masked_fill(~visible, float("-inf"))
+    m = x.amax(dim=-1, keepdim=True)
+    m = torch.where(vis[None, :, None] > 0, m, torch.zeros_like(m))
+    y = torch.where(visible, (x - m) * float(logit_scale), torch.zeros_like(x))
+    e = torch.where(visible, torch.exp(y), torch.zeros_like(x))
+    z = e.sum(dim=-1)
+    zs = torch.where(z > 0, z, torch.ones_like(z))
+    h = torch.log(zs) - (e * y).sum(dim=-1) / zs
+    return torch.where(vis[None, :] > 0, h, torch.zeros_like(h))
+
+
+def block_scores_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    segment_size: int,
+    block_size: int,
+    spread_logit_scale: float | None = None,
+) -> BlockScores:
+    """Logits, masked float32 softmax (``exp(x - max) / sum``) and entropy, as the reference computes them;
+    with `spread_logit_scale`, also the spread entropy (`spread_entropy_ref`)."""
     logits = block_logits_ref(q, k, segment_size, block_size)
     hkv, nseg, nblk = logits.shape
     vis = visible_blocks(nseg, segment_size, block_size, logits.device)
@@ -72,4 +109,9 @@ def block_scores_ref(q: torch.Tensor, k: torch.Tensor, segment_size: int, block_
         row_max = torch.zeros(hkv, nseg, device=logits.device)
         row_sum = torch.ones(hkv, nseg, device=logits.device)
         entropy = torch.zeros(hkv, nseg, device=logits.device)
-    return BlockScores(logits, row_max, row_sum, entropy, segment_size, block_size)
+    spread = (
+        None
+        if spread_logit_scale is None
+        else spread_entropy_ref(logits, segment_size, block_size, spread_logit_scale)
+    )
+    return BlockScores(logits, row_max, row_sum, entropy, segment_size, block_size, spread)

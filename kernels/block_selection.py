@@ -4,7 +4,8 @@ is the torch oracle).
 They follow the profiling (`block_scoring`), two launches for one layer, with no torch glue in between:
 
 1. `_counts_kernel`: one program per KV head: the rigid test, the budget recurrence (a sequential float32
-   loop over segments, or one fixed budget), the capped block counts and the dense-segment marks.
+   loop over segments, or one fixed budget, or the causal spread rule with its rigid-so-far test), the capped
+   block counts and the dense-segment marks.
 2. `_select_kernel`: a tile of (segment) rows per program: the ``count``-th largest logit of each row by a
    bitwise radix select on order-preserving float bits (32 counting steps, over a row held in registers when
    it fits one chunk), then a prefix-sum compaction that writes the selected block ids in ascending order.
@@ -23,7 +24,13 @@ import triton.language as tl
 
 from entropyinfer.kernels.backend import Backend, jit_kernel, runs_triton
 from entropyinfer.kernels.block_layout import BlockCounts, last_count_cap
-from entropyinfer.kernels.block_selection_ref import RATIO_EPS, block_counts_ref, select_blocks_ref
+from entropyinfer.kernels.block_selection_ref import (
+    RATIO_EPS,
+    SpreadRule,
+    block_counts_ref,
+    select_blocks_ref,
+    spread_counts_ref,
+)
 from entropyinfer.kernels.tiling import SelectTiles, select_tiles
 
 __all__ = ["block_counts", "select_blocks"]
@@ -58,23 +65,31 @@ def _counts_kernel(
     eps: tl.tensor,
     e_t: tl.tensor,
     block_f: tl.tensor,
-    DYNAMIC: tl.constexpr,
+    power: tl.tensor,
+    spread_lo: tl.tensor,
+    spread_hi: tl.tensor,
+    rigid_budget: tl.tensor,
+    MODE: tl.constexpr,  # 0: one fixed budget; 1: the reference recurrence; 2: the spread rule
     CHUNK: tl.constexpr,
 ) -> None:
     h = tl.program_id(0).to(tl.int64)
     row = ent_ptr + h * stride_eh
-    not_below = 0  # segments >= 1 whose entropy is not below e_t (NaN counts as not below)
-    for s0 in range(0, nseg, CHUNK):  # a fixed chunk, so no length-dependent compile
-        offs = s0 + tl.arange(0, CHUNK)
-        later = (offs >= 1) & (offs < nseg)
-        ent = tl.load(row + offs, mask=later, other=0.0)
-        not_below += tl.sum(tl.where(later, tl.where(ent < e_t, 0, 1), 0), axis=0)
-    rigid = (not_below == 0) & (nseg >= 2)
-    tl.store(rigid_ptr + h, rigid.to(tl.int8))
+    if MODE == 2:
+        rigid = nseg >= 2  # rigid so far: updated segment by segment below (causal)
+    else:
+        not_below = 0  # segments >= 1 whose entropy is not below e_t (NaN counts as not below)
+        for s0 in range(0, nseg, CHUNK):  # a fixed chunk, so no length-dependent compile
+            offs = s0 + tl.arange(0, CHUNK)
+            later = (offs >= 1) & (offs < nseg)
+            ent = tl.load(row + offs, mask=later, other=0.0)
+            not_below += tl.sum(tl.where(later, tl.where(ent < e_t, 0, 1), 0), axis=0)
+        rigid = (not_below == 0) & (nseg >= 2)
     b_out = budget_ptr + h * stride_bh
     c_out = counts_ptr + h * stride_ch
     k_out = kcounts_ptr + h * stride_ch
     budget = base + 0.0  # float32 scalar, carried through the loop
+    if MODE == 2:
+        budget = tl.minimum(tl.maximum(budget, spread_lo), spread_hi)  # segment 0: unused
     dense = (threshold_len > 0) | (seg_size >= seq_len)
     tl.store(b_out, budget)
     tl.store(c_out, 0)
@@ -82,7 +97,7 @@ def _counts_kernel(
     tl.store(dense_ptr, dense.to(tl.int8))  # every program writes the same mask
     prev = tl.load(row)
     for s in range(1, nseg):
-        if DYNAMIC:
+        if MODE == 1:
             cur = tl.load(row + s)
             ratio = tl.math.div_rn(cur - prev, prev + eps)
             ratio = tl.where(s == 1, delta, ratio)
@@ -90,7 +105,16 @@ def _counts_kernel(
             budget = budget + step * (ratio - delta)
             budget = tl.minimum(tl.maximum(budget, base), top)
             prev = cur
-        kept = tl.where(rigid, base, budget)
+        if MODE == 2:
+            cur = tl.load(row + s)
+            rigid = rigid & (cur < e_t)
+            level = power * cur + (1.0 - power) * tl.log((s * seg_blocks).to(tl.float32))
+            tokens = tl.exp(level) * base
+            tokens = tl.where(tokens == tokens, tokens, spread_lo)  # NaN entropy: the floor
+            budget = tl.minimum(tl.maximum(tokens, spread_lo), spread_hi)
+            kept = tl.where(rigid, rigid_budget, budget)
+        else:
+            kept = tl.where(rigid, base, budget)
         tl.store(b_out + s, kept)
         cap = tl.maximum(tl.minimum(s * seg_blocks, last_cap), 0)
         count = tl.minimum(tl.math.div_rn(kept, block_f).to(tl.int32), cap)
@@ -99,6 +123,7 @@ def _counts_kernel(
         tl.store(c_out + s, count)
         tl.store(k_out + s, tl.where(dense, -1, count))
         tl.store(dense_ptr + s, dense.to(tl.int8))
+    tl.store(rigid_ptr + h, rigid.to(tl.int8))
 
 
 @triton.jit
@@ -199,10 +224,17 @@ def block_counts(
     alpha: float,
     delta: float,
     fixed_budget: float | None = None,
+    spread_rule: SpreadRule | None = None,
     backend: Backend = "auto",
 ) -> BlockCounts:
-    """Rigid heads, budgets, block counts and dense segments in one launch; see `block_counts_ref`."""
+    """Rigid heads, budgets, block counts and dense segments in one launch; see `block_counts_ref`.
+
+    With `spread_rule`, `entropy` is the spread entropy (`BlockScores.spread`) and the counts are the spread
+    rule's (`spread_counts_ref`: causal, rigid so far below ``spread_rule.rigid_entropy``);
+    `entropy_threshold`, `base_budget`, `alpha`, `delta` and `fixed_budget` are then unused."""
     kw = dict(seq_len=seq_len, segment_size=segment_size, block_size=block_size, threshold_len=threshold_len)
+    if spread_rule is not None and not runs_triton(entropy.device, backend):
+        return spread_counts_ref(entropy, **kw, rule=spread_rule)
     if not runs_triton(entropy.device, backend):
         return block_counts_ref(
             entropy, **kw, entropy_threshold=entropy_threshold, base_budget=base_budget, alpha=alpha,
@@ -217,6 +249,10 @@ def block_counts(
     rigid = torch.empty(hkv, dtype=torch.int8, device=dev)
     dense = torch.empty(nseg, dtype=torch.int8, device=dev)
     base = float(base_budget if fixed_budget is None else fixed_budget)
+    mode = 0 if fixed_budget is not None else 1
+    r = spread_rule or SpreadRule(1.0, 1.0, 0.0, 0.0, 0.0, 0.0)  # unused unless spread_rule is given
+    if spread_rule is not None:
+        mode, base, entropy_threshold = 2, float(r.tokens_per_block), float(r.rigid_entropy)
     last_cap = last_count_cap(seq_len, segment_size, block_size)
     jit_kernel(_counts_kernel, dev)[(hkv,)](
         entropy, budgets, counts, kernel_counts, rigid, dense,
@@ -224,7 +260,8 @@ def block_counts(
         nseg, seq_len, segment_size, segment_size // block_size, last_cap, threshold_len,
         base, float(3 * base_budget), float(alpha * base_budget), float(delta), float(1.0 + delta), RATIO_EPS,
         float(entropy_threshold), float(block_size),
-        DYNAMIC=fixed_budget is None, CHUNK=128, num_warps=1,
+        float(r.power), float(r.min_budget), float(r.max_budget), float(r.rigid_budget),
+        MODE=mode, CHUNK=128, num_warps=1,
         enable_fp_fusion=False,  # no FMA: the same float32 roundings as the reference, so the same counts
     )  # fmt: skip
     return BlockCounts(rigid.view(torch.bool), budgets, counts, kernel_counts, dense.view(torch.bool))

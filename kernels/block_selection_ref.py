@@ -8,11 +8,16 @@ Layout: `block_layout`. The computation, from a layer's entropy ``[Hkv, nseg]`` 
   budget everywhere (the CritiPrefill baseline).
 - Counts (`block_counts_ref`): ``floor(B / b)`` blocks capped by what the segment may see (`count_caps`), the
   dense segments (those starting before threshold_len, and the last) marked -1 for the block-sparse kernel.
+- Spread rule (`spread_counts_ref`, the `spread` mode of `policies/budgets.py`): causal budgets from the
+  entropy level at a logit scale (`block_scoring_ref.spread_entropy_ref`) and a rigid-so-far test; same caps
+  and marks.
 - Selection (`select_blocks_ref`): per (KV head, segment) the ``count`` visible blocks of highest logit,
   ascending.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -25,6 +30,7 @@ from entropyinfer.kernels.block_layout import (
 
 __all__ = [
     "RATIO_EPS",
+    "SpreadRule",
     "block_counts_ref",
     "budget_scan_ref",
     "count_caps",
@@ -32,6 +38,8 @@ __all__ = [
     "dense_segment_mask",
     "rigid_heads",
     "select_blocks_ref",
+    "spread_budgets_ref",
+    "spread_counts_ref",
 ]
 
 RATIO_EPS = 1e-9  # in the denominator of the entropy growth ratio
@@ -123,6 +131,62 @@ def block_counts_ref(
     dense = dense_segment_mask(seq_len, segment_size, threshold_len, entropy.device)
     kernel_counts = counts.masked_fill(dense[None, :], -1)
     return BlockCounts(rigid, budgets, counts, kernel_counts, dense)
+
+
+@dataclass(frozen=True)
+class SpreadRule:
+    """Parameters of the spread budget rule (tokens; see `spread_budgets_ref`)."""
+
+    tokens_per_block: float  # spread_factor * b: tokens per effective block
+    power: float  # gamma: budget ~ V^(1 - gamma) * exp(Hs)^gamma; 1 = exp(Hs) effective blocks
+    min_budget: float  # floor of non-rigid heads
+    max_budget: float  # cap
+    rigid_entropy: float  # rigid so far: Hs < this in every segment 1..s (0 disables)
+    rigid_budget: float  # budget of rigid-so-far heads
+
+
+def spread_budgets_ref(
+    spread: torch.Tensor, segment_size: int, block_size: int, rule: SpreadRule
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rigid_so_far bool [Hkv, nseg], budgets float32 [Hkv, nseg])`` from the spread entropy ``Hs``.
+
+    Causal: column ``s`` depends on ``Hs[:, :s+1]`` only. ``rigid_so_far[h, s] = all(Hs[h, 1..s] < r_e)``
+    (False at segment 0); with ``V = s * S / b`` visible blocks (1 at segment 0),
+    ``B = clip(exp(gamma * Hs + (1 - gamma) * log V) * tokens_per_block, min, max)`` (``min`` for a NaN
+    entropy), ``rigid_budget`` where rigid so far; float32 in this order (the counts kernel's)."""
+    h = spread.float().clone()
+    nseg = h.shape[1]
+    h[:, 0] = 0.0  # segment 0 sees nothing: its (unused) budget is clip(tokens_per_block)
+    below = h < rule.rigid_entropy
+    below[:, :1] = True  # segment 0 sees nothing: no vote
+    rigid = torch.cummin(below.to(torch.int32), dim=1).values.bool()
+    rigid[:, 0] = False
+    vis = visible_blocks(nseg, segment_size, block_size, h.device).clamp(min=1).float()
+    gamma = torch.tensor(rule.power, dtype=torch.float32)
+    level = gamma * h + (torch.tensor(1.0, dtype=torch.float32) - gamma) * torch.log(vis)[None, :]
+    tokens = torch.exp(level) * torch.tensor(rule.tokens_per_block, dtype=torch.float32)
+    tokens = torch.where(torch.isnan(tokens), torch.full_like(tokens, float(rule.min_budget)), tokens)
+    budgets = tokens.clamp(float(rule.min_budget), float(rule.max_budget))  # NaN entropy: the floor
+    budgets = torch.where(rigid, torch.full_like(budgets, float(rule.rigid_budget)), budgets)
+    return rigid, budgets
+
+
+def spread_counts_ref(
+    spread: torch.Tensor,
+    *,
+    seq_len: int,
+    segment_size: int,
+    block_size: int,
+    threshold_len: int,
+    rule: SpreadRule,
+) -> BlockCounts:
+    """`BlockCounts` of the spread rule; ``rigid [Hkv]`` is the rigid-so-far flag of the last segment."""
+    rigid, budgets = spread_budgets_ref(spread, segment_size, block_size, rule)
+    caps = count_caps(seq_len, segment_size, block_size, spread.device)
+    counts = counts_from_budgets(budgets, caps, block_size)
+    dense = dense_segment_mask(seq_len, segment_size, threshold_len, spread.device)
+    kernel_counts = counts.masked_fill(dense[None, :], -1)
+    return BlockCounts(rigid[:, -1].clone(), budgets, counts, kernel_counts, dense)
 
 
 def select_blocks_ref(

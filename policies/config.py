@@ -18,8 +18,8 @@ from entropyinfer.errors import ConfigError
 
 __all__ = ["SparsePrefillConfig", "load_sparse_config"]
 
-BudgetMode = Literal["per_head", "reference"]
-_MODES = ("per_head", "reference")
+BudgetMode = Literal["per_head", "reference", "spread"]
+_MODES = ("per_head", "reference", "spread")
 
 
 @dataclass(frozen=True)
@@ -36,11 +36,32 @@ class SparsePrefillConfig:
     entropy_threshold: float = 1e-5  # e_t: a head is rigid if every segment >= 1 has entropy below this
     alpha: float = 0.5  # budget step: B += alpha * B0 * (r - delta)
     delta: float = 0.4  # neutral entropy growth ratio (r == delta keeps the budget)
-    mode: BudgetMode = "per_head"  # per_head: own count per KV head; reference: max over KV heads
+    mode: BudgetMode = "per_head"  # per_head: own count per KV head; reference: max over KV heads;
+    # spread: causal budgets from the entropy level (`policies/budgets.py`, fields spread_* below)
     fixed_budget: int = 2048  # tokens kept per segment and head by the `fixed` (CritiPrefill) policy
+    # `fixed` policy: when set, the fixed budget is solved per prompt so that the prefill's mean density
+    # (`shard.attention.SparsePrefill` stats: all layers, layer 0 and dense segments included) is this
+    target_density: float | None = None
+    # spread mode (`policies/budgets.py`): B = clip(spread_factor * b * V^(1 - spread_power) *
+    # exp(Hs)^spread_power, min_budget, 3 * B0) tokens, Hs the entropy of the block distribution at logit
+    # scale spread_scale / sqrt(d), V the visible blocks; rigid-so-far heads (Hs < rigid_entropy in every
+    # segment so far) keep rigid_budget tokens
+    spread_scale: float = 0.5
+    spread_factor: float = 0.25
+    spread_power: float = 1.0
+    min_budget: int = 64
+    rigid_entropy: float = 0.0
+    rigid_budget: int = 64
 
     def __post_init__(self) -> None:
-        for name in ("segment_size", "block_size", "base_budget", "fixed_budget"):
+        for name in (
+            "segment_size",
+            "block_size",
+            "base_budget",
+            "fixed_budget",
+            "min_budget",
+            "rigid_budget",
+        ):
             check_int(name, getattr(self, name), minimum=1)
         check_int("threshold_len", self.threshold_len, minimum=0)
         if self.segment_size % self.block_size:
@@ -52,7 +73,7 @@ class SparsePrefillConfig:
                 raise ConfigError(
                     f"{name}: must be at least block_size ({self.block_size}), got {getattr(self, name)}"
                 )
-        for name in ("entropy_threshold", "alpha", "delta"):
+        for name in ("entropy_threshold", "alpha", "delta", "spread_scale", "spread_factor", "rigid_entropy"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ConfigError(f"{name}: expected a finite number, got {value!r}")
@@ -60,10 +81,23 @@ class SparsePrefillConfig:
                 raise ConfigError(f"{name}: must be >= 0, got {value}")
         if self.mode not in _MODES:
             raise ConfigError(f"mode: {self.mode!r} is not one of {list(_MODES)}")
+        p = self.spread_power
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p):
+            raise ConfigError(f"spread_power: expected a finite number, got {p!r}")
+        t = self.target_density
+        if t is not None and (
+            isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or not 0 < t <= 1
+        ):
+            raise ConfigError(f"target_density: expected a number in (0, 1] or null, got {t!r}")
+        for name in ("min_budget", "rigid_budget"):
+            if self.mode == "spread" and getattr(self, name) > self.max_budget:
+                raise ConfigError(
+                    f"{name}: must be at most 3 * base_budget ({self.max_budget}), got {getattr(self, name)}"
+                )
 
     @property
     def max_budget(self) -> int:
-        """Largest budget (tokens) the entropy policy can give: 3 * B0."""
+        """Largest budget (tokens) the entropy policy can give, in every mode: 3 * B0."""
         return 3 * self.base_budget
 
 

@@ -20,6 +20,7 @@ from entropyinfer.kernels.backend import Backend
 from entropyinfer.kernels.block_layout import BlockScores
 from entropyinfer.kernels.block_scoring import block_scores
 from entropyinfer.kernels.block_selection import block_counts, select_blocks
+from entropyinfer.policies.budgets import spread_logit_scale, spread_rule
 from entropyinfer.policies.config import SparsePrefillConfig
 from entropyinfer.policies.registry import Selection
 
@@ -52,6 +53,8 @@ class LayerPlan:
     dense_segments: bool ``[nseg]`` segments that attend every earlier key (those starting before
         threshold_len, and the last).
     probs: float32 ``[Hkv, nseg, nblocks]`` block probabilities, only when asked for (tests, analysis).
+    spread: float32 ``[Hkv, nseg]`` the spread entropy the counts came from (mode `spread` only); there
+        ``rigid`` is the rigid-so-far test of the last segment, at the spread scale.
     """
 
     entropy: torch.Tensor
@@ -65,6 +68,7 @@ class LayerPlan:
     segment_size: int
     block_size: int
     probs: torch.Tensor | None = None
+    spread: torch.Tensor | None = None
 
     @property
     def num_segments(self) -> int:
@@ -129,8 +133,13 @@ def plan_from_scores(
             f"the config has S={s_len}, b={b}"
         )
     entropy = scores.entropy
+    spread = policy == "entropy" and cfg.mode == "spread"
+    if spread and scores.spread is None:
+        raise ValueError(
+            "mode 'spread' needs the spread entropy: score with spread_logit_scale (plan_layer does)"
+        )
     bc = block_counts(
-        entropy,
+        scores.spread if spread and scores.spread is not None else entropy,
         seq_len=seq_len,
         segment_size=s_len,
         block_size=b,
@@ -140,6 +149,7 @@ def plan_from_scores(
         alpha=cfg.alpha,
         delta=cfg.delta,
         fixed_budget=cfg.fixed_budget if policy == "fixed" else None,
+        spread_rule=spread_rule(cfg) if spread else None,
         backend=backend,
     )
     counts, kernel_counts = bc.counts, bc.kernel_counts
@@ -163,6 +173,7 @@ def plan_from_scores(
         segment_size=s_len,
         block_size=b,
         probs=scores.probs() if with_probs else None,
+        spread=scores.spread if spread else None,
     )
 
 
@@ -180,12 +191,14 @@ def plan_layer(
     Args:
         q: ``[Hq, N, d]`` post-RoPE queries of one sequence.
         k: ``[Hkv, N, d]`` post-RoPE keys (KV heads not repeated).
-        cfg: segment / block sizes, budgets, mode (`per_head` or `reference`).
+        cfg: segment / block sizes, budgets, mode (`per_head`, `reference`, or the causal `spread` rule of
+            `policies/budgets.py`).
         policy: ``entropy`` (budgets from the entropy recurrence) or ``fixed`` (``cfg.fixed_budget``
             everywhere).
         backend: ``triton`` (compiled on GPU, interpreted on CPU), ``torch`` (the reference), or ``auto``
             (Triton for CUDA tensors, else torch); see `kernels.backend`.
         with_probs: also return the block probabilities (``LayerPlan.probs``).
     """
-    scores = block_scores(q, k, cfg.segment_size, cfg.block_size, backend=backend)
+    scale = spread_logit_scale(cfg, q.shape[-1]) if policy == "entropy" and cfg.mode == "spread" else None
+    scores = block_scores(q, k, cfg.segment_size, cfg.block_size, backend=backend, spread_logit_scale=scale)
     return plan_from_scores(scores, cfg, q.shape[1], policy=policy, backend=backend, with_probs=with_probs)

@@ -13,14 +13,17 @@ a policy's `prefill` kind ("dense" / "sparse") and `selection` rule into the att
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Protocol, get_args
 
 import torch
 import torch.nn.functional as F
 
+from entropyinfer.kernels.block_selection_ref import rigid_heads
 from entropyinfer.kernels.decode_attention import decode_attention
 from entropyinfer.kernels.sparse_prefill import sparse_prefill_attention
 from entropyinfer.kernels.tiling import row_chunk
+from entropyinfer.policies.budgets import fixed_budget_for_density
 from entropyinfer.policies.config import SparsePrefillConfig
 from entropyinfer.policies.entropy import plan_density_tensor, plan_layer
 from entropyinfer.policies.registry import Selection, get_policy
@@ -30,7 +33,10 @@ SPARSE_SELECTIONS: tuple[Selection, ...] = get_args(Selection)
 
 
 class PrefillAttention(Protocol):
-    """Attention over a whole prompt for one layer: q [Hq, N, d], k and v [Hkv, N, d] -> [Hq, N, d]."""
+    """Attention over a whole prompt for one layer: q [Hq, N, d], k and v [Hkv, N, d] -> [Hq, N, d].
+
+    An implementation may also have ``begin(num_layers, seq_len)``: `Engine.prefill` calls it once before
+    layer 0 (SparsePrefill solves the `fixed` policy's budget for a target density there)."""
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
 
@@ -86,13 +92,44 @@ class SparsePrefill:
 
     def __init__(self, policy: Selection, config: SparsePrefillConfig):
         self.policy, self.config = policy, config
+        # what the layers run with: `config`, or for `fixed` with a target_density the solved budget
+        self.layer_config: SparsePrefillConfig | None = None if self._solves_budget else config
         self.layer_density: list[float | torch.Tensor] = []
         self.layer_rigid: list[torch.Tensor | None] = []  # per layer: fraction of rigid KV heads, or None
         self.sparse_counts: list[tuple[torch.Tensor, torch.Tensor]] = []  # (counts, dense_segments)
         self.layer_entropy: list[torch.Tensor | None] = []  # per layer: mean entropy per KV head, or None
+        # spread mode: per layer, the fraction of KV heads rigid by the reference's test (whole prompt,
+        # unscaled entropy < entropy_threshold), to compare with the spread rule's rigid-so-far heads
+        self.layer_rigid_reference: list[torch.Tensor] = []
+
+    @property
+    def _solves_budget(self) -> bool:
+        return self.policy == "fixed" and self.config.target_density is not None
+
+    def begin(self, num_layers: int, seq_len: int) -> None:
+        """Called by `Engine.prefill` before layer 0. For `fixed` with a `target_density`: the fixed budget
+        whose mean density over the `num_layers` layers of this `seq_len`-token prompt is closest to the
+        target (`policies.budgets.fixed_budget_for_density`; host arithmetic, no device sync)."""
+        if not self._solves_budget:
+            return
+        cfg = self.config
+        budget = fixed_budget_for_density(
+            float(cfg.target_density or 0.0),
+            seq_len=seq_len,
+            segment_size=cfg.segment_size,
+            block_size=cfg.block_size,
+            threshold_len=cfg.threshold_len,
+            num_layers=num_layers,
+        )
+        self.layer_config = dataclasses.replace(cfg, fixed_budget=budget, target_density=None)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        cfg, n = self.config, q.shape[1]
+        cfg, n = self.layer_config, q.shape[1]
+        if cfg is None:
+            raise RuntimeError(
+                "fixed policy with target_density: call begin(num_layers, seq_len) before the first layer "
+                "(Engine.prefill does)"
+            )
         # Segment s is sparse only if it starts at or after threshold_len and is not the last one.
         if layer == 0 or n <= max(cfg.threshold_len, cfg.segment_size) + cfg.segment_size:
             self.layer_density.append(1.0)
@@ -113,6 +150,8 @@ class SparsePrefill:
         self.layer_rigid.append(plan.rigid.float().mean())
         self.sparse_counts.append((plan.counts, plan.dense_segments))
         self.layer_entropy.append(plan.entropy[:, 1:].float().mean(dim=1))
+        if plan.spread is not None:
+            self.layer_rigid_reference.append(rigid_heads(plan.entropy, cfg.entropy_threshold).float().mean())
         return out
 
     def head_entropy(self, num_kv_heads: int) -> torch.Tensor | None:
@@ -131,8 +170,14 @@ class SparsePrefill:
             "rigid_fraction": sum(profiled) / len(profiled) if profiled else 0.0,
             "rigid_fraction_per_layer": rigid,
         }
+        if self.layer_rigid_reference:
+            ref = [float(r) for r in self.layer_rigid_reference]
+            out["rigid_fraction_reference"] = sum(ref) / len(ref)
+        if self._solves_budget and self.layer_config is not None:
+            out["fixed_budget"] = self.layer_config.fixed_budget  # solved for target_density
+        cfg = self.layer_config or self.config
         tokens = [
-            (counts[:, ~dense] * self.config.block_size).flatten().float().cpu()
+            (counts[:, ~dense] * cfg.block_size).flatten().float().cpu()
             for counts, dense in self.sparse_counts
         ]
         budget = torch.cat(tokens) if tokens else None
@@ -141,7 +186,7 @@ class SparsePrefill:
                 "mean": float(budget.mean()),
                 "min": int(budget.min()),
                 "max": int(budget.max()),
-                "base": self.config.base_budget if self.policy == "entropy" else self.config.fixed_budget,
+                "base": cfg.base_budget if self.policy == "entropy" else cfg.fixed_budget,
             }
         return out
 

@@ -61,6 +61,9 @@ class Engine:
         h = self.model.model.embed_tokens(tokens.to(self.device))  # [N, hidden]
         cos, sin = self.model.rotary(torch.arange(n, device=self.device), self.dtype)
         q_all = torch.empty(hq, n, d, device=self.device, dtype=self.dtype)
+        begin = getattr(attention, "begin", None)  # optional: per-prompt setup (SparsePrefill's budget solve)
+        if begin is not None:
+            begin(len(self.model.layers), n)
         for li, layer in enumerate(self.model.layers):
             k_cache, v_cache = cache.k(li)[slot], cache.v(li)[slot]
             for c0, c1 in spans:  # rope writes q and k straight into the query buffer and the cache

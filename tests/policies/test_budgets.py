@@ -1,0 +1,125 @@
+"""The causal `spread` budget rule at the policy level and the `fixed` baseline's target density solve.
+
+Kernel-vs-reference checks of the rule live in tests/kernels/test_spread_rule.py; the target density on real
+text in tests/shard/test_target_density.py; the causal property on the real model at the bottom here."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from entropyinfer.kernels.block_selection_ref import block_counts_ref
+from entropyinfer.policies.budgets import fixed_budget_for_density, fixed_layer_density, spread_rule
+from entropyinfer.policies.config import load_sparse_config
+from entropyinfer.policies.entropy import plan_layer
+
+SHORT = load_sparse_config("entropy_short")
+SPREAD = load_sparse_config("entropy_short", mode="spread", rigid_entropy=0.5, rigid_budget=16, min_budget=32)
+
+
+def rand_qk(hq: int, hkv: int, n: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(hq, n, d, generator=gen) * 2, torch.randn(hkv, n, d, generator=gen) * 2
+
+
+@pytest.mark.parametrize("n", [700, 1000, 2048, 3001])
+@pytest.mark.parametrize("budget", [8, 64, 256, 520])
+def test_fixed_layer_density_is_the_plan_density(n: int, budget: int) -> None:
+    q, k = rand_qk(3, 3, n, 8, seed=n)
+    plan = plan_layer(q, k, dataclasses.replace(SHORT, fixed_budget=budget), policy="fixed", backend="torch")
+    kw = dict(seq_len=n, segment_size=128, block_size=8, threshold_len=512)
+    assert fixed_layer_density(budget // 8, **kw) == pytest.approx(plan.density, rel=1e-12)
+
+
+@pytest.mark.parametrize("n", [2048, 4095, 8176, 70000])
+@pytest.mark.parametrize("target", [0.26, 0.3, 0.5])
+def test_fixed_budget_for_density_is_the_closest(n: int, target: float) -> None:
+    kw = dict(seq_len=n, segment_size=128, block_size=8, threshold_len=512)
+
+    def mean(tokens: int) -> float:
+        return (1 + 29 * fixed_layer_density(tokens // 8, **kw)) / 30
+
+    budget = fixed_budget_for_density(target, **kw, num_layers=30)
+    assert budget % 8 == 0 and budget >= 8
+    got = mean(budget)
+    for other in (budget - 8, budget + 8):
+        if other >= 8:
+            assert abs(got - target) <= abs(mean(other) - target) + 1e-15
+    if mean(8) <= target:  # reachable: within one block's step
+        assert abs(got - target) < 0.01
+    # too short to be sparse: dense whatever the budget
+    assert fixed_budget_for_density(0.3, seq_len=600, segment_size=128, block_size=8, threshold_len=512,
+                                    num_layers=30) == 8  # fmt: skip
+
+
+def test_spread_config_and_rule() -> None:
+    rule = spread_rule(SPREAD)
+    assert rule.tokens_per_block == SPREAD.spread_factor * 8 and rule.max_budget == 3 * SPREAD.base_budget
+    assert (rule.min_budget, rule.rigid_budget, rule.rigid_entropy) == (32, 16, 0.5)
+    from entropyinfer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="min_budget"):
+        load_sparse_config("entropy_short", mode="spread", min_budget=1024)
+    with pytest.raises(ConfigError, match="target_density"):
+        load_sparse_config("entropy_short", target_density=1.5)
+    with pytest.raises(ConfigError, match="spread_power"):
+        load_sparse_config("entropy_short", spread_power=float("inf"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_spread_plan(backend: str) -> None:
+    q, k = rand_qk(6, 2, 1500, 16, seed=1)
+    plan = plan_layer(q, k, SPREAD, backend=backend)  # type: ignore[arg-type]
+    assert plan.spread is not None and plan.spread.shape == plan.entropy.shape
+    sparse = ~plan.dense_segments
+    b = plan.budgets[:, sparse]
+    assert bool((b >= SPREAD.rigid_budget).all()) and bool((b <= SPREAD.max_budget).all())
+    ref = plan_layer(q, k, SPREAD, backend="torch")
+    torch.testing.assert_close(plan.spread, ref.spread, rtol=1e-4, atol=1e-5)
+    assert (plan.counts - ref.counts).abs().max() <= 1  # floor boundaries may differ by float noise
+    # the selection takes each row's top blocks by logit
+    assert bool(((plan.block_idx >= 0).sum(-1) == plan.counts).all())
+
+
+def test_spread_counts_are_causal_reference_rigid_test_is_not() -> None:
+    """Counts of a prompt's first segments do not change when text is appended (spread), while the
+    reference's whole-prompt rigid test can change them."""
+    q, k = rand_qk(6, 2, 2300, 16, seed=2)
+    n1 = 13 * 128  # a whole number of segments: the prefix's last one (dense there) is segment 12
+    short = plan_layer(q[:, :n1], k[:, :n1], SPREAD, backend="torch")
+    full = plan_layer(q, k, SPREAD, backend="torch")
+    m = short.num_segments - 1
+    assert torch.equal(short.counts[:, :m], full.counts[:, :m])
+    assert torch.equal(short.block_idx[:, :m, :8], full.block_idx[:, :m, :8])
+    # the reference: a head rigid over the prefix stops being rigid when a later segment's entropy rises
+    entropy = 1e-8 * 1.6 ** torch.arange(20.0)[None, :]  # growing, below e_t over the first 12 segments
+    kw = dict(segment_size=128, block_size=8, threshold_len=0, entropy_threshold=1e-5, base_budget=256,
+              alpha=0.5, delta=0.4)  # fmt: skip
+    before = block_counts_ref(entropy[:, :12], seq_len=12 * 128, **kw)  # type: ignore[arg-type]
+    entropy[0, 15] = 1.0  # only after the prefix
+    after = block_counts_ref(entropy, seq_len=20 * 128, **kw)  # type: ignore[arg-type]
+    assert bool(before.rigid[0]) and not bool(after.rigid[0])
+    assert not torch.equal(before.counts[:, 1:11], after.counts[:, 1:11])
+
+
+def test_spread_counts_causal_on_the_real_model(smollm2) -> None:
+    """In every layer of SmolLM2 the spread rule's block counts of a prompt's first segments are those of the
+    same prompt with text appended (sparse prefill of each, CPU reference path)."""
+    from entropyinfer.evaluation.corpus import prose_text
+    from entropyinfer.shard.attention import SparsePrefill
+
+    ids = smollm2.tokenizer.encode(prose_text(), add_special_tokens=False)[: 12 * 128 + 300]
+    cfg = dataclasses.replace(smollm2.sparse_config, mode="spread")
+    runs = []
+    for n in (12 * 128, len(ids)):
+        attention = SparsePrefill("entropy", cfg)
+        cache = smollm2.engine.new_cache(1, n)
+        with torch.inference_mode():
+            smollm2.engine.prefill(torch.tensor(ids[:n]), cache, 0, attention)
+        runs.append(attention.sparse_counts)
+    m = 11  # segments 0..10 of the 12-segment prompt (its last one ran dense)
+    assert len(runs[0]) == len(runs[1]) == smollm2.arch.num_layers - 1
+    for layer, ((c1, _), (c2, _)) in enumerate(zip(*runs, strict=True), start=1):
+        assert torch.equal(c1[:, :m], c2[:, :m]), layer
