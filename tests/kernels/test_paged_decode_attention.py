@@ -149,6 +149,15 @@ def test_kernel_matches_references(
 
 
 @pytest.mark.usefixtures("interpret")
+@pytest.mark.parametrize("length", [1, 16, 48])
+def test_kernel_batch_one_full_table(length: int) -> None:
+    """B = 1, one KV head of 8 query heads, a table with no spare entry (length 48 fills all 3 pages)."""
+    q, k, v, kp, vp, tables, lens = _paged(20 + length, [[length]], 8, 128, 16, torch.float16, spare_pages=0)
+    out = paged_decode_attention(q, kp, vp, tables, lens, backend="triton")
+    _check(out, decode_attention_ref(q, k, v, lens), torch.float16)
+
+
+@pytest.mark.usefixtures("interpret")
 def test_kernel_large_batch_shared_table_default_splits() -> None:
     """B > 8, one table per sequence expanded over heads (stride 0), default splits and a custom scale."""
     gen = torch.Generator().manual_seed(5)
