@@ -1,0 +1,269 @@
+"""Budget rules at matched density on SmolLM2-135M-Instruct (issue 12): dense, fixed (`target_density`), the
+reference entropy rule (per_head counts, and one count per segment), and the causal spread rule.
+
+One run does everything (`evaluation/matched.py`):
+1. Retrieval cases: the passkey task at every length x depth; dense answers all, the cases dense solves are
+   the retrieval set.
+2. Calibration, per density level: `fixed` takes the level as its `target_density` (solved per prompt); the
+   entropy rules' knob (base budget; the spread factor) is bisected so that their mean density over one
+   passkey prompt per length is the level.
+3. Retrieval on the dense-solved cases, for every (level, rule), plus `fixed matched`: fixed at the spread
+   rule's own density on each case (the sharpest pair).
+4. KL(dense || rule) per position over every sparse position, top-1 agreement and perplexity on real text that
+   does not repeat (`evaluation.corpus.unique_prose_text`, several slices per length).
+5. `budget_quality.{json,md}` in the output folder after every phase (partial results if the deadline
+   passes), the table and the verdict per level (spread vs fixed: strictly better on retrieval and KL at
+   densities within 0.01, within one case of dense at density <= 0.30).
+
+GPU (the lead's H200 call; bf16, Triton path): `python benchmarks/budget_quality.py --out $OUT`, about 4-6
+minutes (Triton compiles included). CPU check: `--smoke` (1k-1.5k tokens, one level; a few minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment
+
+from entropyinfer import LLM
+from entropyinfer.evaluation.corpus import unique_prose_text
+from entropyinfer.evaluation.matched import (
+    Family,
+    calibrate,
+    matched_verdict,
+    prefill_logits,
+    summarize_matched,
+    text_metrics,
+)
+from entropyinfer.evaluation.plans import DENSE, PolicySpec
+from entropyinfer.evaluation.report import markdown_table
+from entropyinfer.evaluation.runner import run_case
+from entropyinfer.evaluation.tasks import passkey_case
+from entropyinfer.policies.config import load_sparse_config
+
+PRESET = "entropy_short"
+# In spread mode B0 only caps the budget (3 * B0): 1024 keeps the cap out of the way up to density ~0.4 at 8k.
+FAMILIES = (
+    Family("entropy per_head", "entropy", "base_budget", 8, 2048, step=8, fixed=(("mode", "per_head"),)),
+    Family("entropy reference", "entropy", "base_budget", 8, 2048, step=8, fixed=(("mode", "reference"),)),
+    Family(
+        "entropy spread",
+        "entropy",
+        "spread_factor",
+        0.005,
+        4.0,
+        fixed=(("mode", "spread"), ("base_budget", 1024)),
+    ),
+)
+FULL = dict(
+    lengths=(2048, 3072, 4096, 5120, 6144, 7168, 8176),
+    depths=(0.05, 0.15, 0.25, 0.35, 0.5, 0.65, 0.75, 0.85, 0.95),
+    levels=(0.2, 0.25, 0.3),
+    text_lengths=(2048, 4096, 6144, 8176),
+    text_slices=2,
+    iters=7,
+)
+SMOKE = dict(
+    lengths=(1024, 1536), depths=(0.3, 0.7), levels=(0.5,), text_lengths=(1536,), text_slices=1, iters=5
+)
+# CPU (2 shared cores, fp32 torch reference path): what fits in about half an hour
+CPU = dict(
+    lengths=(2048, 4096), depths=(0.1, 0.3, 0.5, 0.7, 0.9), levels=(0.3,), text_lengths=(4096,),
+    text_slices=2, iters=6,
+)  # fmt: skip
+COLUMNS = ["level", "config", "correct", "cases", "density", "density_text", "kl_all", "kl_window",
+           "top1_agree", "ppl_ratio"]  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="folder for budget_quality.json / .md")
+    ap.add_argument("--smoke", action="store_true", help="CPU check: short prompts, one level")
+    ap.add_argument("--cpu-plan", action="store_true", help="the reduced plan that fits a CPU run")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--deadline-s", type=float, default=450.0, help="stop starting new work after this")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    args = ap.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    torch.set_num_threads(args.threads)
+    plan = SMOKE if args.smoke else CPU if args.cpu_plan else FULL
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    llm = LLM("smollm2-135m", device=args.device)
+    base = load_sparse_config(PRESET)
+    state: dict[str, Any] = {"retrieval": [], "text": [], "calibration": [], "dense_cases": [], "errors": []}
+    failed: set[str] = set()  # families whose run raised (recorded in state["errors"]); the rest go on
+
+    def error(family: str, where: str, exc: Exception) -> None:
+        failed.add(family)
+        state["errors"].append({"family": family, "where": where, "error": f"{type(exc).__name__}: {exc}"})
+        print(f"ERROR {family} ({where}): {exc!r}", flush=True)
+
+    meta = {
+        "env": environment(),
+        "command": " ".join(["python", *sys.argv]),
+        "device": args.device,
+        "dtype": str(llm.dtype),
+        "preset": PRESET,
+        "plan": plan,
+    }
+
+    def late() -> bool:
+        return time.perf_counter() - t0 > args.deadline_s
+
+    def save(phase: str, complete: bool = False) -> None:
+        rows = summarize_matched(state["retrieval"], state["text"])
+        verdict = {
+            base_name: matched_verdict(rows, "entropy spread", base_name)
+            for base_name in ("fixed", "fixed matched", "entropy per_head")
+        }
+        meta.update(phase=phase, complete=complete, seconds=round(time.perf_counter() - t0, 1))
+        (out / "budget_quality.json").write_text(
+            json.dumps({"meta": meta, "rows": rows, "verdict": verdict, **state}, indent=1, default=str)
+            + "\n"
+        )
+        (out / "budget_quality.md").write_text(report(meta, rows, verdict, state))
+
+    # 1. retrieval cases, dense
+    cases = [passkey_case(llm, n, d) for n in plan["lengths"] for d in plan["depths"]]
+    for case in cases:
+        rec, _ = run_case(llm, case, DENSE, base)
+        state["dense_cases"].append(_brief(rec, None, "dense"))
+    solved = [c for c, r in zip(cases, state["dense_cases"], strict=True) if r["correct"]]
+    state["retrieval"] += [r for r in state["dense_cases"] if r["correct"]]
+    calib = [passkey_case(llm, n, 0.5).prompt_ids for n in plan["lengths"]]
+    save("dense")
+
+    # 2. calibration
+    specs: list[tuple[float, str, PolicySpec]] = []
+    for level in plan["levels"]:
+        specs.append(
+            (level, "fixed", PolicySpec(f"fixed target={level:g}", "fixed", (("target_density", level),)))
+        )
+        for fam in FAMILIES:
+            if late():
+                break
+            if fam.name in failed:
+                continue
+            try:
+                value, density, tried = calibrate(llm, calib, fam, base, level, iters=plan["iters"])
+            except Exception as exc:  # a kernel that fails on this device must not cost the other rules
+                error(fam.name, f"calibration {level}", exc)
+                continue
+            state["calibration"].append(
+                {"level": level, "family": fam.name, "value": value, "density": density, "tried": tried}
+            )
+            specs.append((level, fam.name, fam.spec(value)))
+    save("calibration")
+
+    # 3. retrieval on the dense-solved cases
+    for level, fam_name, spec in specs:
+        for case in solved:
+            if late() or fam_name in failed:
+                break
+            try:
+                rec, _ = run_case(llm, case, spec, base)
+                state["retrieval"].append(_brief(rec, level, fam_name))
+                if fam_name == "entropy spread":  # fixed at this case's own spread density
+                    m = PolicySpec(
+                        f"fixed matched L{level:g}", "fixed", (("target_density", rec["density"]),)
+                    )
+                    rec_m, _ = run_case(llm, case, m, base)
+                    state["retrieval"].append(_brief(rec_m, level, "fixed matched"))
+            except Exception as exc:
+                error(fam_name, f"retrieval {spec.name}", exc)
+        save("retrieval")
+
+    # 4. KL / perplexity on real text that does not repeat
+    tokens = list(llm.tokenizer.encode(unique_prose_text(), add_special_tokens=False))
+    start = base.threshold_len  # the first sparse segment starts here: every sparse position counts
+    for n in plan["text_lengths"]:
+        for i in range(plan["text_slices"]):
+            if late():
+                break
+            off = min(i * (len(tokens) - n) // max(plan["text_slices"] - 1, 1), len(tokens) - n)
+            ids = tokens[off : off + n]
+            dense_logits, _ = prefill_logits(llm, ids, DENSE, base, True)
+            dense_lp = torch.log_softmax(dense_logits[start : n - 1].float(), dim=-1)
+            del dense_logits
+            for level, fam_name, spec in specs:
+                runs = [] if fam_name in failed else [(fam_name, spec)]
+                while runs:
+                    name, sp = runs.pop(0)
+                    try:
+                        logits, stats = prefill_logits(llm, ids, sp, base, True)
+                    except Exception as exc:
+                        error(name, f"text {sp.name}", exc)
+                        continue
+                    metrics = text_metrics(logits, dense_lp, ids, start, 1024)
+                    del logits
+                    state["text"].append({"level": level, "family": name, "config": sp.name, "length": n,
+                                          "offset": off, "density": stats["density"], **metrics})  # fmt: skip
+                    if name == "entropy spread":  # fixed at this prompt's own spread density
+                        target = (("target_density", stats["density"]),)
+                        runs.append(
+                            ("fixed matched", PolicySpec(f"fixed matched L{level:g}", "fixed", target))
+                        )
+            save("text")
+    save("done", complete=not late())
+    print((out / "budget_quality.md").read_text())
+
+
+def _brief(rec: dict[str, Any], level: float | None, family: str) -> dict[str, Any]:
+    keys = (
+        "config",
+        "length",
+        "depth",
+        "expected",
+        "answer",
+        "correct",
+        "density",
+        "rigid_fraction",
+        "budget_mean",
+    )
+    return {"level": level, "family": family, **{k: rec.get(k) for k in keys}}
+
+
+def report(
+    meta: dict[str, Any], rows: list[dict[str, Any]], verdict: dict[str, Any], state: dict[str, Any]
+) -> str:
+    dense = state["dense_cases"]
+    lines = [
+        "# Budget rules at matched density: SmolLM2-135M-Instruct",
+        "",
+        ", ".join(f"{k}: {v}" for k, v in meta["env"].items() if v is not None),
+        f"device {meta['device']}, {meta['dtype']}; preset `{meta['preset']}`; run: `{meta['command']}`; "
+        f"phase {meta['phase']}, {'complete' if meta['complete'] else 'PARTIAL'}, {meta['seconds']} s.",
+        "",
+        f"Retrieval: passkey at lengths {meta['plan']['lengths']} x depths {meta['plan']['depths']}: dense "
+        f"solves {sum(r['correct'] for r in dense)} of {len(dense)}; every sparse configuration runs on "
+        "those cases (`correct` of `cases`). KL: KL(dense || rule) per position over every position from "
+        f"the first sparse segment on, on de-duplicated real prose, lengths {meta['plan']['text_lengths']} x "
+        f"{meta['plan']['text_slices']} slices (`kl_window`: the last 1024 positions only; `ppl_ratio`: "
+        "perplexity over dense's). density: the retrieval cases' mean; density_text: the text prompts'.",
+        "`fixed target=x`: target_density x solved per prompt; `fixed matched`: fixed at the spread rule's "
+        "own density on each prompt; entropy rules: knob bisected to the level on one prompt per length.",
+        "",
+        markdown_table(COLUMNS, rows),  # type: ignore[arg-type]
+        "",
+        "## Verdict per level (entropy spread vs baseline)",
+        "",
+    ]
+    for base_name, items in verdict.items():
+        for v in items:
+            lines.append(f"- vs {base_name}, level {v['level']}: {json.dumps(v, default=str)}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
