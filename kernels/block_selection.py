@@ -107,8 +107,9 @@ def _counts_kernel(
             prev = cur
         if MODE == 2:
             cur = tl.load(row + s)
-            rigid = rigid & (cur < e_t)
-            level = power * cur + (1.0 - power) * tl.log((s * seg_blocks).to(tl.float32))
+            log_v = tl.log((s * seg_blocks).to(tl.float32))
+            rigid = rigid & (cur < e_t * log_v)  # normalised entropy Hs / log V below the threshold
+            level = power * cur + (1.0 - power) * log_v
             tokens = tl.exp(level) * base
             tokens = tl.where(tokens == tokens, tokens, spread_lo)  # NaN entropy: the floor
             budget = tl.minimum(tl.maximum(tokens, spread_lo), spread_hi)
@@ -230,7 +231,7 @@ def block_counts(
     """Rigid heads, budgets, block counts and dense segments in one launch; see `block_counts_ref`.
 
     With `spread_rule`, `entropy` is the spread entropy (`BlockScores.spread`) and the counts are the spread
-    rule's (`spread_counts_ref`: causal, rigid so far below ``spread_rule.rigid_entropy``);
+    rule's (`spread_counts_ref`: causal, rigid so far: ``Hs / log V < spread_rule.rigid_entropy``);
     `entropy_threshold`, `base_budget`, `alpha`, `delta` and `fixed_budget` are then unused."""
     kw = dict(seq_len=seq_len, segment_size=segment_size, block_size=block_size, threshold_len=threshold_len)
     if spread_rule is not None and not runs_triton(entropy.device, backend):

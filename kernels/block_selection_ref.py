@@ -141,7 +141,7 @@ class SpreadRule:
     power: float  # gamma: budget ~ V^(1 - gamma) * exp(Hs)^gamma; 1 = exp(Hs) effective blocks
     min_budget: float  # floor of non-rigid heads
     max_budget: float  # cap
-    rigid_entropy: float  # rigid so far: Hs < this in every segment 1..s (0 disables)
+    rigid_entropy: float  # rigid so far: Hs / log V < this in every segment 1..s (0 disables)
     rigid_budget: float  # budget of rigid-so-far heads
 
 
@@ -150,20 +150,22 @@ def spread_budgets_ref(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(rigid_so_far bool [Hkv, nseg], budgets float32 [Hkv, nseg])`` from the spread entropy ``Hs``.
 
-    Causal: column ``s`` depends on ``Hs[:, :s+1]`` only. ``rigid_so_far[h, s] = all(Hs[h, 1..s] < r_e)``
-    (False at segment 0); with ``V = s * S / b`` visible blocks (1 at segment 0),
+    Causal: column ``s`` depends on ``Hs[:, :s+1]`` only. With ``V = s * S / b`` visible blocks (1 at
+    segment 0), ``rigid_so_far[h, s] = all(Hs[h, j] < r_e * log V_j, j = 1..s)`` (the entropy normalised by
+    the visible blocks below ``r_e``; False at segment 0),
     ``B = clip(exp(gamma * Hs + (1 - gamma) * log V) * tokens_per_block, min, max)`` (``min`` for a NaN
     entropy), ``rigid_budget`` where rigid so far; float32 in this order (the counts kernel's)."""
     h = spread.float().clone()
     nseg = h.shape[1]
     h[:, 0] = 0.0  # segment 0 sees nothing: its (unused) budget is clip(tokens_per_block)
-    below = h < rule.rigid_entropy
+    vis = visible_blocks(nseg, segment_size, block_size, h.device).clamp(min=1).float()
+    log_v = torch.log(vis)[None, :]
+    below = h < torch.tensor(rule.rigid_entropy, dtype=torch.float32) * log_v
     below[:, :1] = True  # segment 0 sees nothing: no vote
     rigid = torch.cummin(below.to(torch.int32), dim=1).values.bool()
     rigid[:, 0] = False
-    vis = visible_blocks(nseg, segment_size, block_size, h.device).clamp(min=1).float()
     gamma = torch.tensor(rule.power, dtype=torch.float32)
-    level = gamma * h + (torch.tensor(1.0, dtype=torch.float32) - gamma) * torch.log(vis)[None, :]
+    level = gamma * h + (torch.tensor(1.0, dtype=torch.float32) - gamma) * log_v
     tokens = torch.exp(level) * torch.tensor(rule.tokens_per_block, dtype=torch.float32)
     tokens = torch.where(torch.isnan(tokens), torch.full_like(tokens, float(rule.min_budget)), tokens)
     budgets = tokens.clamp(float(rule.min_budget), float(rule.max_budget))  # NaN entropy: the floor

@@ -11,9 +11,9 @@ blocks (chunked prefill and prefix caching stay exact):
    ``V_s = s * S / b`` blocks segment ``s`` sees, from the same block logits, at an attention-like temperature
    (`kernels.block_scoring`, same launch as the reference entropy). ``exp(Hs) = V_s ** (Hs / log V_s)`` is
    the effective number of blocks; ``Hs / log V_s`` the entropy normalised by the visible blocks.
-2. Rigid so far: ``Hs[h, 1..s] < rigid_entropy`` in every segment up to ``s``; such a head keeps
-   ``rigid_budget`` tokens (its top blocks, the attention sink on SmolLM2, plus as every head the segment's
-   own keys: sink + local).
+2. Rigid so far: ``Hs / log V < rigid_entropy`` (the normalised entropy) in every segment up to ``s``;
+   such a head keeps ``rigid_budget`` tokens, below the floor of the others (its top blocks, the attention
+   sink on SmolLM2, plus as every head the segment's own keys: sink + local).
 3. Other heads: ``B = clip(spread_factor * b * V_s ** (1 - gamma) * exp(Hs) ** gamma, min_budget, 3 * B0)``
    tokens, ``gamma = spread_power``: 1 gives ``spread_factor`` tokens-worth of blocks per effective block, 0 a
    fixed fraction of the visible blocks.

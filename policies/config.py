@@ -44,14 +44,14 @@ class SparsePrefillConfig:
     target_density: float | None = None
     # spread mode (`policies/budgets.py`): B = clip(spread_factor * b * V^(1 - spread_power) *
     # exp(Hs)^spread_power, min_budget, 3 * B0) tokens, Hs the entropy of the block distribution at logit
-    # scale spread_scale / sqrt(d), V the visible blocks; rigid-so-far heads (Hs < rigid_entropy in every
-    # segment so far) keep rigid_budget tokens
+    # scale spread_scale / sqrt(d), V the visible blocks; rigid-so-far heads (Hs / log V < rigid_entropy in
+    # every segment so far) keep rigid_budget tokens
     spread_scale: float = 0.5
     spread_factor: float = 0.25
-    spread_power: float = 1.0
+    spread_power: float = 0.5
     min_budget: int = 64
-    rigid_entropy: float = 0.0
-    rigid_budget: int = 64
+    rigid_entropy: float = 0.5
+    rigid_budget: int = 32
 
     def __post_init__(self) -> None:
         for name in (

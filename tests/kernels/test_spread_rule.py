@@ -101,7 +101,7 @@ def test_spread_counts_kernel_matches_reference(
     spread[:, 0] = 0.0
     spread[1, 1:] = 0.1  # rigid so far everywhere (below 0.5)
     spread[2, 1:] = 0.1
-    spread[2, nseg // 2 :] = 3.0  # rigid, then not: rigid only in its first segments
+    spread[2, nseg // 2 :] = 0.9 * torch.log(vis[nseg // 2 :])  # rigid, then not (normalised 0.9 > 0.5)
     spread[3, 1:] = float("nan")  # NaN is never below the threshold
     kw = dict(seq_len=seq_len, segment_size=seg, block_size=b, threshold_len=threshold)
     got = block_counts(
