@@ -49,9 +49,9 @@ class SparsePrefillConfig:
     spread_scale: float = 0.5
     spread_factor: float = 0.25
     spread_power: float = 0.5
-    min_budget: int = 64
+    min_budget: int = 512  # floor of the spread rule (entropy_short: 64)
     rigid_entropy: float = 0.5
-    rigid_budget: int = 32
+    rigid_budget: int = 256  # below the floor (entropy_short: 32)
 
     def __post_init__(self) -> None:
         for name in (
