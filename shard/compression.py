@@ -10,6 +10,11 @@
   graph stays valid). The caller then releases the full cache.
 - `DecodeCompressor`: when to compress (after ``N_D`` decode steps, or right after prefill for SnapKV; then
   every ``R`` steps if asked), the per-head capacities, and the statistics.
+
+The engine core compresses each sequence on its own schedule (`compression_due`, `compress_sequence`): its
+observation window is a row of the shared `ObservationPool`, its KV lives in pages (`shard/kv_pages.py`),
+and what it keeps is written into fresh pages of its own while the rest goes back to the pool.
+The batch classes above remain for the model-level benchmarks (`DecodeRunner`).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import torch
 from entropyinfer.policies.kv_compression import KVCompressionConfig, head_capacities, plan_keep
 from entropyinfer.shard.arch import ModelArch
 from entropyinfer.shard.kv_cache import CompactKVCache, KVCache
+from entropyinfer.shard.kv_pages import KVPages
+from entropyinfer.shard.sequence import Sequence
 
 AnyCache = KVCache | CompactKVCache
 
@@ -210,3 +217,103 @@ def _now(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
+
+
+# ------------------------------------------------------------------------------- per sequence, paged KV
+class ObservationPool:
+    """Observation windows of the engine core's sequences: ``q [layers, rows, Hq, width, d]``.
+
+    A sequence that compresses holds a row while it still needs queries (`acquire` / `release`); row 0 is a
+    sink that decode steps of other sequences write into, so one batched write serves every batch. A
+    sequence with window ``W`` uses slots ``0 .. W-1`` of its row as `ObservationWindow` does: prefill puts
+    the last ``W - N_D`` prompt queries in slots ``N_D .. W-1``, decode step ``i`` (from 1) writes slot
+    ``(i - 1) mod W``. Rows and width grow on demand (the tensor is reallocated, contents kept)."""
+
+    def __init__(self, arch: ModelArch, device: torch.device, dtype: torch.dtype) -> None:
+        self.arch, self.device, self.dtype = arch, device, dtype
+        self.q = torch.zeros(arch.num_layers, 1, arch.num_heads, 1, arch.head_dim, device=device, dtype=dtype)
+        self._free: list[int] = []
+        self._rows = 1
+
+    def acquire(self, window: int) -> int:
+        if window > self.q.shape[3] or not self._free:
+            rows = self._rows + (0 if self._free else max(1, self._rows))
+            bigger = self.q.new_zeros(
+                self.q.shape[0], rows, self.q.shape[2], max(window, self.q.shape[3]), self.q.shape[4]
+            )
+            bigger[:, : self.q.shape[1], :, : self.q.shape[3]] = self.q
+            self._free += list(range(rows - 1, self._rows - 1, -1))
+            self.q, self._rows = bigger, rows
+        return self._free.pop()
+
+    def release(self, row: int) -> None:
+        self._free.append(row)
+
+    def record_prompt(
+        self, row: int, layer: int, q_all: torch.Tensor, n: int, window: int, keep: int
+    ) -> None:
+        """Prefill: the last `keep` prompt queries of one layer (q_all ``[Hq, >=n, d]``) into the row."""
+        p = min(keep, n)
+        self.q[layer, row, :, window - p : window] = q_all[:, n - p : n]
+
+    def append(self, layer: int, rows: torch.Tensor, slots: torch.Tensor, q: torch.Tensor) -> None:
+        """Decode: q ``[B, Hq, 1, d]`` of one layer into ``(rows[b], slots[b])`` (int64 device tensors)."""
+        self.q[layer][rows, :, slots] = q[:, :, 0]
+
+    def ordered(self, row: int, layer: int, steps: int, window: int) -> torch.Tensor:
+        """``[Hq, W, d]`` after `steps` decode steps, index ``i`` the query of position ``len - W + i``."""
+        order = (torch.arange(window, device=self.device) + steps) % window
+        return self.q[layer, row].index_select(1, order)
+
+
+class PromptObserver:
+    """`Engine.prefill`'s `observe` for one sequence of the core: its prompt queries into its pool row."""
+
+    def __init__(self, pool: ObservationPool, row: int, cfg: KVCompressionConfig) -> None:
+        self.pool, self.row, self.cfg = pool, row, cfg
+
+    def record_prompt(self, layer: int, slot: int, q_all: torch.Tensor, n: int) -> None:
+        self.pool.record_prompt(self.row, layer, q_all, n, self.cfg.window, self.cfg.prompt_queries)
+
+
+def compression_due(seq: Sequence, cfg: KVCompressionConfig) -> bool:
+    """Compress `seq` before its next decode step? (after ``N_D`` steps; SnapKV at 0; then every R)."""
+    if seq.compressions == 0:
+        return seq.decode_steps == cfg.compress_after
+    r = cfg.recompress_every
+    return r > 0 and seq.decode_steps - seq.last_compression >= r
+
+
+@torch.inference_mode()
+def compress_sequence(
+    pages: KVPages, pool: ObservationPool, seq: Sequence, cfg: KVCompressionConfig, arch: ModelArch
+) -> None:
+    """Keep, per (layer, KV head) of `seq`, the top ``capacity - W`` positions and the last ``W`` (the
+    same plan as `compress`), write them into fresh pages of the sequence and return the rest to the pool."""
+    lengths, caps = seq.kv_lengths, seq.capacities
+    assert lengths is not None and caps is not None and seq.obs_row is not None
+    t0 = _now(pages.device)
+    if seq.compressions == 0:
+        seq.kv_bytes_before = int(lengths.long().sum()) * 2 * arch.head_dim * pages.data.element_size()
+    used = pages.used_pages
+    slots = int(torch.minimum(caps, lengths.long()).max())
+    hkv, g, d = arch.num_kv_heads, arch.group_size, arch.head_dim
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+    counts = []
+    for li in range(arch.num_layers):
+        keys, values = pages.gather(seq, li)
+        q_obs = pool.ordered(seq.obs_row, li, seq.decode_steps, cfg.window).view(hkv, g, cfg.window, d)
+        plan = plan_keep(q_obs, keys, lengths[li].to(keys.device), caps[li].to(keys.device), cfg, slots)
+        idx = plan.indices[..., None].expand(-1, -1, d)
+        kept.append((keys.gather(1, idx), values.gather(1, idx)))
+        counts.append(plan.counts.cpu())
+    new_lengths = torch.stack(counts).to(torch.int32)  # [L, Hkv]
+    pages.free(seq)
+    pages.allocate_heads(seq, [pages.pages(int(n)) for n in new_lengths.max(dim=0).values])
+    for li, (k, v) in enumerate(kept):
+        pages.write_heads(seq, li, k, v)
+    seq.kv_lengths = new_lengths
+    seq.compressions += 1
+    seq.last_compression = seq.decode_steps
+    seq.stats["kv_pages_freed"] = seq.stats.get("kv_pages_freed", 0) + used - pages.used_pages
+    seq.compression_ms += (_now(pages.device) - t0) * 1e3

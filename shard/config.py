@@ -81,7 +81,21 @@ class EngineConfig:
     # Tokens per chunk of the token-wise prefill work (norms, projections, MLP): bounds activation memory.
     # Attention itself runs over the whole prompt in one fused kernel, so no N x N matrix ever exists.
     prefill_chunk_size: int = 4096
-    max_num_seqs: int = 32  # sequences decoded together (prompts of one generate call, for now)
+    max_num_seqs: int = 32  # sequences running at once (decoded together in one step)
+    # Tokens one step runs: one per decoding sequence plus the prompts it prefills. A prompt longer than
+    # what is left still runs when it is the step's first prefill (prefill is one-shot per prompt for now).
+    max_num_batched_tokens: int = 8192
+    # Scheduling (shard/scheduler.py): at most `max_long_partial_prefills` prompts longer than
+    # `long_prefill_token_threshold` tokens start per step, and shorter ones are admitted past a long one
+    # that waits for pages, so chats are not held behind documents.
+    long_prefill_token_threshold: int = 4096
+    max_long_partial_prefills: int = 1
+    # Paged KV memory (shard/kv_pages.py): pages of `kv_page_size` tokens per KV head, shared by all layers.
+    kv_page_size: int = 16
+    # How many pages: explicit, or (None) on GPU from `gpu_memory_utilization` of the device memory after
+    # the model, the staging buffer of the largest prefill and its activations; on CPU, 2 x the context.
+    num_kv_pages: int | None = None
+    gpu_memory_utilization: float = 0.9
     cuda_graphs: bool = True  # capture the decode step in a CUDA graph (GPU only) ...
     cuda_graph_min_tokens: int = 8  # ... when at least this many tokens are generated
     # GPU: compile the sparse-prefill kernels for every block-count size class when the model loads, so the
@@ -89,9 +103,24 @@ class EngineConfig:
     warm_up_kernels: bool = True
 
     def __post_init__(self) -> None:
-        check_int("prefill_chunk_size", self.prefill_chunk_size, minimum=1)
-        check_int("max_num_seqs", self.max_num_seqs, minimum=1)
+        for name in (
+            "prefill_chunk_size",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "long_prefill_token_threshold",
+            "max_long_partial_prefills",
+            "kv_page_size",
+        ):
+            check_int(name, getattr(self, name), minimum=1)
         check_int("cuda_graph_min_tokens", self.cuda_graph_min_tokens, minimum=0)
+        ps = self.kv_page_size
+        if ps & (ps - 1) or not 8 <= ps <= 128:
+            raise ConfigError(f"kv_page_size: a power of two in 8 .. 128 (the paged kernel's), got {ps}")
+        if self.num_kv_pages is not None:
+            check_int("num_kv_pages", self.num_kv_pages, minimum=1)
+        u = self.gpu_memory_utilization
+        if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 1:
+            raise ConfigError(f"gpu_memory_utilization: expected a number in (0, 1], got {u!r}")
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,19 @@
-"""`LLM`: the offline Python API. Tokenizes (with the chat template), prefills, decodes, reports stats."""
+"""`LLM`: the offline Python API, a thin wrapper over the engine core (`shard/engine_core.py`).
+
+It tokenizes (with the chat template), resolves a call's policy, sparse options and KV compression into
+`SequenceRequest`s, adds them to the core and steps it until they finish, turning the core's events into
+`StreamEvent`s and `RequestOutput`s. `engine` (the model runner: `Engine.prefill` / `decode_step` over a
+contiguous cache) stays public for the quality harness and the benchmarks."""
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import threading
-import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,17 +28,19 @@ from entropyinfer.policies.config import SparsePrefillConfig
 from entropyinfer.policies.kv_compression import KVCompressionConfig
 from entropyinfer.policies.registry import get_policy
 from entropyinfer.shard.arch import ModelArch
-from entropyinfer.shard.attention import SparsePrefill, build_prefill_attention, warm_up_sparse_prefill
-from entropyinfer.shard.compression import DecodeCompressor
+from entropyinfer.shard.attention import warm_up_sparse_prefill
 from entropyinfer.shard.config import KVConfig, LLMConfig
 from entropyinfer.shard.embedded import resolve_checkpoint
-from entropyinfer.shard.engine import DecodeRunner, Engine
-from entropyinfer.shard.kv_cache import CompactKVCache, KVCache
-from entropyinfer.shard.sampling import SamplingParams, make_generator, sample
+from entropyinfer.shard.engine import Engine
+from entropyinfer.shard.engine_core import EngineCore, EngineEvent, Finished
+from entropyinfer.shard.sampling import SamplingParams
+from entropyinfer.shard.sequence import Prompt, RequestOutput, SequenceRequest
 from entropyinfer.shard.weights import build_model
 
-Prompt = str | list[dict[str, str]]
+__all__ = ["LLM", "Prompt", "RequestOutput", "StreamEvent", "resolve_device", "resolve_dtype"]
+
 ProgressFn = Callable[[int, int], None]
+_CALLS = itertools.count()
 
 _DTYPES = {
     "float32": torch.float32,
@@ -42,15 +50,6 @@ _DTYPES = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
 }
-
-
-@dataclass
-class RequestOutput:
-    prompt: Prompt
-    text: str
-    token_ids: list[int]
-    finish_reason: str  # "stop" | "length"
-    stats: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -153,6 +152,10 @@ class LLM:
         self.eos_token_ids = set(self.arch.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(int(self.tokenizer.eos_token_id))
+        # the engine core: scheduler, paged KV, step loop; `engine` stays the model runner it steps
+        self.core = EngineCore(self.engine, self.tokenizer, self.eos_token_ids, self.max_context)
+        self._inbox: dict[str, deque[EngineEvent]] = {}
+        self._lock = threading.RLock()
 
     @property
     def policy(self) -> str:
@@ -215,9 +218,12 @@ class LLM:
     ) -> list[RequestOutput]:
         """One `RequestOutput` per prompt (a single prompt still gives a list of one).
 
-        `policy` overrides the default policy for this call; `policy_options` overrides sparse-prefill
-        fields for this call (``{"target_density": 0.25}``, ``{"base_budget": 512}``; ConfigError names a
-        bad key)."""
+        Every prompt is added to the engine core at once and they run together (continuous batching: more
+        prompts than `max_num_seqs`, or than the KV pages hold, wait in its queue). `policy` overrides the
+        default policy for this call; `policy_options` overrides sparse-prefill fields for this call
+        (``{"target_density": 0.25}``, ``{"base_budget": 512}``; ConfigError names a bad key). `progress`
+        gets (prompt tokens prefilled, all prompt tokens of the call) per layer; `cancel` stops every
+        prompt of the call (RequestCancelled)."""
         batch = _as_batch(prompts)
         outputs: list[RequestOutput | None] = [None] * len(batch)
         run = self._run(batch, params or SamplingParams(), policy, policy_options, progress, cancel)
@@ -235,7 +241,8 @@ class LLM:
         policy_options: Mapping[str, Any] | None = None,
         cancel: threading.Event | None = None,
     ) -> Iterator[StreamEvent]:
-        """Token-by-token events for one prompt; the last has `finished=True` and the full `output`."""
+        """Token-by-token events for one prompt; the last has `finished=True` and the full `output`.
+        Several streams may be consumed interleaved: they advance the same engine core."""
         yield from self._run([prompt], params or SamplingParams(), policy, policy_options, None, cancel)
 
     def _run(
@@ -250,11 +257,6 @@ class LLM:
         policy = policy or self.policy
         get_policy(policy)
         config = self.config.with_sparse(**policy_options) if policy_options else self.config
-        max_seqs = config.engine.max_num_seqs
-        if len(prompts) > max_seqs:
-            raise InvalidRequestError(
-                f"{len(prompts)} prompts exceed max_num_seqs={max_seqs}", field="prompts"
-            )
         token_lists = [self.encode(p) for p in prompts]
         for i, ids in enumerate(token_lists):
             if len(ids) + params.max_tokens > self.max_context:
@@ -262,152 +264,67 @@ class LLM:
                     f"prompt {i} has {len(ids)} tokens; with max_tokens={params.max_tokens} that exceeds the "
                     f"model's context of {self.max_context} tokens: shorten the prompt or lower max_tokens"
                 )
-        total_prefill = sum(len(ids) for ids in token_lists)
-        seqs = [_Sequence(self, p, ids, params) for p, ids in zip(prompts, token_lists, strict=True)]
-        cache = self.engine.new_cache(len(seqs), max(len(ids) for ids in token_lists) + params.max_tokens)
-        kv_cfg = self.kv_config(policy)
-        compressor = None
-        if kv_cfg is not None and params.max_tokens > 1:
-            compressor = DecodeCompressor(
-                self.arch, kv_cfg, len(seqs), params.max_tokens - 1, self.device, self.dtype
-            )
-        done_before = 0
-        for i, seq in enumerate(seqs):
-            seq.compressor = compressor
-            attention = build_prefill_attention(policy, config.sparse)
+        total = sum(len(ids) for ids in token_lists)
+        kv = self.kv_config(policy)
+        call = next(_CALLS)
+        index: dict[str, int] = {}
+        base = 0
+        try:
+            for i, (prompt, ids) in enumerate(zip(prompts, token_lists, strict=True)):
+                rid = f"llm-{call}-{i}"
 
-            def on_layer(done: int, total: int, base: int = done_before) -> None:
-                if progress is not None:
-                    progress(base + done, total_prefill)
+                def on_layer(done: int, _n: int, base: int = base) -> None:
+                    if progress is not None:
+                        progress(base + done, total)
 
-            t0 = _now(self.device)
-            logits = self.engine.prefill(
-                torch.tensor(seq.prompt_ids, dtype=torch.long),
-                cache,
-                i,
-                attention,
-                progress=on_layer,
-                cancel=cancel,
-                observe=compressor.obs if compressor is not None else None,
-            )
-            if compressor is not None and isinstance(attention, SparsePrefill):
-                compressor.set_head_entropy(i, attention.head_entropy(self.arch.num_kv_heads))
-            token = sample(logits, params, seq.generator)
-            seq.stats["prefill_ms"] = (_now(self.device) - t0) * 1e3
-            seq.stats.update(attention.stats())
-            seq.stats["policy"] = policy
-            done_before += len(seq.prompt_ids)
-            yield from seq.push(token, i, cache)
-        yield from self._decode(seqs, params, cache, cancel, compressor)
+                request = SequenceRequest(
+                    rid, prompt, ids, params, policy, config.sparse, kv, on_layer, cancel
+                )
+                with self._lock:
+                    self.core.add_request(request)
+                    self._inbox[rid] = deque()
+                index[rid] = i
+                base += len(ids)
+            pending = set(index)
+            while pending:
+                event = self._next_event(pending)
+                rid = event.request_id
+                if isinstance(event, Finished):
+                    pending.discard(rid)
+                    if event.output.finish_reason == "cancelled":
+                        raise RequestCancelled("request cancelled")
+                    continue  # a token always came first
+                inbox = self._inbox[rid]
+                done = inbox[0] if inbox and isinstance(inbox[0], Finished) else None
+                if done is not None:
+                    inbox.popleft()
+                    pending.discard(rid)
+                    if done.output.finish_reason == "cancelled":
+                        raise RequestCancelled("request cancelled")
+                yield StreamEvent(
+                    index=index[rid],
+                    token_id=event.token_id,
+                    text=event.text,
+                    finished=done is not None,
+                    output=done.output if done is not None else None,
+                )
+        finally:
+            with self._lock:
+                for rid in index:
+                    self.core.abort(rid)  # no-op for the finished ones
+                    self._inbox.pop(rid, None)
 
-    def _decode(
-        self,
-        seqs: list[_Sequence],
-        params: SamplingParams,
-        cache: KVCache | CompactKVCache,
-        cancel: threading.Event | None,
-        compressor: DecodeCompressor | None = None,
-    ) -> Iterator[StreamEvent]:
-        if all(s.finished for s in seqs):
-            return
-        dev = self.device
-        tokens = torch.tensor([s.last_token for s in seqs], dtype=torch.long, device=dev)
-        positions = torch.tensor([len(s.prompt_ids) for s in seqs], dtype=torch.long, device=dev)
-        cfg = self.config.engine
-        runner = DecodeRunner(
-            self.engine,
-            cache,
-            params.max_tokens - 1,
-            compressor,
-            graphs=cfg.cuda_graphs,
-            min_graph_steps=cfg.cuda_graph_min_tokens,
-        )
-        t0 = _now(dev)
-        steps = 0
-        while not all(s.finished for s in seqs):
-            if cancel is not None and cancel.is_set():
-                raise RequestCancelled("request cancelled during decode")
-            logits = runner(tokens, positions)
-            cache = runner.cache  # a compact cache once compression has run
-            steps += 1
-            picks = (
-                logits.argmax(-1).tolist()
-                if params.greedy
-                else [
-                    sample(logits[i], params, s.generator) if not s.finished else 0
-                    for i, s in enumerate(seqs)
-                ]
-            )
-            elapsed = _now(dev) - t0 - runner.paused_s  # compression and graph capture apart
-            for i, s in enumerate(seqs):
-                if not s.finished:
-                    s.decode_steps = steps
-                    s.decode_seconds = elapsed
-                    yield from s.push(int(picks[i]), i, cache)
-            tokens = torch.tensor([s.last_token for s in seqs], dtype=torch.long, device=dev)
-            positions += 1
-
-
-class _Sequence:
-    """Per-prompt generation state: generated ids, incremental text, stop handling, stats."""
-
-    def __init__(self, llm: LLM, prompt: Prompt, prompt_ids: list[int], params: SamplingParams):
-        self.llm, self.prompt, self.prompt_ids, self.params = llm, prompt, prompt_ids, params
-        self.generator = make_generator(params, llm.device)
-        self.generated: list[int] = []
-        self.text = ""
-        self.emitted = 0
-        self.finished = False
-        self.finish_reason = "length"
-        self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else llm.eos_token_ids)
-        self.holdback = max((len(s) for s in params.stop or []), default=1) - 1
-        self.decode_steps = 0
-        self.decode_seconds = 0.0
-        self.stats: dict[str, Any] = {"prompt_tokens": len(prompt_ids)}
-        self.compressor: DecodeCompressor | None = None
-
-    @property
-    def last_token(self) -> int:
-        return self.generated[-1]
-
-    def push(self, token: int, index: int, cache: KVCache | CompactKVCache) -> Iterator[StreamEvent]:
-        self.generated.append(token)
-        if token in self.stop_ids:
-            self.finished, self.finish_reason = True, "stop"
-        else:
-            self.text = self.llm.tokenizer.decode(self.generated, skip_special_tokens=True)
-            for stop in self.params.stop or []:
-                at = self.text.find(stop)
-                if at >= 0:
-                    self.text = self.text[:at]
-                    self.finished, self.finish_reason = True, "stop"
-        if len(self.generated) >= self.params.max_tokens:
-            self.finished = True
-        upto = len(self.text) if self.finished else len(self.text) - self.holdback
-        if not self.finished and self.text.endswith("\ufffd"):  # an incomplete multi-byte character
-            upto = min(upto, len(self.text) - 1)
-        delta = self.text[self.emitted : max(upto, self.emitted)]
-        self.emitted += len(delta)
-        output = self._output(index, cache) if self.finished else None
-        yield StreamEvent(index=index, token_id=token, text=delta, finished=self.finished, output=output)
-
-    def _output(self, index: int, cache: KVCache | CompactKVCache) -> RequestOutput:
-        stats = dict(self.stats)
-        stats["generated_tokens"] = len(self.generated)
-        stats["decode_ms_per_token"] = (
-            self.decode_seconds * 1e3 / self.decode_steps if self.decode_steps else 0.0
-        )
-        stats["kv_tokens_kept"] = cache.tokens_kept(index)
-        stats["kv_tokens_kept_per_layer"] = cache.tokens_per_layer(index)
-        stats["kv_tokens_kept_total"] = round(
-            sum(stats["kv_tokens_kept_per_layer"]) * self.llm.arch.num_kv_heads
-        )  # positions held, summed over layers and KV heads
-        stats["kv_bytes"] = cache.bytes_used(index)
-        stats["kv_compression"] = "none"
-        if self.compressor is not None:
-            stats.update(self.compressor.stats(index))
-        stats.setdefault("kv_bytes_before", stats["kv_bytes"])
-        return RequestOutput(self.prompt, self.text, list(self.generated), self.finish_reason, stats)
+    def _next_event(self, pending: set[str]) -> EngineEvent:
+        """The next event of one of `pending`, stepping the core until there is one."""
+        while True:
+            with self._lock:
+                for rid in pending:
+                    if self._inbox[rid]:
+                        return self._inbox[rid].popleft()
+                for event in self.core.step():
+                    inbox = self._inbox.get(event.request_id)
+                    if inbox is not None:
+                        inbox.append(event)
 
 
 def _as_batch(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
@@ -420,12 +337,6 @@ def _as_batch(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     raise InvalidRequestError(
         "prompts must be a string, a chat message list, or a non-empty list of them", field="prompts"
     )
-
-
-def _now(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def _load_tokenizer(folder: Any, trust_remote_code: bool) -> Any:

@@ -1,0 +1,284 @@
+"""The engine core: requests in, one step at a time, typed events out (nano-vllm's `LLMEngine.step`).
+
+    core = EngineCore(engine, tokenizer, eos_ids, max_context)
+    core.add_request(SequenceRequest(...))        # queued; fails at once only if it can never fit
+    while core.has_unfinished():
+        for event in core.step():                 # TokenDelta ... Finished
+            ...
+    core.abort(request_id)                        # frees its pages at once
+
+A step (1) ends cancelled sequences, (2) compresses the running sequences whose compression is due
+(latent after N_D decode steps, SnapKV right after prefill, then every R steps), so the pages they free
+serve this very step, (3) asks the `Scheduler` what to run, (4) decodes one token for every scheduled
+running sequence in one batched forward over paged KV (`Engine.decode_paged`; each sequence at its own
+position, with its own lengths per (layer, KV head)), and (5) prefills the admitted prompts, each one-shot
+into a contiguous staging cache with its own policy's attention (the sparse kernels read contiguous
+[Hkv, N, d]) and then copied into its pages. Every sequence keeps its own policy, sparse settings,
+compression schedule and observation window, sampling parameters and stop rules.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+
+import torch
+
+from entropyinfer.errors import PromptTooLongError, RequestCancelled
+from entropyinfer.policies.kv_compression import KVCompressionConfig, head_capacities
+from entropyinfer.shard.attention import SparsePrefill, build_prefill_attention
+from entropyinfer.shard.compression import ObservationPool, PromptObserver, compress_sequence, compression_due
+from entropyinfer.shard.engine import Engine
+from entropyinfer.shard.kv_pages import KVPages, pool_pages
+from entropyinfer.shard.sampling import make_generator, sample
+from entropyinfer.shard.scheduler import Scheduler
+from entropyinfer.shard.sequence import RequestOutput, Sequence, SequenceRequest
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    """A sampled token and the text it adds (may be "" while text is held back)."""
+
+    request_id: str
+    token_id: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The request is over (finish_reason "stop", "length" or "cancelled"); its pages are free."""
+
+    request_id: str
+    output: RequestOutput
+
+
+EngineEvent = TokenDelta | Finished
+
+
+class EngineCore:
+    def __init__(self, engine: Engine, tokenizer: object, eos_token_ids: set[int], max_context: int) -> None:
+        self.engine, self.tokenizer, self.eos_token_ids = engine, tokenizer, eos_token_ids
+        self.arch, self.config, self.max_context = engine.arch, engine.config, max_context
+        self.device, self.dtype = engine.device, engine.dtype
+        num_pages = pool_pages(self.arch, self.config, max_context, self.device, self.dtype)
+        self.pages = KVPages(self.arch, num_pages, self.config.kv_page_size, self.device, self.dtype)
+        self.scheduler = Scheduler(self.config, self.pages)
+        self.obs = ObservationPool(self.arch, self.device, self.dtype)
+        self.seqs: dict[str, Sequence] = {}
+        self._arrivals = itertools.count()
+
+    # --------------------------------------------------------------------------------------- requests
+    def add_request(self, request: SequenceRequest) -> None:
+        """Queue a request. Raises `PromptTooLongError` if it exceeds the context or could never get the KV
+        pages it needs (then nothing is queued)."""
+        if request.request_id in self.seqs:
+            raise ValueError(f"request id {request.request_id!r} is already running")
+        n, max_tokens = len(request.prompt_ids), request.params.max_tokens
+        if n + max_tokens > self.max_context:
+            raise PromptTooLongError(
+                f"the prompt has {n} tokens; with max_tokens={max_tokens} that exceeds the model's context "
+                f"of {self.max_context} tokens: shorten the prompt or lower max_tokens"
+            )
+        need = self.pages.pages(_peak_tokens(n, max_tokens, request.kv, self.arch.num_kv_heads))
+        if need > self.pages.num_pages:
+            raise PromptTooLongError(
+                f"the request needs {need} KV pages of {self.pages.page_size} tokens ({n} prompt tokens, "
+                f"max_tokens={max_tokens}) but the pool has {self.pages.num_pages}: shorten it, lower "
+                "max_tokens, or give the engine more pages (num_kv_pages / gpu_memory_utilization)"
+            )
+        stop_ids = set(request.params.stop_token_ids)
+        if not request.params.ignore_eos:
+            stop_ids |= self.eos_token_ids
+        generator = make_generator(request.params, self.device)
+        seq = Sequence(request, self.tokenizer, stop_ids, generator, next(self._arrivals))
+        self.seqs[request.request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> Finished | None:
+        """End a request now (its pages go back to the pool); its `Finished` event, or None if unknown."""
+        seq = self.seqs.get(request_id)
+        return None if seq is None else self._finish(seq, "cancelled")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ------------------------------------------------------------------------------------------- step
+    def step(self) -> list[EngineEvent]:
+        events: list[EngineEvent] = []
+        for seq in list(self.seqs.values()):
+            if seq.cancelled():
+                events.append(self._finish(seq, "cancelled"))
+        for seq in list(self.scheduler.running):
+            kv = seq.request.kv
+            if kv is not None and seq.obs_row is not None and compression_due(seq, kv):
+                compress_sequence(self.pages, self.obs, seq, kv, self.arch)
+                if kv.recompress_every <= 0:
+                    self._release_window(seq)
+        scheduled = self.scheduler.schedule()
+        if scheduled.decode:
+            events += self._decode(scheduled.decode)
+        for seq in scheduled.prefill:
+            events += self._prefill(seq)
+        return events
+
+    @torch.inference_mode()
+    def _prefill(self, seq: Sequence) -> list[EngineEvent]:
+        req, n = seq.request, seq.num_prompt_tokens
+        attention = build_prefill_attention(req.policy, req.sparse)
+        staging = self.engine.new_cache(1, n)
+        observer = None
+        if req.kv is not None and req.params.max_tokens > 1:
+            if seq.obs_row is None:
+                seq.obs_row = self.obs.acquire(req.kv.window)
+            observer = PromptObserver(self.obs, seq.obs_row, req.kv)
+        t0 = _now(self.device)
+        try:
+            logits = self.engine.prefill(
+                torch.tensor(seq.prompt_ids, dtype=torch.long),
+                staging,
+                0,
+                attention,
+                progress=req.progress,
+                cancel=req.cancel,
+                observe=observer,
+            )
+        except RequestCancelled:
+            return [self._finish(seq, "cancelled")]
+        self.pages.write_prompt(seq, staging, n)
+        del staging
+        if req.kv is not None:
+            entropy = (
+                attention.head_entropy(self.arch.num_kv_heads)
+                if isinstance(attention, SparsePrefill)
+                else None
+            )
+            seq.capacities = head_capacities(entropy, req.kv, (self.arch.num_layers, self.arch.num_kv_heads))
+        if seq.output_ids:  # a recompute after preemption: the outputs so far are replayed by decode
+            return []
+        token = sample(logits, req.params, seq.generator)
+        seq.stats["prefill_ms"] = (_now(self.device) - t0) * 1e3
+        seq.stats.update(attention.stats())
+        return self._emit(seq, token)
+
+    @torch.inference_mode()
+    def _decode(self, seqs: list[Sequence]) -> list[EngineEvent]:
+        dev = self.device
+        t0 = _now(dev)
+        tokens = torch.tensor([s.next_input for s in seqs], dtype=torch.long, device=dev)
+        positions = torch.tensor([s.position for s in seqs], dtype=torch.long, device=dev)
+        lengths = torch.stack([s.kv_lengths for s in seqs if s.kv_lengths is not None], dim=1).to(dev)
+        tables = self.pages.batch_tables(seqs)
+        obs = None
+        if any(s.obs_row is not None for s in seqs):
+            rows = [s.obs_row if s.obs_row is not None else 0 for s in seqs]
+            slots = [
+                s.decode_steps % s.request.kv.window if s.obs_row is not None and s.request.kv else 0
+                for s in seqs
+            ]
+            obs = (self.obs, torch.tensor(rows, device=dev), torch.tensor(slots, device=dev))
+        logits = self.engine.decode_paged(tokens, positions, self.pages, tables, lengths, obs)
+        greedy = logits.argmax(-1).tolist()
+        elapsed = _now(dev) - t0
+        events: list[EngineEvent] = []
+        for i, s in enumerate(seqs):
+            assert s.kv_lengths is not None
+            s.kv_lengths += 1
+            replay = s.replaying
+            s.decode_steps += 1
+            if replay:
+                continue
+            s.decoded_tokens += 1
+            s.decode_seconds += elapsed
+            token = greedy[i] if s.params.greedy else sample(logits[i], s.params, s.generator)
+            events += self._emit(s, token)
+        return events
+
+    def _emit(self, seq: Sequence, token: int) -> list[EngineEvent]:
+        events: list[EngineEvent] = [TokenDelta(seq.request_id, token, seq.append(token))]
+        if seq.finish_reason is not None:
+            events.append(self._finish(seq, seq.finish_reason))
+        return events
+
+    # ----------------------------------------------------------------------------------------- finish
+    def _release_window(self, seq: Sequence) -> None:
+        if seq.obs_row is not None:
+            self.obs.release(seq.obs_row)
+            seq.obs_row = None
+
+    def _finish(self, seq: Sequence, reason: str) -> Finished:
+        seq.finish_reason = reason
+        if reason == "cancelled":
+            seq.text = seq.text[: seq.emitted]
+        self._fill_stats(seq)
+        self.scheduler.finish(seq)
+        self._release_window(seq)
+        self.seqs.pop(seq.request_id, None)
+        return Finished(seq.request_id, seq.output())
+
+    def _fill_stats(self, seq: Sequence) -> None:
+        st, arch = seq.stats, self.arch
+        st["generated_tokens"] = len(seq.output_ids)
+        st["decode_ms_per_token"] = (
+            seq.decode_seconds * 1e3 / seq.decoded_tokens if seq.decoded_tokens else 0.0
+        )
+        st["preemptions"] = seq.preemptions
+        lengths = seq.kv_lengths if seq.kv_lengths is not None else torch.zeros(1, 1, dtype=torch.int32)
+        if seq.compressed:
+            st["kv_tokens_kept"] = float(lengths.double().mean())
+            st["kv_tokens_kept_per_layer"] = lengths.double().mean(dim=1).tolist()
+        else:
+            st["kv_tokens_kept"] = int(lengths.max())
+            st["kv_tokens_kept_per_layer"] = [float(lengths.max())] * arch.num_layers
+        st["kv_tokens_kept_total"] = round(sum(st["kv_tokens_kept_per_layer"]) * arch.num_kv_heads)
+        elem = self.pages.data.element_size()
+        per_head_token = 2 * arch.head_dim * elem
+        st["kv_bytes"] = (
+            int(lengths.long().sum()) * per_head_token
+            if seq.compressed
+            else int(lengths.max()) * arch.kv_bytes_per_token(elem)
+        )
+        kv = seq.request.kv
+        if kv is None or seq.params.max_tokens <= 1:
+            st["kv_compression"] = "none"
+        else:
+            st.update(
+                kv_compression=kv.method,
+                kv_capacity=kv.capacity,
+                kv_compressions=seq.compressions,
+                compression_ms=seq.compression_ms,
+            )
+            if seq.kv_bytes_before is not None:
+                st["kv_bytes_before"] = seq.kv_bytes_before
+            if kv.head_capacity == "entropy" and seq.capacities is not None:
+                st["kv_head_capacities"] = seq.capacities.tolist()
+        st.setdefault("kv_bytes_before", st["kv_bytes"])
+
+    # ------------------------------------------------------------------------------------------ stats
+    def counts(self) -> dict[str, int]:
+        """Sequences per queue and KV pages in use (for health checks and /metrics)."""
+        s = self.scheduler
+        return {
+            "running": len(s.running),
+            "waiting": len(s.waiting),
+            "swapped": len(s.swapped),
+            "preempted": s.num_preempted,
+            "kv_pages_used": self.pages.used_pages,
+            "kv_pages_total": self.pages.num_pages,
+        }
+
+
+def _peak_tokens(n: int, max_tokens: int, kv: KVCompressionConfig | None, num_kv_heads: int) -> int:
+    """The most tokens one KV head of a request can hold at once (what must fit the pool)."""
+    if kv is None:
+        return n + max_tokens
+    largest_head = kv.min_head_capacity + num_kv_heads * (kv.capacity - kv.min_head_capacity)
+    cap = kv.capacity if kv.head_capacity == "uniform" else largest_head
+    before = min(n + max_tokens, n + kv.compress_after + 1)
+    return max(before, min(n, cap) + max_tokens)
+
+
+def _now(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

@@ -1,0 +1,208 @@
+"""Paged KV memory: one pool of fixed-size pages per layer, and the block tables of the sequences.
+
+Layout: ``data [layers, 2, num_pages, Hkv, page_size, d]``; `k(layer)` / `v(layer)` are the
+``[num_pages, Hkv, page_size, d]`` views the paged decode kernel reads. A page id names the same slot in
+every layer (a sequence's layers always hold the same number of tokens per head, up to per-layer
+compression capacities), but heads are allocated separately: KV head ``h`` of a sequence owns
+``(page, h)`` slices, with one free list per head, so once compression leaves heads with different
+lengths each head holds only the pages it needs (``Sequence.block_table[h]``). Uncompressed sequences take
+one page per head at a time, in step.
+
+Token ``p`` of (sequence, head ``h``) lives in ``k(layer)[block_table[h][p // page_size], h,
+p % page_size]``. Pages are zeroed once (never-written slots must not hold NaN garbage: the attention
+masks them but ``0 * NaN`` is NaN) and returned to the free lists the moment a sequence finishes, is
+cancelled, compressed or preempted.
+
+`pool_pages` sizes the pool: an explicit `num_kv_pages`, or on GPU `gpu_memory_utilization` of the device
+memory minus what is in use and a reserve for the largest prefill (its contiguous staging cache and its
+activations), or on CPU 2 x the context.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from entropyinfer.shard.arch import ModelArch
+from entropyinfer.shard.config import EngineConfig
+from entropyinfer.shard.kv_cache import KVCache
+from entropyinfer.shard.sequence import Sequence
+
+
+def pages_for(tokens: int, page_size: int) -> int:
+    return -(-tokens // page_size)
+
+
+def pool_pages(
+    arch: ModelArch, cfg: EngineConfig, max_context: int, device: torch.device, dtype: torch.dtype
+) -> int:
+    """How many pages the pool gets (see the module docstring)."""
+    if cfg.num_kv_pages is not None:
+        return cfg.num_kv_pages
+    elem = torch.empty((), dtype=dtype).element_size()
+    page_bytes = arch.kv_bytes_per_token(elem) * cfg.kv_page_size
+    if device.type != "cuda":
+        return pages_for(2 * max_context, cfg.kv_page_size)
+    free, total = torch.cuda.mem_get_info(device)
+    staging = arch.kv_bytes_per_token(elem) * max_context  # the contiguous cache of one prefill
+    q_all = arch.num_heads * arch.head_dim * max_context * elem  # prefill's query buffer, all positions
+    hidden = 2 * arch.hidden_size * max_context * elem  # hidden states + one layer's output
+    chunk = min(cfg.prefill_chunk_size, max_context)
+    mlp = 4 * arch.intermediate_size * chunk * elem  # token-wise activations of one chunk
+    reserve = staging + q_all + hidden + mlp + (1 << 30)  # 1 GiB for sparse profiling, logits, graphs
+    budget = int(total * cfg.gpu_memory_utilization) - (total - free) - reserve
+    pages = budget // page_bytes
+    if pages < 1:
+        raise MemoryError(
+            f"no GPU memory left for KV pages (budget {budget / 2**30:.1f} GiB after a "
+            f"{reserve / 2**30:.1f} GiB prefill reserve): raise gpu_memory_utilization or lower max_model_len"
+        )
+    return int(pages)
+
+
+class KVPages:
+    def __init__(
+        self, arch: ModelArch, num_pages: int, page_size: int, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        self.num_pages, self.page_size = num_pages, page_size
+        self.num_layers, self.num_kv_heads, self.head_dim = arch.num_layers, arch.num_kv_heads, arch.head_dim
+        shape = (arch.num_layers, 2, num_pages, arch.num_kv_heads, page_size, arch.head_dim)
+        self.data = torch.zeros(shape, device=device, dtype=dtype)
+        # per KV head, a stack of free page ids (page 0 handed out first)
+        self._free: list[list[int]] = [list(range(num_pages - 1, -1, -1)) for _ in range(arch.num_kv_heads)]
+        self.device = device
+
+    def k(self, layer: int) -> torch.Tensor:
+        return self.data[layer, 0]
+
+    def v(self, layer: int) -> torch.Tensor:
+        return self.data[layer, 1]
+
+    # ------------------------------------------------------------------------------------------ counting
+    @property
+    def free_pages(self) -> int:
+        """Pages free in every head (what an uncompressed sequence can still take)."""
+        return min(len(f) for f in self._free)
+
+    @property
+    def used_pages(self) -> int:
+        """Pages held, counted per head and averaged (a page of all heads counts once)."""
+        held = sum(self.num_pages - len(f) for f in self._free)
+        return round(held / self.num_kv_heads)
+
+    @property
+    def page_bytes(self) -> int:
+        """Bytes of one page in every layer and head."""
+        return self.data[:, :, 0].numel() * self.data.element_size()
+
+    def pages(self, tokens: int) -> int:
+        return pages_for(tokens, self.page_size)
+
+    def head_needs(self, seq: Sequence, extra: int = 1) -> list[int]:
+        """Pages each head of `seq` lacks to hold `extra` more tokens."""
+        lengths = seq.kv_lengths
+        assert lengths is not None
+        longest = lengths.max(dim=0).values.tolist()  # per head, over layers
+        return [
+            max(0, self.pages(int(n) + extra) - len(t)) for n, t in zip(longest, seq.block_table, strict=True)
+        ]
+
+    def can_take(self, needs: list[int]) -> bool:
+        return all(len(f) >= n for f, n in zip(self._free, needs, strict=True))
+
+    # ---------------------------------------------------------------------------------------- allocating
+    def allocate(self, seq: Sequence, tokens: int) -> None:
+        """Give a sequence without pages room for `tokens` tokens in every head (lengths zero)."""
+        n = self.pages(tokens)
+        if self.free_pages < n:
+            raise MemoryError(f"{n} KV pages asked, {self.free_pages} free")
+        seq.block_table = [[f.pop() for _ in range(n)] for f in self._free]
+        seq.kv_lengths = torch.zeros(self.num_layers, self.num_kv_heads, dtype=torch.int32)
+
+    def allocate_heads(self, seq: Sequence, needs: list[int]) -> None:
+        """Give a sequence without pages `needs[h]` pages in head `h` (its lengths are left as they are)."""
+        if not self.can_take(needs):
+            raise MemoryError(f"KV pages asked per head {needs}, free {[len(f) for f in self._free]}")
+        seq.block_table = [[f.pop() for _ in range(n)] for f, n in zip(self._free, needs, strict=True)]
+
+    def grow(self, seq: Sequence, extra: int = 1) -> bool:
+        """Room for `extra` more tokens in every (layer, head) of `seq`; False (nothing taken) if short."""
+        needs = self.head_needs(seq, extra)
+        if not self.can_take(needs):
+            return False
+        for table, free, n in zip(seq.block_table, self._free, needs, strict=True):
+            table.extend(free.pop() for _ in range(n))
+        return True
+
+    def free(self, seq: Sequence) -> None:
+        """Return every page of `seq` to the pool at once."""
+        for table, free in zip(seq.block_table, self._free, strict=True):
+            free.extend(reversed(table))
+        seq.block_table = []
+
+    # ------------------------------------------------------------------------------------ moving tokens
+    def write_prompt(self, seq: Sequence, staging: KVCache, n: int) -> None:
+        """Copy a prefill's contiguous cache (slot 0, `n` tokens) into the pages of `seq`."""
+        ps, pages = self.page_size, self.pages(n)
+        table = torch.tensor(seq.block_table, dtype=torch.long, device=self.device)[:, :pages].T  # [P, Hkv]
+        heads = torch.arange(self.num_kv_heads, device=self.device)[None, :]
+        for li in range(self.num_layers):
+            for dst, src in ((self.k(li), staging.k(li)[0]), (self.v(li), staging.v(li)[0])):
+                x = src[:, :n]
+                if pages * ps > n:
+                    x = torch.nn.functional.pad(x, (0, 0, 0, pages * ps - n))
+                dst[table, heads] = x.reshape(self.num_kv_heads, pages, ps, self.head_dim).transpose(0, 1)
+        assert seq.kv_lengths is not None
+        seq.kv_lengths.fill_(n)
+
+    def gather(self, seq: Sequence, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Contiguous K and V of one layer of `seq`: ``[Hkv, P * page_size, d]`` each (P: the most pages
+        any head holds; a head's slots past its length hold whatever its pages hold)."""
+        pages = max(len(t) for t in seq.block_table)
+        table = torch.tensor(
+            [t + [t[-1]] * (pages - len(t)) for t in seq.block_table], dtype=torch.long, device=self.device
+        )  # [Hkv, P]
+        heads = torch.arange(self.num_kv_heads, device=self.device)[:, None]
+        shape = (self.num_kv_heads, pages * self.page_size, self.head_dim)
+        return self.k(layer)[table, heads].reshape(shape), self.v(layer)[table, heads].reshape(shape)
+
+    def write_heads(self, seq: Sequence, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write ``[Hkv, S, d]`` keys and values into the pages of `seq` (each head up to its pages)."""
+        ps = self.page_size
+        for h, table in enumerate(seq.block_table):
+            if not table:
+                continue
+            span = len(table) * ps
+            idx = torch.tensor(table, dtype=torch.long, device=self.device)
+            for dst, src in ((self.k(layer), keys[h]), (self.v(layer), values[h])):
+                x = src[:span]
+                if x.shape[0] < span:
+                    x = torch.nn.functional.pad(x, (0, 0, 0, span - x.shape[0]))
+                dst[idx, h] = x.reshape(len(table), ps, self.head_dim)
+
+    def swap_out(self, seq: Sequence) -> None:
+        """Copy the KV of `seq` to host memory and free its pages (preemption of a compressed sequence)."""
+        saved = []
+        for li in range(self.num_layers):
+            k, v = self.gather(seq, li)
+            saved.append((k.to("cpu", copy=True), v.to("cpu", copy=True)))
+        seq.swapped_kv = saved
+        seq.swapped_pages = [len(t) for t in seq.block_table]
+        self.free(seq)
+
+    def swap_in(self, seq: Sequence) -> bool:
+        """Bring a swapped sequence back (its pages plus room for one token); False if pages are short."""
+        needs = seq.swapped_pages
+        if seq.swapped_kv is None or not self.can_take([n + 1 for n in needs]):
+            return False
+        self.allocate_heads(seq, needs)
+        for li, (k, v) in enumerate(seq.swapped_kv):
+            self.write_heads(seq, li, k.to(self.device), v.to(self.device))
+        seq.swapped_kv = None
+        return True
+
+    # ------------------------------------------------------------------------------------ batch tensors
+    def batch_tables(self, seqs: list[Sequence]) -> torch.Tensor:
+        """int32 ``[B, Hkv, max_pages]`` block tables of a decode batch (padded)."""
+        width = max(len(t) for s in seqs for t in s.block_table)
+        rows = [[t + [t[-1]] * (width - len(t)) for t in s.block_table] for s in seqs]
+        return torch.tensor(rows, dtype=torch.int32, device=self.device)

@@ -1,0 +1,188 @@
+"""The engine core on a tiny random model (CPU, fp32): continuous batching equals one at a time, each
+request keeps its own policy, page exhaustion queues, preemption resumes with the same output, cancel and
+finish free pages at once, and incremental detokenization equals decoding every id."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from entropyinfer import LLM, PromptTooLongError, RequestCancelled, SamplingParams
+from entropyinfer.shard.dummy_checkpoint import write_dummy_checkpoint
+from entropyinfer.shard.engine_core import Finished, TokenDelta
+from entropyinfer.shard.sequence import IncrementalDetokenizer, SequenceRequest
+
+TINY = dict(
+    model_type="llama",
+    architectures=["LlamaForCausalLM"],
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+)
+PROMPTS = [f"request {i}: " + "abc " * (3 * i + 1) for i in range(8)]
+PARAMS = SamplingParams(max_tokens=12, ignore_eos=True)
+# short-context sparse settings, so a 300-token prompt has sparse segments
+SPARSE = dict(segment_size=64, block_size=8, threshold_len=64, base_budget=32, fixed_budget=32)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_dummy_checkpoint(tmp_path_factory.mktemp("tiny"), TINY)
+
+
+def tiny(folder: Path, **kw: object) -> LLM:
+    return LLM(str(folder), load_format="dummy", device="cpu", warm_up_kernels=False, **SPARSE, **kw)
+
+
+@pytest.mark.parametrize("policy", ["dense", "entropy"])
+def test_eight_concurrent_requests_equal_each_alone(folder: Path, policy: str) -> None:
+    llm = tiny(folder, kv_capacity=32, kv_window=8, kv_gap=4)
+    prompts = [*PROMPTS[:7], "x" * 300]
+    batch = llm.generate(prompts, PARAMS, policy=policy)
+    alone = [llm.generate(p, PARAMS, policy=policy)[0] for p in prompts]
+    assert [o.token_ids for o in batch] == [o.token_ids for o in alone]
+    assert [o.text for o in batch] == [o.text for o in alone]
+    if policy == "entropy":
+        assert batch[-1].stats["kv_compressions"] == 1 and batch[-1].stats["density"] < 1.0
+    assert llm.core.pages.used_pages == 0 and not llm.core.has_unfinished()
+
+
+def test_a_mixed_policy_batch_gives_each_request_its_own_policy(folder: Path) -> None:
+    llm = tiny(folder, kv_capacity=32, kv_window=8, kv_gap=4)
+    prompt, policies = "y" * 300, ["dense", "entropy", "fixed", "snapkv"]
+    alone = {p: llm.generate(prompt, PARAMS, policy=p)[0] for p in policies}
+    core, outs = llm.core, {}
+    for p in policies:
+        core.add_request(request(llm, p, prompt, policy=p))
+    while core.has_unfinished():
+        outs.update({e.request_id: e.output for e in core.step() if isinstance(e, Finished)})
+    for p in policies:
+        assert outs[p].token_ids == alone[p].token_ids, p
+        assert outs[p].stats["policy"] == p
+        assert outs[p].stats["kv_compression"] == alone[p].stats["kv_compression"]
+    assert outs["dense"].stats["density"] == 1.0 > outs["fixed"].stats["density"]
+
+
+def request(llm: LLM, rid: str, prompt: str, policy: str = "dense", **kw: object) -> SequenceRequest:
+    params = kw.pop("params", PARAMS)
+    assert isinstance(params, SamplingParams)
+    ids = llm.encode(prompt)
+    return SequenceRequest(rid, prompt, ids, params, policy, llm.config.sparse, llm.kv_config(policy), **kw)  # type: ignore[arg-type]
+
+
+def test_page_exhaustion_queues_and_preemption_resumes_with_the_same_output(folder: Path) -> None:
+    # 10 pages of 8 tokens: one request of ~40 prompt + 12 new tokens needs 7, so they wait or preempt
+    llm = tiny(folder, num_kv_pages=10, kv_page_size=8)
+    prompts = [f"page test {i} " + "q" * 25 for i in range(3)]
+    alone = [llm.generate(p, PARAMS)[0] for p in prompts]
+    core = llm.core
+    for i, p in enumerate(prompts):
+        core.add_request(request(llm, str(i), p))
+    outs, most_running = {}, 0
+    while core.has_unfinished():
+        outs.update({e.request_id: e.output for e in core.step() if isinstance(e, Finished)})
+        most_running = max(most_running, len(core.scheduler.running))
+        assert core.pages.free_pages >= 0
+    assert [outs[str(i)].token_ids for i in range(3)] == [o.token_ids for o in alone]
+    assert most_running <= 2 and core.scheduler.num_preempted >= 1
+    assert sum(o.stats["preemptions"] for o in outs.values()) == core.scheduler.num_preempted
+    assert core.pages.free_pages == 10
+    with pytest.raises(PromptTooLongError, match="KV pages"):
+        core.add_request(request(llm, "huge", "z" * 200))
+
+
+def test_a_compressed_sequence_is_swapped_out_and_back(folder: Path) -> None:
+    llm = tiny(folder, num_kv_pages=12, kv_page_size=8, kv_capacity=16, kv_window=8, kv_gap=-1)
+    prompts = [f"swap {i} " + "w" * 60 for i in range(3)]
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    alone = [llm.generate(p, params, policy="snapkv")[0] for p in prompts]
+    core = llm.core
+    for i, p in enumerate(prompts):
+        core.add_request(request(llm, str(i), p, policy="snapkv", params=params))
+    outs, swapped = {}, 0
+    while core.has_unfinished():
+        outs.update({e.request_id: e.output for e in core.step() if isinstance(e, Finished)})
+        swapped = max(swapped, len(core.scheduler.swapped))
+    assert [outs[str(i)].token_ids for i in range(3)] == [o.token_ids for o in alone]
+    assert swapped >= 1 and core.pages.free_pages == 12
+
+
+def test_cancel_and_finish_free_pages_at_once(folder: Path) -> None:
+    llm = tiny(folder)
+    core = llm.core
+    cancel = threading.Event()
+    core.add_request(request(llm, "a", PROMPTS[3], cancel=cancel))
+    core.add_request(request(llm, "b", PROMPTS[4], params=SamplingParams(max_tokens=2, ignore_eos=True)))
+    core.step()  # both prefilled
+    held = core.pages.used_pages
+    assert held > 0
+    events = core.step()  # b's second token: b finishes and frees its pages in the same step
+    assert any(isinstance(e, Finished) and e.request_id == "b" for e in events)
+    assert 0 < core.pages.used_pages < held
+    cancel.set()
+    events = core.step()
+    assert [e.output.finish_reason for e in events if isinstance(e, Finished)] == ["cancelled"]
+    assert core.pages.used_pages == 0 and not core.has_unfinished()
+    assert core.abort("a") is None
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(RequestCancelled):
+        llm.generate(PROMPTS[:2], PARAMS, cancel=stop)
+    assert core.pages.used_pages == 0
+
+
+def test_interleaved_streams_advance_one_core(folder: Path) -> None:
+    llm = tiny(folder)
+    a, b = llm.stream(PROMPTS[1], PARAMS), llm.stream(PROMPTS[2], PARAMS)
+    got: dict[str, list[int]] = {"a": [], "b": []}
+    for ev_a, ev_b in zip(a, b, strict=True):
+        got["a"].append(ev_a.token_id)
+        got["b"].append(ev_b.token_id)
+    assert got["a"] == llm.generate(PROMPTS[1], PARAMS)[0].token_ids
+    assert got["b"] == llm.generate(PROMPTS[2], PARAMS)[0].token_ids
+
+
+def test_incremental_detokenization_equals_decoding_all_ids(folder: Path) -> None:
+    llm = tiny(folder)
+    tok = llm.tokenizer
+    text = "naïve café — 日本語 😀 done."
+    ids = [*tok.encode(text, add_special_tokens=False), 257, *tok.encode(" ok", add_special_tokens=False)]
+    detok = IncrementalDetokenizer(tok)
+    pieces = [detok.push(i) for i in ids]
+    assert "".join(pieces) + detok.flush() == tok.decode(ids, skip_special_tokens=True)
+    assert all("\ufffd" not in p for p in pieces)  # multi-byte characters come out whole
+    cut = ids[: len(tok.encode("naïve caf", add_special_tokens=False)) + 1]  # ends inside "é"
+    detok = IncrementalDetokenizer(tok)
+    assert "".join(detok.push(i) for i in cut) + detok.flush() == tok.decode(cut, skip_special_tokens=True)
+
+
+def test_stop_strings_are_held_back_and_cut(folder: Path) -> None:
+    llm = tiny(folder)
+    free = llm.generate(PROMPTS[0], SamplingParams(max_tokens=16, ignore_eos=True))[0]
+    stop = free.text[5:8]
+    assert stop
+    streamed = []
+    out = None
+    for ev in llm.stream(PROMPTS[0], SamplingParams(max_tokens=16, ignore_eos=True, stop=[stop])):
+        streamed.append(ev.text)
+        out = ev.output
+    assert out is not None and out.finish_reason == "stop"
+    assert out.text == free.text[: free.text.index(stop)] == "".join(streamed)
+
+
+def test_token_events_come_before_finished(folder: Path) -> None:
+    llm = tiny(folder)
+    core = llm.core
+    core.add_request(request(llm, "r", PROMPTS[0], params=SamplingParams(max_tokens=3, ignore_eos=True)))
+    events = []
+    while core.has_unfinished():
+        events += core.step()
+    assert [type(e) for e in events] == [TokenDelta] * 3 + [Finished]
