@@ -18,7 +18,14 @@ def document_prompt(document: str, question: str) -> list[dict[str, str]]:
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="embedded model name or checkpoint folder")
-    p.add_argument("--policy", default="dense", help="attention policy: dense, entropy, fixed, ...")
+    from entropyinfer.policies.registry import POLICIES
+
+    p.add_argument(
+        "--policy",
+        default="dense",
+        choices=tuple(POLICIES),
+        help="attention policy: " + "; ".join(f"{p.name}: {p.summary}" for p in POLICIES.values()),
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: per device)")
     p.add_argument(

@@ -9,7 +9,7 @@ document, then a short question, through the chat template. Greedy, `--max-token
 1. Python API: `LLM(folder, policy, load_format="dummy")`, one warm-up run at `--warmup-tokens`, then the
    job's prompt through `LLM.stream` (time to the first text; total) and `LLM.generate` (total).
 2. HTTP: the Serve app (`EmbeddedServer`: local Ray in this process, the app on 127.0.0.1, one engine
-   replica with one shard on one GPU, same folder, `engine.load_format: dummy`). A warm-up job, stream
+   replica with one shard on one GPU, same folder, `engine.llm.load_format: dummy`). A warm-up job, stream
    and chat completion at `--warmup-tokens`, then through the client SDK over real HTTP: the document
    job (submit, wait, results: the total a user sees), a streaming chat completion of the same prompt
    (SSE: time to the first text, and to [DONE]), and a non-streaming chat completion.

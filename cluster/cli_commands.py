@@ -31,7 +31,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         "--load-format",
         choices=("auto", "dummy"),
         default=None,
-        help="dummy: random weights of the checkpoint's shape (overrides the config's engine.load_format)",
+        help="dummy: random weights of the checkpoint's shape (overrides engine.llm.load_format)",
     )
     p.add_argument("--host", default=None, help="HTTP bind address (default from config: 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="HTTP port (default from config: 8000)")

@@ -14,12 +14,8 @@ from typing import Any, Literal
 
 from entropyinfer.configs.loader import from_dict, load_yaml, merge
 from entropyinfer.errors import ConfigError
-from entropyinfer.policies.registry import get_policy
+from entropyinfer.policies.registry import POLICY_NAMES, get_policy
 from entropyinfer.shard.config import LLMConfig
-
-
-def _serve_llm_config() -> LLMConfig:
-    return LLMConfig.from_keywords({"policy": "entropy"})
 
 
 @dataclass(frozen=True)
@@ -28,10 +24,10 @@ class ReplicaConfig:
 
     `llm` is built from the keywords of `LLM(...)` (`shard.config.LLMConfig.from_keywords`): model, policy,
     policy_config, load_format, dtype, base_budget, kv_capacity, max_num_seqs, ...; a typo fails at load,
-    naming the key."""
+    naming the key. Its defaults are LLM's (policy "dense"); configs/serve.yaml sets policy "entropy"."""
 
-    llm: LLMConfig = field(default_factory=_serve_llm_config)
-    policies: tuple[str, ...] = ("dense", "entropy", "fixed")  # accepted in a request's `policy` field
+    llm: LLMConfig = field(default_factory=lambda: LLMConfig.from_keywords({}))
+    policies: tuple[str, ...] = POLICY_NAMES  # accepted in a request's `policy` field
     accelerator: Literal["auto", "gpu", "cpu"] = "auto"  # auto: GPU bundles iff the cluster has GPUs
     cpus_per_shard: float = 1.0
     cpu_threads: int | None = None  # torch threads of a CPU shard; None: all cores of its node
@@ -146,7 +142,7 @@ class ServeAppConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     ingress: IngressConfig = field(default_factory=IngressConfig)
-    served_model_name: str | None = None  # the name in /v1/models; default: engine.model
+    served_model_name: str | None = None  # the name in /v1/models; default: engine.llm.model
 
     @property
     def model_name(self) -> str:

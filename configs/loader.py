@@ -89,12 +89,6 @@ def split_keywords(
     return out
 
 
-def replace(obj: T, overrides: dict[str, Any], where: str = "") -> T:
-    """Return a copy of dataclass `obj` with `overrides` applied (nested dicts merge)."""
-    merged = merge(dataclasses.asdict(obj), overrides)  # type: ignore[call-overload]
-    return from_dict(type(obj), merged, where)
-
-
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in override.items():

@@ -1,4 +1,5 @@
-"""Settings of segment-wise sparse prefill: the entropy policy (EntropyInfer), fixed baseline (CritiPrefill).
+"""Settings of the policies, torch-free: segment-wise sparse prefill (entropy, fixed) and decode-time KV
+compression (latent, SnapKV; `policies/kv_compression.py` runs it).
 
 Presets live in `configs/entropy_long.yaml` (the reference defaults, for 32k-128k prompts) and
 `configs/entropy_short.yaml` (scaled down for 8k-context models and tests). Load them with
@@ -16,7 +17,7 @@ from typing import Any, Literal
 from entropyinfer.configs.loader import check_int, from_dict, load_yaml, merge
 from entropyinfer.errors import ConfigError
 
-__all__ = ["SparsePrefillConfig", "load_sparse_config"]
+__all__ = ["KVCompressionConfig", "SparsePrefillConfig", "load_kv_compression_config", "load_sparse_config"]
 
 BudgetMode = Literal["per_head", "reference", "spread"]
 _MODES = ("per_head", "reference", "spread")
@@ -107,3 +108,79 @@ def load_sparse_config(name_or_path: str | Path = "entropy_long", **overrides: A
     Raises `ConfigError` for a missing file, an unknown key or a bad value (the message names the key).
     """
     return from_dict(SparsePrefillConfig, merge(load_yaml(name_or_path), overrides))
+
+
+# ---------------------------------------------------------------------- decode-time KV compression
+Pooling = Literal["avg", "max", "none"]
+GroupReduce = Literal["max", "mean"]
+HeadCapacity = Literal["uniform", "entropy"]
+_POOLINGS = ("avg", "max", "none")
+_REDUCES = ("max", "mean")
+_HEAD_CAPACITIES = ("uniform", "entropy")
+
+
+@dataclass(frozen=True)
+class KVCompressionConfig:
+    """Decode-time KV compression (ALGORITHM.md, "Decode").
+
+    Presets: `configs/latent.yaml`, `configs/snapkv.yaml`."""
+
+    window: int = 32  # W: observation queries; the last W keys are always kept
+    gap: int = 16  # N_D: decode steps on the full cache before compressing; -1 = SnapKV (right after prefill)
+    capacity: int = 1024  # C: tokens kept per KV head (a layer's mean, with per-head capacities)
+    pooling: Pooling = "avg"  # 1-D pooling of the scores over positions
+    kernel_size: int = 5  # pooling kernel (odd)
+    group_reduce: GroupReduce = "max"  # over the G query heads of a GQA group
+    head_capacity: HeadCapacity = "uniform"  # or "entropy": per-head capacities from the prefill entropy
+    min_head_fraction: float = 0.5  # entropy capacities: every head keeps at least this fraction of C (and W)
+    recompress_every: int = 0  # R: compress the compact cache again every R generated tokens; 0 = never
+
+    def __post_init__(self) -> None:
+        for name, minimum in (("window", 1), ("capacity", 1), ("kernel_size", 1), ("recompress_every", 0)):
+            check_int(name, getattr(self, name), minimum=minimum)
+        check_int("gap", self.gap, minimum=-1)
+        if self.gap == 0 or self.gap > self.window:
+            raise ConfigError(
+                f"gap: -1 (SnapKV: compress right after prefill) or 1 .. window ({self.window}), "
+                f"got {self.gap}"
+            )
+        if self.capacity < self.window:
+            raise ConfigError(f"capacity: must be at least window ({self.window}), got {self.capacity}")
+        if self.kernel_size % 2 == 0:
+            raise ConfigError(f"kernel_size: must be odd (same-length pooling), got {self.kernel_size}")
+        for name, value, allowed in (
+            ("pooling", self.pooling, _POOLINGS),
+            ("group_reduce", self.group_reduce, _REDUCES),
+            ("head_capacity", self.head_capacity, _HEAD_CAPACITIES),
+        ):
+            if value not in allowed:
+                raise ConfigError(f"{name}: {value!r} is not one of {list(allowed)}")
+        f = self.min_head_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or not 0 < f <= 1:
+            raise ConfigError(f"min_head_fraction: expected a number in (0, 1], got {f!r}")
+
+    @property
+    def method(self) -> str:
+        return "snapkv" if self.gap < 0 else "latent"
+
+    @property
+    def compress_after(self) -> int:
+        """Decode steps that run on the full cache before the first compression (0 for SnapKV)."""
+        return max(self.gap, 0)
+
+    @property
+    def prompt_queries(self) -> int:
+        """Prompt queries the observation window keeps after prefill: W (SnapKV) or W - N_D."""
+        return self.window - self.compress_after
+
+    @property
+    def min_head_capacity(self) -> int:
+        return max(self.window, math.ceil(self.min_head_fraction * self.capacity))
+
+
+def load_kv_compression_config(name_or_path: str | Path = "latent", **overrides: Any) -> KVCompressionConfig:
+    """A preset name (`latent`, `snapkv`) or a YAML path, with keyword overrides on top.
+
+    Raises `ConfigError` for a missing file, an unknown key or a bad value (the message names the key).
+    """
+    return from_dict(KVCompressionConfig, merge(load_yaml(name_or_path), overrides))

@@ -11,30 +11,24 @@ attends its own keys causally.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import get_args
 
 import torch
 
-from entropyinfer.errors import UnknownPolicyError
 from entropyinfer.kernels.backend import Backend
 from entropyinfer.kernels.block_layout import BlockScores
 from entropyinfer.kernels.block_scoring import block_scores
 from entropyinfer.kernels.block_selection import block_counts, select_blocks
 from entropyinfer.policies.budgets import spread_logit_scale, spread_rule
 from entropyinfer.policies.config import SparsePrefillConfig
-from entropyinfer.policies.registry import Selection
+from entropyinfer.policies.registry import SELECTIONS, Selection
 
 __all__ = [
-    "POLICIES",
     "LayerPlan",
     "plan_density",
     "plan_density_tensor",
     "plan_from_scores",
     "plan_layer",
 ]
-
-# The block-selection rules (`policies.registry.Policy.selection`): "entropy" budgets or one "fixed" budget.
-POLICIES: tuple[str, ...] = get_args(Selection)
 
 
 @dataclass(frozen=True)
@@ -122,10 +116,8 @@ def plan_from_scores(
     with_probs: bool = False,
 ) -> LayerPlan:
     """Budgets, counts and block selection from a layer's profiling (see `plan_layer`)."""
-    if policy not in POLICIES:
-        raise UnknownPolicyError(
-            f"unknown sparse prefill policy {policy!r}; choose one of: {', '.join(POLICIES)}"
-        )
+    if policy not in SELECTIONS:
+        raise ValueError(f"unknown block-selection rule {policy!r}; choose one of: {', '.join(SELECTIONS)}")
     s_len, b = cfg.segment_size, cfg.block_size
     if scores.segment_size != s_len or scores.block_size != b:
         raise ValueError(

@@ -31,14 +31,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
-from entropyinfer.configs.loader import check_int, from_dict, load_yaml, merge
-from entropyinfer.errors import ConfigError
+from entropyinfer.policies.config import (
+    GroupReduce,
+    KVCompressionConfig,
+    Pooling,
+    load_kv_compression_config,
+)
 
 __all__ = [
     "KVCompressionConfig",
@@ -50,80 +52,6 @@ __all__ = [
     "select_positions",
     "window_scores",
 ]
-
-Pooling = Literal["avg", "max", "none"]
-GroupReduce = Literal["max", "mean"]
-HeadCapacity = Literal["uniform", "entropy"]
-_POOLINGS = ("avg", "max", "none")
-_REDUCES = ("max", "mean")
-_HEAD_CAPACITIES = ("uniform", "entropy")
-
-
-@dataclass(frozen=True)
-class KVCompressionConfig:
-    """Decode-time KV compression (ALGORITHM.md, "Decode").
-
-    Presets: `configs/latent.yaml`, `configs/snapkv.yaml`."""
-
-    window: int = 32  # W: observation queries; the last W keys are always kept
-    gap: int = 16  # N_D: decode steps on the full cache before compressing; -1 = SnapKV (right after prefill)
-    capacity: int = 1024  # C: tokens kept per KV head (a layer's mean, with per-head capacities)
-    pooling: Pooling = "avg"  # 1-D pooling of the scores over positions
-    kernel_size: int = 5  # pooling kernel (odd)
-    group_reduce: GroupReduce = "max"  # over the G query heads of a GQA group
-    head_capacity: HeadCapacity = "uniform"  # or "entropy": per-head capacities from the prefill entropy
-    min_head_fraction: float = 0.5  # entropy capacities: every head keeps at least this fraction of C (and W)
-    recompress_every: int = 0  # R: compress the compact cache again every R generated tokens; 0 = never
-
-    def __post_init__(self) -> None:
-        for name, minimum in (("window", 1), ("capacity", 1), ("kernel_size", 1), ("recompress_every", 0)):
-            check_int(name, getattr(self, name), minimum=minimum)
-        check_int("gap", self.gap, minimum=-1)
-        if self.gap == 0 or self.gap > self.window:
-            raise ConfigError(
-                f"gap: -1 (SnapKV: compress right after prefill) or 1 .. window ({self.window}), "
-                f"got {self.gap}"
-            )
-        if self.capacity < self.window:
-            raise ConfigError(f"capacity: must be at least window ({self.window}), got {self.capacity}")
-        if self.kernel_size % 2 == 0:
-            raise ConfigError(f"kernel_size: must be odd (same-length pooling), got {self.kernel_size}")
-        for name, value, allowed in (
-            ("pooling", self.pooling, _POOLINGS),
-            ("group_reduce", self.group_reduce, _REDUCES),
-            ("head_capacity", self.head_capacity, _HEAD_CAPACITIES),
-        ):
-            if value not in allowed:
-                raise ConfigError(f"{name}: {value!r} is not one of {list(allowed)}")
-        f = self.min_head_fraction
-        if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or not 0 < f <= 1:
-            raise ConfigError(f"min_head_fraction: expected a number in (0, 1], got {f!r}")
-
-    @property
-    def method(self) -> str:
-        return "snapkv" if self.gap < 0 else "latent"
-
-    @property
-    def compress_after(self) -> int:
-        """Decode steps that run on the full cache before the first compression (0 for SnapKV)."""
-        return max(self.gap, 0)
-
-    @property
-    def prompt_queries(self) -> int:
-        """Prompt queries the observation window keeps after prefill: W (SnapKV) or W - N_D."""
-        return self.window - self.compress_after
-
-    @property
-    def min_head_capacity(self) -> int:
-        return max(self.window, math.ceil(self.min_head_fraction * self.capacity))
-
-
-def load_kv_compression_config(name_or_path: str | Path = "latent", **overrides: Any) -> KVCompressionConfig:
-    """A preset name (`latent`, `snapkv`) or a YAML path, with keyword overrides on top.
-
-    Raises `ConfigError` for a missing file, an unknown key or a bad value (the message names the key).
-    """
-    return from_dict(KVCompressionConfig, merge(load_yaml(name_or_path), overrides))
 
 
 # ------------------------------------------------------------------------------------------------- scoring

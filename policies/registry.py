@@ -10,15 +10,16 @@ is the only list of names. `shard/attention.py` builds the prefill attention fro
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from entropyinfer.errors import UnknownPolicyError
 from entropyinfer.policies.config import SparsePrefillConfig
 
-__all__ = ["POLICIES", "POLICY_NAMES", "Policy", "get_policy"]
+__all__ = ["POLICIES", "POLICY_NAMES", "SELECTIONS", "Policy", "get_policy"]
 
 Prefill = Literal["dense", "sparse"]
 Selection = Literal["entropy", "fixed"]
+SELECTIONS: tuple[Selection, ...] = get_args(Selection)  # the block-selection rules of sparse prefill
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,12 @@ class Policy:
     kv_compression: str
     config: type[SparsePrefillConfig] | None
     summary: str
+
+    def __post_init__(self) -> None:
+        if (self.prefill == "sparse") != (self.selection is not None):
+            raise ValueError(f"policy {self.name!r}: sparse prefill needs a selection rule, dense none")
+        if (self.config is not None) != (self.prefill == "sparse"):
+            raise ValueError(f"policy {self.name!r}: sparse prefill has a config class, dense none")
 
     @property
     def sparse(self) -> bool:

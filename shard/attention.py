@@ -14,7 +14,7 @@ a policy's `prefill` kind ("dense" / "sparse") and `selection` rule into the att
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Protocol, get_args
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -26,10 +26,7 @@ from entropyinfer.kernels.tiling import row_chunk
 from entropyinfer.policies.budgets import fixed_budget_for_density
 from entropyinfer.policies.config import SparsePrefillConfig
 from entropyinfer.policies.entropy import plan_density_tensor, plan_layer
-from entropyinfer.policies.registry import Selection, get_policy
-
-# The block-selection rules of the sparse policies ("entropy", "fixed"): what the kernel warm-up compiles.
-SPARSE_SELECTIONS: tuple[Selection, ...] = get_args(Selection)
+from entropyinfer.policies.registry import SELECTIONS, Selection, get_policy
 
 
 class PrefillAttention(Protocol):
@@ -228,7 +225,7 @@ def warm_up_sparse_prefill(
     for n in warm_up_lengths(config, max_len):
         q = torch.randn(num_heads, n, head_dim, device=device, dtype=dtype, generator=gen)
         k = torch.randn(num_kv_heads, n, head_dim, device=device, dtype=dtype, generator=gen)
-        for policy in SPARSE_SELECTIONS:
+        for policy in SELECTIONS:
             SparsePrefill(policy, config)(1, q, k, k)
     torch.cuda.synchronize(device)
 
@@ -236,6 +233,6 @@ def warm_up_sparse_prefill(
 def build_prefill_attention(policy: str, config: SparsePrefillConfig) -> PrefillAttention:
     """The prefill attention of a registered policy (`UnknownPolicyError` for an unknown name)."""
     entry = get_policy(policy)
-    if entry.selection is not None:
+    if entry.prefill == "sparse" and entry.selection is not None:
         return SparsePrefill(entry.selection, config)
     return DensePrefill()

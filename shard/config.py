@@ -25,9 +25,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from entropyinfer.configs.loader import KeywordSection, check_int, from_dict, split_keywords
-from entropyinfer.errors import ConfigError
-from entropyinfer.policies.config import SparsePrefillConfig, load_sparse_config
-from entropyinfer.policies.kv_compression import KVCompressionConfig, load_kv_compression_config
+from entropyinfer.errors import ConfigError, UnknownPolicyError
+from entropyinfer.policies.config import (
+    KVCompressionConfig,
+    SparsePrefillConfig,
+    load_kv_compression_config,
+    load_sparse_config,
+)
 from entropyinfer.policies.registry import POLICIES, get_policy
 
 __all__ = [
@@ -232,9 +236,23 @@ class LLMConfig:
     sparse_preset: str = "entropy_long"  # the preset (or YAML file) `sparse` was built from
     kv: KVConfig = field(default_factory=KVConfig.build)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    # No `policy_config` was given: the preset follows the model's context. It is guessed where the config
+    # is built (an embedded model's known context, or the folder's config.json when it is readable there)
+    # and settled by `for_context` where the model loads, with these sparse keywords applied again.
+    sparse_auto: bool = False
+    sparse_keywords: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         get_policy(self.policy)
+
+    def for_context(self, max_context: int) -> LLMConfig:
+        """This config for a loaded model of `max_context` tokens: with an automatic preset, the one that
+        context calls for (the config itself when the guess was right)."""
+        preset = default_sparse_preset(max_context)
+        if not self.sparse_auto or preset == self.sparse_preset:
+            return self
+        sparse = load_sparse_config(preset, **self.sparse_keywords)
+        return dataclasses.replace(self, sparse=sparse, sparse_preset=preset)
 
     @classmethod
     def from_keywords(cls, keywords: Mapping[str, Any], where: str = "") -> LLMConfig:
@@ -249,13 +267,17 @@ class LLMConfig:
         policy = parts["top"].get("policy", "dense")
         if not isinstance(policy, str):
             raise ConfigError(f"{_join(where, 'policy')}: expected a policy name, got {policy!r}")
-        get_policy(policy)  # UnknownPolicyError lists the names
+        try:
+            get_policy(policy)
+        except UnknownPolicyError as e:
+            raise UnknownPolicyError(f"{_join(where, 'policy')}: {e}" if where else str(e)) from None
         try:
             model = from_dict(ModelConfig, parts["model"])
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}" if where else str(e)) from None
         sparse_kw = dict(parts["sparse"])
         preset = sparse_kw.pop("policy_config", None)
+        auto = preset is None
         if preset is None:
             preset = default_sparse_preset(checkpoint_context(model.model))
         if not isinstance(preset, str):
@@ -271,6 +293,8 @@ class LLMConfig:
                 sparse_preset=preset,
                 kv=KVConfig.build(compression, **kv_kw),
                 parallel=from_dict(ParallelConfig, parts["parallel"]),
+                sparse_auto=auto,
+                sparse_keywords=sparse_kw,
             )
         except ConfigError as e:
             raise type(e)(f"{where}: {e}" if where else str(e)) from None
@@ -278,7 +302,10 @@ class LLMConfig:
     def with_sparse(self, **fields: Any) -> LLMConfig:
         """A copy whose sparse settings have `fields` replaced (checked; ConfigError names a bad key)."""
         merged = {**dataclasses.asdict(self.sparse), **fields}
-        return dataclasses.replace(self, sparse=from_dict(SparsePrefillConfig, merged))
+        keywords = {**self.sparse_keywords, **fields}
+        return dataclasses.replace(
+            self, sparse=from_dict(SparsePrefillConfig, merged), sparse_keywords=keywords
+        )
 
 
 def _join(where: str, key: str) -> str:

@@ -12,10 +12,12 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from entropyinfer.errors import InvalidRequestError
+
+if TYPE_CHECKING:  # torch is imported where tokens are sampled: the HTTP edge and the client never need it
+    import torch
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,8 @@ def _plain(value: object) -> object:
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+    import torch
+
     if params.greedy:
         return None
     gen = torch.Generator(device=device)
@@ -127,6 +131,8 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """Pick the next token from one row of fp32 logits [vocab]."""
+    import torch
+
     if params.greedy:
         return int(torch.argmax(logits).item())
     logits = logits / params.temperature

@@ -16,6 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import inspect
+import re
 
 import pytest
 
@@ -24,7 +25,9 @@ SMOLLM2_FIXTURES = {"smollm2", "server", "checkpoint"}
 
 
 def loads_smollm2(item: pytest.Item) -> bool:
-    """The test uses a SmolLM2 fixture (directly or through another fixture) or builds the model itself."""
+    """The test uses a SmolLM2 fixture (directly or through another fixture) or builds the model itself
+    (`LLM("smollm2-135m", ...)`); a test that loads it another way (the CLI's default model) says so with
+    an explicit `@pytest.mark.slow`."""
     if SMOLLM2_FIXTURES & set(getattr(item, "fixturenames", ())):
         return True
     function = getattr(item, "function", None)
@@ -32,7 +35,7 @@ def loads_smollm2(item: pytest.Item) -> bool:
         source = inspect.getsource(function) if function is not None else ""
     except (OSError, TypeError):
         return False
-    return "smollm2-135m" in source
+    return re.search(r"""(LLM|ShardActor)\(\s*(model=)?["']smollm2""", source) is not None
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -16,6 +16,7 @@ from entropyinfer.cluster.config import (
 )
 from entropyinfer.cluster.launcher import apply_overrides
 from entropyinfer.errors import ConfigError
+from entropyinfer.policies.registry import POLICY_NAMES
 from entropyinfer.shard.config import LLMConfig
 
 
@@ -75,7 +76,9 @@ def test_good_llm_options_load_into_the_typed_config() -> None:
     )  # fmt: skip
     assert again == llm
     # SmolLM2's 8k context picks the short preset when none is named
-    assert ReplicaConfig().llm.sparse_preset == "entropy_short" and ReplicaConfig().llm.policy == "entropy"
+    assert ReplicaConfig().llm.sparse_preset == "entropy_short" and ReplicaConfig().llm.policy == "dense"
+    assert load_serve_file("serve").app.engine.llm.policy == "entropy"  # what the shipped file serves
+    assert ReplicaConfig().policies == POLICY_NAMES  # every registered policy unless the file narrows it
 
 
 def test_default_policy_must_be_accepted() -> None:

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from entropyinfer.errors import ConfigError, UnknownPolicyError
+from entropyinfer.errors import ConfigError
 from entropyinfer.kernels.backend import interpreter_ready
 from entropyinfer.kernels.block_layout import BlockScores, num_blocks
 from entropyinfer.kernels.block_scoring import block_scores
@@ -156,8 +156,8 @@ def test_fixed_policy_gives_fixed_counts(backend: str) -> None:
     assert torch.equal(p.block_idx, plan.block_idx)
 
 
-def test_unknown_policy() -> None:
-    with pytest.raises(UnknownPolicyError, match="snapkv"):
+def test_unknown_selection_rule() -> None:
+    with pytest.raises(ValueError, match="block-selection rule 'snapkv'; choose one of: entropy, fixed"):
         plan_from_scores(scores("synth", "torch"), SHORT, 1000, policy="snapkv")  # type: ignore[arg-type]
 
 

@@ -121,3 +121,26 @@ def test_per_call_policy_options_are_checked_and_applied(folder: Path) -> None:
     assert llm.config.sparse.fixed_budget == 256  # the instance's config is unchanged
     with pytest.raises(ConfigError, match="fixed_budgt"):
         llm.generate(prompt, params, policy_options={"fixed_budgt": 8})
+
+
+def test_an_automatic_preset_is_settled_where_the_model_loads(folder: Path, tmp_path: Path) -> None:
+    # the checkpoint is not readable where the config is built: the guess is the long-context preset ...
+    cfg = LLMConfig.from_keywords({"model": str(tmp_path / "elsewhere"), "base_budget": 128})
+    assert cfg.sparse_auto and cfg.sparse_preset == "entropy_long"
+    # ... and the loaded model's 1024-token context settles it, the sparse keywords applied again
+    settled = cfg.for_context(1024)
+    assert settled.sparse_preset == "entropy_short" and settled.sparse.base_budget == 128
+    assert settled.sparse.segment_size == LLMConfig.from_keywords({"model": str(folder)}).sparse.segment_size
+    named = LLMConfig.from_keywords({"model": str(tmp_path / "elsewhere"), "policy_config": "entropy_long"})
+    assert not named.sparse_auto and named.for_context(1024) is named
+    llm = LLM.from_config(
+        dataclasses.replace(
+            cfg, model=dataclasses.replace(cfg.model, model=str(folder), load_format="dummy", device="cpu")
+        )
+    )
+    assert llm.config.sparse_preset == "entropy_short" and llm.sparse_config.base_budget == 128
+
+
+def test_an_unknown_policy_names_its_key() -> None:
+    with pytest.raises(UnknownPolicyError, match=r"engine\.llm\.policy: unknown policy 'snap'"):
+        LLMConfig.from_keywords({"policy": "snap"}, "engine.llm")

@@ -53,6 +53,7 @@ def test_policy_overrides_from_a_config_file_and_keywords(tmp_path, long_prompt)
     assert stats["budget_tokens"]["max"] == 32 and stats["density"] < 0.5
 
 
+@pytest.mark.slow  # the CLI loads its default model, SmolLM2
 def test_cli_generate_answers_a_question_about_a_file(tmp_path, capsys):
     doc = tmp_path / "doc.txt"
     doc.write_text(
