@@ -2,9 +2,11 @@
 
 `run(request)` answers an `events.Request` with typed events (cluster/events.py). The request is
 validated at once (policy, prompt length; its `SamplingParams` was validated where it was built) and
-answered with `Accepted`, or with an `Error` naming the field to fix; it then runs one at a time on a
-single model thread, so a bad request fails fast even while the shard is busy: `Progress` while it
-prefills (repeated every KEEPALIVE_S as a keepalive), `Token` for streaming requests, `Final` last.
+answered with `Accepted`, or with an `Error` naming the field to fix; it then joins the engine core's
+batch: the step loop (`StepLoop`) runs on the shard's one model thread, adds new requests between steps
+and steps the core (shard/engine_core.py) while any request is unfinished, so concurrent requests decode
+together and no Ray call happens per step. Events: `Progress` while it prefills (repeated every
+KEEPALIVE_S as a keepalive), `Token` for streaming requests, `Final` last.
 
 `cancel(request_id)` sets the request's cancel event; the engine checks it between prefill chunks and
 decode steps, and the request ends with a `Final` whose finish_reason is "cancelled". A cancel for a
@@ -21,16 +23,19 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, TypedDict
 
 from entropyinfer.cluster.events import Accepted, Error, Event, Final, Progress, Prompt, Request, Token
-from entropyinfer.errors import PromptTooLongError, RequestCancelled
+from entropyinfer.errors import PromptTooLongError
 
 if TYPE_CHECKING:
     from entropyinfer.shard.config import LLMConfig
+    from entropyinfer.shard.engine_core import EngineEvent
     from entropyinfer.shard.llm import LLM, RequestOutput
+    from entropyinfer.shard.sequence import SequenceRequest
+
+Sink = Callable[["EngineEvent | BaseException"], None]
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +90,7 @@ class ShardActor:
         self.llm = llm
         self.load_s = load_s
         self.model_name = model_name
-        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self._steps = StepLoop(llm)
         self._cancels: dict[str, threading.Event] = {}  # requests running here
         self._early_cancels: OrderedDict[str, float] = OrderedDict()  # request id -> monotonic time
         self._busy = 0
@@ -185,29 +190,42 @@ class ShardActor:
                 last_progress[0] = now
                 put(Progress(done, total))
 
-        def work() -> None:
-            try:
-                if cancel.is_set():
-                    raise RequestCancelled("cancelled before it started")
-                if request.stream:
-                    for ev in self.llm.stream(prompt, params, policy=policy, cancel=cancel):
-                        if ev.text:
-                            put(Token(ev.text, ev.token_id))
-                        if ev.output is not None:
-                            put(_final(ev.output, n))
-                else:
-                    outs = self.llm.generate(prompt, params, policy=policy, progress=progress, cancel=cancel)
-                    put(_final(outs[0], n))
-            except RequestCancelled:
-                self._cancelled += 1
-                put(Final("", "cancelled", 0, n))
-            except BaseException as e:
-                put(Error.from_exception(e) or e)
-            finally:
-                put(None)
+        def sink(item: EngineEvent | BaseException) -> None:
+            from entropyinfer.shard.engine_core import Finished, TokenDelta
 
+            if isinstance(item, TokenDelta):
+                if request.stream and item.text:
+                    put(Token(item.text, item.token_id))
+                return
+            if isinstance(item, Finished):
+                if item.output.finish_reason == "cancelled":
+                    self._cancelled += 1
+                    put(Final("", "cancelled", 0, n))
+                else:
+                    put(_final(item.output, n))
+            else:
+                put(Error.from_exception(item) or item)
+            put(None)
+
+        try:
+            seq_request = await asyncio.to_thread(
+                self.llm.request,
+                request.request_id,
+                prompt,
+                params,
+                policy,
+                None,
+                None if request.stream else progress,
+                cancel,
+            )
+        except Exception as e:
+            rejected = Error.from_exception(e)
+            if rejected is None:
+                raise
+            yield rejected
+            return
         self._busy += 1
-        future = loop.run_in_executor(self._model_thread, work)
+        self._steps.submit(seq_request, sink)
         finished = False
         last = Progress(0, n)
         try:
@@ -231,8 +249,56 @@ class ShardActor:
             if not finished:
                 cancel.set()  # the consumer went away: stop the model at its next check
             self._busy -= 1
-            if not future.done():
-                future.add_done_callback(lambda f: f.exception())
+
+
+class StepLoop:
+    """The model thread: adds submitted requests to the engine core between steps and steps it while any
+    of its requests is unfinished, handing each request's events to its sink (on this thread); sleeps
+    when there is nothing to do. An error in a step ends every request in flight with that error."""
+
+    def __init__(self, llm: LLM) -> None:
+        self.llm = llm
+        self._cond = threading.Condition()
+        self._new: list[tuple[SequenceRequest, Sink]] = []
+        self._sinks: dict[str, Sink] = {}
+        self._thread = threading.Thread(target=self._loop, name="model", daemon=True)
+        self._thread.start()
+
+    def submit(self, request: SequenceRequest, sink: Sink) -> None:
+        with self._cond:
+            self._new.append((request, sink))
+            self._cond.notify()
+
+    def _loop(self) -> None:
+        from entropyinfer.shard.engine_core import Finished
+
+        while True:
+            with self._cond:
+                while not self._new and not self._sinks:
+                    self._cond.wait()
+                new, self._new = self._new, []
+            for request, sink in new:
+                try:
+                    self.llm.submit(request)
+                except BaseException as e:
+                    sink(e)
+                    continue
+                self._sinks[request.request_id] = sink
+            try:
+                self.llm.step()
+            except BaseException as e:
+                log.exception("engine step failed")
+                for rid, sink in self._sinks.items():
+                    self.llm.core.abort(rid)
+                    self.llm.take_events(rid)
+                    sink(e)
+                self._sinks.clear()
+                continue
+            for rid, sink in list(self._sinks.items()):
+                for event in self.llm.take_events(rid):
+                    sink(event)
+                    if isinstance(event, Finished):
+                        del self._sinks[rid]
 
 
 def _final(out: RequestOutput, prompt_tokens: int) -> Final:

@@ -130,9 +130,10 @@ class LLM:
         return llm
 
     def _load(self, config: LLMConfig) -> None:
-        self.config = config
         self.checkpoint = resolve_checkpoint(config.model.model)
         self.arch = ModelArch.from_folder(self.checkpoint)
+        config = config.for_context(self.arch.max_position_embeddings)  # settles an automatic preset
+        self.config = config
         limit = config.model.max_model_len
         if limit is not None and limit > self.arch.max_position_embeddings:
             raise ConfigError(
@@ -254,9 +255,9 @@ class LLM:
         progress: ProgressFn | None,
         cancel: threading.Event | None,
     ) -> Iterator[StreamEvent]:
-        policy = policy or self.policy
-        get_policy(policy)
-        config = self.config.with_sparse(**policy_options) if policy_options else self.config
+        get_policy(policy or self.policy)
+        if policy_options:
+            self.config.with_sparse(**policy_options)  # ConfigError before anything runs
         token_lists = [self.encode(p) for p in prompts]
         for i, ids in enumerate(token_lists):
             if len(ids) + params.max_tokens > self.max_context:
@@ -265,24 +266,20 @@ class LLM:
                     f"model's context of {self.max_context} tokens: shorten the prompt or lower max_tokens"
                 )
         total = sum(len(ids) for ids in token_lists)
-        kv = self.kv_config(policy)
         call = next(_CALLS)
         index: dict[str, int] = {}
         base = 0
         try:
             for i, (prompt, ids) in enumerate(zip(prompts, token_lists, strict=True)):
-                rid = f"llm-{call}-{i}"
 
                 def on_layer(done: int, _n: int, base: int = base) -> None:
                     if progress is not None:
                         progress(base + done, total)
 
-                request = SequenceRequest(
-                    rid, prompt, ids, params, policy, config.sparse, kv, on_layer, cancel
+                rid = f"llm-{call}-{i}"
+                self.submit(
+                    self.request(rid, prompt, params, policy, policy_options, on_layer, cancel, ids=ids)
                 )
-                with self._lock:
-                    self.core.add_request(request)
-                    self._inbox[rid] = deque()
                 index[rid] = i
                 base += len(ids)
             pending = set(index)
@@ -314,6 +311,55 @@ class LLM:
                     self.core.abort(rid)  # no-op for the finished ones
                     self._inbox.pop(rid, None)
 
+    def request(
+        self,
+        request_id: str,
+        prompt: Prompt,
+        params: SamplingParams,
+        policy: str | None = None,
+        policy_options: Mapping[str, Any] | None = None,
+        progress: ProgressFn | None = None,
+        cancel: threading.Event | None = None,
+        *,
+        ids: list[int] | None = None,
+    ) -> SequenceRequest:
+        """A checked request for the engine core: tokenized, its policy, sparse options and KV compression
+        resolved (UnknownPolicyError, ConfigError, InvalidRequestError name what is wrong)."""
+        policy = policy or self.policy
+        get_policy(policy)
+        config = self.config.with_sparse(**policy_options) if policy_options else self.config
+        ids = self.encode(prompt) if ids is None else ids
+        kv = self.kv_config(policy)
+        return SequenceRequest(request_id, prompt, ids, params, policy, config.sparse, kv, progress, cancel)
+
+    def submit(self, request: SequenceRequest) -> None:
+        """Add a request to the engine core; its events then collect in `events(request_id)`'s inbox,
+        whoever steps the core (PromptTooLongError if it can never fit)."""
+        with self._lock:
+            self.core.add_request(request)
+            self._inbox[request.request_id] = deque()
+
+    def step(self) -> None:
+        """One engine-core step; its events go to their requests' inboxes (events of unknown ids drop)."""
+        with self._lock:
+            for event in self.core.step():
+                inbox = self._inbox.get(event.request_id)
+                if inbox is not None:
+                    inbox.append(event)
+
+    def take_events(self, request_id: str) -> list[EngineEvent]:
+        """The events of a submitted request that arrived since the last call (its inbox is dropped once
+        it has finished)."""
+        with self._lock:
+            inbox = self._inbox.get(request_id)
+            if not inbox:
+                return []
+            events = list(inbox)
+            inbox.clear()
+            if isinstance(events[-1], Finished):
+                self._inbox.pop(request_id, None)
+            return events
+
     def _next_event(self, pending: set[str]) -> EngineEvent:
         """The next event of one of `pending`, stepping the core until there is one."""
         while True:
@@ -321,10 +367,7 @@ class LLM:
                 for rid in pending:
                     if self._inbox[rid]:
                         return self._inbox[rid].popleft()
-                for event in self.core.step():
-                    inbox = self._inbox.get(event.request_id)
-                    if inbox is not None:
-                        inbox.append(event)
+                self.step()
 
 
 def _as_batch(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
