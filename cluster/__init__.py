@@ -4,7 +4,8 @@ Only this subpackage imports Ray, FastAPI or DeepSpeed's distributed parts. A re
 
     app.py            build_app: Ingress -> Engine, from the typed config (config.py)
     ingress.py        the FastAPI routes; bodies read and validated in schemas.py (wire.py: JSON/msgpack),
-                      answers shaped in openai_format.py, errors in http_errors.py
+                      answers shaped in openai_format.py, errors in http_errors.py (Ray's in
+                      ray_errors.py, shared with the job worker)
     job_store.py      the SQLite job store (records in job_types.py); job_worker.py runs its jobs
     replica.py        the engine replica: forwards an events.Request to its shard actor
     shard_actor.py    holds the LLM; answers with the typed events of events.py

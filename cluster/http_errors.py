@@ -14,12 +14,11 @@ from typing import Literal, TypedDict
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from ray import serve
-from ray.exceptions import RayActorError, RayTaskError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from entropyinfer.cluster import wire
 from entropyinfer.cluster.events import Error
+from entropyinfer.cluster.ray_errors import engine_unavailable, unwrap
 from entropyinfer.errors import ConfigError, RequestCancelled
 
 log = logging.getLogger(__name__)
@@ -72,32 +71,11 @@ def respond(request: Request, body: object, status: int = 200) -> Response:
     return Response(wire.encode(body, fmt), status_code=status, media_type=wire.media_type(fmt))
 
 
-def unwrap(exc: BaseException) -> BaseException:
-    """The original exception inside Ray's wrappers (a replica or actor re-raises what it got)."""
-    seen = 0
-    while isinstance(exc, RayTaskError) and seen < 8:
-        cause = getattr(exc, "cause", None)
-        if cause is None:
-            break
-        exc, seen = cause, seen + 1
-    return exc
-
-
-def engine_unavailable(exc: BaseException) -> bool:
-    """The engine could not take the request now (replica or actor gone or restarting, back-pressure):
-    a 503 for a client, a retry later for a job."""
-    exc = unwrap(exc)
-    return isinstance(exc, (RayActorError, serve.exceptions.BackPressureError)) or type(exc).__name__ in (
-        "DeploymentUnavailableError",
-        "ReplicaUnavailableError",
-        "ActorUnavailableError",
-    )
-
-
 def rejected(error: Error, prompt_field: str = "prompt") -> HTTPError:
     """The 400 of a request the shard rejected; a prompt too long names `prompt_field`."""
     field = error.field or prompt_field
-    return HTTPError(400, f"{field}: {error.message}", field=field)
+    message = error.message.removeprefix(f"{field}: ").removeprefix(f"{field} ")
+    return HTTPError(400, f"{field}: {message}", field=field)
 
 
 def to_http_error(exc: BaseException, prompt_field: str = "prompt") -> HTTPError:

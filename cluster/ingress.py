@@ -29,7 +29,6 @@ from entropyinfer.cluster.config import ServeAppConfig, app_config
 from entropyinfer.cluster.events import Accepted, Error, Event, Final, Prompt, Request, Token
 from entropyinfer.cluster.http_errors import (
     HTTPError,
-    engine_unavailable,
     install_handlers,
     rejected,
     respond,
@@ -46,6 +45,7 @@ from entropyinfer.cluster.job_types import (
 )
 from entropyinfer.cluster.job_worker import EngineStream, JobWorker
 from entropyinfer.cluster.metrics import JobMetrics
+from entropyinfer.cluster.ray_errors import engine_unavailable
 from entropyinfer.cluster.replica import EngineInfo, EngineStatus
 from entropyinfer.cluster.schemas import (
     ChatCompletionRequest,

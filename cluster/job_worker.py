@@ -21,9 +21,9 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from entropyinfer.cluster.config import JobsConfig
 from entropyinfer.cluster.events import Error, Event, Final, Progress, Prompt, Request, Stat
-from entropyinfer.cluster.http_errors import unwrap
 from entropyinfer.cluster.job_store import JobStore
 from entropyinfer.cluster.job_types import TERMINAL, Job, JobState, Task
+from entropyinfer.cluster.ray_errors import unwrap
 from entropyinfer.errors import InvalidRequestError
 from entropyinfer.shard.sampling import SamplingParams
 

@@ -23,9 +23,10 @@ from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
 
 from entropyinfer.cluster.config import AuthConfig, JobsConfig, ServeAppConfig
 from entropyinfer.cluster.events import Error
-from entropyinfer.cluster.http_errors import HTTPError, engine_unavailable, rejected, to_http_error
+from entropyinfer.cluster.http_errors import HTTPError, rejected, to_http_error
 from entropyinfer.cluster.ingress import HEALTH_TIMEOUT_S, INFO_TIMEOUT_S, Ingress
 from entropyinfer.cluster.launcher import EmbeddedServer
+from entropyinfer.cluster.ray_errors import engine_unavailable
 from entropyinfer.errors import InvalidRequestError, PromptTooLongError, RequestCancelled
 
 STUB_APP = "ingress-stub"
@@ -127,7 +128,7 @@ def test_engine_outages_are_transient_for_the_job_worker() -> None:
             "prompt",
             400,
             "top_p",
-            "top_p: top_p",
+            "top_p: must be in (0, 1]",
         ),
         (Error("prompt_too_long", "9000 tokens"), "messages", 400, "messages", "messages: 9000 tokens"),
         (Error("unknown_policy", "unknown 'x'", "policy"), "prompt", 400, "policy", "policy: unknown 'x'"),
