@@ -112,10 +112,12 @@ def test_early_cancels_are_bounded(smollm2: LLM, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(shard_actor, "EARLY_CANCEL_MAX", 5)
     shard = ShardActor.with_llm(smollm2)
 
-    async def scenario() -> dict[str, int]:
+    async def scenario() -> dict[str, object]:
         for i in range(50):
             await shard.cancel(f"r{i}")
-        return dict(await shard.stats())
+        stats = dict(await shard.stats())
+        stats.pop("engine_core")
+        return stats
 
     assert asyncio.run(scenario()) == {"busy": 0, "running": 0, "cancelled": 0, "early_cancels": 5}
 
@@ -130,7 +132,11 @@ def test_a_cancel_that_arrives_before_its_request_is_honoured(smollm2: LLM) -> N
     events = asyncio.run(scenario())
     n = smollm2.count_tokens(STORY)
     assert events[0] == Accepted(n) and events[-1] == Final("", "cancelled", 0, n)
-    assert asyncio.run(shard.stats()) == {"busy": 0, "running": 0, "cancelled": 1, "early_cancels": 0}
+    stats = asyncio.run(shard.stats())
+    assert {k: stats[k] for k in ("busy", "running", "cancelled", "early_cancels")} == {  # type: ignore[literal-required]
+        "busy": 0, "running": 0, "cancelled": 1, "early_cancels": 0
+    }  # fmt: skip
+    assert stats["engine_core"]["running"] == 0 and stats["engine_core"]["kv_pages_used"] == 0
 
 
 def test_a_cancel_during_the_request_stops_the_model(smollm2: LLM) -> None:
@@ -150,7 +156,11 @@ def test_a_cancel_during_the_request_stops_the_model(smollm2: LLM) -> None:
     final = events[-1]
     assert isinstance(final, Final) and final.cancelled and elapsed < 5.0
     assert sum(isinstance(e, Token) for e in events) < 64  # stopped, not run to its 64 tokens
-    assert asyncio.run(shard.stats()) == {"busy": 0, "running": 0, "cancelled": 1, "early_cancels": 0}
+    stats = asyncio.run(shard.stats())
+    assert {k: stats[k] for k in ("busy", "running", "cancelled", "early_cancels")} == {  # type: ignore[literal-required]
+        "busy": 0, "running": 0, "cancelled": 1, "early_cancels": 0
+    }  # fmt: skip
+    assert stats["engine_core"]["running"] == 0 and stats["engine_core"]["kv_pages_used"] == 0
 
 
 def test_leaving_the_stream_early_stops_the_model(smollm2: LLM) -> None:
@@ -165,5 +175,6 @@ def test_leaving_the_stream_early_stops_the_model(smollm2: LLM) -> None:
         await stream.aclose()
         return await _idle(shard, cancelled=1)
 
-    stats = asyncio.run(scenario())
+    stats = dict(asyncio.run(scenario()))
+    assert stats.pop("engine_core")["kv_pages_used"] == 0  # the cancelled request's pages are back
     assert stats == {"busy": 0, "running": 0, "cancelled": 1, "early_cancels": 0}
