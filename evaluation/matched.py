@@ -84,7 +84,7 @@ def calibrate(
     family: Family,
     base: SparsePrefillConfig,
     target: float,
-    iters: int = 7,
+    iters: int = 8,
 ) -> tuple[float, float, list[tuple[float, float]]]:
     """(knob value, its mean density over `prompts`, every (value, density) tried) closest to `target`."""
     lo, hi = family.lo, family.hi
@@ -95,13 +95,12 @@ def calibrate(
         tried.append((v, d))
         return d
 
-    for _ in range(iters):
+    for _ in range(iters):  # bisection in log space (budgets: on multiples of `step`)
+        mid = math.sqrt(lo * hi)
         if family.step:
-            mid = float(round((lo + hi) / 2 / family.step) * family.step)
+            mid = float(max(round(mid / family.step), 1) * family.step)
             if mid in (lo, hi):
                 break
-        else:
-            mid = math.sqrt(lo * hi)
         if at(mid) < target:
             lo = mid
         else:
