@@ -116,6 +116,7 @@ class KVPages:
         if self.free_pages < n:
             raise MemoryError(f"{n} KV pages asked, {self.free_pages} free")
         seq.block_table = [[f.pop() for _ in range(n)] for f in self._free]
+        seq.table_cache = None
         seq.kv_lengths = torch.zeros(self.num_layers, self.num_kv_heads, dtype=torch.int32)
 
     def allocate_heads(self, seq: Sequence, needs: list[int]) -> None:
@@ -123,6 +124,7 @@ class KVPages:
         if not self.can_take(needs):
             raise MemoryError(f"KV pages asked per head {needs}, free {[len(f) for f in self._free]}")
         seq.block_table = [[f.pop() for _ in range(n)] for f, n in zip(self._free, needs, strict=True)]
+        seq.table_cache = None
 
     def grow(self, seq: Sequence, extra: int = 1) -> bool:
         """Room for `extra` more tokens in every (layer, head) of `seq`; False (nothing taken) if short."""
@@ -138,6 +140,7 @@ class KVPages:
         for table, free in zip(seq.block_table, self._free, strict=True):
             free.extend(reversed(table))
         seq.block_table = []
+        seq.table_cache = None
 
     # ------------------------------------------------------------------------------------ moving tokens
     def write_prompt(self, seq: Sequence, staging: KVCache, n: int) -> None:
@@ -202,7 +205,26 @@ class KVPages:
 
     # ------------------------------------------------------------------------------------ batch tensors
     def batch_tables(self, seqs: list[Sequence]) -> torch.Tensor:
-        """int32 ``[B, Hkv, max_pages]`` block tables of a decode batch (padded)."""
-        width = max(len(t) for s in seqs for t in s.block_table)
-        rows = [[t + [t[-1]] * (width - len(t)) for t in s.block_table] for s in seqs]
-        return torch.tensor(rows, dtype=torch.int32, device=self.device)
+        """int32 ``[B, Hkv, max_pages]`` block tables of a decode batch (padded with each row's last page).
+
+        Each sequence's table lives on the device and is rebuilt only when its pages change (a new page
+        every `page_size` tokens, compression, preemption), so a step costs no host-to-device copy of
+        tables that grow to thousands of pages per head at 128k tokens."""
+        tables = [self._device_table(s) for s in seqs]
+        if len(tables) == 1:
+            return tables[0][None]
+        width = max(t.shape[1] for t in tables)
+        out = torch.empty(len(seqs), self.num_kv_heads, width, dtype=torch.int32, device=self.device)
+        for i, t in enumerate(tables):
+            out[i, :, : t.shape[1]] = t
+            out[i, :, t.shape[1] :] = t[:, -1:]
+        return out
+
+    def _device_table(self, seq: Sequence) -> torch.Tensor:
+        """int32 ``[Hkv, pages]`` on the device, padded per head with the head's last page."""
+        shape = tuple(len(t) for t in seq.block_table)  # pages are only appended between reassignments
+        if seq.table_cache is None or seq.table_cache[0] != shape:
+            width = max(len(t) for t in seq.block_table)
+            rows = [t + [t[-1]] * (width - len(t)) for t in seq.block_table]
+            seq.table_cache = (shape, torch.tensor(rows, dtype=torch.int32, device=self.device))
+        return seq.table_cache[1]

@@ -126,6 +126,9 @@ class Sequence:
         self.detokenizer = IncrementalDetokenizer(tokenizer)
         # KV state
         self.block_table: list[list[int]] = []
+        # The device copy of block_table for decode and the per-head page counts it was made from (`KVPages`;
+        # reset whenever block_table is replaced).
+        self.table_cache: tuple[tuple[int, ...], torch.Tensor] | None = None
         self.kv_lengths: torch.Tensor | None = None
         self.swapped_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer, while swapped
         self.swapped_pages: list[int] = []  # pages per head it held when swapped out
