@@ -17,6 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import inspect
 import re
+from pathlib import Path
 
 import pytest
 
@@ -47,6 +48,31 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+# A 2-layer random-weight Llama of real structure (GQA 4/2), for tests where quality does not matter.
+TINY_LLAMA = dict(
+    model_type="llama",
+    architectures=["LlamaForCausalLM"],
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A checkpoint folder of TINY_LLAMA for `load_format="dummy"`: config.json plus a byte-level tokenizer
+    (one byte = one token), no weights."""
+    from entropyinfer.shard.dummy_checkpoint import write_dummy_checkpoint
+
+    return write_dummy_checkpoint(tmp_path_factory.mktemp("tiny"), TINY_LLAMA)
 
 
 @pytest.fixture(scope="session")

@@ -10,27 +10,11 @@ import pytest
 from entropyinfer import LLM, SamplingParams
 from entropyinfer.cluster.events import Final, Request, Token
 from entropyinfer.cluster.shard_actor import ShardActor
-from entropyinfer.shard.dummy_checkpoint import write_dummy_checkpoint
-
-TINY = dict(
-    model_type="llama",
-    architectures=["LlamaForCausalLM"],
-    vocab_size=320,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=1024,
-    rope_theta=500000.0,
-    rms_norm_eps=1e-5,
-)
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory: pytest.TempPathFactory) -> LLM:
-    folder: Path = write_dummy_checkpoint(tmp_path_factory.mktemp("tiny"), TINY)
-    return LLM(str(folder), load_format="dummy", device="cpu", warm_up_kernels=False)
+def llm(tiny_checkpoint: Path) -> LLM:
+    return LLM(str(tiny_checkpoint), load_format="dummy", device="cpu", warm_up_kernels=False)
 
 
 def test_concurrent_requests_decode_together_and_match_one_at_a_time(llm: LLM) -> None:

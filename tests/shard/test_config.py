@@ -11,26 +11,11 @@ from entropyinfer import LLM, ConfigError, SamplingParams, UnknownPolicyError
 from entropyinfer.configs.loader import KeywordSection, split_keywords
 from entropyinfer.policies.registry import POLICY_NAMES
 from entropyinfer.shard.config import EngineConfig, LLMConfig, default_sparse_preset
-from entropyinfer.shard.dummy_checkpoint import write_dummy_checkpoint
-
-TINY = dict(
-    model_type="llama",
-    architectures=["LlamaForCausalLM"],
-    vocab_size=320,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=1024,
-    rope_theta=500000.0,
-    rms_norm_eps=1e-5,
-)
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_dummy_checkpoint(tmp_path_factory.mktemp("tiny"), TINY)
+def folder(tiny_checkpoint: Path) -> Path:
+    return tiny_checkpoint
 
 
 def test_keywords_land_in_their_sections() -> None:

@@ -10,23 +10,9 @@ from pathlib import Path
 import pytest
 
 from entropyinfer import LLM, PromptTooLongError, RequestCancelled, SamplingParams
-from entropyinfer.shard.dummy_checkpoint import write_dummy_checkpoint
 from entropyinfer.shard.engine_core import Finished, TokenDelta
 from entropyinfer.shard.sequence import IncrementalDetokenizer, SequenceRequest
 
-TINY = dict(
-    model_type="llama",
-    architectures=["LlamaForCausalLM"],
-    vocab_size=320,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=1024,
-    rope_theta=500000.0,
-    rms_norm_eps=1e-5,
-)
 PROMPTS = [f"request {i}: " + "abc " * (3 * i + 1) for i in range(8)]
 PARAMS = SamplingParams(max_tokens=12, ignore_eos=True)
 # short-context sparse settings, so a 300-token prompt has sparse segments
@@ -34,8 +20,8 @@ SPARSE = dict(segment_size=64, block_size=8, threshold_len=64, base_budget=32, f
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_dummy_checkpoint(tmp_path_factory.mktemp("tiny"), TINY)
+def folder(tiny_checkpoint: Path) -> Path:
+    return tiny_checkpoint
 
 
 def tiny(folder: Path, **kw: object) -> LLM:

@@ -4,31 +4,18 @@ tokenizer (the byte-level one of shard/dummy_checkpoint.py), through LLM, the sh
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 import torch
 
 from entropyinfer import LLM, CheckpointNotFoundError, ConfigError, SamplingParams
-from entropyinfer.shard.dummy_checkpoint import BOS_ID, byte_symbols, write_dummy_checkpoint
-
-TINY_LLAMA = dict(
-    model_type="llama",
-    architectures=["LlamaForCausalLM"],
-    vocab_size=320,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=1024,
-    rope_theta=500000.0,
-    rms_norm_eps=1e-5,
-)
+from entropyinfer.shard.dummy_checkpoint import BOS_ID, byte_symbols
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory: pytest.TempPathFactory):
-    return write_dummy_checkpoint(tmp_path_factory.mktemp("dummy"), TINY_LLAMA)
+def folder(tiny_checkpoint: Path) -> Path:
+    return tiny_checkpoint
 
 
 def test_the_byte_symbols_are_gpt2s() -> None:
