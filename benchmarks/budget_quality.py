@@ -123,10 +123,9 @@ def main() -> None:
 
     def save(phase: str, complete: bool = False) -> None:
         rows = summarize_matched(state["retrieval"], state["text"])
-        verdict = {
-            base_name: matched_verdict(rows, "entropy spread", base_name)
-            for base_name in ("fixed", "fixed matched", "entropy per_head")
-        }
+        pairs = [("entropy spread", "fixed"), ("entropy spread", "fixed matched"),
+                 ("entropy spread", "entropy per_head"), ("entropy per_head", "fixed")]  # fmt: skip
+        verdict = {f"{c} vs {b}": matched_verdict(rows, c, b) for c, b in pairs}
         meta.update(phase=phase, complete=complete, seconds=round(time.perf_counter() - t0, 1))
         (out / "budget_quality.json").write_text(
             json.dumps({"meta": meta, "rows": rows, "verdict": verdict, **state}, indent=1, default=str)
@@ -257,12 +256,12 @@ def report(
         "",
         markdown_table(COLUMNS, rows),  # type: ignore[arg-type]
         "",
-        "## Verdict per level (entropy spread vs baseline)",
+        "## Verdict per level (candidate vs baseline; per_head is the default mode of the presets)",
         "",
     ]
-    for base_name, items in verdict.items():
+    for pair, items in verdict.items():
         for v in items:
-            lines.append(f"- vs {base_name}, level {v['level']}: {json.dumps(v, default=str)}")
+            lines.append(f"- {pair}, level {v['level']}: {json.dumps(v, default=str)}")
     return "\n".join(lines) + "\n"
 
 
