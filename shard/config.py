@@ -105,6 +105,12 @@ class EngineConfig:
     # GPU: compile the sparse-prefill kernels for every block-count size class when the model loads, so the
     # first long request of each size does not pay Triton's compile time (a few seconds, once per process).
     warm_up_kernels: bool = True
+    # Chunked prefill (shard/engine_core.py): a prompt runs in chunks of at most `max_num_batched_tokens`
+    # tokens (aligned to the sparse segment size) interleaved with decode steps, for every policy whose
+    # budget rule is causal (dense, fixed, entropy in `causal` / `spread` mode); others run one-shot.
+    enable_chunked_prefill: bool = True
+    # Automatic prefix caching: full KV pages keyed by their tokens and everything that shaped their KV.
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         for name in (

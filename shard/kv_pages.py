@@ -65,8 +65,10 @@ class KVPages:
     ) -> None:
         self.num_pages, self.page_size = num_pages, page_size
         self.num_layers, self.num_kv_heads, self.head_dim = arch.num_layers, arch.num_kv_heads, arch.head_dim
-        shape = (arch.num_layers, 2, num_pages, arch.num_kv_heads, page_size, arch.head_dim)
+        # one extra page, `scratch_page`, never handed out: padded rows of a CUDA-graph decode batch write there
+        shape = (arch.num_layers, 2, num_pages + 1, arch.num_kv_heads, page_size, arch.head_dim)
         self.data = torch.zeros(shape, device=device, dtype=dtype)
+        self.scratch_page = num_pages
         # per KV head, a stack of free page ids (page 0 handed out first)
         self._free: list[list[int]] = [list(range(num_pages - 1, -1, -1)) for _ in range(arch.num_kv_heads)]
         self.device = device
