@@ -227,7 +227,11 @@ class ObservationPool:
     sink that decode steps of other sequences write into, so one batched write serves every batch. A
     sequence with window ``W`` uses slots ``0 .. W-1`` of its row as `ObservationWindow` does: prefill puts
     the last ``W - N_D`` prompt queries in slots ``N_D .. W-1``, decode step ``i`` (from 1) writes slot
-    ``(i - 1) mod W``. Rows and width grow on demand (the tensor is reallocated, contents kept)."""
+    ``(i - 1) mod W``. Rows and width grow on demand (the tensor is reallocated, contents kept: a CUDA graph
+    that writes ``q`` must be captured again then, see `shard/paged_decode.py`). `scratch_row` (row 0) is
+    never handed out: padded rows of a graphed decode batch, and sequences without a window, write there."""
+
+    scratch_row = 0
 
     def __init__(self, arch: ModelArch, device: torch.device, dtype: torch.dtype) -> None:
         self.arch, self.device, self.dtype = arch, device, dtype
@@ -274,6 +278,15 @@ class PromptObserver:
 
     def record_prompt(self, layer: int, slot: int, q_all: torch.Tensor, n: int) -> None:
         self.pool.record_prompt(self.row, layer, q_all, n, self.cfg.window, self.cfg.prompt_queries)
+
+    def record_chunk(self, layer: int, q: torch.Tensor, start: int, seq_len: int) -> None:
+        """A prefill chunk's queries q ``[Hq, C, d]`` (positions ``start ..``) that are among the prompt's
+        last ``prompt_queries``: into their slots of the row (the chunks of a prompt fill it together)."""
+        w, p = self.cfg.window, min(self.cfg.prompt_queries, seq_len)
+        lo, hi = max(start, seq_len - p), min(start + q.shape[1], seq_len)
+        if lo < hi:
+            first = w - p + lo - (seq_len - p)
+            self.pool.q[layer, self.row, :, first : first + hi - lo] = q[:, lo - start : hi - start]
 
 
 def compression_due(seq: Sequence, cfg: KVCompressionConfig) -> bool:

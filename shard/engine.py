@@ -31,9 +31,15 @@ ProgressFn = Callable[[int, int], None]
 
 
 class PromptQueries(Protocol):
-    """Where prefill puts the last prompt queries of every layer (`ObservationWindow`, `PromptObserver`)."""
+    """Where prefill puts the last prompt queries of every layer (`ObservationWindow`)."""
 
     def record_prompt(self, layer: int, slot: int, q_all: torch.Tensor, n: int) -> None: ...
+
+
+class ChunkQueries(Protocol):
+    """Where a paged prefill chunk puts its queries among the prompt's last ones (`PromptObserver`)."""
+
+    def record_chunk(self, layer: int, q: torch.Tensor, start: int, seq_len: int) -> None: ...
 
 
 class Engine:
@@ -95,6 +101,77 @@ class Engine:
         if all_logits:
             return torch.cat([self.model.logits(h[c0:c1]) for c0, c1 in spans])
         return self.model.logits(h[n - 1])
+
+    @torch.inference_mode()
+    def prefill_pages(
+        self,
+        tokens: torch.Tensor,
+        start: int,
+        seq_len: int,
+        pages: KVPages,
+        table: torch.Tensor,
+        attention: PrefillAttention,
+        *,
+        progress: ProgressFn | None = None,
+        cancel: threading.Event | None = None,
+        observe: ChunkQueries | None = None,
+    ) -> torch.Tensor | None:
+        """Run prompt positions ``[start, start + len(tokens))`` of a `seq_len`-token prompt through every
+        layer, straight into paged KV (the engine core's prefill, one chunk at a time or the whole prompt).
+
+        table: int64 ``[Hkv, pages]`` on the device, the sequence's pages, covering the chunk's end; the
+        chunk's keys and values are written there, and the chunk attends over the keys ``[0, end)``: the
+        chunk's own when it starts at 0, else the prefix gathered from the pages into one contiguous
+        ``[Hkv, end, d]`` per layer (the sparse and fused dense kernels read contiguous keys; the gather is
+        one copy of the prefix per layer, freed before the next). A chunk at 0 that covers the whole prompt
+        runs the attention's one-shot call, any other its `chunk` call (`shard/attention.py`), which picks
+        the same blocks as one-shot under causal budget rules. The caller has run the attention's `begin`
+        (if it has one) for this prompt. -> fp32 logits of the prompt's last position
+        [vocab] when the chunk ends the prompt, else None."""
+        c, end = tokens.shape[0], start + tokens.shape[0]
+        hq, hkv, d, ps = self.arch.num_heads, self.arch.num_kv_heads, self.arch.head_dim, pages.page_size
+        step = self.config.prefill_chunk_size
+        spans = [(c0, min(c, c0 + step)) for c0 in range(0, c, step)]
+        h = self.model.model.embed_tokens(tokens.to(self.device))  # [C, hidden]
+        cos, sin = self.model.rotary(torch.arange(start, end, device=self.device), self.dtype)
+        q = torch.empty(hq, c, d, device=self.device, dtype=self.dtype)
+        k = torch.empty(hkv, c, d, device=self.device, dtype=self.dtype)
+        v = torch.empty(hkv, c, d, device=self.device, dtype=self.dtype)
+        pos = torch.arange(start, end, device=self.device)
+        write_page, write_off = table[:, pos // ps], (pos % ps)[None, :]  # [Hkv, C], [1, C]
+        heads = torch.arange(hkv, device=self.device)[:, None]
+        prefix = table[:, : -(-end // ps)]  # [Hkv, P]
+        one_shot = start == 0 and end == seq_len
+        for li, layer in enumerate(self.model.layers):
+            for c0, c1 in spans:  # rope writes q and k straight into the chunk buffers
+                _, _, vv = layer.attention_inputs(
+                    h[None, c0:c1], cos[c0:c1], sin[c0:c1], q[None, :, c0:c1], k[None, :, c0:c1]
+                )
+                v[:, c0:c1] = vv[0]
+            k_pages, v_pages = pages.k(li), pages.v(li)
+            k_pages[write_page, heads, write_off] = k
+            v_pages[write_page, heads, write_off] = v
+            if observe is not None:
+                observe.record_chunk(li, q, start, seq_len)
+            if start == 0:
+                keys, values = k, v
+            else:
+                keys = k_pages[prefix, heads].reshape(hkv, -1, d)[:, :end]
+                values = v_pages[prefix, heads].reshape(hkv, -1, d)[:, :end]
+            if one_shot:
+                attn = attention(li, q, keys, values)  # [Hq, C, d]
+            else:
+                attn = attention.chunk(li, q, keys, values, start, seq_len)  # type: ignore[attr-defined]
+            del keys, values
+            for c0, c1 in spans:
+                a = attn[:, c0:c1].transpose(0, 1).reshape(1, c1 - c0, hq * d)
+                h[c0:c1] = layer.finish(h[None, c0:c1], a)[0]
+            del attn
+            if cancel is not None and cancel.is_set():
+                raise RequestCancelled("request cancelled during prefill")
+            if progress is not None:
+                progress(start + c * (li + 1) // len(self.model.layers), seq_len)
+        return self.model.logits(h[c - 1]) if end == seq_len else None
 
     @torch.inference_mode()
     def decode_step(

@@ -11,15 +11,20 @@ A step (1) ends cancelled sequences, (2) compresses the running sequences whose 
 (latent after N_D decode steps, SnapKV right after prefill, then every R steps), so the pages they free
 serve this very step, (3) asks the `Scheduler` what to run, (4) decodes one token for every scheduled
 running sequence in one batched forward over paged KV (`Engine.decode_paged`; each sequence at its own
-position, with its own lengths per (layer, KV head)), and (5) prefills the admitted prompts, each one-shot
-into a contiguous staging cache with its own policy's attention (the sparse kernels read contiguous
-[Hkv, N, d]) and then copied into its pages. Every sequence keeps its own policy, sparse settings,
-compression schedule and observation window, sampling parameters and stop rules.
+position, with its own lengths per (layer, KV head)), and (5) runs the scheduled prefill chunks, each
+through every layer straight into the sequence's pages (`Engine.prefill_pages`) with its own policy's
+attention object, which carries the policy's per-layer state from one chunk to the next. A prompt whose
+first pages are in the prefix cache (`shard/prefix_cache.py`) starts after them, from the causal policy
+state stored with the last one (sparse); the pages each chunk completes are shared at once, so requests
+that arrive while a document prefills wait for its pages instead of prefilling it again. Every sequence
+keeps its own policy, sparse settings, compression schedule and observation window, sampling parameters
+and stop rules.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from dataclasses import dataclass
 
@@ -27,12 +32,13 @@ import torch
 
 from entropyinfer.errors import PromptTooLongError, RequestCancelled
 from entropyinfer.policies.kv_compression import KVCompressionConfig, head_capacities
-from entropyinfer.shard.attention import SparsePrefill, build_prefill_attention
+from entropyinfer.shard.attention import PrefillAttention, SparsePrefill, build_prefill_attention
 from entropyinfer.shard.compression import ObservationPool, PromptObserver, compress_sequence, compression_due
 from entropyinfer.shard.engine import Engine
 from entropyinfer.shard.kv_pages import KVPages, pool_pages
+from entropyinfer.shard.prefix_cache import page_names
 from entropyinfer.shard.sampling import make_generator, sample
-from entropyinfer.shard.scheduler import Scheduler
+from entropyinfer.shard.scheduler import Chunk, Scheduler
 from entropyinfer.shard.sequence import RequestOutput, Sequence, SequenceRequest
 
 
@@ -92,8 +98,45 @@ class EngineCore:
             stop_ids |= self.eos_token_ids
         generator = make_generator(request.params, self.device)
         seq = Sequence(request, self.tokenizer, stop_ids, generator, next(self._arrivals))
+        self._plan_prefill(seq)
         self.seqs[request.request_id] = seq
         self.scheduler.add(seq)
+
+    def _new_attention(self, seq: Sequence) -> PrefillAttention:
+        req = seq.request
+        attention = build_prefill_attention(req.policy, req.sparse)
+        begin = getattr(attention, "begin", None)
+        if begin is not None:  # per-prompt setup (the fixed policy's budget for a target density)
+            begin(self.arch.num_layers, seq.num_prompt_tokens)
+        return attention
+
+    def _plan_prefill(self, seq: Sequence) -> None:
+        """How `seq` may prefill: its chunk unit, and what it may take from and give to the prefix cache
+        (see `shard/prefix_cache.py` and the scheduler's docstring)."""
+        req, n, ps = seq.request, seq.num_prompt_tokens, self.pages.page_size
+        attention = self._new_attention(seq)
+        seq.attention = attention
+        if not getattr(attention, "chunkable", False):
+            return  # a non-causal budget rule: one-shot, and no prefix cache
+        keep = 1  # a reader recomputes at least the last position (its logits) ...
+        if req.kv is not None and req.params.max_tokens > 1:  # ... and the queries compression observes
+            keep = max(keep, req.kv.prompt_queries)
+        if isinstance(attention, SparsePrefill):
+            unit = math.lcm(req.sparse.segment_size, ps)
+            seq.chunk_unit, seq.resume_unit = unit, unit // ps
+            last_segment = (n - 1) // req.sparse.segment_size * req.sparse.segment_size
+            limit = min(last_segment, n - keep)
+            profiled = n > max(req.sparse.threshold_len, req.sparse.segment_size) + req.sparse.segment_size
+            seq.share_pages = last_segment // ps if profiled else 0  # the writer's last segment ran dense
+            key: tuple = ("sparse", attention.policy, attention.layer_config)
+        else:
+            seq.chunk_unit = ps
+            limit, seq.share_pages, key = n - keep, n // ps, ("dense",)
+        if self.config.enable_prefix_caching and getattr(attention, "prefix_cacheable", True):
+            seq.cache_limit = max(limit, 0) // ps
+            seq.page_names = page_names(seq.prompt_ids, ps, key)
+        else:
+            seq.share_pages = 0
 
     def abort(self, request_id: str) -> Finished | None:
         """End a request now (its pages go back to the pool); its `Finished` event, or None if unknown."""
@@ -118,35 +161,50 @@ class EngineCore:
         scheduled = self.scheduler.schedule()
         if scheduled.decode:
             events += self._decode(scheduled.decode)
-        for seq in scheduled.prefill:
-            events += self._prefill(seq)
+        for chunk in scheduled.prefill:
+            events += self._prefill(chunk)
         return events
 
     @torch.inference_mode()
-    def _prefill(self, seq: Sequence) -> list[EngineEvent]:
+    def _prefill(self, chunk: Chunk) -> list[EngineEvent]:
+        seq, start, end = chunk.seq, chunk.start, chunk.end
         req, n = seq.request, seq.num_prompt_tokens
-        attention = build_prefill_attention(req.policy, req.sparse)
-        staging = self.engine.new_cache(1, n)
-        observer = None
-        if req.kv is not None and req.params.max_tokens > 1:
+        if seq.attention is None:  # a recompute after preemption starts afresh
+            seq.attention = self._new_attention(seq)
+        attention = seq.attention
+        if seq.prefill_started is None:  # the prompt's first chunk
+            seq.prefill_started = _now(self.device)
+            state = self.pages.cache.entries[seq.cached_names[-1]].state if start else None
+            if state is not None:  # a sparse prefix from the cache: continue its causal policy state
+                attention.resume(state)
+        if req.kv is not None and req.params.max_tokens > 1 and seq.observer is None:
             if seq.obs_row is None:
                 seq.obs_row = self.obs.acquire(req.kv.window)
-            observer = PromptObserver(self.obs, seq.obs_row, req.kv)
-        t0 = _now(self.device)
+            seq.observer = PromptObserver(self.obs, seq.obs_row, req.kv)
+        table = self.pages.device_table(seq).long()
         try:
-            logits = self.engine.prefill(
-                torch.tensor(seq.prompt_ids, dtype=torch.long),
-                staging,
-                0,
+            logits = self.engine.prefill_pages(
+                torch.tensor(seq.prompt_ids[start:end], dtype=torch.long),
+                start,
+                n,
+                self.pages,
+                table,
                 attention,
                 progress=req.progress,
                 cancel=req.cancel,
-                observe=observer,
+                observe=seq.observer,
             )
         except RequestCancelled:
             return [self._finish(seq, "cancelled")]
-        self.pages.write_prompt(seq, staging, n)
-        del staging
+        seq.num_computed = end
+        assert seq.kv_lengths is not None
+        seq.kv_lengths.fill_(end)
+        seq.stats["prefill_chunks"] = seq.stats.get("prefill_chunks", 0) + 1
+        self._share(seq, end)
+        if logits is None:
+            return []
+        prefill_s = _now(self.device) - (seq.prefill_started or 0.0)
+        seq.prefill_started, seq.observer = None, None
         if req.kv is not None:
             entropy = (
                 attention.head_entropy(self.arch.num_kv_heads)
@@ -157,9 +215,26 @@ class EngineCore:
         if seq.output_ids:  # a recompute after preemption: the outputs so far are replayed by decode
             return []
         token = sample(logits, req.params, seq.generator)
-        seq.stats["prefill_ms"] = (_now(self.device) - t0) * 1e3
+        seq.stats["prefill_ms"] = prefill_s * 1e3
         seq.stats.update(attention.stats())
         return self._emit(seq, token)
+
+    def _share(self, seq: Sequence, end: int) -> None:
+        """Register the pages of `seq` that this chunk completed in the prefix cache (with the causal
+        policy state at the segment boundaries among them, for sparse readers)."""
+        ps = self.pages.page_size
+        upto = min(end // ps, seq.share_pages)
+        first = len(seq.cached_names)
+        if upto <= first:
+            return
+        states: dict[int, object] = {}
+        state_at = getattr(seq.attention, "state_at", None)
+        if isinstance(seq.attention, SparsePrefill) and state_at is not None:
+            s_len = seq.request.sparse.segment_size
+            for i in range(first, upto):
+                if (i + 1) * ps % s_len == 0:
+                    states[i] = state_at((i + 1) * ps // s_len)
+        self.pages.register(seq, seq.page_names, upto, states)
 
     @torch.inference_mode()
     def _decode(self, seqs: list[Sequence]) -> list[EngineEvent]:
@@ -265,6 +340,10 @@ class EngineCore:
             "preempted": s.num_preempted,
             "kv_pages_used": self.pages.used_pages,
             "kv_pages_total": self.pages.num_pages,
+            "prefix_cache_pages": len(self.pages.cache.entries),
+            "prefix_cache_queries": self.pages.cache.queried_tokens,
+            "prefix_cache_hits": self.pages.cache.hit_tokens,
+            "prefix_cache_hit_rate": self.pages.cache.hit_rate,
         }
 
 

@@ -14,8 +14,12 @@ masks them but ``0 * NaN`` is NaN) and returned to the free lists the moment a s
 cancelled, compressed or preempted.
 
 `pool_pages` sizes the pool: an explicit `num_kv_pages`, or on GPU `gpu_memory_utilization` of the device
-memory minus what is in use and a reserve for the largest prefill (its contiguous staging cache and its
-activations), or on CPU 2 x the context.
+memory minus what is in use and a reserve for the largest prefill chunk (a whole prompt: its activations
+and one layer's keys and values gathered from the pages), or on CPU 2 x the context.
+
+Prefix caching (`shard/prefix_cache.py`) lives here too: a page of every head can be a shared cache entry,
+referenced by several sequences (the first pages of their block tables, `Sequence.cached_names`), kept
+resident when nobody references it and evicted least recently used when fresh pages run out.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 
 from entropyinfer.shard.arch import ModelArch
 from entropyinfer.shard.config import EngineConfig
-from entropyinfer.shard.kv_cache import KVCache
+from entropyinfer.shard.prefix_cache import PrefixCache
 from entropyinfer.shard.sequence import Sequence
 
 
@@ -43,12 +47,14 @@ def pool_pages(
     if device.type != "cuda":
         return pages_for(2 * max_context, cfg.kv_page_size)
     free, total = torch.cuda.mem_get_info(device)
-    staging = arch.kv_bytes_per_token(elem) * max_context  # the contiguous cache of one prefill
-    q_all = arch.num_heads * arch.head_dim * max_context * elem  # prefill's query buffer, all positions
+    # a prefill chunk can be a whole prompt (one alone in its step): its keys and values, and one layer's
+    # prefix gathered from the pages, its queries and attention output, its hidden states
+    layer_kv = arch.kv_bytes_per_token(elem) // arch.num_layers * max_context
+    q_all = 2 * arch.num_heads * arch.head_dim * max_context * elem
     hidden = 2 * arch.hidden_size * max_context * elem  # hidden states + one layer's output
     chunk = min(cfg.prefill_chunk_size, max_context)
-    mlp = 4 * arch.intermediate_size * chunk * elem  # token-wise activations of one chunk
-    reserve = staging + q_all + hidden + mlp + (1 << 30)  # 1 GiB for sparse profiling, logits, graphs
+    mlp = 4 * arch.intermediate_size * chunk * elem  # token-wise activations of one sub-chunk
+    reserve = 2 * layer_kv + q_all + hidden + mlp + (1 << 30)  # 1 GiB: sparse profiling, logits, graphs
     budget = int(total * cfg.gpu_memory_utilization) - (total - free) - reserve
     pages = budget // page_bytes
     if pages < 1:
@@ -65,13 +71,14 @@ class KVPages:
     ) -> None:
         self.num_pages, self.page_size = num_pages, page_size
         self.num_layers, self.num_kv_heads, self.head_dim = arch.num_layers, arch.num_kv_heads, arch.head_dim
-        # one extra page, `scratch_page`, never handed out: padded rows of a CUDA-graph decode batch write there
+        # one extra page, `scratch_page`, never handed out: padded rows of a graphed decode batch write there
         shape = (arch.num_layers, 2, num_pages + 1, arch.num_kv_heads, page_size, arch.head_dim)
         self.data = torch.zeros(shape, device=device, dtype=dtype)
         self.scratch_page = num_pages
         # per KV head, a stack of free page ids (page 0 handed out first)
         self._free: list[list[int]] = [list(range(num_pages - 1, -1, -1)) for _ in range(arch.num_kv_heads)]
         self.device = device
+        self.cache = PrefixCache()
 
     def k(self, layer: int) -> torch.Tensor:
         return self.data[layer, 0]
@@ -82,14 +89,16 @@ class KVPages:
     # ------------------------------------------------------------------------------------------ counting
     @property
     def free_pages(self) -> int:
-        """Pages free in every head (what an uncompressed sequence can still take)."""
-        return min(len(f) for f in self._free)
+        """Pages an uncompressed sequence can still take in every head: free ones, plus the resident prefix
+        cache pages that nobody references (evicted on demand)."""
+        return min(len(f) for f in self._free) + self.cache.evictable
 
     @property
     def used_pages(self) -> int:
-        """Pages held, counted per head and averaged (a page of all heads counts once)."""
+        """Pages held by sequences, counted per head and averaged (a page of all heads counts once);
+        resident cache pages nobody references do not count."""
         held = sum(self.num_pages - len(f) for f in self._free)
-        return round(held / self.num_kv_heads)
+        return round(held / self.num_kv_heads) - self.cache.evictable
 
     @property
     def page_bytes(self) -> int:
@@ -109,23 +118,51 @@ class KVPages:
         ]
 
     def can_take(self, needs: list[int]) -> bool:
-        return all(len(f) >= n for f, n in zip(self._free, needs, strict=True))
+        spare = self.cache.evictable
+        return all(len(f) + spare >= n for f, n in zip(self._free, needs, strict=True))
 
     # ---------------------------------------------------------------------------------------- allocating
-    def allocate(self, seq: Sequence, tokens: int) -> None:
-        """Give a sequence without pages room for `tokens` tokens in every head (lengths zero)."""
+    def _take(self, head: int, n: int) -> list[int]:
+        """`n` page ids of one head: free ones first, then evicting unreferenced cache entries (LRU)."""
+        free = self._free[head]
+        while len(free) < n:
+            entry = self.cache.evict()
+            if entry is None:
+                raise MemoryError(f"{n} KV pages asked in head {head}, {len(free)} free")
+            for f, page in zip(self._free, entry.pages, strict=True):
+                f.append(page)
+        return [free.pop() for _ in range(n)]
+
+    def allocate(self, seq: Sequence, tokens: int, cached: list[bytes] | None = None) -> None:
+        """Give a sequence without pages room for `tokens` tokens in every head (lengths zero): its first
+        pages are the prefix cache entries named `cached` (a reference each), the rest fresh."""
+        cached = cached or []
         n = self.pages(tokens)
-        if self.free_pages < n:
-            raise MemoryError(f"{n} KV pages asked, {self.free_pages} free")
-        seq.block_table = [[f.pop() for _ in range(n)] for f in self._free]
+        entries = [self.cache.acquire(name) for name in cached]  # off the eviction list before taking
+        fresh = n - len(entries)
+        if self.free_pages < fresh:
+            for name in cached:
+                self.cache.release(name)
+            raise MemoryError(f"{fresh} KV pages asked, {self.free_pages} free")
+        seq.block_table = [[e.pages[h] for e in entries] for h in range(self.num_kv_heads)]
+        for h, table in enumerate(seq.block_table):
+            table.extend(self._take(h, fresh))
+        seq.cached_names = list(cached)
         seq.table_cache = None
         seq.kv_lengths = torch.zeros(self.num_layers, self.num_kv_heads, dtype=torch.int32)
+        seq.kv_lengths.fill_(len(cached) * self.page_size)
+
+    def fits(self, tokens: int, cached: list[bytes]) -> bool:
+        """Could `allocate(seq, tokens, cached)` succeed now?"""
+        idle = sum(1 for name in cached if self.cache.entries[name].ref == 0)
+        return self.free_pages - idle >= self.pages(tokens) - len(cached)
 
     def allocate_heads(self, seq: Sequence, needs: list[int]) -> None:
         """Give a sequence without pages `needs[h]` pages in head `h` (its lengths are left as they are)."""
         if not self.can_take(needs):
             raise MemoryError(f"KV pages asked per head {needs}, free {[len(f) for f in self._free]}")
-        seq.block_table = [[f.pop() for _ in range(n)] for f, n in zip(self._free, needs, strict=True)]
+        seq.block_table = [self._take(h, n) for h, n in enumerate(needs)]
+        seq.cached_names = []
         seq.table_cache = None
 
     def grow(self, seq: Sequence, extra: int = 1) -> bool:
@@ -133,32 +170,36 @@ class KVPages:
         needs = self.head_needs(seq, extra)
         if not self.can_take(needs):
             return False
-        for table, free, n in zip(seq.block_table, self._free, needs, strict=True):
-            table.extend(free.pop() for _ in range(n))
+        for h, (table, n) in enumerate(zip(seq.block_table, needs, strict=True)):
+            table.extend(self._take(h, n))
         return True
 
     def free(self, seq: Sequence) -> None:
-        """Return every page of `seq` to the pool at once."""
+        """Return every page of `seq` at once: its private pages to the free lists, its references to
+        shared cache entries (which stay resident until evicted)."""
+        shared = len(seq.cached_names)
+        for name in seq.cached_names:
+            self.cache.release(name)
         for table, free in zip(seq.block_table, self._free, strict=True):
-            free.extend(reversed(table))
-        seq.block_table = []
+            free.extend(reversed(table[shared:]))
+        self.cache.clear_pending(seq.request_id)
+        seq.block_table, seq.cached_names = [], []
         seq.table_cache = None
 
-    # ------------------------------------------------------------------------------------ moving tokens
-    def write_prompt(self, seq: Sequence, staging: KVCache, n: int) -> None:
-        """Copy a prefill's contiguous cache (slot 0, `n` tokens) into the pages of `seq`."""
-        ps, pages = self.page_size, self.pages(n)
-        table = torch.tensor(seq.block_table, dtype=torch.long, device=self.device)[:, :pages].T  # [P, Hkv]
-        heads = torch.arange(self.num_kv_heads, device=self.device)[None, :]
-        for li in range(self.num_layers):
-            for dst, src in ((self.k(li), staging.k(li)[0]), (self.v(li), staging.v(li)[0])):
-                x = src[:, :n]
-                if pages * ps > n:
-                    x = torch.nn.functional.pad(x, (0, 0, 0, pages * ps - n))
-                dst[table, heads] = x.reshape(self.num_kv_heads, pages, ps, self.head_dim).transpose(0, 1)
-        assert seq.kv_lengths is not None
-        seq.kv_lengths.fill_(n)
+    # ------------------------------------------------------------------------------------ prefix cache
+    def register(self, seq: Sequence, names: list[bytes], upto: int, states: dict[int, object]) -> None:
+        """Share the full pages of `seq` below page `upto` (their KV is written) under `names`, in order
+        after those it already shares; it stops at a name another sequence registered first (that copy
+        stays private). `states[i]`: the causal prefill state at the end of page i, if any."""
+        for i in range(len(seq.cached_names), min(upto, len(names))):
+            name = names[i]
+            if name in self.cache.entries:
+                self.cache.clear_pending(seq.request_id)
+                return
+            self.cache.insert(name, tuple(t[i] for t in seq.block_table), states.get(i))
+            seq.cached_names.append(name)
 
+    # ------------------------------------------------------------------------------------ moving tokens
     def gather(self, seq: Sequence, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Contiguous K and V of one layer of `seq`: ``[Hkv, P * page_size, d]`` each (P: the most pages
         any head holds; a head's slots past its length hold whatever its pages hold)."""
@@ -212,7 +253,7 @@ class KVPages:
         Each sequence's table lives on the device and is rebuilt only when its pages change (a new page
         every `page_size` tokens, compression, preemption), so a step costs no host-to-device copy of
         tables that grow to thousands of pages per head at 128k tokens."""
-        tables = [self._device_table(s) for s in seqs]
+        tables = [self.device_table(s) for s in seqs]
         if len(tables) == 1:
             return tables[0][None]
         width = max(t.shape[1] for t in tables)
@@ -222,7 +263,7 @@ class KVPages:
             out[i, :, t.shape[1] :] = t[:, -1:]
         return out
 
-    def _device_table(self, seq: Sequence) -> torch.Tensor:
+    def device_table(self, seq: Sequence) -> torch.Tensor:
         """int32 ``[Hkv, pages]`` on the device, padded per head with the head's last page."""
         shape = tuple(len(t) for t in seq.block_table)  # pages are only appended between reassignments
         if seq.table_cache is None or seq.table_cache[0] != shape:

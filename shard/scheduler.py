@@ -1,27 +1,40 @@
-"""The scheduler: which sequences a step decodes and which it prefills (nano-vllm's `Scheduler`, plus swap).
+"""The scheduler: which sequences a step decodes and which prompt chunks it prefills (nano-vllm's
+`Scheduler`, plus chunked prefill, prefix-cache lookup and swap).
 
 Queues: `waiting` (new requests, and sequences preempted by recompute, which go back to its front),
-`running` (hold KV pages, decode one token every step), `swapped` (compressed sequences preempted to host
-memory). `schedule()` builds one step:
+`running` (hold KV pages: prefilling, chunk by chunk, or decoding one token every step), `swapped`
+(compressed sequences preempted to host memory). `schedule()` builds one step within a token budget of
+`max_num_batched_tokens` (a decode counts one token, a prefill chunk its length):
 
-1. Decode: every running sequence gets room for its next token (`KVPages.grow`). When pages run out, the
-   most recently admitted running sequence is preempted (LIFO, as vLLM): an uncompressed one by
-   recompute (its pages are freed; it is prefilled again and replays its generated tokens, so it resumes
-   with the same output), a compressed one by swapping its compact pages to host memory (a recompute could
-   not rebuild what compression kept).
+1. Decode: every running sequence whose prompt is in its pages gets room for its next token
+   (`KVPages.grow`). When pages run out, the most recently admitted decoding sequence is preempted (LIFO,
+   as vLLM): an uncompressed one by recompute (its pages are freed; it is prefilled again, from the prefix
+   cache where its pages are still resident, and replays its generated tokens, so it resumes with the
+   same output), a compressed one by swapping its compact pages to host memory (a recompute could not
+   rebuild what compression kept).
 2. Swapped sequences come back first, oldest first, when their pages fit; while any wait, no new prompt
    is admitted.
-3. Prefill admission, in arrival order, within `max_num_seqs` running sequences and a token budget of
-   `max_num_batched_tokens` per step (a decode counts one token; a prompt longer than what is left runs
-   only as the step's first prefill, since prefill is one-shot per prompt). A prompt needs pages for
-   itself plus one decode token in every KV head; a short prompt that does not fit stops admission (FIFO
-   among short ones), a long one is skipped.
+3. Prefill chunks of running sequences still prefilling, oldest first, then admission of waiting ones in
+   arrival order, within `max_num_seqs` running sequences. Admission looks the prompt up in the prefix
+   cache (`shard/prefix_cache.py`): the longest resident prefix of full pages its policy may reuse is
+   taken by reference and only the rest is prefilled; if the next page is being written by a running
+   sequence (in-flight sharing), the request waits for it. A prompt needs pages for itself plus one
+   decode token in every KV head, allocated at admission; a short prompt that does not fit stops
+   admission (FIFO among short ones), a long one is skipped.
+
+Chunk sizes: a chunk is what is left of the budget, cut down to a multiple of the sequence's chunk unit
+(the sparse segment size, so every chunk starts on a segment boundary; a page for dense), at least one unit
+for the step's first prefill. A prefill that is alone in its step (no decode, no other chunk) runs the
+whole rest of its prompt in one chunk: no stream waits on that step, and one chunk is the fastest prefill.
+Policies whose budget rule is not causal (entropy `per_head` / `reference`) and
+`enable_chunked_prefill=False` prefill one-shot: only as the step's first prefill when the prompt exceeds
+what is left of the budget.
 
 Short interactive requests are not starved by documents: prompts longer than
-`long_prefill_token_threshold` are "long"; at most `max_long_partial_prefills` of them start per step, and
+`long_prefill_token_threshold` are "long"; at most `max_long_partial_prefills` of them prefill at once, and
 short prompts behind a long one are admitted past it (in the same step, and whenever the long one waits
-for pages). A long prompt waits while short ones keep memory full (documented trade-off; chunked prefill
-and a reserve for the oldest waiting document are the next steps).
+for pages). With chunked prefill a long prompt takes only what the running streams leave of each step's
+budget, so their decode keeps its pace while the document prefills.
 """
 
 from __future__ import annotations
@@ -34,10 +47,19 @@ from entropyinfer.shard.kv_pages import KVPages
 from entropyinfer.shard.sequence import Sequence, SequenceStatus
 
 
+@dataclass(frozen=True)
+class Chunk:
+    """Prompt positions ``[start, end)`` of one sequence to prefill this step."""
+
+    seq: Sequence
+    start: int
+    end: int
+
+
 @dataclass
 class ScheduledStep:
     decode: list[Sequence] = field(default_factory=list)  # one token each
-    prefill: list[Sequence] = field(default_factory=list)  # pages allocated, prompt to run
+    prefill: list[Chunk] = field(default_factory=list)  # pages allocated, chunk to run
     preempted: list[Sequence] = field(default_factory=list)  # by recompute (back to waiting) or swap
 
     @property
@@ -65,12 +87,14 @@ class Scheduler:
         self._schedule_decode(step)
         if not step.preempted:
             self._swap_in(step)
+        budget = self.config.max_num_batched_tokens - len(step.decode)
+        budget = self._continue_prefills(step, budget)
         if not self.swapped:
-            self._admit(step)
+            self._admit(step, budget)
         return step
 
     def _schedule_decode(self, step: ScheduledStep) -> None:
-        queue = list(self.running)
+        queue = [s for s in self.running if not s.prefilling]
         while queue:
             seq = queue.pop(0)
             while not self.pages.grow(seq):
@@ -94,6 +118,7 @@ class Scheduler:
             self.pages.free(seq)
             seq.kv_lengths = None
             seq.decode_steps = 0
+            seq.num_computed, seq.attention, seq.observer = 0, None, None
             seq.status = SequenceStatus.WAITING
             self.waiting.appendleft(seq)
 
@@ -108,32 +133,86 @@ class Scheduler:
             self.pages.grow(seq)  # swap_in left room for one token
             step.decode.append(seq)
 
-    def _admit(self, step: ScheduledStep) -> None:
-        cfg = self.config
-        budget = cfg.max_num_batched_tokens - len(step.decode)
-        long_started = 0
+    def _chunk(self, seq: Sequence, start: int, budget: int, step: ScheduledStep) -> int:
+        """Tokens of `seq`'s prompt from `start` to prefill this step (0: none; see the module docstring)."""
+        rest = seq.num_prompt_tokens - start
+        first = not step.prefill  # the step's first prefill always makes progress
+        if rest <= budget or (first and not step.decode):
+            return rest
+        unit = seq.chunk_unit if self.config.enable_chunked_prefill else 0
+        if unit <= 0:  # one-shot only: as the step's first prefill
+            return rest if first else 0
+        n = budget // unit * unit
+        return min(unit, rest) if n <= 0 and first else max(n, 0)
+
+    def _continue_prefills(self, step: ScheduledStep, budget: int) -> int:
+        for seq in self.running:
+            if not seq.prefilling:
+                continue
+            n = self._chunk(seq, seq.num_computed, budget, step)
+            if n:
+                step.prefill.append(Chunk(seq, seq.num_computed, seq.num_computed + n))
+                budget -= n
+        return budget
+
+    def cached_prefix(self, seq: Sequence) -> tuple[list[bytes], bool]:
+        """The prefix cache entries `seq` may start from, and whether it should wait for a running
+        sequence that is writing its next page."""
+        cache = self.pages.cache
+        if not seq.page_names:
+            return [], False
+        hit = cache.match(seq.page_names[: seq.cache_limit])
+        if seq.resume_unit > 1:  # sparse: resume only on a segment boundary that carries the policy state
+            while hit and (len(hit) % seq.resume_unit or cache.entries[hit[-1]].state is None):
+                hit.pop()
+        nxt = len(hit)
+        writer = cache.pending.get(seq.page_names[nxt]) if nxt < seq.cache_limit else None
+        return hit, writer is not None and writer != seq.request_id
+
+    def _admit(self, step: ScheduledStep, budget: int) -> None:
+        cfg, ps = self.config, self.pages.page_size
+        long_running = sum(
+            1 for s in self.running if s.prefilling and s.num_prompt_tokens > cfg.long_prefill_token_threshold
+        )
         for seq in list(self.waiting):
             if len(self.running) >= cfg.max_num_seqs:
                 return
             n = seq.num_prompt_tokens
             long = n > cfg.long_prefill_token_threshold
-            if long and long_started >= cfg.max_long_partial_prefills:
+            if long and long_running >= cfg.max_long_partial_prefills:
                 continue
-            if n > budget and step.prefill:
+            hit, wait = self.cached_prefix(seq)
+            if wait:  # in-flight sharing: the writer's pages will be there in a step or two
+                continue
+            start = len(hit) * ps
+            chunk = self._chunk(seq, start, budget, step)
+            if chunk == 0:
                 if long:
                     continue
                 return
-            if self.pages.free_pages < self.pages.pages(n + 1):
+            if not self.pages.fits(n + 1, hit):
                 if long:
                     continue
                 return
-            self.pages.allocate(seq, n + 1)
+            self.pages.allocate(seq, n + 1, hit)
+            self.pages.cache.queried_tokens += n
+            self.pages.cache.hit_tokens += start
+            seq.stats["cached_tokens"] = start
+            seq.num_computed = start
+            self._claim(seq)
             self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            step.prefill.append(seq)
-            budget -= n
-            long_started += long
+            step.prefill.append(Chunk(seq, start, start + chunk))
+            budget -= chunk
+            long_running += long
+
+    def _claim(self, seq: Sequence) -> None:
+        """Mark the pages `seq` will write and share as pending (in-flight sharing)."""
+        cache = self.pages.cache
+        for name in seq.page_names[len(seq.cached_names) : seq.share_pages]:
+            if name not in cache.entries:
+                cache.pending.setdefault(name, seq.request_id)
 
     def finish(self, seq: Sequence) -> None:
         """Drop a finished or aborted sequence from its queue and free its pages at once."""

@@ -132,6 +132,19 @@ class Sequence:
         self.kv_lengths: torch.Tensor | None = None
         self.swapped_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer, while swapped
         self.swapped_pages: list[int] = []  # pages per head it held when swapped out
+        # prefix cache: names of the shared entries its first pages are (`KVPages.register` / `allocate`)
+        self.cached_names: list[bytes] = []
+        # prefill state (chunked prefill): prompt tokens whose KV is in its pages, the attention object
+        # that carries the policy's per-layer state from chunk to chunk, and its cache page names
+        self.num_computed = 0
+        self.attention: Any = None
+        self.observer: Any = None
+        self.page_names: list[bytes] = []
+        self.share_pages = 0  # pages below this may be registered in the prefix cache once written
+        self.cache_limit = 0  # pages it may take from the prefix cache (it prefills the rest)
+        self.resume_unit = 1  # a cached prefix must be a multiple of this many pages (a segment, sparse)
+        self.chunk_unit = 0  # chunks are multiples of this many tokens (0: one-shot prefill only)
+        self.prefill_started: float | None = None
         # decode state: decode steps run on the current KV (the token fed at step i is output_ids[i])
         self.decode_steps = 0
         self.obs_row: int | None = None  # row of the observation pool while compression needs queries
@@ -153,6 +166,11 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+    @property
+    def prefilling(self) -> bool:
+        """Admitted, but part of the prompt is not yet in its pages."""
+        return self.num_computed < self.num_prompt_tokens
 
     @property
     def compressed(self) -> bool:
