@@ -161,7 +161,7 @@ class Engine:
             if one_shot:
                 attn = attention(li, q, keys, values)  # [Hq, C, d]
             else:
-                attn = attention.chunk(li, q, keys, values, start, seq_len)  # type: ignore[attr-defined]
+                attn = attention.chunk(li, q, keys, values, start, seq_len)
             del keys, values
             for c0, c1 in spans:
                 a = attn[:, c0:c1].transpose(0, 1).reshape(1, c1 - c0, hq * d)

@@ -174,9 +174,10 @@ class EngineCore:
         attention = seq.attention
         if seq.prefill_started is None:  # the prompt's first chunk
             seq.prefill_started = _now(self.device)
-            state = self.pages.cache.entries[seq.cached_names[-1]].state if start else None
-            if state is not None:  # a sparse prefix from the cache: continue its causal policy state
-                attention.resume(state)
+            stored = self.pages.cache.entries[seq.cached_names[-1]].state if start else None
+            if stored is not None:  # a sparse prefix from the cache: continue its causal policy state
+                snapshot, segments = stored
+                attention.resume(snapshot.truncate(segments) if segments < snapshot.segments else snapshot)
         if req.kv is not None and req.params.max_tokens > 1 and seq.observer is None:
             if seq.obs_row is None:
                 seq.obs_row = self.obs.acquire(req.kv.window)
@@ -228,12 +229,16 @@ class EngineCore:
         if upto <= first:
             return
         states: dict[int, object] = {}
-        state_at = getattr(seq.attention, "state_at", None)
-        if isinstance(seq.attention, SparsePrefill) and state_at is not None:
+        if isinstance(seq.attention, SparsePrefill):
+            # one snapshot per chunk, at the last boundary it shares; each boundary page keeps (snapshot,
+            # its segment count) and a reader truncates it (a snapshot per boundary would be O(n^2))
             s_len = seq.request.sparse.segment_size
-            for i in range(first, upto):
-                if (i + 1) * ps % s_len == 0:
-                    states[i] = state_at((i + 1) * ps // s_len)
+            last = upto * ps // s_len
+            if last * s_len // ps > first:
+                snapshot = seq.attention.state_at(last)
+                for i in range(first, upto):
+                    if (i + 1) * ps % s_len == 0:
+                        states[i] = (snapshot, (i + 1) * ps // s_len)
         self.pages.register(seq, seq.page_names, upto, states)
 
     @torch.inference_mode()
@@ -330,7 +335,7 @@ class EngineCore:
         st.setdefault("kv_bytes_before", st["kv_bytes"])
 
     # ------------------------------------------------------------------------------------------ stats
-    def counts(self) -> dict[str, int]:
+    def counts(self) -> dict[str, int | float]:
         """Sequences per queue and KV pages in use (for health checks and /metrics)."""
         s = self.scheduler
         return {

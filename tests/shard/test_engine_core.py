@@ -172,3 +172,22 @@ def test_token_events_come_before_finished(folder: Path) -> None:
     while core.has_unfinished():
         events += core.step()
     assert [type(e) for e in events] == [TokenDelta] * 3 + [Finished]
+
+
+def test_pages_freed_by_compression_serve_another_request(folder: Path) -> None:
+    # 40 pages of 8 tokens; each 200-token prompt takes 26: both fit at once only after SnapKV compressed
+    # the first one (right after its prefill) down to its 16-token capacity per head
+    llm = tiny(folder, num_kv_pages=40, kv_page_size=8, kv_capacity=16, kv_window=8, kv_gap=-1)
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    core = llm.core
+    core.add_request(request(llm, "a", "a" * 200, policy="snapkv", params=params))
+    core.add_request(request(llm, "b", "b" * 200, policy="snapkv", params=params))
+    outs, together = {}, 0
+    while core.has_unfinished():
+        outs.update({e.request_id: e.output for e in core.step() if isinstance(e, Finished)})
+        together = max(together, sum(not s.prefilling for s in core.scheduler.running))
+    assert together == 2  # b was admitted while a decoded, into the pages a's compression freed
+    assert outs["a"].stats["kv_pages_freed"] >= 20
+    alone = llm.generate("b" * 200, params, policy="snapkv")[0]
+    assert outs["b"].token_ids == alone.token_ids
+    assert core.pages.used_pages == 0
