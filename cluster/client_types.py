@@ -175,6 +175,6 @@ class JobResult:
 class Completion:
     text: str
     finish_reason: str | None
-    usage: dict[str, int]
+    usage: dict[str, Any]  # OpenAI usage (prompt_tokens_details.cached_tokens, ...) and extension fields
     stats: dict[str, Stat]
     raw: Body = field(repr=False)  # the whole response body

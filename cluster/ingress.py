@@ -14,7 +14,7 @@ import asyncio
 import hmac
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import Awaitable
 from typing import TypeVar, cast
 
 from fastapi import Depends, FastAPI
@@ -26,7 +26,8 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentRes
 
 from entropyinfer.cluster import openai_format
 from entropyinfer.cluster.config import ServeAppConfig, app_config
-from entropyinfer.cluster.events import Accepted, Error, Event, Final, Prompt, Request, Token
+from entropyinfer.cluster.engine_health import CONTENT_TYPE, engine_summary, prometheus_text
+from entropyinfer.cluster.events import Accepted, Error, Event, Final, Prompt, Request
 from entropyinfer.cluster.http_errors import (
     HTTPError,
     install_handlers,
@@ -35,6 +36,7 @@ from entropyinfer.cluster.http_errors import (
     to_http_error,
 )
 from entropyinfer.cluster.job_store import JobStore
+from entropyinfer.cluster.job_tasks import EngineStream
 from entropyinfer.cluster.job_types import (
     IdempotencyConflict,
     Job,
@@ -43,7 +45,7 @@ from entropyinfer.cluster.job_types import (
     NewJob,
     request_digest,
 )
-from entropyinfer.cluster.job_worker import EngineStream, JobWorker
+from entropyinfer.cluster.job_worker import JobWorker
 from entropyinfer.cluster.metrics import JobMetrics
 from entropyinfer.cluster.ray_errors import engine_unavailable
 from entropyinfer.cluster.replica import EngineInfo, EngineStatus
@@ -54,6 +56,7 @@ from entropyinfer.cluster.schemas import (
     SamplingFields,
     read_body,
 )
+from entropyinfer.cluster.sse import sse_events
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
@@ -228,16 +231,38 @@ class Ingress:
 
     # ---- routes -------------------------------------------------------------------------------------
 
-    @app.get("/healthz")
-    async def healthz(self) -> dict[str, str]:
-        """200 only when an engine replica and its shards answer now (bounded in time, never cached)."""
+    async def _status(self) -> EngineStatus:
+        """The engine replica's live status (bounded in time, never cached); a 503 if it does not answer."""
         try:
             status: EngineStatus = await _bounded(
                 self.engine.status.remote(), self.health_timeout_s, "the health check"
             )
         except Exception as e:
             raise HTTPError(503, f"engine not ready: {type(e).__name__}", "unavailable") from None
-        return {"status": "ok", "model": self.config.model_name, "device": status["device"]}
+        return status
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict[str, object]:
+        """200 only when an engine replica and its shards answer now; the engine core's queues, KV pages
+        and prefix-cache hit rate per shard (cluster/engine_health.py)."""
+        status = await self._status()
+        return {
+            "status": "ok",
+            "model": self.config.model_name,
+            "device": status["device"],
+            "engine": engine_summary(status),
+        }
+
+    @app.get("/metrics")
+    async def metrics_text(self) -> Response:
+        """Prometheus text: the engine replica's core counts and the job queue (`entropyinfer_up 0` and
+        a 200 when the engine does not answer, so the scrape itself still succeeds)."""
+        try:
+            status: EngineStatus | None = await self._status()
+        except HTTPError:
+            status = None
+        queued = await asyncio.to_thread(self.store.queue_length)
+        return Response(prometheus_text(status, queued), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models(self, request: HTTPRequest) -> Response:
@@ -290,35 +315,12 @@ class Ingress:
             raise to_http_error(e, prompt_field) from None
         if isinstance(first, Error):
             raise rejected(first, prompt_field)
-        prompt_tokens = first.prompt_tokens if isinstance(first, Accepted) else 0
+        n = first.prompt_tokens if isinstance(first, Accepted) else 0
         chunks = openai_format.Chunks(self.config.model_name, chat)
-
-        async def events() -> AsyncIterator[str]:
-            finished = False
-            try:
-                if chat:
-                    yield chunks.role()
-                async for ev in gen:
-                    if isinstance(ev, Token):
-                        yield chunks.delta(ev.text)
-                    elif isinstance(ev, Final):
-                        finished = True
-                        yield chunks.delta(None, ev.finish_reason)
-                        if include_usage:
-                            yield chunks.usage(prompt_tokens, ev.completion_tokens)
-                    elif isinstance(ev, Error):
-                        finished = True
-                        yield chunks.error(rejected(ev, prompt_field).body())
-                        return
-                yield openai_format.DONE
-            except Exception as e:
-                yield chunks.error(to_http_error(e, prompt_field).body())
-            finally:
-                if not finished:
-                    gen.cancel()
-
         return StreamingResponse(
-            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            sse_events(gen, chunks, n, include_usage, prompt_field),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
         )
 
     # ---- document jobs ------------------------------------------------------------------------------

@@ -1,9 +1,16 @@
-"""The job worker: runs queued document jobs through the engine, one (document, question) task at a time.
+"""The job worker: runs queued document jobs through the engine, one document at a time, all of the
+document's questions at once.
 
-Each worker loop claims a job from the store (cluster/job_store.py) under its own id, runs its pending
-tasks in order as typed `events.Request`s (one chat prompt each, `build_prompt`), writes each result as
-it finishes, and keeps the job's lease alive with a heartbeat on a timer; a cancel seen by the heartbeat
-stops the task in flight. `EngineStream` is the engine side: the engine replica's deployment handle.
+Each worker loop claims a job from the store (cluster/job_store.py) under its own id and, document by
+document, sends every pending (document, question) task of the document to the engine together, as typed
+`events.Request`s (one chat prompt each, `build_prompt`: the document first, so the prompts share it as a
+prefix). The engine core batches them and, with prefix caching, prefills the document once: the first
+request writes its pages and the others wait for them (in-flight sharing) and prefill only their
+question. Each result is written as it finishes; the job's lease is kept alive with a heartbeat on a
+timer, and its progress is the prefill tokens of the finished tasks plus those of the tasks in flight. A
+cancel seen by the heartbeat stops every task in flight; a task that must stop, requeue or fail the job
+stops the document's other tasks too. Running a document's tasks is cluster/job_tasks.py's
+(`DocumentTasks`; `EngineStream` is the engine side there: the engine replica's deployment handle).
 """
 
 from __future__ import annotations
@@ -13,17 +20,14 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
-from typing import Literal, Protocol, cast
-
-from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from collections.abc import Callable, Sequence
+from typing import Literal
 
 from entropyinfer.cluster.config import JobsConfig
-from entropyinfer.cluster.events import Error, Event, Final, Progress, Prompt, Request, Stat
+from entropyinfer.cluster.events import Prompt, Stat
 from entropyinfer.cluster.job_store import JobStore
-from entropyinfer.cluster.job_types import TERMINAL, Job, JobState, Task
-from entropyinfer.cluster.ray_errors import unwrap
+from entropyinfer.cluster.job_tasks import DocumentTasks, EngineRunner, Lease
+from entropyinfer.cluster.job_types import TERMINAL, Job, JobState
 from entropyinfer.errors import InvalidRequestError
 from entropyinfer.shard.sampling import SamplingParams
 
@@ -32,59 +36,9 @@ log = logging.getLogger(__name__)
 EndState = JobState | Literal["deleted"]  # where `process` leaves a job ("deleted": expired meanwhile)
 
 
-class EngineRunner(Protocol):
-    """What the worker needs from the engine: run one request, yielding its events (cluster/events.py).
-
-    `Progress` while prefilling, then `Final` (or `Error`: the task is rejected, recorded on it, and the
-    job goes on). A failure raises: an engine outage (`transient`) requeues the job, anything else fails
-    it. Leaving the iterator early must cancel the request in the engine.
-    """
-
-    def run(self, request: Request) -> AsyncIterator[Event]: ...
-
-
-class EngineStream:
-    """`EngineRunner` over the engine replica's deployment handle: leaving early cancels the request."""
-
-    def __init__(self, engine: DeploymentHandle) -> None:
-        self.engine = engine
-
-    async def run(self, request: Request) -> AsyncIterator[Event]:
-        gen = cast(DeploymentResponseGenerator[Event], self.engine.options(stream=True).run.remote(request))
-        finished = False
-        try:
-            async for event in gen:
-                finished = isinstance(event, (Final, Error))
-                yield event
-        except Exception as e:
-            raise unwrap(e) from None
-        finally:
-            if not finished:
-                gen.cancel()
-
-
-@dataclass(frozen=True)
-class _Outcome:
-    """How one task ended: done (result or per-task error recorded), stop (cancel requested, or the job
-    is no longer ours), retry (the engine was unavailable: requeue the job), fail (fail the job)."""
-
-    kind: Literal["done", "stop", "retry", "fail"]
-    message: str | None = None
-
-
-class _Lease:
-    """One claimed job in a worker loop: its heartbeat and the stop signal."""
-
-    def __init__(self, job_id: str, worker: str) -> None:
-        self.job_id = job_id
-        self.worker = worker
-        self.partial = 0  # prefill tokens of the task in progress
-        self.stopped = asyncio.Event()  # cancel requested, or the job was taken away
-        self.lock = asyncio.Lock()  # orders heartbeats and result writes of this job
-
-
-class JobWorker:
-    """Runs queued jobs: claims one, runs its pending tasks in order, writes each result, honours cancel.
+class JobWorker(DocumentTasks):
+    """Runs queued jobs: claims one, runs each document's pending tasks together (documents in order),
+    writes each result, honours cancel.
 
     A task the engine rejects (an `Error` event) is recorded on the task and the job goes on;
     `transient(exc)` marks an engine outage (the job is requeued, counted in lost_count, and the worker
@@ -237,7 +191,7 @@ class JobWorker:
         """Run one job claimed by `worker_id` (default `self.worker_id`) to a terminal state, or until it
         is requeued or taken away; returns the job's state. `on_job_done` sees terminal states at once,
         before any await, so a shutdown racing the job's end cannot lose the count."""
-        lease = _Lease(job.id, worker_id or self.worker_id)
+        lease = Lease(job.id, worker_id or self.worker_id)
         beat = asyncio.create_task(self._keep_alive(lease))
         try:
             state = await self._process(job, lease)
@@ -248,34 +202,34 @@ class JobWorker:
             beat.cancel()
             await asyncio.wait({beat})
 
-    async def _process(self, job: Job, lease: _Lease) -> EndState:
+    async def _process(self, job: Job, lease: Lease) -> EndState:
         try:
             sampling = SamplingParams.from_dict(job.params["sampling"])
         except (InvalidRequestError, KeyError) as e:  # a row written by another version
             await asyncio.to_thread(self.store.finish, job.id, lease.worker, "failed", f"sampling: {e}")
             return "failed"
         policy = job.params.get("policy")
-        # One document at a time: a job's documents are never all in memory at once.
+        # One document at a time (a job's documents are never all in memory at once), its questions together.
         for doc_idx in await asyncio.to_thread(self.store.pending_documents, job.id):
-            for task in await asyncio.to_thread(self.store.pending_tasks, job.id, doc_idx):
-                if lease.stopped.is_set() or await self._heartbeat(lease):
-                    return await self._stop_job(lease)
-                outcome = await self._run_task(task, sampling, policy, lease)
-                if outcome.kind == "stop":
-                    return await self._stop_job(lease)
-                if outcome.kind == "retry":
-                    return await self._requeue(lease, outcome.message or "engine unavailable")
-                if outcome.kind == "fail":
-                    await asyncio.to_thread(
-                        self.store.finish, job.id, lease.worker, "failed", outcome.message
-                    )
-                    return "failed"
+            tasks = await asyncio.to_thread(self.store.pending_tasks, job.id, doc_idx)
+            if not tasks:
+                continue
+            if lease.stopped.is_set() or await self._heartbeat(lease):
+                return await self._stop_job(lease)
+            outcome = await self._run_document(tasks, sampling, policy, lease)
+            if outcome.kind == "stop":
+                return await self._stop_job(lease)
+            if outcome.kind == "retry":
+                return await self._requeue(lease, outcome.message or "engine unavailable")
+            if outcome.kind == "fail":
+                await asyncio.to_thread(self.store.finish, job.id, lease.worker, "failed", outcome.message)
+                return "failed"
         if await self._heartbeat(lease):
             return await self._stop_job(lease)
         await asyncio.to_thread(self.store.finish, job.id, lease.worker, "succeeded")
         return "succeeded"
 
-    async def _heartbeat(self, lease: _Lease) -> bool:
+    async def _heartbeat(self, lease: Lease) -> bool:
         """Record liveness (and the current task's prefill progress); True: stop this job."""
         async with lease.lock:
             stop = await asyncio.to_thread(self.store.heartbeat, lease.job_id, lease.worker, lease.partial)
@@ -283,7 +237,7 @@ class JobWorker:
             lease.stopped.set()
         return stop
 
-    async def _keep_alive(self, lease: _Lease) -> None:
+    async def _keep_alive(self, lease: Lease) -> None:
         """Heartbeat on a timer while the job runs (the engine may send nothing for a long time: queued
         behind other requests, or a replica starting); a stop it sees interrupts the task in flight."""
         while not lease.stopped.is_set():
@@ -293,7 +247,7 @@ class JobWorker:
             except Exception:
                 log.exception("job %s: heartbeat failed", lease.job_id)
 
-    async def _requeue(self, lease: _Lease, reason: str) -> EndState:
+    async def _requeue(self, lease: Lease, reason: str) -> EndState:
         requeued = await asyncio.to_thread(
             self.store.requeue, lease.job_id, lease.worker, self.max_attempts, reason
         )
@@ -314,7 +268,7 @@ class JobWorker:
             )
         return state
 
-    async def _stop_job(self, lease: _Lease) -> EndState:
+    async def _stop_job(self, lease: Lease) -> EndState:
         job = await asyncio.to_thread(self.store.get, lease.job_id)
         if job is not None and job.state == "running" and job.cancel_requested:
             await asyncio.to_thread(
@@ -322,82 +276,6 @@ class JobWorker:
             )
             return "cancelled"
         return job.state if job is not None else "deleted"
-
-    async def _run_task(
-        self, task: Task, sampling: SamplingParams, policy: str | None, lease: _Lease
-    ) -> _Outcome:
-        """Run one task; a stop seen by the heartbeat timer cancels it (and its engine request)."""
-        run = asyncio.create_task(self._consume(task, sampling, policy, lease))
-        stopped = asyncio.create_task(lease.stopped.wait())
-        try:
-            await asyncio.wait({run, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopped.cancel()
-            if not run.done():
-                run.cancel()  # closing the engine stream cancels the request in the engine
-                await asyncio.wait({run})
-        return _Outcome("stop") if run.cancelled() else run.result()
-
-    async def _consume(
-        self, task: Task, sampling: SamplingParams, policy: str | None, lease: _Lease
-    ) -> _Outcome:
-        where = f"document {task.doc_idx}, question {task.q_idx}"
-        request_id = f"{task.job_id}/{task.doc_idx}/{task.q_idx}/{uuid.uuid4().hex[:8]}"
-        prompt = self.prompt(task.document, task.question)
-        last = time.monotonic()
-        end: Final | Error | None = None
-        events = self.engine.run(Request(request_id, prompt, sampling, policy, stream=False))
-        try:
-            async for ev in events:
-                if isinstance(ev, (Final, Error)):
-                    end = ev
-                elif isinstance(ev, Progress) and time.monotonic() - last >= self.progress_interval_s:
-                    last = time.monotonic()
-                    lease.partial = min(ev.done, task.prompt_tokens)
-                    if await self._heartbeat(lease):
-                        return _Outcome("stop")
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            if self.transient(e):
-                return _Outcome("retry", f"{where}: {type(e).__name__}: {e}")
-            log.exception("job %s: task (%d, %d) failed", task.job_id, task.doc_idx, task.q_idx)
-            return _Outcome("fail", f"{where}: {type(e).__name__}: {e}")
-        finally:
-            aclose = getattr(events, "aclose", None)
-            if aclose is not None:
-                with contextlib.suppress(Exception):
-                    await aclose()
-        if isinstance(end, Error):  # the engine rejected this task: recorded, the job goes on
-            await self._record(lease, task, None, "error", None, f"{end.type}: {end.message}")
-            return _Outcome("done")
-        if end is None:
-            return _Outcome("fail", f"{where}: the engine ended without a result")
-        if end.cancelled:
-            return _Outcome("stop")
-        await self._record(lease, task, end.text, end.finish_reason, end.stats)
-        self.on_task_done(end.stats)
-        return _Outcome("done")
-
-    async def _record(
-        self,
-        lease: _Lease,
-        task: Task,
-        text: str | None,
-        finish_reason: str,
-        stats: dict[str, Stat] | None,
-        error: str | None = None,
-    ) -> None:
-        async with lease.lock:
-            lease.partial = 0
-            await asyncio.to_thread(
-                self.store.record_result,
-                task,
-                text=text,
-                finish_reason=finish_reason,
-                stats=stats,
-                error=error,
-            )
 
 
 def build_prompt(

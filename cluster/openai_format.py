@@ -2,6 +2,14 @@
 
 Built from the engine's typed `events.Final`; each body also carries the shard's stats (policy, density,
 prefill time, ...) under `entropyinfer` (a completion) or `stats` (a choice).
+
+Usage is OpenAI's (`prompt_tokens`, `completion_tokens`, `total_tokens`,
+`prompt_tokens_details.cached_tokens`: prompt tokens served from the prefix cache) plus two extension
+fields that say what the sparse policy did: `attention_density` (the fraction of causal attention work
+computed in prefill, 1.0 for dense; over several prompts, their mean weighted by each prompt's causal
+work n(n+1)/2) and `kv_bytes_kept` (bytes of KV cache the request held at its end, after any compression;
+summed over prompts). Clients that do not know them ignore them (the `openai` package keeps them as
+extra fields).
 """
 
 from __future__ import annotations
@@ -17,10 +25,17 @@ from entropyinfer.cluster.http_errors import ErrorBody
 DONE = "data: [DONE]\n\n"
 
 
+class PromptTokensDetails(TypedDict):
+    cached_tokens: int
+
+
 class Usage(TypedDict):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+    attention_density: float | None  # extension: see the module's docstring
+    kv_bytes_kept: int | None  # extension
 
 
 class Message(TypedDict):
@@ -53,12 +68,38 @@ class CompletionBody(TypedDict):
     entropyinfer: dict[str, Stat]
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+def usage(outs: list[Final]) -> Usage:
+    """The usage of one request's results (one per prompt)."""
+    prompt_tokens = sum(o.prompt_tokens for o in outs)
+    completion_tokens = sum(o.completion_tokens for o in outs)
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": sum(_int(o.stats.get("cached_tokens")) for o in outs)},
+        "attention_density": _density(outs),
+        "kv_bytes_kept": _kv_bytes(outs),
     }
+
+
+def _int(value: Stat) -> int:
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
+
+
+def _density(outs: list[Final]) -> float | None:
+    """The prompts' prefill density, weighted by their causal attention work; None if none reported it."""
+    work = density = 0.0
+    for o in outs:
+        d = o.stats.get("density")
+        if isinstance(d, (int, float)) and not isinstance(d, bool):
+            w = o.prompt_tokens * (o.prompt_tokens + 1) / 2 or 1.0
+            work, density = work + w, density + w * float(d)
+    return round(density / work, 6) if work else None
+
+
+def _kv_bytes(outs: list[Final]) -> int | None:
+    found = [o.stats["kv_bytes"] for o in outs if isinstance(o.stats.get("kv_bytes"), (int, float))]
+    return sum(_int(b) for b in found) if found else None
 
 
 def _id(prefix: str) -> str:
@@ -89,14 +130,13 @@ def _body(
     choices: list[TextChoice] | list[ChatChoice],
     outs: list[Final],
 ) -> CompletionBody:
-    prompt_tokens = sum(o.prompt_tokens for o in outs)
     return {
         "id": _id("cmpl"),
         "object": obj,
         "created": int(time.time()),
         "model": model,
         "choices": choices,
-        "usage": usage(prompt_tokens, sum(o.completion_tokens for o in outs)),
+        "usage": usage(outs),
         "entropyinfer": outs[0].stats,
     }
 
@@ -125,9 +165,9 @@ class Chunks:
             choice = {"index": 0, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
         return self._line({**self.head, "choices": [choice]})
 
-    def usage(self, prompt_tokens: int, completion_tokens: int) -> str:
+    def usage(self, final: Final) -> str:
         """The last chunk when the client asked for `stream_options.include_usage`."""
-        return self._line({**self.head, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
+        return self._line({**self.head, "choices": [], "usage": usage([final])})
 
     @staticmethod
     def error(body: ErrorBody) -> str:

@@ -58,8 +58,10 @@ class EngineInfo(ShardInfo):
 
 
 class EngineStatus(EngineInfo):
-    """Live state for /healthz: requests in flight in the replica, each shard's counters."""
+    """Live state for /healthz and /metrics: this replica's id, its requests in flight, each shard's
+    counters (the engine core's queues, KV pages and prefix cache under `engine_core`)."""
 
+    replica: str
     in_flight: int
     shards: list[ShardStats]
 
@@ -96,6 +98,7 @@ class EngineReplica:
             "load_format": cfg.llm.model.load_format,
         }
         self.metrics = EngineMetrics()
+        self.replica_id = _replica_id()
         log.info("engine replica ready: %s", self.info_)
 
     async def info(self) -> EngineInfo:
@@ -107,7 +110,10 @@ class EngineReplica:
         shards = await asyncio.wait_for(
             asyncio.gather(*(s.stats.remote() for s in self.shards)), STATUS_TIMEOUT_S
         )
-        return EngineStatus(**self.info_, in_flight=self.metrics.in_flight_count, shards=list(shards))
+        self.metrics.record_shards(shards)
+        return EngineStatus(
+            **self.info_, replica=self.replica_id, in_flight=self.metrics.in_flight_count, shards=list(shards)
+        )
 
     async def count_tokens(self, prompts: list[Prompt]) -> list[int]:
         return list(await self.shards[0].count_tokens.remote(prompts))
@@ -146,4 +152,16 @@ class EngineReplica:
         raise RuntimeError("the shard ended the request without a result")
 
     async def check_health(self) -> None:
-        await asyncio.wait_for(asyncio.gather(*(s.health.remote() for s in self.shards)), HEALTH_TIMEOUT_S)
+        """Serve's periodic check: every shard answers (and the engine gauges Ray exports are refreshed)."""
+        shards = await asyncio.wait_for(
+            asyncio.gather(*(s.stats.remote() for s in self.shards)), HEALTH_TIMEOUT_S
+        )
+        self.metrics.record_shards(shards)
+
+
+def _replica_id() -> str:
+    """This Serve replica's id ("" outside a replica)."""
+    try:
+        return str(serve.get_replica_context().replica_id.unique_id)
+    except Exception:  # not inside a replica (a test building the class directly)
+        return ""

@@ -65,6 +65,7 @@ class SamplingFields(BaseModel):
     seed: int | None = None
     stop: Text | list[Text] | None = None
     policy: Text | None = Field(default=None, min_length=1, max_length=64)  # extension: attention policy
+    ignore_eos: bool = False  # extension (vLLM's): generate max_tokens whatever the model's end token
     _sampling: SamplingParams | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
@@ -77,6 +78,7 @@ class SamplingFields(BaseModel):
                 top_k=self.top_k,
                 seed=self.seed,
                 stop=self.stop,
+                ignore_eos=self.ignore_eos,
             )
         except InvalidRequestError as e:
             field = e.field or "body"

@@ -58,9 +58,8 @@ class ShardStats(TypedDict):
     running: int  # requests holding a cancel event here
     cancelled: int  # requests the model stopped early because they were cancelled
     early_cancels: int  # cancels remembered for requests not (yet) running here
-    engine_core: dict[
-        str, int
-    ]  # the core's queues and pages: running, waiting, swapped, preempted, kv_pages_*
+    # the core's `counts()`: running, waiting, swapped, preempted, kv_pages_used/total, prefix_cache_*
+    engine_core: dict[str, float]
 
 
 class ShardActor:
@@ -119,7 +118,7 @@ class ShardActor:
             "running": len(self._cancels),
             "cancelled": self._cancelled,
             "early_cancels": len(self._early_cancels),
-            "engine_core": self.llm.core.counts(),
+            "engine_core": dict(self.llm.core.counts()),
         }
 
     async def count_tokens(self, prompts: list[Prompt]) -> list[int]:

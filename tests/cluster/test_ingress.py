@@ -83,10 +83,14 @@ def test_healthz_asks_the_engine_every_time_within_its_timeout(stub: tuple[str, 
     url, handle = stub
     before = handle.counts.remote().result(timeout_s=30)["status"]
     r = httpx.get(url + "/healthz", timeout=30)
-    assert r.status_code == 200 and r.json() == {"status": "ok", "model": "smollm2-135m", "device": "cpu"}
+    engine = {"replica": "", "in_flight": 0, "shards": []}
+    assert r.status_code == 200
+    assert r.json() == {"status": "ok", "model": "smollm2-135m", "device": "cpu", "engine": engine}
     _mode(handle, "status", "dead")  # the replica's shard died
     r = httpx.get(url + "/healthz", timeout=30)
     assert r.status_code == 503 and r.json()["error"]["type"] == "unavailable"
+    r = httpx.get(url + "/metrics", timeout=30)  # the scrape still succeeds, and says the engine is down
+    assert r.status_code == 200 and "\nentropyinfer_up 0\n" in r.text
     _mode(handle, "status", "hang")  # a replica that does not answer
     t0 = time.monotonic()
     r = httpx.get(url + "/healthz", timeout=30)
@@ -94,7 +98,7 @@ def test_healthz_asks_the_engine_every_time_within_its_timeout(stub: tuple[str, 
     assert HEALTH_TIMEOUT_S <= time.monotonic() - t0 < HEALTH_TIMEOUT_S + 10
     _mode(handle, "status", "ok")
     assert httpx.get(url + "/healthz", timeout=30).json()["device"] == "cpu"
-    assert handle.counts.remote().result(timeout_s=30)["status"] - before == 4  # never cached
+    assert handle.counts.remote().result(timeout_s=30)["status"] - before == 5  # never cached
 
 
 def test_models_times_out_with_a_503_then_keeps_the_engines_info(stub: tuple[str, Any]) -> None:

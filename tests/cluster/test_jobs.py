@@ -476,3 +476,119 @@ def test_two_stores_on_one_file_run_each_job_once(tmp_path: Path) -> None:
     assert len(engines[0].calls) + len(engines[1].calls) == 8
     for s in stores:
         s.close()
+
+
+# ---- a document's questions run together ------------------------------------------------------------
+
+
+class CountingEngine(FakeEngine):
+    """A FakeEngine that records how many requests were inside it at once."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.inside = 0
+        self.most = 0
+
+    async def run(self, request: Request) -> AsyncIterator[Event]:
+        self.inside += 1
+        self.most = max(self.most, self.inside)
+        try:
+            async for ev in super().run(request):
+                yield ev
+        finally:
+            self.inside -= 1
+
+
+def test_a_documents_questions_go_to_the_engine_together(store: JobStore) -> None:
+    """All questions of one document are in the engine at once (so its prefix cache prefills the document
+    once), documents one after another; every (document, question) result lands where it belongs."""
+    job, _ = store.submit(_job(["alpha one", "beta two"], ("q1", "q2", "q3")))
+    engine = CountingEngine(delay=0.02)
+    worker = _worker(store, engine)
+    claimed = store.claim(worker.worker_id)
+    assert claimed is not None and asyncio.run(worker.process(claimed)) == "succeeded"
+    assert engine.most == 3  # the three questions of a document, never the next document's
+    results = store.results(job.id)
+    assert [(r["document_index"], r["question_index"], r["text"]) for r in results] == [
+        (d, q, word) for d, word in ((0, "alpha"), (1, "beta")) for q in range(3)
+    ]
+    prompts = [r.prompt[-1]["content"] for r in engine.requests]  # type: ignore[index]
+    assert prompts[:3] == [f"alpha one\n\nQuestion: q{i}" for i in (1, 2, 3)]
+    done = store.get(job.id)
+    assert done is not None and (done.documents_done, done.prefill_done) == (2, 60)
+
+
+def test_cancel_stops_every_question_in_flight(store: JobStore) -> None:
+    job, _ = store.submit(_job(["first doc", "second doc"], ("q1", "q2", "q3")))
+    engine = CountingEngine(delay=0.05)
+    worker = _worker(store, engine)
+
+    async def scenario() -> str:
+        claimed = store.claim(worker.worker_id)
+        assert claimed is not None
+        task = asyncio.create_task(worker.process(claimed))
+        await asyncio.sleep(0.08)  # inside the first document's prefill, its three questions in flight
+        store.cancel(job.id)
+        return await task
+
+    assert asyncio.run(scenario()) == "cancelled"
+    assert engine.closed_early == 3 and len(engine.calls) == 3 and engine.inside == 0
+    assert store.results(job.id) == []
+
+
+class _SiblingEngine(FakeEngine):
+    """ "boom" fails after 30 ms, "slow" would answer after 5 s, anything else answers at once."""
+
+    async def run(self, request: Request) -> AsyncIterator[Event]:
+        text = request.prompt[-1]["content"]  # type: ignore[index]
+        self.calls.append(text)
+        if "boom" in text:
+            await asyncio.sleep(0.03)
+            raise RuntimeError("engine exploded")
+        finished = False
+        try:
+            await asyncio.sleep(5.0 if "slow" in text else 0.0)
+            finished = True
+            yield Final(text.split()[0], "stop", 1, 9)
+        finally:
+            if not finished:
+                self.closed_early += 1
+
+
+def test_a_failing_question_fails_the_job_and_stops_its_siblings(store: JobStore) -> None:
+    job, _ = store.submit(_job(["doc text"], ("fine", "boom", "slow")))
+    engine = _SiblingEngine()
+    worker = _worker(store, engine)
+    claimed = store.claim(worker.worker_id)
+    t0 = time.monotonic()
+    assert claimed is not None and asyncio.run(worker.process(claimed)) == "failed"
+    failed = store.get(job.id)
+    assert failed is not None and "engine exploded" in (failed.error or "")
+    assert engine.closed_early == 1 and time.monotonic() - t0 < 4.0  # the slow sibling was stopped
+    assert [r["question_index"] for r in store.results(job.id)] == [0]  # the finished one is kept
+
+
+class _HalfDown(FakeEngine):
+    """Unavailable for the first request of question "q2" (after "q1" has answered)."""
+
+    down = 1
+
+    async def run(self, request: Request) -> AsyncIterator[Event]:
+        if "q2" in request.prompt[-1]["content"] and self.down:  # type: ignore[index]
+            self.down -= 1
+            await asyncio.sleep(0.3)  # q1 finishes (and is recorded) first
+            raise EngineDown("replica restarting")
+        async for ev in super().run(request):
+            yield ev
+
+
+def test_an_outage_on_one_question_requeues_and_the_retry_skips_finished_ones(store: JobStore) -> None:
+    job, _ = store.submit(_job(["doc text"], ("q1", "q2")))
+    engine = _HalfDown()
+    worker = _transient_worker(store, engine, retry_backoff_s=0.0)
+    claimed = store.claim(worker.worker_id)
+    assert claimed is not None and asyncio.run(worker.process(claimed)) == "queued"
+    claimed = store.claim(worker.worker_id)
+    assert claimed is not None and asyncio.run(worker.process(claimed)) == "succeeded"
+    assert [r.prompt[-1]["content"][-2:] for r in engine.requests] == ["q1", "q2"]  # type: ignore[index]
+    assert [r["text"] for r in store.results(job.id)] == ["doc", "doc"]
