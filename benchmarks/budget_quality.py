@@ -1,5 +1,6 @@
-"""Budget rules at matched density on SmolLM2-135M-Instruct (issue 12): dense, fixed (`target_density`), the
-reference entropy rule (per_head counts, and one count per segment), and the causal spread rule.
+"""Budget rules at matched density on SmolLM2-135M-Instruct (issues 10, 12): dense, fixed (`target_density`),
+the reference entropy rule (per_head counts, and one count per segment), its causal variant (`mode: causal`:
+rigid so far, what chunked prefill and prefix caching need), and the causal spread rule.
 
 One run does everything (`evaluation/matched.py`):
 1. Retrieval cases: the passkey task at every length x depth; dense answers all, the cases dense solves are
@@ -17,6 +18,7 @@ One run does everything (`evaluation/matched.py`):
 
 GPU (the lead's H200 call; bf16, Triton path): `python benchmarks/budget_quality.py --out $OUT`, about 4-6
 minutes (Triton compiles included). CPU check: `--smoke` (1k-1.5k tokens, one level; a few minutes).
+`--families causal,per_head,reference` runs only those entropy rules (fixed always runs).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ PRESET = "entropy_short"
 FAMILIES = (
     Family("entropy per_head", "entropy", "base_budget", 8, 2048, step=8, fixed=(("mode", "per_head"),)),
     Family("entropy reference", "entropy", "base_budget", 8, 2048, step=8, fixed=(("mode", "reference"),)),
+    Family("entropy causal", "entropy", "base_budget", 8, 2048, step=8, fixed=(("mode", "causal"),)),
     Family(
         "entropy spread",
         "entropy",
@@ -92,7 +95,14 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--deadline-s", type=float, default=450.0, help="stop starting new work after this")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument(
+        "--families",
+        default="",
+        help="comma-separated entropy rules to run (per_head, reference, causal, spread)",
+    )
     args = ap.parse_args()
+    wanted = {f"entropy {name.strip()}" for name in args.families.split(",") if name.strip()}
+    families = [f for f in FAMILIES if not wanted or f.name in wanted]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(args.threads)
     plan = SMOKE if args.smoke else CPU if args.cpu_plan else FULL
@@ -116,6 +126,7 @@ def main() -> None:
         "dtype": str(llm.dtype),
         "preset": PRESET,
         "plan": plan,
+        "families": [f.name for f in families],
     }
 
     def late() -> bool:
@@ -123,8 +134,12 @@ def main() -> None:
 
     def save(phase: str, complete: bool = False) -> None:
         rows = summarize_matched(state["retrieval"], state["text"])
-        pairs = [("entropy spread", "fixed"), ("entropy spread", "fixed matched"),
-                 ("entropy spread", "entropy per_head"), ("entropy per_head", "fixed")]  # fmt: skip
+        pairs = [("entropy causal", "entropy per_head"), ("entropy causal", "entropy reference"),
+                 ("entropy causal", "fixed"), ("entropy spread", "fixed"),
+                 ("entropy spread", "fixed matched"), ("entropy spread", "entropy per_head"),
+                 ("entropy per_head", "fixed")]  # fmt: skip
+        run = {f.name for f in families} | {"fixed", "fixed matched"}
+        pairs = [(c, b) for c, b in pairs if c in run and b in run]
         verdict = {f"{c} vs {b}": matched_verdict(rows, c, b) for c, b in pairs}
         meta.update(phase=phase, complete=complete, seconds=round(time.perf_counter() - t0, 1))
         (out / "budget_quality.json").write_text(
@@ -147,7 +162,7 @@ def main() -> None:
         specs = []
         for level in plan["levels"]:
             specs.append((level, "fixed", PolicySpec("fixed", "fixed", (("target_density", level),))))
-            for fam in FAMILIES:
+            for fam in families:
                 if late() or fam.name in failed:
                     continue
                 try:

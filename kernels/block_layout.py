@@ -21,6 +21,7 @@ import torch
 __all__ = [
     "BlockCounts",
     "BlockScores",
+    "check_chunk_qk",
     "check_qk",
     "check_sparse_prefill_args",
     "last_count_cap",
@@ -40,9 +41,12 @@ def num_blocks(seq_len: int, segment_size: int, block_size: int) -> int:
     return (num_segments(seq_len, segment_size) - 1) * segment_size // block_size
 
 
-def visible_blocks(nseg: int, segment_size: int, block_size: int, device: torch.device | str) -> torch.Tensor:
-    """int64 ``[nseg]``: blocks segment ``s`` may select, ``s * S / b`` (those that end before it starts)."""
-    return torch.arange(nseg, device=device) * (segment_size // block_size)
+def visible_blocks(
+    nseg: int, segment_size: int, block_size: int, device: torch.device | str, segment_offset: int = 0
+) -> torch.Tensor:
+    """int64 ``[nseg]``: blocks segment ``s`` may select, ``s * S / b`` (those that end before it starts), for
+    segments ``segment_offset .. segment_offset + nseg - 1``."""
+    return torch.arange(segment_offset, segment_offset + nseg, device=device) * (segment_size // block_size)
 
 
 def last_count_cap(seq_len: int, segment_size: int, block_size: int) -> int:
@@ -68,6 +72,34 @@ def check_qk(q: torch.Tensor, k: torch.Tensor, segment_size: int, block_size: in
     if segment_size <= 0 or block_size <= 0 or segment_size % block_size:
         raise ValueError(
             f"segment_size {segment_size} must be a positive multiple of block_size {block_size}"
+        )
+
+
+def check_chunk_qk(
+    q: torch.Tensor, k: torch.Tensor, segment_size: int, block_size: int, segment_offset: int, nblocks: int
+) -> None:
+    """Shape checks of profiling a prefill chunk: ``q [Hq, Nq, d]`` at positions from ``segment_offset * S``,
+    ``k [Hkv, Nk, d]`` from position 0 covering every key the chunk's segments see, ``nblocks`` (the logits'
+    width) at least the blocks its last segment sees."""
+    if q.dim() != 3 or k.dim() != 3:
+        raise ValueError(f"q and k must be 3-D [H, N, d]; got {tuple(q.shape)} and {tuple(k.shape)}")
+    hq, nq, d = q.shape
+    hkv, nk, dk = k.shape
+    if hkv == 0 or hq % hkv or dk != d:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)}: need Hq a multiple of Hkv, same d")
+    if nq == 0 or segment_offset < 0:
+        raise ValueError(f"empty chunk or negative segment_offset ({nq}, {segment_offset})")
+    if q.device != k.device:
+        raise ValueError(f"q and k are on different devices: {q.device}, {k.device}")
+    if segment_size <= 0 or block_size <= 0 or segment_size % block_size:
+        raise ValueError(
+            f"segment_size {segment_size} must be a positive multiple of block_size {block_size}"
+        )
+    last_start = (segment_offset + num_segments(nq, segment_size) - 1) * segment_size
+    if nk < last_start or nblocks * block_size < last_start:
+        raise ValueError(
+            f"keys ({nk}) and nblocks * b ({nblocks * block_size}) must cover [0, {last_start}), the keys "
+            "the chunk's last segment sees"
         )
 
 
@@ -121,6 +153,8 @@ class BlockScores:
     ``[Hkv, nseg]``: softmax max and normaliser over the visible blocks (0 and 1 where nothing is visible).
     ``entropy [Hkv, nseg]``: float32 nats. ``spread [Hkv, nseg]``: float32 entropy (nats) of the block
     distribution at a logit scale (the `spread` budget rule's input), when it was asked for; 0 at segment 0.
+    ``segment_offset``: the absolute index of row 0 (a prefill chunk's first segment; 0 for a whole prompt):
+    row ``i`` is segment ``segment_offset + i`` and sees blocks ``j < (segment_offset + i) * S / b``.
     """
 
     logits: torch.Tensor
@@ -130,15 +164,18 @@ class BlockScores:
     segment_size: int
     block_size: int
     spread: torch.Tensor | None = None
+    segment_offset: int = 0
 
     def probs(self) -> torch.Tensor:
         """float32 ``[Hkv, nseg, nblocks]`` block probabilities, the reference's ``p`` (hidden blocks 0)."""
         _, nseg, nblk = self.logits.shape
-        vis = visible_blocks(nseg, self.segment_size, self.block_size, self.logits.device)
+        vis = visible_blocks(
+            nseg, self.segment_size, self.block_size, self.logits.device, self.segment_offset
+        )
         visible = torch.arange(nblk, device=self.logits.device)[None, :] < vis[:, None]
         e = torch.exp(self.logits - self.row_max[..., None]) / self.row_sum[..., None]
         p = torch.where(visible, e, torch.zeros((), device=e.device))
-        if nblk:
+        if nblk and self.segment_offset == 0:
             p[:, 0, :] = 1.0 / nblk
         return p
 

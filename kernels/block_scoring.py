@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from entropyinfer.kernels.backend import Backend, jit_kernel, runs_triton
-from entropyinfer.kernels.block_layout import BlockScores, check_qk, num_blocks, num_segments
+from entropyinfer.kernels.block_layout import BlockScores, check_chunk_qk, check_qk, num_segments
 from entropyinfer.kernels.block_scoring_ref import ENTROPY_EPS, block_scores_ref
 from entropyinfer.kernels.tiling import ScoringTiles, pow2, scoring_tiles
 
@@ -105,6 +105,7 @@ def _logits_kernel(
     nblocks: tl.tensor,
     dim: tl.tensor,
     blocks_per_seg: tl.tensor,
+    seg_off: tl.tensor,  # absolute index of segment row 0 (a prefill chunk's first segment)
     G: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_J: tl.constexpr,
@@ -115,7 +116,7 @@ def _logits_kernel(
     j0 = tl.program_id(1) * BLOCK_J
     h = tl.program_id(2).to(tl.int64)
     # the last segment of the tile sees blocks j < s_last * S / b: skip tiles above the causal diagonal
-    s_last = tl.minimum(s0 + BLOCK_S, nseg) - 1
+    s_last = tl.minimum(s0 + BLOCK_S, nseg) - 1 + seg_off
     if j0 < s_last * blocks_per_seg:
         s = s0 + tl.arange(0, BLOCK_S)
         j = j0 + tl.arange(0, BLOCK_J)
@@ -138,7 +139,7 @@ def _logits_kernel(
             lo = tl.dot(qmin, tl.trans(kmin), lo, input_precision=DOT_PRECISION)
             acc += tl.maximum(hi, lo)
         acc = tl.math.div_rn(acc * 0.5, tl.full([BLOCK_S, BLOCK_J], G, tl.float32))
-        visible = (s[:, None] < nseg) & (j[None, :] < s[:, None] * blocks_per_seg)
+        visible = (s[:, None] < nseg) & (j[None, :] < (s[:, None] + seg_off) * blocks_per_seg)
         l_off = h * stride_lh + s[:, None].to(tl.int64) * stride_ls + j[None, :]
         tl.store(logit_ptr + l_off, acc, mask=visible)
 
@@ -156,6 +157,7 @@ def _entropy_kernel(
     nseg: tl.tensor,
     nblocks: tl.tensor,
     blocks_per_seg: tl.tensor,
+    seg_off: tl.tensor,
     eps: tl.tensor,
     spread_scale: tl.tensor,
     ROWS: tl.constexpr,  # segments per program
@@ -165,8 +167,8 @@ def _entropy_kernel(
     h = tl.program_id(1).to(tl.int64)
     s = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     s_ok = s < nseg
-    vis = s * blocks_per_seg  # [ROWS] visible blocks of each segment
-    vis_max = (tl.minimum(tl.program_id(0) * ROWS + ROWS, nseg) - 1) * blocks_per_seg
+    vis = (s + seg_off) * blocks_per_seg  # [ROWS] visible blocks of each segment
+    vis_max = (tl.minimum(tl.program_id(0) * ROWS + ROWS, nseg) - 1 + seg_off) * blocks_per_seg
     rows = logit_ptr + h * stride_lh + s[:, None].to(tl.int64) * stride_ls
     offs = tl.arange(0, CHUNK)[None, :]
     m_acc = tl.full([ROWS, CHUNK], float("-inf"), tl.float32)
@@ -243,11 +245,15 @@ def _block_scores_triton(
     block_size: int,
     tiles: ScoringTiles | None,
     spread_logit_scale: float | None,
+    segment_offset: int = 0,
+    num_key_blocks: int | None = None,
 ) -> BlockScores:
     hq, n, dim = q.shape
     hkv = k.shape[0]
     nseg = num_segments(n, segment_size)
-    nblk = num_blocks(n, segment_size, block_size)
+    # blocks the chunk's last segment sees (scored), and the logits' width (the whole prompt's for a chunk)
+    nblk = (segment_offset + nseg - 1) * segment_size // block_size
+    width = nblk if num_key_blocks is None else num_key_blocks
     dev = q.device
     t = tiles or scoring_tiles(nseg, nblk, segment_size, block_size, dim, cuda=dev.type == "cuda")
     q, k = _contiguous_last(q), _contiguous_last(k)
@@ -255,7 +261,7 @@ def _block_scores_triton(
         k = k.to(q.dtype)
     qmax, qmin = _minmax(q, segment_size, nseg, n, t.seg_groups, t.seg_rows, t.reps_warps)
     kmax, kmin = _minmax(k, block_size, nblk, nblk * block_size, t.blk_groups, pow2(block_size), t.reps_warps)
-    logits = torch.empty(hkv, nseg, nblk, dtype=torch.float32, device=dev)
+    logits = torch.empty(hkv, nseg, width, dtype=torch.float32, device=dev)
     entropy = torch.empty(hkv, nseg, dtype=torch.float32, device=dev)
     row_max = torch.empty_like(entropy)
     row_sum = torch.empty_like(entropy)
@@ -267,7 +273,7 @@ def _block_scores_triton(
             qmax, qmin, kmax, kmin, logits,
             qmax.stride(0), qmax.stride(1), kmax.stride(0), kmax.stride(1),
             logits.stride(0), logits.stride(1),
-            nseg, nblk, dim, bps,
+            nseg, nblk, dim, bps, segment_offset,
             G=hq // hkv, BLOCK_S=t.block_s, BLOCK_J=t.block_j, BLOCK_D=max(pow2(dim), 16),
             DOT_PRECISION="ieee" if qmax.dtype == torch.float32 else "tf32",
             num_warps=t.logits_warps, num_stages=t.logits_stages,
@@ -275,14 +281,14 @@ def _block_scores_triton(
     jit_kernel(_entropy_kernel, dev)[(triton.cdiv(nseg, t.rows), hkv)](
         logits, entropy, row_max, row_sum, entropy if spread is None else spread,
         logits.stride(0), logits.stride(1), entropy.stride(0),
-        nseg, nblk, bps, ENTROPY_EPS, float(spread_logit_scale or 0.0),
+        nseg, width, bps, segment_offset, ENTROPY_EPS, float(spread_logit_scale or 0.0),
         ROWS=t.rows, CHUNK=t.chunk, SPREAD=spread is not None, num_warps=t.row_warps,
     )  # fmt: skip
-    if nblk == 0:
+    if width == 0:
         entropy.zero_()
         if spread is not None:
             spread.zero_()
-    return BlockScores(logits, row_max, row_sum, entropy, segment_size, block_size, spread)
+    return BlockScores(logits, row_max, row_sum, entropy, segment_size, block_size, spread, segment_offset)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -298,6 +304,9 @@ def block_scores(
     backend: Backend = "auto",
     tiles: ScoringTiles | None = None,
     spread_logit_scale: float | None = None,
+    segment_offset: int = 0,
+    num_key_blocks: int | None = None,
+    row_invariant: bool = False,
 ) -> BlockScores:
     """Block logits (GQA mean, visible entries), softmax statistics and entropy of one layer; with
     `spread_logit_scale` (>= 0), also the entropy at that logit scale (`BlockScores.spread`, in the same
@@ -305,10 +314,31 @@ def block_scores(
 
     ``q [Hq, N, d]``, ``k [Hkv, N, d]`` post-RoPE (KV heads not repeated). float32 inputs are scored exactly
     (IEEE dots); bf16/fp16 inputs use tensor-core dots with float32 accumulation.
+
+    A prefill chunk: ``segment_offset`` (the chunk's first segment; q holds positions from
+    ``segment_offset * S``), ``k [Hkv, Nk, d]`` the keys from position 0 (at least up to the chunk's last
+    segment), ``num_key_blocks`` the logits' width (the whole prompt's ``num_blocks``, so each row is reduced
+    as in a one-shot profiling). ``row_invariant`` (the torch path; the kernels' tiles do not depend on the
+    row count when `tiles` is given) makes a segment's numbers independent of the other segments scored with
+    it (`block_scoring_ref.chunk_block_logits_ref`).
     """
-    check_qk(q, k, segment_size, block_size)
+    chunked = segment_offset > 0 or num_key_blocks is not None
+    if chunked:
+        nblk_all = num_key_blocks
+        if nblk_all is None:
+            nblk_all = (
+                (segment_offset + num_segments(q.shape[1], segment_size) - 1) * segment_size // block_size
+            )
+        check_chunk_qk(q, k, segment_size, block_size, segment_offset, nblk_all)
+    else:
+        check_qk(q, k, segment_size, block_size)
     if spread_logit_scale is not None and not spread_logit_scale >= 0:
         raise ValueError(f"spread_logit_scale must be >= 0, got {spread_logit_scale}")
     if not runs_triton(q.device, backend):
-        return block_scores_ref(q, k, segment_size, block_size, spread_logit_scale)
-    return _block_scores_triton(q, k, segment_size, block_size, tiles, spread_logit_scale)
+        return block_scores_ref(
+            q, k, segment_size, block_size, spread_logit_scale, segment_offset=segment_offset,
+            num_key_blocks=num_key_blocks, row_invariant=row_invariant,
+        )  # fmt: skip
+    return _block_scores_triton(
+        q, k, segment_size, block_size, tiles, spread_logit_scale, segment_offset, num_key_blocks
+    )

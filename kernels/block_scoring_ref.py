@@ -9,6 +9,11 @@ Layout: `block_layout` (segments of ``S`` queries, key blocks of ``b`` keys, vis
 - Segment ``s`` sees blocks ``j < s * S / b``. Softmax in float32 as ``exp(x - max) / sum`` over the visible
   blocks (hidden blocks get probability 0); segment 0 sees nothing and gets the uniform ``1 / nblocks``.
 - Entropy ``-sum p * log(p + 1e-9)`` in float32.
+- A prefill chunk (``segment_offset > 0``): the chunk's query segments ``segment_offset ..`` against the key
+  blocks before each of them, in logits ``num_key_blocks`` wide (the whole prompt's, so each row is reduced
+  exactly as in a one-shot profiling). ``row_invariant`` computes the logits one segment at a time (every
+  matrix product has one query row), so a segment's numbers do not depend on how many segments are scored
+  with it: chunked and one-shot profiling agree bit for bit (CPU BLAS results change with the row count).
 - Spread entropy (`spread_entropy_ref`, for the `spread` budget rule): the entropy of ``softmax(t * x)`` over
   the visible blocks at a logit scale ``t``, as ``y = t * (x - max)``, ``z = sum exp(y)``,
   ``H = log z - sum exp(y) * y / z`` (no epsilon; 0 where nothing is visible).
@@ -18,12 +23,20 @@ from __future__ import annotations
 
 import torch
 
-from entropyinfer.kernels.block_layout import BlockScores, check_qk, num_blocks, num_segments, visible_blocks
+from entropyinfer.kernels.block_layout import (
+    BlockScores,
+    check_chunk_qk,
+    check_qk,
+    num_blocks,
+    num_segments,
+    visible_blocks,
+)
 
 __all__ = [
     "ENTROPY_EPS",
     "block_logits_ref",
     "block_scores_ref",
+    "chunk_block_logits_ref",
     "segment_block_reps_ref",
     "spread_entropy_ref",
 ]
@@ -61,15 +74,57 @@ def block_logits_ref(q: torch.Tensor, k: torch.Tensor, segment_size: int, block_
     return torch.maximum(hi, lo).view(hkv, g, nseg, -1).mean(dim=1)
 
 
+def chunk_block_logits_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    segment_size: int,
+    block_size: int,
+    segment_offset: int,
+    num_key_blocks: int,
+    row_invariant: bool = True,
+) -> torch.Tensor:
+    """float32 ``[Hkv, nseg_chunk, num_key_blocks]`` logits of a chunk's segments (``q`` from position
+    ``segment_offset * S``) against the key blocks of ``k`` (from position 0); blocks the chunk's segments
+    cannot see are 0 (and hidden)."""
+    check_chunk_qk(q, k, segment_size, block_size, segment_offset, num_key_blocks)
+    hq, nq, d = q.shape
+    hkv = k.shape[0]
+    g, s_len, b = hq // hkv, segment_size, block_size
+    nseg = num_segments(nq, s_len)
+    full = (nseg - 1) * s_len
+    qs = q[:, :full].reshape(hq, nseg - 1, s_len, d)
+    qmax = torch.cat([qs.amax(dim=2), q[:, full:].amax(dim=1, keepdim=True)], dim=1).float()
+    qmin = torch.cat([qs.amin(dim=2), q[:, full:].amin(dim=1, keepdim=True)], dim=1).float()
+    avail = (segment_offset + nseg - 1) * s_len // b  # blocks the last segment sees
+    kb = k[:, : avail * b].reshape(hkv, avail, b, d)
+    kmax = k.new_zeros(hkv, num_key_blocks, d, dtype=torch.float32)
+    kmin = torch.zeros_like(kmax)
+    kmax[:, :avail], kmin[:, :avail] = kb.amax(dim=2).float(), kb.amin(dim=2).float()
+    kmax_t = kmax.repeat_interleave(g, dim=0).transpose(1, 2)
+    kmin_t = kmin.repeat_interleave(g, dim=0).transpose(1, 2)
+
+    def logits(a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        hi = (a @ kmax_t + c @ kmax_t) / 2
+        lo = (a @ kmin_t + c @ kmin_t) / 2
+        return torch.maximum(hi, lo)
+
+    if row_invariant:
+        out = torch.cat([logits(qmax[:, i : i + 1], qmin[:, i : i + 1]) for i in range(nseg)], dim=1)
+    else:
+        out = logits(qmax, qmin)
+    return out.view(hkv, g, nseg, -1).mean(dim=1)
+
+
 def spread_entropy_ref(
-    logits: torch.Tensor, segment_size: int, block_size: int, logit_scale: float
+    logits: torch.Tensor, segment_size: int, block_size: int, logit_scale: float, segment_offset: int = 0
 ) -> torch.Tensor:
     """float32 ``[Hkv, nseg]``: entropy (nats) of ``softmax(logit_scale * logits)`` over each segment's
-    visible blocks (``logit_scale >= 0``); 0 where nothing is visible. Entries beyond them are ignored."""
+    visible blocks (``logit_scale >= 0``); 0 where nothing is visible. Entries beyond them are ignored.
+    Row ``i`` is segment ``segment_offset + i``."""
     hkv, nseg, nblk = logits.shape
     if nblk == 0:
         return torch.zeros(hkv, nseg, dtype=torch.float32, device=logits.device)
-    vis = visible_blocks(nseg, segment_size, block_size, logits.device)
+    vis = visible_blocks(nseg, segment_size, block_size, logits.device, segment_offset)
     visible = torch.arange(nblk, device=logits.device)[None, :] < vis[:, None]
     x = logits.float().masked_fill(~visible, float("-inf"))
     m = x.amax(dim=-1, keepdim=True)
@@ -88,12 +143,31 @@ def block_scores_ref(
     segment_size: int,
     block_size: int,
     spread_logit_scale: float | None = None,
+    *,
+    segment_offset: int = 0,
+    num_key_blocks: int | None = None,
+    row_invariant: bool = False,
 ) -> BlockScores:
     """Logits, masked float32 softmax (``exp(x - max) / sum``) and entropy, as the reference computes them;
-    with `spread_logit_scale`, also the spread entropy (`spread_entropy_ref`)."""
-    logits = block_logits_ref(q, k, segment_size, block_size)
+    with `spread_logit_scale`, also the spread entropy (`spread_entropy_ref`).
+
+    The whole prompt by default (``q``, ``k`` of one length). A prefill chunk, or any row-invariant profiling,
+    with `segment_offset` / `num_key_blocks` / `row_invariant` (`chunk_block_logits_ref`): ``q`` holds the
+    positions from ``segment_offset * S``, ``k`` the keys from 0 (at least up to the chunk's last segment)."""
+    chunked = segment_offset > 0 or num_key_blocks is not None or row_invariant
+    if chunked:
+        nblk_all = num_key_blocks
+        if nblk_all is None:
+            nblk_all = (
+                (segment_offset + num_segments(q.shape[1], segment_size) - 1) * segment_size // block_size
+            )
+        logits = chunk_block_logits_ref(
+            q, k, segment_size, block_size, segment_offset, nblk_all, row_invariant=row_invariant
+        )
+    else:
+        logits = block_logits_ref(q, k, segment_size, block_size)
     hkv, nseg, nblk = logits.shape
-    vis = visible_blocks(nseg, segment_size, block_size, logits.device)
+    vis = visible_blocks(nseg, segment_size, block_size, logits.device, segment_offset)
     hidden = torch.arange(nblk, device=logits.device)[None, :] >= vis[:, None]
     x = logits.masked_fill(hidden, torch.finfo(torch.float32).min)
     if nblk:
@@ -102,9 +176,10 @@ def block_scores_ref(
         row_sum = e.sum(dim=-1)
         p = e / row_sum[..., None]
         entropy = -(p * torch.log(p + ENTROPY_EPS)).sum(dim=-1)
-        # segment 0 (nothing visible) is uniform in the reference; its statistics are unused
-        row_max[:, 0] = 0.0
-        row_sum[:, 0] = 1.0
+        if segment_offset == 0:
+            # segment 0 (nothing visible) is uniform in the reference; its statistics are unused
+            row_max[:, 0] = 0.0
+            row_sum[:, 0] = 1.0
     else:  # one segment: no blocks at all
         row_max = torch.zeros(hkv, nseg, device=logits.device)
         row_sum = torch.ones(hkv, nseg, device=logits.device)
@@ -112,6 +187,6 @@ def block_scores_ref(
     spread = (
         None
         if spread_logit_scale is None
-        else spread_entropy_ref(logits, segment_size, block_size, spread_logit_scale)
+        else spread_entropy_ref(logits, segment_size, block_size, spread_logit_scale, segment_offset)
     )
-    return BlockScores(logits, row_max, row_sum, entropy, segment_size, block_size, spread)
+    return BlockScores(logits, row_max, row_sum, entropy, segment_size, block_size, spread, segment_offset)

@@ -70,11 +70,12 @@ def _counts_kernel(
     spread_hi: tl.tensor,
     rigid_budget: tl.tensor,
     MODE: tl.constexpr,  # 0: one fixed budget; 1: the reference recurrence; 2: the spread rule
+    CAUSAL: tl.constexpr,  # MODE 1: B0 only while the head is rigid so far (mode `causal`)
     CHUNK: tl.constexpr,
 ) -> None:
     h = tl.program_id(0).to(tl.int64)
     row = ent_ptr + h * stride_eh
-    if MODE == 2:
+    if MODE == 2 or CAUSAL:
         rigid = nseg >= 2  # rigid so far: updated segment by segment below (causal)
     else:
         not_below = 0  # segments >= 1 whose entropy is not below e_t (NaN counts as not below)
@@ -105,6 +106,8 @@ def _counts_kernel(
             budget = budget + step * (ratio - delta)
             budget = tl.minimum(tl.maximum(budget, base), top)
             prev = cur
+            if CAUSAL:
+                rigid = rigid & (cur < e_t)
         if MODE == 2:
             cur = tl.load(row + s)
             log_v = tl.log((s * seg_blocks).to(tl.float32))
@@ -148,6 +151,7 @@ def _select_kernel(
     nseg: tl.tensor,
     blocks_per_seg: tl.tensor,
     width: tl.tensor,
+    seg_off: tl.tensor,  # absolute index of segment row 0 (a prefill chunk's first segment)
     ROWS: tl.constexpr,  # segments per program
     CHUNK: tl.constexpr,  # blocks per step along a row
     SINGLE: tl.constexpr,  # every row fits in one chunk: keep it in registers
@@ -155,8 +159,8 @@ def _select_kernel(
     h = tl.program_id(1).to(tl.int64)
     s = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     s_ok = s < nseg
-    vis = s * blocks_per_seg
-    vis_max = (tl.minimum(tl.program_id(0) * ROWS + ROWS, nseg) - 1) * blocks_per_seg
+    vis = (s + seg_off) * blocks_per_seg
+    vis_max = (tl.minimum(tl.program_id(0) * ROWS + ROWS, nseg) - 1 + seg_off) * blocks_per_seg
     k = tl.load(count_ptr + h * stride_ch + s * stride_cs, mask=s_ok, other=0)
     rows = logit_ptr + h * stride_lh + s[:, None].to(tl.int64) * stride_ls
     offs = tl.arange(0, CHUNK)[None, :]
@@ -226,9 +230,12 @@ def block_counts(
     delta: float,
     fixed_budget: float | None = None,
     spread_rule: SpreadRule | None = None,
+    causal: bool = False,
     backend: Backend = "auto",
 ) -> BlockCounts:
     """Rigid heads, budgets, block counts and dense segments in one launch; see `block_counts_ref`.
+
+    ``causal`` (the entropy recurrence only): the rigid-so-far test of mode `causal` (`rigid_so_far_ref`).
 
     With `spread_rule`, `entropy` is the spread entropy (`BlockScores.spread`) and the counts are the spread
     rule's (`spread_counts_ref`: causal, rigid so far: ``Hs / log V < spread_rule.rigid_entropy``);
@@ -239,7 +246,7 @@ def block_counts(
     if not runs_triton(entropy.device, backend):
         return block_counts_ref(
             entropy, **kw, entropy_threshold=entropy_threshold, base_budget=base_budget, alpha=alpha,
-            delta=delta, fixed_budget=fixed_budget,
+            delta=delta, fixed_budget=fixed_budget, causal=causal,
         )  # fmt: skip
     entropy = entropy.float().contiguous()
     hkv, nseg = entropy.shape
@@ -262,7 +269,7 @@ def block_counts(
         base, float(3 * base_budget), float(alpha * base_budget), float(delta), float(1.0 + delta), RATIO_EPS,
         float(entropy_threshold), float(block_size),
         float(r.power), float(r.min_budget), float(r.max_budget), float(r.rigid_budget),
-        MODE=mode, CHUNK=128, num_warps=1,
+        MODE=mode, CAUSAL=causal and mode == 1, CHUNK=128, num_warps=1,
         enable_fp_fusion=False,  # no FMA: the same float32 roundings as the reference, so the same counts
     )  # fmt: skip
     return BlockCounts(rigid.view(torch.bool), budgets, counts, kernel_counts, dense.view(torch.bool))
@@ -277,12 +284,14 @@ def select_blocks(
     *,
     backend: Backend = "auto",
     tiles: SelectTiles | None = None,
+    segment_offset: int = 0,
 ) -> torch.Tensor:
     """int32 ``[Hkv, nseg, max(max_count, 1)]``: the ``counts[h, s]`` visible blocks of highest score per row,
     ascending, then -1. ``scores`` are logits (or probabilities); ``counts <= min(max_count, s * S / b)``.
+    Row ``i`` is segment ``segment_offset + i`` (a prefill chunk's rows; `BlockScores.segment_offset`).
     """
     if not runs_triton(scores.device, backend):
-        return select_blocks_ref(scores, counts, segment_size, block_size, max_count)
+        return select_blocks_ref(scores, counts, segment_size, block_size, max_count, segment_offset)
     hkv, nseg, nblk = scores.shape
     out = torch.full((hkv, nseg, max(max_count, 1)), -1, dtype=torch.int32, device=scores.device)
     if max_count == 0 or nblk == 0:
@@ -294,7 +303,7 @@ def select_blocks(
     t = tiles or select_tiles(nseg, nblk, cuda=scores.device.type == "cuda")
     jit_kernel(_select_kernel, scores.device)[(triton.cdiv(nseg, t.rows), hkv)](
         scores, counts, out, scores.stride(0), scores.stride(1), counts.stride(0), counts.stride(1),
-        out.stride(0), out.stride(1), nseg, segment_size // block_size, out.shape[-1],
+        out.stride(0), out.stride(1), nseg, segment_size // block_size, out.shape[-1], segment_offset,
         ROWS=t.rows, CHUNK=t.chunk, SINGLE=nblk <= t.chunk, num_warps=t.warps,
     )  # fmt: skip
     return out

@@ -3,7 +3,8 @@ path).
 
 Layout: `block_layout`. The computation, from a layer's entropy ``[Hkv, nseg]`` and block logits:
 
-- Rigid heads: entropy below e_t in every segment >= 1 (segment 0 sees nothing).
+- Rigid heads: entropy below e_t in every segment >= 1 (segment 0 sees nothing); or, causal
+  (`rigid_so_far_ref`, mode `causal`), rigid at segment s if below e_t in every segment 1..s.
 - Budget recurrence (`budget_scan_ref`): in float32, in the reference's order of operations; or one fixed
   budget everywhere (the CritiPrefill baseline).
 - Counts (`block_counts_ref`): ``floor(B / b)`` blocks capped by what the segment may see (`count_caps`), the
@@ -37,6 +38,7 @@ __all__ = [
     "counts_from_budgets",
     "dense_segment_mask",
     "rigid_heads",
+    "rigid_so_far_ref",
     "select_blocks_ref",
     "spread_budgets_ref",
     "spread_counts_ref",
@@ -48,7 +50,8 @@ RATIO_EPS = 1e-9  # in the denominator of the entropy growth ratio
 def budget_scan_ref(
     entropy: torch.Tensor, rigid: torch.Tensor, base_budget: float, alpha: float, delta: float
 ) -> torch.Tensor:
-    """float32 budgets (tokens) ``[Hkv, nseg]`` from the entropy recurrence; rigid heads get ``base_budget``.
+    """float32 budgets (tokens) ``[Hkv, nseg]`` from the entropy recurrence; rigid heads get ``base_budget``
+    (``rigid`` bool ``[Hkv]``, or ``[Hkv, nseg]`` per segment: the causal rigid-so-far test).
 
     Dynamic head: ``B[0] = B0``, ``r[1] = delta``,
     ``r[s] = clip((H[s] - H[s-1]) / (H[s-1] + 1e-9), 0, 1 + delta)``,
@@ -67,7 +70,18 @@ def budget_scan_ref(
     for s in range(1, nseg):
         b = budgets[:, s - 1] + step * (ratio[:, s] - delta)
         budgets[:, s] = b.clamp(base_budget, 3 * base_budget)
-    return torch.where(rigid[:, None], torch.full_like(budgets, base_budget), budgets)
+    rigid = rigid[:, None] if rigid.dim() == 1 else rigid
+    return torch.where(rigid, torch.full_like(budgets, base_budget), budgets)
+
+
+def rigid_so_far_ref(entropy: torch.Tensor, entropy_threshold: float) -> torch.Tensor:
+    """bool ``[Hkv, nseg]``: entropy below e_t in every segment ``1..s`` (the causal rigid test; False at
+    segment 0, which sees nothing; NaN is never below). Its last column is `rigid_heads`."""
+    below = entropy < entropy_threshold
+    below[:, :1] = True
+    rigid = torch.cummin(below.to(torch.int32), dim=1).values.bool()
+    rigid[:, 0] = False
+    return rigid
 
 
 def rigid_heads(entropy: torch.Tensor, entropy_threshold: float) -> torch.Tensor:
@@ -115,15 +129,19 @@ def block_counts_ref(
     alpha: float,
     delta: float,
     fixed_budget: float | None = None,
+    causal: bool = False,
 ) -> BlockCounts:
     """Rigid heads, budgets and block counts from a layer's entropy ``[Hkv, nseg]``.
 
     Budgets follow the entropy recurrence (`budget_scan_ref`), or are ``fixed_budget`` everywhere when it is
-    given (the CritiPrefill baseline; rigid heads are still reported).
+    given (the CritiPrefill baseline; rigid heads are still reported). ``causal``: a head keeps B0 at segment
+    s only while it is rigid so far (`rigid_so_far_ref`), so column s depends on ``entropy[:, :s+1]`` only;
+    ``rigid`` is then the test at the last segment (the same heads as the whole-prompt test).
     """
     rigid = rigid_heads(entropy, entropy_threshold)
     if fixed_budget is None:
-        budgets = budget_scan_ref(entropy, rigid, base_budget, alpha, delta)
+        per_segment = rigid_so_far_ref(entropy, entropy_threshold) if causal else rigid
+        budgets = budget_scan_ref(entropy, per_segment, base_budget, alpha, delta)
     else:
         budgets = torch.full_like(entropy, float(fixed_budget), dtype=torch.float32)
     caps = count_caps(seq_len, segment_size, block_size, entropy.device)
@@ -192,12 +210,18 @@ def spread_counts_ref(
 
 
 def select_blocks_ref(
-    scores: torch.Tensor, counts: torch.Tensor, segment_size: int, block_size: int, max_count: int
+    scores: torch.Tensor,
+    counts: torch.Tensor,
+    segment_size: int,
+    block_size: int,
+    max_count: int,
+    segment_offset: int = 0,
 ) -> torch.Tensor:
     """int32 ``[Hkv, nseg, max(max_count, 1)]``: per row the ``counts[h, s]`` visible blocks of highest score,
     ascending, padded with -1. ``counts`` must not exceed the visible blocks nor ``max_count``.
 
     ``scores`` may be logits or probabilities (same order); entries beyond the visible blocks are ignored.
+    Row ``i`` is segment ``segment_offset + i`` (a prefill chunk's rows).
     """
     hkv, nseg, nblk = scores.shape
     width = max(max_count, 1)
@@ -205,7 +229,7 @@ def select_blocks_ref(
     k = min(max_count, nblk)
     if k == 0:
         return out
-    vis = visible_blocks(nseg, segment_size, block_size, scores.device)
+    vis = visible_blocks(nseg, segment_size, block_size, scores.device, segment_offset)
     hidden = torch.arange(nblk, device=scores.device)[None, :] >= vis[:, None]
     masked = scores.float().masked_fill(hidden, float("-inf"))
     idx = masked.topk(k, dim=-1, sorted=True).indices  # [Hkv, nseg, k], best first

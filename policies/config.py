@@ -17,10 +17,19 @@ from typing import Any, Literal
 from entropyinfer.configs.loader import check_int, from_dict, load_yaml, merge
 from entropyinfer.errors import ConfigError
 
-__all__ = ["KVCompressionConfig", "SparsePrefillConfig", "load_kv_compression_config", "load_sparse_config"]
+__all__ = [
+    "CAUSAL_MODES",
+    "KVCompressionConfig",
+    "SparsePrefillConfig",
+    "load_kv_compression_config",
+    "load_sparse_config",
+]
 
-BudgetMode = Literal["per_head", "reference", "spread"]
-_MODES = ("per_head", "reference", "spread")
+BudgetMode = Literal["causal", "per_head", "reference", "spread"]
+_MODES = ("causal", "per_head", "reference", "spread")
+# modes whose decision for a segment uses only the segments up to it: chunked prefill and prefix caching
+# reproduce a one-shot prefill's blocks (`shard.attention.SparsePrefill.chunkable`)
+CAUSAL_MODES = ("causal", "spread")
 
 
 @dataclass(frozen=True)
@@ -35,9 +44,11 @@ class SparsePrefillConfig:
     base_budget: int = 2048  # B0: tokens kept per segment by a rigid head; dynamic heads range B0 .. 3*B0
     threshold_len: int = 4096  # segments starting before this position run dense (and the last one)
     entropy_threshold: float = 1e-5  # e_t: a head is rigid if every segment >= 1 has entropy below this
+    # (mode causal: every segment 1..s, for segment s)
     alpha: float = 0.5  # budget step: B += alpha * B0 * (r - delta)
     delta: float = 0.4  # neutral entropy growth ratio (r == delta keeps the budget)
     mode: BudgetMode = "per_head"  # per_head: own count per KV head; reference: max over KV heads;
+    # causal: per_head with the causal rigid test (rigid at segment s while below e_t in segments 1..s);
     # spread: causal budgets from the entropy level (`policies/budgets.py`, fields spread_* below)
     fixed_budget: int = 2048  # tokens kept per segment and head by the `fixed` (CritiPrefill) policy
     # `fixed` policy: when set, the fixed budget is solved per prompt so that the prefill's mean density
@@ -95,6 +106,11 @@ class SparsePrefillConfig:
                 raise ConfigError(
                     f"{name}: must be at most 3 * base_budget ({self.max_budget}), got {getattr(self, name)}"
                 )
+
+    @property
+    def causal(self) -> bool:
+        """The entropy policy's decision for a segment uses only the segments up to it (`CAUSAL_MODES`)."""
+        return self.mode in CAUSAL_MODES
 
     @property
     def max_budget(self) -> int:

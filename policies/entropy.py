@@ -14,16 +14,20 @@ from dataclasses import dataclass
 
 import torch
 
-from entropyinfer.kernels.backend import Backend
-from entropyinfer.kernels.block_layout import BlockScores
+from entropyinfer.kernels.backend import Backend, runs_triton
+from entropyinfer.kernels.block_layout import BlockScores, num_blocks, num_segments
 from entropyinfer.kernels.block_scoring import block_scores
 from entropyinfer.kernels.block_selection import block_counts, select_blocks
+from entropyinfer.kernels.block_selection_ref import rigid_heads, spread_budgets_ref
+from entropyinfer.kernels.tiling import scoring_tiles, select_tiles
 from entropyinfer.policies.budgets import spread_logit_scale, spread_rule
 from entropyinfer.policies.config import SparsePrefillConfig
 from entropyinfer.policies.registry import SELECTIONS, Selection
 
 __all__ = [
+    "ChunkPlan",
     "LayerPlan",
+    "plan_chunk",
     "plan_density",
     "plan_density_tensor",
     "plan_from_scores",
@@ -142,6 +146,7 @@ def plan_from_scores(
         delta=cfg.delta,
         fixed_budget=cfg.fixed_budget if policy == "fixed" else None,
         spread_rule=spread_rule(cfg) if spread else None,
+        causal=cfg.mode == "causal",
         backend=backend,
     )
     counts, kernel_counts = bc.counts, bc.kernel_counts
@@ -183,8 +188,8 @@ def plan_layer(
     Args:
         q: ``[Hq, N, d]`` post-RoPE queries of one sequence.
         k: ``[Hkv, N, d]`` post-RoPE keys (KV heads not repeated).
-        cfg: segment / block sizes, budgets, mode (`per_head`, `reference`, or the causal `spread` rule of
-            `policies/budgets.py`).
+        cfg: segment / block sizes, budgets, mode (`per_head`, `reference`, `causal` (per_head with the
+            rigid-so-far test), or the causal `spread` rule of `policies/budgets.py`).
         policy: ``entropy`` (budgets from the entropy recurrence) or ``fixed`` (``cfg.fixed_budget``
             everywhere).
         backend: ``triton`` (compiled on GPU, interpreted on CPU), ``torch`` (the reference), or ``auto``
@@ -194,3 +199,118 @@ def plan_layer(
     scale = spread_logit_scale(cfg, q.shape[-1]) if policy == "entropy" and cfg.mode == "spread" else None
     scores = block_scores(q, k, cfg.segment_size, cfg.block_size, backend=backend, spread_logit_scale=scale)
     return plan_from_scores(scores, cfg, q.shape[1], policy=policy, backend=backend, with_probs=with_probs)
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """Sparse prefill plan of one prefill chunk of one layer: the chunk's segments ``segment_offset ..
+    segment_offset + nseg_chunk - 1`` of a ``seq_len``-token prompt (causal modes and `fixed` only).
+
+    entropy / spread: float32 ``[Hkv, nseg_chunk]`` the chunk's profiling (spread: mode `spread` only).
+    counts / kernel_counts / block_idx: as `LayerPlan`, the chunk's rows (block ids absolute).
+    rigid: bool ``[Hkv]`` rigid so far at the chunk's last segment (the whole-prompt test after the last
+        chunk).
+    dense_segments: bool ``[nseg]`` of the whole prompt.
+    """
+
+    entropy: torch.Tensor
+    spread: torch.Tensor | None
+    counts: torch.Tensor
+    kernel_counts: torch.Tensor
+    block_idx: torch.Tensor
+    rigid: torch.Tensor
+    dense_segments: torch.Tensor
+    segment_offset: int
+
+
+def plan_chunk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cfg: SparsePrefillConfig,
+    *,
+    seq_len: int,
+    segment_offset: int,
+    entropy_before: torch.Tensor,
+    spread_before: torch.Tensor | None = None,
+    policy: Selection = "entropy",
+    backend: Backend = "auto",
+) -> ChunkPlan:
+    """Profile one prefill chunk of one layer and decide its blocks exactly as a one-shot prefill would.
+
+    ``q [Hq, Nq, d]`` positions from ``segment_offset * S`` (whole segments, but the prompt's last), ``k
+    [Hkv, Nk, d]`` keys from position 0 (``Nk >= q's last position``); ``entropy_before`` / ``spread_before``
+    float32 ``[Hkv, segment_offset]``: this layer's profiling of the earlier segments (the causal rules read
+    them; `fixed` ignores them). Row-invariant scoring with the whole prompt's block count as the logits'
+    width and the whole prompt's tiles, then the counts of the whole-prompt rule over the history (later
+    segments padded: the rule is causal, they change nothing before them), so a chunked prefill gives the
+    one-shot counts (bit for bit on the torch path).
+    """
+    if policy == "entropy" and not cfg.causal:
+        raise ValueError(f"mode {cfg.mode!r} is not causal: prefill it in one shot (plan_layer)")
+    s_len, b = cfg.segment_size, cfg.block_size
+    nseg, nblk = num_segments(seq_len, s_len), num_blocks(seq_len, s_len, b)
+    spread = policy == "entropy" and cfg.mode == "spread"
+    cuda = q.device.type == "cuda"
+    on_triton = runs_triton(q.device, backend)
+    scores = block_scores(
+        q, k, s_len, b, backend=backend, segment_offset=segment_offset, num_key_blocks=nblk,
+        spread_logit_scale=spread_logit_scale(cfg, q.shape[-1]) if spread else None, row_invariant=True,
+        tiles=scoring_tiles(nseg, nblk, s_len, b, q.shape[-1], cuda=cuda) if on_triton else None,
+    )  # fmt: skip
+    nc = scores.entropy.shape[1]
+    end = segment_offset + nc
+    source = scores.spread if spread and scores.spread is not None else scores.entropy
+    before = spread_before if spread else entropy_before
+    if before is None or before.shape[1] != segment_offset:
+        raise ValueError(f"need this layer's history of the {segment_offset} earlier segments")
+    history = source.new_zeros(source.shape[0], nseg)
+    history[:, :segment_offset] = before
+    history[:, segment_offset:end] = source
+    bc = block_counts(
+        history,
+        seq_len=seq_len,
+        segment_size=s_len,
+        block_size=b,
+        threshold_len=cfg.threshold_len,
+        entropy_threshold=cfg.entropy_threshold,
+        base_budget=cfg.base_budget,
+        alpha=cfg.alpha,
+        delta=cfg.delta,
+        fixed_budget=cfg.fixed_budget if policy == "fixed" else None,
+        spread_rule=spread_rule(cfg) if spread else None,
+        causal=cfg.mode == "causal",
+        backend=backend,
+    )
+    # rigid so far at the chunk's last segment: the rule's test on the history so far
+    rigid = _rigid_so_far(history[:, :end], cfg, spread) if end < nseg else bc.rigid
+    counts = bc.counts[:, segment_offset:end].contiguous()
+    max_budget = cfg.max_budget if policy == "entropy" else cfg.fixed_budget
+    max_count = min(max_budget // b, max((nseg - 1) * (s_len // b), 0))
+    tiles = select_tiles(nseg, nblk, cuda=cuda) if on_triton else None
+    block_idx = select_blocks(
+        scores.logits,
+        counts,
+        s_len,
+        b,
+        max_count,
+        backend=backend,
+        tiles=tiles,
+        segment_offset=segment_offset,
+    )
+    return ChunkPlan(
+        entropy=scores.entropy,
+        spread=scores.spread if spread else None,
+        counts=counts,
+        kernel_counts=bc.kernel_counts[:, segment_offset:end].contiguous(),
+        block_idx=block_idx,
+        rigid=rigid,
+        dense_segments=bc.dense_segments,
+        segment_offset=segment_offset,
+    )
+
+
+def _rigid_so_far(history: torch.Tensor, cfg: SparsePrefillConfig, spread: bool) -> torch.Tensor:
+    """bool ``[Hkv]``: the rule's rigid test over ``history [Hkv, segments]`` (torch; a few elements)."""
+    if spread:
+        return spread_budgets_ref(history, cfg.segment_size, cfg.block_size, spread_rule(cfg))[0][:, -1]
+    return rigid_heads(history, cfg.entropy_threshold)

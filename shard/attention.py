@@ -7,6 +7,12 @@ that itself (`kernels/backend.py`); this module passes no backend.
 Sparse prefill (entropy / fixed policies) plugs in through `PrefillAttention`: the policy decides the
 blocks (`policies/`), a kernel (`kernels/`) computes; this module only dispatches.
 
+A prefill runs in one shot (``attention(layer, q, k, v)`` per layer over the whole prompt) or in chunks
+(``attention.chunk(layer, q, k, v, q_offset, seq_len)``: queries ``[q0, q1)`` over keys ``[0, q1)``, every
+layer of a chunk before the next chunk) where ``chunkable``: dense, `fixed`, and the causal entropy modes
+(`causal`, `spread`). Chunked output and blocks equal one-shot's; the per-layer state between chunks is a
+`prefill_state.LayerRecord`, and ``state_at`` / ``resume`` carry it across requests for prefix caching.
+
 Which policy prefills how is the registry's table (`policies/registry.py`): `build_prefill_attention` turns
 a policy's `prefill` kind ("dense" / "sparse") and `selection` rule into the attention object below.
 """
@@ -17,56 +23,92 @@ import dataclasses
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 
-from entropyinfer.kernels.block_selection_ref import rigid_heads
 from entropyinfer.kernels.decode_attention import decode_attention
 from entropyinfer.kernels.sparse_prefill import sparse_prefill_attention
 from entropyinfer.kernels.tiling import row_chunk
 from entropyinfer.policies.budgets import fixed_budget_for_density
 from entropyinfer.policies.config import SparsePrefillConfig
-from entropyinfer.policies.entropy import plan_density_tensor, plan_layer
+from entropyinfer.policies.entropy import plan_chunk, plan_layer
 from entropyinfer.policies.registry import SELECTIONS, Selection, get_policy
+from entropyinfer.shard.dense_attention import dense_causal_attention, dense_chunk_attention
+from entropyinfer.shard.prefill_state import (
+    LayerRecord,
+    PrefillState,
+    head_entropy,
+    prefill_stats,
+    sparse_counts,
+)
+
+__all__ = [
+    "DensePrefill",
+    "PrefillAttention",
+    "PrefillState",
+    "SparsePrefill",
+    "build_prefill_attention",
+    "cached_decode_attention",
+    "dense_causal_attention",
+    "warm_up_lengths",
+    "warm_up_sparse_prefill",
+]
 
 
 class PrefillAttention(Protocol):
-    """Attention over a whole prompt for one layer: q [Hq, N, d], k and v [Hkv, N, d] -> [Hq, N, d].
+    """Attention over a prompt for one layer: one shot, ``q [Hq, N, d]``, ``k`` and ``v [Hkv, N, d]`` ->
+    ``[Hq, N, d]``; or one chunk (`chunk`, where ``chunkable``). ``begin(num_layers, seq_len)`` once per
+    prompt before its first layer (`Engine.prefill` calls it; SparsePrefill solves the `fixed` policy's
+    budget for a target density there and resets its per-layer state)."""
 
-    An implementation may also have ``begin(num_layers, seq_len)``: `Engine.prefill` calls it once before
-    layer 0 (SparsePrefill solves the `fixed` policy's budget for a target density there)."""
+    @property
+    def chunkable(self) -> bool: ...
+
+    @property
+    def prefix_cacheable(self) -> bool: ...
+
+    @property
+    def segment_size(self) -> int: ...
+
+    def begin(self, num_layers: int, seq_len: int) -> None: ...
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
+
+    def chunk(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int, seq_len: int
+    ) -> torch.Tensor: ...
+
+    def state_at(self, segments: int) -> PrefillState: ...
+
+    def resume(self, state: PrefillState) -> None: ...
 
     def stats(self) -> dict: ...
 
 
-def _sdpa_backends_cuda() -> list:
-    from torch.nn.attention import SDPBackend
-
-    return [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
-
-
-def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Exact causal attention without an N x N score matrix (fused SDPA; cuDNN first on GPU)."""
-    group = q.shape[0] // k.shape[0]
-    if group > 1:  # the fused kernels want one KV head per query head
-        k = k.repeat_interleave(group, dim=0)
-        v = v.repeat_interleave(group, dim=0)
-    if q.device.type != "cuda":
-        return F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True)[0]
-    from torch.nn.attention import sdpa_kernel
-
-    try:
-        ctx = sdpa_kernel(_sdpa_backends_cuda(), set_priority=True)
-    except TypeError:  # older torch: no priority order
-        ctx = sdpa_kernel(_sdpa_backends_cuda())
-    with ctx:
-        return F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True)[0]
-
-
 class DensePrefill:
+    """Exact causal attention (fused SDPA), one shot or chunk by chunk (`dense_attention`). Chunks may start
+    anywhere (``segment_size`` 1: a "segment" is a token); its prefix state is empty."""
+
+    chunkable = True
+    prefix_cacheable = True
+    segment_size = 1
+
+    def begin(self, num_layers: int, seq_len: int) -> None:
+        """Nothing to prepare."""
+
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return dense_causal_attention(q, k, v)
+
+    def chunk(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int, seq_len: int
+    ) -> torch.Tensor:
+        """``q [Hq, q1 - q0, d]`` at positions ``[q_offset, q1)`` over ``k``, ``v`` ``[Hkv, q1, d]``."""
+        return dense_chunk_attention(q, k, v, q_offset)
+
+    def state_at(self, segments: int) -> PrefillState:
+        return PrefillState("dense", "dense", 1, segments)
+
+    def resume(self, state: PrefillState) -> None:
+        if state.key != "dense":
+            raise ValueError(f"a dense prefill cannot resume a {state.policy!r} state")
 
     def stats(self) -> dict:
         return {"density": 1.0, "rigid_fraction": 0.0}
@@ -82,7 +124,12 @@ def cached_decode_attention(
 class SparsePrefill:
     """EntropyInfer (`entropy`) or CritiPrefill (`fixed`) prefill: per layer, profile the blocks, pick
     per-(KV head, segment) block lists (`policies/entropy.py`), run the block-sparse kernel on them.
-    Layer 0 and prompts too short to have a sparse segment run dense.
+    Layer 0 runs dense, and so do prompts too short to have a sparse segment.
+
+    State: ``records[layer]`` (`LayerRecord`: the layer's entropy history, counts, rigid heads) for every
+    profiled layer of the current prompt; ``seq_len`` the prompt's length. Chunkable rules (`fixed`, modes
+    `causal` / `spread`) profile every layer >= 1 even of a short prompt (a later, longer request may continue
+    from its state), but report such a prompt as dense in `stats`, like the one-shot rules.
 
     Nothing here waits for the GPU: per-layer statistics stay device tensors until `stats()`, so the host
     keeps queueing the next layers' kernels while this one runs."""
@@ -91,22 +138,42 @@ class SparsePrefill:
         self.policy, self.config = policy, config
         # what the layers run with: `config`, or for `fixed` with a target_density the solved budget
         self.layer_config: SparsePrefillConfig | None = None if self._solves_budget else config
-        self.layer_density: list[float | torch.Tensor] = []
-        self.layer_rigid: list[torch.Tensor | None] = []  # per layer: fraction of rigid KV heads, or None
-        self.sparse_counts: list[tuple[torch.Tensor, torch.Tensor]] = []  # (counts, dense_segments)
-        self.layer_entropy: list[torch.Tensor | None] = []  # per layer: mean entropy per KV head, or None
-        # spread mode: per layer, the fraction of KV heads rigid by the reference's test (whole prompt,
-        # unscaled entropy < entropy_threshold), to compare with the spread rule's rigid-so-far heads
-        self.layer_rigid_reference: list[torch.Tensor] = []
+        self.records: dict[int, LayerRecord] = {}
+        self.seq_len: int | None = None
+        self._start = 0  # first position this object prefills (after `resume`: the cached prefix)
+        self._layers = 0  # layers run so far (the statistics average over them)
 
     @property
     def _solves_budget(self) -> bool:
         return self.policy == "fixed" and self.config.target_density is not None
 
+    @property
+    def chunkable(self) -> bool:
+        """Chunks give one-shot's blocks: `fixed`, or `entropy` in a causal mode (`causal`, `spread`)."""
+        return self.policy == "fixed" or self.config.causal
+
+    @property
+    def prefix_cacheable(self) -> bool:
+        """Another prompt may continue from this one's `state_at`: chunkable, and the blocks of a segment do
+        not depend on the prompt's length (not `fixed` with a target_density, solved per length)."""
+        return self.chunkable and not self._solves_budget
+
+    @property
+    def segment_size(self) -> int:
+        """Chunks start at multiples of this (and end at one, or at the prompt's end)."""
+        return self.config.segment_size
+
+    @property
+    def key(self) -> str:
+        """Fingerprint of what shapes the blocks: the policy and the layers' config."""
+        return f"{self.policy}:{self.layer_config or self.config!r}"
+
     def begin(self, num_layers: int, seq_len: int) -> None:
-        """Called by `Engine.prefill` before layer 0. For `fixed` with a `target_density`: the fixed budget
-        whose mean density over the `num_layers` layers of this `seq_len`-token prompt is closest to the
-        target (`policies.budgets.fixed_budget_for_density`; host arithmetic, no device sync)."""
+        """Called before layer 0 of a prompt (`Engine.prefill`): forget the previous prompt's state; for
+        `fixed` with a `target_density`, the fixed budget whose mean density over the `num_layers` layers of
+        this `seq_len`-token prompt is closest to the target (`policies.budgets.fixed_budget_for_density`;
+        host arithmetic, no device sync)."""
+        self.records, self.seq_len, self._start, self._layers = {}, seq_len, 0, num_layers
         if not self._solves_budget:
             return
         cfg = self.config
@@ -120,71 +187,154 @@ class SparsePrefill:
         )
         self.layer_config = dataclasses.replace(cfg, fixed_budget=budget, target_density=None)
 
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        cfg, n = self.layer_config, q.shape[1]
-        if cfg is None:
+    def _cfg(self) -> SparsePrefillConfig:
+        if self.layer_config is None:
             raise RuntimeError(
                 "fixed policy with target_density: call begin(num_layers, seq_len) before the first layer "
                 "(Engine.prefill does)"
             )
-        # Segment s is sparse only if it starts at or after threshold_len and is not the last one.
-        if layer == 0 or n <= max(cfg.threshold_len, cfg.segment_size) + cfg.segment_size:
-            self.layer_density.append(1.0)
-            self.layer_rigid.append(None)
-            self.layer_entropy.append(None)
+        return self.layer_config
+
+    def _short(self, cfg: SparsePrefillConfig, n: int) -> bool:
+        """No segment of the prompt can be sparse (each starts before threshold_len or is the last)."""
+        return n <= max(cfg.threshold_len, cfg.segment_size) + cfg.segment_size
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        n = q.shape[1]
+        if self.chunkable:  # one chunk: the same code as a chunked prefill, so the same blocks
+            return self.chunk(layer, q, k, v, 0, n)
+        cfg = self._cfg()
+        if layer in self.records or self.seq_len != n:  # a new prompt without begin()
+            self.records, self.seq_len = ({} if layer in self.records else self.records), n
+        self._layers = max(self._layers, layer + 1)
+        if layer == 0 or self._short(cfg, n):
             return dense_causal_attention(q, k, v)
-        plan = plan_layer(
-            q,
-            k,
-            cfg,
-            policy=self.policy,
-        )
+        plan = plan_layer(q, k, cfg, policy=self.policy)
         s_len, b = cfg.segment_size, cfg.block_size
         out = sparse_prefill_attention(
             q, k, v, plan.block_idx, plan.kernel_counts, segment_size=s_len, block_size=b
         )
-        self.layer_density.append(plan_density_tensor(plan.counts, plan.dense_segments, n, s_len, b))
-        self.layer_rigid.append(plan.rigid.float().mean())
-        self.sparse_counts.append((plan.counts, plan.dense_segments))
-        self.layer_entropy.append(plan.entropy[:, 1:].float().mean(dim=1))
-        if plan.spread is not None:
-            self.layer_rigid_reference.append(rigid_heads(plan.entropy, cfg.entropy_threshold).float().mean())
+        self.records[layer] = LayerRecord(plan.entropy, plan.counts, plan.spread, plan.rigid)
         return out
+
+    def chunk(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int, seq_len: int
+    ) -> torch.Tensor:
+        """One prefill chunk of one layer: ``q [Hq, q1 - q0, d]`` at positions ``[q_offset, q1)``, ``k``,
+        ``v`` ``[Hkv, q1, d]`` (keys from position 0), ``seq_len`` the whole prompt's length ``n`` ->
+        ``[Hq, q1 - q0, d]``. ``q_offset`` a multiple of S, ``q1`` one too or ``n``; chunks in order, each
+        through layers 0.. before the next (a layer's record holds its segments so far)."""
+        if not self.chunkable:
+            raise ValueError(f"mode {self.config.mode!r} is not causal: prefill it in one shot")
+        cfg, s_len = self._cfg(), self.config.segment_size
+        q1 = q_offset + q.shape[1]
+        if q_offset % s_len or (q1 % s_len and q1 != seq_len) or q1 > seq_len or k.shape[1] < q1:
+            raise ValueError(
+                f"chunk [{q_offset}, {q1}) of a {seq_len}-token prompt with {k.shape[1]} keys: it must start "
+                f"at a multiple of S={s_len} and end at one or at the prompt's end"
+            )
+        seg0 = q_offset // s_len
+        rec = self.records.get(layer)
+        if self.seq_len != seq_len or (rec is not None and seg0 < rec.segments):  # a new prompt, no begin()
+            if q_offset != 0 or self._start:
+                done = "?" if rec is None else rec.segments
+                raise ValueError(
+                    f"chunk at {q_offset} of a {seq_len}-token prompt (layer {layer} has {done} segments so "
+                    f"far, begin({self.seq_len}) prefills from {self._start}): call begin() for a new prompt"
+                )
+            self.records, self.seq_len, self._start, rec = {}, seq_len, 0, None
+        self._layers = max(self._layers, layer + 1)
+        if layer == 0:
+            return dense_chunk_attention(q, k, v, q_offset)
+        if rec is None:
+            spread = cfg.mode == "spread" and self.policy == "entropy"
+            rec = self.records[layer] = LayerRecord.empty(k.shape[0], q.device, spread)
+        rec.to(q.device)
+        if rec.segments != seg0:
+            raise ValueError(f"layer {layer} has {rec.segments} segments so far; this chunk starts at {seg0}")
+        plan = plan_chunk(
+            q, k, cfg, seq_len=seq_len, segment_offset=seg0, entropy_before=rec.entropy,
+            spread_before=rec.spread, policy=self.policy,
+        )  # fmt: skip
+        rec.append(plan.entropy, plan.counts, plan.spread, plan.rigid)
+        nc = plan.counts.shape[1]
+        thr = cfg.threshold_len
+        if all(s * s_len < thr or (s + 1) * s_len >= seq_len for s in range(seg0, seg0 + nc)):
+            return dense_chunk_attention(q, k, v, q_offset)  # every segment of the chunk is dense: fused SDPA
+        hkv, width = plan.block_idx.shape[0], plan.block_idx.shape[2]
+        block_idx = plan.block_idx.new_empty(hkv, seg0 + nc, width)  # rows < seg0 are never read
+        block_idx[:, seg0:] = plan.block_idx
+        kernel_counts = plan.kernel_counts.new_full((hkv, seg0 + nc), -1)
+        kernel_counts[:, seg0:] = plan.kernel_counts
+        return sparse_prefill_attention(
+            q,
+            k,
+            v,
+            block_idx,
+            kernel_counts,
+            segment_size=s_len,
+            block_size=cfg.block_size,
+            q_offset=q_offset,
+        )
+
+    # ------------------------------------------------------------------ prefix caching
+
+    def state_at(self, segments: int) -> PrefillState:
+        """The state after the prompt's first `segments` segments (every layer must have run them)."""
+        if not self.prefix_cacheable:
+            raise ValueError(
+                f"{self.policy} ({self.config.mode}) prefill state cannot be reused by another prompt"
+            )
+        for layer, rec in self.records.items():
+            if rec.segments < segments:
+                raise ValueError(f"layer {layer} has run {rec.segments} segments, fewer than {segments}")
+        top = max(self.records, default=0)
+        layers = tuple(
+            self.records[li].state_at(segments) if li in self.records else None for li in range(top + 1)
+        )
+        return PrefillState(self.policy, self.key, self.config.segment_size, segments, layers)
+
+    def resume(self, state: PrefillState) -> None:
+        """Continue a prompt whose first ``state.segments`` segments another prefill ran (its `state_at`):
+        call after `begin` and before the first chunk, which starts at ``state.tokens``."""
+        if not self.prefix_cacheable or state.key != self.key:
+            raise ValueError(f"cannot resume a {state.key!r} state in a {self.key!r} prefill")
+        if self.seq_len is not None and self.seq_len <= state.tokens:
+            raise ValueError(
+                f"a {self.seq_len}-token prompt has nothing left after {state.tokens} cached tokens"
+            )
+        if self.seq_len is None:
+            raise ValueError("call begin(num_layers, seq_len) before resume()")
+        self.records = {li: LayerRecord.resumed(ls) for li, ls in enumerate(state.layers) if ls is not None}
+        self._start = state.tokens
+
+    # ------------------------------------------------------------------ statistics
+
+    def _profiled(self) -> dict[int, LayerRecord]:
+        """The layers reported as sparse: every record, unless the prompt is too short to be sparse."""
+        cfg = self.layer_config or self.config
+        if self.seq_len is None or self._short(cfg, self.seq_len):
+            return {}
+        return self.records
+
+    @property
+    def sparse_counts(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per sparse layer, in order: ``(counts [Hkv, nseg], dense_segments [nseg])`` of the whole prompt."""
+        return sparse_counts(self._profiled(), self.seq_len or 0, self.layer_config or self.config)
 
     def head_entropy(self, num_kv_heads: int) -> torch.Tensor | None:
         """float32 ``[layers, Hkv]`` (CPU): each KV head's mean block entropy over segments >= 1, NaN for
         layers that ran dense; None if no layer was profiled. Feeds per-head KV compression capacities."""
-        if all(e is None for e in self.layer_entropy):
-            return None
-        nan = torch.full((num_kv_heads,), float("nan"))
-        return torch.stack([nan if e is None else e.detach().float().cpu() for e in self.layer_entropy])
+        return head_entropy(self._profiled(), self._layers, num_kv_heads)
 
     def stats(self) -> dict[str, Any]:
-        rigid = [None if r is None else float(r) for r in self.layer_rigid]
-        profiled = [r for r in rigid if r is not None]
-        out: dict[str, Any] = {
-            "density": sum(float(d) for d in self.layer_density) / max(len(self.layer_density), 1),
-            "rigid_fraction": sum(profiled) / len(profiled) if profiled else 0.0,
-            "rigid_fraction_per_layer": rigid,
-        }
-        if self.layer_rigid_reference:
-            ref = [float(r) for r in self.layer_rigid_reference]
-            out["rigid_fraction_reference"] = sum(ref) / len(ref)
+        """density, rigid_fraction (and per layer), budget_tokens, fixed_budget (solved),
+        rigid_fraction_reference (spread mode): `prefill_state.prefill_stats`."""
+        out = prefill_stats(
+            self._profiled(), self._layers, self.seq_len or 0, self.layer_config or self.config, self.policy
+        )
         if self._solves_budget and self.layer_config is not None:
             out["fixed_budget"] = self.layer_config.fixed_budget  # solved for target_density
-        cfg = self.layer_config or self.config
-        tokens = [
-            (counts[:, ~dense] * cfg.block_size).flatten().float().cpu()
-            for counts, dense in self.sparse_counts
-        ]
-        budget = torch.cat(tokens) if tokens else None
-        if budget is not None and budget.numel():
-            out["budget_tokens"] = {
-                "mean": float(budget.mean()),
-                "min": int(budget.min()),
-                "max": int(budget.max()),
-                "base": cfg.base_budget if self.policy == "entropy" else cfg.fixed_budget,
-            }
         return out
 
 

@@ -82,3 +82,54 @@ def test_bf16_matches_reference_gpu() -> None:
     vis = visible_mask(17, 1024, 512, 8).expand(8, -1, -1)
     torch.testing.assert_close(got.logits[vis], ref.logits[vis], rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(got.entropy, ref.entropy, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------- prefill chunks (segment_offset)
+
+# (Hq, Hkv, N, d, S, b, chunk segments): chunks of 1 / 2 / 3 segments, a ragged last chunk, GQA 1 / 3 / 4
+CHUNKED = [
+    (4, 4, 301, 16, 32, 8, 1),
+    (8, 2, 1000, 32, 64, 8, 3),
+    (6, 2, 517, 64, 64, 16, 2),
+    (6, 3, 203, 24, 32, 4, 2),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("hq", "hkv", "n", "d", "seg", "b", "per"), CHUNKED)
+def test_chunk_scores_kernel_matches_reference(
+    hq: int, hkv: int, n: int, d: int, seg: int, b: int, per: int, dtype: torch.dtype
+) -> None:
+    """Each chunk of a prompt (queries from segment s0, keys from 0) scored by the kernels against the
+    reference, and both against the rows of the whole prompt's profiling."""
+    q, k = rand_qk(hq, hkv, n, d, seed=n + per, dtype=dtype)
+    nseg, nblk = num_segments(n, seg), num_blocks(n, seg, b)
+    whole = block_scores_ref(q, k, seg, b, spread_logit_scale=0.25, row_invariant=True)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-3, atol=1e-3)
+    for s0 in range(0, nseg, per):
+        q0, q1 = s0 * seg, min((s0 + per) * seg, n)
+        kw = dict(segment_offset=s0, num_key_blocks=nblk, spread_logit_scale=0.25)
+        got = block_scores(q[:, q0:q1], k[:, :q1], seg, b, backend="triton", **kw)  # type: ignore[arg-type]
+        ref = block_scores(q[:, q0:q1], k[:, :q1], seg, b, backend="torch", row_invariant=True, **kw)  # type: ignore[arg-type]
+        nc = ref.entropy.shape[1]
+        assert got.logits.shape == ref.logits.shape == (hkv, nc, nblk) and got.segment_offset == s0
+        vis = (
+            torch.arange(nblk, device=DEVICE)[None, None, :]
+            < visible_blocks(nc, seg, b, DEVICE, s0)[None, :, None]
+        )
+        vis = vis.expand(hkv, -1, -1)
+        torch.testing.assert_close(got.logits[vis], ref.logits[vis], **tol)  # type: ignore[arg-type]
+        torch.testing.assert_close(got.entropy, ref.entropy, **tol)  # type: ignore[arg-type]
+        torch.testing.assert_close(got.spread, ref.spread, **tol)  # type: ignore[arg-type]
+        torch.testing.assert_close(got.probs(), ref.probs(), **tol)  # type: ignore[arg-type]
+        # the torch path, row-invariant: bit for bit the whole prompt's rows
+        rows = slice(s0, s0 + nc)
+        assert torch.equal(ref.logits[vis], whole.logits[:, rows][vis])
+        assert torch.equal(ref.entropy, whole.entropy[:, rows])
+        assert whole.spread is not None and torch.equal(ref.spread, whole.spread[:, rows])  # type: ignore[arg-type]
+
+
+def test_chunk_scores_reject_missing_keys() -> None:
+    q, k = rand_qk(4, 2, 300, 16, seed=0)
+    with pytest.raises(ValueError, match="cover"):
+        block_scores(q[:, 128:256], k[:, :100], 64, 8, segment_offset=2, num_key_blocks=32)

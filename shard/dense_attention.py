@@ -1,0 +1,136 @@
+"""Exact dense causal attention of a prompt or of one prefill chunk, through fused SDPA kernels.
+
+A whole prompt: one causal SDPA call (cuDNN first on GPU). A chunk (queries ``[q0, q1)`` over keys
+``[0, q1)``): two fused calls that return their log-sum-exp, the chunk over the prefix ``[0, q0)`` unmasked
+and over its own keys ``[q0, q1)`` causally, merged by their log-sum-exp (what torch's context-parallel
+attention does). Both calls run the fastest fused kernel there is (cuDNN, then FlashAttention, then the
+memory-efficient kernel on GPU; the flash kernel on CPU), and no mask is ever materialised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["dense_causal_attention", "dense_chunk_attention"]
+
+_LseFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _sdpa_backends_cuda() -> list:
+    from torch.nn.attention import SDPBackend
+
+    return [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+
+
+def _repeat_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    group = q.shape[0] // k.shape[0]
+    if group > 1:  # the fused kernels want one KV head per query head
+        return k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0)
+    return k, v
+
+
+def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Exact causal attention without an N x N score matrix (fused SDPA; cuDNN first on GPU).
+    ``q [Hq, N, d]``, ``k``, ``v`` ``[Hkv, N, d]`` -> ``[Hq, N, d]``."""
+    k, v = _repeat_kv(q, k, v)
+    if q.device.type != "cuda":
+        return F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True)[0]
+    from torch.nn.attention import sdpa_kernel
+
+    try:
+        ctx = sdpa_kernel(_sdpa_backends_cuda(), set_priority=True)
+    except TypeError:  # older torch: no priority order
+        ctx = sdpa_kernel(_sdpa_backends_cuda())
+    with ctx:
+        return F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True)[0]
+
+
+def _lse_cpu(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal)
+    return out, lse
+
+
+def _lse_cudnn(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, False)
+    return res[0], res[1]
+
+
+def _lse_flash(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False)
+    return res[0], res[1]
+
+
+def _lse_efficient(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    res = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal)
+    return res[0], res[1]
+
+
+def _lse_math(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Last resort (any device and dtype): scores in float32, O(Nq * Nk) memory."""
+    scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if causal:
+        nq, nk = scores.shape[-2:]
+        keep = torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril(nk - nq)
+        scores = scores.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    return (torch.exp(scores - lse[..., None]) @ v.float()).to(q.dtype), lse
+
+
+_CUDA_LSE: list[_LseFn] = [_lse_cudnn, _lse_flash, _lse_efficient, _lse_math]
+_cuda_broken: set[tuple[str, torch.dtype, int]] = set()  # (kernel, dtype, head dim) that raised once
+
+
+def _attend_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out [1, H, Nq, d] in q's dtype, lse float32 [1, H, Nq])`` of ``q [1, H, Nq, d]`` over ``k``, ``v``
+    ``[1, H, Nk, d]`` (causal: square, ``Nq == Nk``)."""
+    fns: list[_LseFn] = [_lse_cpu, _lse_math] if q.device.type != "cuda" else _CUDA_LSE
+    for fn in fns:
+        tag = (fn.__name__, q.dtype, q.shape[-1])
+        if tag in _cuda_broken and fn is not _lse_math:
+            continue
+        try:
+            out, lse = fn(q, k, v, causal)
+        except (RuntimeError, NotImplementedError):  # kernel unavailable for this dtype / shape / GPU
+            if fn is _lse_math:
+                raise
+            _cuda_broken.add(tag)
+            continue
+        h, nq = q.shape[1], q.shape[2]
+        return out, lse.float().reshape(1, h, -1)[..., :nq]  # some kernels pad or add a trailing 1
+    raise AssertionError("unreachable: the math path always answers")
+
+
+def dense_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int) -> torch.Tensor:
+    """Exact causal attention of a chunk: ``q [Hq, Nq, d]`` at positions ``[q_offset, q_offset + Nq)`` over
+    ``k``, ``v`` ``[Hkv, Nk, d]`` (``Nk >= q_offset + Nq``; keys from position 0) -> ``[Hq, Nq, d]``: query
+    ``p`` attends keys ``[0, p]``."""
+    nq = q.shape[1]
+    if k.shape[1] < q_offset + nq or q_offset < 0:
+        raise ValueError(f"keys must cover [0, q_offset + Nq): Nk={k.shape[1]}, q_offset={q_offset}, Nq={nq}")
+    if q_offset == 0:
+        return dense_causal_attention(q, k[:, :nq], v[:, :nq])
+    k, v = _repeat_kv(q, k, v)
+    qb = q[None]
+    o1, lse1 = _attend_lse(qb, k[None, :, :q_offset], v[None, :, :q_offset], False)
+    o2, lse2 = _attend_lse(
+        qb, k[None, :, q_offset : q_offset + nq], v[None, :, q_offset : q_offset + nq], True
+    )
+    m = torch.maximum(lse1, lse2)
+    w1, w2 = torch.exp(lse1 - m)[..., None], torch.exp(lse2 - m)[..., None]
+    out = (o1.float() * w1 + o2.float() * w2) / (w1 + w2)
+    return out[0].to(q.dtype)

@@ -1,0 +1,198 @@
+"""Chunked prefill attention (`SparsePrefill.chunk`, `DensePrefill.chunk`) equals one-shot prefill, and a
+prefill resumed from another prompt's `state_at` equals the one-shot prefill of its own prompt (fp32, CPU,
+the torch path; random q / k / v per layer, some KV heads near one-hot so that rigid-so-far heads occur)."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+
+import pytest
+import torch
+
+from entropyinfer.policies.config import load_sparse_config
+from entropyinfer.shard.attention import DensePrefill, SparsePrefill, build_prefill_attention
+
+LAYERS = 3
+CFG = dataclasses.replace(
+    load_sparse_config("entropy_short"), segment_size=32, base_budget=64, threshold_len=64, fixed_budget=64
+)
+# (policy, config overrides)
+RULES = [
+    ("entropy", {"mode": "causal"}),
+    ("entropy", {"mode": "spread", "min_budget": 16, "rigid_budget": 8}),
+    ("fixed", {}),
+    ("fixed", {"target_density": 0.6}),
+    ("dense", {}),
+]
+
+
+def layer_inputs(n: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(LAYERS):
+        q = torch.randn(6, n, 32, generator=gen)
+        k = torch.randn(2, n, 32, generator=gen)
+        q[:3] *= 12.0  # KV head 0: sharp block distributions, entropies near 0 (rigid, at least for a while)
+        k[0] *= 3.0
+        out.append((q, k, torch.randn(2, n, 32, generator=gen)))
+    return out
+
+
+def one_shot(attn, inputs, n: int) -> list[torch.Tensor]:
+    attn.begin(LAYERS, n)
+    return [attn(li, q, k, v) for li, (q, k, v) in enumerate(inputs)]
+
+
+def chunked(attn, inputs, n: int, bounds: list[int], resume=None) -> list[torch.Tensor]:
+    """Chunks [bounds[i], bounds[i+1]) through every layer in turn; outputs of positions bounds[0]..n."""
+    attn.begin(LAYERS, n)
+    if resume is not None:
+        attn.resume(resume)
+    outs: list[list[torch.Tensor]] = [[] for _ in inputs]
+    for q0, q1 in itertools.pairwise(bounds):
+        for li, (q, k, v) in enumerate(inputs):
+            outs[li].append(attn.chunk(li, q[:, q0:q1], k[:, :q1], v[:, :q1], q0, n))
+    return [torch.cat(o, dim=1) for o in outs]
+
+
+def same_stats(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], float):
+            assert a[key] == pytest.approx(b[key], rel=1e-12), key
+        else:
+            assert a[key] == b[key], key
+
+
+def same_plans(a, b) -> None:
+    if isinstance(a, DensePrefill):
+        return
+    assert len(a.sparse_counts) == len(b.sparse_counts)
+    for (c1, d1), (c2, d2) in zip(a.sparse_counts, b.sparse_counts, strict=True):
+        assert torch.equal(c1, c2) and torch.equal(d1, d2)
+    e1, e2 = a.head_entropy(2), b.head_entropy(2)
+    assert (e1 is None) == (e2 is None)
+    if e1 is not None:
+        torch.testing.assert_close(e1, e2, rtol=0, atol=0, equal_nan=True)
+
+
+def build(policy: str, overrides: dict):
+    return build_prefill_attention(policy, dataclasses.replace(CFG, **overrides))
+
+
+@pytest.mark.parametrize(("policy", "overrides"), RULES)
+@pytest.mark.parametrize(
+    ("n", "bounds"),
+    [
+        (300, [0, 32, 64, 96, 128, 160, 192, 224, 256, 288, 300]),  # one segment a chunk, ragged end
+        (300, [0, 64, 96, 224, 300]),  # mixed chunk sizes
+        (320, [0, 160, 320]),  # N a multiple of S: the last chunk is whole segments
+        (300, [0, 300]),  # one chunk
+        (90, [0, 32, 64, 90]),  # too short for a sparse segment: dense everywhere
+    ],
+)
+def test_chunks_equal_one_shot(policy: str, overrides: dict, n: int, bounds: list[int]) -> None:
+    inputs = layer_inputs(n, seed=n)
+    ref_attn, got_attn = build(policy, overrides), build(policy, overrides)
+    assert got_attn.chunkable
+    ref = one_shot(ref_attn, inputs, n)
+    got = chunked(got_attn, inputs, n, bounds)
+    for r, g in zip(ref, got, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+    same_plans(ref_attn, got_attn)
+    same_stats(ref_attn.stats(), got_attn.stats())
+    if policy != "dense" and n > 200:
+        stats = got_attn.stats()
+        assert stats["density"] < 1.0 and "budget_tokens" in stats
+        if policy == "fixed" and "target_density" in overrides:
+            assert stats["fixed_budget"] % CFG.block_size == 0
+
+
+def test_causal_mode_has_rigid_so_far_heads_and_differs_from_per_head() -> None:
+    """The sharp KV head is rigid in early segments only: causal gives it B0 there, per_head its
+    recurrence."""
+    n = 300
+    inputs = layer_inputs(n, seed=5)
+    causal = build("entropy", {"mode": "causal"})
+    per_head = build("entropy", {"mode": "per_head"})
+    one_shot(causal, inputs, n)
+    one_shot(per_head, inputs, n)
+    assert not per_head.chunkable and causal.chunkable
+    c = torch.stack([x for x, _ in causal.sparse_counts])
+    p = torch.stack([x for x, _ in per_head.sparse_counts])
+    assert bool((c <= p).all())  # rigid so far keeps B0, the floor of the recurrence
+    with pytest.raises(ValueError, match="one shot"):
+        per_head.chunk(1, *inputs[1], 0, n)
+
+
+@pytest.mark.parametrize(("policy", "overrides"), [r for r in RULES if "target_density" not in r[1]])
+@pytest.mark.parametrize(
+    ("cached", "n_writer", "n_reader"), [(4, 300, 400), (7, 256, 256 + 20), (2, 90, 300)]
+)
+def test_resume_from_a_cached_prefix_equals_one_shot(
+    policy: str, overrides: dict, cached: int, n_writer: int, n_reader: int
+) -> None:
+    """Writer and reader share their first `cached` segments (same q / k / v there); the reader resumes
+    from the writer's state and prefills only the rest: the blocks, outputs and stats of its one-shot
+    prefill. The writer's cacheable boundary is before its last segment."""
+    s_len = CFG.segment_size
+    assert cached <= math.ceil(n_writer / s_len) - 1
+    reader_in = layer_inputs(n_reader, seed=11)
+    writer_in = [
+        (q[:, :n_writer].clone(), k[:, :n_writer].clone(), v[:, :n_writer].clone()) for q, k, v in reader_in
+    ]
+    start = cached * s_len
+    for q, k, _ in writer_in:  # the writer's text differs after the shared prefix
+        q[:, start:] = torch.randn_like(q[:, start:])
+        k[:, start:] = torch.randn_like(k[:, start:])
+    writer = build(policy, overrides)
+    chunked(writer, writer_in, n_writer, sorted({0, start, *range(0, n_writer, 64), n_writer}))
+    assert writer.prefix_cacheable
+    state = writer.state_at(start // writer.segment_size)  # dense: a "segment" is a token
+    assert state.tokens == start
+    if isinstance(writer, SparsePrefill):
+        assert state.layers[0] is None and all(ls is not None for ls in state.layers[1:])
+        assert all(
+            ls.entropy.shape == (2, cached) and ls.entropy.device.type == "cpu" for ls in state.layers[1:]
+        )  # type: ignore[union-attr]
+    reader = build(policy, overrides)
+    got = chunked(
+        reader, reader_in, n_reader, sorted({start, *range(start, n_reader, 96), n_reader}), resume=state
+    )
+    ref_attn = build(policy, overrides)
+    ref = one_shot(ref_attn, reader_in, n_reader)
+    for r, g in zip(ref, got, strict=True):
+        torch.testing.assert_close(g, r[:, start:], rtol=1e-5, atol=1e-5)
+    same_plans(ref_attn, reader)
+    same_stats(ref_attn.stats(), reader.stats())
+
+
+def test_state_is_refused_where_it_cannot_be_exact() -> None:
+    n = 300
+    inputs = layer_inputs(n, seed=3)
+    solved = build("fixed", {"target_density": 0.6})  # its budget depends on the prompt's length
+    chunked(solved, inputs, n, [0, 128, 300])
+    assert solved.chunkable and not solved.prefix_cacheable
+    with pytest.raises(ValueError, match="cannot be reused"):
+        solved.state_at(2)
+    causal = build("entropy", {"mode": "causal"})
+    chunked(causal, inputs, n, [0, 128, 300])
+    state = causal.state_at(4)
+    spread = build("entropy", {"mode": "spread"})
+    spread.begin(LAYERS, 400)
+    with pytest.raises(ValueError, match="cannot resume"):
+        spread.resume(state)  # another config
+    other = build("entropy", {"mode": "causal"})
+    other.begin(LAYERS, 400)
+    other.resume(state)
+    with pytest.raises(ValueError, match="segments so far"):
+        q, k, v = inputs[1]
+        other.chunk(1, q[:, :32], k[:, :32], v[:, :32], 0, 400)  # not where the state ends
+    with pytest.raises(ValueError, match="multiple of S"):
+        causal.chunk(1, inputs[1][0][:, 10:40], inputs[1][1][:, :40], inputs[1][2][:, :40], 10, n)
+    half = build("entropy", {"mode": "causal"})
+    chunked(half, inputs, n, [0, 128])
+    with pytest.raises(ValueError, match="fewer than"):
+        half.state_at(5)
