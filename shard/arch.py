@@ -7,11 +7,12 @@ openPangu-Embedded (`model_type` "PanguEmbedded": Llama with bias on q, k, v and
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from entropyinfer.errors import CheckpointNotFoundError, UnsupportedArchitectureError
+from entropyinfer.errors import CheckpointNotFoundError, ConfigError, UnsupportedArchitectureError
+from entropyinfer.shard.parallel.heads import check_heads, head_shard
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "PanguEmbedded")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -37,10 +38,31 @@ class ModelArch:
     qk_norm: bool = False
     rope_scaling: dict[str, Any] = field(default_factory=dict)
     eos_token_ids: tuple[int, ...] = ()
+    # > 1 in the view of one tensor-parallel rank (`local`), whose num_heads / num_kv_heads are the rank's
+    tensor_parallel_size: int = 1
 
     @property
     def group_size(self) -> int:
         return self.num_heads // self.num_kv_heads
+
+    def local(self, tensor_parallel_size: int) -> ModelArch:
+        """What one of `tensor_parallel_size` ranks holds: its query heads (``Hq / tp``) and KV heads
+        (``Hkv / tp``, or 1 when KV heads are replicated), so that per-rank buffers (KV pages, caches,
+        query buffers) size themselves from it; every other field is the whole model's (hidden and
+        vocabulary sizes, and intermediate_size, whose split the MLP makes itself). ConfigError naming the
+        sizes that work when the heads or the MLP do not split evenly."""
+        tp = tensor_parallel_size
+        if self.tensor_parallel_size != 1:
+            raise ValueError("local() takes the whole model's arch, not a rank's")
+        check_heads(self.num_heads, self.num_kv_heads, tp)
+        if self.intermediate_size % tp:
+            raise ConfigError(
+                f"tensor_parallel_size={tp} does not divide intermediate_size={self.intermediate_size}"
+            )
+        if tp == 1:
+            return self
+        shard = head_shard(self.num_heads, self.num_kv_heads, tp, 0)
+        return replace(self, num_heads=shard.q_count, num_kv_heads=shard.kv_count, tensor_parallel_size=tp)
 
     def kv_bytes_per_token(self, element_size: int) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element_size

@@ -141,10 +141,10 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         check_int("tensor_parallel_size", self.tensor_parallel_size, minimum=1)
         check_int("sequence_parallel_size", self.sequence_parallel_size, minimum=1)
-        if self.world_size != 1:
+        if self.sequence_parallel_size != 1:
             raise ConfigError(
-                "tensor_parallel_size / sequence_parallel_size: only 1 is supported so far "
-                f"(got {self.tensor_parallel_size} x {self.sequence_parallel_size})"
+                f"sequence_parallel_size: only 1 is supported so far (got {self.sequence_parallel_size}); "
+                "tensor_parallel_size may be larger"
             )
 
     @property

@@ -3,6 +3,14 @@
 The families differ only in flags of `ModelArch` (qkv/o bias, q/k norm, rope scaling, tied embeddings).
 Parameter names follow Hugging Face, so a checkpoint loads by name. The model holds no cache and no
 policy: `shard/engine.py` drives it layer by layer in prefill and step by step in decode.
+
+Tensor parallelism: given a `TensorParallelGroup`, each rank builds only its part (`shard/parallel/`):
+its query heads and their KV heads (q/k/v column-parallel, o row-parallel; `parallel/heads.py` says which
+heads, replicating KV heads when the group is larger than their count), its share of the MLP columns
+(gate/up column-parallel, down row-parallel), its vocabulary rows (embedding and lm_head). `model.arch` is
+then the rank's view (`ModelArch.local`: its head counts), so the engine sizes its buffers per rank and
+runs unchanged; row-parallel layers all-reduce and the lm_head all-gathers, so every rank's hidden states
+and logits are the whole model's.
 """
 
 from __future__ import annotations
@@ -15,17 +23,27 @@ from torch import nn
 from entropyinfer.kernels.layer_ops import add_rms_norm, silu_and_mul
 from entropyinfer.shard.arch import ModelArch
 from entropyinfer.shard.layers import RMSNorm, Rotary, rope
+from entropyinfer.shard.parallel.group import TensorParallelGroup, rank_of, size_of
+from entropyinfer.shard.parallel.heads import head_shard
+from entropyinfer.shard.parallel.linear import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
 
 
 class Attention(nn.Module):
-    def __init__(self, arch: ModelArch, **kw: Any) -> None:
+    def __init__(self, arch: ModelArch, group: TensorParallelGroup | None = None, **kw: Any) -> None:
         super().__init__()
         hq, hkv, d, h = arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.hidden_size
-        self.num_heads, self.num_kv_heads, self.head_dim = hq, hkv, d
-        self.q_proj = nn.Linear(h, hq * d, bias=arch.qkv_bias, **kw)
-        self.k_proj = nn.Linear(h, hkv * d, bias=arch.qkv_bias, **kw)
-        self.v_proj = nn.Linear(h, hkv * d, bias=arch.qkv_bias, **kw)
-        self.o_proj = nn.Linear(hq * d, h, bias=arch.o_bias, **kw)
+        mine = head_shard(hq, hkv, size_of(group), rank_of(group))  # this rank's heads
+        self.num_heads, self.num_kv_heads, self.head_dim = mine.q_count, mine.kv_count, d
+        q_rows, kv_rows = (mine.q_start * d, mine.q_count * d), (mine.kv_start * d, mine.kv_count * d)
+        self.q_proj = ColumnParallelLinear(h, hq * d, arch.qkv_bias, q_rows, group, **kw)
+        self.k_proj = ColumnParallelLinear(h, hkv * d, arch.qkv_bias, kv_rows, group, **kw)
+        self.v_proj = ColumnParallelLinear(h, hkv * d, arch.qkv_bias, kv_rows, group, **kw)
+        self.o_proj = RowParallelLinear(hq * d, h, arch.o_bias, q_rows, group, **kw)
         self.q_norm = RMSNorm(d, arch.rms_norm_eps, **kw) if arch.qk_norm else None
         self.k_norm = RMSNorm(d, arch.rms_norm_eps, **kw) if arch.qk_norm else None
         self.qkv_proj: nn.Linear | None = None  # q|k|v in one matrix, made by `fuse` after loading
@@ -57,12 +75,12 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, arch: ModelArch, **kw: Any) -> None:
+    def __init__(self, arch: ModelArch, group: TensorParallelGroup | None = None, **kw: Any) -> None:
         super().__init__()
-        h, i = arch.hidden_size, arch.intermediate_size
-        self.gate_proj = nn.Linear(h, i, bias=arch.mlp_bias, **kw)
-        self.up_proj = nn.Linear(h, i, bias=arch.mlp_bias, **kw)
-        self.down_proj = nn.Linear(i, h, bias=arch.mlp_bias, **kw)
+        h, i, bias = arch.hidden_size, arch.intermediate_size, arch.mlp_bias
+        self.gate_proj = ColumnParallelLinear(h, i, bias, None, group, **kw)
+        self.up_proj = ColumnParallelLinear(h, i, bias, None, group, **kw)
+        self.down_proj = RowParallelLinear(i, h, bias, None, group, **kw)
         self.gate_up_proj: nn.Linear | None = None  # gate|up in one matrix, made by `fuse` after loading
 
     def fuse(self) -> None:
@@ -100,12 +118,12 @@ def _fused(layer: nn.Linear | None, name: str) -> nn.Linear:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, arch: ModelArch, **kw: Any) -> None:
+    def __init__(self, arch: ModelArch, group: TensorParallelGroup | None = None, **kw: Any) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, **kw)
-        self.self_attn = Attention(arch, **kw)
+        self.self_attn = Attention(arch, group, **kw)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, **kw)
-        self.mlp = MLP(arch, **kw)
+        self.mlp = MLP(arch, group, **kw)
 
     def attention_inputs(
         self,
@@ -126,22 +144,29 @@ class DecoderLayer(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, arch: ModelArch, **kw: Any) -> None:
+    def __init__(self, arch: ModelArch, group: TensorParallelGroup | None = None, **kw: Any) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size, **kw)
-        self.layers = nn.ModuleList(DecoderLayer(arch, **kw) for _ in range(arch.num_layers))
+        self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size, group, **kw)
+        self.layers = nn.ModuleList(DecoderLayer(arch, group, **kw) for _ in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, **kw)
 
 
 class CausalLM(nn.Module):
-    """Weights and per-layer pieces; `shard/engine.py` runs them."""
+    """Weights and per-layer pieces; `shard/engine.py` runs them. `arch` is the whole model's; with a
+    `group`, this rank builds its part and `self.arch` is the rank's view (`ModelArch.local`)."""
 
-    def __init__(self, arch: ModelArch, device: torch.device | None = None, dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        arch: ModelArch,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        group: TensorParallelGroup | None = None,
+    ):
         super().__init__()
         kw = {"device": device, "dtype": dtype}
-        self.arch = arch
-        self.model = Backbone(arch, **kw)
-        self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False, **kw)
+        self.arch, self.group = arch.local(size_of(group)), group
+        self.model = Backbone(arch, group, **kw)
+        self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, group, **kw)
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = Rotary(arch, device=device)

@@ -4,6 +4,11 @@ Parameters are created on the meta device and materialised directly on the targe
 tensor is read (straight to that device) and copied into its parameter, so no second full copy of the
 weights ever exists in host or device memory. `build_model(..., load_format="dummy")` fills the same model
 with random weights instead (only config.json is read).
+
+Tensor parallelism: with a `TensorParallelGroup`, each rank builds its part of the model and reads only its
+slice of each checkpoint tensor (safetensors slices, through each parameter's `ShardSpec`), every rank at
+the same time in its own process. Dummy weights are the one-rank weights sliced: each rank draws every full
+tensor from the same seeded generator and keeps its part, so TP=k computes what TP=1 does.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from entropyinfer.shard.arch import ModelArch
 from entropyinfer.shard.config import check_load_format
 from entropyinfer.shard.layers import rope_inv_freq
 from entropyinfer.shard.model import CausalLM
+from entropyinfer.shard.parallel.group import TensorParallelGroup
+from entropyinfer.shard.parallel.linear import ShardSpec, TensorSource, load_param, shard_specs
 
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -35,18 +42,22 @@ def checkpoint_files(folder: Path) -> list[Path]:
     return files
 
 
-def iter_checkpoint(folder: Path, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_checkpoint(folder: Path, device: torch.device) -> Iterator[tuple[str, TensorSource]]:
+    """(name, safetensors slice) of every checkpoint tensor: nothing is read until the slice is indexed."""
     dev = "cpu" if device.type == "cpu" else str(device)
     for path in checkpoint_files(folder):
         with safe_open(str(path), framework="pt", device=dev) as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                yield name, f.get_tensor(name)
+                yield name, f.get_slice(name)
 
 
-def empty_model(arch: ModelArch, device: torch.device, dtype: torch.dtype) -> CausalLM:
-    """Allocate (uninitialised) parameters on `device`; rope frequencies are computed, not loaded."""
+def empty_model(
+    arch: ModelArch, device: torch.device, dtype: torch.dtype, group: TensorParallelGroup | None = None
+) -> CausalLM:
+    """Allocate (uninitialised) parameters on `device` (this rank's part, with a group); rope frequencies
+    are computed, not loaded."""
     with torch.device("meta"):
-        model = CausalLM(arch, dtype=dtype)
+        model = CausalLM(arch, dtype=dtype, group=group)
     model = model.to_empty(device=device)
     if arch.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -55,23 +66,31 @@ def empty_model(arch: ModelArch, device: torch.device, dtype: torch.dtype) -> Ca
 
 
 def build_model(
-    folder: str | Path, device: torch.device, dtype: torch.dtype, load_format: str = "auto"
+    folder: str | Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    load_format: str = "auto",
+    group: TensorParallelGroup | None = None,
 ) -> CausalLM:
-    """The model of a checkpoint folder: its safetensors weights ("auto"), or random weights of its shape
-    ("dummy": `random_model`, seed 0, so every load of a folder gets the same weights)."""
+    """The model of a checkpoint folder (this rank's part, with a group): its safetensors weights
+    ("auto"), or random weights of its shape ("dummy": `random_model`, seed 0, so every load of a folder
+    gets the same weights)."""
     check_load_format(load_format)
     if load_format == "dummy":
-        return random_model(ModelArch.from_folder(folder), device, dtype)
-    return load_model(folder, device, dtype)
+        return random_model(ModelArch.from_folder(folder), device, dtype, group=group)
+    return load_model(folder, device, dtype, group)
 
 
-def load_model(folder: str | Path, device: torch.device, dtype: torch.dtype) -> CausalLM:
+def load_model(
+    folder: str | Path, device: torch.device, dtype: torch.dtype, group: TensorParallelGroup | None = None
+) -> CausalLM:
     folder = Path(folder)
     arch = ModelArch.from_folder(folder)
-    model = empty_model(arch, device, dtype)
+    model = empty_model(arch, device, dtype, group)
     params = dict(model.named_parameters(remove_duplicate=False))
+    specs = shard_specs(model)
     missing = set(params)
-    for name, tensor in iter_checkpoint(folder, device):
+    for name, src in iter_checkpoint(folder, device):
         if name.endswith(IGNORED_SUFFIXES):
             continue
         param = params.get(name)
@@ -79,14 +98,8 @@ def load_model(folder: str | Path, device: torch.device, dtype: torch.dtype) -> 
             raise CheckpointNotFoundError(
                 f"checkpoint tensor {name!r} has no place in the {arch.model_type} model"
             )
-        if tuple(param.shape) != tuple(tensor.shape):
-            raise CheckpointNotFoundError(
-                f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}"
-            )
-        with torch.no_grad():
-            param.copy_(tensor)
+        load_param(param, src, specs.get(name), name)  # this rank's slice only
         missing.discard(name)
-        del tensor
     if arch.tie_word_embeddings:
         missing.discard("lm_head.weight")
     if missing:
@@ -110,16 +123,29 @@ def model_from_state_dict(
     return model.eval().requires_grad_(False).fuse_projections()
 
 
-def random_model(arch: ModelArch, device: torch.device, dtype: torch.dtype, seed: int = 0) -> CausalLM:
-    """Random weights of a real shape (for speed benchmarks): N(0, 0.02) linears, unit norms."""
-    model = empty_model(arch, device, dtype)
+def random_model(
+    arch: ModelArch,
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int = 0,
+    group: TensorParallelGroup | None = None,
+) -> CausalLM:
+    """Random weights of a real shape (for speed benchmarks): N(0, 0.02) linears, unit norms. With a
+    group, this rank's slice of the one-rank weights (each full tensor drawn, in the same order)."""
+    model = empty_model(arch, device, dtype, group)
     gen = torch.Generator(device=device).manual_seed(seed)
+    specs = shard_specs(model)
     with torch.no_grad():
         for name, p in model.named_parameters():
+            spec = specs.get(name, ShardSpec(tuple(p.shape)))
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
             elif name.endswith("bias"):
                 p.zero_()
-            else:
+            elif tuple(p.shape) == spec.full_shape:  # the whole tensor (one rank)
                 p.normal_(0.0, 0.02, generator=gen)
+            else:
+                full = torch.empty(spec.full_shape, device=device, dtype=dtype)
+                load_param(p, full.normal_(0.0, 0.02, generator=gen), spec, name)
+                del full
     return model.fuse_projections()
