@@ -1,16 +1,24 @@
-"""The engine core on one GPU: TTFT and decode ms/token through `LLM.generate` (scheduler, paged KV, paged
-decode kernel), random-weight Llama-3-8B shape, bf16; batch 1 at each `--tokens` length and `--batch`
-concurrent requests at `--batch-tokens`. Each configuration is timed after one untimed run of itself.
-Compare with `ttft_decode.json` (the pre-core path: contiguous cache, CUDA-graph decode).
+"""Decode ms/token through the engine core on one GPU, CUDA graphs on and off: random-weight Llama-3-8B
+shape, bf16, dense, for each ``BxN`` of `--configs` (B concurrent sequences decoding at a context just under
+N tokens). Compared with `ttft_decode.json` (the pre-core path: one contiguous cache, a CUDA-graph decode
+step; batch 1 only): target within 5%.
 
-    python benchmarks/core_decode.py                # H200
+Each configuration adds B requests of N - 80 random token ids to `EngineCore`, steps the core until every
+one has its first token (prefill), runs `--warm` steps (the first captures the graph of its (padded batch,
+table width)), then times `--new` steps of ``core.step()`` (scheduler, one batched decode of all B, sampling,
+detokenization), synchronised, and aborts the requests (their pages return). ms/token = ms per step (each
+step gives every sequence one token). Contexts stay below N, so the table width (a power of two of pages)
+does not change during the timed steps. Batch 32 x 128k does not fit one H200 (16 GiB of KV per 128k
+sequence), hence the default mix.
+
+    python benchmarks/core_decode.py                # H200, about 4 minutes
     python benchmarks/core_decode.py --smoke        # CPU, tiny model
 """
 
 from __future__ import annotations
 
 import argparse
-import random
+import json
 import sys
 import tempfile
 import time
@@ -24,66 +32,138 @@ from common import LLAMA3_8B, environment, write_results
 
 from entropyinfer.shard.dummy_checkpoint import write_dummy_checkpoint
 from entropyinfer.shard.llm import LLM
+from entropyinfer.shard.paged_decode import PagedDecoder
 from entropyinfer.shard.sampling import SamplingParams
+from entropyinfer.shard.sequence import SequenceRequest
 
 LLAMA = dict(LLAMA3_8B, model_type="llama", architectures=["LlamaForCausalLM"])
 TINY = dict(LLAMA, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=320, max_position_embeddings=4096)  # fmt: skip
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def text(n: int, seed: int) -> str:
-    """About n tokens of the byte-level tokenizer (one byte = one token)."""
-    rng = random.Random(seed)
-    return "".join(rng.choice("abcdefghij ") for _ in range(n - 2))
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
-def run(llm: LLM, prompts: list[str], policy: str, new: int) -> dict[str, Any]:
-    params = SamplingParams(max_tokens=new, ignore_eos=True)
-    llm.generate(prompts, params, policy=policy)  # untimed run of the same shape
-    torch.cuda.synchronize() if torch.cuda.is_available() else None
+def decode_ms(llm: LLM, batch: int, context: int, warm: int, new: int, graphs: bool) -> dict[str, Any]:
+    core = llm.core
+    decoder = getattr(core, "decoder", None)  # the PagedDecoder, once the core runs it
+    if decoder is not None:
+        decoder.graphs = graphs and torch.cuda.is_available()
+    n = context - warm - new - 16
+    gen = torch.Generator().manual_seed(context + batch)
+    params = SamplingParams(max_tokens=warm + new + 8, ignore_eos=True)
+    rids = [f"b{batch}-n{context}-{i}" for i in range(batch)]
+    for rid in rids:
+        ids = torch.randint(100, llm.arch.vocab_size, (n,), generator=gen).tolist()
+        core.add_request(SequenceRequest(rid, "", ids, params, "dense", llm.config.sparse, None))
     t0 = time.perf_counter()
-    outs = llm.generate(prompts, params, policy=policy)
-    wall = time.perf_counter() - t0
-    s = outs[0].stats
+    while any(not core.seqs[r].output_ids for r in rids):
+        core.step()
+    prefill_s = time.perf_counter() - t0
+    for _ in range(warm):
+        core.step()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(new):
+        core.step()
+    sync()
+    ms = (time.perf_counter() - t0) * 1e3 / new
+    graphed = decoder is not None and decoder.graphs and bool(decoder.graph_keys)
+    assert all(len(core.seqs[r].output_ids) == 1 + warm + new for r in rids), "a sequence missed a step"
+    for rid in rids:
+        core.abort(rid)
     return {
-        "policy": policy,
-        "batch": len(prompts),
-        "prompt_tokens": s["prompt_tokens"],
-        "prefill_ms": round(float(s["prefill_ms"]), 1),
-        "decode_ms_per_token": round(float(s["decode_ms_per_token"]), 2),
-        "density": round(float(s.get("density", 1.0)), 3),
-        "wall_s": round(wall, 2),
-        "tokens_out": sum(len(o.token_ids) for o in outs),
+        "batch": batch,
+        "context": context,
+        "cuda_graphs": graphed,
+        "decode_ms_per_token": round(ms, 2),
+        "prefill_s": round(prefill_s, 2),
     }
+
+
+def step_ms(llm: LLM, batch: int, context: int, steps: int, graphs: bool) -> dict[str, Any]:
+    """The decode step alone (`PagedDecoder` on the core's page pool, no scheduler, no prefill: B sequences
+    given pages for `context` tokens of zero KV): ms per step, CUDA events over `steps` replays."""
+    core, dev = llm.core, llm.engine.device
+    decoder = PagedDecoder(llm.engine, core.pages, core.obs, graphs=graphs)
+    per_seq = -(-context // core.pages.page_size)  # page ids handed out by hand: run before any request
+    ids = torch.arange(batch * per_seq, dtype=torch.int32, device=dev).view(batch, 1, per_seq)
+    tables = ids.expand(batch, llm.arch.num_kv_heads, per_seq).contiguous()
+    n = context - 64
+    lengths = torch.full(
+        (llm.arch.num_layers, batch, llm.arch.num_kv_heads), n, dtype=torch.int32, device=dev
+    )
+    tokens = torch.zeros(batch, dtype=torch.long, device=dev)
+    positions = torch.full((batch,), n, dtype=torch.long, device=dev)
+    for _ in range(3):
+        decoder(tokens, positions, tables, lengths)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        decoder(tokens, positions, tables, lengths)
+    sync()
+    ms = (time.perf_counter() - t0) * 1e3 / steps
+    graphed = bool(decoder.graph_keys)
+    return {"batch": batch, "context": context, "cuda_graphs": graphed, "step_ms": round(ms, 2)}
+
+
+def pre_core(context: int) -> float | None:
+    """Decode ms/token of `ttft_decode.json` (batch 1, contiguous cache, CUDA graph) at this context."""
+    path = RESULTS / "ttft_decode.json"
+    if not path.exists():
+        return None
+    rows = {r["tokens"]: r["ours_decode_ms"] for r in json.loads(path.read_text())["rows"]}
+    return rows.get(context)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, nargs="+", default=[32768, 131072])
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--batch-tokens", type=int, default=4096)
+    ap.add_argument("--configs", nargs="+", default=["1x32768", "1x131072", "8x32768", "32x8192"])
+    ap.add_argument("--warm", type=int, default=8)
     ap.add_argument("--new", type=int, default=64)
-    ap.add_argument("--policies", nargs="+", default=["dense", "entropy"])
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args()
     if args.smoke:
-        args.tokens, args.batch_tokens, args.new, args.batch = [1500], 600, 4, 3
+        args.configs, args.warm, args.new = ["1x600", "3x300"], 2, 4
+    configs = [tuple(int(x) for x in c.split("x")) for c in args.configs]
     folder = write_dummy_checkpoint(tempfile.mkdtemp(), TINY if args.smoke else LLAMA)
     device = "cpu" if args.smoke else "cuda"
-    llm = LLM(str(folder), load_format="dummy", device=device, warm_up_kernels=False)
-    rows = []
-    for policy in args.policies:
-        for n in args.tokens:
-            rows.append(run(llm, [text(n, 0)], policy, args.new))
-            print(rows[-1], flush=True)
-        prompts = [text(args.batch_tokens, i) for i in range(args.batch)]
-        rows.append(run(llm, prompts, policy, args.new))
-        print(rows[-1], flush=True)
-    columns = ["policy", "batch", "prompt_tokens", "prefill_ms", "decode_ms_per_token", "density", "wall_s"]
-    meta = {"env": environment(), "command": " ".join(sys.argv), "new_tokens": args.new}
-    print(
-        write_results("core_decode", "Engine core: TTFT and decode through LLM.generate", columns, rows, meta)
+    most = max(b for b, _ in configs)
+    llm = LLM(
+        str(folder), load_format="dummy", device=device, warm_up_kernels=False, max_num_seqs=max(most, 32)
     )
+    alone = {(b, n, g): step_ms(llm, b, n, args.new, g)["step_ms"] for b, n in configs for g in (True, False)}
+    rows = []
+    for batch, context in configs:
+        for graphs in (True, False):
+            row = decode_ms(llm, batch, context, args.warm, args.new, graphs)
+            row["step_ms"] = alone[batch, context, graphs]
+            before = pre_core(context) if batch == 1 else None
+            row["pre_core_ms"] = round(before, 2) if before else None
+            row["vs_pre_core"] = round(row["decode_ms_per_token"] / before, 3) if before else None
+            rows.append(row)
+            print(row, flush=True)
+    columns = ["batch", "context", "cuda_graphs", "decode_ms_per_token", "step_ms", "pre_core_ms",
+               "vs_pre_core", "prefill_s"]  # fmt: skip
+    meta = {
+        "env": environment(),
+        "command": " ".join(["python", *sys.argv]),
+        "warm": args.warm,
+        "new": args.new,
+    }
+    notes = (
+        "decode_ms_per_token: ms per `core.step()` with every sequence decoding (mean over the timed "
+        f"steps, {args.new} after {args.warm} warm ones). pre_core_ms: `ttft_decode.json`'s CUDA-graph "
+        "decode at that context (batch 1, contiguous cache); vs_pre_core = decode_ms_per_token / "
+        "pre_core_ms (target <= 1.05). step_ms: the `PagedDecoder` step alone on the same pool (no "
+        f"scheduler, sampling or detokenization; graphs as in cuda_graphs), mean of {args.new} steps. "
+        f"Command: `{meta['command']}`."
+    )
+    print(write_results("core_decode", "Engine core: decode ms/token, CUDA graphs on and off", columns, rows,
+                        meta, notes))  # fmt: skip
 
 
 if __name__ == "__main__":

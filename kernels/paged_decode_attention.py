@@ -37,8 +37,9 @@ to `tiling.choose_paged_num_splits` of shapes only (B, Hkv, ``max_pages * page_s
 the contiguous kernel: same shapes, same stream use); launches on concurrent streams need their own
 ``workspace=``. Warm up once outside the capture.
 
-CPU: ``backend="auto"`` runs `paged_decode_attention_ref`; ``backend="triton"`` runs the kernels in
-Triton's interpreter (tests; float32/float16 only).
+CPU: ``backend="auto"`` runs `paged_decode_attention_cpu` (torch, reads the pages in place, no gather);
+``backend="torch"`` the reference (`paged_decode_attention_ref`, on any device); ``backend="triton"`` the
+kernels in Triton's interpreter (tests; float32/float16 only).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from entropyinfer.kernels.decode_attention import (
     _decode_merge_kernel,
     get_workspace,
 )
+from entropyinfer.kernels.paged_decode_attention_cpu import paged_decode_attention_cpu
 from entropyinfer.kernels.paged_decode_attention_ref import (
     check_paged_inputs,
     check_paged_values,
@@ -207,7 +209,8 @@ def paged_decode_attention(
         out: optional ``[B, Hq, d]`` output buffer in q's dtype (last dim contiguous).
         workspace: optional scratch (`DecodeWorkspace` of ``[B, Hq, num_splits, d]`` and
             ``[B, Hq, num_splits]`` float32); the cached `get_workspace` buffers by default.
-        backend: ``auto`` (the kernels for CUDA tensors, else the reference), ``triton`` or ``torch``.
+        backend: ``auto`` (the kernels for CUDA tensors, `paged_decode_attention_cpu` for CPU ones),
+            ``triton`` or ``torch`` (the reference).
         validate: on CUDA, also check lengths and page ids against the table and the pool (syncs). CPU
             tensors are always checked.
         tiles: ``(BLOCK_N, num_warps, num_stages)`` instead of `paged_decode_tiles` (benchmark sweeps).
@@ -224,6 +227,11 @@ def paged_decode_attention(
         scale = d**-0.5
 
     if not runs_triton(q.device, backend):
+        if backend == "auto" and q.device.type == "cpu":  # serving on the CPU: read the pages in place
+            check_paged_values(block_tables, lengths, num_pages, page_size)
+            return paged_decode_attention_cpu(
+                q, k_pages, v_pages, block_tables, lengths, scale=scale, out=out
+            )
         ref = paged_decode_attention_ref(q, k_pages, v_pages, block_tables, lengths, scale=scale)
         if out is None:
             return ref

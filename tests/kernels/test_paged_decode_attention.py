@@ -17,6 +17,7 @@ from entropyinfer.kernels.backend import interpreter_ready
 from entropyinfer.kernels.decode_attention import DecodeWorkspace, get_workspace
 from entropyinfer.kernels.decode_attention_ref import decode_attention_ref
 from entropyinfer.kernels.paged_decode_attention import paged_decode_attention
+from entropyinfer.kernels.paged_decode_attention_cpu import paged_decode_attention_cpu
 from entropyinfer.kernels.paged_decode_attention_ref import paged_decode_attention_ref
 from entropyinfer.kernels.tiling import choose_paged_num_splits, sm_count
 
@@ -217,13 +218,45 @@ def test_kernel_workspace_reuse() -> None:
         paged_decode_attention(q, kp, vp, tables, lengths, num_splits=3, workspace=own, backend="triton")
 
 
-def test_cpu_auto_and_torch_run_reference() -> None:
+def test_cpu_auto_runs_the_in_place_path_and_torch_the_reference() -> None:
     q, _, _, kp, vp, tables, lens = _paged(13, [[16, 0, 5], [1, 2, 3]], 3, 64, 8, torch.float32)
     ref = paged_decode_attention_ref(q, kp, vp, tables, lens)
-    assert torch.equal(paged_decode_attention(q, kp, vp, tables, lens), ref)
+    torch.testing.assert_close(paged_decode_attention(q, kp, vp, tables, lens), ref, atol=1e-6, rtol=1e-6)
     out = torch.empty_like(q)
     assert paged_decode_attention(q, kp, vp, tables, lens, out=out, backend="torch") is out
     assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("page_size", [8, 16, 128])
+@pytest.mark.parametrize("spread", [False, True])
+@pytest.mark.parametrize("shared", [False, True])
+def test_cpu_path_matches_reference(page_size: int, spread: bool, shared: bool) -> None:
+    """`paged_decode_attention_cpu` (pages read in place, a block from the lowest to the highest page id,
+    or only the sequence's pages when they lie far apart): ragged per-head lengths, 0 included, GQA."""
+    ps = page_size
+    lengths = [[0, 1, ps], [2 * ps, ps + 1, 3 * ps - 1], [5, 5, 5], [0, 0, 0]]
+    q, k, v, kp, vp, tables, lens = _paged(
+        ps + spread, lengths, 3, 64, ps, torch.float32, shared_table=shared
+    )
+    if spread:  # sequence 1's pages after its first one move 150 pages away, into a bigger noisy pool
+        n = kp.shape[0]
+        kp, vp = (
+            torch.cat([kp, torch.randn(200, *kp.shape[1:])]),
+            torch.cat([vp, torch.randn(200, *vp.shape[1:])]),
+        )
+        tables = tables.clone()
+        for h in range(tables.shape[1]):
+            for i in range(1, tables.shape[2]):
+                old, new = int(tables[1, h, i]), n + 150 + i
+                if old >= 0:
+                    kp[new, h], vp[new, h] = kp[old, h], vp[old, h]
+                    tables[1, h, i] = new
+    got = paged_decode_attention_cpu(q, kp, vp, tables, lens)
+    torch.testing.assert_close(got, paged_decode_attention_ref(q, kp, vp, tables, lens), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got, decode_attention_ref(q, k, v, lens), atol=1e-5, rtol=1e-5)
+    assert torch.all(got[3] == 0) and torch.all(got[0, :3] == 0)
+    scaled = paged_decode_attention_cpu(q, kp, vp, tables, lens, scale=0.3)
+    torch.testing.assert_close(scaled, decode_attention_ref(q, k, v, lens, scale=0.3), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

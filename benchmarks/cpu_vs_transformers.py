@@ -1,0 +1,133 @@
+"""The engine core's CPU path against transformers, side by side in one process: prefill and decode of one
+prompt (SmolLM2-135M fp32 by default, a 4096-token prompt) through `EngineCore` (scheduler, paged KV,
+paged decode) and through transformers' `LlamaForCausalLM` loaded from the same converted checkpoint
+(SDPA attention, its DynamicCache), both greedy, same threads. Runs alternate (ours, theirs, ours, ...),
+each after one untimed run of its own; the table gives the median of `--reps` runs and the slower/faster
+of them, and whether both produced the same greedy tokens.
+
+    python benchmarks/cpu_vs_transformers.py                  # 2-core CPU: about 4 minutes
+    python benchmarks/cpu_vs_transformers.py --tokens 512 --new 8 --reps 1   # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, write_results
+
+from entropyinfer.shard.engine_core import Finished
+from entropyinfer.shard.llm import LLM
+from entropyinfer.shard.sampling import SamplingParams
+from entropyinfer.shard.sequence import SequenceRequest
+
+
+def prompt_ids(llm: LLM, n: int, seed: int = 0) -> list[int]:
+    """n token ids of plain English-like text (the tokenizer's own ids, so both models see real tokens)."""
+    rng = random.Random(seed)
+    words = ["the", "a", "cat", "dog", "sat", "on", "mat", "house", "river", "city", "long", "short", "green",
+             "blue", "ran", "walked", "said"]  # fmt: skip
+    ids: list[int] = []
+    while len(ids) < n:
+        ids = llm.encode(" ".join(rng.choice(words) for _ in range(2 * n)))
+    return ids[:n]
+
+
+def run_ours(llm: LLM, ids: list[int], new: int) -> tuple[float, float, list[int]]:
+    """(prefill s, decode ms/token, tokens) through the engine core, one request."""
+    params = SamplingParams(max_tokens=new, ignore_eos=True)
+    core = llm.core
+    core.add_request(SequenceRequest("bench", "", ids, params, "dense", llm.config.sparse, None))
+    out = None
+    while core.has_unfinished():
+        for e in core.step():
+            if isinstance(e, Finished):
+                out = e.output
+    assert out is not None
+    return out.stats["prefill_ms"] / 1e3, out.stats["decode_ms_per_token"], list(out.token_ids)
+
+
+@torch.inference_mode()
+def run_hf(model: Any, ids: list[int], new: int) -> tuple[float, float, list[int]]:
+    """(prefill s, decode ms/token, tokens) through transformers (prefill = the first token's logits)."""
+    x = torch.tensor([ids])
+    t0 = time.perf_counter()
+    out = model(input_ids=x, use_cache=True, logits_to_keep=1)
+    token = int(out.logits[0, -1].argmax())
+    prefill = time.perf_counter() - t0
+    past, tokens = out.past_key_values, [token]
+    t0 = time.perf_counter()
+    for _ in range(new - 1):
+        out = model(input_ids=torch.tensor([[token]]), past_key_values=past, use_cache=True)
+        past, token = out.past_key_values, int(out.logits[0, -1].argmax())
+        tokens.append(token)
+    decode_ms = (time.perf_counter() - t0) * 1e3 / max(new - 1, 1)
+    return prefill, decode_ms, tokens
+
+
+def summary(engine: str, runs: list[tuple[float, float, list[int]]], n: int) -> dict[str, Any]:
+    pre, dec = [r[0] for r in runs], [r[1] for r in runs]
+    return {
+        "engine": engine,
+        "prompt_tokens": n,
+        "prefill_s": round(statistics.median(pre), 2),
+        "prefill_s_range": f"{min(pre):.2f}-{max(pre):.2f}",
+        "decode_ms_per_token": round(statistics.median(dec), 1),
+        "decode_ms_range": f"{min(dec):.1f}-{max(dec):.1f}",
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from transformers import AutoModelForCausalLM
+
+    llm = LLM(args.model, device="cpu", dtype="float32")
+    hf = AutoModelForCausalLM.from_pretrained(str(llm.checkpoint), dtype=torch.float32).eval()
+    ids = prompt_ids(llm, args.tokens)
+    run_ours(llm, ids, 4)  # untimed runs of each
+    run_hf(hf, ids, 4)
+    ours, theirs = [], []
+    for _ in range(args.reps):
+        ours.append(run_ours(llm, ids, args.new))
+        theirs.append(run_hf(hf, ids, args.new))
+        print("ours", ours[-1][:2], "transformers", theirs[-1][:2], flush=True)
+    rows = [summary("entropyinfer core", ours, len(ids)), summary("transformers", theirs, len(ids))]
+    same = ours[-1][2] == theirs[-1][2]
+    for r in rows:
+        r["same_greedy_tokens"] = same
+    ratio = {
+        "prefill": rows[0]["prefill_s"] / rows[1]["prefill_s"],
+        "decode": rows[0]["decode_ms_per_token"] / rows[1]["decode_ms_per_token"],
+    }
+    env = environment() | {"threads": torch.get_num_threads(), "cpus": os.cpu_count()}
+    meta = {"env": env, "command": " ".join(["python", *sys.argv]), "new_tokens": args.new, "reps": args.reps,
+            "ours_over_transformers": {k: round(v, 3) for k, v in ratio.items()}}  # fmt: skip
+    columns = ["engine", "prompt_tokens", "prefill_s", "prefill_s_range", "decode_ms_per_token",
+               "decode_ms_range", "same_greedy_tokens"]  # fmt: skip
+    notes = (
+        f"Ours / transformers: prefill {ratio['prefill']:.2f}x, decode {ratio['decode']:.2f}x the time "
+        f"(median of {args.reps} alternating runs, {args.new} greedy tokens each, after one untimed run "
+        f"each). Command: `{meta['command']}`."
+    )
+    title = "CPU: the engine core against transformers (same checkpoint, fp32)"
+    print(write_results("cpu_vs_transformers", title, columns, rows, meta, notes))
+
+
+if __name__ == "__main__":
+    main()
