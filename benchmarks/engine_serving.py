@@ -53,7 +53,7 @@ from entropyinfer.shard.sampling import SamplingParams
 LLAMA = dict(LLAMA3_8B, model_type="llama", architectures=["LlamaForCausalLM"])
 TINY = dict(LLAMA, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=320, max_position_embeddings=16384)  # fmt: skip
-FULL = dict(requests=64, alone_requests=16, prompt=1024, new=256, streams=16, stream_prompt=512,
+FULL = dict(requests=64, alone_requests=8, prompt=1024, new=256, streams=16, stream_prompt=512,
             doc_tokens=131072, chunks=[2048, 8192], questions=8, answer=32, lengths=[32768, 131072],
             lone_chunks=[8192, 32768])  # fmt: skip
 SMOKE = dict(requests=6, alone_requests=2, prompt=64, new=6, streams=3, stream_prompt=32, doc_tokens=1500,
@@ -129,14 +129,30 @@ def percentile(xs: list[float], q: float) -> float | None:
     return round(s[min(len(s) - 1, int(q * len(s)))], 2)
 
 
+class Rows(list[dict[str, Any]]):
+    """The part's rows; each one added is printed and every row so far written at once (a run that hits
+    its time limit still leaves its results)."""
+
+    def __init__(self, save: Callable[[list[dict[str, Any]]], None]) -> None:
+        super().__init__()
+        self._save = save
+
+    def append(self, row: dict[str, Any]) -> None:
+        super().append(row)
+        print(row, flush=True)
+        self.save()
+
+    def save(self) -> None:
+        self._save(list(self))
+
+
 # ---- a: throughput --------------------------------------------------------------------------------------
 
 
-def part_a(folder: Path, device: str, s: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def part_a(folder: Path, device: str, s: dict[str, Any], rows: Rows) -> dict[str, Any]:
     prompts = [text(s["prompt"]) for _ in range(s["requests"])]
-    rows = []
     for label, count, keywords in (
-        ("concurrent", s["requests"], {}),
+        ("concurrent", s["requests"], {"max_num_seqs": s["requests"]}),
         ("max_num_seqs=1", s["alone_requests"], {"max_num_seqs": 1}),
     ):
         engine = Engine(folder, device, **keywords)
@@ -148,31 +164,29 @@ def part_a(folder: Path, device: str, s: dict[str, Any]) -> tuple[list[dict[str,
         tokens = sum(len(o.token_ids) for o in outs.values())
         rows.append({"mode": label, "requests": count, "output_tokens": tokens, "seconds": round(seconds, 2),
                      "output_tok_s": round(tokens / seconds, 1)})  # fmt: skip
-        print(rows[-1], flush=True)
         engine.close()
     speedup = rows[0]["output_tok_s"] / rows[1]["output_tok_s"]
     rows[0]["speedup"], rows[1]["speedup"] = round(speedup, 2), 1.0
-    return rows, {"target_speedup": 8.0, "prompt_tokens": s["prompt"], "new_tokens": s["new"]}
+    rows.save()
+    return {"target_speedup": 8.0, "prompt_tokens": s["prompt"], "new_tokens": s["new"]}
 
 
 # ---- b: interference -------------------------------------------------------------------------------------
 
 
-def part_b(folder: Path, device: str, s: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    rows = []
+def part_b(folder: Path, device: str, s: dict[str, Any], rows: Rows) -> dict[str, Any]:
     for chunk in s["chunks"]:
         engine = Engine(folder, device, max_num_batched_tokens=chunk)
         for policy in ("entropy", "dense"):
             interference(engine, s, policy, s["doc_tokens"] // 8)  # untimed: kernels compiled
             row = {"max_num_batched_tokens": chunk, **interference(engine, s, policy, s["doc_tokens"])}
-            print(row, flush=True)
             rows.append(row)
         engine.close()
-    return rows, {"target_p99_ms": 100.0, "streams": s["streams"], "doc_tokens": s["doc_tokens"]}
+    return {"target_p99_ms": 100.0, "streams": s["streams"], "doc_tokens": s["doc_tokens"]}
 
 
 def interference(engine: Engine, s: dict[str, Any], policy: str, doc_tokens: int) -> dict[str, Any]:
-    limit = engine.llm.max_context - s["stream_prompt"] - 8
+    limit = min(4096, engine.llm.max_context - s["stream_prompt"] - 8)  # enough for any prefill here
     streams = [engine.submit(text(s["stream_prompt"]), limit) for _ in range(s["streams"])]
     last: dict[str, float] = {}
     before: list[float] = []
@@ -215,14 +229,13 @@ def interference(engine: Engine, s: dict[str, Any], policy: str, doc_tokens: int
 # ---- c: a document and its questions, prefix cache on / off ------------------------------------------
 
 
-def part_c(folder: Path, device: str, s: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    rows = []
+def part_c(folder: Path, device: str, s: dict[str, Any], rows: Rows) -> dict[str, Any]:
     for policy in s["policies"]:
         for cache in (True, False):
             engine = Engine(folder, device, enable_prefix_caching=cache)
-            for _ in range(2):  # untimed, then timed: each its own document of the same size
-                body = text(s["doc_tokens"])
-                prompts = [f"{body}\n\nQuestion {q}: what does it say?" for q in range(s["questions"])]
+            for size, questions in ((s["doc_tokens"] // 8, 2), (s["doc_tokens"], s["questions"])):
+                body = text(size)  # untimed (a smaller job), then timed: each its own document
+                prompts = [f"{body}\n\nQuestion {q}: what does it say?" for q in range(questions)]
                 t0 = time.perf_counter()
                 outs = engine.run([engine.submit(p, s["answer"], policy) for p in prompts])
                 seconds = time.perf_counter() - t0
@@ -232,20 +245,19 @@ def part_c(folder: Path, device: str, s: dict[str, Any]) -> tuple[list[dict[str,
             rows.append({"policy": policy, "prefix_cache": cache, "questions": len(stats),
                          "wall_s": round(seconds, 2), "prompt_tokens": prompt, "cached_tokens": cached,
                          "prefilled_tokens": prompt - cached})  # fmt: skip
-            print(rows[-1], flush=True)
             engine.close()
         on, off = rows[-2], rows[-1]
         on["speedup"], off["speedup"] = round(off["wall_s"] / on["wall_s"], 2), 1.0
-    return rows, {"target_speedup": 5.0, "doc_tokens": s["doc_tokens"], "answer_tokens": s["answer"]}
+        rows.save()
+    return {"target_speedup": 5.0, "doc_tokens": s["doc_tokens"], "answer_tokens": s["answer"]}
 
 
 # ---- d: lone request, against ttft_decode.json ------------------------------------------------------
 
 
-def part_d(folder: Path, device: str, s: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def part_d(folder: Path, device: str, s: dict[str, Any], rows: Rows) -> dict[str, Any]:
     ref_file = Path(__file__).resolve().parent / "results" / "ttft_decode.json"
     ref = {r["tokens"]: r for r in json.loads(ref_file.read_text())["rows"]} if ref_file.exists() else {}
-    rows = []
     for chunk in s["lone_chunks"]:
         engine = Engine(folder, device, max_num_batched_tokens=chunk)
         for policy in ("dense", "entropy"):
@@ -261,10 +273,9 @@ def part_d(folder: Path, device: str, s: dict[str, Any]) -> tuple[list[dict[str,
                 if old.get("ours_decode_ms") and policy == "dense" and not s["smoke"]:
                     row["ref_decode_ms"] = round(old["ours_decode_ms"], 2)
                     row["decode_vs_ref"] = round(row["decode_ms_per_token"] / old["ours_decode_ms"], 3)
-                print(row, flush=True)
                 rows.append(row)
         engine.close()
-    return rows, {"target": "within 5% of ttft_decode.json (ratio <= 1.05)", "new_tokens": s["new"]}
+    return {"target": "within 5% of ttft_decode.json (ratio <= 1.05)", "new_tokens": s["new"]}
 
 
 def lone(engine: Engine, prompt: str, new: int, policy: str) -> dict[str, Any]:
@@ -319,15 +330,17 @@ def main(argv: list[str] | None = None) -> None:
     folder = write_dummy_checkpoint(tempfile.mkdtemp(), TINY if args.smoke else LLAMA)
     device = "cpu" if args.smoke else "cuda"
     fn, title, columns = PARTS[args.part]
-    rows, extra = fn(folder, device, sizes)
     model = "tiny random llama (smoke)" if args.smoke else "Llama-3-8B shape, random weights, bf16"
     meta = {"env": environment(), "command": " ".join(sys.argv), "part": args.part, "sizes": sizes,
-            "model": model, **extra}  # fmt: skip
-    print(
-        write_results(
-            f"engine_serving_{args.part}", f"Engine serving ({args.part}): {title}", columns, rows, meta
-        )
-    )
+            "model": model}  # fmt: skip
+    name, heading = f"engine_serving_{args.part}", f"Engine serving ({args.part}): {title}"
+
+    def save(so_far: list[dict[str, Any]]) -> None:
+        write_results(name, heading, columns, so_far, meta)
+
+    rows = Rows(save)
+    meta.update(fn(folder, device, sizes, rows))
+    print(write_results(name, heading, columns, rows, meta))
 
 
 if __name__ == "__main__":

@@ -68,13 +68,12 @@ def run(url: str, batch: list[str], max_tokens: int, concurrent: bool) -> tuple[
     return time.perf_counter() - t0, outs
 
 
-def prefix_document(url: str, doc: str, tokens: int) -> str:
-    """A slice of `doc` of about `tokens` prompt tokens (counted by the server)."""
-    chars = tokens * 4
-    for _ in range(4):
-        n = complete(url, doc[:chars], 1)["usage"]["prompt_tokens"]
-        chars = int(chars * tokens / max(n, 1))
-    return doc[:chars]
+def prefix_document(folder: str, doc: str, tokens: int) -> str:
+    """The first `tokens` tokens of `doc` as text (the served model's tokenizer)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return str(tokenizer.decode(tokenizer.encode(doc, add_special_tokens=False)[:tokens]))
 
 
 def serve_config(args: argparse.Namespace, tmp: Path) -> Any:
@@ -109,10 +108,16 @@ def main() -> None:
         args.requests, args.max_tokens, args.prompt_chars, args.prefix_tokens = 2, 4, 200, 300
         os.environ["OUT"] = tempfile.mkdtemp()
     from entropyinfer.cluster.launcher import EmbeddedServer
+    from entropyinfer.shard.embedded import resolve_checkpoint
 
     tmp = Path(tempfile.mkdtemp())
-    doc = real_document()
-    server = EmbeddedServer(serve_config(args, tmp), port=None)
+    doc = real_document(4 * args.prefix_tokens)
+    config = serve_config(args, tmp)
+    prefix = prefix_document(
+        str(resolve_checkpoint(config.engine.llm.model.model)), doc[30000:], args.prefix_tokens
+    )
+    server = EmbeddedServer(config, port=None)
+    load = [os.getloadavg()[0]]
     t0 = time.perf_counter()
     server.start()
     try:
@@ -126,7 +131,7 @@ def main() -> None:
             server.url, prompts("concurrent", args.requests, args.prompt_chars, doc), args.max_tokens, True
         )
         print(f"concurrent: {batch_s:.1f}s", flush=True)
-        prefix = prefix_document(server.url, doc[20000:], args.prefix_tokens)
+        load.append(os.getloadavg()[0])
         shared = [complete(server.url, prefix + f"\n\nQuestion {q}: what is this about?", 8) for q in "AB"]
     finally:
         server.stop()
@@ -166,6 +171,7 @@ def main() -> None:
         "prompt_tokens": [o["usage"]["prompt_tokens"] for o in together],
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
+        "load_average_1min": [round(x, 2) for x in load],  # before and after the throughput runs
         "speedup": speedup,
         "target_speedup": 2.5,
         "prefix": prefix_rows,

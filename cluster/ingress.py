@@ -41,8 +41,8 @@ from entropyinfer.cluster.job_types import (
     IdempotencyConflict,
     Job,
     JobParams,
-    NewDocument,
     NewJob,
+    new_documents,
     request_digest,
 )
 from entropyinfer.cluster.job_worker import JobWorker
@@ -57,6 +57,7 @@ from entropyinfer.cluster.schemas import (
     read_body,
 )
 from entropyinfer.cluster.sse import sse_events
+from entropyinfer.errors import InvalidRequestError
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
@@ -331,14 +332,12 @@ class Ingress:
         self._check_common(req)
         limits = self.config.limits
         docs, questions = req.documents, req.question_list
-        if len(docs) > limits.max_batch_documents:
-            raise HTTPError(
-                400,
-                f"documents: {len(docs)} documents exceed the batch limit of {limits.max_batch_documents}",
-                field="documents",
-            )
-        if len(questions) > limits.max_questions:
-            raise HTTPError(400, f"questions: more than {limits.max_questions} questions", field="questions")
+        for name, count, limit in (
+            ("documents", len(docs), limits.max_batch_documents),
+            ("questions", len(questions), limits.max_questions),
+        ):
+            if count > limit:
+                raise HTTPError(400, f"{name}: {count} {name} exceed the limit of {limit}", field=name)
         key = req.idempotency_key or request.headers.get("idempotency-key") or None
         params: JobParams = {"sampling": req.sampling_params.to_dict(), "policy": req.policy}
         named = [(d.name, d.text) for d in docs]
@@ -358,21 +357,14 @@ class Ingress:
         except Exception as e:
             raise to_http_error(e, "documents") from None
         del prompts
-        max_tokens = req.sampling_params.max_tokens
-        new_docs = []
         per_document = JobWorker.task_tokens(counts, len(named))
-        for i, ((name, text), tokens) in enumerate(zip(named, per_document, strict=True)):
-            if max(tokens) + max_tokens > max_context:
-                raise HTTPError(
-                    400,
-                    f"documents[{i}]: {max(tokens)} prompt tokens with the question; with "
-                    f"max_tokens={max_tokens} this exceeds the model's context of {max_context} tokens",
-                    field=f"documents[{i}]",
-                )
-            new_docs.append(NewDocument(text, name, tokens))
+        try:
+            new_docs = new_documents(named, per_document, req.sampling_params.max_tokens, max_context)
+        except InvalidRequestError as e:
+            raise to_http_error(e) from None
         try:
             job, created = await asyncio.to_thread(
-                self.store.submit, NewJob(tuple(new_docs), tuple(questions), params), key
+                self.store.submit, NewJob(new_docs, tuple(questions), params), key
             )
         except IdempotencyConflict as e:
             raise HTTPError(409, str(e), "conflict", "idempotency_key") from None

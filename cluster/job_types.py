@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Literal, TypedDict
 
 from entropyinfer.cluster.events import Stat
+from entropyinfer.errors import InvalidRequestError
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL: tuple[JobState, ...] = ("succeeded", "failed", "cancelled")
@@ -86,6 +87,26 @@ class NewJob:
 
     def request_hash(self) -> str:
         return request_digest([(d.name, d.text) for d in self.documents], self.questions, self.params)
+
+
+def new_documents(
+    named: Sequence[tuple[str | None, str]],
+    task_tokens: Sequence[tuple[int, ...]],
+    max_tokens: int,
+    max_context: int,
+) -> tuple[NewDocument, ...]:
+    """The documents of a submission with their tasks' prompt tokens (one per question); a document
+    whose longest task with `max_tokens` exceeds the context raises InvalidRequestError naming it."""
+    docs = []
+    for i, ((name, text), tokens) in enumerate(zip(named, task_tokens, strict=True)):
+        if max(tokens) + max_tokens > max_context:
+            raise InvalidRequestError(
+                f"{max(tokens)} prompt tokens with the question; with max_tokens={max_tokens} this "
+                f"exceeds the model's context of {max_context} tokens",
+                field=f"documents[{i}]",
+            )
+        docs.append(NewDocument(text, name, tokens))
+    return tuple(docs)
 
 
 def request_digest(
