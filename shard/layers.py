@@ -57,7 +57,9 @@ class Rotary(nn.Module):
 
     def __init__(self, arch: ModelArch, device: torch.device | None = None):
         super().__init__()
-        self.register_buffer("inv_freq", rope_inv_freq(arch).to(device), persistent=False)
+        with torch.device("cpu"):  # also under a meta-device build: a meta tensor's first math costs seconds
+            inv_freq = rope_inv_freq(arch)
+        self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[..., None] * self.inv_freq  # [..., d/2]

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
 from entropyinfer.errors import CheckpointNotFoundError
 from entropyinfer.shard.arch import ModelArch
@@ -58,11 +59,22 @@ def empty_model(
     are computed, not loaded."""
     with torch.device("meta"):
         model = CausalLM(arch, dtype=dtype, group=group)
-    model = model.to_empty(device=device)
+    _materialize(model, device)
     if arch.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.rotary.inv_freq = rope_inv_freq(arch).to(device)
     return model.eval().requires_grad_(False)
+
+
+def _materialize(model: nn.Module, device: torch.device) -> None:
+    """`to_empty` with plain `torch.empty` (to_empty's `empty_like` of a meta tensor first imports torch's
+    meta-tensor references, about a second per process); tied parameters come apart (re-tied after)."""
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            empty = torch.empty(p.shape, device=device, dtype=p.dtype)
+            module.register_parameter(name, nn.Parameter(empty, requires_grad=False))
+        for name, b in list(module.named_buffers(recurse=False)):
+            setattr(module, name, torch.empty(b.shape, device=device, dtype=b.dtype))
 
 
 def build_model(
