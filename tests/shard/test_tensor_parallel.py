@@ -1,13 +1,14 @@
 """Tensor parallelism on CPU with gloo: spawned ranks give one rank's logits and greedy tokens.
 
-Each test spawns `tp` processes (torch.multiprocessing, gloo on a free port); every rank builds its part
-of the model (`CausalLM(arch, group=...)`) and runs the unchanged `Engine` on it, and compares with the
-one-rank model it also builds (tiny) or with reference results computed in the parent (SmolLM2). Paths:
-`Engine.prefill` into a contiguous `KVCache` then `Engine.decode_step`; `Engine.prefill_pages` (two
-chunks) into the rank's own `KVPages` (sized from the rank's arch) then `Engine.decode_paged`; weights from
-safetensors slices and from the dummy loader. TP=4 on the 4-query / 2-KV-head tiny Llama replicates KV
-heads; TP=3 on SmolLM2 (9 / 3 heads). The entropy policy at TP=2 keeps, per rank, the block counts of
-the corresponding KV heads at TP=1.
+Each test spawns `tp` processes (gloo on a free port, forked from a preloaded fork server); every rank
+builds its part of the model (`CausalLM(arch, group=...)`, through `build_model` / `load_model`) and runs
+the unchanged `Engine` on it, against one rank's results computed in the parent. Paths: `Engine.prefill`
+into a contiguous `KVCache` then `Engine.decode_step`; `Engine.prefill_pages` (two chunks) into the rank's
+own `KVPages` (sized from the rank's arch) then `Engine.decode_paged`; dummy weights (the tiny Llama) and
+safetensors slices (the tiny Llama with q/k/v/o bias, tied embeddings and a vocabulary that leaves the
+last rank padding rows). TP=4 on the 4-query / 2-KV-head tiny Llama replicates KV heads; TP=3 on SmolLM2
+(9 / 3 heads, slow). The entropy policy at TP=2 gives, per rank, the block counts of the same KV heads at
+TP=1; every rank gets bitwise the same logits.
 """
 
 from __future__ import annotations
@@ -141,6 +142,8 @@ def tiny_ranks(group: TensorParallelGroup, dummy: str, ckpt: str, ref: dict[str,
     assert (mine.arch.num_heads, mine.arch.num_kv_heads) == (want.q_count, want.kv_count)
     assert mine.arch.tensor_parallel_size == tp
     got = run_tiny(mine, entropy=want.kv_replicas == 1)
+    every = group.all_gather(torch.stack(got["contiguous"][1][1:]), dim=0).view(tp, STEPS, -1)
+    assert all(torch.equal(every[0], e) for e in every), "ranks disagree on the logits"  # any may sample
     for path in ("contiguous", "paged"):
         assert_same(got[path], ref["dummy"][path], path)
     if "entropy" in got:  # the entropy policy on local heads: the counts of this rank's KV heads
