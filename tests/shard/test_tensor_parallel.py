@@ -4,11 +4,11 @@ Each test spawns `tp` processes (gloo on a free port, forked from a preloaded fo
 builds its part of the model (`CausalLM(arch, group=...)`, through `build_model` / `load_model`) and runs
 the unchanged `Engine` on it, against one rank's results computed in the parent. Paths: `Engine.prefill`
 into a contiguous `KVCache` then `Engine.decode_step`; `Engine.prefill_pages` (two chunks) into the rank's
-own `KVPages` (sized from the rank's arch) then `Engine.decode_paged`; dummy weights (the tiny Llama) and
-safetensors slices (the tiny Llama with q/k/v/o bias, tied embeddings and a vocabulary that leaves the
-last rank padding rows). TP=4 on the 4-query / 2-KV-head tiny Llama replicates KV heads; TP=3 on SmolLM2
-(9 / 3 heads, slow). The entropy policy at TP=2 gives, per rank, the block counts of the same KV heads at
-TP=1; every rank gets bitwise the same logits.
+own `KVPages` (sized from the rank's arch) then the engine core's paged decode step (`PagedDecoder`);
+dummy weights (the tiny Llama) and safetensors slices (the tiny Llama with q/k/v/o bias, tied embeddings
+and a vocabulary that leaves the last rank padding rows). TP=4 on the 4-query / 2-KV-head tiny Llama
+replicates KV heads; TP=3 on SmolLM2 (9 / 3 heads, slow). The entropy policy at TP=2 gives, per rank, the
+block counts of the same KV heads at TP=1; every rank gets bitwise the same logits.
 """
 
 from __future__ import annotations
@@ -31,10 +31,12 @@ from entropyinfer.errors import ConfigError
 from entropyinfer.policies.config import SparsePrefillConfig
 from entropyinfer.shard.arch import ModelArch
 from entropyinfer.shard.attention import DensePrefill, PrefillAttention, SparsePrefill
+from entropyinfer.shard.compression import ObservationPool
 from entropyinfer.shard.config import ParallelConfig
 from entropyinfer.shard.engine import Engine
 from entropyinfer.shard.kv_pages import KVPages
 from entropyinfer.shard.model import CausalLM
+from entropyinfer.shard.paged_decode import PagedDecoder
 from entropyinfer.shard.parallel.group import TensorParallelGroup
 from entropyinfer.shard.parallel.heads import HeadShard, head_shard, tensor_parallel_sizes
 from entropyinfer.shard.weights import build_model, empty_model, load_model
@@ -86,7 +88,8 @@ def greedy(engine: Engine, tokens: torch.Tensor, attention: PrefillAttention) ->
 
 
 def greedy_paged(engine: Engine, tokens: torch.Tensor, split: int) -> tuple[list[int], list]:
-    """Two prefill chunks ([0, split), [split, n)) into paged KV, then STEPS paged decode steps."""
+    """Two prefill chunks ([0, split), [split, n)) into paged KV, then STEPS steps of the engine core's
+    paged decode (`PagedDecoder`)."""
     n, arch = tokens.shape[0], engine.arch
     pages = KVPages(arch, 64, 8, CPU, F32)  # the rank's own pages, for its KV heads
     seq = SimpleNamespace(block_table=[], table_cache=None, kv_lengths=None, cached_names=[])
@@ -97,10 +100,10 @@ def greedy_paged(engine: Engine, tokens: torch.Tensor, split: int) -> tuple[list
     first = engine.prefill_pages(tokens[split:], split, n, pages, table, attention)
     assert first is not None
     logits, out = [first], [int(first.argmax())]
-    tables = pages.batch_tables([seq])
+    tables, decode = pages.batch_tables([seq]), PagedDecoder(engine, pages, ObservationPool(arch, CPU, F32))
     for i in range(STEPS):
         lengths = torch.full((arch.num_layers, 1, arch.num_kv_heads), n + i, dtype=torch.int32)
-        step = engine.decode_paged(torch.tensor([out[-1]]), torch.tensor([n + i]), pages, tables, lengths)
+        step = decode(torch.tensor([out[-1]]), torch.tensor([n + i]), tables, lengths)
         logits.append(step[0])
         out.append(int(step[0].argmax()))
     return out, logits
