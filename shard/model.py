@@ -166,7 +166,7 @@ class CausalLM(nn.Module):
         kw = {"device": device, "dtype": dtype}
         self.arch, self.group = arch.local(size_of(group)), group
         self.model = Backbone(arch, group, **kw)
-        self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, group, **kw)
+        self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size, group, device=device, dtype=dtype)
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = Rotary(arch, device=device)
