@@ -19,9 +19,8 @@ from typing import Protocol
 import torch
 
 from entropyinfer.errors import RequestCancelled
-from entropyinfer.kernels.paged_decode_attention import paged_decode_attention
 from entropyinfer.shard.attention import PrefillAttention, cached_decode_attention
-from entropyinfer.shard.compression import DecodeCompressor, ObservationPool, ObservationWindow
+from entropyinfer.shard.compression import DecodeCompressor, ObservationWindow
 from entropyinfer.shard.config import EngineConfig
 from entropyinfer.shard.kv_cache import CompactKVCache, KVCache
 from entropyinfer.shard.kv_pages import KVPages
@@ -215,43 +214,6 @@ class Engine:
             if obs is not None:
                 obs.append(li, q)
             o = cached_decode_attention(q[:, :, 0], k_cache, v_cache, cache.layer_lengths(li))  # [B, Hq, d]
-            h = layer.finish(h, o.reshape(b, 1, hq * d))
-        return self.model.logits(h[:, 0])
-
-    @torch.inference_mode()
-    def decode_paged(
-        self,
-        tokens: torch.Tensor,
-        positions: torch.Tensor,
-        pages: KVPages,
-        tables: torch.Tensor,
-        lengths: torch.Tensor,
-        obs: tuple[ObservationPool, torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """One token per sequence over paged KV (the engine core's decode step).
-
-        tokens, positions [B] (int64, positions drive rope); tables int32 [B, Hkv, max_pages] (`KVPages`);
-        lengths int32 [L, B, Hkv]: tokens cached per (layer, sequence, head) before this one, which is
-        written at index ``lengths`` of its head's pages (the caller made room). With `obs` = (pool, rows,
-        slots), every layer's queries go to ``pool`` at (rows[b], slots[b]). -> fp32 logits [B, vocab].
-        """
-        b = tokens.shape[0]
-        hq, d, ps = self.arch.num_heads, self.arch.head_dim, pages.page_size
-        h = self.model.model.embed_tokens(tokens)[:, None]  # [B, 1, hidden]
-        cos, sin = self.model.rotary(positions[:, None], self.dtype)
-        heads = torch.arange(self.arch.num_kv_heads, device=tokens.device)[None, :]
-        lens = lengths.long()
-        write_page = tables.long()[None].expand(lens.shape[0], -1, -1, -1).gather(3, (lens // ps)[..., None])
-        write_page, write_off = write_page[..., 0], lens % ps  # [L, B, Hkv]
-        after = lengths + 1
-        for li, layer in enumerate(self.model.layers):
-            q, k, v = layer.attention_inputs(h, cos, sin)  # [B, H, 1, d]
-            k_pages, v_pages = pages.k(li), pages.v(li)
-            k_pages[write_page[li], heads, write_off[li]] = k[:, :, 0]
-            v_pages[write_page[li], heads, write_off[li]] = v[:, :, 0]
-            if obs is not None:
-                obs[0].append(li, obs[1], obs[2], q)
-            o = paged_decode_attention(q[:, :, 0], k_pages, v_pages, tables, after[li])  # [B, Hq, d]
             h = layer.finish(h, o.reshape(b, 1, hq * d))
         return self.model.logits(h[:, 0])
 

@@ -10,8 +10,9 @@
 A step (1) ends cancelled sequences, (2) compresses the running sequences whose compression is due
 (latent after N_D decode steps, SnapKV right after prefill, then every R steps), so the pages they free
 serve this very step, (3) asks the `Scheduler` what to run, (4) decodes one token for every scheduled
-running sequence in one batched forward over paged KV (`Engine.decode_paged`; each sequence at its own
-position, with its own lengths per (layer, KV head)), and (5) runs the scheduled prefill chunks, each
+running sequence in one batched forward over paged KV (`shard/paged_decode.py: PagedDecoder`, CUDA graphs
+per padded batch size on GPU; each sequence at its own position, with its own lengths per (layer, KV
+head)), and (5) runs the scheduled prefill chunks, each
 through every layer straight into the sequence's pages (`Engine.prefill_pages`) with its own policy's
 attention object, which carries the policy's per-layer state from one chunk to the next. A prompt whose
 first pages are in the prefix cache (`shard/prefix_cache.py`) starts after them, from the causal policy
@@ -36,6 +37,7 @@ from entropyinfer.shard.attention import PrefillAttention, SparsePrefill, build_
 from entropyinfer.shard.compression import ObservationPool, PromptObserver, compress_sequence, compression_due
 from entropyinfer.shard.engine import Engine
 from entropyinfer.shard.kv_pages import KVPages, pool_pages
+from entropyinfer.shard.paged_decode import PagedDecoder
 from entropyinfer.shard.prefix_cache import page_names
 from entropyinfer.shard.sampling import make_generator, sample
 from entropyinfer.shard.scheduler import Chunk, Scheduler
@@ -71,6 +73,7 @@ class EngineCore:
         self.pages = KVPages(self.arch, num_pages, self.config.kv_page_size, self.device, self.dtype)
         self.scheduler = Scheduler(self.config, self.pages)
         self.obs = ObservationPool(self.arch, self.device, self.dtype)
+        self.decoder = PagedDecoder(engine, self.pages, self.obs)  # eager, or CUDA graphs per batch size
         self.seqs: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
 
@@ -249,15 +252,17 @@ class EngineCore:
         positions = torch.tensor([s.position for s in seqs], dtype=torch.long, device=dev)
         lengths = torch.stack([s.kv_lengths for s in seqs if s.kv_lengths is not None], dim=1).to(dev)
         tables = self.pages.batch_tables(seqs)
-        obs = None
+        index = None
         if any(s.obs_row is not None for s in seqs):
-            rows = [s.obs_row if s.obs_row is not None else 0 for s in seqs]
+            scratch = self.obs.scratch_row
+            rows = [s.obs_row if s.obs_row is not None else scratch for s in seqs]
             slots = [
                 s.decode_steps % s.request.kv.window if s.obs_row is not None and s.request.kv else 0
                 for s in seqs
             ]
-            obs = (self.obs, torch.tensor(rows, device=dev), torch.tensor(slots, device=dev))
-        logits = self.engine.decode_paged(tokens, positions, self.pages, tables, lengths, obs)
+            index = (torch.tensor(rows, device=dev), torch.tensor(slots, device=dev))
+        steps_left = max(s.params.max_tokens - len(s.output_ids) for s in seqs)
+        logits = self.decoder(tokens, positions, tables, lengths, index, steps_left=steps_left)
         greedy = logits.argmax(-1).tolist()
         elapsed = _now(dev) - t0
         events: list[EngineEvent] = []

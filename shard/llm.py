@@ -130,6 +130,11 @@ class LLM:
         return llm
 
     def _load(self, config: LLMConfig) -> None:
+        if config.parallel.world_size != 1:
+            raise ConfigError(
+                f"tensor_parallel_size={config.parallel.tensor_parallel_size}: LLM runs one rank so far; "
+                "the shard group that runs several ranks in lockstep is not wired yet (issue 11)"
+            )
         self.checkpoint = resolve_checkpoint(config.model.model)
         self.arch = ModelArch.from_folder(self.checkpoint)
         config = config.for_context(self.arch.max_position_embeddings)  # settles an automatic preset
@@ -145,7 +150,7 @@ class LLM:
         self.model = build_model(self.checkpoint, self.device, self.dtype, config.model.load_format)
         self.engine = Engine(self.model, config.engine)
         if config.engine.warm_up_kernels:
-            a = self.arch
+            a = self.engine.arch  # the rank's heads
             warm_up_sparse_prefill(
                 config.sparse, a.num_heads, a.num_kv_heads, a.head_dim, self.max_context,
                 self.device, self.dtype,
