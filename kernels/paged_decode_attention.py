@@ -228,7 +228,6 @@ def paged_decode_attention(
 
     if not runs_triton(q.device, backend):
         if backend == "auto" and q.device.type == "cpu":  # serving on the CPU: read the pages in place
-            check_paged_values(block_tables, lengths, num_pages, page_size)
             return paged_decode_attention_cpu(
                 q, k_pages, v_pages, block_tables, lengths, scale=scale, out=out
             )

@@ -92,7 +92,7 @@ class PagedDecoder:
         b, width = tokens.shape[0], tables.shape[2]
         key = self._key(b, width)
         step = self._steps.get(key) if key is not None else None
-        padded = self.pad_on_cpu or step is not None or (self.graphs and steps_left >= self.min_tokens)
+        padded = self.pad_on_cpu or (self.graphs and (step is not None or steps_left >= self.min_tokens))
         if key is None or not padded:
             return self.forward(tokens, positions, tables, lengths, obs)
         if step is None or (step.graph is not None and step.obs_q is not self.obs_pool.q):

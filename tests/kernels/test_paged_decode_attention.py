@@ -259,6 +259,24 @@ def test_cpu_path_matches_reference(page_size: int, spread: bool, shared: bool) 
     torch.testing.assert_close(scaled, decode_attention_ref(q, k, v, lens, scale=0.3), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("length", [1, 20, 24, 32])
+def test_cpu_path_on_exactly_the_sequences_pages(length: int) -> None:
+    """The common uncompressed case: a block that is exactly the sequence's pages (in any order), a partly
+    filled or a full last page; and the value checks of the CPU path."""
+    gen = torch.Generator().manual_seed(length)
+    kp, vp = torch.randn(9, 2, 8, 64, generator=gen), torch.randn(9, 2, 8, 64, generator=gen)
+    q = torch.randn(2, 6, 64, generator=gen)
+    order = torch.tensor([[5, 3, 4, 6], [1, 2, 0, 7]], dtype=torch.int32)  # 4 pages each, shuffled
+    tables = order[:, None, :].expand(2, 2, 4)
+    lens = torch.full((2, 2), length, dtype=torch.int32)
+    got = paged_decode_attention_cpu(q, kp, vp, tables, lens)
+    torch.testing.assert_close(got, paged_decode_attention_ref(q, kp, vp, tables, lens), atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="must lie in"):
+        paged_decode_attention_cpu(q, kp, vp, tables, lens + 32)
+    with pytest.raises(ValueError, match="page ids"):
+        paged_decode_attention_cpu(q, kp, vp, tables + 5, lens)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_input_validation(backend: str) -> None:
     if backend == "triton" and not interpreter_ready():
