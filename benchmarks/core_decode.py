@@ -121,7 +121,7 @@ def pre_core(context: int) -> float | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--configs", nargs="+", default=["1x32768", "1x131072", "8x32768", "32x8192"])
+    ap.add_argument("--configs", nargs="+", default=["1x32768", "8x32768", "32x8192", "1x131072"])
     ap.add_argument("--warm", type=int, default=8)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--smoke", action="store_true")
@@ -136,16 +136,6 @@ def main() -> None:
         str(folder), load_format="dummy", device=device, warm_up_kernels=False, max_num_seqs=max(most, 32)
     )
     alone = {(b, n, g): step_ms(llm, b, n, args.new, g)["step_ms"] for b, n in configs for g in (True, False)}
-    rows = []
-    for batch, context in configs:
-        for graphs in (True, False):
-            row = decode_ms(llm, batch, context, args.warm, args.new, graphs)
-            row["step_ms"] = alone[batch, context, graphs]
-            before = pre_core(context) if batch == 1 else None
-            row["pre_core_ms"] = round(before, 2) if before else None
-            row["vs_pre_core"] = round(row["decode_ms_per_token"] / before, 3) if before else None
-            rows.append(row)
-            print(row, flush=True)
     columns = ["batch", "context", "cuda_graphs", "decode_ms_per_token", "step_ms", "pre_core_ms",
                "vs_pre_core", "prefill_s"]  # fmt: skip
     meta = {
@@ -162,8 +152,19 @@ def main() -> None:
         f"scheduler, sampling or detokenization; graphs as in cuda_graphs), mean of {args.new} steps. "
         f"Command: `{meta['command']}`."
     )
-    print(write_results("core_decode", "Engine core: decode ms/token, CUDA graphs on and off", columns, rows,
-                        meta, notes))  # fmt: skip
+    title = "Engine core: decode ms/token, CUDA graphs on and off"
+    rows: list[dict[str, Any]] = []
+    for batch, context in configs:
+        for graphs in (True, False):
+            row = decode_ms(llm, batch, context, args.warm, args.new, graphs)
+            row["step_ms"] = alone[batch, context, graphs]
+            before = pre_core(context) if batch == 1 else None
+            row["pre_core_ms"] = round(before, 2) if before else None
+            row["vs_pre_core"] = round(row["decode_ms_per_token"] / before, 3) if before else None
+            rows.append(row)
+            print(row, flush=True)
+            table = write_results("core_decode", title, columns, rows, meta, notes)  # after every row
+    print(table)
 
 
 if __name__ == "__main__":
