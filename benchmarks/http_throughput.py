@@ -9,9 +9,11 @@ The app is the embedded default (`EmbeddedServer`: local Ray in this process, on
 shard, the SQLite store in a temporary folder) with `ServeAppConfig`'s defaults: the engine settings are
 `LLM`'s (policy dense, max_num_seqs, chunked prefill, prefix caching). Requests are plain
 `/v1/completions` over real HTTP (httpx, one thread per request in the concurrent run), greedy with
-`ignore_eos`, so every request produces `--max-tokens` tokens. Each run's prompts start with a tag of
-their own ("[concurrent 3]"), so neither run is served prompt pages the other wrote: the comparison is
-of batching, not of caching. Output tokens/s = the completion tokens of all requests / the run's wall time.
+`ignore_eos`, so every request produces `--max-tokens` tokens. `--rounds` rounds alternate the two
+modes (one at a time, then concurrent), so a change in the machine's load (a shared machine) hits both;
+each run's prompts start with a tag of their own ("[concurrent 1 3]"), so no run is served prompt pages
+another wrote: the comparison is of batching, not of caching. Output tokens/s = the completion tokens of
+a mode's requests over all rounds / the mode's wall time summed over its rounds.
 
 Prefix: two requests share a `--prefix-tokens`-token document and differ in their question; the second
 one's `usage.prompt_tokens_details.cached_tokens` says how much of its prompt came from the cache (0 if
@@ -101,11 +103,12 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--prompt-chars", type=int, default=1200, help="document characters per prompt")
     ap.add_argument("--prefix-tokens", type=int, default=2048)
+    ap.add_argument("--rounds", type=int, default=2, help="alternating one-at-a-time / concurrent rounds")
     ap.add_argument("--name", default="http_throughput")
     ap.add_argument("--smoke", action="store_true", help="tiny random model, 2 x 4 tokens, temporary folder")
     args = ap.parse_args()
     if args.smoke:
-        args.requests, args.max_tokens, args.prompt_chars, args.prefix_tokens = 2, 4, 200, 300
+        args.requests, args.max_tokens, args.prompt_chars, args.prefix_tokens, args.rounds = 2, 4, 200, 300, 1
         os.environ["OUT"] = tempfile.mkdtemp()
     from entropyinfer.cluster.launcher import EmbeddedServer
     from entropyinfer.shard.embedded import resolve_checkpoint
@@ -113,9 +116,11 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     doc = real_document(4 * args.prefix_tokens)
     config = serve_config(args, tmp)
-    prefix = prefix_document(
-        str(resolve_checkpoint(config.engine.llm.model.model)), doc[30000:], args.prefix_tokens
-    )
+    if args.smoke:  # the tiny model's tokenizer: one byte, one token
+        prefix = doc[30000 : 30000 + args.prefix_tokens]
+    else:
+        model = str(resolve_checkpoint(config.engine.llm.model.model))
+        prefix = prefix_document(model, doc[30000:], args.prefix_tokens)
     server = EmbeddedServer(config, port=None)
     load = [os.getloadavg()[0]]
     t0 = time.perf_counter()
@@ -123,20 +128,20 @@ def main() -> None:
     try:
         print(f"server up at {server.url} in {time.perf_counter() - t0:.1f}s", flush=True)
         complete(server.url, "[warm-up] " + doc[:200], 2)
-        one_s, alone = run(
-            server.url, prompts("one", args.requests, args.prompt_chars, doc), args.max_tokens, False
-        )
-        print(f"one at a time: {one_s:.1f}s", flush=True)
-        batch_s, together = run(
-            server.url, prompts("concurrent", args.requests, args.prompt_chars, doc), args.max_tokens, True
-        )
-        print(f"concurrent: {batch_s:.1f}s", flush=True)
-        load.append(os.getloadavg()[0])
+        timings: dict[str, list[tuple[float, list[dict[str, Any]]]]] = {"one": [], "concurrent": []}
+        for r in range(args.rounds):  # alternating, so a change in the machine's load hits both modes
+            for tag, concurrent in (("one", False), ("concurrent", True)):
+                batch = prompts(f"{tag} {r}", args.requests, args.prompt_chars, doc)
+                timings[tag].append(run(server.url, batch, args.max_tokens, concurrent))
+                print(f"round {r}, {tag}: {timings[tag][-1][0]:.1f}s", flush=True)
+                load.append(os.getloadavg()[0])
         shared = [complete(server.url, prefix + f"\n\nQuestion {q}: what is this about?", 8) for q in "AB"]
     finally:
         server.stop()
     rows = []
-    for mode, seconds, outs in (("one at a time", one_s, alone), ("concurrent", batch_s, together)):
+    for mode, tag in (("one at a time", "one"), ("concurrent", "concurrent")):
+        seconds = sum(t for t, _ in timings[tag])
+        outs = [o for _, round_outs in timings[tag] for o in round_outs]
         tokens = sum(o["usage"]["completion_tokens"] for o in outs)
         rows.append(
             {
@@ -145,6 +150,7 @@ def main() -> None:
                 "seconds": round(seconds, 2),
                 "output_tokens": tokens,
                 "output_tok_s": round(tokens / seconds, 1),
+                "rounds_s": [round(t, 1) for t, _ in timings[tag]],
                 "cached_tokens": sum(o["usage"]["prompt_tokens_details"]["cached_tokens"] for o in outs),
             }
         )
@@ -168,10 +174,10 @@ def main() -> None:
         "model": args.model if not args.smoke else "tiny random llama",
         "config": "ServeAppConfig defaults (engine settings: LLM's), CPU, one engine replica, one shard",
         "max_tokens": args.max_tokens,
-        "prompt_tokens": [o["usage"]["prompt_tokens"] for o in together],
+        "prompt_tokens": [o["usage"]["prompt_tokens"] for o in timings["concurrent"][0][1]],
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
-        "load_average_1min": [round(x, 2) for x in load],  # before and after the throughput runs
+        "load_average_1min": [round(x, 2) for x in load],  # before the runs and after each (others' jobs)
         "speedup": speedup,
         "target_speedup": 2.5,
         "prefix": prefix_rows,
@@ -187,7 +193,16 @@ def main() -> None:
         write_results(
             args.name,
             f"{args.requests} concurrent completions over HTTP vs one at a time ({meta['model']}, cpu)",
-            ["mode", "requests", "seconds", "output_tokens", "output_tok_s", "speedup", "cached_tokens"],
+            [
+                "mode",
+                "requests",
+                "seconds",
+                "rounds_s",
+                "output_tokens",
+                "output_tok_s",
+                "speedup",
+                "cached_tokens",
+            ],
             rows,
             meta,
             notes=notes,
