@@ -1,9 +1,10 @@
 """The engine core's CPU path against transformers, side by side in one process: prefill and decode of one
 prompt (SmolLM2-135M fp32 by default, a 4096-token prompt) through `EngineCore` (scheduler, paged KV,
 paged decode) and through transformers' `LlamaForCausalLM` loaded from the same converted checkpoint
-(SDPA attention, its DynamicCache), both greedy, same threads. Runs alternate (ours, theirs, ours, ...),
-each after one untimed run of its own; the table gives the median of `--reps` runs and the slower/faster
-of them, and whether both produced the same greedy tokens.
+(SDPA attention, its DynamicCache), both greedy, same threads, our prefix cache off (the same prompt runs
+again and again). Runs alternate (ours, theirs, ours, ...), each after one untimed run of its own; the
+table gives the median of `--reps` runs and the fastest and slowest, and whether both produced the same
+greedy tokens.
 
     python benchmarks/cpu_vs_transformers.py                  # 2-core CPU: about 4 minutes
     python benchmarks/cpu_vs_transformers.py --tokens 512 --new 8 --reps 1   # smoke
@@ -97,7 +98,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
 
-    llm = LLM(args.model, device="cpu", dtype="float32")
+    # the prompt repeats run after run: without the prefix cache, every run prefills all of it
+    llm = LLM(args.model, device="cpu", dtype="float32", enable_prefix_caching=False)
     hf = AutoModelForCausalLM.from_pretrained(str(llm.checkpoint), dtype=torch.float32).eval()
     ids = prompt_ids(llm, args.tokens)
     run_ours(llm, ids, 4)  # untimed runs of each
