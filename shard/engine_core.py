@@ -20,6 +20,12 @@ state stored with the last one (sparse); the pages each chunk completes are shar
 that arrive while a document prefills wait for its pages instead of prefilling it again. Every sequence
 keeps its own policy, sparse settings, compression schedule and observation window, sampling parameters
 and stop rules.
+
+The core never calls the model itself: prefill chunks, decode steps, compression and observation rows go
+through its executor (`shard/parallel/executor.py`): `LocalExecutor` runs them on this rank;
+`shard/parallel/lockstep.py: LockstepExecutor` is rank 0 of a tensor-parallel group, which sends each call
+to the other ranks first, so they run it in lockstep. The scheduler, page bookkeeping (of every rank's KV
+heads), prefix cache and sampling live here, on rank 0 only.
 """
 
 from __future__ import annotations
@@ -32,12 +38,11 @@ from dataclasses import dataclass
 import torch
 
 from entropyinfer.errors import PromptTooLongError, RequestCancelled
-from entropyinfer.policies.kv_compression import KVCompressionConfig, head_capacities
+from entropyinfer.policies.kv_compression import KVCompressionConfig
 from entropyinfer.shard.attention import PrefillAttention, SparsePrefill, build_prefill_attention
-from entropyinfer.shard.compression import ObservationPool, PromptObserver, compress_sequence, compression_due
+from entropyinfer.shard.compression import PromptObserver, compression_due
 from entropyinfer.shard.engine import Engine
-from entropyinfer.shard.kv_pages import KVPages, pool_pages
-from entropyinfer.shard.paged_decode import PagedDecoder
+from entropyinfer.shard.parallel.executor import Executor, LocalExecutor, PrefillCall, resumable
 from entropyinfer.shard.prefix_cache import page_names
 from entropyinfer.shard.sampling import make_generator, sample
 from entropyinfer.shard.scheduler import Chunk, Scheduler
@@ -65,15 +70,22 @@ EngineEvent = TokenDelta | Finished
 
 
 class EngineCore:
-    def __init__(self, engine: Engine, tokenizer: object, eos_token_ids: set[int], max_context: int) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        tokenizer: object,
+        eos_token_ids: set[int],
+        max_context: int,
+        executor: Executor | None = None,
+    ) -> None:
         self.engine, self.tokenizer, self.eos_token_ids = engine, tokenizer, eos_token_ids
         self.arch, self.config, self.max_context = engine.arch, engine.config, max_context
         self.device, self.dtype = engine.device, engine.dtype
-        num_pages = pool_pages(self.arch, self.config, max_context, self.device, self.dtype)
-        self.pages = KVPages(self.arch, num_pages, self.config.kv_page_size, self.device, self.dtype)
+        self.executor: Executor = executor or LocalExecutor(engine, max_context)
+        self.full_arch = self.executor.full_arch  # the whole model (capacities, statistics)
+        self.pages, self.obs = self.executor.pages, self.executor.obs
+        self.decoder = self.executor.decoder  # eager, or CUDA graphs per batch size
         self.scheduler = Scheduler(self.config, self.pages)
-        self.obs = ObservationPool(self.arch, self.device, self.dtype)
-        self.decoder = PagedDecoder(engine, self.pages, self.obs)  # eager, or CUDA graphs per batch size
         self.seqs: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
 
@@ -89,7 +101,7 @@ class EngineCore:
                 f"the prompt has {n} tokens; with max_tokens={max_tokens} that exceeds the model's context "
                 f"of {self.max_context} tokens: shorten the prompt or lower max_tokens"
             )
-        need = self.pages.pages(_peak_tokens(n, max_tokens, request.kv, self.arch.num_kv_heads))
+        need = self.pages.pages(_peak_tokens(n, max_tokens, request.kv, self.full_arch.num_kv_heads))
         if need > self.pages.num_pages:
             raise PromptTooLongError(
                 f"the request needs {need} KV pages of {self.pages.page_size} tokens ({n} prompt tokens, "
@@ -158,7 +170,7 @@ class EngineCore:
         for seq in list(self.scheduler.running):
             kv = seq.request.kv
             if kv is not None and seq.obs_row is not None and compression_due(seq, kv):
-                compress_sequence(self.pages, self.obs, seq, kv, self.arch)
+                self.executor.compress(seq, kv)
                 if kv.recompress_every <= 0:
                     self._release_window(seq)
         scheduled = self.scheduler.schedule()
@@ -174,32 +186,31 @@ class EngineCore:
         req, n = seq.request, seq.num_prompt_tokens
         if seq.attention is None:  # a recompute after preemption starts afresh
             seq.attention = self._new_attention(seq)
-        attention = seq.attention
-        if seq.prefill_started is None:  # the prompt's first chunk
+        attention, first, resume = seq.attention, seq.prefill_started is None, None
+        if first:  # the prompt's first chunk
             seq.prefill_started = _now(self.device)
             stored = self.pages.cache.entries[seq.cached_names[-1]].state if start else None
             if stored is not None:  # a sparse prefix from the cache: continue its causal policy state
                 snapshot, segments = stored
-                attention.resume(snapshot.truncate(segments) if segments < snapshot.segments else snapshot)
+                attention.resume(resumable(snapshot, segments))
+                resume = (seq.cached_names[-1], segments)
         if req.kv is not None and req.params.max_tokens > 1 and seq.observer is None:
             if seq.obs_row is None:
-                seq.obs_row = self.obs.acquire(req.kv.window)
+                seq.obs_row = self.executor.acquire_row(req.kv.window)
             seq.observer = PromptObserver(self.obs, seq.obs_row, req.kv)
-        table = self.pages.device_table(seq).long()
+        call = PrefillCall(
+            seq.request_id, torch.tensor(seq.prompt_ids[start:end], dtype=torch.long), start, n,
+            self.pages.device_table(seq).long(), req.policy, req.sparse, first, resume,
+            seq.obs_row if seq.observer is not None else None, req.kv,
+            entropy=req.kv is not None, stats=not seq.output_ids,
+        )  # fmt: skip
+        # a cancel is seen between the layers of one rank only; with several it waits for the next step
+        cancel = req.cancel if self.executor.size == 1 else None
         try:
-            logits = self.engine.prefill_pages(
-                torch.tensor(seq.prompt_ids[start:end], dtype=torch.long),
-                start,
-                n,
-                self.pages,
-                table,
-                attention,
-                progress=req.progress,
-                cancel=req.cancel,
-                observe=seq.observer,
-            )
+            result = self.executor.prefill(call, attention, seq.observer, req.progress, cancel)
         except RequestCancelled:
             return [self._finish(seq, "cancelled")]
+        logits = result.logits
         seq.num_computed = end
         assert seq.kv_lengths is not None
         seq.kv_lengths.fill_(end)
@@ -210,17 +221,12 @@ class EngineCore:
         prefill_s = _now(self.device) - (seq.prefill_started or 0.0)
         seq.prefill_started, seq.observer = None, None
         if req.kv is not None:
-            entropy = (
-                attention.head_entropy(self.arch.num_kv_heads)
-                if isinstance(attention, SparsePrefill)
-                else None
-            )
-            seq.capacities = head_capacities(entropy, req.kv, (self.arch.num_layers, self.arch.num_kv_heads))
+            seq.capacities = self.executor.capacities(result.entropy, req.kv)
         if seq.output_ids:  # a recompute after preemption: the outputs so far are replayed by decode
             return []
         token = sample(logits, req.params, seq.generator)
         seq.stats["prefill_ms"] = prefill_s * 1e3
-        seq.stats.update(attention.stats())
+        seq.stats.update(result.stats or {})
         return self._emit(seq, token)
 
     def _share(self, seq: Sequence, end: int) -> None:
@@ -231,7 +237,8 @@ class EngineCore:
         first = len(seq.cached_names)
         if upto <= first:
             return
-        states: dict[int, object] = {}
+        states: dict[int, tuple[object, int]] = {}
+        last = 0  # segments of this chunk's snapshot
         if isinstance(seq.attention, SparsePrefill):
             # one snapshot per chunk, at the last boundary it shares; each boundary page keeps (snapshot,
             # its segment count) and a reader truncates it (a snapshot per boundary would be O(n^2))
@@ -243,6 +250,10 @@ class EngineCore:
                     if (i + 1) * ps % s_len == 0:
                         states[i] = (snapshot, (i + 1) * ps // s_len)
         self.pages.register(seq, seq.page_names, upto, states)
+        registered = range(first, len(seq.cached_names))
+        shared = [(seq.cached_names[i], states[i][1]) for i in registered if i in states]
+        if shared:  # the other ranks keep their own heads' policy state under the same names
+            self.executor.share(seq.request_id, last, shared)
 
     @torch.inference_mode()
     def _decode(self, seqs: list[Sequence]) -> list[EngineEvent]:
@@ -262,7 +273,7 @@ class EngineCore:
             ]
             index = (torch.tensor(rows, device=dev), torch.tensor(slots, device=dev))
         steps_left = max(s.params.max_tokens - len(s.output_ids) for s in seqs)
-        logits = self.decoder(tokens, positions, tables, lengths, index, steps_left=steps_left)
+        logits = self.executor.decode(tokens, positions, tables, lengths, index, steps_left)
         greedy = logits.argmax(-1).tolist()
         elapsed = _now(dev) - t0
         events: list[EngineEvent] = []
@@ -288,7 +299,7 @@ class EngineCore:
     # ----------------------------------------------------------------------------------------- finish
     def _release_window(self, seq: Sequence) -> None:
         if seq.obs_row is not None:
-            self.obs.release(seq.obs_row)
+            self.executor.release_row(seq.obs_row)
             seq.obs_row = None
 
     def _finish(self, seq: Sequence, reason: str) -> Finished:
@@ -298,11 +309,12 @@ class EngineCore:
         self._fill_stats(seq)
         self.scheduler.finish(seq)
         self._release_window(seq)
+        self.executor.drop(seq.request_id)
         self.seqs.pop(seq.request_id, None)
         return Finished(seq.request_id, seq.output())
 
     def _fill_stats(self, seq: Sequence) -> None:
-        st, arch = seq.stats, self.arch
+        st, arch, replicas = seq.stats, self.full_arch, self.executor.kv_replicas
         st["generated_tokens"] = len(seq.output_ids)
         st["decode_ms_per_token"] = (
             seq.decode_seconds * 1e3 / seq.decoded_tokens if seq.decoded_tokens else 0.0
@@ -319,7 +331,7 @@ class EngineCore:
         elem = self.pages.data.element_size()
         per_head_token = 2 * arch.head_dim * elem
         st["kv_bytes"] = (
-            int(lengths.long().sum()) * per_head_token
+            int(lengths.long().sum()) // replicas * per_head_token
             if seq.compressed
             else int(lengths.max()) * arch.kv_bytes_per_token(elem)
         )

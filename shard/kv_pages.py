@@ -20,9 +20,18 @@ and one layer's keys and values gathered from the pages), or on CPU 2 x the cont
 Prefix caching (`shard/prefix_cache.py`) lives here too: a page of every head can be a shared cache entry,
 referenced by several sequences (the first pages of their block tables, `Sequence.cached_names`), kept
 resident when nobody references it and evicted least recently used when fresh pages run out.
+
+Tensor parallelism (`shard/parallel/lockstep.py`): rank 0's pages keep the bookkeeping of every rank. Its
+block tables have ``table_heads = tp x`` (local KV heads) rows, rank r's local heads at rows ``local =
+[r * Hkv_local, (r + 1) * Hkv_local)``, so each rank's heads get their own lengths and pages after
+compression while every rank's pool has the same page ids; the data tensor holds only the rank's own heads,
+and `gather` / `write_heads` / `swap_out` / `swap_in` move the rows of `local`. `on_evict` / `on_swap` tell
+the other ranks what rank 0 did (their prefix-cache policy states, their swapped KV).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -67,16 +76,30 @@ def pool_pages(
 
 class KVPages:
     def __init__(
-        self, arch: ModelArch, num_pages: int, page_size: int, device: torch.device, dtype: torch.dtype
+        self,
+        arch: ModelArch,
+        num_pages: int,
+        page_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        *,
+        table_heads: int | None = None,
+        local: slice | None = None,
     ) -> None:
         self.num_pages, self.page_size = num_pages, page_size
-        self.num_layers, self.num_kv_heads, self.head_dim = arch.num_layers, arch.num_kv_heads, arch.head_dim
+        self.num_layers, self.head_dim = arch.num_layers, arch.head_dim
+        # block-table rows (every rank's KV heads under TP) and the rows whose data this pool holds
+        self.num_kv_heads = table_heads or arch.num_kv_heads
+        self.local = local or slice(0, arch.num_kv_heads)
+        self.data_heads = arch.num_kv_heads
+        self.on_evict: Callable[[bytes], None] | None = None  # a prefix cache entry was evicted
+        self.on_swap: Callable[[str, Sequence], None] | None = None  # ("out" | "in", seq), tables set
         # one extra page, `scratch_page`, never handed out: padded rows of a graphed decode batch write there
         shape = (arch.num_layers, 2, num_pages + 1, arch.num_kv_heads, page_size, arch.head_dim)
         self.data = torch.zeros(shape, device=device, dtype=dtype)
         self.scratch_page = num_pages
         # per KV head, a stack of free page ids (page 0 handed out first)
-        self._free: list[list[int]] = [list(range(num_pages - 1, -1, -1)) for _ in range(arch.num_kv_heads)]
+        self._free: list[list[int]] = [list(range(num_pages - 1, -1, -1)) for _ in range(self.num_kv_heads)]
         self.device = device
         self.cache = PrefixCache()
 
@@ -126,7 +149,10 @@ class KVPages:
         """`n` page ids of one head: free ones first, then evicting unreferenced cache entries (LRU)."""
         free = self._free[head]
         while len(free) < n:
+            name = next(iter(self.cache.idle), None)
             entry = self.cache.evict()
+            if name is not None and self.on_evict is not None:
+                self.on_evict(name)
             if entry is None:
                 raise MemoryError(f"{n} KV pages asked in head {head}, {len(free)} free")
             for f, page in zip(self._free, entry.pages, strict=True):
@@ -187,7 +213,7 @@ class KVPages:
         seq.table_cache = None
 
     # ------------------------------------------------------------------------------------ prefix cache
-    def register(self, seq: Sequence, names: list[bytes], upto: int, states: dict[int, object]) -> None:
+    def register(self, seq: Sequence, names: list[bytes], upto: int, states: Mapping[int, object]) -> None:
         """Share the full pages of `seq` below page `upto` (their KV is written) under `names`, in order
         after those it already shares; it stops at a name another sequence registered first (that copy
         stays private). `states[i]`: the causal prefill state at the end of page i, if any."""
@@ -203,18 +229,28 @@ class KVPages:
     def gather(self, seq: Sequence, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Contiguous K and V of one layer of `seq`: ``[Hkv, P * page_size, d]`` each (P: the most pages
         any head holds; a head's slots past its length hold whatever its pages hold)."""
-        pages = max(len(t) for t in seq.block_table)
+        return self.gather_table(seq.block_table[self.local], layer)
+
+    def gather_table(self, block_table: list[list[int]], layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`gather` of the data heads given their page lists."""
+        pages = max(len(t) for t in block_table)
         table = torch.tensor(
-            [t + [t[-1]] * (pages - len(t)) for t in seq.block_table], dtype=torch.long, device=self.device
+            [t + [t[-1]] * (pages - len(t)) for t in block_table], dtype=torch.long, device=self.device
         )  # [Hkv, P]
-        heads = torch.arange(self.num_kv_heads, device=self.device)[:, None]
-        shape = (self.num_kv_heads, pages * self.page_size, self.head_dim)
+        heads = torch.arange(self.data_heads, device=self.device)[:, None]
+        shape = (self.data_heads, pages * self.page_size, self.head_dim)
         return self.k(layer)[table, heads].reshape(shape), self.v(layer)[table, heads].reshape(shape)
 
     def write_heads(self, seq: Sequence, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Write ``[Hkv, S, d]`` keys and values into the pages of `seq` (each head up to its pages)."""
+        self.write_table(seq.block_table[self.local], layer, keys, values)
+
+    def write_table(
+        self, block_table: list[list[int]], layer: int, keys: torch.Tensor, values: torch.Tensor
+    ) -> None:
+        """`write_heads` of the data heads given their page lists."""
         ps = self.page_size
-        for h, table in enumerate(seq.block_table):
+        for h, table in enumerate(block_table):
             if not table:
                 continue
             span = len(table) * ps
@@ -233,6 +269,8 @@ class KVPages:
             saved.append((k.to("cpu", copy=True), v.to("cpu", copy=True)))
         seq.swapped_kv = saved
         seq.swapped_pages = [len(t) for t in seq.block_table]
+        if self.on_swap is not None:
+            self.on_swap("out", seq)
         self.free(seq)
 
     def swap_in(self, seq: Sequence) -> bool:
@@ -241,6 +279,8 @@ class KVPages:
         if seq.swapped_kv is None or not self.can_take([n + 1 for n in needs]):
             return False
         self.allocate_heads(seq, needs)
+        if self.on_swap is not None:
+            self.on_swap("in", seq)
         for li, (k, v) in enumerate(seq.swapped_kv):
             self.write_heads(seq, li, k.to(self.device), v.to(self.device))
         seq.swapped_kv = None

@@ -28,14 +28,13 @@ from entropyinfer.policies.config import SparsePrefillConfig
 from entropyinfer.policies.kv_compression import KVCompressionConfig
 from entropyinfer.policies.registry import get_policy
 from entropyinfer.shard.arch import ModelArch
-from entropyinfer.shard.attention import warm_up_sparse_prefill
 from entropyinfer.shard.config import KVConfig, LLMConfig
 from entropyinfer.shard.embedded import resolve_checkpoint
-from entropyinfer.shard.engine import Engine
 from entropyinfer.shard.engine_core import EngineCore, EngineEvent, Finished
+from entropyinfer.shard.parallel.launch import build_engine, start_group
+from entropyinfer.shard.parallel.lockstep import LockstepExecutor
 from entropyinfer.shard.sampling import SamplingParams
 from entropyinfer.shard.sequence import Prompt, RequestOutput, SequenceRequest
-from entropyinfer.shard.weights import build_model
 
 __all__ = ["LLM", "Prompt", "RequestOutput", "StreamEvent", "resolve_device", "resolve_dtype"]
 
@@ -89,7 +88,7 @@ def _dtype_name(dtype: str | torch.dtype | None) -> str:
 
 
 class LLM:
-    """Offline engine on one device.
+    """Offline engine on one device, or a tensor-parallel group of them.
 
     `LLM(model, policy="dense", device=None, dtype=None, **keywords)`: `model` is an embedded name
     ("smollm2-135m") or a Hugging Face checkpoint folder; `policy` one of `policies.registry.POLICY_NAMES`
@@ -102,6 +101,8 @@ class LLM:
     -> latent, snapkv -> snapkv, dense and fixed -> none; or "none", a preset, a YAML file) and
     `kv_<field>` (`kv_capacity=2048`). Unknown keys raise
     `ConfigError` naming them. `LLM.from_config(LLMConfig)` takes a built config (the Serve shard actors).
+    `tensor_parallel_size=k` runs ranks 1..k-1 in worker processes of this machine, in lockstep with this
+    one (`shard/parallel/launch.py`, one group per process); `close()` stops them.
     """
 
     def __init__(
@@ -130,11 +131,6 @@ class LLM:
         return llm
 
     def _load(self, config: LLMConfig) -> None:
-        if config.parallel.world_size != 1:
-            raise ConfigError(
-                f"tensor_parallel_size={config.parallel.tensor_parallel_size}: LLM runs one rank so far; "
-                "the shard group that runs several ranks in lockstep is not wired yet (issue 11)"
-            )
         self.checkpoint = resolve_checkpoint(config.model.model)
         self.arch = ModelArch.from_folder(self.checkpoint)
         config = config.for_context(self.arch.max_position_embeddings)  # settles an automatic preset
@@ -147,21 +143,34 @@ class LLM:
         self.device = resolve_device(config.model.device)
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         self.tokenizer = _load_tokenizer(self.checkpoint, config.model.trust_remote_code)
-        self.model = build_model(self.checkpoint, self.device, self.dtype, config.model.load_format)
-        self.engine = Engine(self.model, config.engine)
-        if config.engine.warm_up_kernels:
-            a = self.engine.arch  # the rank's heads
-            warm_up_sparse_prefill(
-                config.sparse, a.num_heads, a.num_kv_heads, a.head_dim, self.max_context,
-                self.device, self.dtype,
-            )  # fmt: skip
+        self.executor: LockstepExecutor | None = None
+        if config.parallel.world_size > 1:  # ranks 1.. in processes of their own, in lockstep with this one
+            self.engine, self.executor = start_group(
+                config, self.checkpoint, self.arch, self.device, self.dtype, self.max_context
+            )
+        else:
+            self.engine = build_engine(config, self.checkpoint, self.device, self.dtype, self.max_context)
+        self.model = self.engine.model
         self.eos_token_ids = set(self.arch.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(int(self.tokenizer.eos_token_id))
         # the engine core: scheduler, paged KV, step loop; `engine` stays the model runner it steps
-        self.core = EngineCore(self.engine, self.tokenizer, self.eos_token_ids, self.max_context)
+        self.core = EngineCore(
+            self.engine, self.tokenizer, self.eos_token_ids, self.max_context, executor=self.executor
+        )
         self._inbox: dict[str, deque[EngineEvent]] = {}
         self._lock = threading.RLock()
+
+    def close(self) -> None:
+        """Stop the other ranks of a tensor-parallel LLM (a no-op on one rank)."""
+        if self.executor is not None:
+            self.executor.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def policy(self) -> str:

@@ -1,0 +1,282 @@
+"""The engine core on a tensor-parallel group, in lockstep (vLLM's executor / worker split, no Ray call
+per step).
+
+Rank 0 runs the `EngineCore` with a `LockstepExecutor`: for every model call (prefill chunk, decode step,
+KV compression) it broadcasts a `StepPlan` (`messages.py`: the call's inputs, preceded by what changed in
+rank 0's state since the last plan) over a gloo process group, then runs the call on its own heads
+(`rank.RankRunner`). Every other rank runs `WorkerLoop.run()`: receive a plan, apply it, until `Shutdown`.
+
+Who decides what: rank 0 alone schedules, keeps the page bookkeeping of every rank (free lists, block
+tables with one row per KV head of every rank, prefix cache) and samples: the logits are bitwise the same
+on every rank (the lm_head all-gathers), so the other ranks never need the sampled ids except as the next
+step's inputs. All ranks agree on the number of pages (the minimum of their `pool_pages`), so a page id
+names a slot on every rank. Compression is the one call with a reply: every rank plans its own heads,
+the kept counts are all-gathered and rank 0 allocates the new pages and broadcasts them.
+
+Failure: a rank that dies closes its sockets, so the next collective fails at once; rank 0 also checks its
+worker processes before every plan. Either way every in-flight and later call raises `ShardGroupError`
+naming the rank (never a hang); the collectives of the model group have a timeout as well
+(`launch.py`). A cancel reaches rank 0 between steps only (one rank cannot leave a layer's collectives).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from multiprocessing.process import BaseProcess
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from entropyinfer.errors import EntropyInferError
+from entropyinfer.policies.kv_compression import KVCompressionConfig
+from entropyinfer.shard.arch import ModelArch
+from entropyinfer.shard.attention import PrefillAttention
+from entropyinfer.shard.compression import PromptObserver
+from entropyinfer.shard.engine import Engine
+from entropyinfer.shard.kv_pages import pool_pages
+from entropyinfer.shard.paged_decode import ObsIndex
+from entropyinfer.shard.parallel.executor import PrefillCall, PrefillResult, ProgressFn
+from entropyinfer.shard.parallel.group import TensorParallelGroup
+from entropyinfer.shard.parallel.messages import (
+    Compress,
+    Decode,
+    Drop,
+    Evict,
+    ObsAcquire,
+    ObsRelease,
+    Op,
+    Prefill,
+    Probe,
+    Share,
+    Shutdown,
+    StepPlan,
+    Swap,
+    broadcast_plan,
+    receive_plan,
+)
+from entropyinfer.shard.parallel.rank import RankRunner
+from entropyinfer.shard.sequence import Sequence
+
+T = TypeVar("T")
+LiveCheck = Callable[[], str | None]  # a sentence naming a dead rank, or None while all live
+
+
+class ShardGroupError(EntropyInferError, RuntimeError):
+    """A rank of the tensor-parallel group died or stopped answering: the group cannot run requests any
+    more (start a new one)."""
+
+
+def agree_on_pages(engine: Engine, max_context: int, plan_group: dist.ProcessGroup | None) -> int:
+    """The pages every rank can hold: the minimum of the ranks' `pool_pages`."""
+    mine = pool_pages(engine.arch, engine.config, max_context, engine.device, engine.dtype)
+    n = torch.tensor([mine], dtype=torch.long)
+    dist.all_reduce(n, op=dist.ReduceOp.MIN, group=plan_group)
+    return int(n)
+
+
+class LockstepExecutor:
+    """Rank 0's executor (`executor.Executor`): each call is broadcast, then run here."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        group: TensorParallelGroup,
+        plan_group: dist.ProcessGroup | None,
+        full_arch: ModelArch,
+        max_context: int,
+        live: LiveCheck | None = None,
+        on_close: Callable[[bool], None] | None = None,
+    ) -> None:
+        num_pages = agree_on_pages(engine, max_context, plan_group)
+        self.runner = RankRunner(engine, group, plan_group, num_pages, full_arch)
+        self.pages, self.obs, self.decoder = self.runner.pages, self.runner.obs, self.runner.decoder
+        self.full_arch, self.kv_replicas, self.size = full_arch, self.runner.kv_replicas, group.size
+        self.plan_group, self.live, self.on_close = plan_group, live, on_close
+        self._pending: list[Op] = []
+        self.processes: list[BaseProcess] = []  # the other ranks, when this process started them
+        self.broken: str | None = None
+        self.closed = False
+        self.pages.on_evict = lambda name: self._pending.append(Evict(name))
+        self.pages.on_swap = lambda kind, seq: self._pending.append(
+            Swap(seq.request_id, kind == "out", [list(t) for t in seq.block_table])
+        )
+
+    # ---------------------------------------------------------------------------------- sending
+    def _run(self, op: Op, local: Callable[[], T]) -> T:
+        """Broadcast the pending mirrors and `op`, then run `local` (this rank's part of `op`)."""
+        self._check()
+        plan, self._pending = StepPlan([*self._pending, op]), []
+        try:
+            broadcast_plan(plan, self.plan_group)
+            return local()
+        except RuntimeError as e:
+            dead = self._dead_rank()
+            if dead is None and not _collective_error(e):
+                raise
+            self.broken = dead or f"a collective failed ({e})"
+            raise ShardGroupError(f"the tensor-parallel group is broken: {self.broken}") from e
+
+    def _dead_rank(self, wait_s: float = 2.0) -> str | None:
+        """After a failed collective: the rank that died (it may take a moment to be seen exiting)."""
+        deadline = time.perf_counter() + wait_s
+        while self.live is not None:
+            dead = self.live()
+            if dead is not None or time.perf_counter() > deadline:
+                return dead
+            time.sleep(0.05)
+        return None
+
+    def _check(self) -> None:
+        if self.broken is None and self.live is not None:
+            self.broken = self.live()
+        if self.closed:
+            raise ShardGroupError("the tensor-parallel group is closed")
+        if self.broken is not None:
+            raise ShardGroupError(f"the tensor-parallel group is broken: {self.broken}")
+
+    # ------------------------------------------------------------------------------ model calls
+    def prefill(
+        self,
+        call: PrefillCall,
+        attention: PrefillAttention,
+        observer: PromptObserver | None,
+        progress: ProgressFn | None,
+        cancel: Any,
+    ) -> PrefillResult:
+        return self._run(Prefill(call), lambda: self.runner.prefill(call, attention, observer, progress))
+
+    def decode(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        tables: torch.Tensor,
+        lengths: torch.Tensor,
+        obs: ObsIndex | None,
+        steps_left: int,
+    ) -> torch.Tensor:
+        rows, slots = obs if obs is not None else (None, None)
+        op = Decode(tokens, positions, tables, lengths, rows, slots, steps_left)
+        return self._run(op, lambda: self.runner.decode(tokens, positions, tables, lengths, obs, steps_left))
+
+    def compress(self, seq: Sequence, kv: KVCompressionConfig) -> None:
+        """`compress_sequence` over every rank's heads (see the module docstring)."""
+        lengths, caps, pages = seq.kv_lengths, seq.capacities, self.pages
+        assert lengths is not None and caps is not None and seq.obs_row is not None
+        t0 = _now(pages.device)
+        if seq.compressions == 0:
+            elem = pages.data.element_size()
+            seq.kv_bytes_before = (
+                int(lengths.long().sum()) // self.kv_replicas * 2 * self.full_arch.head_dim * elem
+            )
+        used = pages.used_pages
+        table = [list(t) for t in seq.block_table]
+        op = Compress(seq.request_id, seq.obs_row, seq.decode_steps, kv, lengths, caps, table)
+
+        def allocate(counts: torch.Tensor) -> list[list[int]]:
+            pages.free(seq)
+            pages.allocate_heads(seq, [pages.pages(int(n)) for n in counts.max(dim=0).values])
+            return [list(t) for t in seq.block_table]
+
+        counts, _ = self._run(op, lambda: self.runner.compress(op, allocate))
+        seq.kv_lengths = counts.to(torch.int32)
+        seq.compressions += 1
+        seq.last_compression = seq.decode_steps
+        seq.stats["kv_pages_freed"] = seq.stats.get("kv_pages_freed", 0) + used - pages.used_pages
+        seq.compression_ms += (_now(pages.device) - t0) * 1e3
+
+    def capacities(self, entropy: torch.Tensor | None, kv: KVCompressionConfig) -> torch.Tensor:
+        return self.runner.capacities(entropy, kv)
+
+    def probe(self) -> list[list[int]]:
+        """Per rank: [attention objects, prefix-cache policy states, swapped requests] it holds."""
+        return self._run(Probe(), self.runner.probe)
+
+    # -------------------------------------------------------------------------- rank-0 state
+    def acquire_row(self, window: int) -> int:
+        row = self.obs.acquire(window)
+        self._pending.append(ObsAcquire(window, row))
+        return row
+
+    def release_row(self, row: int) -> None:
+        self.obs.release(row)
+        self._pending.append(ObsRelease(row))
+
+    def share(self, request_id: str, segments: int, names: list[tuple[bytes, int]]) -> None:
+        self._pending.append(Share(request_id, segments, [n for n, _ in names], [c for _, c in names]))
+
+    def drop(self, request_id: str) -> None:
+        self._pending.append(Drop(request_id))
+
+    def close(self) -> None:
+        """Stop the other ranks (if they still run) and release the group; idempotent."""
+        if self.closed:
+            return
+        try:
+            if self.broken is None:
+                self._run(Shutdown(), lambda: None)
+        except ShardGroupError:
+            pass
+        finally:
+            self.closed = True
+            if self.on_close is not None:
+                self.on_close(self.broken is None)
+
+
+class WorkerLoop:
+    """A rank > 0: receive plans from rank 0 and run them until `Shutdown` (or rank 0 goes away)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        group: TensorParallelGroup,
+        plan_group: dist.ProcessGroup | None,
+        full_arch: ModelArch,
+        max_context: int,
+    ) -> None:
+        num_pages = agree_on_pages(engine, max_context, plan_group)
+        self.runner = RankRunner(engine, group, plan_group, num_pages, full_arch)
+        self.plan_group = plan_group
+        self.steps = 0
+
+    def run(self) -> None:
+        while True:
+            plan = receive_plan(self.plan_group)
+            *mirrors, call = plan.ops
+            for op in mirrors:
+                self.runner.mirror(op)
+            if isinstance(call, Shutdown):
+                return
+            self.execute(call)
+            self.steps += 1
+
+    @torch.inference_mode()
+    def execute(self, op: Op) -> None:
+        r = self.runner
+        if isinstance(op, Prefill):
+            r.prefill(op.call)
+        elif isinstance(op, Decode):
+            obs = (op.rows, op.slots) if op.rows is not None and op.slots is not None else None
+            r.decode(op.tokens, op.positions, op.tables, op.lengths, obs, op.steps_left)
+        elif isinstance(op, Compress):
+            r.compress(op)
+        elif isinstance(op, Probe):
+            r.probe()
+        else:
+            r.mirror(op)
+
+
+def _collective_error(e: RuntimeError) -> bool:
+    """A failed collective (a peer closed its connection, a timeout), not an error of the model code."""
+    text = str(e).lower()
+    return isinstance(e, dist.DistError) or any(
+        w in text for w in ("gloo", "nccl", "connection", "timed out")
+    )
+
+
+def _now(device: torch.device) -> float:
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

@@ -1,0 +1,243 @@
+"""One rank's part of a tensor-parallel engine core: its KV pages, observation pool and decoder, and the
+per-request state that lives with its heads (prefill attention objects, prefix-cache policy states,
+swapped KV). Rank 0 (`LockstepExecutor`) and the other ranks (`WorkerLoop`) run the same methods on the
+same inputs, so they make the same model calls, in the same order, with the same collectives.
+
+Block tables and lengths arrive in the core's layout (one row per KV head of every rank, rank-major); a
+rank uses its rows ``local``. Statistics that depend on the heads are gathered: the per-head entropy (KV
+compression capacities are solved over every head of the model, as one rank would) and the prefill
+statistics (density, rigid fraction and budget tokens: means over equal head counts, so the mean of the
+ranks' values; min / max of the ranks').
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from entropyinfer.policies.kv_compression import KVCompressionConfig, head_capacities, plan_keep
+from entropyinfer.shard.arch import ModelArch
+from entropyinfer.shard.attention import PrefillAttention, build_prefill_attention
+from entropyinfer.shard.compression import ObservationPool, PromptObserver
+from entropyinfer.shard.engine import Engine
+from entropyinfer.shard.kv_pages import KVPages
+from entropyinfer.shard.paged_decode import ObsIndex, PagedDecoder
+from entropyinfer.shard.parallel.executor import (
+    PrefillCall,
+    PrefillResult,
+    ProgressFn,
+    finish_prefill,
+    resumable,
+)
+from entropyinfer.shard.parallel.group import TensorParallelGroup
+from entropyinfer.shard.parallel.heads import head_shard
+from entropyinfer.shard.parallel.messages import (
+    Compress,
+    Drop,
+    Evict,
+    ObsAcquire,
+    ObsRelease,
+    Op,
+    Share,
+    Swap,
+    broadcast_object,
+)
+
+Allocate = Callable[[torch.Tensor], list[list[int]]]
+_STAT_KEYS = ("density", "rigid_fraction", "rigid_fraction_reference")
+
+
+class RankRunner:
+    def __init__(
+        self,
+        engine: Engine,
+        group: TensorParallelGroup,
+        plan_group: dist.ProcessGroup | None,
+        num_pages: int,
+        full_arch: ModelArch,
+    ) -> None:
+        self.engine, self.group, self.plan_group, self.full_arch = engine, group, plan_group, full_arch
+        arch, tp, r = engine.arch, group.size, group.rank
+        self.arch, kvc = arch, arch.num_kv_heads
+        self.local = slice(r * kvc, (r + 1) * kvc)
+        self.shards = [head_shard(full_arch.num_heads, full_arch.num_kv_heads, tp, i) for i in range(tp)]
+        self.kv_replicas = self.shards[0].kv_replicas
+        ps, dev, dt = engine.config.kv_page_size, engine.device, engine.dtype
+        self.pages = KVPages(arch, num_pages, ps, dev, dt, table_heads=tp * kvc, local=self.local)
+        self.obs = ObservationPool(arch, dev, dt)
+        self.decoder = PagedDecoder(engine, self.pages, self.obs)
+        self.attentions: dict[str, PrefillAttention] = {}
+        self.snapshots: dict[bytes, tuple[Any, int]] = {}
+        self.swapped: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    # --------------------------------------------------------------------------------- collectives
+    def gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """Every rank's `x` along `dim` in rank order, on the host (over the model's group and device)."""
+        return self.group.all_gather(x.to(self.engine.device), dim=dim).cpu()
+
+    # ------------------------------------------------------------------------------------- mirrors
+    def mirror(self, op: Op) -> None:
+        """Apply what rank 0 did to its own state (the ops before a plan's model call)."""
+        if isinstance(op, ObsAcquire):
+            row = self.obs.acquire(op.window)
+            if row != op.row:
+                raise RuntimeError(f"observation row {row} on rank {self.group.rank}, {op.row} on rank 0")
+        elif isinstance(op, ObsRelease):
+            self.obs.release(op.row)
+        elif isinstance(op, Share):
+            snapshot = self.attentions[op.request_id].state_at(op.segments)
+            for name, count in zip(op.names, op.counts, strict=True):
+                self.snapshots[name] = (snapshot, count)
+        elif isinstance(op, Evict):
+            self.snapshots.pop(op.name, None)
+        elif isinstance(op, Drop):
+            self.attentions.pop(op.request_id, None)
+            self.swapped.pop(op.request_id, None)
+        elif isinstance(op, Swap):
+            table = op.table[self.local]
+            if op.out:
+                saved = []
+                for li in range(self.arch.num_layers):
+                    k, v = self.pages.gather_table(table, li)
+                    saved.append((k.to("cpu", copy=True), v.to("cpu", copy=True)))
+                self.swapped[op.request_id] = saved
+            else:
+                for li, (k, v) in enumerate(self.swapped.pop(op.request_id)):
+                    self.pages.write_table(table, li, k.to(self.engine.device), v.to(self.engine.device))
+        else:
+            raise TypeError(f"{type(op).__name__} is not a mirrored op")
+
+    def probe(self) -> list[list[int]]:
+        """Per rank: [attention objects, prefix-cache policy states, swapped requests] held."""
+        mine = torch.tensor([[len(self.attentions), len(self.snapshots), len(self.swapped)]])
+        return self.gather(mine, dim=0).tolist()
+
+    # -------------------------------------------------------------------------------------- prefill
+    def prefill(
+        self,
+        call: PrefillCall,
+        attention: PrefillAttention | None = None,
+        observer: PromptObserver | None = None,
+        progress: ProgressFn | None = None,
+    ) -> PrefillResult:
+        """One chunk on this rank. Rank 0 passes its sequence's attention object and observer; the other
+        ranks build theirs from `call` (a new attention object on the prompt's first chunk)."""
+        if attention is None:
+            attention = self._attention(call)
+            if call.obs_row is not None and call.kv is not None:
+                observer = PromptObserver(self.obs, call.obs_row, call.kv)
+        dev = self.engine.device
+        table = call.table[self.local].to(dev)
+        logits = self.engine.prefill_pages(
+            call.tokens, call.start, call.seq_len, self.pages, table, attention,
+            progress=progress, observe=observer,
+        )  # fmt: skip
+        if logits is None:
+            return PrefillResult(None)
+        entropy, stats = finish_prefill(call, attention, self.arch.num_kv_heads)
+        if call.entropy:
+            entropy = self._gather_entropy(entropy)
+        if call.stats and stats is not None:
+            stats = self._gather_stats(stats)
+        return PrefillResult(logits, entropy, stats)
+
+    def _attention(self, call: PrefillCall) -> PrefillAttention:
+        if not call.first:
+            return self.attentions[call.request_id]
+        attention = build_prefill_attention(call.policy, call.sparse)
+        begin = getattr(attention, "begin", None)
+        if begin is not None:
+            begin(self.arch.num_layers, call.seq_len)
+        if call.resume is not None:
+            snapshot, segments = self.snapshots[call.resume[0]]
+            attention.resume(resumable(snapshot, segments))
+        self.attentions[call.request_id] = attention
+        return attention
+
+    def _gather_entropy(self, entropy: torch.Tensor | None) -> torch.Tensor | None:
+        """float32 ``[L, Hkv]`` of the whole model (one replica of each KV head), None if not profiled."""
+        layers, kvc = self.arch.num_layers, self.arch.num_kv_heads
+        mine = torch.full((layers, kvc), math.nan)
+        if entropy is not None:
+            mine[: entropy.shape[0]] = entropy[:layers].float()
+        every = self.gather(mine[None], dim=0)  # [tp, L, kvc]
+        if entropy is None:
+            return None
+        firsts = [i for i, s in enumerate(self.shards) if i % s.kv_replicas == 0]
+        return torch.cat([every[i] for i in firsts], dim=1)
+
+    def _gather_stats(self, stats: dict[str, Any]) -> dict[str, Any]:
+        budget = stats.get("budget_tokens") or {}
+        per_layer = [math.nan if v is None else v for v in stats.get("rigid_fraction_per_layer", [])]
+        values = [stats.get(k, math.nan) for k in _STAT_KEYS]
+        values += [budget.get(k, math.nan) for k in ("mean", "min", "max")] + per_layer
+        every = self.gather(torch.tensor([values], dtype=torch.float64), dim=0)  # [tp, n]
+        out = dict(stats)
+        for i, key in enumerate(_STAT_KEYS):
+            if key in stats:
+                out[key] = float(every[:, i].mean())
+        if budget:
+            col = len(_STAT_KEYS)
+            out["budget_tokens"] = {
+                **budget,
+                "mean": float(every[:, col].mean()),
+                "min": int(every[:, col + 1].min()),
+                "max": int(every[:, col + 2].max()),
+            }
+        if per_layer:
+            rigid = every[:, len(_STAT_KEYS) + 3 :].mean(dim=0).tolist()
+            out["rigid_fraction_per_layer"] = [None if math.isnan(v) else v for v in rigid]
+        return out
+
+    def capacities(self, entropy: torch.Tensor | None, kv: KVCompressionConfig) -> torch.Tensor:
+        """int64 ``[L, rows]``: `head_capacities` over the model's KV heads, laid out per rank's heads."""
+        full = head_capacities(entropy, kv, (self.full_arch.num_layers, self.full_arch.num_kv_heads))
+        return torch.cat([full[:, s.kv_start : s.kv_start + s.kv_count] for s in self.shards], dim=1)
+
+    # --------------------------------------------------------------------------------------- decode
+    def decode(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        tables: torch.Tensor,
+        lengths: torch.Tensor,
+        obs: ObsIndex | None,
+        steps_left: int,
+    ) -> torch.Tensor:
+        dev = self.engine.device
+        local = (tables[:, self.local].to(dev).contiguous(), lengths[:, :, self.local].to(dev).contiguous())
+        index = None if obs is None else (obs[0].to(dev), obs[1].to(dev))
+        return self.decoder(tokens.to(dev), positions.to(dev), *local, index, steps_left=steps_left)
+
+    # ------------------------------------------------------------------------------------- compress
+    @torch.inference_mode()
+    def compress(
+        self, op: Compress, allocate: Allocate | None = None
+    ) -> tuple[torch.Tensor, list[list[int]]]:
+        """Keep each of this rank's heads' top positions (`compress_sequence`'s plan), all-gather the
+        counts, get the new pages (rank 0: `allocate(counts)`; the others: its broadcast) and write what
+        was kept there. -> (int32 counts ``[L, rows]``, the new table)."""
+        arch, kv = self.arch, op.kv
+        hkv, g, d = arch.num_kv_heads, arch.group_size, arch.head_dim
+        lengths, caps = op.lengths[:, self.local], op.capacities[:, self.local]
+        slots = int(torch.minimum(op.capacities, op.lengths.long()).max())  # as one rank: over every head
+        table = op.table[self.local]
+        dev = self.engine.device
+        kept, counts = [], []
+        for li in range(arch.num_layers):
+            keys, values = self.pages.gather_table(table, li)
+            q_obs = self.obs.ordered(op.obs_row, li, op.decode_steps, kv.window).view(hkv, g, kv.window, d)
+            plan = plan_keep(q_obs, keys, lengths[li].to(dev), caps[li].to(dev), kv, slots)
+            idx = plan.indices[..., None].expand(-1, -1, d)
+            kept.append((keys.gather(1, idx), values.gather(1, idx)))
+            counts.append(plan.counts.cpu())
+        every = self.gather(torch.stack(counts).to(torch.int32), dim=1)  # [L, rows]
+        new_table = allocate(every) if allocate is not None else None
+        new_table = broadcast_object(new_table, self.plan_group)
+        for li, (k, v) in enumerate(kept):
+            self.pages.write_table(new_table[self.local], li, k, v)
+        return every, new_table
