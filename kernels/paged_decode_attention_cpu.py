@@ -1,32 +1,27 @@
-"""Paged decode attention for CPU tensors without gathering the pages (what `paged_decode_attention` runs
-on the CPU; same layout and result as `paged_decode_attention_ref`, to float32 rounding).
+"""Paged decode attention for CPU tensors (what `paged_decode_attention` runs on the CPU; same layout and
+result as `paged_decode_attention_ref`, to float rounding).
 
-The reference gathers every (sequence, KV head)'s pages into a contiguous cache per call: on the CPU that
-copy of K and V (4k tokens x 30 layers for SmolLM2) cost about as much as the whole rest of a decode step.
-Here each sequence reads a *block* of the pool in place: the pages from its lowest to its highest page id
-(``k_pages[lo : hi + 1]``, a contiguous ``[S, Hkv, page_size, d]`` view), or, when those ids are spread far
-apart, only its own pages (``index_select``, a copy). Attention does not depend on the order of the keys,
-so a key needs no position, only a mask saying whether it belongs to the (sequence, head) (a page of its
-table, a slot below its length). With the block flattened to ``[S * Hkv * page_size, d]`` rows:
+The reference gathers every (sequence, KV head)'s pages with advanced indexing into a cache padded to the
+batch's widest table, then runs an einsum / masked softmax / einsum chain: on a 2-core CPU that cost as
+much as the rest of SmolLM2's decode step at 4k tokens. Here, per sequence:
 
-- scores: one GEMM of all rows against all ``Hq`` queries, ``[S, Hkv, ps, Hkv', G]``; the diagonal
-  ``Hkv == Hkv'`` holds each head's own scores (the rest, other heads' keys, is thrown away: Hkv x more
-  FLOPs, but the GEMM is bound by reading K once and is tiny);
-- masked softmax per (head, query) over the block;
-- output: the probabilities placed on that diagonal of a zero ``[Hq, S, Hkv, ps]`` matrix, one GEMM
-  with V's rows, ``[Hq, d]``.
+- gather only its own pages, as rows of the pool viewed ``[num_pages * Hkv, page_size * d]``
+  (``index_select`` of contiguous ``page_size * d`` rows: a plain copy, up to its longest head's length);
+- one fused SDPA call (the CPU flash kernel) with the ``G`` query heads of a KV head as ``G`` query rows:
+  ``q [1, Hkv, G, d]`` over ``k, v [1, Hkv, L, d]``; no mask when every head has the same length (an
+  uncompressed sequence), else a boolean ``[1, Hkv, 1, L]`` mask of each head's own length;
+- a head with no keys gives zeros.
 
-So K and V are read once, from where they are. Float32 (or any float dtype, computed in it: the CPU path
-serves fp32 models; the reference computes in float32 for every dtype).
+(Reading the pool in place instead, as one GEMM of all heads' keys against all queries, avoids the copy but
+wastes ``Hkv`` x the work and was no faster at ``Hkv = 3``, much slower at 8.)
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 __all__ = ["paged_decode_attention_cpu"]
-
-_SPREAD = 2  # read the lo..hi block while it is at most this many times the pages used (+ 8)
 
 
 def paged_decode_attention_cpu(
@@ -41,12 +36,13 @@ def paged_decode_attention_cpu(
 ) -> torch.Tensor:
     """Inputs as `paged_decode_attention_ref` (shapes checked by the caller; lengths and the page ids they
     use are checked here, raising ``ValueError``); ``[B, Hq, d]`` in q's dtype."""
-    d = q.shape[2]
-    num_pages, _, ps, _ = k_pages.shape
+    hq, d = q.shape[1:]
+    num_pages, hkv, ps, _ = k_pages.shape
     max_pages = block_tables.shape[-1]
     if out is None:
         out = torch.empty_like(q)
-    qs = q * (d**-0.5 if scale is None else scale)  # the scale folded into the queries
+    k_rows, v_rows = _rows(k_pages), _rows(v_pages)
+    heads = torch.arange(hkv)[:, None]
     for b, lens in enumerate(lengths.tolist()):  # a few ints per sequence: plain Python from here
         shortest, longest = min(lens), max(lens)
         if shortest < 0 or longest > max_pages * ps:
@@ -64,49 +60,22 @@ def paged_decode_attention_cpu(
             ids = ids.masked_fill(~own, lo)
         if lo < 0 or hi >= num_pages:
             raise ValueError(f"block_tables[{b}] uses page ids in [{lo}, {hi}], the pool has {num_pages}")
-        if hi - lo + 1 <= _SPREAD * used + 8:
-            kb, vb, idx = k_pages[lo : hi + 1], v_pages[lo : hi + 1], ids - lo
-        else:
-            uniq, idx = torch.unique(ids, return_inverse=True)
-            kb, vb = k_pages.index_select(0, uniq), v_pages.index_select(0, uniq)
-        out[b] = _block_attention(qs[b], kb, vb, idx, lens)
+        rows = (ids * hkv + heads).view(-1)
+        k = k_rows.index_select(0, rows).view(1, hkv, used * ps, d)[:, :, :longest]
+        v = v_rows.index_select(0, rows).view(1, hkv, used * ps, d)[:, :, :longest]
+        mask = None
+        if shortest < longest:
+            mask = (torch.arange(longest) < torch.tensor(lens)[:, None]).view(1, hkv, 1, longest)
+        o = F.scaled_dot_product_attention(q[b].view(1, hkv, hq // hkv, d), k, v, attn_mask=mask, scale=scale)
+        if shortest == 0:  # a head without keys: zeros (its softmax over nothing is NaN)
+            o = o.masked_fill(torch.tensor([n == 0 for n in lens]).view(1, hkv, 1, 1), 0.0)
+        out[b] = o.view(hq, d)
     return out
 
 
-def _block_mask(s: int, ps: int, idx: torch.Tensor, lens: list[int]) -> torch.Tensor | None:
-    """bool ``[Hkv, S, ps]``: the block's slots each head owns (its table's pages, up to its length);
-    None when that is every slot."""
-    hkv, used = idx.shape
-    longest = max(lens)
-    if min(lens) == longest and s == used:  # the block is exactly the sequence's pages, in some order
-        rem = longest - (used - 1) * ps
-        if rem == ps:
-            return None
-        mask = torch.ones(hkv, s, ps, dtype=torch.bool)
-        mask[torch.arange(hkv), idx[:, used - 1], rem:] = False  # the partly filled last page
-        return mask
-    slot_ok = torch.arange(used * ps).view(1, used, ps) < torch.tensor(lens).view(hkv, 1, 1)
-    owned = torch.zeros(hkv, s, ps, dtype=torch.int32)
-    owned.scatter_add_(1, idx[..., None].expand(-1, -1, ps), slot_ok.int())  # past-length entries add 0
-    return owned > 0
-
-
-def _block_attention(
-    q: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, idx: torch.Tensor, lens: list[int]
-) -> torch.Tensor:
-    """One sequence: q ``[Hq, d]`` (scaled); kb / vb ``[S, Hkv, ps, d]`` (contiguous); idx ``[Hkv, used]``
-    block index of each table entry; lens per head. -> ``[Hq, d]``."""
-    s, hkv, ps, d = kb.shape
-    hq = q.shape[0]
-    g = hq // hkv
-    scores = (kb.reshape(-1, d) @ q.T).view(s, hkv, ps, hkv, g)
-    scores = scores.diagonal(dim1=1, dim2=3).permute(3, 2, 0, 1)  # [Hkv, G, S, ps], own heads only
-    mask = _block_mask(s, ps, idx, lens)
-    if mask is not None:
-        scores = scores.masked_fill(~mask[:, None], float("-inf"))
-    probs = torch.softmax(scores.reshape(hkv, g, s * ps).float(), dim=-1).to(q.dtype)
-    if min(lens) == 0:  # a head without keys gives zeros (its softmax is NaN)
-        probs = probs.masked_fill(torch.tensor([n == 0 for n in lens]).view(hkv, 1, 1), 0.0)
-    full = q.new_zeros(hkv, g, s, hkv, ps)
-    full.diagonal(dim1=0, dim2=3).copy_(probs.view(hkv, g, s, ps).permute(1, 2, 3, 0))
-    return full.view(hq, s * hkv * ps) @ vb.reshape(s * hkv * ps, d)
+def _rows(pages: torch.Tensor) -> torch.Tensor:
+    """The pool as ``[num_pages * Hkv, page_size * d]`` rows (a view of a contiguous pool)."""
+    n, hkv, ps, d = pages.shape
+    if not pages.is_contiguous():  # e.g. a strided view: copy once per call
+        pages = pages.contiguous()
+    return pages.view(n * hkv, ps * d)
