@@ -49,13 +49,13 @@ def sync() -> None:
 
 def decode_ms(llm: LLM, batch: int, context: int, warm: int, new: int, graphs: bool) -> dict[str, Any]:
     core = llm.core
-    decoder = getattr(core, "decoder", None)  # the PagedDecoder, once the core runs it
-    if decoder is not None:
-        decoder.graphs = graphs and torch.cuda.is_available()
-    n = context - warm - new - 16
+    core.decoder.graphs = graphs and torch.cuda.is_available()
+    # contexts stay below `context` while the first sequences decode during the others' chunked prefill
+    chunks = -(-batch * context // llm.config.engine.max_num_batched_tokens)
+    n = context - warm - new - chunks - batch - 16
     gen = torch.Generator().manual_seed(context + batch)
-    params = SamplingParams(max_tokens=warm + new + 8, ignore_eos=True)
-    rids = [f"b{batch}-n{context}-{i}" for i in range(batch)]
+    params = SamplingParams(max_tokens=min(4096, llm.max_context - n), ignore_eos=True)
+    rids = [f"b{batch}-n{context}-g{int(graphs)}-{i}" for i in range(batch)]
     for rid in rids:
         ids = torch.randint(100, llm.arch.vocab_size, (n,), generator=gen).tolist()
         core.add_request(SequenceRequest(rid, "", ids, params, "dense", llm.config.sparse, None))
@@ -65,14 +65,27 @@ def decode_ms(llm: LLM, batch: int, context: int, warm: int, new: int, graphs: b
     prefill_s = time.perf_counter() - t0
     for _ in range(warm):
         core.step()
+    decode, spent = core.executor.decode, [0.0]
+
+    def timed(*a: Any) -> torch.Tensor:  # the decoder's share of a step (synchronised)
+        t = time.perf_counter()
+        logits = decode(*a)
+        sync()
+        spent[0] += time.perf_counter() - t
+        return logits
+
+    core.executor.decode = timed  # type: ignore[method-assign]
+    before = [len(core.seqs[r].output_ids) for r in rids]
     sync()
     t0 = time.perf_counter()
     for _ in range(new):
         core.step()
     sync()
     ms = (time.perf_counter() - t0) * 1e3 / new
-    graphed = decoder is not None and decoder.graphs and bool(decoder.graph_keys)
-    assert all(len(core.seqs[r].output_ids) == 1 + warm + new for r in rids), "a sequence missed a step"
+    core.executor.decode = decode  # type: ignore[method-assign]
+    made = [len(core.seqs[r].output_ids) - k for r, k in zip(rids, before, strict=True)]
+    assert made == [new] * batch, f"every sequence decodes once per step, got {made}"
+    graphed = core.decoder.graphs and bool(core.decoder.graph_keys)
     for rid in rids:
         core.abort(rid)
     return {
@@ -80,6 +93,8 @@ def decode_ms(llm: LLM, batch: int, context: int, warm: int, new: int, graphs: b
         "context": context,
         "cuda_graphs": graphed,
         "decode_ms_per_token": round(ms, 2),
+        "decoder_ms": round(spent[0] * 1e3 / new, 2),
+        "host_ms": round(ms - spent[0] * 1e3 / new, 2),
         "prefill_s": round(prefill_s, 2),
     }
 
@@ -132,12 +147,12 @@ def main() -> None:
     folder = write_dummy_checkpoint(tempfile.mkdtemp(), TINY if args.smoke else LLAMA)
     device = "cpu" if args.smoke else "cuda"
     most = max(b for b, _ in configs)
-    llm = LLM(
-        str(folder), load_format="dummy", device=device, warm_up_kernels=False, max_num_seqs=max(most, 32)
-    )
+    # prefix cache off: graphs on and off run the same prompts
+    kw = dict(load_format="dummy", device=device, warm_up_kernels=False, enable_prefix_caching=False)
+    llm = LLM(str(folder), max_num_seqs=max(most, 32), **kw)  # type: ignore[arg-type]
     alone = {(b, n, g): step_ms(llm, b, n, args.new, g)["step_ms"] for b, n in configs for g in (True, False)}
-    columns = ["batch", "context", "cuda_graphs", "decode_ms_per_token", "step_ms", "pre_core_ms",
-               "vs_pre_core", "prefill_s"]  # fmt: skip
+    columns = ["batch", "context", "cuda_graphs", "decode_ms_per_token", "decoder_ms", "host_ms", "step_ms",
+               "pre_core_ms", "vs_pre_core", "prefill_s"]  # fmt: skip
     meta = {
         "env": environment(),
         "command": " ".join(["python", *sys.argv]),
@@ -150,6 +165,8 @@ def main() -> None:
         "decode at that context (batch 1, contiguous cache); vs_pre_core = decode_ms_per_token / "
         "pre_core_ms (target <= 1.05). step_ms: the `PagedDecoder` step alone on the same pool (no "
         f"scheduler, sampling or detokenization; graphs as in cuda_graphs), mean of {args.new} steps. "
+        "decoder_ms: the core's call of the decoder within a step (synchronised), host_ms: the rest of the "
+        "step (scheduler, input tensors, sampling, detokenization). "
         f"Command: `{meta['command']}`."
     )
     title = "Engine core: decode ms/token, CUDA graphs on and off"
