@@ -4,6 +4,7 @@
 
     python benchmarks/http_throughput.py                # SmolLM2 on the CPU: 8 x 64 tokens, 2048-token prefix
     python benchmarks/http_throughput.py --smoke        # tiny random model, 2 x 4 tokens, a temporary folder
+    python benchmarks/http_throughput.py --llm enable_chunked_prefill=false --name http_throughput_unchunked
 
 The app is the embedded default (`EmbeddedServer`: local Ray in this process, one engine replica with one
 shard, the SQLite store in a temporary folder) with `ServeAppConfig`'s defaults: the engine settings are
@@ -78,11 +79,19 @@ def prefix_document(folder: str, doc: str, tokens: int) -> str:
     return str(tokenizer.decode(tokenizer.encode(doc, add_special_tokens=False)[:tokens]))
 
 
+def keyword(text: str) -> tuple[str, Any]:
+    """KEY=VALUE, the value read as YAML (false, 8192, entropy)."""
+    import yaml
+
+    key, _, value = text.partition("=")
+    return key.strip(), yaml.safe_load(value)
+
+
 def serve_config(args: argparse.Namespace, tmp: Path) -> Any:
     from entropyinfer.cluster.config import AuthConfig, JobsConfig, ReplicaConfig, ServeAppConfig
     from entropyinfer.shard.config import LLMConfig
 
-    keywords: dict[str, Any] = {"model": args.model, "device": "cpu"}
+    keywords: dict[str, Any] = {"model": args.model, "device": "cpu", **dict(args.llm)}
     if args.smoke:
         from entropyinfer.shard.dummy_checkpoint import write_dummy_checkpoint
 
@@ -105,6 +114,14 @@ def main() -> None:
     ap.add_argument("--prefix-tokens", type=int, default=2048)
     ap.add_argument("--rounds", type=int, default=2, help="alternating one-at-a-time / concurrent rounds")
     ap.add_argument("--name", default="http_throughput")
+    ap.add_argument(
+        "--llm",
+        type=keyword,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an LLM keyword over the defaults (enable_chunked_prefill=false); repeatable",
+    )
     ap.add_argument("--smoke", action="store_true", help="tiny random model, 2 x 4 tokens, temporary folder")
     args = ap.parse_args()
     if args.smoke:
@@ -173,6 +190,7 @@ def main() -> None:
         "command": " ".join(sys.argv),
         "model": args.model if not args.smoke else "tiny random llama",
         "config": "ServeAppConfig defaults (engine settings: LLM's), CPU, one engine replica, one shard",
+        "llm_overrides": dict(args.llm),
         "max_tokens": args.max_tokens,
         "prompt_tokens": [o["usage"]["prompt_tokens"] for o in timings["concurrent"][0][1]],
         "threads": torch.get_num_threads(),
