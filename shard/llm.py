@@ -31,7 +31,7 @@ from entropyinfer.shard.arch import ModelArch
 from entropyinfer.shard.config import KVConfig, LLMConfig
 from entropyinfer.shard.embedded import resolve_checkpoint
 from entropyinfer.shard.engine_core import EngineCore, EngineEvent, Finished
-from entropyinfer.shard.parallel.launch import build_engine, start_group
+from entropyinfer.shard.parallel.launch import Ranks, build_engine, start_group
 from entropyinfer.shard.parallel.lockstep import LockstepExecutor
 from entropyinfer.shard.sampling import SamplingParams
 from entropyinfer.shard.sequence import Prompt, RequestOutput, SequenceRequest
@@ -125,12 +125,14 @@ class LLM:
         self._load(config)
 
     @classmethod
-    def from_config(cls, config: LLMConfig) -> LLM:
+    def from_config(cls, config: LLMConfig, *, ranks: Ranks | None = None) -> LLM:
+        """`ranks`: where a tensor-parallel config's ranks 1.. run (default: processes of this machine;
+        `cluster/shard_group.py: RayRanks` for Ray actors)."""
         llm = cls.__new__(cls)
-        llm._load(config)
+        llm._load(config, ranks)
         return llm
 
-    def _load(self, config: LLMConfig) -> None:
+    def _load(self, config: LLMConfig, ranks: Ranks | None = None) -> None:
         self.checkpoint = resolve_checkpoint(config.model.model)
         self.arch = ModelArch.from_folder(self.checkpoint)
         config = config.for_context(self.arch.max_position_embeddings)  # settles an automatic preset
@@ -146,7 +148,7 @@ class LLM:
         self.executor: LockstepExecutor | None = None
         if config.parallel.world_size > 1:  # ranks 1.. in processes of their own, in lockstep with this one
             self.engine, self.executor = start_group(
-                config, self.checkpoint, self.arch, self.device, self.dtype, self.max_context
+                config, self.checkpoint, self.arch, self.device, self.dtype, self.max_context, ranks
             )
         else:
             self.engine = build_engine(config, self.checkpoint, self.device, self.dtype, self.max_context)

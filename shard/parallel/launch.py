@@ -1,19 +1,21 @@
-"""A tensor-parallel group on this machine, without Ray: rank 0 in the calling process, ranks 1..k-1 in
-processes started here (torch.multiprocessing's forkserver, daemonic).
+"""Starting a tensor-parallel group: rank 0 in the calling process, ranks 1..k-1 elsewhere.
 
     engine, executor = start_group(config, checkpoint, full_arch, device, dtype, max_context)
     core = EngineCore(engine, tokenizer, eos_ids, max_context, executor=executor)
     ...
-    executor.close()            # stops the workers, destroys the process group
+    executor.close()            # stops the other ranks, destroys the process group
+
+Where the other ranks run is a `Ranks`: `LocalRanks` (the default, no Ray) starts them as daemonic
+processes of this machine (torch.multiprocessing's forkserver); `cluster/shard_group.py: RayRanks` as Ray
+actors in a placement group. Each runs `worker_main`: join the group, build its slice of the model, run
+plans (`WorkerLoop`) until rank 0 shuts the group down.
 
 CPU: gloo, each rank with ``cpu_count // k`` torch threads (at least one), so 4 ranks share 2 cores. GPU:
-NCCL for the model's collectives, rank r on ``cuda:r``. Plans always travel over a separate gloo group
-(host tensors) whose timeout is long, since idle workers wait on it; the model group's collectives time
-out after `COLLECTIVE_TIMEOUT_S`. The address is 127.0.0.1 and the port a free one chosen now. One group per
-process at a time (it is torch.distributed's default group): close one before starting the next.
-
-This is the first step of issue 11's shard group; the Ray version (`cluster/shard_group.py`: one actor
-per rank in the replica's placement group) starts the same `worker_main` in each actor.
+NCCL for the model's collectives, rank r on ``cuda:r`` (or ``cuda:0`` where each process sees one GPU).
+Plans always travel over a separate gloo group (host tensors) whose timeout is long, since idle workers
+wait on it; the model group's collectives time out after `COLLECTIVE_TIMEOUT_S`. Rank 0 listens on
+`Ranks.host` at a free port chosen now. One group per process at a time (it is torch.distributed's
+default group): close one before starting the next.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from multiprocessing.process import BaseProcess
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -54,6 +57,8 @@ class RankSpec:
     dtype: torch.dtype
     max_context: int
     threads: int
+    host: str = "127.0.0.1"  # where rank 0 listens
+    one_gpu: bool = False  # each rank's process sees only its own GPU (Ray actors): cuda:0
     timeout_s: float = COLLECTIVE_TIMEOUT_S
 
 
@@ -63,18 +68,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def rank_device(device: str, rank: int) -> torch.device:
-    return torch.device(f"cuda:{rank}") if device == "cuda" else torch.device(device)
+def rank_device(spec: RankSpec, rank: int) -> torch.device:
+    if spec.device != "cuda":
+        return torch.device(spec.device)
+    return torch.device("cuda:0" if spec.one_gpu else f"cuda:{rank}")
 
 
 def join_group(spec: RankSpec, rank: int) -> tuple[TensorParallelGroup, dist.ProcessGroup | None]:
     """Initialise torch.distributed for `rank`: the model group (default) and the plan group (gloo)."""
     cuda = spec.device == "cuda"
     if cuda:
-        torch.cuda.set_device(rank)
+        torch.cuda.set_device(rank_device(spec, rank))
     dist.init_process_group(
         "nccl" if cuda else "gloo",
-        init_method=f"tcp://127.0.0.1:{spec.port}",
+        init_method=f"tcp://{spec.host}:{spec.port}",
         rank=rank,
         world_size=spec.world,
         timeout=timedelta(seconds=spec.timeout_s),
@@ -108,7 +115,7 @@ def worker_main(spec: RankSpec, rank: int) -> None:
     torch.set_num_threads(spec.threads)
     group, plan_group = join_group(spec, rank)
     try:
-        device = rank_device(spec.device, rank)
+        device = rank_device(spec, rank)
         engine = build_engine(spec.config, spec.checkpoint, device, spec.dtype, spec.max_context, group)
         full = ModelArch.from_folder(spec.checkpoint)
         WorkerLoop(engine, group, plan_group, full, spec.max_context).run()
@@ -120,6 +127,59 @@ def cpu_threads(world: int) -> int:
     return max(1, (os.cpu_count() or 1) // world)
 
 
+class Ranks(Protocol):
+    """Where ranks 1..k-1 run: started with the group's `RankSpec` (each calls `worker_main`)."""
+
+    host: str  # the address rank 0 listens on (this machine's, as the other ranks reach it)
+    gpus_per_process: int  # GPUs each rank's process sees (local processes: all; Ray actors: one)
+
+    def start(self, spec: RankSpec) -> None: ...
+
+    def dead(self) -> str | None:
+        """A sentence naming the ranks that stopped, None while all run."""
+        ...
+
+    def stop(self, graceful: bool) -> None: ...
+
+
+class LocalRanks:
+    """Ranks 1..k-1 as daemonic processes of this machine (forkserver: torch is imported once)."""
+
+    host = "127.0.0.1"
+
+    def __init__(self) -> None:
+        self.processes: list[BaseProcess] = []
+        self.gpus_per_process = torch.cuda.device_count()
+
+    def start(self, spec: RankSpec) -> None:
+        if spec.device == "cuda" and self.gpus_per_process < spec.world:
+            raise ConfigError(
+                f"tensor_parallel_size={spec.world} needs {spec.world} GPUs, this machine has "
+                f"{self.gpus_per_process}"
+            )
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["torch", "entropyinfer.shard.parallel.launch"])
+        self.processes = [
+            ctx.Process(target=worker_main, args=(spec, r), daemon=True, name=f"tp-rank-{r}")
+            for r in range(1, spec.world)
+        ]
+        for p in self.processes:
+            p.start()
+
+    def dead(self) -> str | None:
+        gone = [(r, p.exitcode) for r, p in enumerate(self.processes, start=1) if not p.is_alive()]
+        return ", ".join(f"rank {r} exited (code {code})" for r, code in gone) if gone else None
+
+    def stop(self, graceful: bool) -> None:
+        wait_s = 5.0 if graceful else 0.2
+        for p in self.processes:
+            p.join(timeout=wait_s)
+        for p in self.processes:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5.0)
+
+
 def start_group(
     config: LLMConfig,
     checkpoint: str | Path,
@@ -127,8 +187,10 @@ def start_group(
     device: torch.device,
     dtype: torch.dtype,
     max_context: int,
+    ranks: Ranks | None = None,
 ) -> tuple[Engine, LockstepExecutor]:
-    """Start ranks 1..k-1, join as rank 0, build rank 0's engine and its `LockstepExecutor`."""
+    """Start ranks 1..k-1 (`ranks`, default `LocalRanks`), join as rank 0, build rank 0's engine and its
+    `LockstepExecutor` (whose `ranks` is `ranks`)."""
     world = config.parallel.world_size
     full_arch.local(world)  # ConfigError naming the sizes that work, before any process starts
     if dist.is_initialized():
@@ -136,55 +198,28 @@ def start_group(
             "a tensor-parallel group already runs in this process (torch.distributed is initialised): "
             "close() that LLM first"
         )
-    if device.type == "cuda" and torch.cuda.device_count() < world:
-        raise ConfigError(
-            f"tensor_parallel_size={world} needs {world} GPUs, this machine has {torch.cuda.device_count()}"
-        )
+    ranks = ranks or LocalRanks()
     threads = cpu_threads(world) if device.type == "cpu" else torch.get_num_threads()
-    spec = RankSpec(config, str(checkpoint), world, free_port(), device.type, dtype, max_context, threads)
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "entropyinfer.shard.parallel.launch"])
-    procs: list[BaseProcess] = [
-        ctx.Process(target=worker_main, args=(spec, r), daemon=True, name=f"tp-rank-{r}")
-        for r in range(1, world)
-    ]
-    for p in procs:
-        p.start()
+    spec = RankSpec(
+        config, str(checkpoint), world, free_port(), device.type, dtype, max_context, threads,
+        host=ranks.host, one_gpu=ranks.gpus_per_process == 1,
+    )  # fmt: skip
+    ranks.start(spec)
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
-    try:
-        group, plan_group = join_group(spec, 0)
-    except Exception:
-        _stop(procs)
-        torch.set_num_threads(old_threads)
-        raise
-
-    def live() -> str | None:
-        dead = [(r, p.exitcode) for r, p in enumerate(procs, start=1) if not p.is_alive()]
-        if not dead:
-            return None
-        return ", ".join(f"rank {r} exited (code {code})" for r, code in dead)
 
     def on_close(graceful: bool) -> None:
-        _stop(procs, 5.0 if graceful else 0.2)
+        ranks.stop(graceful)
         if dist.is_initialized():
             dist.destroy_process_group()
         torch.set_num_threads(old_threads)
 
     try:
+        group, plan_group = join_group(spec, 0)
         engine = build_engine(config, checkpoint, device, dtype, max_context, group)
-        executor = LockstepExecutor(engine, group, plan_group, full_arch, max_context, live, on_close)
+        executor = LockstepExecutor(engine, group, plan_group, full_arch, max_context, ranks.dead, on_close)
     except Exception:
         on_close(False)
         raise
-    executor.processes = procs
+    executor.ranks = ranks
     return engine, executor
-
-
-def _stop(procs: list[BaseProcess], wait_s: float = 5.0) -> None:
-    for p in procs:
-        p.join(timeout=wait_s)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join(timeout=wait_s)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from multiprocessing.process import BaseProcess
 from typing import Any, TypeVar
 
 import torch
@@ -95,7 +94,7 @@ class LockstepExecutor:
         self.full_arch, self.kv_replicas, self.size = full_arch, self.runner.kv_replicas, group.size
         self.plan_group, self.live, self.on_close = plan_group, live, on_close
         self._pending: list[Op] = []
-        self.processes: list[BaseProcess] = []  # the other ranks, when this process started them
+        self.ranks: Any = None  # where the other ranks run (`launch.Ranks`), set by whoever started them
         self.broken: str | None = None
         self.closed = False
         self.pages.on_evict = lambda name: self._pending.append(Evict(name))

@@ -5,8 +5,9 @@ On the tiny random Llama (4 query / 2 KV heads): 8 concurrent requests at TP=2 e
 entropy (default mode) with latent compression and entropy head capacities, and SnapKV (tokens, density,
 KV kept and capacities); TP=4 replicates KV heads and equals TP=1 for dense; prefix caching still hits
 (dense and causal entropy); a cancelled request leaves nothing on any rank; a killed worker fails the
-request in flight with `ShardGroupError` within seconds, and every later one at once. The plan codec
-round-trips. SmolLM2 at TP=3 equals one rank (slow).
+request in flight with `ShardGroupError` within seconds, and every later one at once; preemption (swap of
+compressed sequences, recompute of the others) gives the same tokens. The plan codec round-trips. Slow:
+SmolLM2 at TP=3 equals one rank; the ranks as Ray actors (`cluster/shard_group.py: RayRanks`) equal one.
 """
 
 from __future__ import annotations
@@ -155,7 +156,7 @@ def test_a_killed_worker_fails_the_request_with_a_clear_error(groups: Groups) ->
     assert llm.executor is not None
     stream = llm.stream(DOC, SamplingParams(max_tokens=500, ignore_eos=True))
     next(stream)
-    os.kill(llm.executor.processes[0].pid, signal.SIGKILL)
+    os.kill(llm.executor.ranks.processes[0].pid, signal.SIGKILL)
     t0 = time.perf_counter()
     with pytest.raises(ShardGroupError, match="rank 1 exited"):
         for _ in stream:
@@ -195,3 +196,27 @@ def test_smollm2_tp3_generate_equals_one_rank(smollm2: LLM, groups: Groups) -> N
     with LLM("smollm2-135m", device="cpu", tensor_parallel_size=3) as three:
         got = three.generate(prompts, params)
     assert [o.token_ids for o in got] == [o.token_ids for o in smollm2.generate(prompts, params)]
+
+
+@pytest.mark.slow
+def test_ray_ranks_equal_one_rank(groups: Groups, one: LLM, tiny_checkpoint: Path) -> None:
+    ray = pytest.importorskip("ray")
+    from entropyinfer.cluster.shard_group import RayRanks
+    from entropyinfer.shard.config import LLMConfig
+
+    groups.close()
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    keywords = dict(
+        model=str(tiny_checkpoint), load_format="dummy", device="cpu", warm_up_kernels=False, kv_page_size=8,
+        tensor_parallel_size=2, **SPARSE, **KV,
+    )  # fmt: skip
+    try:
+        with LLM.from_config(LLMConfig.from_keywords(keywords), ranks=RayRanks(cpus_per_rank=0.5)) as llm:
+            for policy in ("dense", "entropy"):
+                got = llm.generate(PROMPTS, PARAMS, policy=policy)
+                assert_same(got, one.generate(PROMPTS, PARAMS, policy=policy), f"ray {policy}")
+    finally:
+        if started:
+            ray.shutdown()
