@@ -9,7 +9,8 @@ Inputs are device tensors: ``tokens``, ``positions`` int64 ``[B]`` (positions dr
 sequence, KV head) before this one, which is written at index ``lengths`` of its head's pages (the caller
 made room, and adds one afterwards); ``obs`` optional int64 ``(rows, slots)`` ``[B]``: every layer's
 queries go to the `ObservationPool` at ``(rows[b], slots[b])`` (a row without a window passes the pool's
-`scratch_row`). Returns fp32 logits ``[B, vocab]``.
+`scratch_row`). Returns fp32 logits ``[B, vocab]`` (from a graph: a view of its output buffer, valid until
+the next step).
 
 Eager (CPU, graphs off, or a batch that will not run long enough to pay for a capture): `forward` at the
 batch's own shapes. Graphed (CUDA, ``EngineConfig.cuda_graphs``, and ``steps_left >=
@@ -105,7 +106,7 @@ class PagedDecoder:
             return self.forward(step.tokens, step.positions, step.tables, step.lengths, step.obs)[:b]
         step.graph.replay()
         assert step.logits is not None
-        return step.logits[:b].clone()
+        return step.logits[:b]  # the graph's output buffer: valid until the next step
 
     @property
     def graph_keys(self) -> list[tuple[int, int]]:
@@ -192,6 +193,7 @@ class _PaddedStep:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
         self.obs_q: torch.Tensor | None = None  # the pool tensor the graph writes (kept alive with it)
+        self.used, self.obs_real = 0, False  # rows [used:] are padding; some row [:used] has a window
 
     def reset(self) -> None:
         """Every row padding."""
@@ -199,6 +201,7 @@ class _PaddedStep:
             t.zero_()
         self.tables.fill_(self.scratch_page)
         self.obs[0].fill_(self.scratch_row)
+        self.used, self.obs_real = 0, False
 
     def load(
         self,
@@ -209,7 +212,8 @@ class _PaddedStep:
         obs: ObsIndex | None,
     ) -> None:
         """Copy a batch in; rows past it become padding (they may hold an earlier, larger batch's rows).
-        Table entries past the batch's width keep stale ids: no length reaches them."""
+        Table entries past the batch's width keep stale ids: no length reaches them. Only what changed is
+        written: rows that held real rows before, observation rows while some row has a window."""
         b, w = tokens.shape[0], tables.shape[2]
         self.tokens[:b].copy_(tokens)
         self.positions[:b].copy_(positions)
@@ -218,11 +222,12 @@ class _PaddedStep:
         if obs is not None:
             self.obs[0][:b].copy_(obs[0])
             self.obs[1][:b].copy_(obs[1])
-        else:
+        elif self.obs_real:
             self.obs[0][:b].fill_(self.scratch_row)
             self.obs[1][:b].zero_()
-        if b < self.tokens.shape[0]:
+        if b < self.used:  # rows b .. used held real rows: make them padding again
             for t in (self.tokens[b:], self.positions[b:], self.lengths[:, b:], self.obs[1][b:]):
                 t.zero_()
             self.tables[b:].fill_(self.scratch_page)
             self.obs[0][b:].fill_(self.scratch_row)
+        self.used, self.obs_real = b, obs is not None

@@ -171,15 +171,16 @@ def test_decoder_equals_the_contiguous_step(lengths, padded: bool, obs: bool) ->
 
 
 def test_padding_never_writes_a_real_page_or_observation_row() -> None:
-    """A batch of 7 then of 5 and 3 in the buckets of 8 and 4: the rows that become padding held real tables
-    (stale rows of the larger batch); every real page and row still equals the unpadded reference."""
+    """Batches of 7, 5, 6 rows in the bucket of 8 and of 3, 4 in the bucket of 4, with and without windows:
+    the rows that become padding held real tables and observation rows (stale rows of a larger batch); every
+    real page and row still equals the unpadded reference."""
     engine, pages, pool = make()
     rng = torch.Generator().manual_seed(1)
     lens = [torch.randint(0, 30, (2, 2), generator=rng).tolist() for _ in range(7)]
     seqs = sequences(pages, lens)
     decoder = PagedDecoder(engine, pages, pool, pad_on_cpu=True)
-    for b in (7, 5, 3):
-        args = batch(pages, seqs[:b], obs=True, seed=b)
+    for b, obs in ((7, True), (5, False), (6, True), (3, True), (4, False), (2, True)):
+        args = batch(pages, seqs[:b], obs=obs, seed=b)
         want_logits, want_data, want_q = reference(engine, pages, pool, args)
         scratch = pages.data[:, :, pages.scratch_page].clone()
         logits = decoder(*args)
@@ -190,7 +191,7 @@ def test_padding_never_writes_a_real_page_or_observation_row() -> None:
         torch.testing.assert_close(pool.q[:, 1:], want_q[:, 1:])
         if b in (7, 3):  # padded rows ran (7 -> 8, 3 -> 4) and wrote the scratch page only
             assert not torch.equal(pages.data[:, :, pages.scratch_page], scratch)
-    assert sorted(decoder._steps) == [(4, table_width(1)), (8, table_width(1))]
+    assert sorted(decoder._steps) == [(2, table_width(1)), (4, table_width(1)), (8, table_width(1))]
 
 
 def test_buckets() -> None:
