@@ -104,11 +104,13 @@ def main() -> None:
     ids = prompt_ids(llm, args.tokens)
     run_ours(llm, ids, 4)  # untimed runs of each
     run_hf(hf, ids, 4)
+    load = [round(os.getloadavg()[0], 1)]  # other processes on the machine (1-minute load average)
     ours, theirs = [], []
     for _ in range(args.reps):
         ours.append(run_ours(llm, ids, args.new))
         theirs.append(run_hf(hf, ids, args.new))
         print("ours", ours[-1][:2], "transformers", theirs[-1][:2], flush=True)
+    load.append(round(os.getloadavg()[0], 1))
     rows = [summary("entropyinfer core", ours, len(ids)), summary("transformers", theirs, len(ids))]
     same = ours[-1][2] == theirs[-1][2]
     for r in rows:
@@ -118,14 +120,16 @@ def main() -> None:
         "decode": rows[0]["decode_ms_per_token"] / rows[1]["decode_ms_per_token"],
     }
     env = environment() | {"threads": torch.get_num_threads(), "cpus": os.cpu_count()}
-    meta = {"env": env, "command": " ".join(["python", *sys.argv]), "new_tokens": args.new, "reps": args.reps,
+    command = " ".join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])
+    meta = {"env": env, "command": command, "new_tokens": args.new, "reps": args.reps, "load_average": load,
             "ours_over_transformers": {k: round(v, 3) for k, v in ratio.items()}}  # fmt: skip
     columns = ["engine", "prompt_tokens", "prefill_s", "prefill_s_range", "decode_ms_per_token",
                "decode_ms_range", "same_greedy_tokens"]  # fmt: skip
     notes = (
         f"Ours / transformers: prefill {ratio['prefill']:.2f}x, decode {ratio['decode']:.2f}x the time "
         f"(median of {args.reps} alternating runs, {args.new} greedy tokens each, after one untimed run "
-        f"each). Command: `{meta['command']}`."
+        f"each). Load average (1 min) before / after the timed runs: {load[0]} / {load[1]} on "
+        f"{os.cpu_count()} CPUs. Command: `{command}`."
     )
     title = "CPU: the engine core against transformers (same checkpoint, fp32)"
     print(write_results("cpu_vs_transformers", title, columns, rows, meta, notes))
