@@ -348,7 +348,7 @@ class EngineCore:
             if seq.kv_bytes_before is not None:
                 st["kv_bytes_before"] = seq.kv_bytes_before
             if kv.head_capacity == "entropy" and seq.capacities is not None:
-                st["kv_head_capacities"] = seq.capacities.tolist()
+                st["kv_head_capacities"] = seq.capacities[:, ::replicas].tolist()  # one row per KV head
         st.setdefault("kv_bytes_before", st["kv_bytes"])
 
     # ------------------------------------------------------------------------------------------ stats

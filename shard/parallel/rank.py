@@ -214,6 +214,14 @@ class RankRunner:
         return self.decoder(tokens.to(dev), positions.to(dev), *local, index, steps_left=steps_left)
 
     # ------------------------------------------------------------------------------------- compress
+    def _group_queries(self, q: torch.Tensor) -> torch.Tensor:
+        """With replicated KV heads: the observation queries of every query head of this rank's KV head
+        (its replicas' queries, in head order), ``[G, W, d]``."""
+        every = self.group.all_gather(q, dim=0)  # [tp * Hq_local, W, d]
+        first = self.group.rank // self.kv_replicas * self.kv_replicas
+        hq = q.shape[0]
+        return every[first * hq : (first + self.kv_replicas) * hq]
+
     @torch.inference_mode()
     def compress(
         self, op: Compress, allocate: Allocate | None = None
@@ -230,7 +238,10 @@ class RankRunner:
         kept, counts = [], []
         for li in range(arch.num_layers):
             keys, values = self.pages.gather_table(table, li)
-            q_obs = self.obs.ordered(op.obs_row, li, op.decode_steps, kv.window).view(hkv, g, kv.window, d)
+            q_obs = self.obs.ordered(op.obs_row, li, op.decode_steps, kv.window)  # [Hq_local, W, d]
+            if self.kv_replicas > 1:  # score with the whole GQA group's queries, as one rank would
+                q_obs, g = self._group_queries(q_obs), self.full_arch.group_size
+            q_obs = q_obs.reshape(hkv, g, kv.window, d)
             plan = plan_keep(q_obs, keys, lengths[li].to(dev), caps[li].to(dev), kv, slots)
             idx = plan.indices[..., None].expand(-1, -1, d)
             kept.append((keys.gather(1, idx), values.gather(1, idx)))

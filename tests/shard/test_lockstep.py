@@ -90,7 +90,9 @@ def assert_same(got: list, ref: list, what: str) -> None:
         assert g.stats.get("kv_head_capacities") == r.stats.get("kv_head_capacities"), what
 
 
-@pytest.mark.parametrize(("tp", "policy"), [(2, "dense"), (2, "entropy"), (2, "snapkv"), (4, "dense")])
+@pytest.mark.parametrize(
+    ("tp", "policy"), [(2, "dense"), (2, "entropy"), (2, "snapkv"), (4, "dense"), (4, "snapkv")]
+)
 def test_eight_concurrent_requests_equal_one_rank(groups: Groups, one: LLM, tp: int, policy: str) -> None:
     llm = groups.get(tp)
     got, ref = llm.generate(PROMPTS, PARAMS, policy=policy), one.generate(PROMPTS, PARAMS, policy=policy)
