@@ -10,8 +10,9 @@ processes of this machine (torch.multiprocessing's forkserver); `cluster/shard_g
 actors in a placement group. Each runs `worker_main`: join the group, build its slice of the model, run
 plans (`WorkerLoop`) until rank 0 shuts the group down.
 
-CPU: gloo, each rank with ``cpu_count // k`` torch threads (at least one), so 4 ranks share 2 cores. GPU:
-NCCL for the model's collectives, rank r on ``cuda:r`` (or ``cuda:0`` where each process sees one GPU).
+CPU: gloo, each rank with ``cpu_count // k`` torch threads (at least one; rank 0's process too, while the
+group lives), so 4 ranks share 2 cores. GPU: NCCL for the model's collectives, rank r on ``cuda:r`` (or
+``cuda:0`` where each process sees one GPU).
 Plans always travel over a separate gloo group (host tensors) whose timeout is long, since idle workers
 wait on it; the model group's collectives time out after `COLLECTIVE_TIMEOUT_S`. Rank 0 listens on
 `Ranks.host` at a free port chosen now. One group per process at a time (it is torch.distributed's

@@ -110,12 +110,16 @@ class LockstepExecutor:
         try:
             broadcast_plan(plan, self.plan_group)
             return local()
-        except RuntimeError as e:
-            dead = self._dead_rank()
-            if dead is None and not _collective_error(e):
-                raise
-            self.broken = dead or f"a collective failed ({e})"
-            raise ShardGroupError(f"the tensor-parallel group is broken: {self.broken}") from e
+        except BaseException as e:  # the ranks are no longer in step: nothing more can run on the group
+            dead = self._dead_rank() if isinstance(e, RuntimeError) else None
+            collective = isinstance(e, RuntimeError) and (dead is not None or _collective_error(e))
+            if self.broken is None:
+                self.broken = dead or (
+                    f"a collective failed ({e})" if collective else f"rank 0 failed: {e!r}"
+                )
+            if collective:
+                raise ShardGroupError(f"the tensor-parallel group is broken: {self.broken}") from e
+            raise
 
     def _dead_rank(self, wait_s: float = 2.0) -> str | None:
         """After a failed collective: the rank that died (it may take a moment to be seen exiting)."""
