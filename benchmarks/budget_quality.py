@@ -100,6 +100,12 @@ def main() -> None:
         default="",
         help="comma-separated entropy rules to run (per_head, reference, causal, spread)",
     )
+    ap.add_argument(
+        "--kl-at",
+        default="",
+        help="KL only, no calibration: comma-separated family=knob (e.g. causal=200,per_head=200) plus "
+        "fixed at the plan's first level, on the plan's text prompts",
+    )
     args = ap.parse_args()
     wanted = {f"entropy {name.strip()}" for name in args.families.split(",") if name.strip()}
     families = [f for f in FAMILIES if not wanted or f.name in wanted]
@@ -111,6 +117,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     llm = LLM("smollm2-135m", device=args.device)
     base = load_sparse_config(PRESET)
+    if args.kl_at:
+        return kl_at_knobs(llm, base, plan, args, out, t0)
     state: dict[str, Any] = {"retrieval": [], "text": [], "calibration": [], "dense_cases": [], "errors": []}
     failed: set[str] = set()  # families whose run raised (recorded in state["errors"]); the rest go on
 
@@ -232,6 +240,37 @@ def main() -> None:
     print((out / "budget_quality.md").read_text())
 
 
+def kl_at_knobs(llm: LLM, base: Any, plan: dict[str, Any], args: Any, out: Path, t0: float) -> None:
+    """`--kl-at`: KL / top-1 / perplexity against dense on the plan's text prompts at given knob values (no
+    calibration: a quick check that fits a loaded CPU); writes kl_at.{json,md}."""
+    by_name = {f.name.removeprefix("entropy "): f for f in FAMILIES}
+    specs = [("fixed", PolicySpec("fixed", "fixed", (("target_density", plan["levels"][0]),)))]
+    for item in args.kl_at.split(","):
+        name, value = item.split("=")
+        specs.append((f"entropy {name}", by_name[name].spec(float(value))))
+    tokens = list(llm.tokenizer.encode(unique_prose_text(), add_special_tokens=False))
+    start, rows = base.threshold_len, []
+    for n in plan["text_lengths"]:
+        for i in range(plan["text_slices"]):
+            off = min(i * (len(tokens) - n) // max(plan["text_slices"] - 1, 1), len(tokens) - n)
+            ids = tokens[off : off + n]
+            dense_logits, _ = prefill_logits(llm, ids, DENSE, base, True)
+            dense_lp = torch.log_softmax(dense_logits[start : n - 1].float(), dim=-1)
+            for name, spec in specs:
+                logits, stats = prefill_logits(llm, ids, spec, base, True)
+                metrics = text_metrics(logits, dense_lp, ids, start, 1024)
+                rows.append({"config": name, "knob": spec.name, "length": n, "offset": off,
+                             "density": stats["density"], **metrics})  # fmt: skip
+                print(json.dumps(rows[-1], default=str), flush=True)
+                meta = {"env": environment(), "command": " ".join(["python", *sys.argv]),
+                        "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+                (out / "kl_at.json").write_text(
+                    json.dumps({**meta, "rows": rows}, indent=1, default=str) + "\n"
+                )
+    cols = ["config", "knob", "length", "offset", "density", "kl_all", "kl_window", "top1_agree", "ppl_ratio"]
+    (out / "kl_at.md").write_text(markdown_table(cols, rows) + "\n")  # type: ignore[arg-type]
+
+
 def _brief(rec: dict[str, Any], level: float | None, family: str) -> dict[str, Any]:
     keys = (
         "length",
@@ -271,7 +310,7 @@ def report(
         "",
         markdown_table(COLUMNS, rows),  # type: ignore[arg-type]
         "",
-        "## Verdict per level (candidate vs baseline; per_head is the default mode of the presets)",
+        "## Verdict per level (candidate vs baseline; causal is the default mode of the presets)",
         "",
     ]
     for pair, items in verdict.items():

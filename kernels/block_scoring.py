@@ -35,7 +35,7 @@ __all__ = ["block_scores"]
 # kernels
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_groups"])  # a one-segment chunk compiles nothing new
 def _minmax_kernel(
     x_ptr: tl.tensor,
     max_ptr: tl.tensor,
@@ -88,7 +88,7 @@ def _minmax_kernel(
     tl.store(min_ptr + out, res_min.to(min_ptr.dtype.element_ty), mask=om)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seg_off", "nseg"])  # one compile for every chunk offset and size
 def _logits_kernel(
     qmax_ptr: tl.tensor,
     qmin_ptr: tl.tensor,
@@ -144,7 +144,7 @@ def _logits_kernel(
         tl.store(logit_ptr + l_off, acc, mask=visible)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seg_off", "nseg"])  # one compile for every chunk offset and size
 def _entropy_kernel(
     logit_ptr: tl.tensor,
     ent_ptr: tl.tensor,

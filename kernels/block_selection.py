@@ -137,7 +137,7 @@ def _ordered_key(x: tl.tensor) -> tl.tensor:
     return tl.where((bits >> 31) != 0, ~bits, bits | 0x80000000)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seg_off", "nseg"])  # one compile for every chunk offset and size
 def _select_kernel(
     logit_ptr: tl.tensor,
     count_ptr: tl.tensor,

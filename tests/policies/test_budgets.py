@@ -104,14 +104,15 @@ def test_spread_counts_are_causal_reference_rigid_test_is_not() -> None:
     assert not torch.equal(before.counts[:, 1:11], after.counts[:, 1:11])
 
 
-def test_spread_counts_causal_on_the_real_model(smollm2) -> None:
-    """In every layer of SmolLM2 the spread rule's block counts of a prompt's first segments are those of the
-    same prompt with text appended (sparse prefill of each, CPU reference path)."""
+@pytest.mark.parametrize("mode", ["spread", "causal"])
+def test_causal_modes_counts_on_the_real_model(smollm2, mode: str) -> None:
+    """In every layer of SmolLM2 the block counts of a causal mode (spread, causal) for a prompt's first
+    segments are those of the same prompt with text appended (sparse prefill of each, CPU reference path)."""
     from entropyinfer.evaluation.corpus import prose_text
     from entropyinfer.shard.attention import SparsePrefill
 
     ids = smollm2.tokenizer.encode(prose_text(), add_special_tokens=False)[: 12 * 128 + 300]
-    cfg = dataclasses.replace(smollm2.sparse_config, mode="spread")
+    cfg = dataclasses.replace(smollm2.sparse_config, mode=mode)
     runs = []
     for n in (12 * 128, len(ids)):
         attention = SparsePrefill("entropy", cfg)

@@ -21,7 +21,7 @@ from entropyinfer.errors import ConfigError
 from entropyinfer.kernels.backend import interpreter_ready
 from entropyinfer.kernels.block_layout import BlockScores, num_blocks
 from entropyinfer.kernels.block_scoring import block_scores
-from entropyinfer.kernels.block_selection_ref import count_caps
+from entropyinfer.kernels.block_selection_ref import count_caps, rigid_so_far_ref
 from entropyinfer.policies.config import SparsePrefillConfig, load_sparse_config
 from entropyinfer.policies.entropy import plan_from_scores, plan_layer
 
@@ -89,6 +89,23 @@ def test_entropy_and_probs(case: str, backend: str) -> None:
     sc = scores(case, backend)
     assert torch.allclose(sc.entropy, expected("entropy", case), rtol=1e-4, atol=1e-6)
     assert torch.allclose(sc.probs(), expected("p", case), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES)
+def test_causal_mode_is_per_head_with_rigid_so_far(case: str, backend: str) -> None:
+    """Mode `causal` on the fixture: the reference's per-head counts, except that a head keeps B0's blocks
+    in the segments where it is still rigid so far (entropy below e_t in every segment up to there)."""
+    cfg = load_sparse_config("entropy_short", mode="causal")
+    q, _ = inputs(case)
+    plan = plan_from_scores(scores(case, backend), cfg, q.shape[1], backend=backend)  # type: ignore[arg-type]
+    assert torch.equal(plan.rigid, expected("rigid", case))  # the whole-prompt test, as reported
+    so_far = rigid_so_far_ref(expected("entropy", case).to(DEVICE), cfg.entropy_threshold)
+    caps = count_caps(q.shape[1], cfg.segment_size, cfg.block_size, DEVICE)
+    b0 = torch.minimum(torch.full_like(caps, cfg.base_budget // cfg.block_size), caps)[None].expand_as(so_far)
+    want = torch.where(so_far, b0, expected("counts_perhead", case).to(DEVICE).long())
+    want[:, 0] = 0
+    assert torch.equal(plan.counts.long(), want)
 
 
 @pytest.mark.parametrize("mode", ["per_head", "reference"])
