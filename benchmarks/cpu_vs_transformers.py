@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, write_results
 
-from entropyinfer.shard.engine_core import Finished
+from entropyinfer.shard.engine_core import TokenDelta
 from entropyinfer.shard.llm import LLM
 from entropyinfer.shard.sampling import SamplingParams
 from entropyinfer.shard.sequence import SequenceRequest
@@ -43,39 +43,56 @@ def prompt_ids(llm: LLM, n: int, seed: int = 0) -> list[int]:
     return ids[:n]
 
 
-def run_ours(llm: LLM, ids: list[int], new: int) -> tuple[float, float, list[int]]:
-    """(prefill s, decode ms/token, tokens) through the engine core, one request."""
+Run = tuple[float, float, float, float, list[int]]  # prefill s, decode ms/token (wall, then CPU), tokens
+
+
+class Clock:
+    """Wall and CPU (this process, all threads) seconds since the last `lap`."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def lap(self) -> tuple[float, float]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        out = (wall - self.wall, cpu - self.cpu)
+        self.wall, self.cpu = wall, cpu
+        return out
+
+
+def run_ours(llm: LLM, ids: list[int], new: int) -> Run:
+    """Through the engine core, one request: prefill = until its first token, decode = the rest."""
     params = SamplingParams(max_tokens=new, ignore_eos=True)
     core = llm.core
     core.add_request(SequenceRequest("bench", "", ids, params, "dense", llm.config.sparse, None))
-    out = None
+    clock, tokens = Clock(), []
+    while not tokens:
+        tokens += [e.token_id for e in core.step() if isinstance(e, TokenDelta)]
+    pre_wall, pre_cpu = clock.lap()
     while core.has_unfinished():
-        for e in core.step():
-            if isinstance(e, Finished):
-                out = e.output
-    assert out is not None
-    return out.stats["prefill_ms"] / 1e3, out.stats["decode_ms_per_token"], list(out.token_ids)
+        tokens += [e.token_id for e in core.step() if isinstance(e, TokenDelta)]
+    wall, cpu = clock.lap()
+    n = max(len(tokens) - 1, 1)
+    return pre_wall, wall * 1e3 / n, pre_cpu, cpu * 1e3 / n, tokens
 
 
 @torch.inference_mode()
-def run_hf(model: Any, ids: list[int], new: int) -> tuple[float, float, list[int]]:
-    """(prefill s, decode ms/token, tokens) through transformers (prefill = the first token's logits)."""
-    x = torch.tensor([ids])
-    t0 = time.perf_counter()
-    out = model(input_ids=x, use_cache=True, logits_to_keep=1)
+def run_hf(model: Any, ids: list[int], new: int) -> Run:
+    """Through transformers: prefill = the prompt's forward and its first token, decode = the rest."""
+    clock = Clock()
+    out = model(input_ids=torch.tensor([ids]), use_cache=True, logits_to_keep=1)
     token = int(out.logits[0, -1].argmax())
-    prefill = time.perf_counter() - t0
+    pre_wall, pre_cpu = clock.lap()
     past, tokens = out.past_key_values, [token]
-    t0 = time.perf_counter()
     for _ in range(new - 1):
         out = model(input_ids=torch.tensor([[token]]), past_key_values=past, use_cache=True)
         past, token = out.past_key_values, int(out.logits[0, -1].argmax())
         tokens.append(token)
-    decode_ms = (time.perf_counter() - t0) * 1e3 / max(new - 1, 1)
-    return prefill, decode_ms, tokens
+    wall, cpu = clock.lap()
+    n = max(new - 1, 1)
+    return pre_wall, wall * 1e3 / n, pre_cpu, cpu * 1e3 / n, tokens
 
 
-def summary(engine: str, runs: list[tuple[float, float, list[int]]], n: int) -> dict[str, Any]:
+def summary(engine: str, runs: list[Run], n: int) -> dict[str, Any]:
     pre, dec = [r[0] for r in runs], [r[1] for r in runs]
     return {
         "engine": engine,
@@ -84,6 +101,8 @@ def summary(engine: str, runs: list[tuple[float, float, list[int]]], n: int) -> 
         "prefill_s_range": f"{min(pre):.2f}-{max(pre):.2f}",
         "decode_ms_per_token": round(statistics.median(dec), 1),
         "decode_ms_range": f"{min(dec):.1f}-{max(dec):.1f}",
+        "prefill_cpu_s": round(statistics.median(r[2] for r in runs), 2),
+        "decode_cpu_ms_per_token": round(statistics.median(r[3] for r in runs), 1),
     }
 
 
@@ -109,27 +128,31 @@ def main() -> None:
     for _ in range(args.reps):
         ours.append(run_ours(llm, ids, args.new))
         theirs.append(run_hf(hf, ids, args.new))
-        print("ours", ours[-1][:2], "transformers", theirs[-1][:2], flush=True)
+        print("ours", ours[-1][:4], "transformers", theirs[-1][:4], flush=True)
     load.append(round(os.getloadavg()[0], 1))
     rows = [summary("entropyinfer core", ours, len(ids)), summary("transformers", theirs, len(ids))]
-    same = ours[-1][2] == theirs[-1][2]
+    same = ours[-1][4] == theirs[-1][4]
     for r in rows:
         r["same_greedy_tokens"] = same
     ratio = {
-        "prefill": rows[0]["prefill_s"] / rows[1]["prefill_s"],
-        "decode": rows[0]["decode_ms_per_token"] / rows[1]["decode_ms_per_token"],
+        key: rows[0][key] / rows[1][key]
+        for key in ("prefill_s", "decode_ms_per_token", "prefill_cpu_s", "decode_cpu_ms_per_token")
     }
     env = environment() | {"threads": torch.get_num_threads(), "cpus": os.cpu_count()}
     command = " ".join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])
     meta = {"env": env, "command": command, "new_tokens": args.new, "reps": args.reps, "load_average": load,
             "ours_over_transformers": {k: round(v, 3) for k, v in ratio.items()}}  # fmt: skip
     columns = ["engine", "prompt_tokens", "prefill_s", "prefill_s_range", "decode_ms_per_token",
-               "decode_ms_range", "same_greedy_tokens"]  # fmt: skip
+               "decode_ms_range", "prefill_cpu_s", "decode_cpu_ms_per_token",
+               "same_greedy_tokens"]  # fmt: skip
+    r = {k: f"{v:.2f}x" for k, v in ratio.items()}
     notes = (
-        f"Ours / transformers: prefill {ratio['prefill']:.2f}x, decode {ratio['decode']:.2f}x the time "
-        f"(median of {args.reps} alternating runs, {args.new} greedy tokens each, after one untimed run "
-        f"each). Load average (1 min) before / after the timed runs: {load[0]} / {load[1]} on "
-        f"{os.cpu_count()} CPUs. Command: `{command}`."
+        f"Ours / transformers: prefill {r['prefill_s']}, decode {r['decode_ms_per_token']} the wall time; "
+        f"{r['prefill_cpu_s']} and {r['decode_cpu_ms_per_token']} the CPU time (process time of all "
+        "threads, steadier than wall time on a loaded machine at one thread). Median of "
+        f"{args.reps} alternating runs, {args.new} greedy tokens each, after one untimed run each. Load "
+        f"average (1 min) before / after the timed runs: {load[0]} / {load[1]} on {os.cpu_count()} CPUs. "
+        f"Command: `{command}`."
     )
     title = "CPU: the engine core against transformers (same checkpoint, fp32)"
     print(write_results("cpu_vs_transformers", title, columns, rows, meta, notes))
