@@ -93,10 +93,19 @@ class LimitsConfig:
     max_questions: int = 16
     max_tokens: int = 4096  # largest `max_tokens` a request may ask for
     max_prompts: int = 16  # prompts in one /v1/completions request
+    # Prompt tokens of one document (with its question and the template); None: the model's context.
+    max_document_tokens: int | None = None
+    # Backpressure: completion requests an ingress replica holds beyond those the engine replicas run at
+    # once (engine.max_ongoing_requests x num_replicas); past it a 503 with Retry-After. Bursts below
+    # it wait in the queue.
+    max_waiting_requests: int = 128
+    max_queued_jobs: int = 10_000  # queued jobs in the store; past it a submission gets a 503
+    retry_after_s: int = 1  # the Retry-After of a 503 from these queue limits
 
     def __post_init__(self) -> None:
         values = (self.max_body_bytes, self.max_batch_documents, self.max_questions, self.max_tokens)
-        if min(*values, self.max_prompts) < 1:
+        queues = (self.max_waiting_requests, self.max_queued_jobs, self.retry_after_s)
+        if min(*values, self.max_prompts, *queues, self.max_document_tokens or 1) < 1:
             raise ConfigError("limits: every limit must be >= 1")
 
     @property
@@ -107,17 +116,26 @@ class LimitsConfig:
 
 @dataclass(frozen=True)
 class AuthConfig:
-    """An optional bearer token protecting every route but /healthz."""
+    """Optional bearer tokens protecting every route but /healthz (and /metrics if `metrics_public`).
+
+    With several keys (`api_key` and `api_keys`, or a comma-separated environment variable), each key
+    sees and cancels only the jobs it submitted."""
 
     api_key: str | None = None
-    api_key_env: str | None = "ENTROPYINFER_API_KEY"  # read in the ingress replica when api_key is unset
+    api_keys: tuple[str, ...] = ()
+    api_key_env: str | None = "ENTROPYINFER_API_KEY"  # read in the ingress replica when no key is set
+    metrics_public: bool = False  # /metrics without a key (a scraper on a trusted network)
 
     def resolve(self) -> str | None:
-        if self.api_key:
-            return self.api_key
-        if self.api_key_env:
-            return os.environ.get(self.api_key_env) or None
-        return None
+        keys = self.keys()
+        return keys[0] if keys else None
+
+    def keys(self) -> tuple[str, ...]:
+        """Every configured key: `api_key` and `api_keys`, else those of `api_key_env` (comma-separated)."""
+        keys = tuple(k for k in (self.api_key, *self.api_keys) if k)
+        if not keys and self.api_key_env:
+            keys = tuple(k.strip() for k in os.environ.get(self.api_key_env, "").split(",") if k.strip())
+        return keys
 
 
 @dataclass(frozen=True)

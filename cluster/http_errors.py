@@ -51,13 +51,19 @@ class HTTPError(Exception):
     """An error answer: the status, and the body's message, type and field."""
 
     def __init__(
-        self, status: int, message: str, type: ErrorType = "invalid_request_error", field: str | None = None
+        self,
+        status: int,
+        message: str,
+        type: ErrorType = "invalid_request_error",
+        field: str | None = None,
+        retry_after: int | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.type = type
         self.field = field
+        self.retry_after = retry_after  # seconds: a Retry-After header on the answer
 
     def body(self) -> ErrorBody:
         return {
@@ -101,7 +107,10 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPError)
     async def _http_error(request: Request, exc: HTTPError) -> Response:
-        return respond(request, exc.body(), exc.status)
+        response = respond(request, exc.body(), exc.status)
+        if exc.retry_after is not None:
+            response.headers["Retry-After"] = str(exc.retry_after)
+        return response
 
     @app.exception_handler(StarletteHTTPException)
     async def _starlette_error(request: Request, exc: StarletteHTTPException) -> Response:

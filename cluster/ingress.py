@@ -11,9 +11,8 @@ head node, where the store's file is.
 
 # No `from __future__ import annotations` here: FastAPI reads the route signatures' annotations at runtime.
 import asyncio
-import hmac
 import logging
-import uuid
+import secrets
 from collections.abc import Awaitable
 from typing import TypeVar, cast
 
@@ -25,6 +24,8 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 
 from entropyinfer.cluster import openai_format
+from entropyinfer.cluster.admission import Admission, check_document_tokens, check_job_counts, check_job_queue
+from entropyinfer.cluster.auth import KeyRing
 from entropyinfer.cluster.config import ServeAppConfig, app_config
 from entropyinfer.cluster.engine_health import CONTENT_TYPE, engine_summary, prometheus_text
 from entropyinfer.cluster.events import Accepted, Error, Event, Final, Prompt, Request
@@ -70,15 +71,20 @@ SHUTDOWN_TIMEOUT_S = 5.0  # for the job worker to stop (well within Serve's 20 s
 # there, so the SQLite job store is one file on one disk whichever node a replica would otherwise get.
 HEAD_NODE_RESOURCE = "node:__internal_head__"
 PUBLIC_PATHS = ("/healthz",)
+MAX_JOB_ID = 64  # longer ids are unknown without a look-up (ours are 36 characters)
+METRICS_PATH = "/metrics"  # public too when `auth.metrics_public`
 
 
 async def _require_api_key(request: HTTPRequest) -> None:
-    """App-level dependency: every route but PUBLIC_PATHS needs the key when one is configured."""
+    """App-level dependency: every route but PUBLIC_PATHS needs a configured key (when any is); the
+    caller's owner id (cluster/auth.py) goes to `request.state.owner` for the job routes."""
     route = request.scope.get("route")  # the matched route (the catch-all for unknown paths)
-    if getattr(route, "path", request.url.path) in PUBLIC_PATHS:
-        return
+    path = getattr(route, "path", request.url.path)
     ingress: Ingress = serve.get_replica_context().servable_object  # type: ignore[assignment]
-    ingress._authorize(request)
+    if path in PUBLIC_PATHS or (path == METRICS_PATH and ingress.config.auth.metrics_public):
+        request.state.owner = None
+        return
+    request.state.owner = ingress.keys.owner(request.headers.get("authorization"))
 
 
 app = FastAPI(
@@ -92,7 +98,7 @@ install_handlers(app)
 
 
 def _request(prompt: Prompt, req: SamplingFields, stream: bool = False) -> Request:
-    return Request(uuid.uuid4().hex, prompt, req.sampling_params, req.policy, stream)
+    return Request(secrets.token_hex(16), prompt, req.sampling_params, req.policy, stream)
 
 
 async def _bounded(call: Awaitable[T], timeout_s: float, what: str) -> T:
@@ -121,7 +127,8 @@ class Ingress:
     def __init__(self, engine: DeploymentHandle, args: dict[str, object] | ServeAppConfig) -> None:
         self.config: ServeAppConfig = app_config(args)
         self.engine = engine
-        self.api_key = self.config.auth.resolve()
+        self.keys = KeyRing(self.config.auth.keys())
+        self.admission = Admission(self.config)  # backpressure on the completion routes
         self.store = JobStore(self.config.jobs.db_file)
         self.metrics = JobMetrics()
         self.worker = JobWorker.from_config(
@@ -162,16 +169,6 @@ class Ingress:
         self.metrics.queue_length.set(queued)
 
     # ---- helpers ------------------------------------------------------------------------------------
-
-    def _authorize(self, request: HTTPRequest) -> None:
-        if not self.api_key:
-            return
-        header = request.headers.get("authorization", "")
-        token = header[7:].strip() if header[:7].lower() == "bearer " else ""
-        if not token or not hmac.compare_digest(token.encode(), self.api_key.encode()):
-            raise HTTPError(
-                401, "missing or wrong API key: send `Authorization: Bearer <key>`", "authentication_error"
-            )
 
     async def _body(self, request: HTTPRequest, model: type[M]) -> M:
         self._start_worker()
@@ -281,6 +278,15 @@ class Ingress:
 
     @app.post("/v1/completions")
     async def completions(self, request: HTTPRequest) -> Response:
+        with self.admission.slot():
+            return await self._completions(request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: HTTPRequest) -> Response:
+        with self.admission.slot():
+            return await self._chat_completions(request)
+
+    async def _completions(self, request: HTTPRequest) -> Response:
         req = await self._body(request, CompletionRequest)
         self._check_common(req, req.model)
         if len(req.prompts) > self.config.limits.max_prompts:
@@ -294,8 +300,7 @@ class Ingress:
         outs = await self._generate([_request(p, req) for p in req.prompts], "prompt")
         return respond(request, openai_format.completion_body(self.config.model_name, outs))
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(self, request: HTTPRequest) -> Response:
+    async def _chat_completions(self, request: HTTPRequest) -> Response:
         req = await self._body(request, ChatCompletionRequest)
         self._check_common(req, req.model)
         if req.stream:
@@ -332,14 +337,13 @@ class Ingress:
         self._check_common(req)
         limits = self.config.limits
         docs, questions = req.documents, req.question_list
-        for name, count, limit in (
-            ("documents", len(docs), limits.max_batch_documents),
-            ("questions", len(questions), limits.max_questions),
-        ):
-            if count > limit:
-                raise HTTPError(400, f"{name}: {count} {name} exceed the limit of {limit}", field=name)
+        check_job_counts(limits, len(docs), len(questions))
+        check_job_queue(limits, await asyncio.to_thread(self.store.queue_length))
+        owner: str | None = request.state.owner
         key = req.idempotency_key or request.headers.get("idempotency-key") or None
-        params: JobParams = {"sampling": req.sampling_params.to_dict(), "policy": req.policy}
+        if key is not None and owner is not None:
+            key = f"{owner}/{key}"  # each API key has its own idempotency keys
+        params: JobParams = {"sampling": req.sampling_params.to_dict(), "policy": req.policy, "owner": owner}
         named = [(d.name, d.text) for d in docs]
         if key is not None:
             try:
@@ -358,6 +362,7 @@ class Ingress:
             raise to_http_error(e, "documents") from None
         del prompts
         per_document = JobWorker.task_tokens(counts, len(named))
+        check_document_tokens(limits, per_document)
         try:
             new_docs = new_documents(named, per_document, req.sampling_params.max_tokens, max_context)
         except InvalidRequestError as e:
@@ -372,19 +377,21 @@ class Ingress:
         self.metrics.queue_length.set(await asyncio.to_thread(self.store.queue_length))
         return respond(request, {**job.to_dict(), "created": created}, 201 if created else 200)
 
-    async def _job_or_404(self, job_id: str) -> Job:
-        job = await asyncio.to_thread(self.store.get, job_id)
-        if job is None:
-            raise HTTPError(404, f"job_id: no job {job_id!r} (unknown or expired)", "not_found", "job_id")
+    async def _job_or_404(self, job_id: str, request: HTTPRequest) -> Job:
+        """The job, if the caller's key submitted it (another key's job is a 404, like an unknown one)."""
+        job = await asyncio.to_thread(self.store.get, job_id) if len(job_id) <= MAX_JOB_ID else None
+        if job is None or job.params.get("owner") != request.state.owner:
+            shown = job_id if len(job_id) <= MAX_JOB_ID else job_id[:MAX_JOB_ID] + "..."
+            raise HTTPError(404, f"job_id: no job {shown!r} (unknown or expired)", "not_found", "job_id")
         return job
 
     @app.get("/v1/jobs/{job_id}")
     async def get_job(self, job_id: str, request: HTTPRequest) -> Response:
-        return respond(request, (await self._job_or_404(job_id)).to_dict())
+        return respond(request, (await self._job_or_404(job_id, request)).to_dict())
 
     @app.get("/v1/jobs/{job_id}/results")
     async def job_results(self, job_id: str, request: HTTPRequest) -> Response:
-        job = await self._job_or_404(job_id)
+        job = await self._job_or_404(job_id, request)
         results = await asyncio.to_thread(self.store.results, job_id)
         return respond(
             request,
@@ -393,7 +400,7 @@ class Ingress:
 
     @app.delete("/v1/jobs/{job_id}")
     async def cancel_job(self, job_id: str, request: HTTPRequest) -> Response:
-        await self._job_or_404(job_id)
+        await self._job_or_404(job_id, request)
         job = await asyncio.to_thread(self.store.cancel, job_id)
         return respond(request, job.to_dict() if job is not None else {})
 

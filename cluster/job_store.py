@@ -16,10 +16,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import secrets
 import sqlite3
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal, cast
@@ -137,7 +137,7 @@ class JobStore:
         """Persist a new job (state queued); returns (job, created). A known key returns its job."""
         digest = job.request_hash()
         now = time.time()
-        job_id = "job-" + uuid.uuid4().hex[:24]
+        job_id = "job-" + secrets.token_hex(16)  # 128 random bits: unguessable
         with self._tx() as db:
             if idempotency_key is not None:
                 existing = self._by_key(db, idempotency_key, digest)

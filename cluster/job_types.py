@@ -12,7 +12,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, TypedDict
+from typing import Literal, NotRequired, TypedDict
 
 from entropyinfer.cluster.events import Stat
 from entropyinfer.errors import InvalidRequestError
@@ -22,10 +22,12 @@ TERMINAL: tuple[JobState, ...] = ("succeeded", "failed", "cancelled")
 
 
 class JobParams(TypedDict):
-    """How every task of a job runs: `SamplingParams.to_dict()` and the attention policy."""
+    """How every task of a job runs: `SamplingParams.to_dict()` and the attention policy; `owner`: the id
+    of the API key that submitted it (cluster/auth.py; None on an open server)."""
 
     sampling: dict[str, object]
     policy: str | None
+    owner: NotRequired[str | None]
 
 
 class ProgressBody(TypedDict):

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 API_KEY = "test-key-123"
+OTHER_KEY = "test-key-other-456"  # a second tenant: it must not see or cancel API_KEY's jobs
 
 
 @pytest.fixture(scope="session")
@@ -34,8 +35,15 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
             policies=("dense", "entropy", "fixed"),
         ),
         jobs=JobsConfig(db_path=str(db), poll_s=0.2, progress_interval_s=0.1, lease_s=30.0),
-        limits=LimitsConfig(max_body_bytes=1 << 20, max_batch_documents=4, max_questions=2, max_tokens=64),
-        auth=AuthConfig(api_key=API_KEY, api_key_env=None),
+        limits=LimitsConfig(
+            max_body_bytes=1 << 20,
+            max_batch_documents=4,
+            max_questions=2,
+            max_tokens=64,
+            max_document_tokens=4000,
+            max_waiting_requests=24,  # 16 running + 24 waiting: the load test's 32 clients queue, 80 do not
+        ),
+        auth=AuthConfig(api_key=API_KEY, api_keys=(OTHER_KEY,), api_key_env=None),
     )
     srv = EmbeddedServer(config, port=None, metrics_port=free_port())
     srv.start()
