@@ -13,10 +13,11 @@ plans (`WorkerLoop`) until rank 0 shuts the group down.
 CPU: gloo, each rank with ``cpu_count // k`` torch threads (at least one; rank 0's process too, while the
 group lives), so 4 ranks share 2 cores. GPU: NCCL for the model's collectives, rank r on ``cuda:r`` (or
 ``cuda:0`` where each process sees one GPU).
-Plans always travel over a separate gloo group (host tensors) whose timeout is long, since idle workers
-wait on it; the model group's collectives time out after `COLLECTIVE_TIMEOUT_S`. Rank 0 listens on
-`Ranks.host` at a free port chosen now. One group per process at a time (it is torch.distributed's
-default group): close one before starting the next.
+Plans travel over the default group (gloo, host tensors) whose timeout is long, since idle workers wait on
+it; the model's collectives run in a group of their own that times out after `COLLECTIVE_TIMEOUT_S`.
+Rank 0 listens on `Ranks.host` at a free port chosen now and waits up to `JOIN_TIMEOUT_S` for the others.
+One group per process at a time (it is torch.distributed's default group): close one before starting
+the next.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from multiprocessing.process import BaseProcess
@@ -39,11 +42,12 @@ from entropyinfer.shard.attention import warm_up_sparse_prefill
 from entropyinfer.shard.config import LLMConfig
 from entropyinfer.shard.engine import Engine
 from entropyinfer.shard.parallel.group import TensorParallelGroup
-from entropyinfer.shard.parallel.lockstep import LockstepExecutor, WorkerLoop
+from entropyinfer.shard.parallel.lockstep import LockstepExecutor, ShardGroupError, WorkerLoop
 from entropyinfer.shard.weights import build_model
 
 COLLECTIVE_TIMEOUT_S = 30.0  # a model collective that waits longer fails (a hung rank)
 PLAN_TIMEOUT = timedelta(days=7)  # idle workers wait this long for the next plan
+JOIN_TIMEOUT_S = 300.0  # ranks that start slowly (a loaded machine imports torch slowly) may take this long
 
 
 @dataclass(frozen=True)
@@ -75,20 +79,39 @@ def rank_device(spec: RankSpec, rank: int) -> torch.device:
     return torch.device("cuda:0" if spec.one_gpu else f"cuda:{rank}")
 
 
-def join_group(spec: RankSpec, rank: int) -> tuple[TensorParallelGroup, dist.ProcessGroup | None]:
-    """Initialise torch.distributed for `rank`: the model group (default) and the plan group (gloo)."""
+def join_group(
+    spec: RankSpec, rank: int, dead: Callable[[], str | None] | None = None
+) -> tuple[TensorParallelGroup, dist.ProcessGroup | None]:
+    """Initialise torch.distributed for `rank`: the default group (gloo, `PLAN_TIMEOUT`) carries the plans
+    (returned as None: the default group); the model's collectives get a group of their own (NCCL on GPU)
+    that times out after `timeout_s`. Rank 0 waits up to `JOIN_TIMEOUT_S` for every rank to check in,
+    and fails at once when `dead()` names a rank that stopped meanwhile."""
     cuda = spec.device == "cuda"
     if cuda:
         torch.cuda.set_device(rank_device(spec, rank))
-    dist.init_process_group(
-        "nccl" if cuda else "gloo",
-        init_method=f"tcp://{spec.host}:{spec.port}",
-        rank=rank,
-        world_size=spec.world,
-        timeout=timedelta(seconds=spec.timeout_s),
+    join = timedelta(seconds=JOIN_TIMEOUT_S)
+    store = dist.TCPStore(
+        spec.host, spec.port, spec.world, is_master=rank == 0, timeout=join, wait_for_workers=False
     )
-    plan_group = dist.new_group(backend="gloo", timeout=PLAN_TIMEOUT)
-    return TensorParallelGroup.from_world(), plan_group
+    if rank:
+        store.set(f"joined/{rank}", "1")
+    else:
+        _wait_for_ranks(store, spec.world, dead)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=spec.world, timeout=PLAN_TIMEOUT)
+    model = dist.new_group(backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=spec.timeout_s))
+    return TensorParallelGroup.from_world(model), None
+
+
+def _wait_for_ranks(store: dist.TCPStore, world: int, dead: Callable[[], str | None] | None) -> None:
+    keys = [f"joined/{r}" for r in range(1, world)]
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    while not store.check(keys):
+        gone = dead() if dead is not None else None
+        if gone is not None:
+            raise ShardGroupError(f"the tensor-parallel group did not start: {gone}")
+        if time.monotonic() > deadline:
+            raise ShardGroupError(f"ranks 1..{world - 1} did not join within {JOIN_TIMEOUT_S:.0f} s")
+        time.sleep(0.05)
 
 
 def build_engine(
@@ -216,7 +239,7 @@ def start_group(
         torch.set_num_threads(old_threads)
 
     try:
-        group, plan_group = join_group(spec, 0)
+        group, plan_group = join_group(spec, 0, ranks.dead)
         engine = build_engine(config, checkpoint, device, dtype, max_context, group)
         executor = LockstepExecutor(engine, group, plan_group, full_arch, max_context, ranks.dead, on_close)
     except Exception:
