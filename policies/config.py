@@ -47,9 +47,11 @@ class SparsePrefillConfig:
     # (mode causal: every segment 1..s, for segment s)
     alpha: float = 0.5  # budget step: B += alpha * B0 * (r - delta)
     delta: float = 0.4  # neutral entropy growth ratio (r == delta keeps the budget)
-    mode: BudgetMode = "per_head"  # per_head: own count per KV head; reference: max over KV heads;
-    # causal: per_head with the causal rigid test (rigid at segment s while below e_t in segments 1..s);
+    # causal (default): own count per KV head, a head rigid at segment s while its entropy stayed below e_t in
+    # segments 1..s (chunked prefill and prefix caching give one-shot's blocks); per_head: the same with the
+    # paper's whole-prompt rigid test; reference: per_head's max over KV heads (both one-shot only);
     # spread: causal budgets from the entropy level (`policies/budgets.py`, fields spread_* below)
+    mode: BudgetMode = "causal"
     fixed_budget: int = 2048  # tokens kept per segment and head by the `fixed` (CritiPrefill) policy
     # `fixed` policy: when set, the fixed budget is solved per prompt so that the prefill's mean density
     # (`shard.attention.SparsePrefill` stats: all layers, layer 0 and dense segments included) is this
