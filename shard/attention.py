@@ -261,11 +261,13 @@ class SparsePrefill:
         thr = cfg.threshold_len
         if all(s * s_len < thr or (s + 1) * s_len >= seq_len for s in range(seg0, seg0 + nc)):
             return dense_chunk_attention(q, k, v, q_offset)  # every segment of the chunk is dense: fused SDPA
-        hkv, width = plan.block_idx.shape[0], plan.block_idx.shape[2]
-        block_idx = plan.block_idx.new_empty(hkv, seg0 + nc, width)  # rows < seg0 are never read
-        block_idx[:, seg0:] = plan.block_idx
-        kernel_counts = plan.kernel_counts.new_full((hkv, seg0 + nc), -1)
-        kernel_counts[:, seg0:] = plan.kernel_counts
+        block_idx, kernel_counts = plan.block_idx, plan.kernel_counts
+        if seg0:  # the kernel indexes rows by absolute segment; rows < seg0 are never read
+            hkv, width = block_idx.shape[0], block_idx.shape[2]
+            block_idx = block_idx.new_empty(hkv, seg0 + nc, width)
+            block_idx[:, seg0:] = plan.block_idx
+            kernel_counts = kernel_counts.new_full((hkv, seg0 + nc), -1)
+            kernel_counts[:, seg0:] = plan.kernel_counts
         return sparse_prefill_attention(
             q,
             k,
