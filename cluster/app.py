@@ -30,6 +30,7 @@ def build_app(args: dict[str, object] | ServeAppConfig | None = None) -> Applica
             placement_group_bundles=shard_bundles(config.engine, accelerator),
             placement_group_strategy="STRICT_PACK",
             health_check_timeout_s=60.0,
+            health_check_period_s=config.engine.health_check_period_s,
         )
         .bind(config, accelerator)
     )

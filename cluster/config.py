@@ -34,6 +34,8 @@ class ReplicaConfig:
     num_replicas: int = 1
     max_ongoing_requests: int = 16
     load_timeout_s: float = 900.0
+    health_check_period_s: float = 10.0  # Serve's check of the replica (every shard answers); a dead
+    # shard is found within this, and the replica restarted
 
     def __post_init__(self) -> None:
         for p in self.policies:
@@ -47,6 +49,8 @@ class ReplicaConfig:
             )
         if self.cpus_per_shard < 0 or self.num_replicas < 1 or self.max_ongoing_requests < 1:
             raise ConfigError("engine: cpus_per_shard >= 0, num_replicas >= 1, max_ongoing_requests >= 1")
+        if self.health_check_period_s <= 0:
+            raise ConfigError("engine.health_check_period_s must be > 0")
 
     @property
     def num_shards(self) -> int:

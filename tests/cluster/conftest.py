@@ -51,3 +51,18 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture(scope="session")
+def app_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """The app in a process of its own with a random-weight Llama (tests/cluster/app_process.py): for
+    the fault tests (which kill parts of it, or all of it) and the load test (a model fast enough for
+    200 completions on 2 cores)."""
+    from .app_process import App
+
+    root = tmp_path_factory.mktemp("app_process")
+    app = App(root / "jobs.sqlite", root / "model", root / "fault_app.log")
+    try:
+        yield app
+    finally:
+        app.kill()
