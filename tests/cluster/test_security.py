@@ -172,3 +172,33 @@ def test_each_limit_is_a_4xx_that_says_the_limit(server: EmbeddedServer) -> None
         f" -> 400, document > {limits.max_document_tokens} tokens -> 400, max_tokens > {limits.max_tokens}"
         " -> 400"
     )
+
+
+@pytest.mark.parametrize("public", [False, True])
+def test_metrics_is_public_only_when_configured(monkeypatch: pytest.MonkeyPatch, public: bool) -> None:
+    """The app-level key dependency itself, with the replica context stubbed (no Serve needed)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from starlette.requests import Request
+
+    from entropyinfer.cluster import ingress
+    from entropyinfer.cluster.config import ServeAppConfig
+
+    config = ServeAppConfig(auth=AuthConfig(api_key="k", api_key_env=None, metrics_public=public))
+    fake = SimpleNamespace(config=config, keys=KeyRing(config.auth.keys()))
+    monkeypatch.setattr(ingress.serve, "get_replica_context", lambda: SimpleNamespace(servable_object=fake))
+
+    def call(path: str, key: str | None = None) -> int:
+        headers = [(b"authorization", f"Bearer {key}".encode())] if key else []
+        scope = {"type": "http", "path": path, "headers": headers, "route": SimpleNamespace(path=path)}
+        try:
+            asyncio.run(ingress._require_api_key(Request(scope)))
+        except HTTPError as e:
+            return e.status
+        return 200
+
+    assert call("/healthz") == 200
+    assert call("/metrics") == (200 if public else 401)
+    assert call("/metrics", "k") == 200
+    assert call("/v1/jobs") == 401 and call("/v1/jobs", "k") == 200
