@@ -129,10 +129,3 @@ def test_an_automatic_preset_is_settled_where_the_model_loads(folder: Path, tmp_
 def test_an_unknown_policy_names_its_key() -> None:
     with pytest.raises(UnknownPolicyError, match=r"engine\.llm\.policy: unknown policy 'snap'"):
         LLMConfig.from_keywords({"policy": "snap"}, "engine.llm")
-
-
-def test_llm_refuses_several_ranks_until_the_shard_group_runs_them() -> None:
-    from entropyinfer import LLM
-
-    with pytest.raises(ConfigError, match="tensor_parallel_size=2: LLM runs one rank"):
-        LLM("smollm2-135m", tensor_parallel_size=2)
