@@ -99,6 +99,8 @@ def _attend_lse(
     """``(out [1, H, Nq, d] in q's dtype, lse float32 [1, H, Nq])`` of ``q [1, H, Nq, d]`` over ``k``, ``v``
     ``[1, H, Nk, d]`` (causal: square, ``Nq == Nk``)."""
     fns: list[_LseFn] = [_lse_cpu, _lse_math] if q.device.type != "cuda" else _CUDA_LSE
+    if q.dtype not in (torch.float16, torch.bfloat16):  # cuDNN and flash take half types only (in fp32
+        fns = [f for f in fns if f not in (_lse_cudnn, _lse_flash)]  # cuDNN answered NaN, not an error)
     for fn in fns:
         tag = (fn.__name__, q.dtype, q.shape[-1])
         if tag in _cuda_broken and fn is not _lse_math:
