@@ -35,9 +35,10 @@ def _repeat_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch
 def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Exact causal attention without an N x N score matrix (fused SDPA; cuDNN first on GPU).
     ``q [Hq, N, d]``, ``k``, ``v`` ``[Hkv, N, d]`` -> ``[Hq, N, d]``."""
+    if q.device.type != "cuda":  # the CPU kernel takes GQA as it is: no copy of K/V per query head
+        gqa = q.shape[0] != k.shape[0]
+        return F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, enable_gqa=gqa)[0]
     k, v = _repeat_kv(q, k, v)
-    if q.device.type != "cuda":
-        return F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True)[0]
     from torch.nn.attention import sdpa_kernel
 
     try:
