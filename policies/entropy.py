@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from entropyinfer.kernels.backend import Backend, runs_triton
-from entropyinfer.kernels.block_layout import BlockScores, num_blocks, num_segments
+from entropyinfer.kernels.block_layout import BlockCounts, BlockScores, num_blocks, num_segments
 from entropyinfer.kernels.block_scoring import block_scores
 from entropyinfer.kernels.block_selection import block_counts, select_blocks
 from entropyinfer.kernels.block_selection_ref import rigid_heads, spread_budgets_ref
@@ -134,20 +134,8 @@ def plan_from_scores(
         raise ValueError(
             "mode 'spread' needs the spread entropy: score with spread_logit_scale (plan_layer does)"
         )
-    bc = block_counts(
-        scores.spread if spread and scores.spread is not None else entropy,
-        seq_len=seq_len,
-        segment_size=s_len,
-        block_size=b,
-        threshold_len=cfg.threshold_len,
-        entropy_threshold=cfg.entropy_threshold,
-        base_budget=cfg.base_budget,
-        alpha=cfg.alpha,
-        delta=cfg.delta,
-        fixed_budget=cfg.fixed_budget if policy == "fixed" else None,
-        spread_rule=spread_rule(cfg) if spread else None,
-        causal=cfg.mode == "causal",
-        backend=backend,
+    bc = _block_counts(
+        scores.spread if spread and scores.spread is not None else entropy, cfg, seq_len, policy, backend
     )
     counts, kernel_counts = bc.counts, bc.kernel_counts
     if cfg.mode == "reference":
@@ -266,21 +254,7 @@ def plan_chunk(
     history = source.new_zeros(source.shape[0], nseg)
     history[:, :segment_offset] = before
     history[:, segment_offset:end] = source
-    bc = block_counts(
-        history,
-        seq_len=seq_len,
-        segment_size=s_len,
-        block_size=b,
-        threshold_len=cfg.threshold_len,
-        entropy_threshold=cfg.entropy_threshold,
-        base_budget=cfg.base_budget,
-        alpha=cfg.alpha,
-        delta=cfg.delta,
-        fixed_budget=cfg.fixed_budget if policy == "fixed" else None,
-        spread_rule=spread_rule(cfg) if spread else None,
-        causal=cfg.mode == "causal",
-        backend=backend,
-    )
+    bc = _block_counts(history, cfg, seq_len, policy, backend)
     # rigid so far at the chunk's last segment: the rule's test on the history so far
     rigid = _rigid_so_far(history[:, :end], cfg, spread) if end < nseg else bc.rigid
     counts = bc.counts[:, segment_offset:end].contiguous()
@@ -314,3 +288,25 @@ def _rigid_so_far(history: torch.Tensor, cfg: SparsePrefillConfig, spread: bool)
     if spread:
         return spread_budgets_ref(history, cfg.segment_size, cfg.block_size, spread_rule(cfg))[0][:, -1]
     return rigid_heads(history, cfg.entropy_threshold)
+
+
+def _block_counts(
+    source: torch.Tensor, cfg: SparsePrefillConfig, seq_len: int, policy: Selection, backend: Backend
+) -> BlockCounts:
+    """`kernels.block_selection.block_counts` of the entropy (or spread entropy) `source` ``[Hkv, nseg]``
+    under the config's rule (`fixed`: one budget; `spread`: the spread rule; `causal`: rigid so far)."""
+    return block_counts(
+        source,
+        seq_len=seq_len,
+        segment_size=cfg.segment_size,
+        block_size=cfg.block_size,
+        threshold_len=cfg.threshold_len,
+        entropy_threshold=cfg.entropy_threshold,
+        base_budget=cfg.base_budget,
+        alpha=cfg.alpha,
+        delta=cfg.delta,
+        fixed_budget=cfg.fixed_budget if policy == "fixed" else None,
+        spread_rule=spread_rule(cfg) if policy == "entropy" and cfg.mode == "spread" else None,
+        causal=cfg.mode == "causal",
+        backend=backend,
+    )
