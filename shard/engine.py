@@ -114,6 +114,7 @@ class Engine:
         progress: ProgressFn | None = None,
         cancel: threading.Event | None = None,
         observe: ChunkQueries | None = None,
+        all_logits: bool = False,
     ) -> torch.Tensor | None:
         """Run prompt positions ``[start, start + len(tokens))`` of a `seq_len`-token prompt through every
         layer, straight into paged KV (the engine core's prefill, one chunk at a time or the whole prompt).
@@ -126,7 +127,8 @@ class Engine:
         runs the attention's one-shot call, any other its `chunk` call (`shard/attention.py`), which picks
         the same blocks as one-shot under causal budget rules. The caller has run the attention's `begin`
         (if it has one) for this prompt. -> fp32 logits of the prompt's last position
-        [vocab] when the chunk ends the prompt, else None."""
+        [vocab] when the chunk ends the prompt, else None; with `all_logits`, fp32 logits of every position
+        of the chunk [C, vocab] when it ends the prompt (prompt logprobs)."""
         c, end = tokens.shape[0], start + tokens.shape[0]
         hq, hkv, d, ps = self.arch.num_heads, self.arch.num_kv_heads, self.arch.head_dim, pages.page_size
         step = self.config.prefill_chunk_size
@@ -170,7 +172,11 @@ class Engine:
                 raise RequestCancelled("request cancelled during prefill")
             if progress is not None:
                 progress(start + c * (li + 1) // len(self.model.layers), seq_len)
-        return self.model.logits(h[c - 1]) if end == seq_len else None
+        if end != seq_len:
+            return None
+        if all_logits:
+            return torch.cat([self.model.logits(h[c0:c1]) for c0, c1 in spans])
+        return self.model.logits(h[c - 1])
 
     @torch.inference_mode()
     def decode_step(

@@ -44,18 +44,20 @@ from entropyinfer.shard.compression import PromptObserver, compression_due
 from entropyinfer.shard.engine import Engine
 from entropyinfer.shard.parallel.executor import Executor, LocalExecutor, PrefillCall, resumable
 from entropyinfer.shard.prefix_cache import page_names
-from entropyinfer.shard.sampling import make_generator, sample
+from entropyinfer.shard.sampling import TokenLogprobs, logprobs_of, make_generator, sample
 from entropyinfer.shard.scheduler import Chunk, Scheduler
 from entropyinfer.shard.sequence import RequestOutput, Sequence, SequenceRequest
 
 
 @dataclass(frozen=True)
 class TokenDelta:
-    """A sampled token and the text it adds (may be "" while text is held back)."""
+    """A sampled token and the text it adds (may be "" while text is held back); logprobs: its own
+    and the top-k alternatives' when the request asks (`SamplingParams.logprobs`)."""
 
     request_id: str
     token_id: int
     text: str
+    logprobs: TokenLogprobs | None = None
 
 
 @dataclass(frozen=True)
@@ -131,8 +133,8 @@ class EngineCore:
         req, n, ps = seq.request, seq.num_prompt_tokens, self.pages.page_size
         attention = self._new_attention(seq)
         seq.attention = attention
-        if not getattr(attention, "chunkable", False):
-            return  # a non-causal budget rule: one-shot, and no prefix cache
+        if not getattr(attention, "chunkable", False) or req.params.prompt_logprobs is not None:
+            return  # a non-causal budget rule, or every prompt position's logits: one-shot, no prefix cache
         keep = 1  # a reader recomputes at least the last position (its logits) ...
         if req.kv is not None and req.params.max_tokens > 1:  # ... and the queries compression observes
             keep = max(keep, req.kv.prompt_queries)
@@ -203,6 +205,7 @@ class EngineCore:
             self.pages.device_table(seq).long(), req.policy, req.sparse, first, resume,
             seq.obs_row if seq.observer is not None else None, req.kv,
             entropy=req.kv is not None, stats=not seq.output_ids,
+            all_logits=req.params.prompt_logprobs is not None,
         )  # fmt: skip
         # a cancel is seen between the layers of one rank only; with several it waits for the next step
         cancel = req.cancel if self.executor.size == 1 else None
@@ -218,6 +221,10 @@ class EngineCore:
         self._share(seq, end)
         if logits is None:
             return []
+        if logits.dim() == 2:  # every position's (prompt logprobs): row i predicts prompt token i + 1
+            k, targets = req.params.prompt_logprobs or 0, torch.tensor(seq.prompt_ids[1:])
+            seq.prompt_logprobs = [None, *logprobs_of(logits[:-1], targets, k)]
+            logits = logits[-1]
         prefill_s = _now(self.device) - (seq.prefill_started or 0.0)
         seq.prefill_started, seq.observer = None, None
         if req.kv is not None:
@@ -227,7 +234,7 @@ class EngineCore:
         token = sample(logits, req.params, seq.generator)
         seq.stats["prefill_ms"] = prefill_s * 1e3
         seq.stats.update(result.stats or {})
-        return self._emit(seq, token)
+        return self._emit(seq, token, logits)
 
     def _share(self, seq: Sequence, end: int) -> None:
         """Register the pages of `seq` that this chunk completed in the prefix cache (with the causal
@@ -287,11 +294,16 @@ class EngineCore:
             s.decoded_tokens += 1
             s.decode_seconds += elapsed
             token = greedy[i] if s.params.greedy else sample(logits[i], s.params, s.generator)
-            events += self._emit(s, token)
+            events += self._emit(s, token, logits[i])
         return events
 
-    def _emit(self, seq: Sequence, token: int) -> list[EngineEvent]:
-        events: list[EngineEvent] = [TokenDelta(seq.request_id, token, seq.append(token))]
+    def _emit(self, seq: Sequence, token: int, logits: torch.Tensor) -> list[EngineEvent]:
+        """The events of a sampled token (`logits`: its row, fp32 [vocab], for the logprobs asked)."""
+        lp = None
+        if seq.logprobs is not None:
+            lp = logprobs_of(logits[None], torch.tensor([token]), seq.params.logprobs or 0)[0]
+            seq.logprobs.append(lp)
+        events: list[EngineEvent] = [TokenDelta(seq.request_id, token, seq.append(token), lp)]
         if seq.finish_reason is not None:
             events.append(self._finish(seq, seq.finish_reason))
         return events

@@ -33,7 +33,7 @@ from entropyinfer.shard.embedded import resolve_checkpoint
 from entropyinfer.shard.engine_core import EngineCore, EngineEvent, Finished
 from entropyinfer.shard.parallel.launch import Ranks, build_engine, start_group
 from entropyinfer.shard.parallel.lockstep import LockstepExecutor
-from entropyinfer.shard.sampling import SamplingParams
+from entropyinfer.shard.sampling import SamplingParams, TokenLogprobs
 from entropyinfer.shard.sequence import Prompt, RequestOutput, SequenceRequest
 
 __all__ = ["LLM", "Prompt", "RequestOutput", "StreamEvent", "resolve_device", "resolve_dtype"]
@@ -58,6 +58,7 @@ class StreamEvent:
     text: str  # newly decoded text (may be empty while a multi-byte character or stop string is pending)
     finished: bool
     output: RequestOutput | None = None  # set on the sequence's last event
+    logprobs: TokenLogprobs | None = None  # the token's and the top-k alternatives' (params.logprobs)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -320,6 +321,7 @@ class LLM:
                     text=event.text,
                     finished=done is not None,
                     output=done.output if done is not None else None,
+                    logprobs=event.logprobs,
                 )
         finally:
             with self._lock:

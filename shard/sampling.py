@@ -37,19 +37,30 @@ class Range:
 
 MAX_TOKENS_LIMIT = 1 << 20
 MAX_STOP_SEQUENCES = 8
+MAX_LOGPROBS = 20  # top alternatives per token (vLLM's default max_logprobs; OpenAI's top_logprobs limit)
+MAX_N = 16  # sequences per request
 LIMITS: dict[str, Range] = {
     "max_tokens": Range(1, MAX_TOKENS_LIMIT),
     "temperature": Range(0.0, 2.0),
     "top_p": Range(0.0, 1.0, lo_open=True),
     "top_k": Range(0, 1 << 31),  # 0 = off
     "seed": Range(0, 2**63 - 1),
+    "logprobs": Range(0, MAX_LOGPROBS),
+    "prompt_logprobs": Range(0, MAX_LOGPROBS),
+    "n": Range(1, MAX_N),
 }
-_INTEGERS = ("max_tokens", "top_k", "seed")
+_INTEGERS = ("max_tokens", "top_k", "seed", "logprobs", "prompt_logprobs", "n")
+_OPTIONAL = ("seed", "logprobs", "prompt_logprobs")
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens. temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off."""
+    """How to pick tokens. temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off.
+
+    logprobs=k (vLLM's meaning): every generated token carries its own logprob and the k most likely
+    alternatives' (log_softmax of the model's raw logits, fp32); prompt_logprobs=k: every prompt token's
+    logprob given its prefix, and its k alternatives (the first token has none). n: sequences per
+    request (`LLM.generate` and the HTTP edge fan a request out; each sequence its own seed)."""
 
     max_tokens: int = 64
     temperature: float = 0.0
@@ -59,6 +70,9 @@ class SamplingParams:
     stop: list[str] | str | None = None
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    n: int = 1
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> InvalidRequestError:
@@ -66,7 +80,7 @@ class SamplingParams:
 
         for name, bounds in LIMITS.items():
             v = getattr(self, name)
-            if name == "seed" and v is None:
+            if name in _OPTIONAL and v is None:
                 continue
             if isinstance(v, bool) or not isinstance(v, int if name in _INTEGERS else (int, float)):
                 raise bad(name, "must be an integer" if name in _INTEGERS else "must be a number")
@@ -147,3 +161,32 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+TokenLogprobs = dict[int, float]  # token id -> logprob: the chosen token's and the top-k alternatives'
+
+
+def logprobs_of(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> list[TokenLogprobs]:
+    """Rows of logits [R, vocab] and the token chosen at each row [R] -> per row {token: logprob} of the
+    chosen token and the k most likely (log_softmax in fp32; k+1 entries when the chosen one is not
+    among the top k)."""
+    import torch
+
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    picked = lp.gather(-1, chosen.to(lp.device).long()[:, None])[:, 0].tolist()
+    out: list[TokenLogprobs] = []
+    if k > 0:
+        top = torch.topk(lp, k, dim=-1)
+        values, ids = top.values.tolist(), top.indices.tolist()
+    for r, token in enumerate(chosen.tolist()):
+        row: TokenLogprobs = {int(token): float(picked[r])}
+        if k > 0:
+            row.update(zip(ids[r], values[r], strict=True))
+            row[int(token)] = float(picked[r])
+        out.append(row)
+    return out
+
+
+def top_logprobs(row: TokenLogprobs, k: int) -> list[tuple[int, float]]:
+    """The k most likely of one position's entries, most likely first."""
+    return sorted(row.items(), key=lambda item: -item[1])[:k]

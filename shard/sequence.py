@@ -21,7 +21,7 @@ import torch
 
 from entropyinfer.policies.config import SparsePrefillConfig
 from entropyinfer.policies.kv_compression import KVCompressionConfig
-from entropyinfer.shard.sampling import SamplingParams
+from entropyinfer.shard.sampling import SamplingParams, TokenLogprobs
 
 Prompt = str | list[dict[str, str]]
 ProgressFn = Callable[[int, int], None]
@@ -34,6 +34,11 @@ class RequestOutput:
     token_ids: list[int]
     finish_reason: str  # "stop" | "length" | "cancelled"
     stats: dict[str, Any] = field(default_factory=dict)
+    # with SamplingParams.logprobs: one {token: logprob} per generated token (the sampled one and top-k);
+    # with prompt_logprobs: one per prompt token, None for the first (vLLM's shapes)
+    logprobs: list[TokenLogprobs] | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    prompt_token_ids: list[int] = field(default_factory=list)
 
 
 class SequenceStatus(enum.Enum):
@@ -120,6 +125,8 @@ class Sequence:
         self.text = ""
         self.emitted = 0  # characters of `text` already handed out
         self.finish_reason: str | None = None
+        self.logprobs: list[TokenLogprobs] | None = [] if request.params.logprobs is not None else None
+        self.prompt_logprobs: list[TokenLogprobs | None] | None = None
         self.stop_ids = stop_ids
         self.stops: list[str] = list(request.params.stop or [])
         self.holdback = max((len(s) for s in self.stops), default=1) - 1
@@ -227,5 +234,7 @@ class Sequence:
 
     def output(self) -> RequestOutput:
         return RequestOutput(
-            self.request.prompt, self.text, list(self.output_ids), self.finish_reason or "length", self.stats
-        )
+            self.request.prompt, self.text, list(self.output_ids), self.finish_reason or "length", self.stats,
+            None if self.logprobs is None else list(self.logprobs), self.prompt_logprobs,
+            list(self.prompt_ids),
+        )  # fmt: skip

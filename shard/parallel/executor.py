@@ -49,7 +49,8 @@ class PrefillCall:
     the prompt's first chunk (a new attention object, `begin`, then `resume` from the prefix cache entry
     ``resume = (name, segments)`` if given); obs_row / kv: the observation-pool row the chunk's last prompt
     queries go to (None: no compression window); entropy / stats: after the prompt's last chunk, return
-    the per-head entropy (KV compression capacities) and the prefill statistics."""
+    the per-head entropy (KV compression capacities) and the prefill statistics; all_logits: return the
+    logits of every position of the chunk (prompt logprobs; rank 0 uses them, the others drop them)."""
 
     request_id: str
     tokens: torch.Tensor
@@ -64,11 +65,13 @@ class PrefillCall:
     kv: KVCompressionConfig | None = None
     entropy: bool = False
     stats: bool = False
+    all_logits: bool = False
 
 
 @dataclass(frozen=True)
 class PrefillResult:
-    """logits: fp32 ``[vocab]`` when the chunk ended the prompt, else None; entropy: float32 ``[L, Hkv]``
+    """logits: fp32 ``[vocab]`` when the chunk ended the prompt (``[C, vocab]``, every position of the
+    chunk, with `PrefillCall.all_logits`), else None; entropy: float32 ``[L, Hkv]``
     of the whole model's KV heads (None: not asked, or no layer profiled); stats: the prefill statistics
     over every head (`PrefillAttention.stats`), when asked."""
 
@@ -172,7 +175,7 @@ class LocalExecutor:
     ) -> PrefillResult:
         logits = self.engine.prefill_pages(
             call.tokens, call.start, call.seq_len, self.pages, call.table, attention,
-            progress=progress, cancel=cancel, observe=observer,
+            progress=progress, cancel=cancel, observe=observer, all_logits=call.all_logits,
         )  # fmt: skip
         if logits is None:
             return PrefillResult(None)

@@ -125,7 +125,9 @@ class RankRunner:
         progress: ProgressFn | None = None,
     ) -> PrefillResult:
         """One chunk on this rank. Rank 0 passes its sequence's attention object and observer; the other
-        ranks build theirs from `call` (a new attention object on the prompt's first chunk)."""
+        ranks build theirs from `call` (a new attention object on the prompt's first chunk). Every
+        position's logits (`call.all_logits`, prompt logprobs) are computed on rank 0 only."""
+        lead = attention is not None
         if attention is None:
             attention = self._attention(call)
             if call.obs_row is not None and call.kv is not None:
@@ -134,7 +136,7 @@ class RankRunner:
         table = call.table[self.local].to(dev)
         logits = self.engine.prefill_pages(
             call.tokens, call.start, call.seq_len, self.pages, table, attention,
-            progress=progress, observe=observer,
+            progress=progress, observe=observer, all_logits=call.all_logits and lead,
         )  # fmt: skip
         if logits is None:
             return PrefillResult(None)
