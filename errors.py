@@ -37,3 +37,8 @@ class InvalidRequestError(EntropyInferError, ValueError):
 
 class RequestCancelled(EntropyInferError):
     """The request was cancelled (its cancel event was set) before it finished."""
+
+
+class ShardGroupError(EntropyInferError, RuntimeError):
+    """A rank of the tensor-parallel group died or stopped answering: the group cannot run requests any
+    more (start a new one; the Serve shard actor rebuilds its group itself)."""

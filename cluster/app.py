@@ -4,8 +4,10 @@
 
 `build_app(args)` receives the application's `args` (typed by `ServeAppConfig`; unknown keys raise
 ConfigError with their dotted name) and returns Ingress (cluster/ingress.py, FastAPI) -> Engine
-(cluster/replica.py: shard actors in its replica's placement group). The ingress replicas run on the
-head node, where the SQLite job store lives (`ray_actor_options` of the Ingress deployment).
+(cluster/replica.py: rank 0's shard actor and its tensor-parallel ranks in the replica's placement group,
+one bundle per rank, packed on one node unless `engine.placement_strategy` says otherwise). The ingress
+replicas run on the head node, where the SQLite job store lives (`ray_actor_options` of the Ingress
+deployment).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def build_app(args: dict[str, object] | ServeAppConfig | None = None) -> Applica
             num_replicas=config.engine.num_replicas,
             max_ongoing_requests=config.engine.max_ongoing_requests,
             placement_group_bundles=shard_bundles(config.engine, accelerator),
-            placement_group_strategy="STRICT_PACK",
+            placement_group_strategy=config.engine.placement_strategy,
             health_check_timeout_s=60.0,
             health_check_period_s=config.engine.health_check_period_s,
         )

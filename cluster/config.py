@@ -36,6 +36,9 @@ class ReplicaConfig:
     load_timeout_s: float = 900.0
     health_check_period_s: float = 10.0  # Serve's check of the replica (every shard answers); a dead
     # shard is found within this, and the replica restarted
+    # The placement group of a replica's tensor-parallel ranks (one bundle each): "STRICT_PACK" keeps them on
+    # one node (NCCL over NVLink); "SPREAD" / "STRICT_SPREAD" across nodes, "PACK" where they fit.
+    placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = "STRICT_PACK"
 
     def __post_init__(self) -> None:
         for p in self.policies:
@@ -54,7 +57,8 @@ class ReplicaConfig:
 
     @property
     def num_shards(self) -> int:
-        """Shard actors per replica (one placement-group bundle each): tensor x sequence parallel size."""
+        """Ranks per replica (one placement-group bundle each): tensor x sequence parallel size. Rank 0 is
+        the shard actor (bundle 0), ranks 1.. its `RayRanks` workers (bundles 1..)."""
         return self.llm.parallel.world_size
 
 

@@ -3,7 +3,9 @@
 Every error is a JSON (or msgpack, per Accept) body `{"error": {"message", "type", "field", "code"}}`:
 a 4xx names the field to fix (the replica keeps serving), a 503 says to retry later. `to_http_error`
 maps what came back from the engine: an `events.Error` (a request the shard rejected: 400 naming its
-field) or an exception (Ray's wrappers unwrapped: an engine outage is a 503, a bug a 500).
+field) or an exception (Ray's wrappers unwrapped: an engine outage is a 503, a bug a 500). A rank of a
+tensor-parallel group that died (`ShardGroupError`) is a 503 naming the rank, with Retry-After: the shard
+actor rebuilds the group within seconds.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from entropyinfer.cluster import wire
 from entropyinfer.cluster.events import Error
 from entropyinfer.cluster.ray_errors import engine_unavailable, unwrap
-from entropyinfer.errors import ConfigError, RequestCancelled
+from entropyinfer.errors import ConfigError, RequestCancelled, ShardGroupError
 
 log = logging.getLogger(__name__)
+
+GROUP_RETRY_AFTER_S = 2  # the Retry-After of a 503 from a tensor-parallel group that lost a rank
 
 ErrorType = Literal[
     "invalid_request_error",
@@ -96,6 +100,9 @@ def to_http_error(exc: BaseException, prompt_field: str = "prompt") -> HTTPError
         return HTTPError(400, str(exc))
     if isinstance(exc, RequestCancelled):
         return HTTPError(499, "request cancelled", "cancelled")
+    if isinstance(exc, ShardGroupError):
+        message = f"engine unavailable: {exc}; the shard group is being rebuilt, retry later"
+        return HTTPError(503, message, "unavailable", retry_after=GROUP_RETRY_AFTER_S)
     if engine_unavailable(exc):
         return HTTPError(503, f"engine unavailable: {exc}; retry later", "unavailable")
     log.exception("internal error", exc_info=exc)

@@ -2,18 +2,23 @@
 
 It forwards a typed `events.Request` to its shard actor and streams the shard's typed events back
 (cluster/events.py); closing the stream before its last event cancels the request in the shard.
-Serve reserves a placement group per replica (`placement_group_bundles`: one bundle per GPU, or a CPU
-bundle per shard where there is no GPU); the replica starts its shard actors inside it, one per bundle,
-so the same code later runs tensor/sequence-parallel groups. With one shard, rank 0 does everything.
+Serve reserves a placement group per replica (`placement_group_bundles`: one bundle per rank, a GPU each,
+or CPU only where there is no GPU; `engine.placement_strategy`, STRICT_PACK by default). The replica
+starts one shard actor, rank 0, in bundle 0: it owns the engine core and, with tensor_parallel_size=k,
+starts ranks 1..k-1 as `shard_group.RayRanks` actors in bundles 1..k-1 and rebuilds them after a rank
+dies. `info()` (for /v1/models) and `status()` (for /healthz) carry the group's shape and each rank's
+health (`group`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 from ray import serve
@@ -24,6 +29,9 @@ from entropyinfer.cluster.config import ReplicaConfig, ServeAppConfig, app_confi
 from entropyinfer.cluster.events import Error, Event, Final, Prompt, Request
 from entropyinfer.cluster.metrics import EngineMetrics
 from entropyinfer.cluster.shard_actor import ShardActor, ShardInfo, ShardStats
+
+if TYPE_CHECKING:
+    from entropyinfer.cluster.shard_group import GroupHealth
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +49,7 @@ def resolve_accelerator(cfg: ReplicaConfig) -> str:
 
 
 def shard_bundles(cfg: ReplicaConfig, accelerator: str) -> list[dict[str, float]]:
-    """One placement-group bundle per shard: a GPU each on GPU clusters, CPU only otherwise."""
+    """One placement-group bundle per rank: a GPU each on GPU clusters, CPU only otherwise."""
     bundle: dict[str, float] = {"CPU": cfg.cpus_per_shard}
     if accelerator == "gpu":
         bundle["GPU"] = 1.0
@@ -59,11 +67,13 @@ class EngineInfo(ShardInfo):
 
 class EngineStatus(EngineInfo):
     """Live state for /healthz and /metrics: this replica's id, its requests in flight, each shard's
-    counters (the engine core's queues, KV pages and prefix cache under `engine_core`)."""
+    counters (the engine core's queues, KV pages and prefix cache under `engine_core`) and the shard
+    group's health (`group`: tensor_parallel_size, state, each rank's health, the last failure)."""
 
     replica: str
     in_flight: int
     shards: list[ShardStats]
+    group: GroupHealth
 
 
 @serve.deployment(name="Engine", ray_actor_options={"num_cpus": 0})
@@ -72,23 +82,31 @@ class EngineReplica:
         self.config: ServeAppConfig = app_config(args)
         cfg = self.config.engine
         self.accelerator = accelerator
+        self.replica_id = _replica_id()
         pg = get_current_placement_group()
         remote_shard: Any = ray.remote(ShardActor)  # Ray's actor classes and handles are untyped
-        self.shards: list[Any] = []
-        for rank in range(cfg.num_shards):
-            strategy = (
-                PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=rank)
-                if pg is not None
-                else None
+        strategy = (
+            PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=0)
+            if pg is not None
+            else None
+        )
+        from entropyinfer.cluster.shard_group import RayRanks  # torch: never in the ingress (imports this)
+
+        ranks = (
+            functools.partial(
+                RayRanks, pg, cfg.cpus_per_shard, accelerator == "gpu", 1, f"tp-{uuid.uuid4().hex[:8]}"
             )
-            self.shards.append(
-                remote_shard.options(
-                    num_cpus=cfg.cpus_per_shard,
-                    num_gpus=1 if accelerator == "gpu" else 0,
-                    scheduling_strategy=strategy,
-                    max_concurrency=64,
-                ).remote(cfg.llm, rank, cfg.num_shards, cfg.cpu_threads)
-            )
+            if cfg.num_shards > 1
+            else None
+        )  # made in the shard actor, once per group it builds
+        self.shards: list[Any] = [
+            remote_shard.options(
+                num_cpus=cfg.cpus_per_shard,
+                num_gpus=1 if accelerator == "gpu" else 0,
+                scheduling_strategy=strategy,
+                max_concurrency=64,
+            ).remote(cfg.llm, 0, cfg.num_shards, cfg.cpu_threads, ranks)
+        ]
         infos: list[ShardInfo] = ray.get([s.ready.remote() for s in self.shards], timeout=cfg.load_timeout_s)
         self.info_: EngineInfo = {
             **infos[0],
@@ -98,7 +116,6 @@ class EngineReplica:
             "load_format": cfg.llm.model.load_format,
         }
         self.metrics = EngineMetrics()
-        self.replica_id = _replica_id()
         log.info("engine replica ready: %s", self.info_)
 
     async def info(self) -> EngineInfo:
@@ -112,7 +129,11 @@ class EngineReplica:
         )
         self.metrics.record_shards(shards)
         return EngineStatus(
-            **self.info_, replica=self.replica_id, in_flight=self.metrics.in_flight_count, shards=list(shards)
+            **self.info_,
+            replica=self.replica_id,
+            in_flight=self.metrics.in_flight_count,
+            shards=list(shards),
+            group=shards[0]["group"],
         )
 
     async def count_tokens(self, prompts: list[Prompt]) -> list[int]:

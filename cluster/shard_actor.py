@@ -1,4 +1,10 @@
-"""The shard actor: one per GPU (or CPU bundle) of an engine replica's placement group; holds the `LLM`.
+"""The shard actor: rank 0 of an engine replica, in bundle 0 of its placement group; holds the `LLM`.
+
+With `tensor_parallel_size=k` it owns the group: the engine core runs here (rank 0) and ranks 1..k-1 run
+where `ranks()` starts them (`shard_group.RayRanks`: Ray actors in bundles 1..k-1). A rank that dies fails
+the requests in flight with `ShardGroupError` (a 503 for HTTP clients); the step loop then closes the
+group and builds a new one (also when a rank dies while idle: it checks every IDLE_CHECK_S), and `stats()`
+reports each rank's health and the failed rank (`GroupHealth`).
 
 `run(request)` answers an `events.Request` with typed events (cluster/events.py). The request is
 validated at once (policy, prompt length; its `SamplingParams` was validated where it was built) and
@@ -30,9 +36,11 @@ from entropyinfer.cluster.events import Accepted, Error, Event, Final, Progress,
 from entropyinfer.errors import PromptTooLongError
 
 if TYPE_CHECKING:
+    from entropyinfer.cluster.shard_group import GroupHealth, ShardGroup
     from entropyinfer.shard.config import LLMConfig
     from entropyinfer.shard.engine_core import EngineEvent
     from entropyinfer.shard.llm import LLM, RequestOutput
+    from entropyinfer.shard.parallel.launch import Ranks
     from entropyinfer.shard.sequence import SequenceRequest
 
 Sink = Callable[["EngineEvent | BaseException"], None]
@@ -43,6 +51,8 @@ KEEPALIVE_S = 1.0
 PROGRESS_EVERY_S = 0.2
 EARLY_CANCEL_TTL_S = 60.0  # how long a cancel for a request not (yet) running here is remembered
 EARLY_CANCEL_MAX = 10_000  # and how many at most
+IDLE_CHECK_S = 1.0  # an idle tensor-parallel group checks its ranks this often (a dead one: rebuild)
+REBUILD_RETRY_S = 5.0  # after a failed rebuild, the idle loop waits this long before the next try
 
 
 class ShardInfo(TypedDict):
@@ -51,6 +61,7 @@ class ShardInfo(TypedDict):
     device: str
     load_s: float
     rank: int
+    tensor_parallel_size: int
 
 
 class ShardStats(TypedDict):
@@ -60,14 +71,22 @@ class ShardStats(TypedDict):
     early_cancels: int  # cancels remembered for requests not (yet) running here
     # the core's `counts()`: running, waiting, swapped, preempted, kv_pages_used/total, prefix_cache_*
     engine_core: dict[str, float]
+    group: GroupHealth
 
 
 class ShardActor:
     """Wrapped with `ray.remote` by the engine deployment (this module does not import Ray)."""
 
     def __init__(
-        self, config: LLMConfig, rank: int = 0, world_size: int = 1, cpu_threads: int | None = None
+        self,
+        config: LLMConfig,
+        rank: int = 0,
+        world_size: int = 1,
+        cpu_threads: int | None = None,
+        ranks: Callable[[], Ranks] | None = None,
     ) -> None:
+        """`ranks`: makes where ranks 1.. of a tensor-parallel `config` run (called again for each rebuilt
+        group); None: processes of this machine (`LocalRanks`)."""
         import torch
 
         from entropyinfer.shard.llm import LLM
@@ -77,8 +96,13 @@ class ShardActor:
         if config.model.device in (None, "cpu") and not torch.cuda.is_available():
             torch.set_num_threads(int(cpu_threads or os.cpu_count() or 1))
         t0 = time.perf_counter()
-        llm = LLM.from_config(config)
-        self._setup(llm, config.model.model, time.perf_counter() - t0)
+        if config.parallel.world_size > 1:
+            from entropyinfer.cluster.shard_group import ShardGroup
+
+            group = ShardGroup(config, ranks)
+            self._setup(group.build(), config.model.model, time.perf_counter() - t0, group)
+        else:
+            self._setup(LLM.from_config(config), config.model.model, time.perf_counter() - t0)
 
     @classmethod
     def with_llm(cls, llm: LLM, model_name: str = "test", rank: int = 0, world_size: int = 1) -> ShardActor:
@@ -88,11 +112,12 @@ class ShardActor:
         shard._setup(llm, model_name, 0.0)
         return shard
 
-    def _setup(self, llm: LLM, model_name: str, load_s: float) -> None:
+    def _setup(self, llm: LLM, model_name: str, load_s: float, group: ShardGroup | None = None) -> None:
         self.llm = llm
         self.load_s = load_s
         self.model_name = model_name
-        self._steps = StepLoop(llm)
+        self._group = group
+        self._steps = StepLoop(llm, self._rebuild if group is not None else None)
         self._cancels: dict[str, threading.Event] = {}  # requests running here
         self._early_cancels: OrderedDict[str, float] = OrderedDict()  # request id -> monotonic time
         self._busy = 0
@@ -105,6 +130,7 @@ class ShardActor:
             "device": str(self.llm.device),
             "load_s": self.load_s,
             "rank": self.rank,
+            "tensor_parallel_size": self.llm.config.parallel.tensor_parallel_size,
         }
 
     async def health(self) -> int:
@@ -119,7 +145,20 @@ class ShardActor:
             "cancelled": self._cancelled,
             "early_cancels": len(self._early_cancels),
             "engine_core": dict(self.llm.core.counts()),
+            "group": self.group_health(),
         }
+
+    def group_health(self) -> GroupHealth:
+        """The group's shape, each rank's health (rank 0: this actor) and its last failure."""
+        from entropyinfer.cluster.shard_group import ShardGroup
+
+        return (self._group or ShardGroup(self.llm.config)).health(self.llm)
+
+    def _rebuild(self, reason: str) -> LLM:
+        """On the model thread, after the group failed: close it, build a new one (raises if that fails)."""
+        assert self._group is not None
+        self.llm = self._group.rebuild(self.llm, reason)
+        return self.llm
 
     async def count_tokens(self, prompts: list[Prompt]) -> list[int]:
         return await asyncio.to_thread(lambda: [self.llm.count_tokens(p) for p in prompts])
@@ -257,10 +296,14 @@ class ShardActor:
 class StepLoop:
     """The model thread: adds submitted requests to the engine core between steps and steps it while any
     of its requests is unfinished, handing each request's events to its sink (on this thread); sleeps
-    when there is nothing to do. An error in a step ends every request in flight with that error."""
+    when there is nothing to do. An error in a step ends every request in flight with that error.
+    With `rebuild`, a tensor-parallel group that is down (after a failed step, or a rank found dead while
+    idle) is replaced by `rebuild(reason)`'s; requests submitted meanwhile wait for the new group."""
 
-    def __init__(self, llm: LLM) -> None:
+    def __init__(self, llm: LLM, rebuild: Callable[[str], LLM] | None = None) -> None:
         self.llm = llm
+        self._rebuild = rebuild
+        self._retry_at = 0.0
         self._cond = threading.Condition()
         self._new: list[tuple[SequenceRequest, Sink]] = []
         self._sinks: dict[str, Sink] = {}
@@ -276,10 +319,16 @@ class StepLoop:
         from entropyinfer.shard.engine_core import Finished
 
         while True:
+            idle_down: str | None = None
             with self._cond:
-                while not self._new and not self._sinks:
-                    self._cond.wait()
+                while not self._new and not self._sinks and idle_down is None:
+                    woken = self._cond.wait(IDLE_CHECK_S if self._rebuild is not None else None)
+                    if not woken and time.monotonic() >= self._retry_at:
+                        idle_down = self._group_down()
                 new, self._new = self._new, []
+            if idle_down is not None and not new:
+                self._restart(idle_down)
+                continue
             for request, sink in new:
                 try:
                     self.llm.submit(request)
@@ -296,12 +345,33 @@ class StepLoop:
                     self.llm.take_events(rid)
                     sink(e)
                 self._sinks.clear()
+                down = self._group_down()
+                if down is not None:
+                    self._restart(down)
                 continue
             for rid, sink in list(self._sinks.items()):
                 for event in self.llm.take_events(rid):
                     sink(event)
                     if isinstance(event, Finished):
                         del self._sinks[rid]
+
+    def _group_down(self) -> str | None:
+        """Why this loop's tensor-parallel group cannot run any more (None: it can, or there is none)."""
+        executor = self.llm.executor
+        if self._rebuild is None or executor is None:
+            return None
+        if executor.broken is not None or executor.closed:
+            return executor.broken or "the group was closed"
+        return executor.live() if executor.live is not None else None
+
+    def _restart(self, reason: str) -> None:
+        assert self._rebuild is not None
+        try:
+            self.llm = self._rebuild(reason)
+            self._retry_at = 0.0
+        except Exception:
+            log.exception("rebuilding the tensor-parallel group failed; the next request tries again")
+            self._retry_at = time.monotonic() + REBUILD_RETRY_S
 
 
 def _final(out: RequestOutput, prompt_tokens: int) -> Final:

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from entropyinfer.errors import EntropyInferError
+from entropyinfer.errors import ShardGroupError
 from entropyinfer.policies.kv_compression import KVCompressionConfig
 from entropyinfer.shard.arch import ModelArch
 from entropyinfer.shard.attention import PrefillAttention
@@ -58,13 +58,10 @@ from entropyinfer.shard.parallel.messages import (
 from entropyinfer.shard.parallel.rank import RankRunner
 from entropyinfer.shard.sequence import Sequence
 
+__all__ = ["LockstepExecutor", "ShardGroupError", "WorkerLoop", "agree_on_pages"]
+
 T = TypeVar("T")
 LiveCheck = Callable[[], str | None]  # a sentence naming a dead rank, or None while all live
-
-
-class ShardGroupError(EntropyInferError, RuntimeError):
-    """A rank of the tensor-parallel group died or stopped answering: the group cannot run requests any
-    more (start a new one)."""
 
 
 def agree_on_pages(engine: Engine, max_context: int, plan_group: dist.ProcessGroup | None) -> int:
