@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -82,6 +82,83 @@ def _complete(url: str, max_tokens: int, timeout: float = 60.0) -> httpx.Respons
 
 def _reference(one: LLM, prompt: Any, max_tokens: int, ignore_eos: bool = True) -> str:
     return one.generate(prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos))[0].text
+
+
+# ---- without Ray: the error's status, and the step loop replacing a broken group ------------------------
+
+
+def test_a_shard_group_error_is_a_503_naming_the_rank_and_an_engine_outage() -> None:
+    from entropyinfer.cluster.http_errors import to_http_error
+    from entropyinfer.cluster.ray_errors import engine_unavailable
+    from entropyinfer.errors import ShardGroupError
+    from entropyinfer.shard.parallel.lockstep import ShardGroupError as FromLockstep
+
+    exc = ShardGroupError("the tensor-parallel group is broken: rank 1 exited (ActorDiedError: ...)")
+    err = to_http_error(exc)
+    assert (err.status, err.type, err.retry_after) == (503, "unavailable", 2)
+    assert "rank 1 exited" in err.message and "retry later" in err.message
+    assert engine_unavailable(exc) and FromLockstep is ShardGroupError  # a job is retried later
+
+
+class _Executor:
+    def __init__(self, broken: str | None) -> None:
+        self.broken, self.closed, self.live = broken, False, None
+
+
+class _FakeLLM:
+    """Steps fail with ShardGroupError while `broken`; otherwise each request finishes at its first step."""
+
+    def __init__(self, broken: str | None) -> None:
+        self.executor, self.core = _Executor(broken), self
+        self.pending: list[str] = []
+        self.events: dict[str, list[Any]] = {}
+
+    def submit(self, request: Any) -> None:
+        self.pending.append(request.request_id)
+
+    def step(self) -> None:
+        from entropyinfer.errors import ShardGroupError
+        from entropyinfer.shard.engine_core import Finished
+
+        if self.executor.broken:
+            raise ShardGroupError(f"the tensor-parallel group is broken: {self.executor.broken}")
+        for rid in self.pending:
+            self.events[rid] = [Finished(rid, cast(Any, "done"))]
+        self.pending = []
+
+    def abort(self, request_id: str) -> None:
+        self.pending.remove(request_id)
+
+    def take_events(self, request_id: str) -> list[Any]:
+        return self.events.pop(request_id, [])
+
+
+def test_the_step_loop_fails_the_requests_of_a_broken_group_then_runs_the_next_on_a_new_one() -> None:
+    from types import SimpleNamespace
+
+    from entropyinfer.cluster.shard_actor import StepLoop
+
+    broken, fresh = _FakeLLM("rank 1 exited (code -9)"), _FakeLLM(None)
+    reasons: list[str] = []
+    got: dict[str, list[Any]] = {"a": [], "b": []}
+    done = {k: threading.Event() for k in got}
+
+    def sink(rid: str) -> Any:
+        return lambda item: (got[rid].append(item), done[rid].set())
+
+    def rebuild(reason: str) -> Any:
+        reasons.append(reason)
+        return fresh
+
+    loop = StepLoop(cast(Any, broken), rebuild)
+    loop.submit(cast(Any, SimpleNamespace(request_id="a")), sink("a"))
+    assert done["a"].wait(10) and "rank 1 exited" in str(got["a"][0]), got
+    loop.submit(cast(Any, SimpleNamespace(request_id="b")), sink("b"))
+    assert done["b"].wait(10) and type(got["b"][0]).__name__ == "Finished", got
+    assert reasons == ["rank 1 exited (code -9)"] and loop.llm is fresh
+
+
+# ---- the TP=2 app over HTTP ----------------------------------------------------------------------------
 
 
 def test_tp2_app_reports_its_group_and_answers_as_one_rank(tp: str, one: LLM) -> None:
