@@ -23,6 +23,7 @@ from typing import ClassVar, Literal
 
 import msgpack
 
+from entropyinfer.cluster.logprobs import Entry
 from entropyinfer.errors import InvalidRequestError, PromptTooLongError, UnknownPolicyError
 from entropyinfer.shard.sampling import SamplingParams
 
@@ -68,16 +69,19 @@ class Progress:
 
 @dataclass(frozen=True)
 class Token:
-    """Newly decoded text of a streaming request (may be empty while a character is incomplete)."""
+    """Newly decoded text of a streaming request (may be empty while a character is incomplete);
+    `logprob`: the token's `cluster/logprobs.py: Entry` when the request asked for logprobs."""
 
     TAG: ClassVar[str] = "token"
     text: str
     token_id: int
+    logprob: Entry | None = None
 
 
 @dataclass(frozen=True)
 class Final:
-    """The request's result: finish_reason "stop", "length" or "cancelled" (then text is empty)."""
+    """The request's result: finish_reason "stop", "length" or "cancelled" (then text is empty);
+    logprobs / prompt_logprobs: one `cluster/logprobs.py: Entry` per generated / prompt token, when asked."""
 
     TAG: ClassVar[str] = "final"
     text: str
@@ -85,6 +89,8 @@ class Final:
     completion_tokens: int
     prompt_tokens: int = 0
     stats: dict[str, Stat] = field(default_factory=dict)
+    logprobs: list[Entry] | None = None
+    prompt_logprobs: list[Entry] | None = None
 
     @property
     def cancelled(self) -> bool:
@@ -134,6 +140,9 @@ _WIRE_TYPES: dict[str, tuple[type, ...]] = {  # what each field may hold on the 
     "type": (str,),
     "message": (str,),
     "field": (str, type(None)),
+    "logprob": (dict, type(None)),
+    "logprobs": (list, type(None)),
+    "prompt_logprobs": (list, type(None)),
 }
 
 

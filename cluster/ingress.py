@@ -26,6 +26,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentRes
 from entropyinfer.cluster import openai_format
 from entropyinfer.cluster.admission import Admission, check_document_tokens, check_job_counts, check_job_queue
 from entropyinfer.cluster.auth import KeyRing
+from entropyinfer.cluster.choices import engine_requests, score_only
 from entropyinfer.cluster.config import ServeAppConfig, app_config
 from entropyinfer.cluster.engine_health import CONTENT_TYPE, engine_summary, prometheus_text
 from entropyinfer.cluster.events import Accepted, Error, Event, Final, Prompt, Request
@@ -297,16 +298,19 @@ class Ingress:
             return await self._stream(
                 _request(req.prompts[0], req, stream=True), req.include_usage, chat=False
             )
-        outs = await self._generate([_request(p, req) for p in req.prompts], "prompt")
-        return respond(request, openai_format.completion_body(self.config.model_name, outs))
+        outs = await self._generate(engine_requests(list(req.prompts), req), "prompt")
+        if not req.generates:
+            outs = [score_only(o) for o in outs]
+        echoed = [p for p in req.prompts for _ in range(req.n)] if req.echo else None
+        return respond(request, openai_format.completion_body(self.config.model_name, outs, echoed))
 
     async def _chat_completions(self, request: HTTPRequest) -> Response:
         req = await self._body(request, ChatCompletionRequest)
         self._check_common(req, req.model)
         if req.stream:
             return await self._stream(_request(req.chat(), req, stream=True), req.include_usage, chat=True)
-        (out,) = await self._generate([_request(req.chat(), req)], "messages")
-        return respond(request, openai_format.chat_body(self.config.model_name, out))
+        outs = await self._generate(engine_requests([req.chat()], req), "messages")
+        return respond(request, openai_format.chat_body(self.config.model_name, outs))
 
     async def _stream(self, engine_request: Request, include_usage: bool, chat: bool) -> Response:
         """SSE: the request is validated (its first event is `Accepted`) before the 200 goes out."""

@@ -21,6 +21,7 @@ from typing import Literal, TypedDict
 from entropyinfer.cluster import wire
 from entropyinfer.cluster.events import Final, Stat
 from entropyinfer.cluster.http_errors import ErrorBody
+from entropyinfer.cluster.logprobs import Entry, chat_logprobs, completion_logprobs
 
 DONE = "data: [DONE]\n\n"
 
@@ -47,7 +48,7 @@ class TextChoice(TypedDict):
     index: int
     text: str
     finish_reason: str | None
-    logprobs: None
+    logprobs: dict[str, object] | None
     stats: dict[str, Stat]
 
 
@@ -55,6 +56,7 @@ class ChatChoice(TypedDict):
     index: int
     message: Message
     finish_reason: str | None
+    logprobs: dict[str, object] | None
     stats: dict[str, Stat]
 
 
@@ -106,22 +108,36 @@ def _id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def completion_body(model: str, outs: list[Final]) -> CompletionBody:
-    """/v1/completions: one choice per prompt, usage summed over them."""
-    choices: list[TextChoice] = [
-        {"index": i, "text": o.text, "finish_reason": o.finish_reason, "logprobs": None, "stats": o.stats}
-        for i, o in enumerate(outs)
-    ]
+def completion_body(model: str, outs: list[Final], echoed: list[str] | None = None) -> CompletionBody:
+    """/v1/completions: one choice per result (n per prompt, in prompt order), usage summed over them;
+    `echoed`: each result's prompt, put before its text (with its logprobs, when asked)."""
+    choices: list[TextChoice] = []
+    for i, o in enumerate(outs):
+        prompt = echoed[i] if echoed is not None else ""
+        items: list[Entry] | None = o.logprobs
+        if echoed is not None and o.prompt_logprobs is not None:
+            items = [*o.prompt_logprobs, *(o.logprobs or [])]
+        logprobs = None if items is None else completion_logprobs(items)
+        choices.append(
+            {"index": i, "text": prompt + o.text, "finish_reason": o.finish_reason, "logprobs": logprobs,
+             "stats": o.stats}
+        )  # fmt: skip
     return _body("text_completion", model, choices, outs)
 
 
-def chat_body(model: str, out: Final) -> CompletionBody:
-    """/v1/chat/completions: the assistant's message."""
-    message: Message = {"role": "assistant", "content": out.text}
+def chat_body(model: str, outs: list[Final]) -> CompletionBody:
+    """/v1/chat/completions: the assistant's message, one choice per result (n)."""
     choices: list[ChatChoice] = [
-        {"index": 0, "message": message, "finish_reason": out.finish_reason, "stats": out.stats}
+        {
+            "index": i,
+            "message": {"role": "assistant", "content": o.text},
+            "finish_reason": o.finish_reason,
+            "logprobs": None if o.logprobs is None else chat_logprobs(o.logprobs),
+            "stats": o.stats,
+        }
+        for i, o in enumerate(outs)
     ]
-    return _body("chat.completion", model, choices, [out])
+    return _body("chat.completion", model, choices, outs)
 
 
 def _body(
@@ -146,6 +162,7 @@ class Chunks:
 
     def __init__(self, model: str, chat: bool) -> None:
         self.chat = chat
+        self.offset = 0  # characters streamed so far (a completion's text_offset)
         self.head: dict[str, object] = {
             "id": _id("chatcmpl" if chat else "cmpl"),
             "object": "chat.completion.chunk" if chat else "text_completion",
@@ -157,12 +174,16 @@ class Chunks:
         """A chat stream's first chunk: the assistant's role, no content yet."""
         return self._line({**self.head, "choices": [{"index": 0, "delta": {"role": "assistant"}}]})
 
-    def delta(self, text: str | None, finish_reason: str | None = None) -> str:
+    def delta(self, text: str | None, finish_reason: str | None = None, logprob: Entry | None = None) -> str:
         choice: dict[str, object]
         if self.chat:
             choice = {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish_reason}
+            if logprob is not None:
+                choice["logprobs"] = chat_logprobs([logprob])
         else:
-            choice = {"index": 0, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
+            lp = None if logprob is None else completion_logprobs([logprob], self.offset)
+            choice = {"index": 0, "text": text or "", "finish_reason": finish_reason, "logprobs": lp}
+        self.offset += len(text or "")
         return self._line({**self.head, "choices": [choice]})
 
     def usage(self, final: Final) -> str:

@@ -71,19 +71,28 @@ class SamplingFields(BaseModel):
     @model_validator(mode="after")
     def _build_sampling(self) -> SamplingFields:
         try:
-            self._sampling = SamplingParams(
-                max_tokens=self.max_tokens if self.max_tokens is not None else self.default_max_tokens,
-                temperature=self.temperature,
-                top_p=self.top_p,
-                top_k=self.top_k,
-                seed=self.seed,
-                stop=self.stop,
-                ignore_eos=self.ignore_eos,
-            )
+            fields: dict[str, Any] = {
+                "max_tokens": self.max_tokens if self.max_tokens is not None else self.default_max_tokens,
+                "temperature": self.temperature,
+                "top_p": self.top_p,
+                "top_k": self.top_k,
+                "seed": self.seed,
+                "stop": self.stop,
+                "ignore_eos": self.ignore_eos,
+            }
+            self._sampling = SamplingParams(**{**fields, **self._sampling_extra()})
         except InvalidRequestError as e:
-            field = e.field or "body"
-            raise _FieldError(field, str(e).removeprefix(f"{field} ")) from None
+            field = self._field_names().get(e.field or "body", e.field or "body")
+            raise _FieldError(field, str(e).removeprefix(f"{e.field} ")) from None
         return self
+
+    def _sampling_extra(self) -> dict[str, Any]:
+        """Sampling fields a body kind adds (logprobs, n), or overrides."""
+        return {}
+
+    def _field_names(self) -> dict[str, str]:
+        """The body's name of a SamplingParams field, where they differ."""
+        return {}
 
     @property
     def sampling_params(self) -> SamplingParams:
@@ -96,15 +105,20 @@ class _OpenAIFields(SamplingFields):
     model: Text | None = None
     stream: bool = False
     n: int = 1
+    best_of: int | None = None
     user: Text | None = None
     stream_options: dict[str, object] | None = None
 
-    @field_validator("n")
-    @classmethod
-    def _n(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError("only n=1 is supported")
-        return v
+    def _sampling_extra(self) -> dict[str, Any]:
+        return {"n": self.n}
+
+    @model_validator(mode="after")
+    def _n_choices(self) -> _OpenAIFields:
+        if self.best_of is not None and self.best_of != self.n:
+            raise _FieldError("best_of", "best_of other than n is not supported")
+        if self.stream and self.n > 1:
+            raise _FieldError("n", "streaming takes n=1")
+        return self
 
     @property
     def include_usage(self) -> bool:
@@ -115,8 +129,21 @@ class CompletionRequest(_OpenAIFields):
     default_max_tokens: ClassVar[int] = 16  # OpenAI's default for /v1/completions
 
     prompt: Text | list[Text]
-    echo: bool = False
-    logprobs: int | None = None
+    echo: bool = False  # with logprobs: the prompt's logprobs too (its first token's is null)
+    logprobs: int | None = None  # top alternatives per token, within shard/sampling.py: MAX_LOGPROBS
+
+    def _sampling_extra(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {"n": self.n, "logprobs": self.logprobs}
+        if self.echo and self.logprobs is not None:
+            extra["prompt_logprobs"] = self.logprobs
+        if self.echo and self.max_tokens == 0:  # score the prompt only: one token is run, then dropped
+            extra["max_tokens"] = 1
+        return extra
+
+    @property
+    def generates(self) -> bool:
+        """False for `echo` with max_tokens 0: the answer is the prompt alone."""
+        return not (self.echo and self.max_tokens == 0)
 
     @field_validator("prompt")
     @classmethod
@@ -128,24 +155,12 @@ class CompletionRequest(_OpenAIFields):
             raise ValueError("prompt must not be empty")
         return v
 
-    @field_validator("echo")
-    @classmethod
-    def _echo(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("echo is not supported")
-        return v
-
-    @field_validator("logprobs")
-    @classmethod
-    def _logprobs(cls, v: int | None) -> int | None:
-        if v is not None:
-            raise ValueError("logprobs is not supported")
-        return v
-
     @model_validator(mode="after")
     def _stream_single(self) -> CompletionRequest:
         if self.stream and isinstance(self.prompt, list) and len(self.prompt) != 1:
             raise _FieldError("prompt", "streaming takes a single prompt")
+        if self.stream and self.echo:
+            raise _FieldError("echo", "echo is not streamed: send it with stream false")
         return self
 
     @property
@@ -171,6 +186,16 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_OpenAIFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None  # alternatives per token with logprobs true (0 when absent)
+
+    def _sampling_extra(self) -> dict[str, Any]:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise _FieldError("top_logprobs", "top_logprobs requires logprobs: true")
+        return {"n": self.n, "logprobs": (self.top_logprobs or 0) if self.logprobs else None}
+
+    def _field_names(self) -> dict[str, str]:
+        return {"logprobs": "top_logprobs"}
 
     @model_validator(mode="before")
     @classmethod

@@ -32,7 +32,7 @@ async def sse_events(
             yield chunks.role()
         async for ev in gen:
             if isinstance(ev, Token):
-                yield chunks.delta(ev.text)
+                yield chunks.delta(ev.text, logprob=ev.logprob)
             elif isinstance(ev, Final):
                 finished = True
                 yield chunks.delta(None, ev.finish_reason)

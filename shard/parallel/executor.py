@@ -50,7 +50,7 @@ class PrefillCall:
     ``resume = (name, segments)`` if given); obs_row / kv: the observation-pool row the chunk's last prompt
     queries go to (None: no compression window); entropy / stats: after the prompt's last chunk, return
     the per-head entropy (KV compression capacities) and the prefill statistics; all_logits: return the
-    logits of every position of the chunk (prompt logprobs; rank 0 uses them, the others drop them)."""
+    logits of every position of the chunk (prompt logprobs; computed on rank 0 only)."""
 
     request_id: str
     tokens: torch.Tensor

@@ -288,7 +288,7 @@ BAD = [
     ),
     ("unknown-model", "/v1/completions", {"prompt": "x", "model": "gpt-9"}, "json", 404, "model"),
     ("unknown-job-field", "/v1/jobs", {**JOB, "questoin": "typo"}, "json", 400, "questoin"),
-    ("n-greater-than-one", "/v1/completions", {"prompt": "x", "n": 3}, "json", 400, "n"),
+    ("n-over-the-limit", "/v1/completions", {"prompt": "x", "n": 17}, "json", 400, "n"),
     ("body-too-large", "/v1/jobs", {**JOB, "documents": ["x" * (2 << 20)]}, "json", 413, "body"),
     # JSON strings with lone surrogates decode to str that no UTF-8 encoder (tokenizer, SQLite) accepts
     ("surrogate-prompt", "/v1/completions", b'{"prompt": "\\ud800", "max_tokens": 2}', "json", 400, "prompt"),

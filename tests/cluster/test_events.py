@@ -75,7 +75,7 @@ def _raw(**body: object) -> bytes:
         (_raw(tag="token", text="x", token_id=1), "version None"),
         (_raw(v=VERSION, tag="tokens", text="x", token_id=1), "unknown message tag 'tokens'"),
         (_raw(v=VERSION, text="x", token_id=1), "unknown message tag None"),
-        (_raw(v=VERSION, tag="token", text="x", token_id=1, logprob=0.5), "unknown field(s) logprob"),
+        (_raw(v=VERSION, tag="token", text="x", token_id=1, logprobz=0.5), "unknown field(s) logprobz"),
         (_raw(v=VERSION, tag="token", text="x"), "token_id"),
         (_raw(v=VERSION, tag="token", text=5, token_id=1), "token.text"),
         (_raw(v=VERSION, tag="progress", done=True, total=3), "progress.done"),

@@ -70,9 +70,9 @@ def test_bad_job_bodies_name_the_field(body: dict[str, Any], field: str) -> None
         ({"prompt": []}, "prompt"),
         ({"prompt": 5}, "prompt"),
         ({"prompt": ["a", "b"], "stream": True}, "prompt"),
-        ({"prompt": "p", "n": 2}, "n"),
+        ({"prompt": "p", "n": 17}, "n"),  # over shard/sampling.py: MAX_N
         ({"prompt": "p", "stream": "yes"}, "stream"),
-        ({"prompt": "p", "logprobs": 3}, "logprobs"),
+        ({"prompt": "p", "logprobs": 21}, "logprobs"),  # over MAX_LOGPROBS
     ],
 )
 def test_bad_completion_bodies(body: dict[str, Any], field: str) -> None:
