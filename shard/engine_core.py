@@ -143,8 +143,9 @@ class EngineCore:
             seq.chunk_unit, seq.resume_unit = unit, unit // ps
             last_segment = (n - 1) // req.sparse.segment_size * req.sparse.segment_size
             limit = min(last_segment, n - keep)
-            profiled = n > max(req.sparse.threshold_len, req.sparse.segment_size) + req.sparse.segment_size
-            seq.share_pages = last_segment // ps if profiled else 0  # the writer's last segment ran dense
+            # the writer's last segment ran dense; a prompt too short for sparse segments still profiles
+            # every layer (its state serves longer readers), and its earlier segments are dense for them too
+            seq.share_pages = last_segment // ps
             key: tuple = ("sparse", attention.policy, attention.layer_config)
         else:
             seq.chunk_unit = ps

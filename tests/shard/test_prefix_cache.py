@@ -90,6 +90,19 @@ def test_a_prefix_cache_hit_gives_the_same_tokens_as_a_miss(cached: LLM, uncache
     assert cached.core.pages.used_pages == 0
 
 
+@pytest.mark.parametrize("policy", ["entropy", "fixed"])
+def test_a_prompt_too_short_for_sparse_segments_shares_its_pages_with_longer_readers(
+    cached: LLM, uncached: LLM, policy: str
+) -> None:
+    short, longer = DOC[:110], DOC[:110] + DOC[200:]  # 110 tokens run dense (threshold 64 + two segments)
+    writer = run(cached.core, [req(cached, "w", short, policy)])["w"].output
+    reader = run(cached.core, [req(cached, "r", longer, policy)])["r"].output
+    miss = run(uncached.core, [req(uncached, "m", longer, policy)])["m"].output
+    assert writer.stats["density"] == 1.0 and reader.stats["cached_tokens"] == 64
+    assert reader.token_ids == miss.token_ids
+    assert reader.stats["density"] == pytest.approx(miss.stats["density"]) and miss.stats["density"] < 1.0
+
+
 def test_chunked_prefill_equals_one_shot_while_streams_decode(tiny_checkpoint: Path) -> None:
     llm = tiny(tiny_checkpoint, max_num_batched_tokens=96, enable_prefix_caching=False, mode=MODE)
     long_params = SamplingParams(max_tokens=6, ignore_eos=True)
