@@ -16,20 +16,13 @@ import secrets
 from entropyinfer.cluster.events import Final, Prompt, Request
 from entropyinfer.cluster.logprobs import Entry
 from entropyinfer.cluster.schemas import SamplingFields
-from entropyinfer.shard.sampling import SamplingParams
-
-
-def fork_params(params: SamplingParams, j: int) -> SamplingParams:
-    """The sampling of a request's j-th sequence."""
-    seed = None if params.seed is None else (params.seed + j) % 2**63
-    return dataclasses.replace(params, n=1, seed=params.seed if j == 0 else seed)
 
 
 def engine_requests(prompts: list[Prompt], req: SamplingFields, stream: bool = False) -> list[Request]:
     """n requests per prompt, in choice order."""
     params = req.sampling_params
     return [
-        Request(secrets.token_hex(16), p, fork_params(params, j), req.policy, stream)
+        Request(secrets.token_hex(16), p, params.fork(j), req.policy, stream)
         for p in prompts
         for j in range(params.n)
     ]

@@ -53,7 +53,7 @@ _DTYPES = {
 
 @dataclass
 class StreamEvent:
-    index: int  # which prompt of the call
+    index: int  # which prompt of the call (prompt i's sequence j with SamplingParams.n: i * n + j)
     token_id: int
     text: str  # newly decoded text (may be empty while a multi-byte character or stop string is pending)
     finished: bool
@@ -234,7 +234,9 @@ class LLM:
         progress: ProgressFn | None = None,
         cancel: threading.Event | None = None,
     ) -> list[RequestOutput]:
-        """One `RequestOutput` per prompt (a single prompt still gives a list of one).
+        """One `RequestOutput` per prompt (a single prompt still gives a list of one); with
+        ``params.n`` > 1, n per prompt, prompt after prompt (sequence j samples with ``seed + j``; they
+        run together, so the forks take the prompt's pages from the prefix cache).
 
         Every prompt is added to the engine core at once and they run together (continuous batching: more
         prompts than `max_num_seqs`, or than the KV pages hold, wait in its queue). `policy` overrides the
@@ -242,9 +244,9 @@ class LLM:
         (``{"target_density": 0.25}``, ``{"base_budget": 512}``; ConfigError names a bad key). `progress`
         gets (prompt tokens prefilled, all prompt tokens of the call) per layer; `cancel` stops every
         prompt of the call (RequestCancelled)."""
-        batch = _as_batch(prompts)
-        outputs: list[RequestOutput | None] = [None] * len(batch)
-        run = self._run(batch, params or SamplingParams(), policy, policy_options, progress, cancel)
+        batch, params = _as_batch(prompts), params or SamplingParams()
+        outputs: list[RequestOutput | None] = [None] * (len(batch) * params.n)
+        run = self._run(batch, params, policy, policy_options, progress, cancel)
         for ev in run:
             if ev.output is not None:
                 outputs[ev.index] = ev.output
@@ -261,6 +263,8 @@ class LLM:
     ) -> Iterator[StreamEvent]:
         """Token-by-token events for one prompt; the last has `finished=True` and the full `output`.
         Several streams may be consumed interleaved: they advance the same engine core."""
+        if params is not None and params.n > 1:
+            raise InvalidRequestError("stream takes n=1 (generate runs n sequences)", field="n")
         yield from self._run([prompt], params or SamplingParams(), policy, policy_options, None, cancel)
 
     def _run(
@@ -293,11 +297,12 @@ class LLM:
                     if progress is not None:
                         progress(base + done, total)
 
-                rid = f"llm-{call}-{i}"
-                self.submit(
-                    self.request(rid, prompt, params, policy, policy_options, on_layer, cancel, ids=ids)
-                )
-                index[rid] = i
+                for j in range(params.n):  # the forks of an n-sequence request report no progress
+                    rid, fork = f"llm-{call}-{i}-{j}", params.fork(j) if params.n > 1 else params
+                    report = on_layer if j == 0 else None
+                    seq = self.request(rid, prompt, fork, policy, policy_options, report, cancel, ids=ids)
+                    self.submit(seq)
+                    index[rid] = i * params.n + j
                 base += len(ids)
             pending = set(index)
             while pending:

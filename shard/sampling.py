@@ -107,6 +107,12 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    def fork(self, j: int) -> SamplingParams:
+        """The sampling of sequence j of an n-sequence request: n=1, and seed + j (its own stream) when a
+        seed is given."""
+        seed = None if self.seed is None else (self.seed + j) % 2**63
+        return dataclasses.replace(self, n=1, seed=seed)
+
     def to_dict(self) -> dict[str, object]:
         """Plain data (JSON and msgpack): every field, `stop` as a list or None."""
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}

@@ -71,10 +71,26 @@ def test_prompt_logprobs_cover_every_prompt_token_even_when_cached(llm: LLM) -> 
     assert llm.core.pages.used_pages == 0
 
 
+def test_n_sequences_fork_the_prompt_each_with_its_own_seed(llm: LLM) -> None:
+    prompt = "a fork of the same prompt " * 12  # several KV pages
+    params = SamplingParams(max_tokens=5, temperature=1.0, seed=5, ignore_eos=True, n=3)
+    outs = llm.generate([prompt, PROMPT], params)
+    assert len(outs) == 6 and [o.prompt for o in outs] == [prompt] * 3 + [PROMPT] * 3
+    alone = [llm.generate(prompt, SamplingParams(max_tokens=5, temperature=1.0, seed=s, ignore_eos=True))[0]
+             for s in (5, 6, 7)]  # fmt: skip
+    assert [o.token_ids for o in outs[:3]] == [o.token_ids for o in alone]
+    page = llm.core.pages.page_size
+    n = len(llm.encode(prompt))
+    assert outs[0].stats.get("cached_tokens", 0) == 0  # the first prefills it ...
+    assert all(o.stats["cached_tokens"] >= (n - 1) // page * page - page for o in outs[1:3])  # ... once
+    with pytest.raises(InvalidRequestError):
+        next(iter(llm.stream(prompt, params)))
+
+
 @pytest.mark.parametrize("field", ["logprobs", "prompt_logprobs", "n"])
 def test_limits_are_checked(field: str) -> None:
     bad = {"logprobs": MAX_LOGPROBS + 1, "prompt_logprobs": -1, "n": 0}[field]
     with pytest.raises(InvalidRequestError) as e:
-        SamplingParams(**{field: bad})
+        SamplingParams.from_dict({field: bad})
     assert e.value.field == field
     assert SamplingParams(logprobs=0, prompt_logprobs=MAX_LOGPROBS, n=2).to_dict()["n"] == 2
