@@ -2,8 +2,9 @@
 Llama with load_format="dummy"), as a second app at /tp beside the session's: one shard actor (rank 0) and
 a `RayRanks` worker for rank 1 in the replica's 2-bundle placement group. Greedy answers over HTTP equal
 one rank's; a document job completes; killing rank 1's actor mid-request gives the client a 503 naming
-the rank within seconds, the shard actor rebuilds the group, /healthz-level status says which rank
-failed, and the next request succeeds with the same answer."""
+the rank within seconds, the shard actor rebuilds the group, the engine status says which rank failed,
+and the next request succeeds with the same answer; a rank killed while the group is idle is found and
+replaced before the next request. Without Ray: the error's HTTP status, and the step loop's rebuild."""
 
 from __future__ import annotations
 
@@ -220,3 +221,11 @@ def test_a_killed_rank_fails_the_request_with_503_then_the_group_is_rebuilt(tp: 
     again = _complete(tp, 12)
     assert again.status_code == 200, again.text
     assert again.json()["choices"][0]["text"] == _reference(one, PROMPT, 12)
+
+    ray.kill(ray.get_actor(group["ranks"][1]["actor"], namespace=RANK_NAMESPACE))  # now while idle
+    deadline = time.monotonic() + 120
+    while (group := _status()["group"])["state"] != "ok" or group["rebuilds"] < 2:  # found within ~1 s
+        assert time.monotonic() < deadline, group
+        time.sleep(0.2)
+    assert group["failed_ranks"] == [1]
+    assert _complete(tp, 12).json()["choices"][0]["text"] == _reference(one, PROMPT, 12)
