@@ -101,6 +101,21 @@ def test_a_shard_group_error_is_a_503_naming_the_rank_and_an_engine_outage() -> 
     assert engine_unavailable(exc) and FromLockstep is ShardGroupError  # a job is retried later
 
 
+def test_the_replica_asks_for_one_bundle_per_rank_packed_unless_configured(tiny_checkpoint: Path) -> None:
+    from entropyinfer.cluster.config import app_config
+    from entropyinfer.cluster.replica import shard_bundles
+    from entropyinfer.errors import ConfigError
+
+    llm = {"model": str(tiny_checkpoint), "tensor_parallel_size": 2}
+    cfg = app_config({"engine": {"llm": llm, "cpus_per_shard": 0.25}}).engine
+    assert cfg.placement_strategy == "STRICT_PACK" and cfg.num_shards == 2
+    assert shard_bundles(cfg, "cpu") == [{"CPU": 0.25}] * 2
+    assert shard_bundles(cfg, "gpu") == [{"CPU": 0.25, "GPU": 1.0}] * 2
+    assert app_config({"engine": {"placement_strategy": "SPREAD"}}).engine.placement_strategy == "SPREAD"
+    with pytest.raises(ConfigError, match="placement_strategy"):
+        app_config({"engine": {"placement_strategy": "ANYWHERE"}})
+
+
 class _Executor:
     def __init__(self, broken: str | None) -> None:
         self.broken, self.closed, self.live = broken, False, None
