@@ -75,13 +75,17 @@ def shard_counts(rank: int, shard: Mapping[str, Any]) -> EngineCounts:
 
 
 def engine_summary(status: Mapping[str, Any]) -> dict[str, Any]:
-    """The engine block of /healthz: the replica, its requests in flight and each shard's core counts."""
+    """The engine block of /healthz: the replica, its requests in flight, each shard's core counts and, for
+    a tensor-parallel group, its health (`group`)."""
     shards: Sequence[Mapping[str, Any]] = status.get("shards") or []
-    return {
+    summary: dict[str, Any] = {
         "replica": str(status.get("replica") or ""),
         "in_flight": int(status.get("in_flight") or 0),
         "shards": [shard_counts(rank, s) for rank, s in enumerate(shards)],
     }
+    if status.get("group") is not None:  # a tensor-parallel group: its shape, state and each rank's health
+        summary["group"] = status["group"]
+    return summary
 
 
 def _escape(value: str) -> str:

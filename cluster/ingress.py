@@ -274,6 +274,7 @@ class Ingress:
             "max_context": info["max_context"],
             "policies": list(self.config.engine.policies),
             "default_policy": self.config.engine.llm.policy,
+            "tensor_parallel_size": info.get("tensor_parallel_size", 1),
         }
         return respond(request, {"object": "list", "data": [card]})
 

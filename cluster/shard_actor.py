@@ -33,6 +33,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, TypedDict
 
 from entropyinfer.cluster.events import Accepted, Error, Event, Final, Progress, Prompt, Request, Token
+from entropyinfer.cluster.logprobs import Entry, output_entries, token_entry
 from entropyinfer.errors import PromptTooLongError
 
 if TYPE_CHECKING:
@@ -236,15 +237,15 @@ class ShardActor:
             from entropyinfer.shard.engine_core import Finished, TokenDelta
 
             if isinstance(item, TokenDelta):
-                if request.stream and item.text:
-                    put(Token(item.text, item.token_id))
+                if request.stream and (item.text or item.logprobs is not None):
+                    put(Token(item.text, item.token_id, token_entry(self.llm.tokenizer, item, params)))
                 return
             if isinstance(item, Finished):
                 if item.output.finish_reason == "cancelled":
                     self._cancelled += 1
                     put(Final("", "cancelled", 0, n))
                 else:
-                    put(_final(item.output, n))
+                    put(_final(item.output, n, output_entries(self.llm.tokenizer, item.output, params)))
             else:
                 put(Error.from_exception(item) or item)
             put(None)
@@ -374,6 +375,6 @@ class StepLoop:
             self._retry_at = time.monotonic() + REBUILD_RETRY_S
 
 
-def _final(out: RequestOutput, prompt_tokens: int) -> Final:
+def _final(out: RequestOutput, prompt_tokens: int, logprobs: dict[str, list[Entry] | None]) -> Final:
     stats = {k: v for k, v in dict(out.stats).items() if isinstance(v, (int, float, str, bool)) or v is None}
-    return Final(out.text, out.finish_reason, len(out.token_ids), prompt_tokens, stats)
+    return Final(out.text, out.finish_reason, len(out.token_ids), prompt_tokens, stats, **logprobs)
