@@ -117,6 +117,7 @@ def test_early_cancels_are_bounded(smollm2: LLM, monkeypatch: pytest.MonkeyPatch
             await shard.cancel(f"r{i}")
         stats = dict(await shard.stats())
         stats.pop("engine_core")
+        assert stats.pop("group")["rebuilds"] == 0  # one rank, never rebuilt
         return stats
 
     assert asyncio.run(scenario()) == {"busy": 0, "running": 0, "cancelled": 0, "early_cancels": 5}
@@ -177,4 +178,5 @@ def test_leaving_the_stream_early_stops_the_model(smollm2: LLM) -> None:
 
     stats = dict(asyncio.run(scenario()))
     assert stats.pop("engine_core")["kv_pages_used"] == 0  # the cancelled request's pages are back
+    assert stats.pop("group")["failed_ranks"] == []
     assert stats == {"busy": 0, "running": 0, "cancelled": 1, "early_cancels": 0}
