@@ -48,6 +48,7 @@ __all__ = [
     "build_prefill_attention",
     "cached_decode_attention",
     "dense_causal_attention",
+    "prompt_attention",
     "warm_up_lengths",
     "warm_up_sparse_prefill",
 ]
@@ -388,3 +389,12 @@ def build_prefill_attention(policy: str, config: SparsePrefillConfig) -> Prefill
     if entry.prefill == "sparse" and entry.selection is not None:
         return SparsePrefill(entry.selection, config)
     return DensePrefill()
+
+
+def prompt_attention(
+    policy: str, config: SparsePrefillConfig, num_layers: int, seq_len: int
+) -> PrefillAttention:
+    """`build_prefill_attention` for one `seq_len`-token prompt, its `begin` already called."""
+    attention = build_prefill_attention(policy, config)
+    attention.begin(num_layers, seq_len)
+    return attention

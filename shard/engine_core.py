@@ -39,7 +39,7 @@ import torch
 
 from entropyinfer.errors import PromptTooLongError, RequestCancelled
 from entropyinfer.policies.kv_compression import KVCompressionConfig
-from entropyinfer.shard.attention import PrefillAttention, SparsePrefill, build_prefill_attention
+from entropyinfer.shard.attention import PrefillAttention, SparsePrefill, prompt_attention
 from entropyinfer.shard.compression import PromptObserver, compression_due
 from entropyinfer.shard.engine import Engine
 from entropyinfer.shard.parallel.executor import Executor, LocalExecutor, PrefillCall, resumable
@@ -121,11 +121,7 @@ class EngineCore:
 
     def _new_attention(self, seq: Sequence) -> PrefillAttention:
         req = seq.request
-        attention = build_prefill_attention(req.policy, req.sparse)
-        begin = getattr(attention, "begin", None)
-        if begin is not None:  # per-prompt setup (the fixed policy's budget for a target density)
-            begin(self.arch.num_layers, seq.num_prompt_tokens)
-        return attention
+        return prompt_attention(req.policy, req.sparse, self.arch.num_layers, seq.num_prompt_tokens)
 
     def _plan_prefill(self, seq: Sequence) -> None:
         """How `seq` may prefill: its chunk unit, and what it may take from and give to the prefix cache
@@ -133,7 +129,7 @@ class EngineCore:
         req, n, ps = seq.request, seq.num_prompt_tokens, self.pages.page_size
         attention = self._new_attention(seq)
         seq.attention = attention
-        if not getattr(attention, "chunkable", False) or req.params.prompt_logprobs is not None:
+        if not attention.chunkable or req.params.prompt_logprobs is not None:
             return  # a non-causal budget rule, or every prompt position's logits: one-shot, no prefix cache
         keep = 1  # a reader recomputes at least the last position (its logits) ...
         if req.kv is not None and req.params.max_tokens > 1:  # ... and the queries compression observes
@@ -150,7 +146,7 @@ class EngineCore:
         else:
             seq.chunk_unit = ps
             limit, seq.share_pages, key = n - keep, n // ps, ("dense",)
-        if self.config.enable_prefix_caching and getattr(attention, "prefix_cacheable", True):
+        if self.config.enable_prefix_caching and attention.prefix_cacheable:
             seq.cache_limit = max(limit, 0) // ps
             seq.page_names = page_names(seq.prompt_ids, ps, key)
         else:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from entropyinfer.policies.kv_compression import KVCompressionConfig, head_capacities, plan_keep
 from entropyinfer.shard.arch import ModelArch
-from entropyinfer.shard.attention import PrefillAttention, build_prefill_attention
+from entropyinfer.shard.attention import PrefillAttention, prompt_attention
 from entropyinfer.shard.compression import ObservationPool, PromptObserver
 from entropyinfer.shard.engine import Engine
 from entropyinfer.shard.kv_pages import KVPages
@@ -150,10 +150,7 @@ class RankRunner:
     def _attention(self, call: PrefillCall) -> PrefillAttention:
         if not call.first:
             return self.attentions[call.request_id]
-        attention = build_prefill_attention(call.policy, call.sparse)
-        begin = getattr(attention, "begin", None)
-        if begin is not None:
-            begin(self.arch.num_layers, call.seq_len)
+        attention = prompt_attention(call.policy, call.sparse, self.arch.num_layers, call.seq_len)
         if call.resume is not None:
             snapshot, segments = self.snapshots[call.resume[0]]
             attention.resume(resumable(snapshot, segments))
