@@ -253,13 +253,6 @@ class ObservationPool:
     def release(self, row: int) -> None:
         self._free.append(row)
 
-    def record_prompt(
-        self, row: int, layer: int, q_all: torch.Tensor, n: int, window: int, keep: int
-    ) -> None:
-        """Prefill: the last `keep` prompt queries of one layer (q_all ``[Hq, >=n, d]``) into the row."""
-        p = min(keep, n)
-        self.q[layer, row, :, window - p : window] = q_all[:, n - p : n]
-
     def append(self, layer: int, rows: torch.Tensor, slots: torch.Tensor, q: torch.Tensor) -> None:
         """Decode: q ``[B, Hq, 1, d]`` of one layer into ``(rows[b], slots[b])`` (int64 device tensors)."""
         self.q[layer][rows, :, slots] = q[:, :, 0]
@@ -275,9 +268,6 @@ class PromptObserver:
 
     def __init__(self, pool: ObservationPool, row: int, cfg: KVCompressionConfig) -> None:
         self.pool, self.row, self.cfg = pool, row, cfg
-
-    def record_prompt(self, layer: int, slot: int, q_all: torch.Tensor, n: int) -> None:
-        self.pool.record_prompt(self.row, layer, q_all, n, self.cfg.window, self.cfg.prompt_queries)
 
     def record_chunk(self, layer: int, q: torch.Tensor, start: int, seq_len: int) -> None:
         """A prefill chunk's queries q ``[Hq, C, d]`` (positions ``start ..``) that are among the prompt's

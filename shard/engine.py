@@ -24,7 +24,7 @@ from entropyinfer.shard.compression import DecodeCompressor, ObservationWindow
 from entropyinfer.shard.config import EngineConfig
 from entropyinfer.shard.kv_cache import CompactKVCache, KVCache
 from entropyinfer.shard.kv_pages import KVPages
-from entropyinfer.shard.model import CausalLM
+from entropyinfer.shard.model import CausalLM, DecoderLayer
 
 ProgressFn = Callable[[int, int], None]
 
@@ -75,9 +75,7 @@ class Engine:
         h = self.model.model.embed_tokens(tokens.to(self.device))  # [N, hidden]
         cos, sin = self.model.rotary(torch.arange(n, device=self.device), self.dtype)
         q_all = torch.empty(hq, n, d, device=self.device, dtype=self.dtype)
-        begin = getattr(attention, "begin", None)  # optional: per-prompt setup (SparsePrefill's budget solve)
-        if begin is not None:
-            begin(len(self.model.layers), n)
+        attention.begin(len(self.model.layers), n)  # per-prompt setup (SparsePrefill's budget solve, state)
         for li, layer in enumerate(self.model.layers):
             k_cache, v_cache = cache.k(li)[slot], cache.v(li)[slot]
             for c0, c1 in spans:  # rope writes q and k straight into the query buffer and the cache
@@ -88,9 +86,7 @@ class Engine:
             if observe is not None:
                 observe.record_prompt(li, slot, q_all, n)
             attn = attention(li, q_all, k_cache[:, :n], v_cache[:, :n])  # [Hq, N, d]
-            for c0, c1 in spans:
-                a = attn[:, c0:c1].transpose(0, 1).reshape(1, c1 - c0, hq * d)
-                h[c0:c1] = layer.finish(h[None, c0:c1], a)[0]
+            _finish_layer(layer, h, attn, spans)
             del attn
             if cancel is not None and cancel.is_set():
                 raise RequestCancelled("request cancelled during prefill")
@@ -164,9 +160,7 @@ class Engine:
             else:
                 attn = attention.chunk(li, q, keys, values, start, seq_len)
             del keys, values
-            for c0, c1 in spans:
-                a = attn[:, c0:c1].transpose(0, 1).reshape(1, c1 - c0, hq * d)
-                h[c0:c1] = layer.finish(h[None, c0:c1], a)[0]
+            _finish_layer(layer, h, attn, spans)
             del attn
             if cancel is not None and cancel.is_set():
                 raise RequestCancelled("request cancelled during prefill")
@@ -320,6 +314,17 @@ class DecodeRunner:
         logits = self._step(tokens, positions)
         self.steps += 1
         return logits
+
+
+def _finish_layer(
+    layer: DecoderLayer, h: torch.Tensor, attn: torch.Tensor, spans: list[tuple[int, int]]
+) -> None:
+    """The token-wise rest of a prefill layer after attention, in place on the hidden states ``h [N, hidden]``
+    one sub-chunk (`spans`) at a time: o projection, residual, MLP (`DecoderLayer.finish`)."""
+    hq, d = attn.shape[0], attn.shape[2]
+    for c0, c1 in spans:
+        a = attn[:, c0:c1].transpose(0, 1).reshape(1, c1 - c0, hq * d)
+        h[c0:c1] = layer.finish(h[None, c0:c1], a)[0]
 
 
 def _now(device: torch.device) -> float:

@@ -62,10 +62,6 @@ class ScheduledStep:
     prefill: list[Chunk] = field(default_factory=list)  # pages allocated, chunk to run
     preempted: list[Sequence] = field(default_factory=list)  # by recompute (back to waiting) or swap
 
-    @property
-    def empty(self) -> bool:
-        return not self.decode and not self.prefill
-
 
 class Scheduler:
     def __init__(self, config: EngineConfig, pages: KVPages) -> None:
