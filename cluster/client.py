@@ -3,8 +3,8 @@
     from entropyinfer import Client
     client = Client("http://127.0.0.1:8000")
     job = client.submit([Path("a.txt"), "an inline document"], question="What is it about?")
-    client.wait(job.id)                      # progress bar on a terminal
-    for r in client.results(job.id):
+    client.wait(job)                         # progress bar on a terminal (the job or its id)
+    for r in client.results(job):
         print(r.document_name, r.text)
 
 Documents may be paths (`os.PathLike`; read as bytes), strings (the text itself) or bytes (UTF-8).
@@ -33,6 +33,7 @@ from entropyinfer.cluster.client_core import (
     Messages,
     Payload,
     ProgressBar,
+    job_id_of,
     transport_error,
 )
 from entropyinfer.cluster.client_types import (
@@ -46,6 +47,7 @@ from entropyinfer.cluster.client_types import (
     ConnectionFailed,
     JobFailedError,
     JobOptions,
+    JobRef,
     JobResult,
     JobStatus,
     NotFoundError,
@@ -64,6 +66,7 @@ __all__ = [  # the SDK's errors and results, importable from here too
     "ConflictError",
     "ConnectionFailed",
     "JobFailedError",
+    "JobRef",
     "JobResult",
     "JobStatus",
     "NotFoundError",
@@ -132,19 +135,22 @@ class Client:
         payload, _ = self._core.job_payload(documents, question, options)
         return JobStatus.from_dict(self._request("POST", "/v1/jobs", payload, safe=True))
 
-    def status(self, job_id: str) -> JobStatus:
+    def status(self, job: JobRef) -> JobStatus:
+        job_id = job_id_of(job)
         return JobStatus.from_dict(self._request("GET", f"/v1/jobs/{job_id}", safe=True))
 
-    def results(self, job_id: str) -> list[JobResult]:
+    def results(self, job: JobRef) -> list[JobResult]:
+        job_id = job_id_of(job)
         body = self._request("GET", f"/v1/jobs/{job_id}/results", safe=True)
         return [JobResult.from_dict(r) for r in body["results"]]
 
-    def cancel(self, job_id: str) -> JobStatus:
+    def cancel(self, job: JobRef) -> JobStatus:
+        job_id = job_id_of(job)
         return JobStatus.from_dict(self._request("DELETE", f"/v1/jobs/{job_id}", safe=True))
 
     def wait(
         self,
-        job_id: str,
+        job: JobRef,
         *,
         progress: bool | None = None,
         poll_s: float = 0.5,
@@ -152,19 +158,20 @@ class Client:
         raise_on_failure: bool = True,
     ) -> JobStatus:
         """Poll until the job finishes; a tqdm bar of prefill tokens (on by default only on a TTY)."""
+        job_id = job_id_of(job)
         deadline = None if timeout is None else time.monotonic() + timeout
         with ProgressBar(progress) as bar:
             while True:
-                job = self.status(job_id)
-                bar.update(job)
-                if job.finished:
+                status = self.status(job_id)
+                bar.update(status)
+                if status.finished:
                     break
                 if deadline is not None and time.monotonic() > deadline:
-                    raise TimeoutError(f"job {job_id} still {job.state} after {timeout}s")
+                    raise TimeoutError(f"job {job_id} still {status.state} after {timeout}s")
                 time.sleep(poll_s)
-        if job.state == "failed" and raise_on_failure:
-            raise JobFailedError(job)
-        return job
+        if status.state == "failed" and raise_on_failure:
+            raise JobFailedError(status)
+        return status
 
     def run(
         self,
@@ -176,8 +183,8 @@ class Client:
     ) -> list[JobResult]:
         """Submit, wait and fetch the results in one call."""
         job = self.submit(documents, question, **options)
-        self.wait(job.id, progress=progress)
-        return self.results(job.id)
+        self.wait(job, progress=progress)
+        return self.results(job)
 
     # OpenAI-compatible endpoints
 
@@ -272,38 +279,42 @@ class AsyncClient:
         payload, _ = self._core.job_payload(documents, question, options)
         return JobStatus.from_dict(await self._request("POST", "/v1/jobs", payload, safe=True))
 
-    async def status(self, job_id: str) -> JobStatus:
+    async def status(self, job: JobRef) -> JobStatus:
+        job_id = job_id_of(job)
         return JobStatus.from_dict(await self._request("GET", f"/v1/jobs/{job_id}", safe=True))
 
-    async def results(self, job_id: str) -> list[JobResult]:
+    async def results(self, job: JobRef) -> list[JobResult]:
+        job_id = job_id_of(job)
         body = await self._request("GET", f"/v1/jobs/{job_id}/results", safe=True)
         return [JobResult.from_dict(r) for r in body["results"]]
 
-    async def cancel(self, job_id: str) -> JobStatus:
+    async def cancel(self, job: JobRef) -> JobStatus:
+        job_id = job_id_of(job)
         return JobStatus.from_dict(await self._request("DELETE", f"/v1/jobs/{job_id}", safe=True))
 
     async def wait(
         self,
-        job_id: str,
+        job: JobRef,
         *,
         progress: bool | None = None,
         poll_s: float = 0.5,
         timeout: float | None = None,
         raise_on_failure: bool = True,
     ) -> JobStatus:
+        job_id = job_id_of(job)
         deadline = None if timeout is None else time.monotonic() + timeout
         with ProgressBar(progress) as bar:
             while True:
-                job = await self.status(job_id)
-                bar.update(job)
-                if job.finished:
+                status = await self.status(job_id)
+                bar.update(status)
+                if status.finished:
                     break
                 if deadline is not None and time.monotonic() > deadline:
-                    raise TimeoutError(f"job {job_id} still {job.state} after {timeout}s")
+                    raise TimeoutError(f"job {job_id} still {status.state} after {timeout}s")
                 await asyncio.sleep(poll_s)
-        if job.state == "failed" and raise_on_failure:
-            raise JobFailedError(job)
-        return job
+        if status.state == "failed" and raise_on_failure:
+            raise JobFailedError(status)
+        return status
 
     async def run(
         self,
@@ -314,8 +325,8 @@ class AsyncClient:
         **options: Unpack[JobOptions],
     ) -> list[JobResult]:
         job = await self.submit(documents, question, **options)
-        await self.wait(job.id, progress=progress)
-        return await self.results(job.id)
+        await self.wait(job, progress=progress)
+        return await self.results(job)
 
     async def complete(self, prompt: str, **params: object) -> Completion:
         body = await self._request("POST", "/v1/completions", {"prompt": prompt, **params}, safe=False)

@@ -149,6 +149,21 @@ class Core:
         )
 
 
+def job_id_of(job: object) -> str:
+    """The id of `job`: a job id string or the `JobStatus` that `submit`, `status` or `wait` returned;
+    anything else is a TypeError that says what to pass."""
+    if isinstance(job, JobStatus):
+        return job.id
+    if isinstance(job, str):
+        if not job:
+            raise ValueError("job id must not be empty")
+        return job
+    raise TypeError(
+        f"expected a job id (str) or the JobStatus that submit() returned, got {type(job).__name__}: "
+        f"{str(job)[:80]!r}"
+    )
+
+
 # Transport errors after which the request surely did not reach the server: retried for every call.
 NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 

@@ -145,6 +145,10 @@ class JobStatus:
         )
 
 
+# What `status`, `wait`, `results` and `cancel` take: a job id or the JobStatus that `submit` returned.
+JobRef = str | JobStatus
+
+
 @dataclass(frozen=True)
 class JobResult:
     document_index: int
