@@ -109,12 +109,17 @@ class LimitsConfig:
     max_waiting_requests: int = 128
     max_queued_jobs: int = 10_000  # queued jobs in the store; past it a submission gets a 503
     retry_after_s: int = 1  # the Retry-After of a 503 from these queue limits
+    # Deadline of a completion request without its own `timeout` (seconds; None: none): past it the
+    # request is aborted and answered 408 (cluster/deadline.py).
+    request_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         values = (self.max_body_bytes, self.max_batch_documents, self.max_questions, self.max_tokens)
         queues = (self.max_waiting_requests, self.max_queued_jobs, self.retry_after_s)
         if min(*values, self.max_prompts, *queues, self.max_document_tokens or 1) < 1:
             raise ConfigError("limits: every limit must be >= 1")
+        if self.request_timeout_s is not None and not self.request_timeout_s > 0:
+            raise ConfigError("limits.request_timeout_s must be > 0 (or null: no deadline)")
 
     @property
     def max_wire_items(self) -> int:
