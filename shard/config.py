@@ -135,17 +135,18 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
+    """A group of ``tensor_parallel_size x sequence_parallel_size`` ranks: heads split over the tensor-
+    parallel ranks; prompts of at least `sequence_parallel_min_tokens` tokens split into contiguous segments
+    over the sequence-parallel ones (`shard/parallel/sequence.py`; shorter ones run on every SP rank)."""
+
     tensor_parallel_size: int = 1
     sequence_parallel_size: int = 1
+    sequence_parallel_min_tokens: int = 1024
 
     def __post_init__(self) -> None:
         check_int("tensor_parallel_size", self.tensor_parallel_size, minimum=1)
         check_int("sequence_parallel_size", self.sequence_parallel_size, minimum=1)
-        if self.sequence_parallel_size != 1:
-            raise ConfigError(
-                f"sequence_parallel_size: only 1 is supported so far (got {self.sequence_parallel_size}); "
-                "tensor_parallel_size may be larger"
-            )
+        check_int("sequence_parallel_min_tokens", self.sequence_parallel_min_tokens, minimum=1)
 
     @property
     def world_size(self) -> int:

@@ -131,6 +131,8 @@ class EngineCore:
         seq.attention = attention
         if not attention.chunkable or req.params.prompt_logprobs is not None:
             return  # a non-causal budget rule, or every prompt position's logits: one-shot, no prefix cache
+        if self.executor.sequence_parallel(n, req.kv is not None and req.params.max_tokens > 1, False):
+            return  # split over the sequence-parallel ranks: one-shot, no prefix cache
         keep = 1  # a reader recomputes at least the last position (its logits) ...
         if req.kv is not None and req.params.max_tokens > 1:  # ... and the queries compression observes
             keep = max(keep, req.kv.prompt_queries)
@@ -277,7 +279,8 @@ class EngineCore:
             ]
             index = (torch.tensor(rows, device=dev), torch.tensor(slots, device=dev))
         steps_left = max(s.params.max_tokens - len(s.output_ids) for s in seqs)
-        logits = self.executor.decode(tokens, positions, tables, lengths, index, steps_left)
+        ids = [s.request_id for s in seqs]
+        logits = self.executor.decode(tokens, positions, tables, lengths, index, steps_left, ids)
         greedy = logits.argmax(-1).tolist()
         elapsed = _now(dev) - t0
         events: list[EngineEvent] = []

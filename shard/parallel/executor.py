@@ -4,14 +4,15 @@
 call that touches the model, the KV data or the observation pool goes through its executor:
 
     executor.prefill(call, attention, observer, progress, cancel)   # one prompt chunk -> PrefillResult
-    executor.decode(tokens, positions, tables, lengths, obs, steps_left)  # one batched step -> logits
+    executor.decode(tokens, positions, tables, lengths, obs, steps_left, ids)  # one batched step -> logits
+    executor.sequence_parallel(seq_len, compresses, all_logits)      # does a prompt prefill SP (one pass)?
     executor.compress(seq, kv)                                       # KV compression of one sequence
     executor.acquire_row(window) / release_row(row)                  # observation-pool rows
     executor.share(request_id, segments, names) / drop(request_id)   # prefix-cache states, finished ones
 
 `LocalExecutor` is one rank: the direct calls. `shard/parallel/lockstep.py: LockstepExecutor` is rank 0
-of a tensor-parallel group: it sends each call to the other ranks (`WorkerLoop`) and then runs it itself,
-so every rank runs the same model calls in the same order.
+of a tensor x sequence parallel group: it sends each call to the other ranks (`WorkerLoop`) and then runs
+it itself, so every rank runs the same model calls in the same order.
 
 Block tables and lengths are in the core's layout: ``table_heads`` rows, every rank's local KV heads one
 after the other (`KVPages`); each rank uses the rows of its own heads (`local`).
@@ -50,7 +51,8 @@ class PrefillCall:
     ``resume = (name, segments)`` if given); obs_row / kv: the observation-pool row the chunk's last prompt
     queries go to (None: no compression window); entropy / stats: after the prompt's last chunk, return
     the per-head entropy (KV compression capacities) and the prefill statistics; all_logits: return the
-    logits of every position of the chunk (prompt logprobs; computed on rank 0 only)."""
+    logits of every position of the chunk (prompt logprobs; computed on rank 0 only); sequence_parallel: the
+    whole prompt, split over the SP ranks (`shard/parallel/sequence.py`; set by `LockstepExecutor`)."""
 
     request_id: str
     tokens: torch.Tensor
@@ -66,6 +68,7 @@ class PrefillCall:
     entropy: bool = False
     stats: bool = False
     all_logits: bool = False
+    sequence_parallel: bool = False
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,12 @@ class Executor(Protocol):
         lengths: torch.Tensor,
         obs: ObsIndex | None,
         steps_left: int,
+        request_ids: list[str] | None = None,
     ) -> torch.Tensor: ...
+
+    def sequence_parallel(self, seq_len: int, compresses: bool, all_logits: bool) -> bool:
+        """Whether such a prompt prefills split over the SP ranks (then in one pass, not prefix-cached)."""
+        ...
 
     def compress(self, seq: Sequence, kv: KVCompressionConfig) -> None: ...
 
@@ -190,8 +198,12 @@ class LocalExecutor:
         lengths: torch.Tensor,
         obs: ObsIndex | None,
         steps_left: int,
+        request_ids: list[str] | None = None,
     ) -> torch.Tensor:
         return self.decoder(tokens, positions, tables, lengths, obs, steps_left=steps_left)
+
+    def sequence_parallel(self, seq_len: int, compresses: bool, all_logits: bool) -> bool:
+        return False
 
     def compress(self, seq: Sequence, kv: KVCompressionConfig) -> None:
         compress_sequence(self.pages, self.obs, seq, kv, self.arch)

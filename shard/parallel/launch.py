@@ -1,4 +1,4 @@
-"""Starting a tensor-parallel group: rank 0 in the calling process, ranks 1..k-1 elsewhere.
+"""Starting a tensor x sequence parallel group: rank 0 in the calling process, ranks 1..k-1 elsewhere.
 
     engine, executor = start_group(config, checkpoint, full_arch, device, dtype, max_context)
     core = EngineCore(engine, tokenizer, eos_ids, max_context, executor=executor)
@@ -18,6 +18,12 @@ it; the model's collectives run in a group of their own that times out after `CO
 Rank 0 listens on `Ranks.host` at a free port chosen now and waits up to `JOIN_TIMEOUT_S` for the others.
 One group per process at a time (it is torch.distributed's default group): close one before starting
 the next.
+
+With ``sequence_parallel_size = sp > 1`` the group has ``tp x sp`` ranks: global rank ``r`` is tensor-parallel
+rank ``r % tp`` of sequence-parallel rank ``r // tp`` (rank 0 is both ranks 0). The model's collectives run
+in one tensor-parallel group per SP rank (ranks ``[j tp, (j + 1) tp)``), the sequence-parallel all-to-alls
+and merges in one SP group per TP rank (ranks ``t, t + tp, ...``); the SP ranks of one TP rank load the same
+slice of the checkpoint.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from entropyinfer.shard.arch import ModelArch
 from entropyinfer.shard.attention import warm_up_sparse_prefill
 from entropyinfer.shard.config import LLMConfig
 from entropyinfer.shard.engine import Engine
+from entropyinfer.shard.parallel.all_to_all import SequenceParallelGroup, check_sequence_parallel
 from entropyinfer.shard.parallel.group import TensorParallelGroup
 from entropyinfer.shard.parallel.lockstep import LockstepExecutor, ShardGroupError, WorkerLoop
 from entropyinfer.shard.weights import build_model
@@ -81,11 +88,12 @@ def rank_device(spec: RankSpec, rank: int) -> torch.device:
 
 def join_group(
     spec: RankSpec, rank: int, dead: Callable[[], str | None] | None = None
-) -> tuple[TensorParallelGroup, dist.ProcessGroup | None]:
+) -> tuple[TensorParallelGroup, SequenceParallelGroup | None, dist.ProcessGroup | None]:
     """Initialise torch.distributed for `rank`: the default group (gloo, `PLAN_TIMEOUT`) carries the plans
-    (returned as None: the default group); the model's collectives get a group of their own (NCCL on GPU)
-    that times out after `timeout_s`. Rank 0 waits up to `JOIN_TIMEOUT_S` for every rank to check in,
-    and fails at once when `dead()` names a rank that stopped meanwhile."""
+    (returned as None: the default group); the model's collectives get groups of their own (NCCL on GPU)
+    that time out after `timeout_s`: this rank's tensor-parallel group, and its sequence-parallel group
+    (None when ``sp == 1``). Rank 0 waits up to `JOIN_TIMEOUT_S` for every rank to check in, and fails at
+    once when `dead()` names a rank that stopped meanwhile."""
     cuda = spec.device == "cuda"
     if cuda:
         torch.cuda.set_device(rank_device(spec, rank))
@@ -98,8 +106,21 @@ def join_group(
     else:
         _wait_for_ranks(store, spec.world, dead)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=spec.world, timeout=PLAN_TIMEOUT)
-    model = dist.new_group(backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=spec.timeout_s))
-    return TensorParallelGroup.from_world(model), None
+    backend, timeout = ("nccl" if cuda else "gloo"), timedelta(seconds=spec.timeout_s)
+    tp = spec.config.parallel.tensor_parallel_size
+    sp = spec.world // tp
+    if sp == 1:
+        model = dist.new_group(backend=backend, timeout=timeout)
+        return TensorParallelGroup.from_world(model), None, None
+    # every rank creates every group, in the same order (torch.distributed's rule)
+    tps = [
+        dist.new_group(list(range(j * tp, (j + 1) * tp)), backend=backend, timeout=timeout) for j in range(sp)
+    ]
+    sps = [
+        dist.new_group(list(range(t, spec.world, tp)), backend=backend, timeout=timeout) for t in range(tp)
+    ]
+    tp_group = TensorParallelGroup.from_world(tps[rank // tp])
+    return tp_group, SequenceParallelGroup.from_world(sps[rank % tp]), None
 
 
 def _wait_for_ranks(store: dist.TCPStore, world: int, dead: Callable[[], str | None] | None) -> None:
@@ -137,12 +158,12 @@ def build_engine(
 def worker_main(spec: RankSpec, rank: int) -> None:
     """A rank > 0: join, build, run plans until rank 0 shuts the group down (or goes away)."""
     torch.set_num_threads(spec.threads)
-    group, plan_group = join_group(spec, rank)
+    group, sp, plan_group = join_group(spec, rank)
     try:
         device = rank_device(spec, rank)
         engine = build_engine(spec.config, spec.checkpoint, device, spec.dtype, spec.max_context, group)
         full = ModelArch.from_folder(spec.checkpoint)
-        WorkerLoop(engine, group, plan_group, full, spec.max_context).run()
+        WorkerLoop(engine, group, plan_group, full, spec.max_context, sp).run()
     finally:
         dist.destroy_process_group()
 
@@ -178,7 +199,7 @@ class LocalRanks:
     def start(self, spec: RankSpec) -> None:
         if spec.device == "cuda" and self.gpus_per_process < spec.world:
             raise ConfigError(
-                f"tensor_parallel_size={spec.world} needs {spec.world} GPUs, this machine has "
+                f"tensor x sequence parallel size {spec.world} needs {spec.world} GPUs, this machine has "
                 f"{self.gpus_per_process}"
             )
         ctx = multiprocessing.get_context("forkserver")
@@ -215,8 +236,9 @@ def start_group(
 ) -> tuple[Engine, LockstepExecutor]:
     """Start ranks 1..k-1 (`ranks`, default `LocalRanks`), join as rank 0, build rank 0's engine and its
     `LockstepExecutor` (whose `ranks` is `ranks`)."""
-    world = config.parallel.world_size
-    full_arch.local(world)  # ConfigError naming the sizes that work, before any process starts
+    world, tp = config.parallel.world_size, config.parallel.tensor_parallel_size
+    full_arch.local(tp)  # ConfigError naming the sizes that work, before any process starts
+    check_sequence_parallel(full_arch.num_kv_heads, tp, config.parallel.sequence_parallel_size)
     if dist.is_initialized():
         raise ConfigError(
             "a tensor-parallel group already runs in this process (torch.distributed is initialised): "
@@ -239,9 +261,11 @@ def start_group(
         torch.set_num_threads(old_threads)
 
     try:
-        group, plan_group = join_group(spec, 0, ranks.dead)
+        group, sp, plan_group = join_group(spec, 0, ranks.dead)
         engine = build_engine(config, checkpoint, device, dtype, max_context, group)
-        executor = LockstepExecutor(engine, group, plan_group, full_arch, max_context, ranks.dead, on_close)
+        executor = LockstepExecutor(
+            engine, group, plan_group, full_arch, max_context, ranks.dead, on_close, sp, config.parallel
+        )
     except Exception:
         on_close(False)
         raise

@@ -21,6 +21,7 @@ naming the rank (never a hang); the collectives of the model group have a timeou
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -33,9 +34,11 @@ from entropyinfer.policies.kv_compression import KVCompressionConfig
 from entropyinfer.shard.arch import ModelArch
 from entropyinfer.shard.attention import PrefillAttention
 from entropyinfer.shard.compression import PromptObserver
+from entropyinfer.shard.config import ParallelConfig
 from entropyinfer.shard.engine import Engine
 from entropyinfer.shard.kv_pages import pool_pages
 from entropyinfer.shard.paged_decode import ObsIndex
+from entropyinfer.shard.parallel.all_to_all import SequenceParallelGroup
 from entropyinfer.shard.parallel.executor import PrefillCall, PrefillResult, ProgressFn
 from entropyinfer.shard.parallel.group import TensorParallelGroup
 from entropyinfer.shard.parallel.messages import (
@@ -56,6 +59,7 @@ from entropyinfer.shard.parallel.messages import (
     receive_plan,
 )
 from entropyinfer.shard.parallel.rank import RankRunner
+from entropyinfer.shard.parallel.sequence import segment_length, uses_sequence_parallel
 from entropyinfer.shard.sequence import Sequence
 
 __all__ = ["LockstepExecutor", "ShardGroupError", "WorkerLoop", "agree_on_pages"]
@@ -84,9 +88,13 @@ class LockstepExecutor:
         max_context: int,
         live: LiveCheck | None = None,
         on_close: Callable[[bool], None] | None = None,
+        sp: SequenceParallelGroup | None = None,
+        parallel: ParallelConfig | None = None,
     ) -> None:
         num_pages = agree_on_pages(engine, max_context, plan_group)
-        self.runner = RankRunner(engine, group, plan_group, num_pages, full_arch)
+        self.runner = RankRunner(engine, group, plan_group, num_pages, full_arch, sp)
+        self.parallel = parallel or ParallelConfig(tensor_parallel_size=group.size)
+        self._segments: dict[str, int] = {}  # request id -> SP segment length, for its decode steps
         self.pages, self.obs, self.decoder = self.runner.pages, self.runner.obs, self.runner.decoder
         self.full_arch, self.kv_replicas, self.size = full_arch, self.runner.kv_replicas, group.size
         self.plan_group, self.live, self.on_close = plan_group, live, on_close
@@ -145,7 +153,19 @@ class LockstepExecutor:
         progress: ProgressFn | None,
         cancel: Any,
     ) -> PrefillResult:
+        n = call.seq_len
+        whole = call.first and call.start == 0 and call.tokens.shape[0] == n and call.resume is None
+        if whole and self.sequence_parallel(n, call.obs_row is not None, call.all_logits):
+            call = dataclasses.replace(call, sequence_parallel=True)
+            self._segments[call.request_id] = segment_length(n, self.parallel.sequence_parallel_size)
+        else:
+            self._segments.pop(call.request_id, None)
         return self._run(Prefill(call), lambda: self.runner.prefill(call, attention, observer, progress))
+
+    def sequence_parallel(self, seq_len: int, compresses: bool, all_logits: bool) -> bool:
+        return self.runner.sp is not None and uses_sequence_parallel(
+            self.parallel, seq_len, compresses, all_logits
+        )
 
     def decode(
         self,
@@ -155,10 +175,17 @@ class LockstepExecutor:
         lengths: torch.Tensor,
         obs: ObsIndex | None,
         steps_left: int,
+        request_ids: list[str] | None = None,
     ) -> torch.Tensor:
         rows, slots = obs if obs is not None else (None, None)
-        op = Decode(tokens, positions, tables, lengths, rows, slots, steps_left)
-        return self._run(op, lambda: self.runner.decode(tokens, positions, tables, lengths, obs, steps_left))
+        segments = None
+        if self._segments and request_ids is not None:
+            seg = [self._segments.get(r, 0) for r in request_ids]
+            segments = torch.tensor(seg, dtype=torch.long) if any(seg) else None
+        op = Decode(tokens, positions, tables, lengths, rows, slots, steps_left, segments)
+        return self._run(
+            op, lambda: self.runner.decode(tokens, positions, tables, lengths, obs, steps_left, segments)
+        )
 
     def compress(self, seq: Sequence, kv: KVCompressionConfig) -> None:
         """`compress_sequence` over every rank's heads (see the module docstring)."""
@@ -207,6 +234,7 @@ class LockstepExecutor:
         self._pending.append(Share(request_id, segments, [n for n, _ in names], [c for _, c in names]))
 
     def drop(self, request_id: str) -> None:
+        self._segments.pop(request_id, None)
         self._pending.append(Drop(request_id))
 
     def close(self) -> None:
@@ -234,9 +262,10 @@ class WorkerLoop:
         plan_group: dist.ProcessGroup | None,
         full_arch: ModelArch,
         max_context: int,
+        sp: SequenceParallelGroup | None = None,
     ) -> None:
         num_pages = agree_on_pages(engine, max_context, plan_group)
-        self.runner = RankRunner(engine, group, plan_group, num_pages, full_arch)
+        self.runner = RankRunner(engine, group, plan_group, num_pages, full_arch, sp)
         self.plan_group = plan_group
         self.steps = 0
 
@@ -258,7 +287,7 @@ class WorkerLoop:
             r.prefill(op.call)
         elif isinstance(op, Decode):
             obs = (op.rows, op.slots) if op.rows is not None and op.slots is not None else None
-            r.decode(op.tokens, op.positions, op.tables, op.lengths, obs, op.steps_left)
+            r.decode(op.tokens, op.positions, op.tables, op.lengths, obs, op.steps_left, op.segments)
         elif isinstance(op, Compress):
             r.compress(op)
         elif isinstance(op, Probe):

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from entropyinfer.policies.config import KVCompressionConfig, SparsePrefillConfig
 from entropyinfer.shard.parallel.executor import PrefillCall
 
-VERSION = 1  # of the plan format; a rank refuses a plan of another version
+VERSION = 2  # of the plan format; a rank refuses a plan of another version
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,8 @@ class Prefill:
 @dataclass(frozen=True)
 class Decode:
     """One decode step (see `PagedDecoder`): tables ``[B, rows, P]`` and lengths ``[L, B, rows]`` in the
-    core's layout; rows / slots the observation index (None: no window in the batch)."""
+    core's layout; rows / slots the observation index (None: no window in the batch); segments int64
+    ``[B]`` each row's sequence-parallel segment length (0: prefilled without SP; None: no SP row)."""
 
     tokens: torch.Tensor
     positions: torch.Tensor
@@ -93,6 +94,7 @@ class Decode:
     rows: torch.Tensor | None
     slots: torch.Tensor | None
     steps_left: int
+    segments: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from entropyinfer.shard.compression import ObservationPool, PromptObserver
 from entropyinfer.shard.engine import Engine
 from entropyinfer.shard.kv_pages import KVPages
 from entropyinfer.shard.paged_decode import ObsIndex, PagedDecoder
+from entropyinfer.shard.parallel.all_to_all import SequenceParallelGroup, split_heads
 from entropyinfer.shard.parallel.executor import (
     PrefillCall,
     PrefillResult,
@@ -46,6 +47,8 @@ from entropyinfer.shard.parallel.messages import (
     Swap,
     broadcast_object,
 )
+from entropyinfer.shard.parallel.sequence import gather_entropy, gather_stats, sequence_parallel_prefill
+from entropyinfer.shard.parallel.sp_decode import SequenceParallelDecoder
 
 Allocate = Callable[[torch.Tensor], list[list[int]]]
 _STAT_KEYS = ("density", "rigid_fraction", "rigid_fraction_reference")
@@ -59,8 +62,10 @@ class RankRunner:
         plan_group: dist.ProcessGroup | None,
         num_pages: int,
         full_arch: ModelArch,
+        sp: SequenceParallelGroup | None = None,
     ) -> None:
         self.engine, self.group, self.plan_group, self.full_arch = engine, group, plan_group, full_arch
+        self.sp = sp if sp is not None and sp.size > 1 else None
         arch, tp, r = engine.arch, group.size, group.rank
         self.arch, kvc = arch, arch.num_kv_heads
         self.local = slice(r * kvc, (r + 1) * kvc)
@@ -69,7 +74,10 @@ class RankRunner:
         ps, dev, dt = engine.config.kv_page_size, engine.device, engine.dtype
         self.pages = KVPages(arch, num_pages, ps, dev, dt, table_heads=tp * kvc, local=self.local)
         self.obs = ObservationPool(arch, dev, dt)
-        self.decoder = PagedDecoder(engine, self.pages, self.obs)
+        self.decoder: PagedDecoder | SequenceParallelDecoder = PagedDecoder(engine, self.pages, self.obs)
+        if self.sp is not None:  # SP ranks: the heads they attend with in an SP prefill, the LSE decoder
+            self.split = split_heads(arch.num_heads, arch.num_kv_heads, self.sp.size)
+            self.decoder = SequenceParallelDecoder(engine, self.pages, self.obs, self.sp)
         self.attentions: dict[str, PrefillAttention] = {}
         self.snapshots: dict[bytes, tuple[Any, int]] = {}
         self.swapped: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -134,6 +142,8 @@ class RankRunner:
                 observer = PromptObserver(self.obs, call.obs_row, call.kv)
         dev = self.engine.device
         table = call.table[self.local].to(dev)
+        if call.sequence_parallel:
+            return self._prefill_sp(call, attention, table, progress)
         logits = self.engine.prefill_pages(
             call.tokens, call.start, call.seq_len, self.pages, table, attention,
             progress=progress, observe=observer, all_logits=call.all_logits and lead,
@@ -145,6 +155,29 @@ class RankRunner:
             entropy = self._gather_entropy(entropy)
         if call.stats and stats is not None:
             stats = self._gather_stats(stats)
+        return PrefillResult(logits, entropy, stats)
+
+    def _prefill_sp(
+        self, call: PrefillCall, attention: PrefillAttention, table: torch.Tensor, progress: ProgressFn | None
+    ) -> PrefillResult:
+        """A whole prompt split over the SP ranks (`sequence.py`); entropy and statistics over every head."""
+        if self.sp is None or call.start != 0 or call.tokens.shape[0] != call.seq_len:
+            raise RuntimeError("a sequence-parallel prefill needs SP ranks and the whole prompt in one call")
+        logits = sequence_parallel_prefill(
+            self.engine, self.sp, self.split, call.tokens, self.pages, table, attention, progress
+        )
+        entropy = stats = None
+        if call.entropy:
+            dev = self.engine.device
+            entropy = self._gather_entropy(
+                gather_entropy(self.sp, self.split, attention, self.arch.num_layers, dev)
+            )
+        if call.stats:
+            stats = self._gather_stats(
+                gather_stats(self.sp, self.split, attention.stats(), self.engine.device)
+            )
+        if stats is not None:
+            stats["sequence_parallel_size"] = self.sp.size
         return PrefillResult(logits, entropy, stats)
 
     def _attention(self, call: PrefillCall) -> PrefillAttention:
@@ -206,11 +239,18 @@ class RankRunner:
         lengths: torch.Tensor,
         obs: ObsIndex | None,
         steps_left: int,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """One step; `segments` int64 ``[B]``: each row's SP segment length (0: not SP; None: no SP row)."""
         dev = self.engine.device
         local = (tables[:, self.local].to(dev).contiguous(), lengths[:, :, self.local].to(dev).contiguous())
         index = None if obs is None else (obs[0].to(dev), obs[1].to(dev))
-        return self.decoder(tokens.to(dev), positions.to(dev), *local, index, steps_left=steps_left)
+        args = (tokens.to(dev), positions.to(dev), *local, index)
+        if isinstance(self.decoder, SequenceParallelDecoder):
+            return self.decoder(*args, segments=segments, steps_left=steps_left)
+        if segments is not None and bool((segments > 0).any()):
+            raise RuntimeError("a sequence-parallel row reached a rank without SP ranks")
+        return self.decoder(*args, steps_left=steps_left)
 
     # ------------------------------------------------------------------------------------- compress
     def _group_queries(self, q: torch.Tensor) -> torch.Tensor:

@@ -63,7 +63,7 @@ def test_auto_kv_compression_follows_the_registry() -> None:
         ({"kv_capacity": 8}, ConfigError, "kv_capacity"),
         ({"kv_compression": "nope"}, ConfigError, "nope"),
         ({"policy_config": "nope"}, ConfigError, "nope"),
-        ({"sequence_parallel_size": 2}, ConfigError, "sequence_parallel_size"),
+        ({"sequence_parallel_size": 0}, ConfigError, "sequence_parallel_size: must be >= 1"),
         ({"policy": "magic"}, UnknownPolicyError, "dense, entropy, fixed, snapkv"),
     ],
 )

@@ -246,5 +246,6 @@ def test_head_counts_that_do_not_split_name_the_sizes_that_work() -> None:
 
 def test_parallel_config_takes_tensor_parallel_sizes() -> None:
     assert ParallelConfig(tensor_parallel_size=4).world_size == 4
+    assert ParallelConfig(tensor_parallel_size=2, sequence_parallel_size=2).world_size == 4
     with pytest.raises(ConfigError, match="sequence_parallel_size"):
-        ParallelConfig(sequence_parallel_size=2)
+        ParallelConfig(sequence_parallel_size=0)

@@ -1,0 +1,147 @@
+"""Decode steps on a sequence-parallel rank: each SP rank attends over the K/V it holds of a sequence, and
+the partial outputs merge by log-sum-exp (`all_to_all.merge_partials`).
+
+    decoder = SequenceParallelDecoder(engine, pages, obs_pool, sp)
+    logits = decoder(tokens, positions, tables, lengths, obs, segments=segments, steps_left=n)
+
+Inputs as `PagedDecoder` (the core's global lengths ``[L, B, Hkv]``: tokens cached before this one), plus
+``segments`` int64 ``[B]``: a sequence-parallel row's segment length ``S`` (`sequence.py`), 0 for a row
+that prefilled without SP. SP rank j holds positions ``[j S, (j + 1) S)`` of an SP row at local positions
+``0 .. S`` of its pages; the last SP rank also every decode token, after its segment (local position
+``length - (sp - 1) S``). So per SP row, rank j < last attends its ``S`` keys and writes nothing (its write
+goes to the scratch page), the last attends ``length - (sp - 1) S + 1`` keys after writing the new one. A
+row without SP is held whole by every SP rank (replicas): each writes and attends it alike, and only SP
+rank 0's partial counts (the others' log-sum-exp is -inf), so the merge returns rank 0's output exactly.
+Every SP rank then holds the same hidden states and logits.
+
+A batch without SP rows runs the plain `PagedDecoder` (CUDA graphs on GPU); a batch with some runs eagerly
+here. The partial attention (`paged_attention_lse`) gathers each row's pages and computes in float32 with
+torch, on any device (the Triton paged kernel does not return its log-sum-exp yet).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from entropyinfer.shard.compression import ObservationPool
+from entropyinfer.shard.engine import Engine
+from entropyinfer.shard.kv_pages import KVPages
+from entropyinfer.shard.paged_decode import ObsIndex, PagedDecoder
+from entropyinfer.shard.parallel.all_to_all import SequenceParallelGroup, merge_partials
+
+
+def paged_attention_lse(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    tables: torch.Tensor,
+    lengths: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode attention over paged KV that also returns its log-sum-exp: ``q [B, Hq, d]`` over
+    ``k_pages``, ``v_pages`` ``[num_pages, Hkv, page_size, d]`` with ``tables [B, Hkv, P]`` and ``lengths
+    [B, Hkv]`` (keys ``[0, length)`` of each head) -> ``(out [B, Hq, d] in q's dtype, lse float32 [B, Hq])``;
+    a head without keys gives zeros and -inf."""
+    b, hq, d = q.shape
+    hkv, ps = k_pages.shape[1], k_pages.shape[2]
+    g = hq // hkv
+    out = torch.zeros(b, hq, d, dtype=torch.float32, device=q.device)
+    lse = torch.full((b, hq), float("-inf"), dtype=torch.float32, device=q.device)
+    heads = torch.arange(hkv, device=q.device)[:, None]
+    for i, lens in enumerate(lengths.tolist()):
+        longest = max(lens)
+        if longest <= 0:
+            continue
+        ids = tables[i, :, : -(-longest // ps)].long()
+        k = k_pages[ids, heads].reshape(hkv, -1, d)[:, :longest].float()  # [Hkv, L, d]
+        v = v_pages[ids, heads].reshape(hkv, -1, d)[:, :longest].float()
+        scores = torch.einsum("hgd,hld->hgl", q[i].view(hkv, g, d).float(), k) * d**-0.5
+        keep = torch.arange(longest, device=q.device)[None, :] < torch.tensor(lens, device=q.device)[:, None]
+        scores = scores.masked_fill(~keep[:, None, :], float("-inf"))
+        m = torch.logsumexp(scores, dim=-1)  # [Hkv, G]
+        p = torch.exp(scores - torch.where(torch.isfinite(m), m, torch.zeros_like(m))[..., None])
+        out[i] = torch.einsum("hgl,hld->hgd", p, v).reshape(hq, d)
+        lse[i] = m.reshape(hq)
+    return out.to(q.dtype), lse
+
+
+class SequenceParallelDecoder:
+    """`PagedDecoder`'s interface with the ``segments`` of the batch (see the module docstring)."""
+
+    def __init__(
+        self, engine: Engine, pages: KVPages, obs_pool: ObservationPool, sp: SequenceParallelGroup
+    ) -> None:
+        self.engine, self.model, self.pages, self.obs_pool, self.sp = (
+            engine,
+            engine.model,
+            pages,
+            obs_pool,
+            sp,
+        )
+        self.arch = engine.arch
+        self.plain = PagedDecoder(engine, pages, obs_pool)  # batches without SP rows (graphs on GPU)
+
+    @property
+    def captures(self) -> int:
+        return self.plain.captures
+
+    @property
+    def graph_keys(self) -> list[tuple[int, int]]:
+        return self.plain.graph_keys
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        tables: torch.Tensor,
+        lengths: torch.Tensor,
+        obs: ObsIndex | None = None,
+        *,
+        segments: torch.Tensor | None = None,
+        steps_left: int = 1 << 30,
+    ) -> torch.Tensor:
+        if segments is None or not bool((segments > 0).any()):
+            return self.plain(tokens, positions, tables, lengths, obs, steps_left=steps_left)
+        return self.forward(tokens, positions, tables, lengths, obs, segments)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        tables: torch.Tensor,
+        lengths: torch.Tensor,
+        obs: ObsIndex | None,
+        segments: torch.Tensor,
+    ) -> torch.Tensor:
+        sp, dev = self.sp, tokens.device
+        b = tokens.shape[0]
+        hq, d, ps = self.arch.num_heads, self.arch.head_dim, self.pages.page_size
+        seg = segments.to(dev).long()[None, :, None]  # [1, B, 1]
+        is_sp = (seg > 0).expand_as(lengths)
+        lens = lengths.long()  # [L, B, Hkv]
+        if sp.last:  # holds the decode tokens of SP rows, after its segment
+            write = torch.where(is_sp, lens - (sp.size - 1) * seg, lens)
+            attend, skip = write + 1, torch.zeros_like(is_sp)
+        else:
+            write, attend, skip = lens, torch.where(is_sp, seg.expand_as(lens), lens + 1), is_sp
+        write_page = tables.long()[None].expand(lens.shape[0], -1, -1, -1).gather(3, (write // ps)[..., None])
+        write_page = write_page[..., 0].masked_fill(skip, self.pages.scratch_page)
+        write_off = (write % ps).masked_fill(skip, 0)
+        counts = (segments.to(dev) > 0) | (sp.rank == 0)  # [B]: rows whose partial here counts
+        attend = attend.to(torch.int32)
+        h = self.model.model.embed_tokens(tokens)[:, None]  # [B, 1, hidden]
+        cos, sin = self.model.rotary(positions[:, None], self.engine.dtype)
+        heads = torch.arange(self.arch.num_kv_heads, device=dev)[None, :]
+        for li, layer in enumerate(self.model.layers):
+            q, k, v = layer.attention_inputs(h, cos, sin)  # [B, H, 1, d]
+            k_pages, v_pages = self.pages.k(li), self.pages.v(li)
+            k_pages[write_page[li], heads, write_off[li]] = k[:, :, 0]
+            v_pages[write_page[li], heads, write_off[li]] = v[:, :, 0]
+            if obs is not None:
+                self.obs_pool.append(li, obs[0], obs[1], q)
+            o, lse = paged_attention_lse(q[:, :, 0], k_pages, v_pages, tables, attend[li])
+            lse = lse.masked_fill(~counts[:, None], float("-inf"))
+            o = merge_partials(sp, o, lse)  # [B, Hq, d]
+            h = layer.finish(h, o.reshape(b, 1, hq * d))
+        return self.model.logits(h[:, 0])
