@@ -49,6 +49,11 @@ class ConflictError(APIError):
     """409: the idempotency key was used for a different request."""
 
 
+class DeadlineExceededError(APIError):
+    """408: the request's deadline (its `timeout` field, or the server's default) passed; the server
+    aborted it."""
+
+
 class ServerError(APIError):
     """5xx after retries (503 included when retries are exhausted)."""
 
@@ -84,6 +89,8 @@ def api_error(status: int, body: object) -> APIError:
         cls = AuthenticationError
     elif status == 404:
         cls = NotFoundError
+    elif status == 408:
+        cls = DeadlineExceededError
     elif status == 409:
         cls = ConflictError
     elif status >= 500:

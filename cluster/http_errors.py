@@ -1,6 +1,7 @@
 """HTTP errors of the ingress: the `{"error": {...}}` body, and how engine outcomes map to a status.
 
-Every error is a JSON (or msgpack, per Accept) body `{"error": {"message", "type", "field", "code"}}`:
+Every error is a JSON (or msgpack, per Accept) body `{"error": {"message", "type", "field", "param", "code"}}`
+(OpenAI's shape; `param` is OpenAI's name of `field`):
 a 4xx names the field to fix (the replica keeps serving), a 503 says to retry later. `to_http_error`
 maps what came back from the engine: an `events.Error` (a request the shard rejected: 400 naming its
 field) or an exception (Ray's wrappers unwrapped: an engine outage is a 503, a bug a 500). A rank of a
@@ -35,6 +36,7 @@ ErrorType = Literal[
     "request_too_large",
     "unsupported_media_type",
     "cancelled",
+    "timeout",
     "unavailable",
     "internal_error",
 ]
@@ -44,6 +46,7 @@ class ErrorDetail(TypedDict):
     message: str
     type: ErrorType
     field: str | None
+    param: str | None  # OpenAI's name of `field` (the openai client reads it as `APIError.param`)
     code: int
 
 
@@ -71,7 +74,13 @@ class HTTPError(Exception):
 
     def body(self) -> ErrorBody:
         return {
-            "error": {"message": self.message, "type": self.type, "field": self.field, "code": self.status}
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "field": self.field,
+                "param": self.field,
+                "code": self.status,
+            }
         }
 
 

@@ -28,6 +28,7 @@ from entropyinfer.cluster.admission import Admission, check_document_tokens, che
 from entropyinfer.cluster.auth import KeyRing
 from entropyinfer.cluster.choices import engine_requests, score_only
 from entropyinfer.cluster.config import ServeAppConfig, app_config
+from entropyinfer.cluster.deadline import Deadline, within
 from entropyinfer.cluster.engine_health import CONTENT_TYPE, engine_summary, prometheus_text
 from entropyinfer.cluster.events import Accepted, Error, Event, Final, Prompt, Request
 from entropyinfer.cluster.http_errors import (
@@ -295,11 +296,12 @@ class Ingress:
             raise HTTPError(
                 400, f"prompt: more than {self.config.limits.max_prompts} prompts", field="prompt"
             )
+        deadline = Deadline.of(req.timeout, self.config.limits)
         if req.stream:
             return await self._stream(
-                _request(req.prompts[0], req, stream=True), req.include_usage, chat=False
+                _request(req.prompts[0], req, stream=True), req.include_usage, False, deadline
             )
-        outs = await self._generate(engine_requests(list(req.prompts), req), "prompt")
+        outs = await within(self._generate(engine_requests(list(req.prompts), req), "prompt"), deadline)
         if not req.generates:
             outs = [score_only(o) for o in outs]
         echoed = [p for p in req.prompts for _ in range(req.n)] if req.echo else None
@@ -308,19 +310,25 @@ class Ingress:
     async def _chat_completions(self, request: HTTPRequest) -> Response:
         req = await self._body(request, ChatCompletionRequest)
         self._check_common(req, req.model)
+        deadline = Deadline.of(req.timeout, self.config.limits)
         if req.stream:
-            return await self._stream(_request(req.chat(), req, stream=True), req.include_usage, chat=True)
-        outs = await self._generate(engine_requests([req.chat()], req), "messages")
+            return await self._stream(
+                _request(req.chat(), req, stream=True), req.include_usage, True, deadline
+            )
+        outs = await within(self._generate(engine_requests([req.chat()], req), "messages"), deadline)
         return respond(request, openai_format.chat_body(self.config.model_name, outs))
 
-    async def _stream(self, engine_request: Request, include_usage: bool, chat: bool) -> Response:
-        """SSE: the request is validated (its first event is `Accepted`) before the 200 goes out."""
+    async def _stream(
+        self, engine_request: Request, include_usage: bool, chat: bool, deadline: Deadline | None
+    ) -> Response:
+        """SSE: the request is validated (its first event is `Accepted`) before the 200 goes out; past
+        the deadline before that a 408, after it the stream's last event is the 408's error."""
         prompt_field = "messages" if chat else "prompt"
         gen = cast(
             DeploymentResponseGenerator[Event], self.engine.options(stream=True).run.remote(engine_request)
         )
         try:
-            first = await gen.__anext__()
+            first = await within(gen.__anext__(), deadline)
         except Exception as e:
             gen.cancel()
             raise to_http_error(e, prompt_field) from None
@@ -329,7 +337,7 @@ class Ingress:
         n = first.prompt_tokens if isinstance(first, Accepted) else 0
         chunks = openai_format.Chunks(self.config.model_name, chat)
         return StreamingResponse(
-            sse_events(gen, chunks, n, include_usage, prompt_field),
+            sse_events(gen, chunks, n, include_usage, prompt_field, deadline),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache"},
         )

@@ -329,15 +329,24 @@ class JobStore:
             )
 
     def release(self, *workers: str) -> int:
-        """Put these workers' running jobs back in the queue (a clean shutdown); returns how many."""
+        """Put these workers' running jobs back in the queue (a clean shutdown); returns how many. A job
+        whose cancel was asked for but not yet seen by its worker ends cancelled instead (a shutdown in the
+        middle of a cancel does not run the job again)."""
+        now = time.time()
         with self._tx() as db:
-            return sum(
+            released = 0
+            for worker in workers:
                 db.execute(
+                    "UPDATE jobs SET state = 'cancelled', worker = NULL, finished_at = ?,"
+                    " error = 'cancelled by request' WHERE state = 'running' AND worker = ?"
+                    " AND cancel_requested = 1",
+                    (now, worker),
+                )
+                released += db.execute(
                     "UPDATE jobs SET state = 'queued', worker = NULL WHERE state = 'running' AND worker = ?",
                     (worker,),
                 ).rowcount
-                for worker in workers
-            )
+            return released
 
     def requeue(self, job_id: str, worker: str, max_attempts: int, reason: str) -> tuple[Lost, int] | None:
         """The engine was unavailable while `worker` ran the job: queue it again (finished tasks stay

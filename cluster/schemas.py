@@ -108,6 +108,8 @@ class _OpenAIFields(SamplingFields):
     best_of: int | None = None
     user: Text | None = None
     stream_options: dict[str, object] | None = None
+    # extension: the request's deadline in seconds (cluster/deadline.py; default limits.request_timeout_s)
+    timeout: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
 
     def _sampling_extra(self) -> dict[str, Any]:
         return {"n": self.n}

@@ -3,8 +3,9 @@
 `sse_events` reads the engine replica's stream after its `Accepted` (the ingress awaited that before the
 200 went out) and yields the `data:` lines: a chat stream's role chunk, one delta per `Token`, the finish
 chunk, the usage chunk when the client asked for `stream_options.include_usage`, then `[DONE]`; an error
-after the 200 is one error event. Leaving early (the client disconnected) cancels the engine request,
-which aborts its sequence in the engine core and frees its KV pages.
+after the 200 is one error event, the 408 of a passed deadline (cluster/deadline.py) too. Leaving early
+(the client disconnected, or the deadline passed) cancels the engine request, which aborts its sequence
+in the engine core and frees its KV pages.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from collections.abc import AsyncIterator
 
 from ray.serve.handle import DeploymentResponseGenerator
 
+from entropyinfer.cluster.deadline import Deadline, within
 from entropyinfer.cluster.events import Error, Event, Final, Token
-from entropyinfer.cluster.http_errors import rejected, to_http_error
+from entropyinfer.cluster.http_errors import HTTPError, rejected, to_http_error
 from entropyinfer.cluster.openai_format import DONE, Chunks
 
 
@@ -25,12 +27,17 @@ async def sse_events(
     prompt_tokens: int,
     include_usage: bool,
     prompt_field: str,
+    deadline: Deadline | None = None,
 ) -> AsyncIterator[str]:
     finished = False
     try:
         if chunks.chat:
             yield chunks.role()
-        async for ev in gen:
+        while True:
+            try:
+                ev = await within(gen.__anext__(), deadline)
+            except StopAsyncIteration:
+                break
             if isinstance(ev, Token):
                 yield chunks.delta(ev.text, logprob=ev.logprob)
             elif isinstance(ev, Final):
@@ -44,6 +51,8 @@ async def sse_events(
                 yield chunks.error(rejected(ev, prompt_field).body())
                 return
         yield DONE
+    except HTTPError as e:  # the deadline passed
+        yield chunks.error(e.body())
     except Exception as e:
         yield chunks.error(to_http_error(e, prompt_field).body())
     finally:

@@ -144,7 +144,8 @@ def test_a_rejected_request_is_a_400_naming_its_field(
     http = rejected(error, prompt_field)
     assert (http.status, http.field, http.type) == (status, field, "invalid_request_error")
     assert http.message.startswith(message)
-    assert http.body() == {"error": {"message": http.message, "type": http.type, "field": field, "code": 400}}
+    detail = {"message": http.message, "type": http.type, "field": field, "param": field, "code": 400}
+    assert http.body() == {"error": detail}
 
 
 def test_exceptions_map_to_http_errors_through_rays_wrappers() -> None:
