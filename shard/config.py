@@ -12,7 +12,8 @@ Users never build the nesting by hand: `LLM(model, policy=..., **keywords)`, the
 Serve config and the CLI all pass flat keywords to `LLMConfig.from_keywords`, which puts each keyword in its
 section (`configs.loader.split_keywords`), resolves the presets and checks every value, raising `ConfigError`
 that names an unknown or ill-typed key and lists the valid ones. Engine settings use vLLM's names where the
-meaning is the same (`max_num_seqs`, `max_model_len`, `load_format`, `tensor_parallel_size`).
+meaning is the same (`max_num_seqs`, `max_num_batched_tokens`, `max_model_len`, `gpu_memory_utilization`,
+`enable_prefix_caching`, `load_format`, `dtype`, `seed`, `tensor_parallel_size`; docs/serving.md's table).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def check_load_format(value: object, name: str = "load_format") -> None:
         raise ConfigError(f"{name}: {value!r} is not one of {', '.join(LOAD_FORMATS)}")
 
 
-DTYPES = ("auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16")
+DTYPES = ("auto", "float32", "fp32", "float", "float16", "fp16", "half", "bfloat16", "bf16")  # vLLM's + short
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,9 @@ class ModelConfig:
     load_format: LoadFormat = "auto"
     trust_remote_code: bool = False  # tokenizers that are remote code (openPangu) need consent
     max_model_len: int | None = None  # a shorter context than the checkpoint's (None: the checkpoint's)
+    # vLLM's `seed`: the seed stream of sampled requests that bring none, so the same requests in the same
+    # order sample the same tokens (None: each such request a fresh seed). Dummy weights always use seed 0.
+    seed: int | None = None
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -78,6 +82,8 @@ class ModelConfig:
             raise ConfigError(f"dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.max_model_len is not None:
             check_int("max_model_len", self.max_model_len, minimum=1)
+        if self.seed is not None:
+            check_int("seed", self.seed, minimum=0)
 
 
 @dataclass(frozen=True)
