@@ -1,8 +1,13 @@
 """`entropyinfer serve` and `entropyinfer submit` (added to the root CLI by `cli.py`).
 
-entropyinfer serve [--config FILE] [--model M] [--host H] [--port P]      # embedded: local Ray here
+entropyinfer serve [MODEL] [--config FILE] [--host H] [--port P] [--api-key K]   # embedded: local Ray here
+entropyinfer serve MODEL --tensor-parallel-size 2 --max-model-len 32768         # vLLM's flags, vLLM's meaning
 entropyinfer serve --address auto --accelerator gpu --detach              # deploy to a running cluster
 entropyinfer submit FILES... --question Q [--url U]
+
+`entropyinfer serve MODEL` works like `vllm serve MODEL`: the model is positional (or --model), and vLLM's
+engine flags (VLLM_LLM_FLAGS) set the `engine.llm` keyword of the same name in the Serve config (docs/
+serving.md has the table). Every flag overrides the config file's value; unset flags leave it.
 """
 
 from __future__ import annotations
@@ -22,9 +27,37 @@ if TYPE_CHECKING:
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]  # what add_subparsers returns
 
 
+# vLLM's `serve` flags whose meaning is ours: each sets the `engine.llm` keyword of its name (LLM(...)'s).
+VLLM_LLM_FLAGS: tuple[tuple[str, type, str], ...] = (
+    ("tensor_parallel_size", int, "ranks per replica (tensor parallel)"),
+    ("gpu_memory_utilization", float, "fraction of GPU memory for the model and its KV pages"),
+    ("max_model_len", int, "context length (default: the checkpoint's)"),
+    ("max_num_seqs", int, "sequences running at once"),
+    ("max_num_batched_tokens", int, "tokens per engine step"),
+    ("dtype", str, "auto, half, float16, bfloat16, float, float32"),
+    ("seed", int, "seed stream of sampled requests without their own seed"),
+)
+
+
 def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "model_tag", nargs="?", default=None, metavar="MODEL", help="model preset or checkpoint folder"
+    )
     p.add_argument("--config", default="serve", help="Serve config file (default: configs/serve.yaml)")
     p.add_argument("--model", default=None, help="model preset or checkpoint folder (overrides the config)")
+    for name, typ, help_text in VLLM_LLM_FLAGS:
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_text)
+    p.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="automatic prefix caching (default: on)",
+    )
+    p.add_argument(
+        "--trust-remote-code", action="store_true", default=None, help="allow a remote-code tokenizer"
+    )
+    p.add_argument("--served-model-name", default=None, help="the model's name in /v1/models and requests")
+    p.add_argument("--api-key", default=None, help="require this key (Authorization: Bearer KEY)")
     p.add_argument("--policy", default=None, help="default attention policy (overrides the config)")
     p.add_argument("--accelerator", choices=("auto", "gpu", "cpu"), default=None, help="shard bundles")
     p.add_argument(
@@ -75,20 +108,45 @@ def add_submit_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def serve_file_from_args(args: argparse.Namespace) -> ServeFile:
+    """The Serve config file with the command line's overrides (re-validated: a bad value is a
+    ConfigError naming its key)."""
     from entropyinfer.cluster.config import load_serve_file
-    from entropyinfer.cluster.launcher import EmbeddedServer, apply_overrides, deploy_to_cluster
+    from entropyinfer.cluster.launcher import apply_overrides
+    from entropyinfer.errors import ConfigError
 
-    serve_file = apply_overrides(
-        load_serve_file(args.config),
-        model=args.model,
-        policy=args.policy,
+    if args.model_tag and args.model and args.model_tag != args.model:
+        raise ConfigError(f"two models given: {args.model_tag!r} and --model {args.model!r}")
+    llm: dict[str, object] = {
+        "model": args.model_tag or args.model,
+        "policy": args.policy,
+        "load_format": args.load_format,
+        "enable_prefix_caching": args.enable_prefix_caching,
+        "trust_remote_code": args.trust_remote_code,
+        **{name: getattr(args, name) for name, _, _ in VLLM_LLM_FLAGS},
+    }
+    overrides: dict[str, object] = {}
+    if any(v is not None for v in llm.values()):
+        overrides["engine"] = {"llm": {k: v for k, v in llm.items() if v is not None}}
+    if args.served_model_name is not None:
+        overrides["served_model_name"] = args.served_model_name
+    serve_file = load_serve_file(args.config)
+    if overrides:
+        serve_file = serve_file.with_args(overrides)
+    return apply_overrides(
+        serve_file,
         accelerator=args.accelerator,
-        load_format=args.load_format,
         host=args.host,
         port=args.port,
         db_path=args.db,
+        api_key=args.api_key,
     )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from entropyinfer.cluster.launcher import EmbeddedServer, deploy_to_cluster
+
+    serve_file = serve_file_from_args(args)
     if args.detach:
         if not args.address:
             print("error: --detach needs --address (a running cluster)", file=sys.stderr)

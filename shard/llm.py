@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+import random
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -41,7 +42,9 @@ __all__ = ["LLM", "Prompt", "RequestOutput", "StreamEvent", "resolve_device", "r
 ProgressFn = Callable[[int, int], None]
 _CALLS = itertools.count()
 
-_DTYPES = {
+_DTYPES = {  # vLLM's names ("half", "float") and ours; the canonical name of a torch dtype is the last
+    "float": torch.float32,
+    "half": torch.float16,
     "float32": torch.float32,
     "fp32": torch.float32,
     "float16": torch.float16,
@@ -95,7 +98,9 @@ class LLM:
     ("smollm2-135m") or a Hugging Face checkpoint folder; `policy` one of `policies.registry.POLICY_NAMES`
     ("dense", "entropy", "fixed", "snapkv"). The keywords are those of
     `shard.config.LLMConfig.from_keywords`: `load_format` ("auto" reads the checkpoint's safetensors,
-    "dummy" builds random weights of its shape, as in vLLM), `trust_remote_code`, `max_model_len`; engine
+    "dummy" builds random weights of its shape, as in vLLM), `trust_remote_code`, `max_model_len`, `seed`
+    (vLLM's: the seed stream of sampled requests that bring none, so the same requests in the same order
+    sample the same tokens); engine
     settings (`prefill_chunk_size`, `max_num_seqs`, `cuda_graphs`, ...); `policy_config` (a sparse preset
     such as "entropy_short", or a YAML file; default: the long-context preset, or the short one for models
     of <= 8k context) and sparse fields on top of it (`base_budget=512`); `kv_compression` ("auto": entropy
@@ -145,6 +150,9 @@ class LLM:
             )
         self.device = resolve_device(config.model.device)
         self.dtype = resolve_dtype(config.model.dtype, self.device)
+        # vLLM's `seed`: the seed stream of sampled requests that bring no seed of their own
+        seed = config.model.seed
+        self._seeds = random.Random(seed) if seed is not None else None
         self.tokenizer = _load_tokenizer(self.checkpoint, config.model.trust_remote_code)
         self.executor: LockstepExecutor | None = None
         if config.parallel.world_size > 1:  # ranks 1.. in processes of their own, in lockstep with this one
@@ -350,6 +358,8 @@ class LLM:
         resolved (UnknownPolicyError, ConfigError, InvalidRequestError name what is wrong)."""
         policy = policy or self.policy
         get_policy(policy)
+        if self._seeds is not None and params.seed is None and not params.greedy:
+            params = dataclasses.replace(params, seed=self._seeds.getrandbits(63))  # LLM(seed=...)'s stream
         config = self.config.with_sparse(**policy_options) if policy_options else self.config
         ids = self.encode(prompt) if ids is None else ids
         kv = self.kv_config(policy)
