@@ -1,0 +1,145 @@
+"""`LLM(..., sequence_parallel_size=k)` on CPU with gloo: the engine core on a tensor x sequence parallel
+group in lockstep gives one rank's tokens.
+
+A tiny random Llama with 8 query / 4 KV heads and 4096 positions (byte tokenizer: a character is a token).
+Prompts of at least `sequence_parallel_min_tokens` prefill split over the SP ranks (their stats say
+``sequence_parallel_size``), shorter ones run whole on every rank, and both decode in the same batches:
+SP=2 equals one rank for dense and entropy (tokens; density within 0.01), TP=2 x SP=2 too; an SP prompt is
+not prefix-cached; a request with KV compression runs without SP and still equals one rank; sizes that do
+not split the KV heads fail before any process starts. Slow: SmolLM2 (9 / 3 heads, uneven at SP=2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from entropyinfer import LLM, SamplingParams
+from entropyinfer.errors import ConfigError
+from entropyinfer.shard.dummy_checkpoint import write_dummy_checkpoint
+
+PARAMS = SamplingParams(max_tokens=8, ignore_eos=True)
+SPARSE = dict(segment_size=64, block_size=8, threshold_len=64, base_budget=32, fixed_budget=32)
+WIDE = dict(
+    model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=320, hidden_size=64,
+    intermediate_size=96, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
+    max_position_embeddings=4096, rope_theta=500000.0, rms_norm_eps=1e-5,
+)  # fmt: skip
+MIN_TOKENS = 512
+
+
+def text(n: int, seed: int) -> str:
+    return "".join(chr(97 + (seed * 7 + i * (seed + 3) + i // 11) % 26) for i in range(n))
+
+
+PROMPTS = [text(2000, 1), text(40, 2), text(1333, 3), text(300, 4)]  # SP, whole, SP (padded), whole
+SP_PROMPTS = [len(p) >= MIN_TOKENS for p in PROMPTS]
+
+
+def tiny(folder: Path, tp: int = 1, sp: int = 1, policy: str = "dense", **kw: object) -> LLM:
+    return LLM(
+        str(folder), policy=policy, load_format="dummy", device="cpu", warm_up_kernels=False, kv_page_size=8,
+        tensor_parallel_size=tp, sequence_parallel_size=sp,
+        **{"kv_compression": "none", "sequence_parallel_min_tokens": MIN_TOKENS, **SPARSE, **kw},
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_dummy_checkpoint(tmp_path_factory.mktemp("wide"), WIDE)
+
+
+class Group:
+    """One parallel LLM alive at a time (torch.distributed's default group is per process)."""
+
+    def __init__(self) -> None:
+        self.llm: LLM | None = None
+
+    def start(self, *args: object, **kw: object) -> LLM:
+        self.close()
+        self.llm = tiny(*args, **kw)  # type: ignore[arg-type]
+        return self.llm
+
+    def close(self) -> None:
+        if self.llm is not None:
+            self.llm.close()
+            self.llm = None
+
+
+@pytest.fixture(scope="module")
+def group() -> Iterator[Group]:
+    g = Group()
+    yield g
+    g.close()
+
+
+def assert_same(got: list, ref: list, sp_rows: list[bool], sp: int) -> None:
+    assert [o.token_ids for o in got] == [o.token_ids for o in ref]
+    for g, r, split in zip(got, ref, sp_rows, strict=True):
+        assert g.stats["density"] == pytest.approx(r.stats["density"], abs=0.01)
+        assert g.stats.get("sequence_parallel_size") == (sp if split else None)
+
+
+@pytest.mark.parametrize("policy", ["dense", "entropy"])
+def test_sp2_generate_equals_one_rank(wide: Path, group: Group, policy: str) -> None:
+    ref = tiny(wide, policy=policy).generate(PROMPTS, PARAMS)
+    llm = group.start(wide, 1, 2, policy)
+    got = llm.generate(PROMPTS, PARAMS)
+    assert_same(got, ref, SP_PROMPTS, 2)
+    if policy == "entropy":
+        assert any(o.stats["density"] < 0.9 for o in got), "the long prompts should run sparse"
+    counts = llm.core.counts()
+    assert counts["kv_pages_used"] == 0 and counts["running"] == 0
+
+
+def test_tp2_sp2_equals_one_rank(wide: Path, group: Group) -> None:
+    ref = tiny(wide, policy="entropy").generate(PROMPTS, PARAMS)
+    llm = group.start(wide, 2, 2, "entropy")
+    assert_same(llm.generate(PROMPTS, PARAMS), ref, SP_PROMPTS, 2)
+
+
+def test_sp_prompts_bypass_the_prefix_cache_and_compression_runs_without_sp(wide: Path, group: Group) -> None:
+    one = tiny(wide, policy="entropy", kv_compression="auto", kv_capacity=64, kv_window=8, kv_gap=4)
+    llm = group.start(wide, 1, 2, "entropy", kv_compression="auto", kv_capacity=64, kv_window=8, kv_gap=4)
+    prompts = [PROMPTS[0], PROMPTS[0]]
+    # latent compression (entropy's default) observes the prompt's last queries on one rank: no SP
+    ref, got = one.generate(prompts, PARAMS), llm.generate(prompts, PARAMS)
+    assert_same(got, ref, [False, False], 2)
+    assert all(o.stats["kv_compressions"] >= 1 for o in got)
+    # without compression the same prompt runs SP, twice, and never enters the prefix cache
+    plain = SamplingParams(max_tokens=1)
+    cached = llm.core.counts()["prefix_cache_pages"]  # shared by the compressed (not SP) requests above
+    first, second = llm.generate([PROMPTS[0]], plain)[0], llm.generate([PROMPTS[0]], plain)[0]
+    assert first.stats["sequence_parallel_size"] == second.stats["sequence_parallel_size"] == 2
+    assert first.stats["cached_tokens"] == second.stats["cached_tokens"] == 0
+    assert llm.core.counts()["prefix_cache_pages"] == cached
+    ref_first, ref_second = one.generate([PROMPTS[0]], plain)[0], one.generate([PROMPTS[0]], plain)[0]
+    assert ref_second.stats["cached_tokens"] > 0  # one rank would have taken it from the cache
+    assert first.token_ids == second.token_ids == ref_first.token_ids == ref_second.token_ids
+
+
+def test_sizes_that_do_not_split_the_kv_heads_fail_before_any_process_starts(wide: Path) -> None:
+    with pytest.raises(ConfigError, match=r"sequence_parallel_size=3 with tensor_parallel_size=2.*1\.\.2"):
+        tiny(wide, 2, 3)
+    with pytest.raises(ConfigError, match="sequence_parallel_min_tokens"):
+        tiny(wide, 1, 2, sequence_parallel_min_tokens=0)
+
+
+@pytest.mark.parametrize("policy", ["dense", "entropy"])
+@pytest.mark.slow
+def test_smollm2_sp2_equals_one_rank(group: Group, policy: str) -> None:
+    group.close()
+    doc = " ".join(
+        f"Item {i}: the colour of box {i % 17} is {['red', 'blue', 'green'][i % 3]}." for i in range(120)
+    )
+    prompts = [doc + " Which colour is box 5?", "What is the capital of France?"]
+    params = SamplingParams(max_tokens=12)
+    kw = dict(policy_config="entropy_short", kv_compression="none", sequence_parallel_min_tokens=1024)
+    one = LLM("smollm2-135m", policy=policy, device="cpu", **kw)
+    assert len(one.encode(prompts[0])) >= 1024
+    ref = one.generate(prompts, params)
+    with LLM("smollm2-135m", policy=policy, device="cpu", sequence_parallel_size=2, **kw) as llm:
+        got = llm.generate(prompts, params)
+    assert_same(got, ref, [True, False], 2)
