@@ -1,5 +1,6 @@
-"""The other ranks of a tensor-parallel engine as Ray actors, one per rank, in the replica's placement
-group (the second step of issue 11's shard group; `shard/parallel/launch.py: LocalRanks` is the first).
+"""The other ranks of a tensor (x sequence) parallel engine as Ray actors, one per rank, in the replica's
+placement group (the second step of issue 11's shard group; `shard/parallel/launch.py: LocalRanks` is the
+first).
 
     ranks = RayRanks(placement_group=pg, cpus_per_rank=0.5)          # bundles 1..k-1 of pg
     llm = LLM.from_config(config, ranks=ranks)                        # rank 0 here, in the shard actor
@@ -137,6 +138,7 @@ class GroupHealth(TypedDict):
     """A shard group as /healthz reports it: its shape, each rank's health, what failed last."""
 
     tensor_parallel_size: int
+    sequence_parallel_size: int
     state: Literal["ok", "rebuilding", "broken"]  # broken: the last rebuild failed (the next request retries)
     ranks: list[RankHealth]
     rebuilds: int  # groups built again after a failure
@@ -201,6 +203,7 @@ class ShardGroup:
         ]
         return {
             "tensor_parallel_size": llm.config.parallel.tensor_parallel_size,
+            "sequence_parallel_size": llm.config.parallel.sequence_parallel_size,
             "state": self.state,
             "ranks": ranks,
             "rebuilds": self.rebuilds,

@@ -143,3 +143,36 @@ def test_smollm2_sp2_equals_one_rank(group: Group, policy: str) -> None:
     with LLM("smollm2-135m", policy=policy, device="cpu", sequence_parallel_size=2, **kw) as llm:
         got = llm.generate(prompts, params)
     assert_same(got, ref, [True, False], 2)
+
+
+@pytest.mark.slow
+def test_ray_ranks_run_tp2_sp2(wide: Path, group: Group, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Serve path's ranks: Ray actors (`RayRanks`) for ranks 1..3 of TP=2 x SP=2."""
+    ray = pytest.importorskip("ray")
+    from entropyinfer.cluster.shard_group import RayRanks, ShardGroup
+    from entropyinfer.shard.config import LLMConfig
+
+    group.close()
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)  # unset: Ray starts the local cluster with token auth
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    keywords = dict(
+        model=str(wide), policy="entropy", load_format="dummy", device="cpu", warm_up_kernels=False,
+        kv_page_size=8, tensor_parallel_size=2, sequence_parallel_size=2, kv_compression="none",
+        sequence_parallel_min_tokens=MIN_TOKENS, **SPARSE,
+    )  # fmt: skip
+    ref = tiny(wide, policy="entropy").generate(PROMPTS, PARAMS)
+    try:
+        shards = ShardGroup(LLMConfig.from_keywords(keywords), lambda: RayRanks(cpus_per_rank=0.5))
+        llm = shards.build()
+        try:
+            assert_same(llm.generate(PROMPTS, PARAMS), ref, SP_PROMPTS, 2)
+            health = shards.health(llm)
+            assert (health["tensor_parallel_size"], health["sequence_parallel_size"]) == (2, 2)
+            assert [r["healthy"] for r in health["ranks"]] == [True] * 4
+        finally:
+            llm.close()
+    finally:
+        if started:
+            ray.shutdown()
