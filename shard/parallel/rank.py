@@ -74,10 +74,11 @@ class RankRunner:
         ps, dev, dt = engine.config.kv_page_size, engine.device, engine.dtype
         self.pages = KVPages(arch, num_pages, ps, dev, dt, table_heads=tp * kvc, local=self.local)
         self.obs = ObservationPool(arch, dev, dt)
-        self.decoder: PagedDecoder | SequenceParallelDecoder = PagedDecoder(engine, self.pages, self.obs)
+        self.decoder = PagedDecoder(engine, self.pages, self.obs)
+        self.sp_decoder: SequenceParallelDecoder | None = None  # batches with SP rows
         if self.sp is not None:  # SP ranks: the heads they attend with in an SP prefill, the LSE decoder
             self.split = split_heads(arch.num_heads, arch.num_kv_heads, self.sp.size)
-            self.decoder = SequenceParallelDecoder(engine, self.pages, self.obs, self.sp)
+            self.sp_decoder = SequenceParallelDecoder(engine, self.pages, self.obs, self.sp, self.decoder)
         self.attentions: dict[str, PrefillAttention] = {}
         self.snapshots: dict[bytes, tuple[Any, int]] = {}
         self.swapped: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -246,10 +247,10 @@ class RankRunner:
         local = (tables[:, self.local].to(dev).contiguous(), lengths[:, :, self.local].to(dev).contiguous())
         index = None if obs is None else (obs[0].to(dev), obs[1].to(dev))
         args = (tokens.to(dev), positions.to(dev), *local, index)
-        if isinstance(self.decoder, SequenceParallelDecoder):
-            return self.decoder(*args, segments=segments, steps_left=steps_left)
         if segments is not None and bool((segments > 0).any()):
-            raise RuntimeError("a sequence-parallel row reached a rank without SP ranks")
+            if self.sp_decoder is None:
+                raise RuntimeError("a sequence-parallel row reached a rank without SP ranks")
+            return self.sp_decoder.forward(*args, segments)
         return self.decoder(*args, steps_left=steps_left)
 
     # ------------------------------------------------------------------------------------- compress

@@ -68,17 +68,17 @@ class SequenceParallelDecoder:
     """`PagedDecoder`'s interface with the ``segments`` of the batch (see the module docstring)."""
 
     def __init__(
-        self, engine: Engine, pages: KVPages, obs_pool: ObservationPool, sp: SequenceParallelGroup
+        self,
+        engine: Engine,
+        pages: KVPages,
+        obs_pool: ObservationPool,
+        sp: SequenceParallelGroup,
+        plain: PagedDecoder | None = None,
     ) -> None:
-        self.engine, self.model, self.pages, self.obs_pool, self.sp = (
-            engine,
-            engine.model,
-            pages,
-            obs_pool,
-            sp,
-        )
-        self.arch = engine.arch
-        self.plain = PagedDecoder(engine, pages, obs_pool)  # batches without SP rows (graphs on GPU)
+        self.engine, self.model, self.pages, self.obs_pool = engine, engine.model, pages, obs_pool
+        self.sp, self.arch = sp, engine.arch
+        # batches without SP rows (graphs on GPU): `plain`, or a decoder of the same pages
+        self.plain = plain if plain is not None else PagedDecoder(engine, pages, obs_pool)
 
     @property
     def captures(self) -> int:
