@@ -30,6 +30,7 @@ from entropyinfer.policies.kv_compression import KVCompressionConfig
 from entropyinfer.policies.registry import get_policy
 from entropyinfer.shard.arch import ModelArch
 from entropyinfer.shard.config import KVConfig, LLMConfig
+from entropyinfer.shard.devices import dtype_name, resolve_device, resolve_dtype
 from entropyinfer.shard.embedded import resolve_checkpoint
 from entropyinfer.shard.engine_core import EngineCore, EngineEvent, Finished
 from entropyinfer.shard.parallel.launch import Ranks, build_engine, start_group
@@ -42,17 +43,6 @@ __all__ = ["LLM", "Prompt", "RequestOutput", "StreamEvent", "resolve_device", "r
 ProgressFn = Callable[[int, int], None]
 _CALLS = itertools.count()
 
-_DTYPES = {  # vLLM's names ("half", "float") and ours; the canonical name of a torch dtype is the last
-    "float": torch.float32,
-    "half": torch.float16,
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
-
 
 @dataclass
 class StreamEvent:
@@ -62,33 +52,6 @@ class StreamEvent:
     finished: bool
     output: RequestOutput | None = None  # set on the sequence's last event
     logprobs: TokenLogprobs | None = None  # the token's and the top-k alternatives' (params.logprobs)
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    if dtype is None or dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPES:
-        raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
-    return _DTYPES[dtype]
-
-
-def _dtype_name(dtype: str | torch.dtype | None) -> str:
-    if dtype is None:
-        return "auto"
-    if isinstance(dtype, torch.dtype):
-        names = {v: k for k, v in _DTYPES.items() if "float" in k}
-        if dtype not in names:
-            raise ConfigError(f"dtype {dtype} is not one of {', '.join(_DTYPES)}")
-        return names[dtype]
-    return dtype
 
 
 class LLM:
@@ -124,7 +87,7 @@ class LLM:
                 "model": str(model),
                 "policy": policy,
                 "device": None if device is None else str(device),
-                "dtype": _dtype_name(dtype),
+                "dtype": dtype_name(dtype),
                 **keywords,
             }
         )
