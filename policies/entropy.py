@@ -22,6 +22,7 @@ from entropyinfer.kernels.block_selection_ref import rigid_heads, spread_budgets
 from entropyinfer.kernels.tiling import scoring_tiles, select_tiles
 from entropyinfer.policies.budgets import spread_logit_scale, spread_rule
 from entropyinfer.policies.config import SparsePrefillConfig
+from entropyinfer.policies.head_scaling import captured_mass, max_scale, scaled_counts
 from entropyinfer.policies.registry import SELECTIONS, Selection
 
 __all__ = [
@@ -67,6 +68,7 @@ class LayerPlan:
     block_size: int
     probs: torch.Tensor | None = None
     spread: torch.Tensor | None = None
+    captured: torch.Tensor | None = None  # with_mass: float32 [Hkv, nseg] (`policies.head_scaling`)
 
     @property
     def num_segments(self) -> int:
@@ -118,6 +120,8 @@ def plan_from_scores(
     policy: Selection = "entropy",
     backend: Backend = "auto",
     with_probs: bool = False,
+    head_scale: torch.Tensor | None = None,
+    head_dim: int | None = None,
 ) -> LayerPlan:
     """Budgets, counts and block selection from a layer's profiling (see `plan_layer`)."""
     if policy not in SELECTIONS:
@@ -138,14 +142,25 @@ def plan_from_scores(
         scores.spread if spread and scores.spread is not None else entropy, cfg, seq_len, policy, backend
     )
     counts, kernel_counts = bc.counts, bc.kernel_counts
+    scale = head_scale if policy == "entropy" else None
+    if scale is not None:  # the policy actor's per-head factors (`policies/head_scaling.py`)
+        counts, kernel_counts = scaled_counts(
+            bc.budgets, scale, bc.dense_segments, seq_len=seq_len, segment_size=s_len, block_size=b
+        )
     if cfg.mode == "reference":
         counts = counts.amax(dim=0, keepdim=True).expand_as(counts).contiguous()
         kernel_counts = counts.masked_fill(bc.dense_segments[None, :], -1)
     # a static bound on the counts: no device sync to size block_idx
     max_budget = cfg.max_budget if policy == "entropy" else cfg.fixed_budget
     nseg = entropy.shape[1]
-    max_count = min(max_budget // b, max((nseg - 1) * (s_len // b), 0))
+    max_count = min(int(max_budget * max_scale(scale)) // b, max((nseg - 1) * (s_len // b), 0))
     block_idx = select_blocks(scores.logits, counts, s_len, b, max_count, backend=backend)
+    captured = None
+    if head_dim is not None:
+        captured = captured_mass(
+            scores.logits, block_idx, counts, bc.dense_segments, segment_size=s_len, block_size=b,
+            head_dim=head_dim,
+        )  # fmt: skip
     return LayerPlan(
         entropy=entropy,
         rigid=bc.rigid,
@@ -159,6 +174,7 @@ def plan_from_scores(
         block_size=b,
         probs=scores.probs() if with_probs else None,
         spread=scores.spread if spread else None,
+        captured=captured,
     )
 
 
@@ -170,6 +186,8 @@ def plan_layer(
     policy: Selection = "entropy",
     backend: Backend = "auto",
     with_probs: bool = False,
+    head_scale: torch.Tensor | None = None,
+    with_mass: bool = False,
 ) -> LayerPlan:
     """Profile one layer and decide its sparse prefill.
 
@@ -183,10 +201,16 @@ def plan_layer(
         backend: ``triton`` (compiled on GPU, interpreted on CPU), ``torch`` (the reference), or ``auto``
             (Triton for CUDA tensors, else torch); see `kernels.backend`.
         with_probs: also return the block probabilities (``LayerPlan.probs``).
+        head_scale: float32 ``[Hkv]`` budget factors of the entropy rule (the policy actor's table row;
+            None: the rule's own budgets, bit for bit).
+        with_mass: also return the captured-mass proxy (``LayerPlan.captured``, `policies.head_scaling`).
     """
     scale = spread_logit_scale(cfg, q.shape[-1]) if policy == "entropy" and cfg.mode == "spread" else None
     scores = block_scores(q, k, cfg.segment_size, cfg.block_size, backend=backend, spread_logit_scale=scale)
-    return plan_from_scores(scores, cfg, q.shape[1], policy=policy, backend=backend, with_probs=with_probs)
+    return plan_from_scores(
+        scores, cfg, q.shape[1], policy=policy, backend=backend, with_probs=with_probs,
+        head_scale=head_scale, head_dim=q.shape[-1] if with_mass else None,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -209,6 +233,7 @@ class ChunkPlan:
     rigid: torch.Tensor
     dense_segments: torch.Tensor
     segment_offset: int
+    captured: torch.Tensor | None = None  # with_mass: float32 [Hkv, nseg_chunk] (`policies.head_scaling`)
 
 
 def plan_chunk(
@@ -222,6 +247,8 @@ def plan_chunk(
     spread_before: torch.Tensor | None = None,
     policy: Selection = "entropy",
     backend: Backend = "auto",
+    head_scale: torch.Tensor | None = None,
+    with_mass: bool = False,
 ) -> ChunkPlan:
     """Profile one prefill chunk of one layer and decide its blocks exactly as a one-shot prefill would.
 
@@ -257,9 +284,16 @@ def plan_chunk(
     bc = _block_counts(history, cfg, seq_len, policy, backend)
     # rigid so far at the chunk's last segment: the rule's test on the history so far
     rigid = _rigid_so_far(history[:, :end], cfg, spread) if end < nseg else bc.rigid
-    counts = bc.counts[:, segment_offset:end].contiguous()
+    scale = head_scale if policy == "entropy" else None
+    all_kernel_counts = bc.kernel_counts
+    all_counts = bc.counts
+    if scale is not None:  # the policy actor's per-head factors (`policies/head_scaling.py`)
+        all_counts, all_kernel_counts = scaled_counts(
+            bc.budgets, scale, bc.dense_segments, seq_len=seq_len, segment_size=s_len, block_size=b
+        )
+    counts = all_counts[:, segment_offset:end].contiguous()
     max_budget = cfg.max_budget if policy == "entropy" else cfg.fixed_budget
-    max_count = min(max_budget // b, max((nseg - 1) * (s_len // b), 0))
+    max_count = min(int(max_budget * max_scale(scale)) // b, max((nseg - 1) * (s_len // b), 0))
     tiles = select_tiles(nseg, nblk, cuda=cuda) if on_triton else None
     block_idx = select_blocks(
         scores.logits,
@@ -271,15 +305,22 @@ def plan_chunk(
         tiles=tiles,
         segment_offset=segment_offset,
     )
+    captured = None
+    if with_mass:
+        captured = captured_mass(
+            scores.logits, block_idx, counts, bc.dense_segments, segment_size=s_len, block_size=b,
+            head_dim=q.shape[-1], segment_offset=segment_offset,
+        )  # fmt: skip
     return ChunkPlan(
         entropy=scores.entropy,
         spread=scores.spread if spread else None,
         counts=counts,
-        kernel_counts=bc.kernel_counts[:, segment_offset:end].contiguous(),
+        kernel_counts=all_kernel_counts[:, segment_offset:end].contiguous(),
         block_idx=block_idx,
         rigid=rigid,
         dense_segments=bc.dense_segments,
         segment_offset=segment_offset,
+        captured=captured,
     )
 
 
