@@ -66,6 +66,7 @@ from entropyinfer.kernels.tiling import choose_paged_num_splits, paged_decode_ti
 __all__ = ["DecodeWorkspace", "get_workspace", "paged_decode_attention"]
 
 _LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
 
 
 @triton.jit
@@ -196,6 +197,7 @@ def paged_decode_attention(
     backend: Backend = "auto",
     validate: bool = False,
     tiles: tuple[int, int, int] | None = None,
+    lse_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention of one token per sequence over a paged KV pool (split-K, GQA-aware).
 
@@ -214,6 +216,10 @@ def paged_decode_attention(
         validate: on CUDA, also check lengths and page ids against the table and the pool (syncs). CPU
             tensors are always checked.
         tiles: ``(BLOCK_N, num_warps, num_stages)`` instead of `paged_decode_tiles` (benchmark sweeps).
+        lse_out: optional float32 ``[B, Hq]``: also write each head's natural log-sum-exp of its scaled
+            scores there (-inf: no keys), for merging partial attention over several key sets (sequence
+            parallelism). Triton path only; at least two splits (the LSE comes from the split scratch);
+            host-side ops after the merge, so not for a graph capture.
 
     Returns:
         ``[B, Hq, d]`` in q's dtype (``out`` when given).
@@ -227,6 +233,8 @@ def paged_decode_attention(
         scale = d**-0.5
 
     if not runs_triton(q.device, backend):
+        if lse_out is not None:
+            raise ValueError("lse_out needs the Triton kernels (CUDA tensors, or backend='triton')")
         if backend == "auto" and q.device.type == "cpu":  # serving on the CPU: read the pages in place
             return paged_decode_attention_cpu(
                 q, k_pages, v_pages, block_tables, lengths, scale=scale, out=out
@@ -244,11 +252,13 @@ def paged_decode_attention(
     if batch == 0 or hq == 0:
         return out
     if max_pages == 0 or num_pages == 0:
+        if lse_out is not None:
+            lse_out.fill_(float("-inf"))
         return out.zero_()
 
     if num_splits is None:
         num_splits = choose_paged_num_splits(batch, hkv, max_pages, page_size, sm_count(q.device), d)
-    num_splits = max(1, int(num_splits))
+    num_splits = max(2 if lse_out is not None else 1, int(num_splits))
 
     block_d = triton.next_power_of_2(d)
     block_g = max(16, triton.next_power_of_2(group))  # tl.dot needs M >= 16: pad the group
@@ -329,4 +339,6 @@ def paged_decode_attention(
             BLOCK_D=block_d,
             num_warps=4 if block_d >= 128 else 2,
         )
+        if lse_out is not None:  # the splits' log2-sum-exps, merged, in natural log
+            lse_out.copy_(torch.logsumexp(mid_lse * _LN2, dim=-1))
     return out

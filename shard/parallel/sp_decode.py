@@ -15,14 +15,15 @@ rank 0's partial counts (the others' log-sum-exp is -inf), so the merge returns 
 Every SP rank then holds the same hidden states and logits.
 
 A batch without SP rows runs the plain `PagedDecoder` (CUDA graphs on GPU); a batch with some runs eagerly
-here. The partial attention (`paged_attention_lse`) gathers each row's pages and computes in float32 with
-torch, on any device (the Triton paged kernel does not return its log-sum-exp yet).
+here. The partial attention is the Triton paged kernel with its log-sum-exp (`lse_out`) on CUDA, and
+`paged_attention_lse` elsewhere (each row's pages gathered, float32 torch).
 """
 
 from __future__ import annotations
 
 import torch
 
+from entropyinfer.kernels.paged_decode_attention import paged_decode_attention
 from entropyinfer.shard.compression import ObservationPool
 from entropyinfer.shard.engine import Engine
 from entropyinfer.shard.kv_pages import KVPages
@@ -62,6 +63,17 @@ def paged_attention_lse(
         out[i] = torch.einsum("hgl,hld->hgd", p, v).reshape(hq, d)
         lse[i] = m.reshape(hq)
     return out.to(q.dtype), lse
+
+
+def partial_attention(
+    q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, tables: torch.Tensor, lengths: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`paged_attention_lse`'s result: the Triton kernel on CUDA, the torch path on the CPU."""
+    if q.device.type == "cuda":
+        lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+        out = paged_decode_attention(q, k_pages, v_pages, tables, lengths, lse_out=lse)
+        return out, lse
+    return paged_attention_lse(q, k_pages, v_pages, tables, lengths)
 
 
 class SequenceParallelDecoder:
@@ -140,7 +152,7 @@ class SequenceParallelDecoder:
             v_pages[write_page[li], heads, write_off[li]] = v[:, :, 0]
             if obs is not None:
                 self.obs_pool.append(li, obs[0], obs[1], q)
-            o, lse = paged_attention_lse(q[:, :, 0], k_pages, v_pages, tables, attend[li])
+            o, lse = partial_attention(q[:, :, 0], k_pages, v_pages, tables, attend[li])
             lse = lse.masked_fill(~counts[:, None], float("-inf"))
             o = merge_partials(sp, o, lse)  # [B, Hq, d]
             h = layer.finish(h, o.reshape(b, 1, hq * d))
