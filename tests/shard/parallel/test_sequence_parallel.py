@@ -11,13 +11,16 @@ not split the KV heads fail before any process starts. Slow: SmolLM2 (9 / 3 head
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from entropyinfer import LLM, SamplingParams
-from entropyinfer.errors import ConfigError
+from entropyinfer.errors import ConfigError, ShardGroupError
 from entropyinfer.shard.dummy_checkpoint import write_dummy_checkpoint
 
 PARAMS = SamplingParams(max_tokens=8, ignore_eos=True)
@@ -118,6 +121,20 @@ def test_sp_prompts_bypass_the_prefix_cache_and_compression_runs_without_sp(wide
     ref_first, ref_second = one.generate([PROMPTS[0]], plain)[0], one.generate([PROMPTS[0]], plain)[0]
     assert ref_second.stats["cached_tokens"] > 0  # one rank would have taken it from the cache
     assert first.token_ids == second.token_ids == ref_first.token_ids == ref_second.token_ids
+
+
+def test_a_killed_sp_rank_fails_the_request_with_a_clear_error(wide: Path, group: Group) -> None:
+    llm = group.start(wide, 1, 2)
+    assert llm.executor is not None
+    stream = llm.stream(PROMPTS[0], SamplingParams(max_tokens=400, ignore_eos=True))
+    next(stream)  # prefilled split over both ranks, decoding with the LSE merge
+    os.kill(llm.executor.ranks.processes[0].pid, signal.SIGKILL)
+    t0 = time.perf_counter()
+    with pytest.raises(ShardGroupError, match="rank 1 exited"):
+        for _ in stream:
+            pass
+    assert time.perf_counter() - t0 < 10
+    group.close()
 
 
 def test_sizes_that_do_not_split_the_kv_heads_fail_before_any_process_starts(wide: Path) -> None:
