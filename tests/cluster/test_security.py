@@ -182,7 +182,7 @@ def test_metrics_is_public_only_when_configured(monkeypatch: pytest.MonkeyPatch,
 
     from starlette.requests import Request
 
-    from entropyinfer.cluster import ingress
+    from entropyinfer.cluster import ingress_base as ingress
     from entropyinfer.cluster.config import ServeAppConfig
 
     config = ServeAppConfig(auth=AuthConfig(api_key="k", api_key_env=None, metrics_public=public))
