@@ -143,6 +143,23 @@ class SparsePrefill:
         self.seq_len: int | None = None
         self._start = 0  # first position this object prefills (after `resume`: the cached prefix)
         self._layers = 0  # layers run so far (the statistics average over them)
+        # the policy actor's head budget table pinned for this prompt (`pin_table`): float32 [L, Hkv] on the
+        # host, its version (0: none, the rule's own budgets); collect_mass: keep the captured-mass proxy
+        # per layer (`captured`, device tensors [Hkv, segments so far]) for the head statistics
+        self.head_scale: torch.Tensor | None = None
+        self.table_version = 0
+        self.collect_mass = False
+        self.captured: dict[int, list[torch.Tensor]] = {}
+
+    def pin_table(self, scales: torch.Tensor, version: int) -> None:
+        """Scale the entropy rule's budget of each (layer, KV head) by ``scales [L, Hkv]`` for this prompt
+        (`policies/head_scaling.py`); the version becomes part of `key` (prefix cache, `resume`)."""
+        self.head_scale, self.table_version = scales.float().cpu(), int(version)
+
+    def _scale(self, layer: int) -> torch.Tensor | None:
+        if self.head_scale is None or self.policy != "entropy" or layer >= self.head_scale.shape[0]:
+            return None
+        return self.head_scale[layer]
 
     @property
     def _solves_budget(self) -> bool:
@@ -166,8 +183,9 @@ class SparsePrefill:
 
     @property
     def key(self) -> str:
-        """Fingerprint of what shapes the blocks: the policy and the layers' config."""
-        return f"{self.policy}:{self.layer_config or self.config!r}"
+        """Fingerprint of what shapes the blocks: the policy, the layers' config, the head budget table."""
+        table = f":heads{self.table_version}" if self.table_version else ""
+        return f"{self.policy}:{self.layer_config or self.config!r}{table}"
 
     def begin(self, num_layers: int, seq_len: int) -> None:
         """Called before layer 0 of a prompt (`Engine.prefill`): forget the previous prompt's state; for
@@ -175,6 +193,7 @@ class SparsePrefill:
         this `seq_len`-token prompt is closest to the target (`policies.budgets.fixed_budget_for_density`;
         host arithmetic, no device sync)."""
         self.records, self.seq_len, self._start, self._layers = {}, seq_len, 0, num_layers
+        self.captured = {}
         if not self._solves_budget:
             return
         cfg = self.config
@@ -210,7 +229,11 @@ class SparsePrefill:
         self._layers = max(self._layers, layer + 1)
         if layer == 0 or self._short(cfg, n):
             return dense_causal_attention(q, k, v)
-        plan = plan_layer(q, k, cfg, policy=self.policy)
+        plan = plan_layer(
+            q, k, cfg, policy=self.policy, head_scale=self._scale(layer), with_mass=self.collect_mass
+        )
+        if plan.captured is not None:
+            self.captured[layer] = [plan.captured]
         s_len, b = cfg.segment_size, cfg.block_size
         out = sparse_prefill_attention(
             q, k, v, plan.block_idx, plan.kernel_counts, segment_size=s_len, block_size=b
@@ -255,9 +278,12 @@ class SparsePrefill:
             raise ValueError(f"layer {layer} has {rec.segments} segments so far; this chunk starts at {seg0}")
         plan = plan_chunk(
             q, k, cfg, seq_len=seq_len, segment_offset=seg0, entropy_before=rec.entropy,
-            spread_before=rec.spread, policy=self.policy,
+            spread_before=rec.spread, policy=self.policy, head_scale=self._scale(layer),
+            with_mass=self.collect_mass,
         )  # fmt: skip
         rec.append(plan.entropy, plan.counts, plan.spread, plan.rigid)
+        if plan.captured is not None:
+            self.captured.setdefault(layer, []).append(plan.captured)
         nc = plan.counts.shape[1]
         thr = cfg.threshold_len
         if all(s * s_len < thr or (s + 1) * s_len >= seq_len for s in range(seg0, seg0 + nc)):
@@ -319,6 +345,11 @@ class SparsePrefill:
         if self.seq_len is None or self._short(cfg, self.seq_len):
             return {}
         return self.records
+
+    @property
+    def profiled(self) -> dict[int, LayerRecord]:
+        """The records of the layers reported as sparse (none for a prompt too short to be sparse)."""
+        return self._profiled()
 
     @property
     def sparse_counts(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
