@@ -18,6 +18,7 @@ from entropyinfer.configs.loader import check_int, from_dict, load_yaml, merge
 from entropyinfer.errors import ConfigError
 
 __all__ = [
+    "ADAPTIVE_CAPACITIES",
     "CAUSAL_MODES",
     "KVCompressionConfig",
     "SparsePrefillConfig",
@@ -131,10 +132,12 @@ def load_sparse_config(name_or_path: str | Path = "entropy_long", **overrides: A
 # ---------------------------------------------------------------------- decode-time KV compression
 Pooling = Literal["avg", "max", "none"]
 GroupReduce = Literal["max", "mean"]
-HeadCapacity = Literal["uniform", "entropy"]
+HeadCapacity = Literal["uniform", "entropy", "adaptive", "adaptive_layers"]
 _POOLINGS = ("avg", "max", "none")
 _REDUCES = ("max", "mean")
-_HEAD_CAPACITIES = ("uniform", "entropy")
+_HEAD_CAPACITIES = ("uniform", "entropy", "adaptive", "adaptive_layers")
+# capacities decided at compression time from the observation window's own scores (AdaKV-style)
+ADAPTIVE_CAPACITIES = ("adaptive", "adaptive_layers")
 
 
 @dataclass(frozen=True)
@@ -149,8 +152,11 @@ class KVCompressionConfig:
     pooling: Pooling = "avg"  # 1-D pooling of the scores over positions
     kernel_size: int = 5  # pooling kernel (odd)
     group_reduce: GroupReduce = "max"  # over the G query heads of a GQA group
-    head_capacity: HeadCapacity = "uniform"  # or "entropy": per-head capacities from the prefill entropy
-    min_head_fraction: float = 0.5  # entropy capacities: every head keeps at least this fraction of C (and W)
+    # uniform; entropy: per-head capacities from the prefill entropy; adaptive: from the window's scores at
+    # compression time, the layer's Hkv * C shared so that the kept attention mass is largest (AdaKV);
+    # adaptive_layers: the same over every head of every layer (the sequence's L * Hkv * C)
+    head_capacity: HeadCapacity = "uniform"
+    min_head_fraction: float = 0.5  # non-uniform capacities: each head keeps at least this part of C (and W)
     recompress_every: int = 0  # R: compress the compact cache again every R generated tokens; 0 = never
 
     def __post_init__(self) -> None:
@@ -194,6 +200,19 @@ class KVCompressionConfig:
     @property
     def min_head_capacity(self) -> int:
         return max(self.window, math.ceil(self.min_head_fraction * self.capacity))
+
+    @property
+    def adaptive(self) -> bool:
+        """Capacities decided at compression time from the observation window's scores."""
+        return self.head_capacity in ADAPTIVE_CAPACITIES
+
+    def max_head_capacity(self, num_kv_heads: int) -> int:
+        """The most tokens one head keeps: C (uniform), else the floor plus all of a layer's spare
+        (``floor + Hkv * (C - floor)``; `adaptive_layers` is capped there too)."""
+        if self.head_capacity == "uniform":
+            return self.capacity
+        floor = self.min_head_capacity
+        return floor + num_kv_heads * (self.capacity - floor)
 
 
 def load_kv_compression_config(name_or_path: str | Path = "latent", **overrides: Any) -> KVCompressionConfig:

@@ -23,6 +23,14 @@ ceil(min_head_fraction * C))`` and the rest of the layer's ``Hkv * C`` tokens is
 head's mean prefill entropy (dynamic heads get more, rigid heads, entropy ~0, stay at the floor); the total
 per layer is exactly ``Hkv * C``. Layers without entropy (layer 0, prompts that ran dense) stay uniform.
 
+Adaptive capacities (``head_capacity: adaptive``, AdaKV-style): decided at compression time from the
+scores that select the positions. Every head keeps the floor; the rest of the layer's ``Hkv * C`` goes to
+the highest prefix scores of all its heads together (beyond each head's floor), so the kept score mass is
+the largest any split gives and the last score a head keeps is about equal across heads. With
+``adaptive_layers`` the pool is the sequence's ``L * Hkv * C`` over every layer (one head capped at
+`KVCompressionConfig.max_head_capacity`). Same total tokens as uniform (fewer only where heads are shorter
+than their share).
+
 Re-compression (``recompress_every = R > 0``): after the first compression, every ``R`` decode steps the
 compact cache is compressed again to the same capacities with the last ``W`` generated queries.
 """
@@ -45,10 +53,12 @@ from entropyinfer.policies.config import (
 __all__ = [
     "KVCompressionConfig",
     "KeepPlan",
+    "adaptive_capacities",
     "head_capacities",
     "load_kv_compression_config",
     "plan_keep",
     "prefix_scores",
+    "score_keys",
     "select_positions",
     "window_scores",
 ]
@@ -167,6 +177,26 @@ def select_positions(
     return KeepPlan(indices=indices, counts=counts)
 
 
+def score_keys(
+    q_obs: torch.Tensor,
+    keys: torch.Tensor,
+    lengths: torch.Tensor,
+    cfg: KVCompressionConfig,
+    *,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """float32 ``[H, S]``: the pooled, group-reduced prefix scores (`window_scores` + `prefix_scores`)."""
+    probs = window_scores(q_obs, keys, lengths, scale=scale)
+    return prefix_scores(
+        probs,
+        lengths,
+        cfg.window,
+        pooling=cfg.pooling,
+        kernel_size=cfg.kernel_size,
+        group_reduce=cfg.group_reduce,
+    )
+
+
 def plan_keep(
     q_obs: torch.Tensor,
     keys: torch.Tensor,
@@ -176,17 +206,12 @@ def plan_keep(
     slots: int,
     *,
     scale: float | None = None,
+    scores: torch.Tensor | None = None,
 ) -> KeepPlan:
-    """Score, pool, reduce and select for ``H`` KV heads: q_obs ``[H, G, W, d]``, keys ``[H, S, d]``."""
-    probs = window_scores(q_obs, keys, lengths, scale=scale)
-    scores = prefix_scores(
-        probs,
-        lengths,
-        cfg.window,
-        pooling=cfg.pooling,
-        kernel_size=cfg.kernel_size,
-        group_reduce=cfg.group_reduce,
-    )
+    """Score, pool, reduce and select for ``H`` KV heads: q_obs ``[H, G, W, d]``, keys ``[H, S, d]``
+    (`scores`: this plan's `score_keys`, when already computed)."""
+    if scores is None:
+        scores = score_keys(q_obs, keys, lengths, cfg, scale=scale)
     return select_positions(scores, lengths, capacities, cfg.window, slots)
 
 
@@ -221,3 +246,35 @@ def head_capacities(
         base[order[:left]] += 1
         out[li] = floor + base
     return out
+
+
+def adaptive_capacities(
+    scores: torch.Tensor, lengths: torch.Tensor, cfg: KVCompressionConfig, *, across_layers: bool = False
+) -> torch.Tensor:
+    """int64 ``[L, H]`` tokens kept per (layer, KV head) of one sequence, from its own window scores.
+
+    scores: float32 ``[L, H, S]`` (`score_keys` per layer: ``-inf`` outside each head's prefix); lengths:
+    integer ``[L, H]``. Every head gets ``f = cfg.min_head_capacity``; the pool's spare, ``heads * (C - f)``
+    (a layer's heads, or every head of every layer with `across_layers`), goes to the largest prefix scores
+    of the pool's heads beyond each head's first ``f - W`` (one head at most `max_head_capacity`), so the
+    last kept score is about the same in every head. A pool with fewer candidates than its spare keeps
+    them all (its heads are shorter than their shares). Equal scores at the cut are split arbitrarily.
+    """
+    nl, h, s = scores.shape
+    floor, cap = cfg.min_head_capacity, cfg.max_head_capacity(h)
+    lo, hi = floor - cfg.window, min(cap - cfg.window, s)  # ranks a head competes for: lo .. hi - 1
+    out = torch.full((nl, h), floor, dtype=torch.long)
+    if hi <= lo:
+        return out
+    ranked = scores.float().sort(dim=-1, descending=True).values[..., lo:hi]  # [L, H, hi - lo]
+    prefix = (lengths.to(scores.device).long() - cfg.window).clamp(min=0)
+    rank = torch.arange(lo, hi, device=scores.device)
+    ranked = ranked.masked_fill(rank[None, None, :] >= prefix[..., None], float("-inf"))
+    pools = ranked.reshape(1, nl * h, hi - lo) if across_layers else ranked
+    spare = pools.shape[1] * (cfg.capacity - floor)
+    flat = pools.reshape(pools.shape[0], -1)
+    take = min(spare, flat.shape[1])
+    top = flat.topk(take, dim=1, sorted=False)
+    won = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, top.indices, top.values > float("-inf"))
+    extra = won.view(pools.shape).sum(-1).reshape(nl, h).cpu()
+    return out + extra

@@ -23,7 +23,13 @@ import time
 
 import torch
 
-from entropyinfer.policies.kv_compression import KVCompressionConfig, head_capacities, plan_keep
+from entropyinfer.policies.kv_compression import (
+    KVCompressionConfig,
+    adaptive_capacities,
+    head_capacities,
+    plan_keep,
+    score_keys,
+)
 from entropyinfer.shard.arch import ModelArch
 from entropyinfer.shard.kv_cache import CompactKVCache, KVCache
 from entropyinfer.shard.kv_pages import KVPages
@@ -90,6 +96,40 @@ def compact_slots(
     return int(torch.minimum(caps, lens + steps_left).max().item()) + min(recompress_every, steps_left)
 
 
+def _span(cache: AnyCache) -> int:
+    return cache.capacity if isinstance(cache, CompactKVCache) else int(cache.lengths.max().item())
+
+
+@torch.inference_mode()
+def score_cache(
+    cache: AnyCache, obs: ObservationWindow, cfg: KVCompressionConfig, steps: int, arch: ModelArch
+) -> torch.Tensor:
+    """float32 ``[L, B, Hkv, span]``: every layer's prefix scores (`score_keys`), for adaptive capacities."""
+    b, hkv, d, g = cache.batch, arch.num_kv_heads, arch.head_dim, arch.group_size
+    span = _span(cache)
+    out = []
+    for li in range(arch.num_layers):
+        lens = cache.layer_lengths(li).long().reshape(b * hkv)
+        keys = cache.k(li)[:, :, :span].reshape(b * hkv, span, d)
+        q_obs = obs.ordered(li, steps).reshape(b * hkv, g, obs.window, d)
+        out.append(score_keys(q_obs, keys, lens, cfg).view(b, hkv, span))
+    return torch.stack(out)
+
+
+def adaptive_batch_capacities(
+    scores: torch.Tensor, cache: AnyCache, cfg: KVCompressionConfig, arch: ModelArch
+) -> torch.Tensor:
+    """int64 ``[L, B, Hkv]``: `adaptive_capacities` of each sequence of the batch from `score_cache`."""
+    lens = torch.stack([cache.layer_lengths(li) for li in range(arch.num_layers)]).view(
+        arch.num_layers, cache.batch, arch.num_kv_heads
+    )
+    across = cfg.head_capacity == "adaptive_layers"
+    rows = [
+        adaptive_capacities(scores[:, i], lens[:, i], cfg, across_layers=across) for i in range(cache.batch)
+    ]
+    return torch.stack(rows, dim=1)
+
+
 @torch.inference_mode()
 def compress(
     cache: AnyCache,
@@ -99,21 +139,23 @@ def compress(
     steps: int,
     slots: int,
     arch: ModelArch,
+    scores: torch.Tensor | None = None,
 ) -> CompactKVCache:
     """Keep, per (layer, sequence, KV head), the top ``capacity - W`` positions and the last ``W``.
 
     cache: the full `KVCache` (first compression; left untouched, the caller releases it) or a
     `CompactKVCache` (re-compression, done in place). capacities: int64 ``[L, B, Hkv]``. steps: decode steps
     run so far (orders the observation ring). slots: size of the new compact buffer (`compact_slots`; must
-    hold every head's ``min(capacity, length)``), ignored in place. Returns the compact cache.
+    hold every head's ``min(capacity, length)``), ignored in place. scores: `score_cache` when already
+    computed (adaptive capacities). Returns the compact cache.
     """
     nl, b, hkv, d, g = arch.num_layers, cache.batch, arch.num_kv_heads, arch.head_dim, arch.group_size
     device = cache.data.device
+    span = _span(cache)
     if isinstance(cache, CompactKVCache):
         out = cache
-        span = slots = cache.capacity
+        slots = cache.capacity
     else:
-        span = int(cache.lengths.max().item())
         out = CompactKVCache(arch, b, slots, device, cache.data.dtype)
     caps = capacities.to(device)
     for li in range(nl):
@@ -121,7 +163,8 @@ def compress(
         keys = cache.k(li)[:, :, :span].reshape(b * hkv, span, d)
         values = cache.v(li)[:, :, :span].reshape(b * hkv, span, d)
         q_obs = obs.ordered(li, steps).reshape(b * hkv, g, obs.window, d)
-        plan = plan_keep(q_obs, keys, lens, caps[li].reshape(b * hkv), cfg, slots)
+        sc = None if scores is None else scores[li].reshape(b * hkv, span)
+        plan = plan_keep(q_obs, keys, lens, caps[li].reshape(b * hkv), cfg, slots, scores=sc)
         idx = plan.indices[..., None].expand(-1, -1, d)
         new_k, new_v = keys.gather(1, idx), values.gather(1, idx)
         if isinstance(cache, CompactKVCache):
@@ -186,8 +229,12 @@ class DecodeCompressor:
             mem_before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         remaining = max(self.max_steps - steps, 0)
         lengths = cache.lengths if isinstance(cache, CompactKVCache) else cache.lengths[None]
+        scores = None
+        if first and self.cfg.adaptive:  # capacities from this window's scores (kept for re-compression)
+            scores = score_cache(cache, self.obs, self.cfg, steps, self.arch)
+            self.capacities = adaptive_batch_capacities(scores, cache, self.cfg, self.arch)
         slots = compact_slots(lengths, self.capacities, remaining, self.cfg.recompress_every)
-        out = compress(cache, self.obs, self.cfg, self.capacities, steps, slots, self.arch)
+        out = compress(cache, self.obs, self.cfg, self.capacities, steps, slots, self.arch, scores)
         if out is not cache and isinstance(cache, KVCache):
             cache.release()
         if first and device.type == "cuda":
@@ -208,7 +255,7 @@ class DecodeCompressor:
             out["kv_bytes_before"] = self.bytes_before[slot]
         if self.cuda_memory is not None:  # the whole device, not this sequence alone
             out["cuda_memory_before_compression"], out["cuda_memory_after_compression"] = self.cuda_memory
-        if self.cfg.head_capacity == "entropy":
+        if self.cfg.head_capacity != "uniform":
             out["kv_head_capacities"] = self.capacities[:, slot].tolist()
         return out
 
@@ -299,14 +346,30 @@ def compress_sequence(
     if seq.compressions == 0:
         seq.kv_bytes_before = int(lengths.long().sum()) * 2 * arch.head_dim * pages.data.element_size()
     used = pages.used_pages
-    slots = int(torch.minimum(caps, lengths.long()).max())
     hkv, g, d = arch.num_kv_heads, arch.group_size, arch.head_dim
+
+    def window(li: int) -> torch.Tensor:
+        return pool.ordered(seq.obs_row, li, seq.decode_steps, cfg.window).view(hkv, g, cfg.window, d)
+
+    scores: list[torch.Tensor] | None = None
+    if cfg.adaptive and seq.compressions == 0:  # capacities from this window's scores (kept afterwards)
+        scores = []
+        for li in range(arch.num_layers):
+            keys, _ = pages.gather(seq, li)
+            scores.append(score_keys(window(li), keys, lengths[li].to(keys.device), cfg))
+        caps = adaptive_capacities(
+            torch.stack(scores), lengths, cfg, across_layers=cfg.head_capacity == "adaptive_layers"
+        )
+        seq.capacities = caps
+    slots = int(torch.minimum(caps, lengths.long()).max())
     kept: list[tuple[torch.Tensor, torch.Tensor]] = []
     counts = []
     for li in range(arch.num_layers):
         keys, values = pages.gather(seq, li)
-        q_obs = pool.ordered(seq.obs_row, li, seq.decode_steps, cfg.window).view(hkv, g, cfg.window, d)
-        plan = plan_keep(q_obs, keys, lengths[li].to(keys.device), caps[li].to(keys.device), cfg, slots)
+        sc = None if scores is None else scores[li]
+        plan = plan_keep(
+            window(li), keys, lengths[li].to(keys.device), caps[li].to(keys.device), cfg, slots, scores=sc
+        )
         idx = plan.indices[..., None].expand(-1, -1, d)
         kept.append((keys.gather(1, idx), values.gather(1, idx)))
         counts.append(plan.counts.cpu())

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from entropyinfer.errors import ConfigError
 from entropyinfer.policies.kv_compression import (
     KVCompressionConfig,
+    adaptive_capacities,
     head_capacities,
     load_kv_compression_config,
     plan_keep,
@@ -157,6 +158,73 @@ def test_entropy_capacities_round_to_the_exact_total():
     ent = torch.rand(6, 7)
     caps = head_capacities(ent, cfg, (6, 7))
     assert (caps.sum(dim=1) == 700).all() and (caps >= 30).all()
+
+
+def adaptive_capacities_ref(scores, lengths, cfg, across_layers):
+    """Greedy AdaKV: heads start at the floor; one token at a time goes to the head (of the layer, or of
+    every layer) whose next-best prefix score is highest, while it is below its cap and has prefix left."""
+    nl, h, _ = scores.shape
+    floor, cap, w = cfg.min_head_capacity, cfg.max_head_capacity(h), cfg.window
+    caps = [[floor] * h for _ in range(nl)]
+    ranked = [[sorted(scores[li, j, : max(int(lengths[li, j]) - w, 0)].tolist(), reverse=True)
+               for j in range(h)] for li in range(nl)]  # fmt: skip
+    pools = (
+        [[(li, j) for li in range(nl) for j in range(h)]]
+        if across_layers
+        else [[(li, j) for j in range(h)] for li in range(nl)]
+    )
+    for pool in pools:
+        for _ in range(len(pool) * (cfg.capacity - floor)):
+            best, at = float("-inf"), None
+            for li, j in pool:
+                r = caps[li][j] - w
+                if caps[li][j] < cap and r < len(ranked[li][j]) and ranked[li][j][r] > best:
+                    best, at = ranked[li][j][r], (li, j)
+            if at is None:
+                break
+            caps[at[0]][at[1]] += 1
+    return torch.tensor(caps)
+
+
+@pytest.mark.parametrize("across_layers", [False, True])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_adaptive_capacities_equal_the_greedy_reference(across_layers, seed):
+    """Fresh random scores over ragged lengths (some heads shorter than their share): the top-k split equals
+    one-token-at-a-time greedy allocation, keeps each pool's total where the heads are long enough, and
+    every head at least the floor and at most the cap."""
+    gen = torch.Generator().manual_seed(seed)
+    nl, h, s, w = 3, 4, 90, 4
+    cfg = KVCompressionConfig(window=w, gap=-1, capacity=20, min_head_fraction=0.3,
+                              head_capacity="adaptive_layers" if across_layers else "adaptive")  # fmt: skip
+    lengths = torch.randint(w + 1, s + 1, (nl, h), generator=gen)
+    lengths[0, 0] = 12  # shorter than the floor plus its share
+    probs = torch.rand(nl, h, s, generator=gen) ** 4  # peaked, different per head
+    lengths[1] = s
+    probs[1, 2] = 0.5 + 0.5 * probs[1, 2]  # one head with its mass spread: needs more positions
+    scores = probs.masked_fill(torch.arange(s) >= (lengths - w)[..., None], float("-inf"))
+    got = adaptive_capacities(scores, lengths, cfg, across_layers=across_layers)
+    want = adaptive_capacities_ref(scores, lengths, cfg, across_layers)
+    assert torch.equal(got, want)
+    assert (got >= cfg.min_head_capacity).all() and (got <= cfg.max_head_capacity(h)).all()
+    if not across_layers:
+        assert (got[1:].sum(dim=1) == h * cfg.capacity).all()  # long heads: the layer's exact total
+        assert got[1, 2] == got[1].max() > cfg.capacity  # the spread head keeps more
+    else:
+        assert got.sum() == nl * h * cfg.capacity
+
+    # the split keeps at least the score mass of the uniform one (same total), strictly more here
+    def mass(caps):
+        top = scores.sort(dim=-1, descending=True).values.clamp(min=0)
+        return sum(float(top[li, j, : int(caps[li, j]) - w].sum()) for li in range(nl) for j in range(h))
+
+    assert mass(got) > mass(torch.full_like(got, cfg.capacity))
+
+
+def test_adaptive_capacity_config():
+    cfg = load_kv_compression_config("latent", head_capacity="adaptive", capacity=128, min_head_fraction=0.25)
+    assert cfg.adaptive and cfg.min_head_capacity == 32 and cfg.max_head_capacity(3) == 32 + 3 * 96
+    assert not load_kv_compression_config("latent").adaptive
+    assert load_kv_compression_config("latent").max_head_capacity(3) == 1024
 
 
 # ------------------------------------------------------------------------------------------------ config

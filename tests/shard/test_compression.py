@@ -168,6 +168,56 @@ def test_decode_after_compression_equals_masked_full_attention(engine):
     assert compact.positions[0, 0, 0, n - 3 : n].tolist() == [40, 41, 42]
 
 
+@pytest.mark.parametrize("mode", ["adaptive", "adaptive_layers"])
+def test_adaptive_capacities_from_the_window_scores(engine, mode):
+    """Capacities from the compression's own scores (AdaKV): the same total tokens as uniform, per layer
+    (adaptive) or over the layers (adaptive_layers), each sequence's split the policy's `adaptive_capacities`
+    of its scores, positions the plan at those capacities, and decode over the result equals attention over
+    the full cache masked to the kept positions."""
+    from entropyinfer.policies.kv_compression import adaptive_capacities, score_keys
+
+    torch.manual_seed(5)
+    w, steps, c = 4, 3, 10
+    cfg = KVCompressionConfig(window=w, gap=2, capacity=c, head_capacity=mode, min_head_fraction=0.3)
+    prompts = [torch.randint(0, ARCH.vocab_size, (n,)) for n in (41, 29)]
+    cap = 41 + steps + 2
+    compressor = DecodeCompressor(ARCH, cfg, 2, steps + 2, CPU, torch.float32)
+    full, logits = prefill(engine, prompts, cap, compressor.obs)
+    ref = KVCache(ARCH, 2, cap, CPU, torch.float32)
+    positions = torch.tensor([41, 29])
+    tokens = logits.argmax(-1)
+    for _ in range(2):  # latent: N_D = 2 steps on the full cache first
+        logits = engine.decode_step(tokens, positions, full, compressor.obs)
+        tokens, positions = logits.argmax(-1), positions + 1
+    ref.data.copy_(full.data)
+    ref.lengths.copy_(full.lengths)
+    hkv, g, d = ARCH.num_kv_heads, ARCH.group_size, ARCH.head_dim
+    want_scores = torch.stack([
+        score_keys(compressor.obs.ordered(li, 2).reshape(2 * hkv, g, w, d),
+                   ref.k(li)[:, :, :43].reshape(2 * hkv, 43, d), ref.lengths.reshape(-1).long(), cfg)
+        for li in range(ARCH.num_layers)
+    ]).view(ARCH.num_layers, 2, hkv, 43)  # fmt: skip
+    assert compressor.due(2)
+    compact = compressor.run(full, 2)
+    caps = compressor.capacities  # [L, B, Hkv]
+    for b in range(2):
+        lens = ref.lengths[b][None].expand(ARCH.num_layers, hkv)
+        want = adaptive_capacities(want_scores[:, b], lens, cfg, across_layers=mode == "adaptive_layers")
+        assert torch.equal(caps[:, b], want)
+    if mode == "adaptive":
+        assert (caps.sum(dim=2) == hkv * c).all()
+    else:
+        assert (caps.sum(dim=(0, 2)) == ARCH.num_layers * hkv * c).all()
+    assert torch.equal(compact.lengths.long(), caps) and len(set(caps.flatten().tolist())) > 1
+    assert compressor.stats(0)["kv_head_capacities"] == caps[:, 0].tolist()
+    keep = keep_mask(compact, cap)
+    for _ in range(steps):
+        got = engine.decode_step(tokens, positions, compact, compressor.obs)
+        want_logits = masked_decode_step(engine, tokens, positions, ref, keep)
+        torch.testing.assert_close(got, want_logits, atol=1e-5, rtol=1e-4)
+        tokens, positions = got.argmax(-1), positions + 1
+
+
 def test_snapkv_and_latent_differ_only_in_when_they_compress(engine):
     torch.manual_seed(2)
     w, gap, n = 8, 4, 40
