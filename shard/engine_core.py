@@ -31,6 +31,7 @@ heads), prefix cache and sampling live here, on rank 0 only.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from entropyinfer.policies.kv_compression import KVCompressionConfig
 from entropyinfer.shard.attention import PrefillAttention, SparsePrefill, prompt_attention
 from entropyinfer.shard.compression import PromptObserver, compression_due
 from entropyinfer.shard.engine import Engine
+from entropyinfer.shard.head_report import HeadStatsSink, head_stats
 from entropyinfer.shard.parallel.executor import Executor, LocalExecutor, PrefillCall, resumable
 from entropyinfer.shard.prefix_cache import page_names
 from entropyinfer.shard.sampling import TokenLogprobs, logprobs_of, make_generator, sample
@@ -90,6 +92,11 @@ class EngineCore:
         self.scheduler = Scheduler(self.config, self.pages)
         self.seqs: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
+        # the policy actor's hooks (`shard/head_report.py`): after each sparse prefill the request's head
+        # statistics go to `head_stats_sink` (None: not collected); `model_name` labels them
+        self.head_stats_sink: HeadStatsSink | None = None
+        self.model_name = ""
+        self._sink_failed = False
 
     # --------------------------------------------------------------------------------------- requests
     def add_request(self, request: SequenceRequest) -> None:
@@ -121,7 +128,13 @@ class EngineCore:
 
     def _new_attention(self, seq: Sequence) -> PrefillAttention:
         req = seq.request
-        return prompt_attention(req.policy, req.sparse, self.arch.num_layers, seq.num_prompt_tokens)
+        attention = prompt_attention(req.policy, req.sparse, self.arch.num_layers, seq.num_prompt_tokens)
+        if isinstance(attention, SparsePrefill) and self.executor.size == 1:  # one rank holds every head
+            table, shape = req.head_budgets, (self.arch.num_layers, self.arch.num_kv_heads)
+            if table is not None and table.version and table.shape == shape:
+                attention.pin_table(torch.from_numpy(table.scales), table.version)
+            attention.collect_mass = self.head_stats_sink is not None
+        return attention
 
     def _plan_prefill(self, seq: Sequence) -> None:
         """How `seq` may prefill: its chunk unit, and what it may take from and give to the prefix cache
@@ -144,7 +157,7 @@ class EngineCore:
             # the writer's last segment ran dense; a prompt too short for sparse segments still profiles
             # every layer (its state serves longer readers), and its earlier segments are dense for them too
             seq.share_pages = last_segment // ps
-            key: tuple = ("sparse", attention.policy, attention.layer_config)
+            key: tuple = ("sparse", attention.policy, attention.layer_config, attention.table_version)
         else:
             seq.chunk_unit = ps
             limit, seq.share_pages, key = n - keep, n // ps, ("dense",)
@@ -233,7 +246,24 @@ class EngineCore:
         token = sample(logits, req.params, seq.generator)
         seq.stats["prefill_ms"] = prefill_s * 1e3
         seq.stats.update(result.stats or {})
+        if isinstance(attention, SparsePrefill):
+            seq.stats["head_table_version"] = attention.table_version
+            self._report_heads(seq, attention)
         return self._emit(seq, token, logits)
+
+    def _report_heads(self, seq: Sequence, attention: SparsePrefill) -> None:
+        """Hand the prefill's head statistics to the sink; a failing sink never fails the request."""
+        sink = self.head_stats_sink
+        if sink is None or self.executor.size != 1:
+            return
+        try:
+            stats = head_stats(attention, self.model_name, self.arch.num_layers, self.arch.num_kv_heads)
+            if stats is not None:
+                sink(seq.request_id, stats)
+        except Exception:
+            if not self._sink_failed:
+                self._sink_failed = True
+                logging.getLogger(__name__).exception("head statistics sink failed (logged once)")
 
     def _share(self, seq: Sequence, end: int) -> None:
         """Register the pages of `seq` that this chunk completed in the prefix cache (with the causal

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from entropyinfer.policies.config import SparsePrefillConfig
+from entropyinfer.policies.head_budgets import HeadBudgetTable
 from entropyinfer.policies.kv_compression import KVCompressionConfig
 from entropyinfer.shard.sampling import SamplingParams, TokenLogprobs
 
@@ -99,6 +100,9 @@ class SequenceRequest:
     kv: KVCompressionConfig | None  # decode-time compression (None: keep the full cache)
     progress: ProgressFn | None = None  # (layers' share of the prompt done, prompt tokens), per prefill
     cancel: threading.Event | None = None
+    # the policy actor's per-head budget factors, pinned for the whole request (None or version 0: the
+    # entropy rule's own budgets); its version is part of the prefix-cache key
+    head_budgets: HeadBudgetTable | None = None
 
 
 class Sequence:

@@ -1,0 +1,71 @@
+"""A sparse prefill's per-request head statistics (`policies.head_stats.HeadStats`), read from its attention
+object after the prompt's last chunk, and the sink the engine core hands them to.
+
+What is read (`SparsePrefill`): per profiled layer the entropy the budget rule used (spread entropy in mode
+`spread`, else the block entropy), the blocks kept, the rigid test after the last segment, and with
+``collect_mass`` the captured-mass proxy (`policies/head_scaling.py`); segments a prefix-cache hit did not
+prefill here have NaN captured mass. One device-to-host copy per layer, after the prefill (the engine core
+reports only when a sink is installed: no cost otherwise). No Ray here: the sink is any callable; the
+shard actor's (`cluster/policy_actor.py`) queues the stats for the policy actor and returns at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from entropyinfer.kernels.block_selection_ref import dense_segment_mask
+from entropyinfer.policies.head_stats import HeadStats
+from entropyinfer.shard.attention import SparsePrefill
+
+__all__ = ["HeadStatsSink", "head_stats"]
+
+HeadStatsSink = Callable[[str, HeadStats], None]  # (request id, stats)
+
+
+def head_stats(attention: SparsePrefill, model: str, num_layers: int, num_kv_heads: int) -> HeadStats | None:
+    """The statistics of the prompt `attention` just prefilled (None: not profiled, or too short to run
+    sparse)."""
+    records = attention.profiled
+    n = attention.seq_len
+    if not records or n is None:
+        return None
+    cfg = attention.layer_config or attention.config
+    s_len, b = cfg.segment_size, cfg.block_size
+    nseg = -(-n // s_len)
+    entropy = np.full((num_layers, num_kv_heads, nseg), np.nan, dtype=np.float32)
+    counts = np.zeros((num_layers, num_kv_heads, nseg), dtype=np.int32)
+    captured = np.full((num_layers, num_kv_heads, nseg), np.nan, dtype=np.float32)
+    rigid = np.zeros((num_layers, num_kv_heads), dtype=bool)
+    profiled = np.zeros(num_layers, dtype=bool)
+    for layer, rec in records.items():
+        if layer >= num_layers or rec.entropy.shape[0] != num_kv_heads:
+            return None  # another rank's share of the heads (tensor parallel): not reported here
+        source = rec.spread if rec.spread is not None else rec.entropy
+        segs = min(source.shape[1], nseg)
+        profiled[layer] = True
+        entropy[layer, :, :segs] = source[:, :segs].float().cpu().numpy()
+        counts[layer, :, :segs] = rec.counts[:, :segs].cpu().numpy()
+        if rec.rigid is not None:
+            rigid[layer] = rec.rigid.cpu().numpy()
+        parts = attention.captured.get(layer)
+        if parts:
+            mass = torch.cat(parts, dim=1).float().cpu().numpy()
+            captured[layer, :, nseg - mass.shape[1] :] = mass[:, -nseg:]
+    dense = dense_segment_mask(n, s_len, cfg.threshold_len, "cpu").numpy().astype(bool)
+    return HeadStats(
+        model=model,
+        seq_len=n,
+        segment_size=s_len,
+        block_size=b,
+        profiled=profiled,
+        entropy=entropy,
+        counts=counts,
+        captured=captured,
+        rigid=rigid,
+        dense=dense,
+        table_version=attention.table_version,
+        mode=cfg.mode if attention.policy == "entropy" else attention.policy,
+    )
