@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from entropyinfer.configs.loader import from_dict, load_yaml, merge
 from entropyinfer.errors import ConfigError
+from entropyinfer.policies.head_budgets import RebalanceConfig
 from entropyinfer.policies.registry import POLICY_NAMES, get_policy
 from entropyinfer.shard.config import LLMConfig
 
@@ -165,6 +166,40 @@ class IngressConfig:
 
 
 @dataclass(frozen=True)
+class PolicyActorConfig:
+    """The central policy actor (cluster/policy_actor.py): one named, detached actor per application that
+    aggregates per-head statistics of sparse prefills and makes versioned head budget tables."""
+
+    enabled: bool = False
+    density_target: float | None = None  # mean prefill density the tables aim at (None: budget-neutral)
+    every_requests: int = 32  # at most one new table version per this many requests ...
+    every_s: float = 30.0  # ... and per this many seconds (the version is part of the prefix-cache key)
+    warmup_requests: int = 8  # no table before this many requests
+    profile_path: str | None = None  # JSON profile loaded at start and saved with each version (warm start)
+    pull_interval_s: float = 2.0  # each shard pulls the current table this often, in the background
+    timeout_s: float = 2.0  # a call to the actor slower than this counts as a failure (fall back)
+    retry_s: float = 10.0  # after a failure, the shard looks the actor up again this much later
+    max_pending: int = 64  # statistics queued or in flight per shard; beyond it new ones are dropped
+
+    def __post_init__(self) -> None:
+        self.rebalance  # noqa: B018 (validates the rebalancing fields, naming them)
+        if min(self.pull_interval_s, self.timeout_s, self.retry_s) <= 0 or self.max_pending < 1:
+            raise ConfigError("policy: pull_interval_s, timeout_s, retry_s > 0 and max_pending >= 1")
+
+    @property
+    def rebalance(self) -> RebalanceConfig:
+        try:
+            return RebalanceConfig(
+                density_target=self.density_target,
+                every_requests=self.every_requests,
+                every_s=self.every_s,
+                warmup_requests=self.warmup_requests,
+            )
+        except ConfigError as e:
+            raise ConfigError(f"policy.{e}") from None
+
+
+@dataclass(frozen=True)
 class ServeAppConfig:
     """The Serve application: `args` of the application in configs/serve.yaml."""
 
@@ -173,6 +208,7 @@ class ServeAppConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     ingress: IngressConfig = field(default_factory=IngressConfig)
+    policy: PolicyActorConfig = field(default_factory=PolicyActorConfig)
     served_model_name: str | None = None  # the name in /v1/models; default: engine.llm.model
 
     @property
