@@ -40,6 +40,7 @@ from entropyinfer.cluster.ingress_base import (  # re-exported: the app and its 
     app,
 )
 from entropyinfer.cluster.job_routes import JobRoutes
+from entropyinfer.cluster.policy_routes import PolicyRoutes
 from entropyinfer.cluster.replica import EngineStatus
 from entropyinfer.cluster.schemas import (
     ChatCompletionRequest,
@@ -65,7 +66,7 @@ async def _awaited(response: Awaitable[T]) -> T:
 # importable, as its bases are).
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0, "resources": {HEAD_NODE_RESOURCE: 0.001}})
 @serve.ingress(app)
-class Ingress(JobRoutes):
+class Ingress(JobRoutes, PolicyRoutes):
     """The HTTP ingress: completions, health, metrics and models here; document jobs in JobRoutes; the
     state and shared helpers in IngressBase."""
 

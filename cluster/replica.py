@@ -105,7 +105,7 @@ class EngineReplica:
                 num_gpus=1 if accelerator == "gpu" else 0,
                 scheduling_strategy=strategy,
                 max_concurrency=64,
-            ).remote(cfg.llm, 0, cfg.num_shards, cfg.cpu_threads, ranks)
+            ).remote(cfg.llm, 0, cfg.num_shards, cfg.cpu_threads, ranks, self.config.policy, app_name())
         ]
         infos: list[ShardInfo] = ray.get([s.ready.remote() for s in self.shards], timeout=cfg.load_timeout_s)
         self.info_: EngineInfo = {
@@ -178,6 +178,14 @@ class EngineReplica:
             asyncio.gather(*(s.stats.remote() for s in self.shards)), HEALTH_TIMEOUT_S
         )
         self.metrics.record_shards(shards)
+
+
+def app_name() -> str:
+    """This Serve application's name ("default" outside a replica): it names the policy actor."""
+    try:
+        return str(serve.get_replica_context().app_name) or "default"
+    except Exception:  # not inside a replica
+        return "default"
 
 
 def _replica_id() -> str:

@@ -24,19 +24,22 @@ leave nothing behind.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from entropyinfer.cluster.events import Accepted, Error, Event, Final, Progress, Prompt, Request, Token
 from entropyinfer.cluster.logprobs import Entry, output_entries, token_entry
 from entropyinfer.errors import PromptTooLongError
 
 if TYPE_CHECKING:
+    from entropyinfer.cluster.config import PolicyActorConfig
+    from entropyinfer.cluster.policy_actor import PolicyClient
     from entropyinfer.cluster.shard_group import GroupHealth, ShardGroup
     from entropyinfer.shard.config import LLMConfig
     from entropyinfer.shard.engine_core import EngineEvent
@@ -73,6 +76,7 @@ class ShardStats(TypedDict):
     # the core's `counts()`: running, waiting, swapped, preempted, kv_pages_used/total, prefix_cache_*
     engine_core: dict[str, float]
     group: GroupHealth
+    policy: dict[str, Any] | None  # the policy actor link (`PolicyClient.stats`), None when disabled
 
 
 class ShardActor:
@@ -85,9 +89,12 @@ class ShardActor:
         world_size: int = 1,
         cpu_threads: int | None = None,
         ranks: Callable[[], Ranks] | None = None,
+        policy: PolicyActorConfig | None = None,
+        app_name: str = "",
     ) -> None:
         """`ranks`: makes where ranks 1.. of a tensor-parallel `config` run (called again for each rebuilt
-        group); None: processes of this machine (`LocalRanks`)."""
+        group); None: processes of this machine (`LocalRanks`). `policy` (enabled): link this shard to the
+        application `app_name`'s policy actor (cluster/policy_actor.py)."""
         import torch
 
         from entropyinfer.shard.llm import LLM
@@ -104,6 +111,8 @@ class ShardActor:
             self._setup(group.build(), config.model.model, time.perf_counter() - t0, group)
         else:
             self._setup(LLM.from_config(config), config.model.model, time.perf_counter() - t0)
+        if policy is not None and policy.enabled:
+            self.link_policy(policy, app_name)
 
     @classmethod
     def with_llm(cls, llm: LLM, model_name: str = "test", rank: int = 0, world_size: int = 1) -> ShardActor:
@@ -123,6 +132,18 @@ class ShardActor:
         self._early_cancels: OrderedDict[str, float] = OrderedDict()  # request id -> monotonic time
         self._busy = 0
         self._cancelled = 0  # requests the model stopped early because they were cancelled
+        self._policy: PolicyClient | None = None
+
+    def link_policy(self, config: PolicyActorConfig, app_name: str, connect: Any = None) -> None:
+        """Push this shard's head statistics to the policy actor and pin its tables (in the background;
+        `connect` makes the actor handle, default the application's named actor)."""
+        from entropyinfer.cluster.policy_actor import PolicyClient, get_or_create
+
+        arch, name = self.llm.core.full_arch, self.model_name
+        if connect is None:
+            connect = lambda: get_or_create(config, app_name, name, arch.num_layers, arch.num_kv_heads)  # noqa: E731
+        self._policy = PolicyClient(config, name, arch.num_layers, arch.num_kv_heads, connect)
+        self.llm.core.head_stats_sink, self.llm.core.model_name = self._policy.sink, name
 
     async def ready(self) -> ShardInfo:
         return {
@@ -147,6 +168,7 @@ class ShardActor:
             "early_cancels": len(self._early_cancels),
             "engine_core": dict(self.llm.core.counts()),
             "group": self.group_health(),
+            "policy": None if self._policy is None else self._policy.stats(),
         }
 
     def group_health(self) -> GroupHealth:
@@ -267,6 +289,8 @@ class ShardActor:
                 raise
             yield rejected
             return
+        if self._policy is not None:  # the actor's current table, pinned for this request (never waits)
+            seq_request = dataclasses.replace(seq_request, head_budgets=self._policy.table())
         self._busy += 1
         self._steps.submit(seq_request, sink)
         finished = False

@@ -1,0 +1,249 @@
+"""The central policy actor: one named, detached Ray actor per Serve application (ARCHITECTURE.md).
+
+    shard actor --push(HeadStats msgpack), fire and forget--> PolicyActor --table()--> shard (background)
+
+`PolicyActor` holds one model's `Rebalancer` (`policies/head_budgets.py`): every request's head statistics
+go into its `HeadProfile`, and a new `HeadBudgetTable` is made at most once per `every_requests` requests
+and `every_s` seconds; with `profile_path` the profile is loaded at start (warm start; a profile of another
+model fails the actor's start with `ProfileMismatchError`, which every caller then sees) and saved with each
+new version. It is named ``entropyinfer-policy-<app>`` in the ``entropyinfer`` namespace, detached (it
+outlives the replicas that made it) and restarted by Ray when it dies (``max_restarts=-1``; the restarted
+one warm-starts from the profile file).
+
+`PolicyClient` is the shard's side (rank 0's shard actor owns one). Nothing on the request path waits on
+the actor: the engine core's sink (`sink`) only queues the encoded stats (bounded; beyond `max_pending` new
+ones are dropped and counted), and a background thread sends them (``push.remote``, never awaited; the
+refs are pruned without waiting) and pulls the current table every `pull_interval_s`, with `timeout_s`.
+`table()` returns the cached table, pinned per request by the shard. When the actor is dead, missing or
+slower than `timeout_s`, the client drops its table (requests fall back to the per-request budgets of the
+entropy rule), logs it once, and looks the actor up again after `retry_s` (get_if_exists: a dead one is
+made anew).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from entropyinfer.cluster.config import PolicyActorConfig
+from entropyinfer.policies.head_budgets import (
+    HeadBudgetTable,
+    Rebalancer,
+    load_profile,
+    save_profile,
+)
+from entropyinfer.policies.head_stats import HeadProfile, HeadStats, decode_stats, encode_stats
+
+__all__ = ["NAMESPACE", "PolicyActor", "PolicyClient", "actor_name", "find_actor", "get_or_create"]
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "entropyinfer"
+
+
+def actor_name(app_name: str) -> str:
+    return f"entropyinfer-policy-{app_name}"
+
+
+class PolicyActor:
+    """Wrapped with `ray.remote` by `get_or_create`. One model; calls run one at a time."""
+
+    def __init__(self, config: PolicyActorConfig, model: str, num_layers: int, num_kv_heads: int) -> None:
+        self.config = config
+        self.identity = (model, num_layers, num_kv_heads)
+        profile, table = HeadProfile(model, num_layers, num_kv_heads), None
+        path = Path(config.profile_path).expanduser() if config.profile_path else None
+        if path is not None and path.exists():
+            profile, table = load_profile(path, model, num_layers, num_kv_heads)  # ProfileMismatchError
+            log.info("policy actor: warm start from %s (%d requests)", path, profile.total_requests)
+        self.path = path
+        self.rebalancer = Rebalancer(profile, config.rebalance, table)
+        self.rejected = 0  # pushes of another model or shape, or undecodable
+
+    def push(self, blob: bytes) -> int:
+        """One request's `HeadStats` (msgpack); returns the current table version."""
+        try:
+            stats = decode_stats(blob)
+            table = self.rebalancer.observe(stats)
+        except ValueError:
+            self.rejected += 1
+            log.warning("policy actor: rejected head statistics (another model, shape or wire version)")
+            return self.rebalancer.current.version
+        if table is not None:
+            self.save()
+        return self.rebalancer.current.version
+
+    def merge(self, profile: dict[str, Any]) -> int:
+        """Another group's whole profile (`HeadProfile.to_dict`); returns the current table version."""
+        if self.rebalancer.merge(HeadProfile.from_dict(profile)) is not None:
+            self.save()
+        return self.rebalancer.current.version
+
+    def table(self) -> dict[str, Any]:
+        return self.rebalancer.current.to_dict()
+
+    def profile(self) -> dict[str, Any]:
+        return self.rebalancer.profile.to_dict()
+
+    def snapshot(self) -> dict[str, Any]:
+        """What `GET /v1/policy/heads` shows: the table, the statistics per (layer, head), the settings."""
+        model, layers, heads = self.identity
+        c = self.config
+        return {
+            "model": model,
+            "num_layers": layers,
+            "num_kv_heads": heads,
+            "table": self.table(),
+            "statistics": self.rebalancer.profile.summary(),
+            "rejected": self.rejected,
+            "config": {
+                "density_target": c.density_target,
+                "every_requests": c.every_requests,
+                "every_s": c.every_s,
+                "warmup_requests": c.warmup_requests,
+                "profile_path": c.profile_path,
+            },
+        }
+
+    def save(self) -> str | None:
+        """Write the profile and table to `profile_path` (None: not configured)."""
+        if self.path is None:
+            return None
+        return str(save_profile(self.path, self.rebalancer.profile, self.rebalancer.current))
+
+
+def get_or_create(
+    config: PolicyActorConfig, app_name: str, model: str, num_layers: int, num_kv_heads: int
+) -> Any:
+    """The application's policy actor, made if it does not exist (named, detached, restarted by Ray)."""
+    remote: Any = ray.remote(PolicyActor)
+    return remote.options(
+        name=actor_name(app_name),
+        namespace=NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+        max_restarts=-1,
+        num_cpus=0,
+    ).remote(config, model, num_layers, num_kv_heads)
+
+
+def find_actor(app_name: str) -> Any | None:
+    """The application's policy actor, or None if none was made (the shards make it)."""
+    try:
+        return ray.get_actor(actor_name(app_name), namespace=NAMESPACE)
+    except ValueError:
+        return None
+
+
+class PolicyClient:
+    """A shard's link to the policy actor: a queue of stats to push and the cached table (see the module
+    docstring). `connect` makes (or finds) the actor; tests pass their own."""
+
+    def __init__(
+        self, config: PolicyActorConfig, model: str, num_layers: int, num_kv_heads: int, connect: Any
+    ) -> None:
+        self.config, self.model = config, model
+        self.shape = (num_layers, num_kv_heads)
+        self._connect = connect  # () -> actor handle
+        self._queue: collections.deque[bytes] = collections.deque()
+        self._pending: list[Any] = []
+        self._table: HeadBudgetTable | None = None
+        self._handle: Any = None
+        self._retry_at = 0.0
+        self._next_pull = 0.0
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self.state = "starting"  # "ok" | "unavailable"
+        self.counters = {"queued": 0, "pushed": 0, "dropped": 0, "failures": 0, "logged": 0, "pulls": 0}
+        self._thread = threading.Thread(target=self._loop, name="policy-client", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ the request path (never waits)
+    def table(self) -> HeadBudgetTable | None:
+        """The table to pin for a new request (None: the entropy rule's own budgets)."""
+        return self._table
+
+    def sink(self, request_id: str, stats: HeadStats) -> None:
+        """The engine core's head statistics sink (model thread): encode and queue, at once."""
+        blob = encode_stats(stats)
+        with self._lock:
+            if len(self._queue) + len(self._pending) >= self.config.max_pending:
+                self.counters["dropped"] += 1
+                return
+            self._queue.append(blob)
+            self.counters["queued"] += 1
+        self._wake.set()
+
+    def stats(self) -> dict[str, Any]:
+        table = self._table
+        return {
+            "state": self.state,
+            "table_version": 0 if table is None else table.version,
+            "pending": len(self._queue) + len(self._pending),
+            **self.counters,
+        }
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    # ------------------------------------------------------------------ the background thread
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.config.pull_interval_s)
+            self._wake.clear()
+            if self._stop.is_set() or time.monotonic() < self._retry_at:
+                continue
+            try:
+                self._tick()
+            except Exception as e:  # dead, missing, slow, or a profile of another model
+                self._down(e)
+
+    def _tick(self) -> None:
+        if self._handle is None:
+            self._handle = self._connect()
+        handle = self._handle
+        if self._pending:  # prune finished pushes without waiting; a failed one raises here
+            done, self._pending = ray.wait(self._pending, num_returns=len(self._pending), timeout=0)
+            ray.get(done, timeout=self.config.timeout_s)
+        while True:
+            with self._lock:
+                if not self._queue:
+                    break
+                blob = self._queue.popleft()
+            self._pending.append(handle.push.remote(blob))  # fire and forget
+            self.counters["pushed"] += 1
+        now = time.monotonic()
+        if now >= self._next_pull:
+            self._next_pull = now + self.config.pull_interval_s
+            d = ray.get(handle.table.remote(), timeout=self.config.timeout_s)
+            table = HeadBudgetTable.from_dict(d)
+            self.counters["pulls"] += 1
+            if (table.model, table.shape) == (self.model, self.shape):
+                self._table = table
+            if self.state != "ok":
+                if self.state == "unavailable":
+                    log.warning("policy actor is back: head budget tables again (v%d)", table.version)
+                self.state = "ok"
+
+    def _down(self, error: Exception) -> None:
+        self.counters["failures"] += 1
+        self._table, self._handle, self._pending = None, None, []
+        self._retry_at = time.monotonic() + self.config.retry_s
+        if self.state != "unavailable":
+            self.state = "unavailable"
+            self.counters["logged"] += 1
+            log.warning(
+                "policy actor unavailable (%s: %s); requests fall back to per-request budgets, retrying "
+                "every %.0fs",
+                type(error).__name__,
+                str(error).splitlines()[0][:300] if str(error) else "",
+                self.config.retry_s,
+            )
