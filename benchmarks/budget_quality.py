@@ -59,6 +59,14 @@ FAMILIES = (
     Family("entropy reference", "entropy", "base_budget", 8, 2048, step=8, fixed=(("mode", "reference"),)),
     Family("entropy causal", "entropy", "base_budget", 8, 2048, step=8, fixed=(("mode", "causal"),)),
     Family(
+        "entropy coverage",
+        "entropy",
+        "coverage",
+        0.05,
+        0.9999,
+        fixed=(("mode", "coverage"), ("base_budget", 1024)),
+    ),
+    Family(
         "entropy spread",
         "entropy",
         "spread_factor",
@@ -98,7 +106,7 @@ def main() -> None:
     ap.add_argument(
         "--families",
         default="",
-        help="comma-separated entropy rules to run (per_head, reference, causal, spread)",
+        help="comma-separated entropy rules to run (per_head, reference, causal, spread, coverage)",
     )
     ap.add_argument(
         "--kl-at",
@@ -145,6 +153,8 @@ def main() -> None:
         pairs = [("entropy causal", "entropy per_head"), ("entropy causal", "entropy reference"),
                  ("entropy causal", "fixed"), ("entropy spread", "fixed"),
                  ("entropy spread", "fixed matched"), ("entropy spread", "entropy per_head"),
+                 ("entropy coverage", "fixed"), ("entropy coverage", "entropy causal"),
+                 ("entropy spread", "entropy causal"),
                  ("entropy per_head", "fixed")]  # fmt: skip
         run = {f.name for f in families} | {"fixed", "fixed matched"}
         pairs = [(c, b) for c, b in pairs if c in run and b in run]

@@ -19,6 +19,12 @@ blocks (chunked prefill and prefix caching stay exact):
    fixed fraction of the visible blocks.
 4. ``floor(B / b)`` blocks capped by what the segment sees, dense segments marked: as the reference rule.
 
+The coverage rule (`mode: coverage`) asks, per (KV head, segment), for the fewest top blocks whose share
+of ``softmax(coverage_scale / sqrt(d) * logits)`` over the visible blocks reaches ``coverage`` (the
+captured-mass proxy of `policies/head_scaling.py` at its target), clipped to ``[min_budget, 3 * B0]``
+tokens. It reads one segment's own logits only, so it is causal. Torch ops on the scores' device
+(`coverage_budgets`), no kernel of its own; the top blocks are then selected as in every mode.
+
 Kernels and their torch references: `block_scoring` / `block_scoring_ref.spread_entropy_ref` and
 `block_selection` (`_counts_kernel`, spread mode) / `block_selection_ref.spread_counts_ref`.
 """
@@ -27,10 +33,14 @@ from __future__ import annotations
 
 import math
 
+import torch
+
+from entropyinfer.kernels.block_layout import visible_blocks
 from entropyinfer.kernels.block_selection_ref import SpreadRule
 from entropyinfer.policies.config import SparsePrefillConfig
 
 __all__ = [
+    "coverage_budgets",
     "fixed_budget_for_density",
     "fixed_layer_density",
     "spread_logit_scale",
@@ -53,6 +63,24 @@ def spread_rule(cfg: SparsePrefillConfig) -> SpreadRule:
         rigid_entropy=float(cfg.rigid_entropy),
         rigid_budget=float(cfg.rigid_budget),
     )
+
+
+def coverage_budgets(
+    logits: torch.Tensor, cfg: SparsePrefillConfig, head_dim: int, segment_offset: int = 0
+) -> torch.Tensor:
+    """float32 ``[Hkv, rows]`` budgets (tokens, before the caps) of the coverage rule from block logits
+    ``[Hkv, rows, nblocks]`` of segments ``segment_offset ..`` (entries past a row's visible blocks are
+    ignored, whatever they hold): ``b * k`` with ``k`` the fewest top blocks whose softmax share reaches
+    ``cfg.coverage``, clipped to ``[min_budget, 3 * B0]``; rows that see nothing get the floor."""
+    _, rows, nblk = logits.shape
+    vis = visible_blocks(rows, cfg.segment_size, cfg.block_size, logits.device, segment_offset)
+    visible = torch.arange(nblk, device=logits.device)[None, :] < vis[:, None]
+    z = (logits.float() * (cfg.coverage_scale / math.sqrt(head_dim))).masked_fill(~visible[None], -math.inf)
+    p = torch.softmax(z, dim=-1).nan_to_num(0.0).sort(dim=-1, descending=True).values
+    before = p.cumsum(dim=-1) - p  # mass of the blocks ranked above each one
+    need = (before < cfg.coverage).logical_and(p > 0).sum(dim=-1)  # blocks until the share is reached
+    budgets = need.float() * cfg.block_size
+    return budgets.clamp(float(cfg.min_budget), float(cfg.max_budget))
 
 
 # ----------------------------------------------------------------------------------------------------------

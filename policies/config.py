@@ -26,11 +26,11 @@ __all__ = [
     "load_sparse_config",
 ]
 
-BudgetMode = Literal["causal", "per_head", "reference", "spread"]
-_MODES = ("causal", "per_head", "reference", "spread")
+BudgetMode = Literal["causal", "coverage", "per_head", "reference", "spread"]
+_MODES = ("causal", "coverage", "per_head", "reference", "spread")
 # modes whose decision for a segment uses only the segments up to it: chunked prefill and prefix caching
 # reproduce a one-shot prefill's blocks (`shard.attention.SparsePrefill.chunkable`)
-CAUSAL_MODES = ("causal", "spread")
+CAUSAL_MODES = ("causal", "coverage", "spread")
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,11 @@ class SparsePrefillConfig:
     min_budget: int = 512  # floor of the spread rule (entropy_short: 64)
     rigid_entropy: float = 0.5
     rigid_budget: int = 256  # below the floor (entropy_short: 32)
+    # coverage mode (`policies/budgets.py`): per (KV head, segment) the fewest top blocks whose share of
+    # softmax(coverage_scale / sqrt(d) * logits) over the visible blocks reaches `coverage`, clipped to
+    # [min_budget, 3 * B0] tokens; causal (a segment's own logits only)
+    coverage: float = 0.9
+    coverage_scale: float = 1.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -88,7 +93,10 @@ class SparsePrefillConfig:
                 raise ConfigError(
                     f"{name}: must be at least block_size ({self.block_size}), got {getattr(self, name)}"
                 )
-        for name in ("entropy_threshold", "alpha", "delta", "spread_scale", "spread_factor", "rigid_entropy"):
+        for name in (
+            "entropy_threshold", "alpha", "delta", "spread_scale", "spread_factor", "rigid_entropy",
+            "coverage", "coverage_scale",
+        ):  # fmt: skip
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ConfigError(f"{name}: expected a finite number, got {value!r}")
@@ -104,8 +112,10 @@ class SparsePrefillConfig:
             isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or not 0 < t <= 1
         ):
             raise ConfigError(f"target_density: expected a number in (0, 1] or null, got {t!r}")
+        if self.coverage > 1:
+            raise ConfigError(f"coverage: a share of the attention mass, at most 1, got {self.coverage}")
         for name in ("min_budget", "rigid_budget"):
-            if self.mode == "spread" and getattr(self, name) > self.max_budget:
+            if self.mode in ("spread", "coverage") and getattr(self, name) > self.max_budget:
                 raise ConfigError(
                     f"{name}: must be at most 3 * base_budget ({self.max_budget}), got {getattr(self, name)}"
                 )

@@ -18,9 +18,14 @@ from entropyinfer.kernels.backend import Backend, runs_triton
 from entropyinfer.kernels.block_layout import BlockCounts, BlockScores, num_blocks, num_segments
 from entropyinfer.kernels.block_scoring import block_scores
 from entropyinfer.kernels.block_selection import block_counts, select_blocks
-from entropyinfer.kernels.block_selection_ref import rigid_heads, spread_budgets_ref
+from entropyinfer.kernels.block_selection_ref import (
+    count_caps,
+    counts_from_budgets,
+    rigid_heads,
+    spread_budgets_ref,
+)
 from entropyinfer.kernels.tiling import scoring_tiles, select_tiles
-from entropyinfer.policies.budgets import spread_logit_scale, spread_rule
+from entropyinfer.policies.budgets import coverage_budgets, spread_logit_scale, spread_rule
 from entropyinfer.policies.config import SparsePrefillConfig
 from entropyinfer.policies.head_scaling import captured_mass, max_scale, scaled_counts
 from entropyinfer.policies.registry import SELECTIONS, Selection
@@ -122,8 +127,10 @@ def plan_from_scores(
     with_probs: bool = False,
     head_scale: torch.Tensor | None = None,
     head_dim: int | None = None,
+    logit_dim: int | None = None,
 ) -> LayerPlan:
-    """Budgets, counts and block selection from a layer's profiling (see `plan_layer`)."""
+    """Budgets, counts and block selection from a layer's profiling (see `plan_layer`). ``head_dim``: return
+    the captured mass at that temperature; ``logit_dim``: the queries' head size (mode `coverage`)."""
     if policy not in SELECTIONS:
         raise ValueError(f"unknown block-selection rule {policy!r}; choose one of: {', '.join(SELECTIONS)}")
     s_len, b = cfg.segment_size, cfg.block_size
@@ -141,6 +148,8 @@ def plan_from_scores(
     bc = _block_counts(
         scores.spread if spread and scores.spread is not None else entropy, cfg, seq_len, policy, backend
     )
+    if policy == "entropy" and cfg.mode == "coverage":
+        bc = _with_budgets(bc, coverage_budgets(scores.logits, cfg, _head_dim(logit_dim)), cfg, seq_len)
     counts, kernel_counts = bc.counts, bc.kernel_counts
     scale = head_scale if policy == "entropy" else None
     if scale is not None:  # the policy actor's per-head factors (`policies/head_scaling.py`)
@@ -195,7 +204,7 @@ def plan_layer(
         q: ``[Hq, N, d]`` post-RoPE queries of one sequence.
         k: ``[Hkv, N, d]`` post-RoPE keys (KV heads not repeated).
         cfg: segment / block sizes, budgets, mode (`per_head`, `reference`, `causal` (per_head with the
-            rigid-so-far test), or the causal `spread` rule of `policies/budgets.py`).
+            rigid-so-far test), or the causal `spread` / `coverage` rules of `policies/budgets.py`).
         policy: ``entropy`` (budgets from the entropy recurrence) or ``fixed`` (``cfg.fixed_budget``
             everywhere).
         backend: ``triton`` (compiled on GPU, interpreted on CPU), ``torch`` (the reference), or ``auto``
@@ -209,7 +218,7 @@ def plan_layer(
     scores = block_scores(q, k, cfg.segment_size, cfg.block_size, backend=backend, spread_logit_scale=scale)
     return plan_from_scores(
         scores, cfg, q.shape[1], policy=policy, backend=backend, with_probs=with_probs,
-        head_scale=head_scale, head_dim=q.shape[-1] if with_mass else None,
+        head_scale=head_scale, head_dim=q.shape[-1] if with_mass else None, logit_dim=q.shape[-1],
     )  # fmt: skip
 
 
@@ -282,6 +291,10 @@ def plan_chunk(
     history[:, :segment_offset] = before
     history[:, segment_offset:end] = source
     bc = _block_counts(history, cfg, seq_len, policy, backend)
+    if policy == "entropy" and cfg.mode == "coverage":
+        budgets = history.new_zeros(history.shape)
+        budgets[:, segment_offset:end] = coverage_budgets(scores.logits, cfg, q.shape[-1], segment_offset)
+        bc = _with_budgets(bc, budgets, cfg, seq_len)
     # rigid so far at the chunk's last segment: the rule's test on the history so far
     rigid = _rigid_so_far(history[:, :end], cfg, spread) if end < nseg else bc.rigid
     scale = head_scale if policy == "entropy" else None
@@ -351,3 +364,19 @@ def _block_counts(
         causal=cfg.mode == "causal",
         backend=backend,
     )
+
+
+def _with_budgets(
+    bc: BlockCounts, budgets: torch.Tensor, cfg: SparsePrefillConfig, seq_len: int
+) -> BlockCounts:
+    """`bc` with its budgets replaced (the coverage rule) and the counts they give under the usual caps."""
+    caps = count_caps(seq_len, cfg.segment_size, cfg.block_size, budgets.device)
+    counts = counts_from_budgets(budgets, caps, cfg.block_size)
+    kernel_counts = counts.masked_fill(bc.dense_segments[None, :], -1)
+    return BlockCounts(bc.rigid, budgets, counts, kernel_counts, bc.dense_segments)
+
+
+def _head_dim(logit_dim: int | None) -> int:
+    if logit_dim is None:
+        raise ValueError("mode 'coverage' needs logit_dim (the logits' temperature): plan_layer passes it")
+    return logit_dim

@@ -104,7 +104,7 @@ def test_spread_counts_are_causal_reference_rigid_test_is_not() -> None:
     assert not torch.equal(before.counts[:, 1:11], after.counts[:, 1:11])
 
 
-@pytest.mark.parametrize("mode", ["spread", "causal"])
+@pytest.mark.parametrize("mode", ["spread", "causal", "coverage"])
 def test_causal_modes_counts_on_the_real_model(smollm2, mode: str) -> None:
     """In every layer of SmolLM2 the block counts of a causal mode (spread, causal) for a prompt's first
     segments are those of the same prompt with text appended (sparse prefill of each, CPU reference path)."""
@@ -124,3 +124,66 @@ def test_causal_modes_counts_on_the_real_model(smollm2, mode: str) -> None:
     assert len(runs[0]) == len(runs[1]) == smollm2.arch.num_layers - 1
     for layer, ((c1, _), (c2, _)) in enumerate(zip(*runs, strict=True), start=1):
         assert torch.equal(c1[:, :m], c2[:, :m]), layer
+
+
+# ------------------------------------------------------------------------------------------ coverage rule
+COVER = load_sparse_config("entropy_short", mode="coverage", coverage=0.8, min_budget=16)
+
+
+def coverage_ref(logits: torch.Tensor, cfg, d: int) -> torch.Tensor:
+    """Row by row: the fewest top blocks of softmax(scale / sqrt(d) * visible logits) reaching the share."""
+    hkv, nseg, _ = logits.shape
+    out = torch.empty(hkv, nseg)
+    for h in range(hkv):
+        for s in range(nseg):
+            v = s * cfg.segment_size // cfg.block_size
+            k = 0
+            if v:
+                p = torch.softmax(logits[h, s, :v].double() * cfg.coverage_scale / d**0.5, 0)
+                k = int((p.sort(descending=True).values.cumsum(0) < cfg.coverage - 1e-12).sum()) + 1
+            out[h, s] = min(max(k * cfg.block_size, cfg.min_budget), cfg.max_budget)
+    return out
+
+
+@pytest.mark.parametrize(("n", "d", "seed"), [(1100, 16, 3), (1537, 8, 4)])
+def test_coverage_budgets_match_a_row_by_row_reference(n: int, d: int, seed: int) -> None:
+    """Fresh random ragged prompts: the coverage rule's budgets equal a per-row reference (torch and
+    Triton scoring), and its counts are the budgets over b capped by what each segment sees."""
+    q, k = rand_qk(6, 3, n, d, seed)
+    for backend in ("torch", "triton"):
+        plan = plan_layer(q, k, COVER, backend=backend)  # type: ignore[arg-type]
+        want = coverage_ref(ref_logits(q, k), COVER, d)
+        diff = (plan.budgets - want).abs()
+        assert int((diff > 0).sum()) <= 2 and float(diff.max()) <= 8  # fp32 vs fp64 at the cut: one block
+        sparse = ~plan.dense_segments
+        assert bool((plan.budgets[:, 1:] >= COVER.min_budget).all())
+        vis = torch.arange(plan.num_segments) * 16
+        assert bool((plan.counts[:, sparse] <= vis[sparse]).all()) and bool((plan.counts[:, 0] == 0).all())
+
+
+def ref_logits(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    from entropyinfer.kernels.block_scoring import block_scores
+
+    return block_scores(q, k, COVER.segment_size, COVER.block_size, backend="torch").logits
+
+
+def test_coverage_grows_with_the_share_and_spreads_budgets() -> None:
+    q, k = rand_qk(6, 3, 2000, 16, seed=5)
+    lo = plan_layer(q, k, dataclasses.replace(COVER, coverage=0.5), backend="torch")
+    hi = plan_layer(q, k, dataclasses.replace(COVER, coverage=0.95), backend="torch")
+    assert bool((hi.budgets >= lo.budgets).all()) and hi.density > lo.density
+    assert len(set(hi.counts[:, 8].tolist())) > 1 or len(set(hi.counts[0, 5:-1].tolist())) > 1
+
+
+def test_coverage_chunks_equal_one_shot_and_are_causal() -> None:
+    from entropyinfer.policies.entropy import plan_chunk
+
+    q, k = rand_qk(6, 3, 1700, 16, seed=6)
+    full = plan_layer(q, k, COVER, backend="torch")
+    off = 7  # chunk: segments 7 .. end
+    chunk = plan_chunk(q[:, off * 128 :], k, COVER, seq_len=1700, segment_offset=off,
+                       entropy_before=full.entropy[:, :off], backend="torch")  # fmt: skip
+    assert torch.equal(chunk.counts, full.counts[:, off:])
+    assert torch.equal(chunk.kernel_counts, full.kernel_counts[:, off:])
+    short = plan_layer(q[:, : 10 * 128], k[:, : 10 * 128], COVER, backend="torch")
+    assert torch.equal(short.counts[:, :9], full.counts[:, :9])
