@@ -144,7 +144,7 @@ class EngineCore:
         seq.attention = attention
         if not attention.chunkable or req.params.prompt_logprobs is not None:
             return  # a non-causal budget rule, or every prompt position's logits: one-shot, no prefix cache
-        if self.executor.sequence_parallel(n, req.kv is not None and req.params.max_tokens > 1, False):
+        if self.executor.sequence_parallel(n, req.kv if req.params.max_tokens > 1 else None, False):
             return  # split over the sequence-parallel ranks: one-shot, no prefix cache
         keep = 1  # a reader recomputes at least the last position (its logits) ...
         if req.kv is not None and req.params.max_tokens > 1:  # ... and the queries compression observes

@@ -53,6 +53,11 @@ class SequenceParallelGroup:
         dist.all_gather(parts, x, group=self.process_group)
         return torch.stack(parts)
 
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum `x` over the ranks, in place; returns it."""
+        dist.all_reduce(x, group=self.process_group)
+        return x
+
     def all_to_all(self, x: torch.Tensor, send: list[int], receive: list[int]) -> torch.Tensor:
         """Rows ``x[sum(send[:i]) : sum(send[:i+1])]`` go to rank i; the result holds ``receive[i]`` rows
         from each rank i, in rank order."""

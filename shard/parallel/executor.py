@@ -5,7 +5,7 @@ call that touches the model, the KV data or the observation pool goes through it
 
     executor.prefill(call, attention, observer, progress, cancel)   # one prompt chunk -> PrefillResult
     executor.decode(tokens, positions, tables, lengths, obs, steps_left, ids)  # one batched step -> logits
-    executor.sequence_parallel(seq_len, compresses, all_logits)      # does a prompt prefill SP (one pass)?
+    executor.sequence_parallel(seq_len, kv, all_logits)              # does a prompt prefill SP (one pass)?
     executor.compress(seq, kv)                                       # KV compression of one sequence
     executor.acquire_row(window) / release_row(row)                  # observation-pool rows
     executor.share(request_id, segments, names) / drop(request_id)   # prefix-cache states, finished ones
@@ -111,8 +111,9 @@ class Executor(Protocol):
         request_ids: list[str] | None = None,
     ) -> torch.Tensor: ...
 
-    def sequence_parallel(self, seq_len: int, compresses: bool, all_logits: bool) -> bool:
-        """Whether such a prompt prefills split over the SP ranks (then in one pass, not prefix-cached)."""
+    def sequence_parallel(self, seq_len: int, kv: KVCompressionConfig | None, all_logits: bool) -> bool:
+        """Whether such a prompt prefills split over the SP ranks (then in one pass, not prefix-cached);
+        `kv`: the request's decode-time compression, None if it keeps its whole cache."""
         ...
 
     def compress(self, seq: Sequence, kv: KVCompressionConfig) -> None: ...
@@ -202,7 +203,7 @@ class LocalExecutor:
     ) -> torch.Tensor:
         return self.decoder(tokens, positions, tables, lengths, obs, steps_left=steps_left)
 
-    def sequence_parallel(self, seq_len: int, compresses: bool, all_logits: bool) -> bool:
+    def sequence_parallel(self, seq_len: int, kv: KVCompressionConfig | None, all_logits: bool) -> bool:
         return False
 
     def compress(self, seq: Sequence, kv: KVCompressionConfig) -> None:

@@ -59,7 +59,7 @@ from entropyinfer.shard.parallel.messages import (
     receive_plan,
 )
 from entropyinfer.shard.parallel.rank import RankRunner
-from entropyinfer.shard.parallel.sequence import segment_length, uses_sequence_parallel
+from entropyinfer.shard.parallel.sequence import uses_sequence_parallel
 from entropyinfer.shard.sequence import Sequence
 
 __all__ = ["LockstepExecutor", "ShardGroupError", "WorkerLoop", "agree_on_pages"]
@@ -94,7 +94,7 @@ class LockstepExecutor:
         num_pages = agree_on_pages(engine, max_context, plan_group)
         self.runner = RankRunner(engine, group, plan_group, num_pages, full_arch, sp)
         self.parallel = parallel or ParallelConfig(tensor_parallel_size=group.size)
-        self._segments: dict[str, int] = {}  # request id -> SP segment length, for its decode steps
+        self._sp_requests: set[str] = set()  # prefilled sequence-parallel: their decode steps name them
         self.pages, self.obs, self.decoder = self.runner.pages, self.runner.obs, self.runner.decoder
         self.full_arch, self.kv_replicas, self.size = full_arch, self.runner.kv_replicas, group.size
         self.plan_group, self.live, self.on_close = plan_group, live, on_close
@@ -155,17 +155,16 @@ class LockstepExecutor:
     ) -> PrefillResult:
         n = call.seq_len
         whole = call.first and call.start == 0 and call.tokens.shape[0] == n and call.resume is None
-        if whole and self.sequence_parallel(n, call.obs_row is not None, call.all_logits):
+        kv = call.kv if call.obs_row is not None else None
+        if whole and self.sequence_parallel(n, kv, call.all_logits):
             call = dataclasses.replace(call, sequence_parallel=True)
-            self._segments[call.request_id] = segment_length(n, self.parallel.sequence_parallel_size)
+            self._sp_requests.add(call.request_id)
         else:
-            self._segments.pop(call.request_id, None)
+            self._sp_requests.discard(call.request_id)
         return self._run(Prefill(call), lambda: self.runner.prefill(call, attention, observer, progress))
 
-    def sequence_parallel(self, seq_len: int, compresses: bool, all_logits: bool) -> bool:
-        return self.runner.sp is not None and uses_sequence_parallel(
-            self.parallel, seq_len, compresses, all_logits
-        )
+    def sequence_parallel(self, seq_len: int, kv: KVCompressionConfig | None, all_logits: bool) -> bool:
+        return self.runner.sp is not None and uses_sequence_parallel(self.parallel, seq_len, kv, all_logits)
 
     def decode(
         self,
@@ -178,13 +177,10 @@ class LockstepExecutor:
         request_ids: list[str] | None = None,
     ) -> torch.Tensor:
         rows, slots = obs if obs is not None else (None, None)
-        segments = None
-        if self._segments and request_ids is not None:
-            seg = [self._segments.get(r, 0) for r in request_ids]
-            segments = torch.tensor(seg, dtype=torch.long) if any(seg) else None
-        op = Decode(tokens, positions, tables, lengths, rows, slots, steps_left, segments)
+        ids = request_ids if request_ids and any(r in self._sp_requests for r in request_ids) else None
+        op = Decode(tokens, positions, tables, lengths, rows, slots, steps_left, ids)
         return self._run(
-            op, lambda: self.runner.decode(tokens, positions, tables, lengths, obs, steps_left, segments)
+            op, lambda: self.runner.decode(tokens, positions, tables, lengths, obs, steps_left, ids)
         )
 
     def compress(self, seq: Sequence, kv: KVCompressionConfig) -> None:
@@ -234,7 +230,7 @@ class LockstepExecutor:
         self._pending.append(Share(request_id, segments, [n for n, _ in names], [c for _, c in names]))
 
     def drop(self, request_id: str) -> None:
-        self._segments.pop(request_id, None)
+        self._sp_requests.discard(request_id)
         self._pending.append(Drop(request_id))
 
     def close(self) -> None:
@@ -287,7 +283,7 @@ class WorkerLoop:
             r.prefill(op.call)
         elif isinstance(op, Decode):
             obs = (op.rows, op.slots) if op.rows is not None and op.slots is not None else None
-            r.decode(op.tokens, op.positions, op.tables, op.lengths, obs, op.steps_left, op.segments)
+            r.decode(op.tokens, op.positions, op.tables, op.lengths, obs, op.steps_left, op.request_ids)
         elif isinstance(op, Compress):
             r.compress(op)
         elif isinstance(op, Probe):

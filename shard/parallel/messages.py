@@ -84,8 +84,8 @@ class Prefill:
 @dataclass(frozen=True)
 class Decode:
     """One decode step (see `PagedDecoder`): tables ``[B, rows, P]`` and lengths ``[L, B, rows]`` in the
-    core's layout; rows / slots the observation index (None: no window in the batch); segments int64
-    ``[B]`` each row's sequence-parallel segment length (0: prefilled without SP; None: no SP row)."""
+    core's layout; rows / slots the observation index (None: no window in the batch); request_ids: the rows'
+    requests when some prefilled sequence-parallel (each rank knows where their K/V lies), else None."""
 
     tokens: torch.Tensor
     positions: torch.Tensor
@@ -94,7 +94,7 @@ class Decode:
     rows: torch.Tensor | None
     slots: torch.Tensor | None
     steps_left: int
-    segments: torch.Tensor | None = None
+    request_ids: list[str] | None = None
 
 
 @dataclass(frozen=True)

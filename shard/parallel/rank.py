@@ -48,6 +48,7 @@ from entropyinfer.shard.parallel.messages import (
     broadcast_object,
 )
 from entropyinfer.shard.parallel.sequence import gather_entropy, gather_stats, sequence_parallel_prefill
+from entropyinfer.shard.parallel.sp_compress import Spans, compress_spans
 from entropyinfer.shard.parallel.sp_decode import SequenceParallelDecoder
 
 Allocate = Callable[[torch.Tensor], list[list[int]]]
@@ -82,6 +83,7 @@ class RankRunner:
         self.attentions: dict[str, PrefillAttention] = {}
         self.snapshots: dict[bytes, tuple[Any, int]] = {}
         self.swapped: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.spans: dict[str, Spans] = {}  # sequence-parallel requests: where their K/V lies (`sp_compress`)
 
     # --------------------------------------------------------------------------------- collectives
     def gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -105,6 +107,7 @@ class RankRunner:
             self.snapshots.pop(op.name, None)
         elif isinstance(op, Drop):
             self.attentions.pop(op.request_id, None)
+            self.spans.pop(op.request_id, None)
             self.swapped.pop(op.request_id, None)
         elif isinstance(op, Swap):
             table = op.table[self.local]
@@ -144,7 +147,8 @@ class RankRunner:
         dev = self.engine.device
         table = call.table[self.local].to(dev)
         if call.sequence_parallel:
-            return self._prefill_sp(call, attention, table, progress)
+            return self._prefill_sp(call, attention, observer, table, progress)
+        self.spans.pop(call.request_id, None)
         logits = self.engine.prefill_pages(
             call.tokens, call.start, call.seq_len, self.pages, table, attention,
             progress=progress, observe=observer, all_logits=call.all_logits and lead,
@@ -159,13 +163,24 @@ class RankRunner:
         return PrefillResult(logits, entropy, stats)
 
     def _prefill_sp(
-        self, call: PrefillCall, attention: PrefillAttention, table: torch.Tensor, progress: ProgressFn | None
+        self,
+        call: PrefillCall,
+        attention: PrefillAttention,
+        observer: PromptObserver | None,
+        table: torch.Tensor,
+        progress: ProgressFn | None,
     ) -> PrefillResult:
         """A whole prompt split over the SP ranks (`sequence.py`); entropy and statistics over every head."""
         if self.sp is None or call.start != 0 or call.tokens.shape[0] != call.seq_len:
             raise RuntimeError("a sequence-parallel prefill needs SP ranks and the whole prompt in one call")
+        n = call.seq_len
+        observed = min(call.kv.prompt_queries, n) if observer is not None and call.kv is not None else 0
         logits = sequence_parallel_prefill(
-            self.engine, self.sp, self.split, call.tokens, self.pages, table, attention, progress
+            self.engine, self.sp, self.split, call.tokens, self.pages, table, attention, progress,
+            observer, observed,
+        )  # fmt: skip
+        self.spans[call.request_id] = Spans.segments(
+            n, self.sp.size, self.arch.num_layers, self.arch.num_kv_heads
         )
         entropy = stats = None
         if call.entropy:
@@ -240,17 +255,25 @@ class RankRunner:
         lengths: torch.Tensor,
         obs: ObsIndex | None,
         steps_left: int,
-        segments: torch.Tensor | None = None,
+        request_ids: list[str] | None = None,
     ) -> torch.Tensor:
-        """One step; `segments` int64 ``[B]``: each row's SP segment length (0: not SP; None: no SP row)."""
+        """One step; `request_ids`: the rows' requests when some prefilled sequence-parallel (else None)."""
         dev = self.engine.device
         local = (tables[:, self.local].to(dev).contiguous(), lengths[:, :, self.local].to(dev).contiguous())
         index = None if obs is None else (obs[0].to(dev), obs[1].to(dev))
         args = (tokens.to(dev), positions.to(dev), *local, index)
-        if segments is not None and bool((segments > 0).any()):
-            if self.sp_decoder is None:
+        spans = [self.spans.get(r) for r in request_ids or []]
+        if any(s is not None for s in spans):
+            if self.sp_decoder is None or self.sp is None:
                 raise RuntimeError("a sequence-parallel row reached a rank without SP ranks")
-            return self.sp_decoder.forward(*args, segments)
+            layers, hkv = self.arch.num_layers, self.arch.num_kv_heads
+            start = torch.zeros(layers, len(spans), hkv, dtype=torch.long)
+            count = torch.zeros(layers, len(spans), hkv, dtype=torch.long)
+            for b, s in enumerate(spans):
+                if s is not None:
+                    start[:, b], count[:, b] = s.starts[self.sp.rank], s.counts[self.sp.rank]
+            is_sp = torch.tensor([s is not None for s in spans], device=dev)
+            return self.sp_decoder.forward(*args, is_sp, start.to(dev), count.to(dev))
         return self.decoder(*args, steps_left=steps_left)
 
     # ------------------------------------------------------------------------------------- compress
@@ -275,8 +298,16 @@ class RankRunner:
         slots = int(torch.minimum(op.capacities, op.lengths.long()).max())  # as one rank: over every head
         table = op.table[self.local]
         dev = self.engine.device
-        kept, counts = [], []
-        for li in range(arch.num_layers):
+        kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+        counts: list[torch.Tensor] = []
+        spans = self.spans.get(op.request_id)
+        if spans is not None and self.sp is not None:  # each SP rank its share of one rank's plan
+            kept, total, self.spans[op.request_id] = compress_spans(
+                self.sp, self.pages, self.obs, spans, table, lengths, caps, slots, op.obs_row,
+                op.decode_steps, kv, g,
+            )  # fmt: skip
+            counts = list(total)
+        for li in range(arch.num_layers if spans is None else 0):
             keys, values = self.pages.gather_table(table, li)
             q_obs = self.obs.ordered(op.obs_row, li, op.decode_steps, kv.window)  # [Hq_local, W, d]
             if self.kv_replicas > 1:  # score with the whole GQA group's queries, as one rank would

@@ -31,9 +31,10 @@ from typing import Any
 
 import torch
 
+from entropyinfer.policies.kv_compression import KVCompressionConfig
 from entropyinfer.shard.attention import PrefillAttention, SparsePrefill
 from entropyinfer.shard.config import ParallelConfig
-from entropyinfer.shard.engine import Engine, ProgressFn, _finish_layer
+from entropyinfer.shard.engine import ChunkQueries, Engine, ProgressFn, _finish_layer
 from entropyinfer.shard.kv_pages import KVPages
 from entropyinfer.shard.parallel.all_to_all import HeadSplit, SequenceParallelGroup, to_heads, to_sequence
 
@@ -45,11 +46,14 @@ def segment_length(seq_len: int, sp: int) -> int:
 
 
 def uses_sequence_parallel(
-    parallel: ParallelConfig, seq_len: int, compresses: bool, all_logits: bool
+    parallel: ParallelConfig, seq_len: int, kv: KVCompressionConfig | None, all_logits: bool
 ) -> bool:
-    """Whether a prompt prefills sequence-parallel (see the module docstring)."""
+    """Whether a prompt prefills sequence-parallel (see the module docstring); `kv`: the request's decode-time
+    compression (None: none)."""
     sp = parallel.sequence_parallel_size
-    if sp == 1 or compresses or all_logits or seq_len < parallel.sequence_parallel_min_tokens:
+    if sp == 1 or all_logits or seq_len < parallel.sequence_parallel_min_tokens:
+        return False
+    if kv is not None and (kv.adaptive or kv.prompt_queries > seq_len):
         return False
     return seq_len > (sp - 1) * segment_length(seq_len, sp)  # the last segment holds a real token
 
@@ -64,10 +68,13 @@ def sequence_parallel_prefill(
     table: torch.Tensor,
     attention: PrefillAttention,
     progress: ProgressFn | None = None,
+    observe: ChunkQueries | None = None,
+    observed: int = 0,
 ) -> torch.Tensor:
     """One SP rank's part of a whole prompt ``tokens [n]`` (every rank passes all of them); `table` int64
-    ``[Hkv, pages]`` on the device; `attention` begun for ``n`` tokens, over this rank's `split` heads.
-    -> fp32 logits of the prompt's last position ``[vocab]`` on every SP rank."""
+    ``[Hkv, pages]`` on the device; `attention` begun for ``n`` tokens, over this rank's `split` heads;
+    `observe` gets the queries of the prompt's last `observed` positions on every rank (all-reduced from the
+    ranks that hold them). -> fp32 logits of the prompt's last position ``[vocab]`` on every SP rank."""
     arch, dev, dt = engine.arch, engine.device, engine.dtype
     n, hq, hkv, d, ps = tokens.shape[0], arch.num_heads, arch.num_kv_heads, arch.head_dim, pages.page_size
     s = segment_length(n, sp.size)
@@ -94,6 +101,12 @@ def sequence_parallel_prefill(
             v[:, c0:c1] = vv[0]
         pages.k(li)[write_page, heads, write_off] = k[:, :real]
         pages.v(li)[write_page, heads, write_off] = v[:, :real]
+        if observe is not None and observed > 0:  # the last prompt queries, wherever they are, on every rank
+            window = torch.zeros(hq, observed, d, device=dev, dtype=dt)
+            lo, hi = max(start, n - observed), min(start + real, n)
+            if lo < hi:
+                window[:, lo - (n - observed) : hi - (n - observed)] = q[:, lo - start : hi - start]
+            observe.record_chunk(li, sp.all_reduce(window), n - observed, n)
         q_h, k_h, v_h = to_heads(sp, split, q, k, v)  # [Hq_j, sp * S, d], ...
         if q_h.shape[1] != n:  # the padding past the prompt never reaches attention
             q_h, k_h, v_h = (x[:, :n].contiguous() for x in (q_h, k_h, v_h))

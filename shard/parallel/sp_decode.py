@@ -2,14 +2,15 @@
 the partial outputs merge by log-sum-exp (`all_to_all.merge_partials`).
 
     decoder = SequenceParallelDecoder(engine, pages, obs_pool, sp)
-    logits = decoder(tokens, positions, tables, lengths, obs, segments=segments, steps_left=n)
+    logits = decoder.forward(tokens, positions, tables, lengths, obs, is_sp, start, count)
 
 Inputs as `PagedDecoder` (the core's global lengths ``[L, B, Hkv]``: tokens cached before this one), plus
-``segments`` int64 ``[B]``: a sequence-parallel row's segment length ``S`` (`sequence.py`), 0 for a row
-that prefilled without SP. SP rank j holds positions ``[j S, (j + 1) S)`` of an SP row at local positions
-``0 .. S`` of its pages; the last SP rank also every decode token, after its segment (local position
-``length - (sp - 1) S``). So per SP row, rank j < last attends its ``S`` keys and writes nothing (its write
-goes to the scratch page), the last attends ``length - (sp - 1) S + 1`` keys after writing the new one. A
+which rows are sequence-parallel (``is_sp [B]``) and, for those, this rank's span of each (layer, KV head)
+(`sp_compress.Spans`: ``start``, ``count`` int64 ``[L, B, Hkv]``): SP rank j holds indices ``[start, start +
+count)`` of the row at local indices ``0 .. count`` of its pages (after an SP prefill its segment; after
+compression its share of the kept slots); the last SP rank also every decode token, after its span (local
+index ``length - start``). So per SP row, rank j < last attends its ``count`` keys and writes nothing (its
+write goes to the scratch page), the last attends ``length - start + 1`` keys after writing the new one. A
 row without SP is held whole by every SP rank (replicas): each writes and attends it alike, and only SP
 rank 0's partial counts (the others' log-sum-exp is -inf), so the merge returns rank 0's output exactly.
 Every SP rank then holds the same hidden states and logits.
@@ -77,7 +78,8 @@ def partial_attention(
 
 
 class SequenceParallelDecoder:
-    """`PagedDecoder`'s interface with the ``segments`` of the batch (see the module docstring)."""
+    """Decode steps of batches with sequence-parallel rows (see the module docstring); `plain` runs the
+    others (the rank's `PagedDecoder`)."""
 
     def __init__(
         self,
@@ -92,30 +94,7 @@ class SequenceParallelDecoder:
         # batches without SP rows (graphs on GPU): `plain`, or a decoder of the same pages
         self.plain = plain if plain is not None else PagedDecoder(engine, pages, obs_pool)
 
-    @property
-    def captures(self) -> int:
-        return self.plain.captures
-
-    @property
-    def graph_keys(self) -> list[tuple[int, int]]:
-        return self.plain.graph_keys
-
     @torch.inference_mode()
-    def __call__(
-        self,
-        tokens: torch.Tensor,
-        positions: torch.Tensor,
-        tables: torch.Tensor,
-        lengths: torch.Tensor,
-        obs: ObsIndex | None = None,
-        *,
-        segments: torch.Tensor | None = None,
-        steps_left: int = 1 << 30,
-    ) -> torch.Tensor:
-        if segments is None or not bool((segments > 0).any()):
-            return self.plain(tokens, positions, tables, lengths, obs, steps_left=steps_left)
-        return self.forward(tokens, positions, tables, lengths, obs, segments)
-
     @torch.inference_mode()
     def forward(
         self,
@@ -124,23 +103,25 @@ class SequenceParallelDecoder:
         tables: torch.Tensor,
         lengths: torch.Tensor,
         obs: ObsIndex | None,
-        segments: torch.Tensor,
+        rows_sp: torch.Tensor,
+        start: torch.Tensor,
+        count: torch.Tensor,
     ) -> torch.Tensor:
+        """One step of a batch with SP rows (`rows_sp` bool ``[B]``; see the module docstring)."""
         sp, dev = self.sp, tokens.device
         b = tokens.shape[0]
         hq, d, ps = self.arch.num_heads, self.arch.head_dim, self.pages.page_size
-        seg = segments.to(dev).long()[None, :, None]  # [1, B, 1]
-        is_sp = (seg > 0).expand_as(lengths)
+        is_sp = rows_sp.to(dev)[None, :, None].expand_as(lengths)
         lens = lengths.long()  # [L, B, Hkv]
-        if sp.last:  # holds the decode tokens of SP rows, after its segment
-            write = torch.where(is_sp, lens - (sp.size - 1) * seg, lens)
+        if sp.last:  # holds the decode tokens of SP rows, after its span
+            write = torch.where(is_sp, lens - start, lens)
             attend, skip = write + 1, torch.zeros_like(is_sp)
         else:
-            write, attend, skip = lens, torch.where(is_sp, seg.expand_as(lens), lens + 1), is_sp
+            write, attend, skip = lens, torch.where(is_sp, count, lens + 1), is_sp
         write_page = tables.long()[None].expand(lens.shape[0], -1, -1, -1).gather(3, (write // ps)[..., None])
         write_page = write_page[..., 0].masked_fill(skip, self.pages.scratch_page)
         write_off = (write % ps).masked_fill(skip, 0)
-        counts = (segments.to(dev) > 0) | (sp.rank == 0)  # [B]: rows whose partial here counts
+        counts = rows_sp.to(dev) | (sp.rank == 0)  # [B]: rows whose partial here counts
         attend = attend.to(torch.int32)
         h = self.model.model.embed_tokens(tokens)[:, None]  # [B, 1, hidden]
         cos, sin = self.model.rotary(positions[:, None], self.engine.dtype)

@@ -4,9 +4,10 @@ group in lockstep gives one rank's tokens.
 A tiny random Llama with 8 query / 4 KV heads and 4096 positions (byte tokenizer: a character is a token).
 Prompts of at least `sequence_parallel_min_tokens` prefill split over the SP ranks (their stats say
 ``sequence_parallel_size``), shorter ones run whole on every rank, and both decode in the same batches:
-SP=2 equals one rank for dense and entropy (tokens; density within 0.01), TP=2 x SP=2 too; an SP prompt is
-not prefix-cached; a request with KV compression runs without SP and still equals one rank; sizes that do
-not split the KV heads fail before any process starts. Slow: SmolLM2 (9 / 3 heads, uneven at SP=2).
+SP=2 equals one rank for dense and entropy (tokens; density within 0.01), TP=2 x SP=2 too; latent KV
+compression over the segments keeps what one rank keeps (entropy head capacities, re-compression); an SP
+prompt is not prefix-cached; adaptive capacities run without SP; a killed SP rank fails the request; sizes
+that do not split the KV heads fail before any process starts. Slow: SmolLM2 (9 / 3 heads, uneven at SP=2).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ WIDE = dict(
     max_position_embeddings=4096, rope_theta=500000.0, rms_norm_eps=1e-5,
 )  # fmt: skip
 MIN_TOKENS = 512
+KV = dict(kv_compression="latent", kv_capacity=64, kv_window=8, kv_gap=4)
+KV_STATS = ("kv_tokens_kept", "kv_tokens_kept_total", "kv_bytes", "kv_compressions", "kv_head_capacities")
 
 
 def text(n: int, seed: int) -> str:
@@ -101,13 +104,43 @@ def test_tp2_sp2_equals_one_rank(wide: Path, group: Group) -> None:
     ref = tiny(wide, policy="entropy").generate(PROMPTS, PARAMS)
     llm = group.start(wide, 2, 2, "entropy")
     assert_same(llm.generate(PROMPTS, PARAMS), ref, SP_PROMPTS, 2)
+    one = tiny(wide, policy="entropy", **KV, kv_head_capacity="entropy")  # and with latent compression
+    llm.set_kv_compression("latent", capacity=64, window=8, gap=4, head_capacity="entropy")
+    got, ref = llm.generate(PROMPTS, PARAMS), one.generate(PROMPTS, PARAMS)
+    assert_same(got, ref, SP_PROMPTS, 2)
+    for g, r in zip(got, ref, strict=True):
+        assert g.stats["kv_compressions"] >= 1
+        assert all(g.stats.get(key) == r.stats.get(key) for key in KV_STATS)
 
 
-def test_sp_prompts_bypass_the_prefix_cache_and_compression_runs_without_sp(wide: Path, group: Group) -> None:
-    one = tiny(wide, policy="entropy", kv_compression="auto", kv_capacity=64, kv_window=8, kv_gap=4)
-    llm = group.start(wide, 1, 2, "entropy", kv_compression="auto", kv_capacity=64, kv_window=8, kv_gap=4)
+@pytest.mark.parametrize(
+    ("policy", "kv"),
+    [
+        ("entropy", {**KV, "kv_head_capacity": "entropy"}),
+        ("entropy", {**KV, "kv_head_capacity": "uniform", "kv_recompress_every": 3}),
+        ("snapkv", {"kv_compression": "snapkv", "kv_capacity": 64, "kv_window": 8}),
+    ],
+    ids=["entropy-capacities", "recompress", "snapkv"],
+)
+def test_sp_kv_compression_keeps_what_one_rank_keeps(wide: Path, group: Group, policy: str, kv: dict) -> None:
+    """Each segment keeps its share of the global top (C - W): the same tokens and kept counts as one rank."""
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    ref = tiny(wide, policy=policy, **kv).generate(PROMPTS, params)
+    got = group.start(wide, 1, 2, policy, **kv).generate(PROMPTS, params)
+    assert_same(got, ref, SP_PROMPTS, 2)
+    for g, r in zip(got, ref, strict=True):
+        assert g.stats["kv_compressions"] >= 1
+        for key in KV_STATS:
+            assert g.stats.get(key) == r.stats.get(key), key
+
+
+def test_sp_prompts_bypass_the_prefix_cache_and_adaptive_capacities_run_without_sp(
+    wide: Path, group: Group
+) -> None:
+    one = tiny(wide, policy="entropy", **KV, kv_head_capacity="adaptive")
+    llm = group.start(wide, 1, 2, "entropy", **KV, kv_head_capacity="adaptive")
     prompts = [PROMPTS[0], PROMPTS[0]]
-    # latent compression (entropy's default) observes the prompt's last queries on one rank: no SP
+    # adaptive capacities weigh every head's scores at once: such requests run without SP
     ref, got = one.generate(prompts, PARAMS), llm.generate(prompts, PARAMS)
     assert_same(got, ref, [False, False], 2)
     assert all(o.stats["kv_compressions"] >= 1 for o in got)

@@ -38,7 +38,8 @@ from entropyinfer.shard.parallel.all_to_all import (
     check_sequence_parallel,
     split_heads,
 )
-from entropyinfer.shard.parallel.sequence import segment_length, sequence_parallel_prefill
+from entropyinfer.shard.parallel.sequence import sequence_parallel_prefill
+from entropyinfer.shard.parallel.sp_compress import Spans
 from entropyinfer.shard.parallel.sp_decode import SequenceParallelDecoder, paged_attention_lse
 from entropyinfer.shard.weights import build_model
 
@@ -113,17 +114,21 @@ def run(engine: Engine, policy: str, sp: SequenceParallelGroup | None) -> dict[s
     first_short = engine.prefill_pages(short_tokens, 0, SHORT, pages, short_table, DensePrefill())
     assert first_long is not None and first_short is not None
     obs = ObservationPool(arch, CPU, F32)
-    decoder: Any = (
-        PagedDecoder(engine, pages, obs) if sp is None else SequenceParallelDecoder(engine, pages, obs, sp)
-    )
-    extra = {} if sp is None else {"segments": torch.tensor([segment_length(LONG, sp.size), 0])}
+    decoder: Any = PagedDecoder(engine, pages, obs)
+    extra: tuple[torch.Tensor, ...] = ()
+    if sp is not None:  # row 0 holds its segment here (the last rank also the decode tokens), row 1 all
+        decoder = SequenceParallelDecoder(engine, pages, obs, sp).forward
+        spans = Spans.segments(LONG, sp.size, arch.num_layers, arch.num_kv_heads)
+        start, count = torch.zeros(2, arch.num_layers, 2, arch.num_kv_heads, dtype=torch.long)
+        start[:, 0], count[:, 0] = spans.starts[sp.rank], spans.counts[sp.rank]
+        extra = (torch.tensor([True, False]), start, count)
     logits = [torch.stack([first_long, first_short])]
     tables = pages.batch_tables([long_seq, short_seq])
     for i in range(STEPS):
         tokens = logits[-1].argmax(-1)
         positions = torch.tensor([LONG + i, SHORT + i])
         lengths = positions.to(torch.int32)[None, :, None].expand(arch.num_layers, 2, arch.num_kv_heads)
-        logits.append(decoder(tokens, positions, tables, lengths.contiguous(), **extra).clone())
+        logits.append(decoder(tokens, positions, tables, lengths.contiguous(), None, *extra).clone())
     return {"logits": logits, "tokens": [lg.argmax(-1).tolist() for lg in logits], "attention": attention}
 
 
