@@ -14,10 +14,11 @@ no real query sees it (causal) and it is cut off before attention, which runs on
 prompt; the decode tokens go to the last rank, after its segment: `sp_decode.py`). The last position's
 logits come from the last SP rank, broadcast to the others.
 
-Which prompts: at least `sequence_parallel_min_tokens`, a non-empty last segment, and neither decode-time
-KV compression nor prompt logprobs (those need every prompt query or every position's logits on one rank:
-such requests run without SP, documented in docs/engine.md). SP prompts prefill in one pass and bypass the
-prefix cache (`EngineCore._plan_prefill`). Shorter prompts run on every SP rank alike (replicas).
+Which prompts: at least `sequence_parallel_min_tokens`, a non-empty last segment, no prompt logprobs (every
+position's logits on one rank) and no adaptive KV capacities (those run without SP). With decode-time KV
+compression the last prompt queries are all-reduced into every rank's observation row, and compression
+runs per segment (`sp_compress.py`). SP prompts prefill in one pass and bypass the prefix cache
+(`EngineCore._plan_prefill`). Shorter prompts run on every SP rank alike (replicas).
 
 Statistics: each rank's attention object profiles its KV heads over the whole prompt; `gather_entropy` and
 `gather_stats` put the SP ranks' heads together (means weighted by their head counts), so the result
