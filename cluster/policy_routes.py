@@ -2,8 +2,10 @@
 per (layer, KV head) and each shard's link to the actor, JSON) and `GET /v1/policy/heads.png` (the heat map
 of rigidity, entropy and budget: `policies/head_heatmap.py`). `PolicyRoutes` is a part of the `Ingress`
 deployment (cluster/ingress.py), registered on the shared `app` (cluster/ingress_base.py); the actor is
-found by the application's name (cluster/policy_actor.py). A 404 when the policy actor is disabled, a 503
-while it does not exist yet (the first shard makes it), is dead, or does not answer in time.
+found by the application's name (cluster/policy_actor.py). Both are a 404 when the policy actor is
+disabled. While it does not exist yet (the first shard makes it), is dead, or does not answer in time, the
+JSON says so (``actor: {"state": "unavailable", "error": ...}``, still with the shards' links) and the
+PNG is a 503.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route signatures' annotations at runtime.
@@ -49,8 +51,16 @@ class PolicyRoutes(IngressBase):
 
     @app.get("/v1/policy/heads")
     async def policy_heads(self) -> dict[str, Any]:
-        snapshot = await self._policy_snapshot()
-        snapshot["shards"] = await self._shard_links()
+        shards = asyncio.ensure_future(self._shard_links())
+        try:
+            snapshot = await self._policy_snapshot()
+            snapshot["actor"] = {"state": "ok"}
+        except HTTPError as e:
+            if e.status == 404:
+                shards.cancel()
+                raise
+            snapshot = {"actor": {"state": "unavailable", "error": e.message}, "table": None}
+        snapshot["shards"] = await shards
         snapshot["png_panels"] = list(PANELS)
         return snapshot
 

@@ -22,6 +22,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
         AuthConfig,
         JobsConfig,
         LimitsConfig,
+        PolicyActorConfig,
         ReplicaConfig,
         ServeAppConfig,
     )
@@ -44,6 +45,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
             max_waiting_requests=24,  # 16 running + 24 waiting: the load test's 32 clients queue, 80 do not
         ),
         auth=AuthConfig(api_key=API_KEY, api_keys=(OTHER_KEY,), api_key_env=None),
+        # the policy actor (tests/cluster/test_policy_actor.py): a table per 2 entropy requests
+        policy=PolicyActorConfig(
+            enabled=True, every_requests=2, every_s=0.0, warmup_requests=2, pull_interval_s=0.2, retry_s=2.0
+        ),
     )
     srv = EmbeddedServer(config, port=None, metrics_port=free_port())
     srv.start()

@@ -1,0 +1,258 @@
+"""The central policy actor (cluster/policy_actor.py) in the session's Serve app (real SmolLM2 on CPU,
+`policy.enabled` in tests/cluster/conftest.py): entropy requests' head statistics reach it and make table
+versions; GET /v1/policy/heads (JSON) and /v1/policy/heads.png over HTTP; a killed actor (no restart)
+does not stop serving, the shard falls back, logs once, and finds a new actor; a killed actor with
+restarts comes back under its name. With the session's Ray but no Serve: a slow actor does not slow a
+shard's requests (the tiny Llama), and the actor class itself: two shard groups' statistics aggregate as
+one, a profile of another model is refused at start."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from entropyinfer.cluster.config import PolicyActorConfig
+from entropyinfer.cluster.events import Final, Request
+from entropyinfer.cluster.launcher import APP_NAME, EmbeddedServer
+from entropyinfer.cluster.policy_actor import PolicyActor, PolicyClient, find_actor
+from entropyinfer.cluster.shard_actor import ShardActor
+from entropyinfer.policies.head_budgets import ProfileMismatchError, save_profile
+from entropyinfer.policies.head_stats import HeadProfile, HeadStats, encode_stats
+from entropyinfer.shard.llm import LLM
+from entropyinfer.shard.sampling import SamplingParams
+
+from .conftest import API_KEY
+
+pytestmark = [pytest.mark.serve]
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+# ~900 SmolLM2 tokens: sparse segments under entropy_short (S=128, dense before 512 and the last)
+DOCUMENT = " ".join(
+    f"Entry {i}: the {c} lighthouse keeper counted {i * 7 % 31} ships before dawn."
+    for i, c in zip(range(60), ["red", "green", "blue", "grey", "white"] * 12, strict=True)
+)
+
+
+def _complete(url: str, prompt: str = DOCUMENT, timeout: float = 120.0) -> httpx.Response:
+    body = {"prompt": prompt, "max_tokens": 1, "policy": "entropy", "temperature": 0}
+    return httpx.post(url + "/v1/completions", json=body, headers=AUTH, timeout=timeout)
+
+
+def _heads(url: str) -> dict[str, Any]:
+    r = httpx.get(url + "/v1/policy/heads", headers=AUTH, timeout=30)
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+def _ready(heads: dict[str, Any], requests: int) -> dict[str, Any] | None:
+    ok = heads["actor"]["state"] == "ok" and heads["statistics"]["requests"] >= requests
+    return heads if ok else None
+
+
+def _until(predicate: Any, timeout: float = 30.0, every: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(every)
+
+
+def test_entropy_requests_make_versions_and_the_heat_map_is_served(server: EmbeddedServer) -> None:
+    url = server.url
+    before = _heads(url)
+    for _ in range(3):
+        assert _complete(url).status_code == 200
+    seen = _until(lambda: _ready(_heads(url), 3))
+    assert seen, _heads(url)
+    assert seen["model"] == "smollm2-135m" and (seen["num_layers"], seen["num_kv_heads"]) == (30, 3)
+    assert seen["table"]["version"] >= 1 and len(seen["table"]["scales"]) == 30
+    stats = seen["statistics"]
+    assert stats["requests"] > before.get("statistics", {}).get("requests", 0)
+    rigid = np.array(stats["rigid_frequency"], dtype=float)
+    assert rigid.shape == (30, 3) and np.isnan(rigid[0]).all()  # layer 0 runs dense
+    assert np.isfinite(rigid[1:]).all() and ((rigid[1:] >= 0) & (rigid[1:] <= 1)).all()
+    assert stats["rigid_jaccard"] is not None and 0 <= stats["rigid_jaccard"] <= 1
+    link = seen["shards"][0]
+    assert link["state"] == "ok" and link["pushed"] >= 3 and link["dropped"] == 0
+    r = httpx.get(url + "/v1/policy/heads.png", headers=AUTH, timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert r.content[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", r.content[16:24])
+    assert height == 30 * 12 + 16 and width == 3 * 3 * 12 + 4 * 8  # 3 panels of 30 x 3 cells
+    assert httpx.get(url + "/v1/policy/heads.png").status_code == 401  # the key guards it too
+
+
+def test_a_dead_actor_does_not_stop_serving_and_is_found_again(server: EmbeddedServer) -> None:
+    import ray
+
+    url = server.url
+    assert _complete(url).status_code == 200
+    _until(lambda: _heads(url)["actor"]["state"] == "ok")
+    actor = find_actor(APP_NAME)
+    assert actor is not None
+    ray.kill(actor, no_restart=True)
+    t0 = time.monotonic()
+    for _ in range(2):
+        assert _complete(url).status_code == 200  # serving goes on
+    served_s = time.monotonic() - t0
+    # the shard notices at its next pull (0.2 s), drops its table (per-request budgets) and logs it
+    down = _until(lambda: (h := _heads(url))["shards"][0]["failures"] >= 1 and h, timeout=20)
+    assert down, _heads(url)
+    assert down["shards"][0]["logged"] == 1
+    # retry_s later the shard makes a new actor (get_if_exists) and links again
+    back = _until(lambda: (h := _heads(url))["shards"][0]["state"] == "ok" and h, timeout=30)
+    assert back and back["actor"]["state"] == "ok", _heads(url)
+    assert back["shards"][0]["logged"] == 1  # one outage, one log line
+    assert served_s < 60
+
+
+def test_a_killed_actor_is_restarted_by_ray_under_its_name(server: EmbeddedServer) -> None:
+    import ray
+
+    _until(lambda: _heads(server.url)["actor"]["state"] == "ok")
+    actor = find_actor(APP_NAME)
+    ray.kill(actor, no_restart=False)
+    table = _until(lambda: _try(lambda: ray.get(actor.table.remote(), timeout=5)), timeout=60, every=0.5)
+    assert table and table["model"] == "smollm2-135m"
+
+
+def _try(fn: Any) -> Any:
+    try:
+        return fn()
+    except Exception:
+        return None
+
+
+# -------------------------------------------------------------------- a slow actor, without Serve
+
+
+@pytest.fixture(scope="module")
+def tiny_shard(tiny_checkpoint: Path) -> ShardActor:
+    llm = LLM(
+        str(tiny_checkpoint), load_format="dummy", device="cpu", warm_up_kernels=False, policy="entropy"
+    )
+    return ShardActor.with_llm(llm, "tiny")
+
+
+def _timed_requests(shard: ShardActor, tag: str, count: int = 3) -> list[float]:
+    async def one(i: int) -> float:
+        t0 = time.perf_counter()
+        prompt = "".join(chr(97 + (j * 5 + i) % 26) for j in range(860))
+        events = [e async for e in shard.run(Request(f"{tag}-{i}", prompt, SamplingParams(max_tokens=2)))]
+        assert isinstance(events[-1], Final) and events[-1].completion_tokens == 2
+        return time.perf_counter() - t0
+
+    return [asyncio.run(one(i)) for i in range(count)]
+
+
+def test_a_slow_actor_does_not_slow_a_shards_requests(
+    server: EmbeddedServer, tiny_shard: ShardActor, caplog: pytest.LogCaptureFixture
+) -> None:
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class SlowPolicy:
+        def push(self, blob: bytes) -> int:
+            time.sleep(30)
+            return 0
+
+        def table(self) -> dict[str, Any]:
+            time.sleep(30)
+            return {}
+
+    baseline = _timed_requests(tiny_shard, "base")
+    slow = SlowPolicy.remote()  # type: ignore[attr-defined]
+    cfg = PolicyActorConfig(enabled=True, pull_interval_s=0.05, timeout_s=0.3, retry_s=600.0)
+    with caplog.at_level(logging.WARNING, logger="entropyinfer.cluster.policy_actor"):
+        tiny_shard.link_policy(cfg, "unused", connect=lambda: slow)
+        client = tiny_shard._policy
+        assert client is not None
+        try:
+            linked = _timed_requests(tiny_shard, "slow", count=4)
+            assert _until(lambda: client.state == "unavailable", timeout=10)
+            after = _timed_requests(tiny_shard, "after")
+        finally:
+            client.close()
+            tiny_shard._policy, tiny_shard.llm.core.head_stats_sink = None, None
+            ray.kill(slow)
+    assert max(linked + after) < 2 * max(baseline) + 1.0, (baseline, linked, after)
+    assert client.counters["queued"] >= 4 and client.table() is None
+    assert sum("policy actor unavailable" in r.getMessage() for r in caplog.records) == 1
+
+
+# -------------------------------------------------------------------- the actor class itself (no Ray)
+
+
+def _stats(rng: np.random.Generator, model: str = "m") -> HeadStats:
+    dense = np.array([True] * 4 + [False] * 3 + [True])
+    profiled = np.array([False, True])
+    entropy = rng.uniform(0.1, 3.0, (2, 2, 8)).astype(np.float32)
+    counts = rng.integers(2, 30, (2, 2, 8)).astype(np.int32)
+    captured = rng.uniform(0.2, 1.0, (2, 2, 8)).astype(np.float32)
+    rigid = rng.random((2, 2)) < 0.5
+    return HeadStats(model, 1000, 128, 8, profiled, entropy, counts, captured, rigid, dense)
+
+
+def test_two_shard_groups_statistics_aggregate_in_the_actor_as_one() -> None:
+    cfg = PolicyActorConfig(enabled=True, every_requests=100)
+    rng = np.random.default_rng(0)
+    requests = [_stats(rng) for _ in range(8)]
+    one, group_a, group_b = (PolicyActor(cfg, "m", 2, 2) for _ in range(3))
+    for i, st in enumerate(requests):
+        one.push(encode_stats(st))
+        (group_a if i % 2 else group_b).push(encode_stats(st))
+    group_a.merge(group_b.profile())
+    a, b = group_a.snapshot()["statistics"], one.snapshot()["statistics"]
+    for key in ("entropy_mean", "entropy_var", "rigid_frequency", "captured_mean", "budget_mean"):
+        np.testing.assert_allclose(
+            np.array(a[key], dtype=float), np.array(b[key], dtype=float), rtol=1e-5, equal_nan=True
+        )
+    assert a["requests"] == b["requests"] == 8
+    assert one.push(encode_stats(_stats(rng, model="other"))) == 0 and one.rejected == 1
+
+
+def test_the_actor_warm_starts_from_its_profile_and_refuses_another_models(tmp_path: Path) -> None:
+    path = tmp_path / "heads.json"
+    cfg = PolicyActorConfig(
+        enabled=True, every_requests=2, every_s=0, warmup_requests=2, profile_path=str(path)
+    )
+    actor = PolicyActor(cfg, "m", 2, 2)
+    rng = np.random.default_rng(1)
+    for _ in range(4):
+        actor.push(encode_stats(_stats(rng)))
+    assert path.exists() and actor.table()["version"] == 2  # saved with each version
+    again = PolicyActor(cfg, "m", 2, 2)
+    assert again.table() == actor.table() and again.snapshot()["statistics"]["requests"] == 4
+    with pytest.raises(ProfileMismatchError, match=r"'m'.*'smollm2-135m'"):
+        PolicyActor(cfg, "smollm2-135m", 2, 2)
+    save_profile(path, HeadProfile("m", 3, 2))
+    with pytest.raises(ProfileMismatchError, match="3 layers"):
+        PolicyActor(cfg, "m", 2, 2)
+
+
+def test_policy_client_stats_without_an_actor_never_block() -> None:
+    """The request path of the client (sink, table) returns at once even before any actor exists."""
+
+    def never() -> Any:
+        raise RuntimeError("no actor")
+
+    cfg = PolicyActorConfig(enabled=True, max_pending=2, pull_interval_s=0.05, retry_s=600.0)
+    client = PolicyClient(cfg, "m", 2, 2, never)
+    try:
+        t0 = time.perf_counter()
+        for _ in range(5):
+            client.sink("r", _stats(np.random.default_rng(2)))
+            assert client.table() is None
+        assert time.perf_counter() - t0 < 0.5
+        assert _until(lambda: client.state == "unavailable", timeout=5)
+        assert client.counters["dropped"] >= 3 and client.counters["logged"] == 1
+    finally:
+        client.close()
