@@ -136,11 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     try:  # serving commands live under cluster/ (Ray); the engine works without them
         from entropyinfer.cluster.cli_commands import add_serve_parser, add_submit_parser
+        from entropyinfer.cluster.policy_cli import add_policy_parser
     except ImportError:
         pass
     else:
         add_serve_parser(sub)
         add_submit_parser(sub)
+        add_policy_parser(sub)
     return parser
 
 

@@ -90,6 +90,25 @@ def test_entropy_requests_make_versions_and_the_heat_map_is_served(server: Embed
     assert httpx.get(url + "/v1/policy/heads.png").status_code == 401  # the key guards it too
 
 
+def test_the_cli_plots_the_servers_heat_map_and_a_saved_profile(
+    server: EmbeddedServer, tmp_path: Path
+) -> None:
+    from entropyinfer.cli import main
+
+    out = tmp_path / "heads.png"
+    assert main(["policy", "plot", "--out", str(out), "--url", server.url, "--api-key", API_KEY]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rng = np.random.default_rng(3)
+    profile = HeadProfile("m", 2, 2)
+    for _ in range(3):
+        profile.add(_stats(rng))
+    saved = save_profile(tmp_path / "p.json", profile)
+    offline = tmp_path / "offline.png"
+    assert main(["policy", "plot", "--out", str(offline), "--profile", str(saved)]) == 0
+    width, height = struct.unpack(">II", offline.read_bytes()[16:24])
+    assert (width, height) == (3 * 2 * 12 + 4 * 8, 2 * 12 + 16)
+
+
 def test_a_dead_actor_does_not_stop_serving_and_is_found_again(server: EmbeddedServer) -> None:
     import ray
 
