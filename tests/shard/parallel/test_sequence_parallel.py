@@ -177,22 +177,30 @@ def test_sizes_that_do_not_split_the_kv_heads_fail_before_any_process_starts(wid
         tiny(wide, 1, 2, sequence_parallel_min_tokens=0)
 
 
-@pytest.mark.parametrize("policy", ["dense", "entropy"])
+@pytest.mark.parametrize(
+    ("policy", "kv"),
+    [("dense", {"kv_compression": "none"}), ("entropy", {**KV, "kv_capacity": 256})],
+    ids=["dense", "entropy-latent"],
+)
 @pytest.mark.slow
-def test_smollm2_sp2_equals_one_rank(group: Group, policy: str) -> None:
+def test_smollm2_sp2_equals_one_rank(group: Group, policy: str, kv: dict) -> None:
     group.close()
     doc = " ".join(
         f"Item {i}: the colour of box {i % 17} is {['red', 'blue', 'green'][i % 3]}." for i in range(120)
     )
     prompts = [doc + " Which colour is box 5?", "What is the capital of France?"]
     params = SamplingParams(max_tokens=12)
-    kw = dict(policy_config="entropy_short", kv_compression="none", sequence_parallel_min_tokens=1024)
+    kw = dict(policy_config="entropy_short", sequence_parallel_min_tokens=1024, **kv)
     one = LLM("smollm2-135m", policy=policy, device="cpu", **kw)
     assert len(one.encode(prompts[0])) >= 1024
     ref = one.generate(prompts, params)
     with LLM("smollm2-135m", policy=policy, device="cpu", sequence_parallel_size=2, **kw) as llm:
         got = llm.generate(prompts, params)
     assert_same(got, ref, [True, False], 2)
+    for g, r in zip(got, ref, strict=True):
+        assert all(g.stats.get(key) == r.stats.get(key) for key in KV_STATS)
+    if policy == "entropy":
+        assert got[0].stats["kv_compressions"] >= 1 and got[0].stats["density"] < 1.0
 
 
 @pytest.mark.slow
