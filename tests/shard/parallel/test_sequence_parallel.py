@@ -5,9 +5,10 @@ A tiny random Llama with 8 query / 4 KV heads and 4096 positions (byte tokenizer
 Prompts of at least `sequence_parallel_min_tokens` prefill split over the SP ranks (their stats say
 ``sequence_parallel_size``), shorter ones run whole on every rank, and both decode in the same batches:
 SP=2 equals one rank for dense and entropy (tokens; density within 0.01), TP=2 x SP=2 too; latent KV
-compression over the segments keeps what one rank keeps (entropy head capacities, re-compression); an SP
-prompt is not prefix-cached; adaptive capacities run without SP; a killed SP rank fails the request; sizes
-that do not split the KV heads fail before any process starts. Slow: SmolLM2 (9 / 3 heads, uneven at SP=2).
+compression over the segments keeps what one rank keeps (entropy head capacities, re-compression, SnapKV);
+an SP prompt is not prefix-cached; adaptive capacities run without SP; a killed SP rank fails the request;
+sizes that do not split the KV heads fail before any process starts. Slow: SmolLM2 (9 / 3 heads, uneven at
+SP=2, with latent compression too); preempted SP sequences swapped (compressed) or recomputed; Ray ranks.
 """
 
 from __future__ import annotations
@@ -132,6 +133,33 @@ def test_sp_kv_compression_keeps_what_one_rank_keeps(wide: Path, group: Group, p
         assert g.stats["kv_compressions"] >= 1
         for key in KV_STATS:
             assert g.stats.get(key) == r.stats.get(key), key
+
+
+@pytest.mark.slow  # 400 decode steps of three sequences, twice
+def test_preemption_of_sp_sequences_by_swap_and_recompute(wide: Path, group: Group) -> None:
+    """Too few pages for three SP prompts at once: compressed ones are swapped out (each rank copies its own
+    span to host memory and back), uncompressed ones recomputed; one rank's tokens either way."""
+    # 140 pages of 8 tokens: two ~550-token prompts fill them, and cannot both grow; three compressed ones
+    # (16 kept tokens each) cannot all grow by 400 decode tokens
+    small = dict(num_kv_pages=140, kv_compression="snapkv", kv_capacity=16, kv_window=8)
+    llm, ref = group.start(wide, 1, 2, "snapkv", **small), tiny(wide, policy="snapkv", **small)
+    runs = {
+        "snapkv": (
+            [text(530 + i, 10 + i) for i in range(3)],
+            SamplingParams(max_tokens=400, ignore_eos=True),
+        ),
+        "dense": ([text(551, 20 + i) for i in range(3)], SamplingParams(max_tokens=12, ignore_eos=True)),
+    }
+    for policy, (prompts, params) in runs.items():
+        if policy == "dense":  # uncompressed: recomputed when preempted
+            llm.set_kv_compression("none")
+            ref.set_kv_compression("none")
+        got, want = llm.generate(prompts, params, policy=policy), ref.generate(prompts, params, policy=policy)
+        assert [o.token_ids for o in got] == [o.token_ids for o in want], policy
+        assert all(o.stats["sequence_parallel_size"] == 2 for o in got), policy
+        assert sum(o.stats["preemptions"] for o in got) >= 1, policy
+    assert llm.core.pages.free_pages == 140
+    assert llm.executor is not None and all(h[0] == h[2] == 0 for h in llm.executor.probe())
 
 
 def test_sp_prompts_bypass_the_prefix_cache_and_adaptive_capacities_run_without_sp(
