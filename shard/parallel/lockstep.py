@@ -213,7 +213,7 @@ class LockstepExecutor:
         return self.runner.capacities(entropy, kv)
 
     def probe(self) -> list[list[int]]:
-        """Per rank: [attention objects, prefix-cache policy states, swapped requests] it holds."""
+        """Per rank: [attention objects, prefix-cache policy states, swapped requests, SP spans] it holds."""
         return self._run(Probe(), self.runner.probe)
 
     # -------------------------------------------------------------------------- rank-0 state
@@ -231,6 +231,7 @@ class LockstepExecutor:
 
     def drop(self, request_id: str) -> None:
         self._sp_requests.discard(request_id)
+        self.runner.spans.pop(request_id, None)  # rank 0's own; the others drop theirs with the plan
         self._pending.append(Drop(request_id))
 
     def close(self) -> None:

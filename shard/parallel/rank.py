@@ -124,9 +124,13 @@ class RankRunner:
             raise TypeError(f"{type(op).__name__} is not a mirrored op")
 
     def probe(self) -> list[list[int]]:
-        """Per rank: [attention objects, prefix-cache policy states, swapped requests] held."""
-        mine = torch.tensor([[len(self.attentions), len(self.snapshots), len(self.swapped)]])
-        return self.gather(mine, dim=0).tolist()
+        """Per rank (global rank order): [attention objects, prefix-cache policy states, swapped requests,
+        sequence-parallel spans] held."""
+        held = [len(self.attentions), len(self.snapshots), len(self.swapped), len(self.spans)]
+        every = self.gather(torch.tensor([held]), dim=0)  # [tp, 4]
+        if self.sp is not None:
+            every = self.sp.all_gather(every.to(self.engine.device)).cpu().reshape(-1, len(held))
+        return every.tolist()
 
     # -------------------------------------------------------------------------------------- prefill
     def prefill(
