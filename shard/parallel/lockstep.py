@@ -1,5 +1,5 @@
-"""The engine core on a tensor-parallel group, in lockstep (vLLM's executor / worker split, no Ray call
-per step).
+"""The engine core on a tensor (x sequence) parallel group, in lockstep (vLLM's executor / worker split,
+no Ray call per step).
 
 Rank 0 runs the `EngineCore` with a `LockstepExecutor`: for every model call (prefill chunk, decode step,
 KV compression) it broadcasts a `StepPlan` (`messages.py`: the call's inputs, preceded by what changed in
@@ -11,7 +11,9 @@ tables with one row per KV head of every rank, prefix cache) and samples: the lo
 on every rank (the lm_head all-gathers), so the other ranks never need the sampled ids except as the next
 step's inputs. All ranks agree on the number of pages (the minimum of their `pool_pages`), so a page id
 names a slot on every rank. Compression is the one call with a reply: every rank plans its own heads,
-the kept counts are all-gathered and rank 0 allocates the new pages and broadcasts them.
+the kept counts are all-gathered and rank 0 allocates the new pages and broadcasts them. Rank 0 also
+decides which prompts prefill sequence-parallel (`sequence.uses_sequence_parallel`: the call is marked,
+and its decode steps then carry the request ids, so each rank finds where their K/V lies).
 
 Failure: a rank that dies closes its sockets, so the next collective fails at once; rank 0 also checks its
 worker processes before every plan. Either way every in-flight and later call raises `ShardGroupError`

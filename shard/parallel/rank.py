@@ -8,6 +8,12 @@ rank uses its rows ``local``. Statistics that depend on the heads are gathered: 
 compression capacities are solved over every head of the model, as one rank would) and the prefill
 statistics (density, rigid fraction and budget tokens: means over equal head counts, so the mean of the
 ranks' values; min / max of the ranks').
+
+Sequence parallelism: the SP ranks of one TP rank hold the same heads. A prefill call marked
+`sequence_parallel` runs `sequence.sequence_parallel_prefill` (this rank's segment) and records the
+request's `Spans` (where its K/V lies here); decode batches naming such requests run the
+`SequenceParallelDecoder`, their compression `sp_compress.compress_spans`. Everything else runs alike on
+every SP rank (replicas).
 """
 
 from __future__ import annotations
