@@ -346,10 +346,10 @@ def compress_sequence(
     if seq.compressions == 0:
         seq.kv_bytes_before = int(lengths.long().sum()) * 2 * arch.head_dim * pages.data.element_size()
     used = pages.used_pages
-    hkv, g, d = arch.num_kv_heads, arch.group_size, arch.head_dim
+    hkv, g, d, row = arch.num_kv_heads, arch.group_size, arch.head_dim, seq.obs_row
 
     def window(li: int) -> torch.Tensor:
-        return pool.ordered(seq.obs_row, li, seq.decode_steps, cfg.window).view(hkv, g, cfg.window, d)
+        return pool.ordered(row, li, seq.decode_steps, cfg.window).view(hkv, g, cfg.window, d)
 
     scores: list[torch.Tensor] | None = None
     if cfg.adaptive and seq.compressions == 0:  # capacities from this window's scores (kept afterwards)
