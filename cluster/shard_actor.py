@@ -31,7 +31,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any, NotRequired, TypedDict
 
 from entropyinfer.cluster.events import Accepted, Error, Event, Final, Progress, Prompt, Request, Token
 from entropyinfer.cluster.logprobs import Entry, output_entries, token_entry
@@ -76,7 +76,7 @@ class ShardStats(TypedDict):
     # the core's `counts()`: running, waiting, swapped, preempted, kv_pages_used/total, prefix_cache_*
     engine_core: dict[str, float]
     group: GroupHealth
-    policy: dict[str, Any] | None  # the policy actor link (`PolicyClient.stats`), None when disabled
+    policy: NotRequired[dict[str, Any]]  # the policy actor link (`PolicyClient.stats`), when enabled
 
 
 class ShardActor:
@@ -161,15 +161,17 @@ class ShardActor:
 
     async def stats(self) -> ShardStats:
         """Counters for health checks and tests: requests in flight and running, cancels."""
-        return {
+        out: ShardStats = {
             "busy": self._busy,
             "running": len(self._cancels),
             "cancelled": self._cancelled,
             "early_cancels": len(self._early_cancels),
             "engine_core": dict(self.llm.core.counts()),
             "group": self.group_health(),
-            "policy": None if self._policy is None else self._policy.stats(),
         }
+        if self._policy is not None:
+            out["policy"] = self._policy.stats()
+        return out
 
     def group_health(self) -> GroupHealth:
         """The group's shape, each rank's health (rank 0: this actor) and its last failure."""
