@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from entropyinfer.policies.head_budgets import HeadBudgetTable
+from entropyinfer.policies.head_heatmap import request_heatmap
 from entropyinfer.policies.head_stats import HeadStats, decode_stats, encode_stats
 from entropyinfer.shard.llm import LLM
 from entropyinfer.shard.sampling import SamplingParams
@@ -37,7 +39,7 @@ def _run(llm: LLM, rid: str, table: HeadBudgetTable | None = None, prompt: str =
                 return {"ids": ev.output.token_ids, **ev.output.stats}
 
 
-def test_the_sink_gets_each_sparse_prefills_head_stats(llm: LLM) -> None:
+def test_the_sink_gets_each_sparse_prefills_head_stats(llm: LLM, tmp_path: Path) -> None:
     got: list[tuple[str, HeadStats]] = []
     llm.core.head_stats_sink, llm.core.model_name = lambda rid, st: got.append((rid, st)), "tiny"
     try:
@@ -57,6 +59,9 @@ def test_the_sink_gets_each_sparse_prefills_head_stats(llm: LLM) -> None:
     assert out["head_table_version"] == 0
     back = decode_stats(encode_stats(st))  # what goes on the wire
     assert np.array_equal(back.counts, st.counts)
+    png = request_heatmap(st, out=tmp_path / "req.png")  # the Python API's picture of one request
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and (tmp_path / "req.png").read_bytes() == png
+    assert struct.unpack(">II", png[16:24]) == (3 * 2 * 12 + 4 * 8, 2 * 12 + 16)  # 3 panels, 2 x 2 cells
 
 
 def test_a_pinned_table_scales_the_budgets_and_keys_the_prefix_cache(llm: LLM) -> None:
