@@ -1,6 +1,7 @@
 """Budget rules at matched density on SmolLM2-135M-Instruct (issues 10, 12): dense, fixed (`target_density`),
 the reference entropy rule (per_head counts, and one count per segment), its causal variant (`mode: causal`:
-rigid so far, what chunked prefill and prefix caching need), and the causal spread rule.
+rigid so far, what chunked prefill and prefix caching need), the causal spread rule and the causal coverage
+rule (`mode: coverage`: blocks that cover a share of the block attention at 1/sqrt(d)).
 
 One run does everything (`evaluation/matched.py`):
 1. Retrieval cases: the passkey task at every length x depth; dense answers all, the cases dense solves are
@@ -16,8 +17,11 @@ One run does everything (`evaluation/matched.py`):
    passes), the table and the verdict per level (spread vs fixed: strictly better on retrieval and KL at
    densities within 0.01, within one case of dense at density <= 0.30).
 
-GPU (the lead's H200 call; bf16, Triton path): `python benchmarks/budget_quality.py --out $OUT`, about 4-6
-minutes (Triton compiles included). CPU check: `--smoke` (1k-1.5k tokens, one level; a few minutes).
+GPU (the lead's H200 call; bf16, Triton path): `python benchmarks/budget_quality.py --families
+causal,spread,coverage --deadline-s 400 --out $OUT` (about 7-8 minutes, Triton compiles included). Before
+commit 88a6478 the knobs were calibrated to the mean density over all prompts, which gives short prompts more
+density than `fixed target` did (benchmarks/results/budget_rules_verdict.md, section 1).
+CPU check: `--smoke` (1k-1.5k tokens, one level; a few minutes).
 `--families causal,per_head,reference` runs only those entropy rules (fixed always runs).
 """
 
