@@ -205,11 +205,12 @@ def report(meta: dict[str, Any], rows: list[dict[str, Any]], planned: int) -> st
         "# KV compression, teacher-forced KL and top-1 against dense after the compression point: "
         "SmolLM2-135M-Instruct\n\n"
         f"{env}\ndevice {meta['device']}, {meta['dtype']}; run: `{meta['command']}`; "
-        f"{meta['seconds']} s, {'complete' if meta['complete'] else 'PARTIAL'} ({planned} prompts planned).\n\n"
+        f"{meta['seconds']} s, {'complete' if meta['complete'] else 'PARTIAL'} "
+        f"({planned} prompts planned).\n\n"
         f"Over the {meta['steps']} decode steps after latent's compression point (after {meta['gap']} "
         "generated tokens; SnapKV compresses after prefill): KL(dense || variant) per token (nats), "
         "top-1 agreement with dense; `kv_tokens_kept`: tokens per (layer, KV head) at the end, mean over "
-        f"prompts. Adaptive floor: {meta['floor']} x C.\n\n" + markdown_table(COLUMNS, rows) + "\n"  # type: ignore[arg-type]
+        f"prompts. Adaptive floor: {meta['floor']} x C.\n\n" + markdown_table(COLUMNS, rows) + "\n"
     )
 
 
