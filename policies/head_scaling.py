@@ -60,6 +60,8 @@ def captured_mass(
     blocks held by its selected blocks (``block_idx [Hkv, nseg_chunk, width]``, -1 padded, the first
     ``counts`` valid). ``dense_segments``: the whole prompt's mask; rows: segments ``segment_offset ..``."""
     _, nseg, nblk = logits.shape
+    if nblk == 0 or block_idx.shape[-1] == 0:  # nothing visible anywhere (a prompt of one segment)
+        return torch.ones(logits.shape[:2], device=logits.device)
     vis = visible_blocks(nseg, segment_size, block_size, logits.device, segment_offset)
     visible = torch.arange(nblk, device=logits.device)[None, :] < vis[:, None]  # [nseg, nblk]
     z = (logits.float() / math.sqrt(head_dim)).masked_fill(~visible[None], float("-inf"))

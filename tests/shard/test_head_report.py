@@ -57,6 +57,13 @@ def test_the_sink_gets_each_sparse_prefills_head_stats(llm: LLM, tmp_path: Path)
     cap = st.captured[1][:, sparse]
     assert ((cap > 0) & (cap <= 1)).all()
     assert out["head_table_version"] == 0
+    llm.core.head_stats_sink = lambda rid, st: got.append((rid, st))
+    try:  # prompts of one segment or too short to run sparse: answered, nothing reported
+        for i, n in enumerate((5, 127, 128, 300)):
+            assert len(_run(llm, f"short{i}", prompt=PROMPT[:n])["ids"]) == 2
+    finally:
+        llm.core.head_stats_sink = None
+    assert len(got) == 1
     back = decode_stats(encode_stats(st))  # what goes on the wire
     assert np.array_equal(back.counts, st.counts)
     png = request_heatmap(st, out=tmp_path / "req.png")  # the Python API's picture of one request
