@@ -3,8 +3,9 @@
 A whole prompt: one causal SDPA call (cuDNN first on GPU). A chunk (queries ``[q0, q1)`` over keys
 ``[0, q1)``): two fused calls that return their log-sum-exp, the chunk over the prefix ``[0, q0)`` unmasked
 and over its own keys ``[q0, q1)`` causally, merged by their log-sum-exp (what torch's context-parallel
-attention does). Both calls run the fastest fused kernel there is (cuDNN, then FlashAttention, then the
-memory-efficient kernel on GPU; the flash kernel on CPU), and no mask is ever materialised.
+attention does). Both calls run a fused kernel (FlashAttention, then cuDNN, then the memory-efficient
+kernel on GPU: cuDNN plans per shape and a chunk's prefix grows; the flash kernel on CPU), and no mask is
+ever materialised.
 """
 
 from __future__ import annotations
@@ -90,7 +91,9 @@ def _lse_math(
     return (torch.exp(scores - lse[..., None]) @ v.float()).to(q.dtype), lse
 
 
-_CUDA_LSE: list[_LseFn] = [_lse_cudnn, _lse_flash, _lse_efficient, _lse_math]
+# FlashAttention first for chunks: cuDNN builds an execution plan per new (Nq, Nk) shape (~85 ms of host
+# time on an H200, measured in benchmarks/chunk_trace.py), and a chunk's prefix grows every chunk.
+_CUDA_LSE: list[_LseFn] = [_lse_flash, _lse_cudnn, _lse_efficient, _lse_math]
 _cuda_broken: set[tuple[str, torch.dtype, int]] = set()  # (kernel, dtype, head dim) that raised once
 
 

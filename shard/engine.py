@@ -23,7 +23,7 @@ from entropyinfer.shard.attention import PrefillAttention, cached_decode_attenti
 from entropyinfer.shard.compression import DecodeCompressor, ObservationWindow
 from entropyinfer.shard.config import EngineConfig
 from entropyinfer.shard.kv_cache import CompactKVCache, KVCache
-from entropyinfer.shard.kv_pages import KVPages
+from entropyinfer.shard.kv_pages import KVPages, gather_heads
 from entropyinfer.shard.model import CausalLM, DecoderLayer
 
 ProgressFn = Callable[[int, int], None]
@@ -153,8 +153,8 @@ class Engine:
             if start == 0:
                 keys, values = k, v
             else:
-                keys = k_pages[prefix, heads].reshape(hkv, -1, d)[:, :end]
-                values = v_pages[prefix, heads].reshape(hkv, -1, d)[:, :end]
+                keys = gather_heads(k_pages, prefix)[:, :end]
+                values = gather_heads(v_pages, prefix)[:, :end]
             if one_shot:
                 attn = attention(li, q, keys, values)  # [Hq, C, d]
             else:

@@ -74,6 +74,15 @@ def pool_pages(
     return int(pages)
 
 
+def gather_heads(pool: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Contiguous ``[H, P * page_size, d]`` of a layer's pool ``[pages, H, page_size, d]`` read through
+    ``table [H, P]`` (head h's pages in order). One `index_select` of whole (page, head) rows: a plain
+    row copy, several times faster on GPU than advanced indexing with two index tensors."""
+    n, h, ps, d = pool.shape
+    rows = table * h + torch.arange(h, device=table.device)[:, None]
+    return pool.view(n * h, ps * d).index_select(0, rows.reshape(-1)).view(h, -1, d)
+
+
 class KVPages:
     def __init__(
         self,
@@ -237,9 +246,7 @@ class KVPages:
         table = torch.tensor(
             [t + [t[-1]] * (pages - len(t)) for t in block_table], dtype=torch.long, device=self.device
         )  # [Hkv, P]
-        heads = torch.arange(self.data_heads, device=self.device)[:, None]
-        shape = (self.data_heads, pages * self.page_size, self.head_dim)
-        return self.k(layer)[table, heads].reshape(shape), self.v(layer)[table, heads].reshape(shape)
+        return gather_heads(self.k(layer), table), gather_heads(self.v(layer), table)
 
     def write_heads(self, seq: Sequence, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Write ``[Hkv, S, d]`` keys and values into the pages of `seq` (each head up to its pages)."""

@@ -1,5 +1,5 @@
 """What a sparse prefill has decided so far, per layer: the record a chunked prefill carries from chunk to
-chunk (`LayerRecord`, device tensors), and its snapshot for prefix caching (`PrefillState`, host tensors).
+chunk (`LayerRecord`, device tensors), and its snapshot for prefix caching (`PrefillState`, device clones).
 
 The causal budget rules (`mode: causal` / `spread`, and `fixed`) decide segment s from the profiling of
 segments 0..s of the same layer only, so the record of one layer is its profiling history: the entropy (and
@@ -24,7 +24,7 @@ __all__ = ["LayerRecord", "LayerState", "PrefillState", "head_entropy", "prefill
 
 @dataclass(frozen=True)
 class LayerState:
-    """One profiled layer after the first ``segments`` segments (CPU tensors).
+    """One profiled layer after the first ``segments`` segments (tensors on the prefill's device).
 
     entropy: float32 ``[Hkv, segments]`` block entropy per (KV head, segment) (segment 0: the unused value of
         the profiling, ln(nblocks)); spread: float32 ``[Hkv, segments]`` the spread entropy (mode `spread`),
@@ -90,10 +90,9 @@ class LayerRecord:
         self.rigid = rigid
 
     def state_at(self, segments: int) -> LayerState:
-        spread = None if self.spread is None else self.spread[:, :segments].detach().cpu().clone()
-        return LayerState(
-            self.entropy[:, :segments].detach().cpu().clone(), spread, self.counts[:, :segments].cpu().clone()
-        )
+        # device clones, no copy to the host: a snapshot per chunk must not wait for the GPU
+        spread = None if self.spread is None else self.spread[:, :segments].clone()
+        return LayerState(self.entropy[:, :segments].clone(), spread, self.counts[:, :segments].clone())
 
     @staticmethod
     def empty(num_kv_heads: int, device: torch.device, spread: bool) -> LayerRecord:

@@ -76,7 +76,9 @@ def same_plans(a, b) -> None:
     e1, e2 = a.head_entropy(hkv), b.head_entropy(hkv)
     assert (e1 is None) == (e2 is None)
     if e1 is not None:
-        torch.testing.assert_close(e1, e2, rtol=0, atol=0, equal_nan=True)
+        # the blocks are equal exactly (above); the mean entropy may differ in the last bit, as a sum over
+        # segments split differently in memory can round differently
+        torch.testing.assert_close(e1, e2, rtol=1e-6, atol=1e-6, equal_nan=True)
 
 
 def build(policy: str, overrides: dict):

@@ -182,6 +182,7 @@ def test_padding_never_writes_a_real_page_or_observation_row() -> None:
     for b, obs in ((7, True), (5, False), (6, True), (3, True), (4, False), (2, True)):
         args = batch(pages, seqs[:b], obs=obs, seed=b)
         want_logits, want_data, want_q = reference(engine, pages, pool, args)
+        pages.data[:, :, pages.scratch_page] = 7.0  # a sentinel: a padded row's K/V may be all zeros
         scratch = pages.data[:, :, pages.scratch_page].clone()
         logits = decoder(*args)
         torch.testing.assert_close(logits, want_logits, **TOL)
