@@ -126,7 +126,11 @@ def test_chunk_scores_kernel_matches_reference(
         rows = slice(s0, s0 + nc)
         assert torch.equal(ref.logits[vis], whole.logits[:, rows][vis])
         assert torch.equal(ref.entropy, whole.entropy[:, rows])
-        assert whole.spread is not None and torch.equal(ref.spread, whole.spread[:, rows])  # type: ignore[arg-type]
+        assert whole.spread is not None and ref.spread is not None
+        if DEVICE == "cpu":
+            assert torch.equal(ref.spread, whole.spread[:, rows])
+        else:  # on an H200 the spread's reduction over fewer rows differed in the last bit (2026-12-02)
+            torch.testing.assert_close(ref.spread, whole.spread[:, rows], rtol=1e-6, atol=1e-6)
 
 
 def test_chunk_scores_reject_missing_keys() -> None:
