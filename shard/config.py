@@ -257,6 +257,14 @@ class LLMConfig:
 
     def __post_init__(self) -> None:
         get_policy(self.policy)
+        if self.parallel.tensor_parallel_size > 1:  # the split needs every head's window scores: one rank's
+            for name, kv in self.kv.by_policy.items():  # heads only would silently give uniform capacities
+                if kv is not None and kv.head_capacity in ("adaptive", "adaptive_layers"):
+                    raise ConfigError(
+                        f"kv_head_capacity={kv.head_capacity!r} (policy {name}) is not supported with "
+                        f"tensor_parallel_size={self.parallel.tensor_parallel_size} yet: use 'uniform' or "
+                        "'entropy', or tensor_parallel_size=1"
+                    )
 
     def for_context(self, max_context: int) -> LLMConfig:
         """This config for a loaded model of `max_context` tokens: with an automatic preset, the one that

@@ -389,7 +389,7 @@ class EngineCore:
             )
             if seq.kv_bytes_before is not None:
                 st["kv_bytes_before"] = seq.kv_bytes_before
-            if kv.head_capacity == "entropy" and seq.capacities is not None:
+            if kv.head_capacity != "uniform" and seq.capacities is not None:
                 st["kv_head_capacities"] = seq.capacities[:, ::replicas].tolist()  # one row per KV head
         st.setdefault("kv_bytes_before", st["kv_bytes"])
 

@@ -129,3 +129,14 @@ def test_an_automatic_preset_is_settled_where_the_model_loads(folder: Path, tmp_
 def test_an_unknown_policy_names_its_key() -> None:
     with pytest.raises(UnknownPolicyError, match=r"engine\.llm\.policy: unknown policy 'snap'"):
         LLMConfig.from_keywords({"policy": "snap"}, "engine.llm")
+
+
+def test_adaptive_kv_capacities_with_tensor_parallelism_are_refused() -> None:
+    """Adaptive capacities split a layer's tokens over all its heads' window scores; a rank sees its own heads
+    only, so TP > 1 would run uniform capacities silently: refused, naming the key."""
+    with pytest.raises(ConfigError, match=r"kv_head_capacity='adaptive'.*tensor_parallel_size=3"):
+        LLMConfig.from_keywords(
+            dict(model="smollm2-135m", policy="entropy", kv_head_capacity="adaptive", tensor_parallel_size=3)
+        )
+    cfg = LLMConfig.from_keywords(dict(model="smollm2-135m", policy="entropy", kv_head_capacity="adaptive"))
+    assert cfg.kv.for_policy("entropy").head_capacity == "adaptive"  # type: ignore[union-attr]
