@@ -95,7 +95,6 @@ class SequenceParallelDecoder:
         self.plain = plain if plain is not None else PagedDecoder(engine, pages, obs_pool)
 
     @torch.inference_mode()
-    @torch.inference_mode()
     def forward(
         self,
         tokens: torch.Tensor,
