@@ -65,13 +65,29 @@ def _until(predicate: Any, timeout: float = 30.0, every: float = 0.2) -> Any:
         time.sleep(every)
 
 
+def _fresh_actor(url: str) -> None:
+    """Start from a live actor. KNOWN ISSUE (open): after the whole tests/cluster suite ran before this
+    file, the session app's actor was ActorUnavailableError for over 60 s (2 of 2 full runs; never when
+    this file runs alone or after test_e2e/test_jobs/test_openai_logprobs). A killed actor is made anew by
+    the shard (what the dead-actor test checks), so begin with that."""
+    import ray
+
+    if _until(lambda: _heads(url)["actor"]["state"] == "ok", timeout=10):
+        return
+    actor = find_actor(APP_NAME)
+    if actor is not None:
+        ray.kill(actor, no_restart=True)
+    _until(lambda: _heads(url)["actor"]["state"] == "ok", timeout=60)
+
+
 def test_entropy_requests_make_versions_and_the_heat_map_is_served(server: EmbeddedServer) -> None:
     url = server.url
+    _fresh_actor(url)
     before = _heads(url)
     for _ in range(3):
         assert _complete(url).status_code == 200
-    seen = _until(lambda: _ready(_heads(url), 3))
-    assert seen, _heads(url)
+    seen = _until(lambda: _ready(_heads(url), 3), timeout=60)
+    assert seen, (_heads(url)["actor"], _heads(url)["shards"])
     assert seen["model"] == "smollm2-135m" and (seen["num_layers"], seen["num_kv_heads"]) == (30, 3)
     assert seen["table"]["version"] >= 1 and len(seen["table"]["scales"]) == 30
     stats = seen["statistics"]
@@ -117,6 +133,7 @@ def test_a_dead_actor_does_not_stop_serving_and_is_found_again(server: EmbeddedS
     _until(lambda: _heads(url)["actor"]["state"] == "ok")
     actor = find_actor(APP_NAME)
     assert actor is not None
+    logged = _heads(url)["shards"][0]["logged"]  # earlier outages of this session's shard
     ray.kill(actor, no_restart=True)
     t0 = time.monotonic()
     for _ in range(2):
@@ -125,11 +142,11 @@ def test_a_dead_actor_does_not_stop_serving_and_is_found_again(server: EmbeddedS
     # the shard notices at its next pull (0.2 s), drops its table (per-request budgets) and logs it
     down = _until(lambda: (h := _heads(url))["shards"][0]["failures"] >= 1 and h, timeout=20)
     assert down, _heads(url)
-    assert down["shards"][0]["logged"] == 1
+    assert down["shards"][0]["logged"] == logged + 1
     # retry_s later the shard makes a new actor (get_if_exists) and links again
     back = _until(lambda: (h := _heads(url))["shards"][0]["state"] == "ok" and h, timeout=30)
     assert back and back["actor"]["state"] == "ok", _heads(url)
-    assert back["shards"][0]["logged"] == 1  # one outage, one log line
+    assert back["shards"][0]["logged"] == logged + 1  # one outage, one log line
     assert served_s < 60
 
 
