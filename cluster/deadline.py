@@ -53,5 +53,5 @@ async def within(call: Awaitable[T], deadline: Deadline | None) -> T:
         return await call
     try:
         return await asyncio.wait_for(call, deadline.remaining())
-    except TimeoutError:
+    except asyncio.TimeoutError:  # not the builtin TimeoutError on Python 3.10
         raise deadline.error() from None

@@ -20,6 +20,7 @@ a policy's `prefill` kind ("dense" / "sparse") and `selection` rule into the att
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Any, Protocol
 
 import torch
@@ -147,7 +148,7 @@ class SparsePrefill:
         # host, its version (0: none, the rule's own budgets); collect_mass: keep the captured-mass proxy
         # per layer (`captured`, device tensors [Hkv, segments so far]) for the head statistics
         self.head_scale: torch.Tensor | None = None
-        self.table_version = 0
+        self.table_version, self.table_digest = 0, ""
         self.collect_mass = False
         self.captured: dict[int, list[torch.Tensor]] = {}
 
@@ -155,6 +156,8 @@ class SparsePrefill:
         """Scale the entropy rule's budget of each (layer, KV head) by ``scales [L, Hkv]`` for this prompt
         (`policies/head_scaling.py`); the version becomes part of `key` (prefix cache, `resume`)."""
         self.head_scale, self.table_version = scales.float().cpu(), int(version)
+        # the key names the table by its content too: a restarted actor may reuse a version number
+        self.table_digest = hashlib.sha256(self.head_scale.numpy().tobytes()).hexdigest()[:16]
 
     def _scale(self, layer: int) -> torch.Tensor | None:
         if self.head_scale is None or self.policy != "entropy" or layer >= self.head_scale.shape[0]:
@@ -184,7 +187,7 @@ class SparsePrefill:
     @property
     def key(self) -> str:
         """Fingerprint of what shapes the blocks: the policy, the layers' config, the head budget table."""
-        table = f":heads{self.table_version}" if self.table_version else ""
+        table = f":heads{self.table_version}-{self.table_digest}" if self.table_version else ""
         return f"{self.policy}:{self.layer_config or self.config!r}{table}"
 
     def begin(self, num_layers: int, seq_len: int) -> None:

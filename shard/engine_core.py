@@ -89,6 +89,10 @@ class EngineCore:
         self.full_arch = self.executor.full_arch  # the whole model (capacities, statistics)
         self.pages, self.obs = self.executor.pages, self.executor.obs
         self.decoder = self.executor.decoder  # eager, or CUDA graphs per batch size
+        # one rank holds every head of every prompt: no TP group and no SP group (an SP group splits a long
+        # prompt's heads across ranks in prefill; the policy actor's table and statistics are per whole model)
+        any_sp = self.executor.sequence_parallel(1 << 40, None, False)  # a long prompt would run SP
+        self.single_rank = self.executor.size == 1 and not any_sp
         self.scheduler = Scheduler(self.config, self.pages)
         self.seqs: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
@@ -129,7 +133,7 @@ class EngineCore:
     def _new_attention(self, seq: Sequence) -> PrefillAttention:
         req = seq.request
         attention = prompt_attention(req.policy, req.sparse, self.arch.num_layers, seq.num_prompt_tokens)
-        if isinstance(attention, SparsePrefill) and self.executor.size == 1:  # one rank holds every head
+        if isinstance(attention, SparsePrefill) and self.single_rank:
             table, shape = req.head_budgets, (self.arch.num_layers, self.arch.num_kv_heads)
             if table is not None and table.version and table.shape == shape:
                 attention.pin_table(torch.from_numpy(table.scales), table.version)
@@ -157,7 +161,7 @@ class EngineCore:
             # the writer's last segment ran dense; a prompt too short for sparse segments still profiles
             # every layer (its state serves longer readers), and its earlier segments are dense for them too
             seq.share_pages = last_segment // ps
-            key: tuple = ("sparse", attention.policy, attention.layer_config, attention.table_version)
+            key: tuple = ("sparse", attention.policy, attention.layer_config, attention.key)
         else:
             seq.chunk_unit = ps
             limit, seq.share_pages, key = n - keep, n // ps, ("dense",)
@@ -254,7 +258,7 @@ class EngineCore:
     def _report_heads(self, seq: Sequence, attention: SparsePrefill) -> None:
         """Hand the prefill's head statistics to the sink; a failing sink never fails the request."""
         sink = self.head_stats_sink
-        if sink is None or self.executor.size != 1:
+        if sink is None or not self.single_rank:
             return
         try:
             stats = head_stats(attention, self.model_name, self.arch.num_layers, self.arch.num_kv_heads)
