@@ -254,7 +254,10 @@ def test_ray_ranks_run_tp2_sp2(wide: Path, group: Group, monkeypatch: pytest.Mon
     )  # fmt: skip
     ref = tiny(wide, policy="entropy").generate(PROMPTS, PARAMS)
     try:
-        shards = ShardGroup(LLMConfig.from_keywords(keywords), lambda: RayRanks(cpus_per_rank=0.5))
+        # in the suite's shared Ray session the Serve app holds most CPUs: the 3 rank actors then ask for
+        # a sliver (in the full suite 0.5 each never scheduled: 'ranks 1..3 did not join within 300 s')
+        cpus = 0.5 if started else 0.01
+        shards = ShardGroup(LLMConfig.from_keywords(keywords), lambda: RayRanks(cpus_per_rank=cpus))
         llm = shards.build()
         try:
             assert_same(llm.generate(PROMPTS, PARAMS), ref, SP_PROMPTS, 2)
