@@ -25,14 +25,15 @@ The core never calls the model itself: prefill chunks, decode steps, compression
 through its executor (`shard/parallel/executor.py`): `LocalExecutor` runs them on this rank;
 `shard/parallel/lockstep.py: LockstepExecutor` is rank 0 of a tensor-parallel group, which sends each call
 to the other ranks first, so they run it in lockstep. The scheduler, page bookkeeping (of every rank's KV
-heads), prefix cache and sampling live here, on rank 0 only.
+heads), prefix cache and sampling live here, on rank 0 only. Beside it: `shard/prefix_sharing.py` (what a
+prompt takes from and gives to the prefix cache), `shard/sequence_stats.py` (what a finished sequence
+reports).
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import math
 import time
 from dataclasses import dataclass
 
@@ -45,10 +46,11 @@ from entropyinfer.shard.compression import PromptObserver, compression_due
 from entropyinfer.shard.engine import Engine
 from entropyinfer.shard.head_report import HeadStatsSink, head_stats
 from entropyinfer.shard.parallel.executor import Executor, LocalExecutor, PrefillCall, resumable
-from entropyinfer.shard.prefix_cache import page_names
+from entropyinfer.shard.prefix_sharing import plan_chunks, share_chunk
 from entropyinfer.shard.sampling import TokenLogprobs, logprobs_of, make_generator, sample
 from entropyinfer.shard.scheduler import Chunk, Scheduler
 from entropyinfer.shard.sequence import RequestOutput, Sequence, SequenceRequest
+from entropyinfer.shard.sequence_stats import fill_stats
 
 
 @dataclass(frozen=True)
@@ -141,35 +143,16 @@ class EngineCore:
         return attention
 
     def _plan_prefill(self, seq: Sequence) -> None:
-        """How `seq` may prefill: its chunk unit, and what it may take from and give to the prefix cache
-        (see `shard/prefix_cache.py` and the scheduler's docstring)."""
-        req, n, ps = seq.request, seq.num_prompt_tokens, self.pages.page_size
+        """How `seq` may prefill: one-shot, or in chunks with what it may take from and give to the prefix
+        cache (`shard/prefix_sharing.py`, and the scheduler's docstring)."""
+        req, n = seq.request, seq.num_prompt_tokens
         attention = self._new_attention(seq)
         seq.attention = attention
         if not attention.chunkable or req.params.prompt_logprobs is not None:
             return  # a non-causal budget rule, or every prompt position's logits: one-shot, no prefix cache
         if self.executor.sequence_parallel(n, req.kv if req.params.max_tokens > 1 else None, False):
             return  # split over the sequence-parallel ranks: one-shot, no prefix cache
-        keep = 1  # a reader recomputes at least the last position (its logits) ...
-        if req.kv is not None and req.params.max_tokens > 1:  # ... and the queries compression observes
-            keep = max(keep, req.kv.prompt_queries)
-        if isinstance(attention, SparsePrefill):
-            unit = math.lcm(req.sparse.segment_size, ps)
-            seq.chunk_unit, seq.resume_unit = unit, unit // ps
-            last_segment = (n - 1) // req.sparse.segment_size * req.sparse.segment_size
-            limit = min(last_segment, n - keep)
-            # the writer's last segment ran dense; a prompt too short for sparse segments still profiles
-            # every layer (its state serves longer readers), and its earlier segments are dense for them too
-            seq.share_pages = last_segment // ps
-            key: tuple = ("sparse", attention.policy, attention.layer_config, attention.key)
-        else:
-            seq.chunk_unit = ps
-            limit, seq.share_pages, key = n - keep, n // ps, ("dense",)
-        if self.config.enable_prefix_caching and attention.prefix_cacheable:
-            seq.cache_limit = max(limit, 0) // ps
-            seq.page_names = page_names(seq.prompt_ids, ps, key)
-        else:
-            seq.share_pages = 0
+        plan_chunks(seq, attention, self.pages.page_size, self.config.enable_prefix_caching)
 
     def abort(self, request_id: str) -> Finished | None:
         """End a request now (its pages go back to the pool); its `Finished` event, or None if unknown."""
@@ -270,28 +253,8 @@ class EngineCore:
                 logging.getLogger(__name__).exception("head statistics sink failed (logged once)")
 
     def _share(self, seq: Sequence, end: int) -> None:
-        """Register the pages of `seq` that this chunk completed in the prefix cache (with the causal
-        policy state at the segment boundaries among them, for sparse readers)."""
-        ps = self.pages.page_size
-        upto = min(end // ps, seq.share_pages)
-        first = len(seq.cached_names)
-        if upto <= first:
-            return
-        states: dict[int, tuple[object, int]] = {}
-        last = 0  # segments of this chunk's snapshot
-        if isinstance(seq.attention, SparsePrefill):
-            # one snapshot per chunk, at the last boundary it shares; each boundary page keeps (snapshot,
-            # its segment count) and a reader truncates it (a snapshot per boundary would be O(n^2))
-            s_len = seq.request.sparse.segment_size
-            last = upto * ps // s_len
-            if last * s_len // ps > first:
-                snapshot = seq.attention.state_at(last)
-                for i in range(first, upto):
-                    if (i + 1) * ps % s_len == 0:
-                        states[i] = (snapshot, (i + 1) * ps // s_len)
-        self.pages.register(seq, seq.page_names, upto, states)
-        registered = range(first, len(seq.cached_names))
-        shared = [(seq.cached_names[i], states[i][1]) for i in registered if i in states]
+        """Share the pages this chunk completed (`prefix_sharing.share_chunk`)."""
+        last, shared = share_chunk(seq, end, self.pages)
         if shared:  # the other ranks keep their own heads' policy state under the same names
             self.executor.share(seq.request_id, last, shared)
 
@@ -352,50 +315,12 @@ class EngineCore:
         seq.finish_reason = reason
         if reason == "cancelled":
             seq.text = seq.text[: seq.emitted]
-        self._fill_stats(seq)
+        fill_stats(seq, self.full_arch, self.executor.kv_replicas, self.pages.data.element_size())
         self.scheduler.finish(seq)
         self._release_window(seq)
         self.executor.drop(seq.request_id)
         self.seqs.pop(seq.request_id, None)
         return Finished(seq.request_id, seq.output())
-
-    def _fill_stats(self, seq: Sequence) -> None:
-        st, arch, replicas = seq.stats, self.full_arch, self.executor.kv_replicas
-        st["generated_tokens"] = len(seq.output_ids)
-        st["decode_ms_per_token"] = (
-            seq.decode_seconds * 1e3 / seq.decoded_tokens if seq.decoded_tokens else 0.0
-        )
-        st["preemptions"] = seq.preemptions
-        lengths = seq.kv_lengths if seq.kv_lengths is not None else torch.zeros(1, 1, dtype=torch.int32)
-        if seq.compressed:
-            st["kv_tokens_kept"] = float(lengths.double().mean())
-            st["kv_tokens_kept_per_layer"] = lengths.double().mean(dim=1).tolist()
-        else:
-            st["kv_tokens_kept"] = int(lengths.max())
-            st["kv_tokens_kept_per_layer"] = [float(lengths.max())] * arch.num_layers
-        st["kv_tokens_kept_total"] = round(sum(st["kv_tokens_kept_per_layer"]) * arch.num_kv_heads)
-        elem = self.pages.data.element_size()
-        per_head_token = 2 * arch.head_dim * elem
-        st["kv_bytes"] = (
-            int(lengths.long().sum()) // replicas * per_head_token
-            if seq.compressed
-            else int(lengths.max()) * arch.kv_bytes_per_token(elem)
-        )
-        kv = seq.request.kv
-        if kv is None or seq.params.max_tokens <= 1:
-            st["kv_compression"] = "none"
-        else:
-            st.update(
-                kv_compression=kv.method,
-                kv_capacity=kv.capacity,
-                kv_compressions=seq.compressions,
-                compression_ms=seq.compression_ms,
-            )
-            if seq.kv_bytes_before is not None:
-                st["kv_bytes_before"] = seq.kv_bytes_before
-            if kv.head_capacity != "uniform" and seq.capacities is not None:
-                st["kv_head_capacities"] = seq.capacities[:, ::replicas].tolist()  # one row per KV head
-        st.setdefault("kv_bytes_before", st["kv_bytes"])
 
     # ------------------------------------------------------------------------------------------ stats
     def counts(self) -> dict[str, int | float]:
