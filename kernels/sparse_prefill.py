@@ -60,6 +60,27 @@ _NEG_INIT = tl.constexpr(-1.0e30)  # finite running-max start: a row fully maske
 
 
 @triton.jit
+def _kv_offsets(
+    kn: tl.tensor,
+    table: tl.tensor,
+    stride_kn: tl.tensor,
+    stride_vn: tl.tensor,
+    stride_kp: tl.tensor,
+    stride_vp: tl.tensor,
+    PAGED: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+) -> tuple[tl.tensor, tl.tensor]:
+    """Offsets of the K and V rows of keys ``kn`` in their head: contiguous, or in page
+    ``table[kn // PAGE_SIZE]`` at slot ``kn % PAGE_SIZE`` (int64: a pool can exceed 2**31 elements)."""
+    if PAGED:
+        page = tl.load(table + kn // PAGE_SIZE).to(tl.int64)
+        slot = kn % PAGE_SIZE
+        return page * stride_kp + slot * stride_kn, page * stride_vp + slot * stride_vn
+    else:
+        return kn * stride_kn, kn * stride_vn
+
+
+@triton.jit
 def _attend_tile(
     acc: tl.tensor,
     l_i: tl.tensor,
@@ -67,17 +88,16 @@ def _attend_tile(
     q: tl.tensor,
     k_base: tl.tensor,
     v_base: tl.tensor,
-    kn: tl.tensor,
+    k_off: tl.tensor,
+    v_off: tl.tensor,
     mask: tl.tensor,
     offs_d: tl.tensor,
-    stride_kn: tl.tensor,
-    stride_vn: tl.tensor,
     qk_scale: tl.tensor,
     MASKED: tl.constexpr,
     PRECISION: tl.constexpr,
 ) -> tuple[tl.tensor, tl.tensor, tl.tensor]:
-    """One online-softmax step over the keys ``kn`` ([BLOCK_N] absolute positions, all loadable)."""
-    k = tl.load(k_base + kn[:, None] * stride_kn + offs_d[None, :])
+    """One online-softmax step over ``BLOCK_N`` keys whose rows start at ``k_off`` / ``v_off``."""
+    k = tl.load(k_base + k_off[:, None] + offs_d[None, :])
     qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
     if MASKED:
         qk = tl.where(mask, qk * qk_scale, float("-inf"))
@@ -90,7 +110,7 @@ def _attend_tile(
     alpha = tl.math.exp2(m_i - m_ij)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    v = tl.load(v_base + kn[:, None] * stride_vn + offs_d[None, :])
+    v = tl.load(v_base + v_off[:, None] + offs_d[None, :])
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
     return acc, l_i, m_ij
 
@@ -103,6 +123,7 @@ def _sparse_prefill_fwd(
     O: tl.tensor,
     IDX: tl.tensor,
     CNT: tl.tensor,
+    TABLE: tl.tensor,
     stride_qh: tl.tensor,
     stride_qm: tl.tensor,
     stride_kh: tl.tensor,
@@ -115,6 +136,9 @@ def _sparse_prefill_fwd(
     stride_is: tl.tensor,
     stride_ch: tl.tensor,
     stride_cs: tl.tensor,
+    stride_th: tl.tensor,
+    stride_kp: tl.tensor,
+    stride_vp: tl.tensor,
     Nq: tl.tensor,
     Nk: tl.tensor,
     q_offset: tl.tensor,
@@ -129,6 +153,8 @@ def _sparse_prefill_fwd(
     BLOCK_P: tl.constexpr,
     BLOCK_N: tl.constexpr,
     B: tl.constexpr,
+    PAGED: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
     PRECISION: tl.constexpr,
 ) -> None:
     pid = tl.program_id(0)
@@ -154,6 +180,7 @@ def _sparse_prefill_fwd(
     )
     k_base = K + hk.to(tl.int64) * stride_kh
     v_base = V + hk.to(tl.int64) * stride_vh
+    table = TABLE + hk.to(tl.int64) * stride_th  # paged: this head's page ids
 
     m_i = tl.full([BLOCK_M], _NEG_INIT, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -179,8 +206,9 @@ def _sparse_prefill_fwd(
         kn = tl.where(u < n_full, ids * B + e % B, lo + (u - n_full) * BLOCK_N + offs_n)
         e_next = e + BLOCK_N  # ids of the next tile, one iteration ahead
         ids = tl.load(idx_base + e_next // B, mask=e_next < n_sel, other=0)
+        k_off, v_off = _kv_offsets(kn, table, stride_kn, stride_vn, stride_kp, stride_vp, PAGED, PAGE_SIZE)
         acc, l_i, m_i = _attend_tile(
-            acc, l_i, m_i, q, k_base, v_base, kn, 0, offs_d, stride_kn, stride_vn, qk_scale, False, PRECISION
+            acc, l_i, m_i, q, k_base, v_base, k_off, v_off, 0, offs_d, qk_scale, False, PRECISION
         )
 
     e_tail = n_full * BLOCK_N + offs_n
@@ -195,21 +223,9 @@ def _sparse_prefill_fwd(
         is_tail = w < has_tail
         kn = tl.where(is_tail, kn_tail, tl.minimum(kn_diag, Nk - 1))
         mask = tl.where(is_tail, mask_tail, kn_diag[None, :] <= pos[:, None])
+        k_off, v_off = _kv_offsets(kn, table, stride_kn, stride_vn, stride_kp, stride_vp, PAGED, PAGE_SIZE)
         acc, l_i, m_i = _attend_tile(
-            acc,
-            l_i,
-            m_i,
-            q,
-            k_base,
-            v_base,
-            kn,
-            mask,
-            offs_d,
-            stride_kn,
-            stride_vn,
-            qk_scale,
-            True,
-            PRECISION,
+            acc, l_i, m_i, q, k_base, v_base, k_off, v_off, mask, offs_d, qk_scale, True, PRECISION
         )
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
@@ -262,22 +278,40 @@ def sparse_prefill_attention(
         ``[Hq, Nq, d]`` in q's dtype.
     """
     check_sparse_prefill_args(q, k, v, block_idx, block_cnt, segment_size, block_size, q_offset)
-    hq, nq, d = q.shape
-    hkv, nk, _ = k.shape
-    if scale is None:
-        scale = d**-0.5
+    nk = k.shape[1]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     if not runs_triton(q.device, backend):
         return sparse_prefill_attention_ref(
-            q,
-            k,
-            v,
-            block_idx,
-            block_cnt,
-            segment_size=segment_size,
-            block_size=block_size,
-            scale=scale,
+            q, k, v, block_idx, block_cnt, segment_size=segment_size, block_size=block_size, scale=scale,
             q_offset=q_offset,
-        )
+        )  # fmt: skip
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if max(nk * k.stride(1), nk * v.stride(1)) >= 2**31:
+        raise ValueError("key offsets overflow int32 inside one head")
+    return launch_sparse_prefill(
+        q, k, v, block_idx, block_cnt, None, nk, segment_size, block_size, scale, q_offset, config
+    )
+
+
+def launch_sparse_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_idx: torch.Tensor,
+    block_cnt: torch.Tensor,
+    table: torch.Tensor | None,
+    nk: int,
+    segment_size: int,
+    block_size: int,
+    scale: float,
+    q_offset: int,
+    config: TileConfig | None,
+) -> torch.Tensor:
+    """Run `_sparse_prefill_fwd` on checked inputs: contiguous ``k, v [Hkv, Nk, d]`` (``table`` None) or
+    one layer's pools ``[pages, Hkv, page_size, d]`` read through ``table`` int32 ``[Hkv, P]``
+    (`paged_sparse_prefill.paged_sparse_prefill_attention`); ``nk`` keys ``[0, nk)`` are valid."""
+    hq, nq, d = q.shape
+    hkv = block_cnt.shape[0]
     if d & (d - 1) or d < 16:
         raise ValueError(f"head dim {d} must be a power of two >= 16")
     if segment_size % 16:
@@ -291,14 +325,19 @@ def sparse_prefill_attention(
     block_m = group_p2 * block_p
     block_n = min(cfg.block_n, seg_p2)
 
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if block_idx.stride(-1) != 1:
         block_idx = block_idx.contiguous()
-    if max(nk * k.stride(1), nk * v.stride(1)) >= 2**31:
-        raise ValueError("key offsets overflow int32 inside one head")
     out = torch.empty_like(q)
     if nq == 0:
         return out
+    if table is None:  # contiguous keys: strides of [Hkv, Nk, d]; the table argument is never read
+        page_size, paged = 1, False
+        table, stride_th, stride_kp, stride_vp = block_cnt, 0, 0, 0
+        k_strides, v_strides = (k.stride(0), k.stride(1)), (v.stride(0), v.stride(1))
+    else:  # pools [pages, Hkv, page_size, d]
+        page_size, paged = k.shape[2], True
+        stride_th, stride_kp, stride_vp = table.stride(0), k.stride(0), v.stride(0)
+        k_strides, v_strides = (k.stride(1), k.stride(2)), (v.stride(1), v.stride(2))
 
     first_tile = q_offset // block_p
     n_tiles = -(-(q_offset + nq) // block_p) - first_tile
@@ -311,18 +350,20 @@ def sparse_prefill_attention(
         out,
         block_idx,
         block_cnt,
+        table,
         q.stride(0),
         q.stride(1),
-        k.stride(0),
-        k.stride(1),
-        v.stride(0),
-        v.stride(1),
+        *k_strides,
+        *v_strides,
         out.stride(0),
         out.stride(1),
         block_idx.stride(0),
         block_idx.stride(1),
         block_cnt.stride(0),
         block_cnt.stride(1),
+        stride_th,
+        stride_kp,
+        stride_vp,
         nq,
         nk,
         q_offset,
@@ -337,6 +378,8 @@ def sparse_prefill_attention(
         BLOCK_P=block_p,
         BLOCK_N=block_n,
         B=block_size,
+        PAGED=paged,
+        PAGE_SIZE=page_size,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
