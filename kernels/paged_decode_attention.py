@@ -33,7 +33,7 @@ only with ``validate=True`` (debugging; never inside a graph capture).
 
 CUDA graphs: no host sync, no allocation once warmed up, no branching on values. ``num_splits`` defaults
 to `tiling.choose_paged_num_splits` of shapes only (B, Hkv, ``max_pages * page_size``, d): keep
-``max_pages`` fixed per captured graph. The scratch is `decode_attention.get_workspace`'s cache (shared with
+``max_pages`` fixed per captured graph. The scratch is `split_k_merge.get_workspace`'s cache (shared with
 the contiguous kernel: same shapes, same stream use); launches on concurrent streams need their own
 ``workspace=``. Warm up once outside the capture.
 
@@ -49,17 +49,17 @@ import triton
 import triton.language as tl
 
 from entropyinfer.kernels.backend import Backend, jit_kernel, runs_triton
-from entropyinfer.kernels.decode_attention import (
-    DecodeWorkspace,
-    _check_workspace,
-    _decode_merge_kernel,
-    get_workspace,
-)
 from entropyinfer.kernels.paged_decode_attention_cpu import paged_decode_attention_cpu
 from entropyinfer.kernels.paged_decode_attention_ref import (
     check_paged_inputs,
     check_paged_values,
     paged_decode_attention_ref,
+)
+from entropyinfer.kernels.split_k_merge import (
+    DecodeWorkspace,
+    check_workspace,
+    decode_merge_kernel,
+    get_workspace,
 )
 from entropyinfer.kernels.tiling import choose_paged_num_splits, paged_decode_tiles, sm_count
 
@@ -270,7 +270,7 @@ def paged_decode_attention(
     if num_splits > 1:
         if workspace is None:
             workspace = get_workspace(q.device, batch, hq, d, num_splits)
-        _check_workspace(workspace, q.device, batch, hq, d, num_splits)
+        check_workspace(workspace, q.device, batch, hq, d, num_splits)
         mid_o, mid_lse = workspace
     else:
         mid_o, mid_lse = out, out  # unused: the kernel writes the output itself
@@ -321,7 +321,7 @@ def paged_decode_attention(
         num_stages=num_stages,
     )
     if num_splits > 1:
-        jit_kernel(_decode_merge_kernel, q.device)[(batch * hq,)](
+        jit_kernel(decode_merge_kernel, q.device)[(batch * hq,)](
             mid_o,
             mid_lse,
             out,

@@ -12,10 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from entropyinfer.kernels import decode_attention as da
 from entropyinfer.kernels.backend import interpreter_ready
-from entropyinfer.kernels.decode_attention import decode_attention, get_workspace
+from entropyinfer.kernels.decode_attention import decode_attention
 from entropyinfer.kernels.decode_attention_ref import decode_attention_ref
+from entropyinfer.kernels.split_k_merge import DecodeWorkspace, get_workspace
 from entropyinfer.kernels.tiling import choose_num_splits, sm_count
 
 TOL = {
@@ -172,7 +172,7 @@ def test_kernel_workspace_reuse_and_empty_splits() -> None:
         lengths = torch.tensor(lens, dtype=torch.int32)
         out = decode_attention(q, k, v, lengths, num_splits=8, backend="triton")
         _check(out, decode_attention_ref(q, k, v, lengths), torch.float16)
-    own = da.DecodeWorkspace(torch.empty(2, 3, 8, 64), torch.empty(2, 3, 8))
+    own = DecodeWorkspace(torch.empty(2, 3, 8, 64), torch.empty(2, 3, 8))
     lengths = torch.tensor([[17], [5]], dtype=torch.int32)
     out = decode_attention(q, k, v, lengths, num_splits=8, workspace=own, backend="triton")
     _check(out, decode_attention_ref(q, k, v, lengths), torch.float16)

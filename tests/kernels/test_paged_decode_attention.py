@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from entropyinfer.kernels.backend import interpreter_ready
-from entropyinfer.kernels.decode_attention import DecodeWorkspace, get_workspace
 from entropyinfer.kernels.decode_attention_ref import decode_attention_ref
 from entropyinfer.kernels.paged_decode_attention import paged_decode_attention
 from entropyinfer.kernels.paged_decode_attention_cpu import paged_decode_attention_cpu
 from entropyinfer.kernels.paged_decode_attention_ref import paged_decode_attention_ref
+from entropyinfer.kernels.split_k_merge import DecodeWorkspace, get_workspace
 from entropyinfer.kernels.tiling import choose_paged_num_splits, sm_count
 
 TOL = {
