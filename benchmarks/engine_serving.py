@@ -185,13 +185,18 @@ def part_b(folder: Path, device: str, s: dict[str, Any], rows: Rows) -> dict[str
         engine = Engine(folder, device, max_num_batched_tokens=chunk)
         for policy in ("entropy", "dense"):
             interference(engine, s, policy, s["doc_tokens"] // 8)  # untimed: kernels compiled
-            row = {"max_num_batched_tokens": chunk, **interference(engine, s, policy, s["doc_tokens"])}
+            row = {"max_num_batched_tokens": chunk, **interference(engine, s, policy, s["doc_tokens"], chunk)}
             rows.append(row)
         engine.close()
     return {"target_p99_ms": 100.0, "streams": s["streams"], "doc_tokens": s["doc_tokens"]}
 
 
-def interference(engine: Engine, s: dict[str, Any], policy: str, doc_tokens: int) -> dict[str, Any]:
+def interference(
+    engine: Engine, s: dict[str, Any], policy: str, doc_tokens: int, chunk: int = 0
+) -> dict[str, Any]:
+    """ITL of the streams while the document prefills; `slowest_steps`: the 5 longest engine steps of the
+    prefill (wall ms, step index, about how many document tokens were prefilled by its end: index x chunk),
+    which locate the steps that set p99 (one step delays every stream at once)."""
     limit = min(4096, engine.llm.max_context - s["stream_prompt"] - 8)  # enough for any prefill here
     streams = [engine.submit(text(s["stream_prompt"]), limit) for _ in range(s["streams"])]
     last: dict[str, float] = {}
@@ -213,8 +218,12 @@ def interference(engine: Engine, s: dict[str, Any], policy: str, doc_tokens: int
     t0 = time.perf_counter()
     doc = engine.submit(prompt, 1, policy, ids)
     out = None
+    steps: list[float] = []
+    prev = t0
     while out is None:
         now, events = engine.step([*streams, doc])
+        steps.append((now - prev) * 1e3)
+        prev = now
         on_step(now, events, during)
         out = next((e.output for e in events[doc] if isinstance(e, Finished)), None)
     for rid in streams:
@@ -229,6 +238,11 @@ def interference(engine: Engine, s: dict[str, Any], policy: str, doc_tokens: int
         "itl_p99_ms": percentile(during, 0.99),
         "itl_max_ms": round(max(during), 2) if during else None,
         "gaps": len(during),
+        "steps": len(steps),
+        "slowest_steps": [
+            {"ms": round(steps[i], 1), "step": i, "doc_tokens_done": min((i + 1) * chunk, doc_tokens)}
+            for i in sorted(range(len(steps)), key=lambda i: -steps[i])[:5]
+        ],
     }
 
 
