@@ -178,13 +178,16 @@ class PolicyActorConfig:
     profile_path: str | None = None  # JSON profile loaded at start and saved with each version (warm start)
     pull_interval_s: float = 2.0  # each shard pulls the current table this often, in the background
     timeout_s: float = 2.0  # a call to the actor slower than this counts as a failure (fall back)
+    connect_timeout_s: float = 30.0  # a shard's first call (a new actor's worker may take seconds to start)
     retry_s: float = 10.0  # after a failure, the shard looks the actor up again this much later
     max_pending: int = 64  # statistics queued or in flight per shard; beyond it new ones are dropped
 
     def __post_init__(self) -> None:
         self.rebalance  # noqa: B018 (validates the rebalancing fields, naming them)
-        if min(self.pull_interval_s, self.timeout_s, self.retry_s) <= 0 or self.max_pending < 1:
-            raise ConfigError("policy: pull_interval_s, timeout_s, retry_s > 0 and max_pending >= 1")
+        if min(self.pull_interval_s, self.timeout_s, self.connect_timeout_s, self.retry_s) <= 0:
+            raise ConfigError("policy: pull_interval_s, timeout_s, connect_timeout_s and retry_s > 0")
+        if self.max_pending < 1:
+            raise ConfigError("policy: max_pending >= 1")
 
     @property
     def rebalance(self) -> RebalanceConfig:

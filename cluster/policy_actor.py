@@ -8,7 +8,17 @@ and `every_s` seconds; with `profile_path` the profile is loaded at start (warm 
 model fails the actor's start with `ProfileMismatchError`, which every caller then sees) and saved with each
 new version. It is named ``entropyinfer-policy-<app>`` in the ``entropyinfer`` namespace, detached (it
 outlives the replicas that made it) and restarted by Ray when it dies (``max_restarts=-1``; the restarted
-one warm-starts from the profile file).
+one warm-starts from the profile file). It is scheduled outside every placement group (``"DEFAULT"``): the
+shard that makes it runs in its Serve replica's placement group, which captures child actors, and Ray kills
+the actors of a removed placement group and can never restart them there; so before, a redeploy of the app
+(the replicas' groups removed) left the actor RESTARTING for good (``ActorUnavailableError`` for every
+caller, its name still taken).
+
+One actor serves one configuration: `describe` returns what it was made with (the model and `settings`).
+A shard's first link (once per shard process: at a deploy) compares it with its own config and replaces an
+actor made with other settings (killed, made anew under the name), so a redeploy with a new density target,
+rate limit or profile path takes effect; later relinks (after a failure) take the actor as it is, so the
+replicas of an older deploy that still run during a rolling update never flip it back.
 
 `PolicyClient` is the shard's side (rank 0's shard actor owns one). Nothing on the request path waits on
 the actor: the engine core's sink (`sink`) only queues the encoded stats (bounded; beyond `max_pending` new
@@ -17,7 +27,8 @@ refs are pruned without waiting) and pulls the current table every `pull_interva
 `table()` returns the cached table, pinned per request by the shard. When the actor is dead, missing or
 slower than `timeout_s`, the client drops its table (requests fall back to the per-request budgets of the
 entropy rule), logs it once, and looks the actor up again after `retry_s` (get_if_exists: a dead one is
-made anew).
+made anew). The first link waits up to `connect_timeout_s` for the actor's `describe` (a new actor's worker
+can take seconds to start on a busy machine) and replaces an actor of other settings.
 """
 
 from __future__ import annotations
@@ -40,7 +51,16 @@ from entropyinfer.policies.head_budgets import (
 )
 from entropyinfer.policies.head_stats import HeadProfile, HeadStats, decode_stats, encode_stats
 
-__all__ = ["NAMESPACE", "PolicyActor", "PolicyClient", "actor_name", "find_actor", "get_or_create"]
+__all__ = [
+    "NAMESPACE",
+    "PolicyActor",
+    "PolicyClient",
+    "actor_name",
+    "description",
+    "find_actor",
+    "get_or_create",
+    "settings",
+]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +69,24 @@ NAMESPACE = "entropyinfer"
 
 def actor_name(app_name: str) -> str:
     return f"entropyinfer-policy-{app_name}"
+
+
+def settings(config: PolicyActorConfig) -> dict[str, Any]:
+    """The fields of `config` the actor itself uses (the rest are the shards' link settings)."""
+    c = config
+    return {
+        "density_target": c.density_target,
+        "every_requests": c.every_requests,
+        "every_s": c.every_s,
+        "warmup_requests": c.warmup_requests,
+        "profile_path": c.profile_path,
+    }
+
+
+def description(config: PolicyActorConfig, model: str, num_layers: int, num_kv_heads: int) -> dict[str, Any]:
+    """What an actor made with these arguments answers to `describe` (a shard compares the two)."""
+    shape = {"num_layers": num_layers, "num_kv_heads": num_kv_heads}
+    return {"model": model, **shape, "settings": settings(config)}
 
 
 class PolicyActor:
@@ -91,10 +129,13 @@ class PolicyActor:
     def profile(self) -> dict[str, Any]:
         return self.rebalancer.profile.to_dict()
 
+    def describe(self) -> dict[str, Any]:
+        """The model and settings this actor was made with (`description`)."""
+        return description(self.config, *self.identity)
+
     def snapshot(self) -> dict[str, Any]:
         """What `GET /v1/policy/heads` shows: the table, the statistics per (layer, head), the settings."""
         model, layers, heads = self.identity
-        c = self.config
         return {
             "model": model,
             "num_layers": layers,
@@ -102,13 +143,7 @@ class PolicyActor:
             "table": self.table(),
             "statistics": self.rebalancer.profile.summary(),
             "rejected": self.rejected,
-            "config": {
-                "density_target": c.density_target,
-                "every_requests": c.every_requests,
-                "every_s": c.every_s,
-                "warmup_requests": c.warmup_requests,
-                "profile_path": c.profile_path,
-            },
+            "config": settings(self.config),
         }
 
     def save(self) -> str | None:
@@ -121,7 +156,8 @@ class PolicyActor:
 def get_or_create(
     config: PolicyActorConfig, app_name: str, model: str, num_layers: int, num_kv_heads: int
 ) -> Any:
-    """The application's policy actor, made if it does not exist (named, detached, restarted by Ray)."""
+    """The application's policy actor, made if it does not exist (named, detached, restarted by Ray, in no
+    placement group: see the module docstring)."""
     remote: Any = ray.remote(PolicyActor)
     return remote.options(
         name=actor_name(app_name),
@@ -130,6 +166,7 @@ def get_or_create(
         get_if_exists=True,
         max_restarts=-1,
         num_cpus=0,
+        scheduling_strategy="DEFAULT",
     ).remote(config, model, num_layers, num_kv_heads)
 
 
@@ -155,13 +192,15 @@ class PolicyClient:
         self._pending: list[Any] = []
         self._table: HeadBudgetTable | None = None
         self._handle: Any = None
+        self._linked = False  # the first link checked the actor's settings (see `_link`)
         self._retry_at = 0.0
         self._next_pull = 0.0
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self.state = "starting"  # "ok" | "unavailable"
-        self.counters = {"queued": 0, "pushed": 0, "dropped": 0, "failures": 0, "logged": 0, "pulls": 0}
+        names = ("queued", "pushed", "dropped", "failures", "logged", "pulls", "replaced")
+        self.counters = dict.fromkeys(names, 0)
         self._thread = threading.Thread(target=self._loop, name="policy-client", daemon=True)
         self._thread.start()
 
@@ -208,7 +247,7 @@ class PolicyClient:
 
     def _tick(self) -> None:
         if self._handle is None:
-            self._handle = self._connect()
+            self._handle = self._connect() if self._linked else self._link()
         handle = self._handle
         if self._pending:  # prune finished pushes without waiting; a failed one raises here
             done, self._pending = ray.wait(self._pending, num_returns=len(self._pending), timeout=0)
@@ -232,6 +271,28 @@ class PolicyClient:
                 if self.state == "unavailable":
                     log.warning("policy actor is back: head budget tables again (v%d)", table.version)
                 self.state = "ok"
+
+    def _link(self) -> Any:
+        """The first link: the actor if it was made with this shard's model and settings, else a new one
+        (the old one killed; `connect` again until the name holds another actor)."""
+        handle = self._connect()
+        want = description(self.config, self.model, *self.shape)
+        try:
+            have = ray.get(handle.describe.remote(), timeout=self.config.connect_timeout_s)
+        except AttributeError:  # an actor of an older entropyinfer, without `describe`
+            have = None
+        if have != want:
+            log.warning("policy actor made with %s; replacing it with one made with %s", have, want)
+            old = handle._actor_id
+            ray.kill(handle, no_restart=True)
+            deadline = time.monotonic() + self.config.connect_timeout_s
+            while (handle := self._connect())._actor_id == old:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the replaced policy actor still holds its name")
+                time.sleep(0.1)
+            self.counters["replaced"] += 1
+        self._linked = True
+        return handle
 
     def _down(self, error: Exception) -> None:
         self.counters["failures"] += 1

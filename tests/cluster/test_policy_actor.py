@@ -2,8 +2,10 @@
 `policy.enabled` in tests/cluster/conftest.py): entropy requests' head statistics reach it and make table
 versions; GET /v1/policy/heads (JSON) and /v1/policy/heads.png over HTTP; a killed actor (no restart)
 does not stop serving, the shard falls back, logs once, and finds a new actor; a killed actor with
-restarts comes back under its name. With the session's Ray but no Serve: a slow actor does not slow a
-shard's requests (the tiny Llama), and the actor class itself: two shard groups' statistics aggregate as
+restarts comes back under its name. With the session's Ray but no Serve: the actor outlives the placement
+group of the shard that made it (a redeploy removes the replicas' groups), a new deploy's settings replace
+the actor of the old one (and the old deploy's shards do not flip it back), a slow actor does not slow a
+shard's requests (the tiny Llama); and the actor class itself: two shard groups' statistics aggregate as
 one, a profile of another model is refused at start."""
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import logging
 import struct
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,13 @@ import pytest
 from entropyinfer.cluster.config import PolicyActorConfig
 from entropyinfer.cluster.events import Final, Request
 from entropyinfer.cluster.launcher import APP_NAME, EmbeddedServer
-from entropyinfer.cluster.policy_actor import PolicyActor, PolicyClient, find_actor
+from entropyinfer.cluster.policy_actor import (
+    PolicyActor,
+    PolicyClient,
+    find_actor,
+    get_or_create,
+    settings,
+)
 from entropyinfer.cluster.shard_actor import ShardActor
 from entropyinfer.policies.head_budgets import ProfileMismatchError, save_profile
 from entropyinfer.policies.head_stats import HeadProfile, HeadStats, encode_stats
@@ -65,24 +74,8 @@ def _until(predicate: Any, timeout: float = 30.0, every: float = 0.2) -> Any:
         time.sleep(every)
 
 
-def _fresh_actor(url: str) -> None:
-    """Start from a live actor. KNOWN ISSUE (open): after the whole tests/cluster suite ran before this
-    file, the session app's actor was ActorUnavailableError for over 60 s (2 of 2 full runs; never when
-    this file runs alone or after test_e2e/test_jobs/test_openai_logprobs). A killed actor is made anew by
-    the shard (what the dead-actor test checks), so begin with that."""
-    import ray
-
-    if _until(lambda: _heads(url)["actor"]["state"] == "ok", timeout=10):
-        return
-    actor = find_actor(APP_NAME)
-    if actor is not None:
-        ray.kill(actor, no_restart=True)
-    _until(lambda: _heads(url)["actor"]["state"] == "ok", timeout=60)
-
-
 def test_entropy_requests_make_versions_and_the_heat_map_is_served(server: EmbeddedServer) -> None:
     url = server.url
-    _fresh_actor(url)
     before = _heads(url)
     for _ in range(3):
         assert _complete(url).status_code == 200
@@ -167,7 +160,78 @@ def _try(fn: Any) -> Any:
         return None
 
 
-# -------------------------------------------------------------------- a slow actor, without Serve
+# -------------------------------------------------------------------- without Serve
+
+
+def test_the_actor_outlives_the_placement_group_of_the_shard_that_made_it(server: EmbeddedServer) -> None:
+    """A Serve replica's placement group captures its children, the shard actor and so (before) the policy
+    actor it made: removing the group (a redeploy) killed the actor, which Ray could not restart (the
+    group is gone): ActorUnavailableError for every caller, for good. It must be in no group."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    @ray.remote(num_cpus=0)
+    class Shard:  # like the shard actor: in a placement group that captures child tasks
+        def link(self, config: PolicyActorConfig, app: str) -> str:
+            get_or_create(config, app, "m", 2, 2)
+            return "linked"
+
+    app, cfg = "test-placement-group", PolicyActorConfig(enabled=True)
+    pg = placement_group([{"CPU": 0.01}])
+    ray.get(pg.ready(), timeout=60)
+    strategy = PlacementGroupSchedulingStrategy(pg, placement_group_capture_child_tasks=True)
+    shard = Shard.options(scheduling_strategy=strategy).remote()  # type: ignore[attr-defined]
+    try:
+        assert ray.get(shard.link.remote(cfg, app), timeout=60) == "linked"
+        actor = find_actor(app)
+        assert actor is not None and ray.get(actor.describe.remote(), timeout=60)["model"] == "m"
+        remove_placement_group(pg)
+        assert _until(lambda: _try(lambda: ray.get(shard.link.remote(cfg, app), timeout=5)) is None, 30)
+        assert ray.get(actor.table.remote(), timeout=10)["model"] == "m"  # not killed with the group
+    finally:
+        actor = find_actor(app)
+        if actor is not None:
+            ray.kill(actor, no_restart=True)
+
+
+def test_a_new_deploys_settings_replace_the_actor_and_the_old_deploy_does_not_flip_it(
+    server: EmbeddedServer,
+) -> None:
+    import ray
+
+    app = "test-redeploy"
+    old = PolicyActorConfig(enabled=True, every_requests=5, pull_interval_s=0.05, retry_s=0.3)
+    new = replace(old, density_target=0.3, every_requests=7, profile_path="/nonexistent/heads.json")
+
+    def shard(cfg: PolicyActorConfig) -> PolicyClient:
+        return PolicyClient(cfg, "m", 2, 2, lambda: get_or_create(cfg, app, "m", 2, 2))
+
+    clients = [shard(old)]  # the running deploy's shard
+    try:
+        assert _until(lambda: clients[0].state == "ok", timeout=60)
+        first = find_actor(app)
+        assert first is not None
+        clients.append(shard(new))  # the new deploy's shard: replaces the actor at its first link
+        assert _until(lambda: clients[1].state == "ok", timeout=60)
+        actor = find_actor(app)
+        assert actor is not None and actor._actor_id != first._actor_id
+        assert ray.get(actor.describe.remote(), timeout=10)["settings"] == settings(new)
+        assert clients[1].counters["replaced"] == 1
+        # the old deploy's shard loses its actor, relinks to the new one by name, and keeps it
+        assert _until(lambda: clients[0].counters["failures"] >= 1 and clients[0].state == "ok", 30)
+        clients.append(shard(new))  # another shard of the new deploy: same settings, same actor
+        assert _until(lambda: clients[2].state == "ok", timeout=60)
+        assert clients[0].counters["replaced"] == clients[2].counters["replaced"] == 0
+        now = find_actor(app)
+        assert now is not None and now._actor_id == actor._actor_id
+        assert ray.get(now.describe.remote(), timeout=10)["settings"] == settings(new)
+    finally:
+        for client in clients:
+            client.close()
+        actor = find_actor(app)
+        if actor is not None:
+            ray.kill(actor, no_restart=True)
 
 
 @pytest.fixture(scope="module")
@@ -196,6 +260,10 @@ def test_a_slow_actor_does_not_slow_a_shards_requests(
 
     @ray.remote(num_cpus=0)
     class SlowPolicy:
+        def describe(self) -> dict[str, Any]:
+            time.sleep(30)
+            return {}
+
         def push(self, blob: bytes) -> int:
             time.sleep(30)
             return 0
@@ -206,7 +274,9 @@ def test_a_slow_actor_does_not_slow_a_shards_requests(
 
     baseline = _timed_requests(tiny_shard, "base")
     slow = SlowPolicy.remote()  # type: ignore[attr-defined]
-    cfg = PolicyActorConfig(enabled=True, pull_interval_s=0.05, timeout_s=0.3, retry_s=600.0)
+    cfg = PolicyActorConfig(
+        enabled=True, pull_interval_s=0.05, timeout_s=0.3, connect_timeout_s=0.3, retry_s=600.0
+    )
     with caplog.at_level(logging.WARNING, logger="entropyinfer.cluster.policy_actor"):
         tiny_shard.link_policy(cfg, "unused", connect=lambda: slow)
         client = tiny_shard._policy
