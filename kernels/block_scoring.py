@@ -19,6 +19,8 @@ CUDA tensors by default, the reference elsewhere; ``"triton"`` forces the kernel
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -28,7 +30,11 @@ from entropyinfer.kernels.block_layout import BlockScores, check_chunk_qk, check
 from entropyinfer.kernels.block_scoring_ref import ENTROPY_EPS, block_scores_ref
 from entropyinfer.kernels.tiling import ScoringTiles, pow2, scoring_tiles
 
-__all__ = ["block_scores"]
+__all__ = ["LogitReduce", "block_scores"]
+
+# the GQA group's block logits from a rank's partial ones (tensor parallelism with replicated KV heads):
+# float32 [Hkv, nseg, nblocks] -> the same, in place (`shard/parallel/group.py: mean_over_replicas`)
+LogitReduce = Callable[[torch.Tensor], torch.Tensor]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -247,6 +253,7 @@ def _block_scores_triton(
     spread_logit_scale: float | None,
     segment_offset: int = 0,
     num_key_blocks: int | None = None,
+    logit_reduce: LogitReduce | None = None,
 ) -> BlockScores:
     hq, n, dim = q.shape
     hkv = k.shape[0]
@@ -278,6 +285,8 @@ def _block_scores_triton(
             DOT_PRECISION="ieee" if qmax.dtype == torch.float32 else "tf32",
             num_warps=t.logits_warps, num_stages=t.logits_stages,
         )  # fmt: skip
+    if logit_reduce is not None:  # every rank of the call, even with nothing visible
+        logits = logit_reduce(logits)
     jit_kernel(_entropy_kernel, dev)[(triton.cdiv(nseg, t.rows), hkv)](
         logits, entropy, row_max, row_sum, entropy if spread is None else spread,
         logits.stride(0), logits.stride(1), entropy.stride(0),
@@ -307,6 +316,7 @@ def block_scores(
     segment_offset: int = 0,
     num_key_blocks: int | None = None,
     row_invariant: bool = False,
+    logit_reduce: LogitReduce | None = None,
 ) -> BlockScores:
     """Block logits (GQA mean, visible entries), softmax statistics and entropy of one layer; with
     `spread_logit_scale` (>= 0), also the entropy at that logit scale (`BlockScores.spread`, in the same
@@ -321,6 +331,9 @@ def block_scores(
     as in a one-shot profiling). ``row_invariant`` (the torch path; the kernels' tiles do not depend on the
     row count when `tiles` is given) makes a segment's numbers independent of the other segments scored with
     it (`block_scoring_ref.chunk_block_logits_ref`).
+
+    ``logit_reduce``: applied to the logits before the softmax statistics and entropy (a tensor-parallel
+    rank holding part of a GQA group's query heads makes them the whole group's mean, `LogitReduce`).
     """
     chunked = segment_offset > 0 or num_key_blocks is not None
     if chunked:
@@ -337,8 +350,9 @@ def block_scores(
     if not runs_triton(q.device, backend):
         return block_scores_ref(
             q, k, segment_size, block_size, spread_logit_scale, segment_offset=segment_offset,
-            num_key_blocks=num_key_blocks, row_invariant=row_invariant,
+            num_key_blocks=num_key_blocks, row_invariant=row_invariant, logit_reduce=logit_reduce,
         )  # fmt: skip
     return _block_scores_triton(
-        q, k, segment_size, block_size, tiles, spread_logit_scale, segment_offset, num_key_blocks
-    )
+        q, k, segment_size, block_size, tiles, spread_logit_scale, segment_offset, num_key_blocks,
+        logit_reduce,
+    )  # fmt: skip

@@ -21,6 +21,8 @@ Layout: `block_layout` (segments of ``S`` queries, key blocks of ``b`` keys, vis
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from entropyinfer.kernels.block_layout import (
@@ -147,6 +149,7 @@ def block_scores_ref(
     segment_offset: int = 0,
     num_key_blocks: int | None = None,
     row_invariant: bool = False,
+    logit_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> BlockScores:
     """Logits, masked float32 softmax (``exp(x - max) / sum``) and entropy, as the reference computes them;
     with `spread_logit_scale`, also the spread entropy (`spread_entropy_ref`).
@@ -166,6 +169,8 @@ def block_scores_ref(
         )
     else:
         logits = block_logits_ref(q, k, segment_size, block_size)
+    if logit_reduce is not None:  # a rank's partial GQA group made the whole group's (`block_scoring.py`)
+        logits = logit_reduce(logits)
     hkv, nseg, nblk = logits.shape
     vis = visible_blocks(nseg, segment_size, block_size, logits.device, segment_offset)
     hidden = torch.arange(nblk, device=logits.device)[None, :] >= vis[:, None]

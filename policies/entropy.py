@@ -16,7 +16,7 @@ import torch
 
 from entropyinfer.kernels.backend import Backend, runs_triton
 from entropyinfer.kernels.block_layout import BlockCounts, BlockScores, num_blocks, num_segments
-from entropyinfer.kernels.block_scoring import block_scores
+from entropyinfer.kernels.block_scoring import LogitReduce, block_scores
 from entropyinfer.kernels.block_selection import block_counts, select_blocks
 from entropyinfer.kernels.block_selection_ref import (
     count_caps,
@@ -197,6 +197,7 @@ def plan_layer(
     with_probs: bool = False,
     head_scale: torch.Tensor | None = None,
     with_mass: bool = False,
+    logit_reduce: LogitReduce | None = None,
 ) -> LayerPlan:
     """Profile one layer and decide its sparse prefill.
 
@@ -213,9 +214,14 @@ def plan_layer(
         head_scale: float32 ``[Hkv]`` budget factors of the entropy rule (the policy actor's table row;
             None: the rule's own budgets, bit for bit).
         with_mass: also return the captured-mass proxy (``LayerPlan.captured``, `policies.head_scaling`).
+        logit_reduce: makes a tensor-parallel rank's block logits (part of a GQA group's query heads) the
+            whole group's (`kernels.block_scoring.LogitReduce`), so the replicas of a KV head decide alike.
     """
     scale = spread_logit_scale(cfg, q.shape[-1]) if policy == "entropy" and cfg.mode == "spread" else None
-    scores = block_scores(q, k, cfg.segment_size, cfg.block_size, backend=backend, spread_logit_scale=scale)
+    scores = block_scores(
+        q, k, cfg.segment_size, cfg.block_size, backend=backend, spread_logit_scale=scale,
+        logit_reduce=logit_reduce,
+    )  # fmt: skip
     return plan_from_scores(
         scores, cfg, q.shape[1], policy=policy, backend=backend, with_probs=with_probs,
         head_scale=head_scale, head_dim=q.shape[-1] if with_mass else None, logit_dim=q.shape[-1],
@@ -258,6 +264,7 @@ def plan_chunk(
     backend: Backend = "auto",
     head_scale: torch.Tensor | None = None,
     with_mass: bool = False,
+    logit_reduce: LogitReduce | None = None,
 ) -> ChunkPlan:
     """Profile one prefill chunk of one layer and decide its blocks exactly as a one-shot prefill would.
 
@@ -267,7 +274,7 @@ def plan_chunk(
     them; `fixed` ignores them). Row-invariant scoring with the whole prompt's block count as the logits'
     width and the whole prompt's tiles, then the counts of the whole-prompt rule over the history (later
     segments padded: the rule is causal, they change nothing before them), so a chunked prefill gives the
-    one-shot counts (bit for bit on the torch path).
+    one-shot counts (bit for bit on the torch path). ``logit_reduce``: as `plan_layer`.
     """
     if policy == "entropy" and not cfg.causal:
         raise ValueError(f"mode {cfg.mode!r} is not causal: prefill it in one shot (plan_layer)")
@@ -280,6 +287,7 @@ def plan_chunk(
         q, k, s_len, b, backend=backend, segment_offset=segment_offset, num_key_blocks=nblk,
         spread_logit_scale=spread_logit_scale(cfg, q.shape[-1]) if spread else None, row_invariant=True,
         tiles=scoring_tiles(nseg, nblk, s_len, b, q.shape[-1], cuda=cuda) if on_triton else None,
+        logit_reduce=logit_reduce,
     )  # fmt: skip
     nc = scores.entropy.shape[1]
     end = segment_offset + nc

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import torch
 
+from entropyinfer.kernels.block_scoring import LogitReduce
 from entropyinfer.kernels.decode_attention import decode_attention
 from entropyinfer.kernels.sparse_prefill import sparse_prefill_attention
 from entropyinfer.kernels.tiling import row_chunk
@@ -151,6 +152,9 @@ class SparsePrefill:
         self.table_version, self.table_digest = 0, ""
         self.collect_mass = False
         self.captured: dict[int, list[torch.Tensor]] = {}
+        # tensor parallelism with replicated KV heads: the replicas' block logits made the GQA group's
+        # (`shard/parallel/group.py`), so every replica picks one rank's blocks; None on one rank
+        self.logit_reduce: LogitReduce | None = None
 
     def pin_table(self, scales: torch.Tensor, version: int) -> None:
         """Scale the entropy rule's budget of each (layer, KV head) by ``scales [L, Hkv]`` for this prompt
@@ -233,8 +237,9 @@ class SparsePrefill:
         if layer == 0 or self._short(cfg, n):
             return dense_causal_attention(q, k, v)
         plan = plan_layer(
-            q, k, cfg, policy=self.policy, head_scale=self._scale(layer), with_mass=self.collect_mass
-        )
+            q, k, cfg, policy=self.policy, head_scale=self._scale(layer), with_mass=self.collect_mass,
+            logit_reduce=self.logit_reduce,
+        )  # fmt: skip
         if plan.captured is not None:
             self.captured[layer] = [plan.captured]
         s_len, b = cfg.segment_size, cfg.block_size
@@ -282,7 +287,7 @@ class SparsePrefill:
         plan = plan_chunk(
             q, k, cfg, seq_len=seq_len, segment_offset=seg0, entropy_before=rec.entropy,
             spread_before=rec.spread, policy=self.policy, head_scale=self._scale(layer),
-            with_mass=self.collect_mass,
+            with_mass=self.collect_mass, logit_reduce=self.logit_reduce,
         )  # fmt: skip
         rec.append(plan.entropy, plan.counts, plan.spread, plan.rigid)
         if plan.captured is not None:

@@ -23,7 +23,8 @@ With ``sequence_parallel_size = sp > 1`` the group has ``tp x sp`` ranks: global
 rank ``r % tp`` of sequence-parallel rank ``r // tp`` (rank 0 is both ranks 0). The model's collectives run
 in one tensor-parallel group per SP rank (ranks ``[j tp, (j + 1) tp)``), the sequence-parallel all-to-alls
 and merges in one SP group per TP rank (ranks ``t, t + tp, ...``); the SP ranks of one TP rank load the same
-slice of the checkpoint.
+slice of the checkpoint. With more TP ranks than KV heads (then ``sp == 1``), the ranks replicating one KV
+head get a subgroup for the sparse policies' block logits (`group.with_kv_replicas`).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from entropyinfer.shard.attention import warm_up_sparse_prefill
 from entropyinfer.shard.config import LLMConfig
 from entropyinfer.shard.engine import Engine
 from entropyinfer.shard.parallel.all_to_all import SequenceParallelGroup, check_sequence_parallel
-from entropyinfer.shard.parallel.group import TensorParallelGroup
+from entropyinfer.shard.parallel.group import TensorParallelGroup, with_kv_replicas
 from entropyinfer.shard.parallel.lockstep import LockstepExecutor, ShardGroupError, WorkerLoop
 from entropyinfer.shard.weights import build_model
 
@@ -109,9 +110,13 @@ def join_group(
     backend, timeout = ("nccl" if cuda else "gloo"), timedelta(seconds=spec.timeout_s)
     tp = spec.config.parallel.tensor_parallel_size
     sp = spec.world // tp
-    if sp == 1:
+    if sp == 1:  # tp > Hkv (no SP then): the ranks that replicate a KV head get a subgroup
         model = dist.new_group(backend=backend, timeout=timeout)
-        return TensorParallelGroup.from_world(model), None, None
+        kv_heads = ModelArch.from_folder(spec.checkpoint).num_kv_heads
+        group = with_kv_replicas(
+            TensorParallelGroup.from_world(model), kv_heads, backend=backend, timeout=timeout
+        )
+        return group, None, None
     # every rank creates every group, in the same order (torch.distributed's rule)
     tps = [
         dist.new_group(list(range(j * tp, (j + 1) * tp)), backend=backend, timeout=timeout) for j in range(sp)

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from entropyinfer.policies.kv_compression import KVCompressionConfig, head_capacities, plan_keep
 from entropyinfer.shard.arch import ModelArch
-from entropyinfer.shard.attention import PrefillAttention, prompt_attention
+from entropyinfer.shard.attention import PrefillAttention, SparsePrefill, prompt_attention
 from entropyinfer.shard.compression import ObservationPool, PromptObserver
 from entropyinfer.shard.engine import Engine
 from entropyinfer.shard.kv_pages import KVPages
@@ -150,7 +150,9 @@ class RankRunner:
         ranks build theirs from `call` (a new attention object on the prompt's first chunk). Every
         position's logits (`call.all_logits`, prompt logprobs) are computed on rank 0 only."""
         lead = attention is not None
-        if attention is None:
+        if attention is not None:  # rank 0's, built by the engine core
+            self.replicate(attention)
+        else:
             attention = self._attention(call)
             if call.obs_row is not None and call.kv is not None:
                 observer = PromptObserver(self.obs, call.obs_row, call.kv)
@@ -171,6 +173,13 @@ class RankRunner:
         if call.stats and stats is not None:
             stats = self._gather_stats(stats)
         return PrefillResult(logits, entropy, stats)
+
+    def replicate(self, attention: PrefillAttention) -> PrefillAttention:
+        """With replicated KV heads, a sparse prefill whose replicas decide from the GQA group's block
+        logits (`group.mean_over_replicas`); returns `attention`."""
+        if self.group.replicas > 1 and isinstance(attention, SparsePrefill):
+            attention.logit_reduce = self.group.mean_over_replicas
+        return attention
 
     def _prefill_sp(
         self,
@@ -209,7 +218,9 @@ class RankRunner:
     def _attention(self, call: PrefillCall) -> PrefillAttention:
         if not call.first:
             return self.attentions[call.request_id]
-        attention = prompt_attention(call.policy, call.sparse, self.arch.num_layers, call.seq_len)
+        attention = self.replicate(
+            prompt_attention(call.policy, call.sparse, self.arch.num_layers, call.seq_len)
+        )
         if call.resume is not None:
             snapshot, segments = self.snapshots[call.resume[0]]
             attention.resume(resumable(snapshot, segments))

@@ -11,17 +11,13 @@ rank's block counts (>= 99% equal) and the density is within 0.01.
 
 from __future__ import annotations
 
-import multiprocessing
-import socket
-from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from spawning import spawn
 
 from entropyinfer.errors import ConfigError
 from entropyinfer.kernels.backend import interpreter_ready
@@ -52,30 +48,6 @@ UNEVEN = dict(
     intermediate_size=128, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=3,
     max_position_embeddings=4096, rope_theta=500000.0, rms_norm_eps=1e-5,
 )  # fmt: skip
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _rank_main(rank: int, world: int, port: int, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        fn(SequenceParallelGroup.from_world(), *args)
-    finally:
-        dist.destroy_process_group()
-
-
-def spawn(world: int, fn: Callable[..., None], *args: Any) -> None:
-    multiprocessing.set_forkserver_preload(
-        ["torch", "entropyinfer.shard.engine", "entropyinfer.shard.weights"]
-    )
-    mp.start_processes(
-        _rank_main, args=(world, _free_port(), fn, args), nprocs=world, join=True, start_method="forkserver"
-    )
 
 
 def prompt(n: int, seed: int) -> torch.Tensor:
@@ -171,7 +143,7 @@ def reference(uneven: Path) -> dict[str, dict[str, Any]]:
 def test_sequence_parallel_prefill_and_decode_equal_one_rank(
     sp: int, uneven: Path, reference: dict[str, dict[str, Any]]
 ) -> None:
-    spawn(sp, sp_ranks, str(uneven), reference)
+    spawn(sp, sp_ranks, str(uneven), reference, group=SequenceParallelGroup)
 
 
 def test_paged_attention_lse_merges_to_the_whole() -> None:

@@ -13,22 +13,20 @@ block counts of the same KV heads at TP=1; every rank gets bitwise the same logi
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import multiprocessing
-import socket
-from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import save_file
+from spawning import spawn
 
 from entropyinfer.errors import ConfigError
 from entropyinfer.policies.config import SparsePrefillConfig
+from entropyinfer.policies.entropy import plan_layer
 from entropyinfer.shard.arch import ModelArch
 from entropyinfer.shard.attention import DensePrefill, PrefillAttention, SparsePrefill
 from entropyinfer.shard.compression import ObservationPool
@@ -37,7 +35,7 @@ from entropyinfer.shard.engine import Engine
 from entropyinfer.shard.kv_pages import KVPages
 from entropyinfer.shard.model import CausalLM
 from entropyinfer.shard.paged_decode import PagedDecoder
-from entropyinfer.shard.parallel.group import TensorParallelGroup
+from entropyinfer.shard.parallel.group import TensorParallelGroup, with_kv_replicas
 from entropyinfer.shard.parallel.heads import HeadShard, head_shard, tensor_parallel_sizes
 from entropyinfer.shard.weights import build_model, empty_model, load_model
 
@@ -45,32 +43,6 @@ CPU, F32 = torch.device("cpu"), torch.float32
 ATOL, RTOL = 2e-4, 1e-4  # fp32: the ranks' partial sums add up in another order
 STEPS = 6
 SPARSE = SparsePrefillConfig(segment_size=32, block_size=8, base_budget=16, threshold_len=64, fixed_budget=16)
-
-
-# ---------------------------------------------------------------------------------------------- spawning
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _rank_main(rank: int, world: int, port: int, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        fn(TensorParallelGroup.from_world(), *args)
-    finally:
-        dist.destroy_process_group()
-
-
-def spawn(world: int, fn: Callable[..., None], *args: Any) -> None:
-    """Run ``fn(group, *args)`` on `world` gloo ranks; a rank's exception fails the test. Ranks fork
-    from multiprocessing's fork server, which imports torch and the engine once for every test."""
-    multiprocessing.set_forkserver_preload(
-        ["torch", "entropyinfer.shard.engine", "entropyinfer.shard.weights"]
-    )
-    args = (world, _free_port(), fn, args)
-    mp.start_processes(_rank_main, args=args, nprocs=world, join=True, start_method="forkserver")
 
 
 # ------------------------------------------------------------------------------------------ the engine
@@ -120,41 +92,67 @@ def prompt(n: int, vocab: int, seed: int = 1) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------- tiny Llama
-def run_tiny(engine: Engine, entropy: bool) -> dict[str, Any]:
-    """Every path on one model (the one-rank reference in the parent, a rank's part in a rank)."""
+def run_tiny(engine: Engine, group: TensorParallelGroup | None = None) -> dict[str, Any]:
+    """Every path on one model (the one-rank reference in the parent, a rank's part in a rank); the entropy
+    policy's replicas of a KV head (`group` with replicas) decide from the GQA group's block logits."""
     vocab, layers = engine.arch.vocab_size, engine.arch.num_layers
     tokens = prompt(40, vocab)
     out: dict[str, Any] = {
         "contiguous": greedy(engine, tokens, DensePrefill()),
         "paged": greedy_paged(engine, tokens, 24),
     }
-    if entropy:
-        attention = SparsePrefill("entropy", SPARSE)
-        attention.begin(layers, 192)
-        out["entropy"] = greedy(engine, prompt(192, vocab, seed=2), attention)
-        out["counts"] = attention.sparse_counts
+    attention = SparsePrefill("entropy", SPARSE)
+    if group is not None and group.replicas > 1:
+        attention.logit_reduce = group.mean_over_replicas
+    attention.begin(layers, 192)
+    out["entropy"] = greedy(engine, prompt(192, vocab, seed=2), attention)
+    out["counts"] = attention.sparse_counts
     return out
+
+
+def replicas_pick_one_ranks_blocks(group: TensorParallelGroup, full: ModelArch, shard: HeadShard) -> None:
+    """Random post-RoPE q / k of every head (the same on every rank): a rank's query heads with the mean
+    over its KV head's replicas choose one rank's blocks, counts and entropy for that KV head (one-shot
+    modes per_head and spread); without it they would not (the partial group's logits)."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(full.num_heads, 192, 16, generator=gen)
+    k = torch.randn(full.num_kv_heads, 192, 16, generator=gen)
+    mq, kv = q[shard.q_start : shard.q_start + shard.q_count], slice(shard.kv_start, shard.kv_start + 1)
+    alone_differs = False
+    for mode in ("per_head", "spread"):
+        cfg = dataclasses.replace(SPARSE, mode=mode, min_budget=8, rigid_budget=16)
+        one = plan_layer(q, k, cfg)
+        mine = plan_layer(mq, k[kv], cfg, logit_reduce=group.mean_over_replicas)
+        assert torch.equal(mine.block_idx, one.block_idx[kv]), f"{mode}: blocks differ from one rank's"
+        assert torch.equal(mine.counts, one.counts[kv]), f"{mode}: counts differ from one rank's"
+        torch.testing.assert_close(mine.entropy, one.entropy[kv], atol=1e-6, rtol=1e-6)
+        alone = plan_layer(mq, k[kv], cfg)
+        alone_differs |= not torch.equal(alone.block_idx, one.block_idx[kv])
+    assert alone_differs, "the partial GQA group chose the group's blocks anyway: the check tests nothing"
 
 
 def tiny_ranks(group: TensorParallelGroup, dummy: str, ckpt: str, ref: dict[str, Any]) -> None:
     """This rank's part of the tiny Llama (dummy weights and safetensors slices) against one rank's."""
     tp, r = group.size, group.rank
-    mine = Engine(build_model(dummy, CPU, F32, "dummy", group=group))
     full = ModelArch.from_folder(dummy)
+    group = with_kv_replicas(group, full.num_kv_heads)
+    mine = Engine(build_model(dummy, CPU, F32, "dummy", group=group))
     want = head_shard(full.num_heads, full.num_kv_heads, tp, r)
     assert (mine.arch.num_heads, mine.arch.num_kv_heads) == (want.q_count, want.kv_count)
-    assert mine.arch.tensor_parallel_size == tp
-    got = run_tiny(mine, entropy=want.kv_replicas == 1)
+    assert mine.arch.tensor_parallel_size == tp and group.replicas == want.kv_replicas
+    got = run_tiny(mine, group)
     every = group.all_gather(torch.stack(got["contiguous"][1][1:]), dim=0).view(tp, STEPS, -1)
     assert all(torch.equal(every[0], e) for e in every), "ranks disagree on the logits"  # any may sample
-    for path in ("contiguous", "paged"):
+    for path in ("contiguous", "paged", "entropy"):
         assert_same(got[path], ref["dummy"][path], path)
-    if "entropy" in got:  # the entropy policy on local heads: the counts of this rank's KV heads
-        assert_same(got["entropy"], ref["dummy"]["entropy"], "entropy")
-        assert ref["dummy"]["counts"] and len(got["counts"]) == len(ref["dummy"]["counts"])
-        for (rc, rd), (mc, md) in zip(ref["dummy"]["counts"], got["counts"], strict=True):
-            assert torch.equal(md, rd)
-            assert torch.equal(mc, rc[want.kv_start : want.kv_start + want.kv_count])
+    # the entropy policy on local heads: the counts of this rank's KV heads (per layer, KV head, segment),
+    # those of one rank also where TP=4 replicates the 2 KV heads
+    assert ref["dummy"]["counts"] and len(got["counts"]) == len(ref["dummy"]["counts"])
+    for (rc, rd), (mc, md) in zip(ref["dummy"]["counts"], got["counts"], strict=True):
+        assert torch.equal(md, rd)
+        assert torch.equal(mc, rc[want.kv_start : want.kv_start + want.kv_count])
+    if group.replicas > 1:
+        replicas_pick_one_ranks_blocks(group, full, want)
     from_ckpt = Engine(load_model(ckpt, CPU, F32, group))  # reads only this rank's slices
     vocab = from_ckpt.arch.vocab_size
     assert_same(greedy(from_ckpt, prompt(40, vocab), DensePrefill()), ref["safetensors"], "safetensors")
@@ -187,7 +185,7 @@ def tiny_reference(tiny_checkpoint: Path, tiny_safetensors: Path) -> dict[str, A
     """One rank's results on the tiny Llama: dummy weights (every path) and the safetensors weights."""
     one = Engine(load_model(tiny_safetensors, CPU, F32))
     return {
-        "dummy": run_tiny(Engine(build_model(tiny_checkpoint, CPU, F32, "dummy")), entropy=True),
+        "dummy": run_tiny(Engine(build_model(tiny_checkpoint, CPU, F32, "dummy"))),
         "safetensors": greedy(one, prompt(40, one.arch.vocab_size), DensePrefill()),
     }
 
