@@ -93,8 +93,7 @@ class EngineCore:
         self.decoder = self.executor.decoder  # eager, or CUDA graphs per batch size
         # one rank holds every head of every prompt: no TP group and no SP group (an SP group splits a long
         # prompt's heads across ranks in prefill; the policy actor's table and statistics are per whole model)
-        any_sp = self.executor.sequence_parallel(1 << 40, None, False)  # a long prompt would run SP
-        self.single_rank = self.executor.size == 1 and not any_sp
+        self.single_rank = self.executor.shape == (1, 1)
         self.scheduler = Scheduler(self.config, self.pages)
         self.seqs: dict[str, Sequence] = {}
         self._arrivals = itertools.count()

@@ -6,6 +6,7 @@ call that touches the model, the KV data or the observation pool goes through it
     executor.prefill(call, attention, observer, progress, cancel)   # one prompt chunk -> PrefillResult
     executor.decode(tokens, positions, tables, lengths, obs, steps_left, ids)  # one batched step -> logits
     executor.sequence_parallel(seq_len, kv, all_logits)              # does a prompt prefill SP (one pass)?
+    executor.shape                                                   # (tp, sp): (1, 1) on one rank
     executor.compress(seq, kv)                                       # KV compression of one sequence
     executor.acquire_row(window) / release_row(row)                  # observation-pool rows
     executor.share(request_id, segments, names) / drop(request_id)   # prefix-cache states, finished ones
@@ -89,7 +90,8 @@ class Executor(Protocol):
     decoder: PagedDecoder
     full_arch: ModelArch  # the whole model (statistics, capacities)
     kv_replicas: int  # ranks holding each KV head (1: no replication)
-    size: int  # ranks
+    shape: tuple[int, int]  # (tensor_parallel_size, sequence_parallel_size)
+    size: int  # ranks in all: tp x sp
 
     def prefill(
         self,
@@ -165,7 +167,7 @@ def resumable(snapshot: Any, segments: int) -> Any:
 class LocalExecutor:
     """One rank: the model calls themselves."""
 
-    size, kv_replicas = 1, 1
+    size, kv_replicas, shape = 1, 1, (1, 1)
 
     def __init__(self, engine: Engine, max_context: int) -> None:
         self.engine, self.arch, self.full_arch = engine, engine.arch, engine.arch

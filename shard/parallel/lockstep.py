@@ -98,7 +98,9 @@ class LockstepExecutor:
         self.parallel = parallel or ParallelConfig(tensor_parallel_size=group.size)
         self._sp_requests: set[str] = set()  # prefilled sequence-parallel: their decode steps name them
         self.pages, self.obs, self.decoder = self.runner.pages, self.runner.obs, self.runner.decoder
-        self.full_arch, self.kv_replicas, self.size = full_arch, self.runner.kv_replicas, group.size
+        self.full_arch, self.kv_replicas = full_arch, self.runner.kv_replicas
+        self.shape = (group.size, 1 if sp is None else sp.size)
+        self.size = self.shape[0] * self.shape[1]
         self.plan_group, self.live, self.on_close = plan_group, live, on_close
         self._pending: list[Op] = []
         self.ranks: Any = None  # where the other ranks run (`launch.Ranks`), set by whoever started them
