@@ -16,36 +16,26 @@ from pathlib import Path
 
 import psutil
 
-from entropyinfer.cluster.launcher import free_port
-
 FAULT_APP = Path(__file__).with_name("fault_app.py")
 AUTH = {"Authorization": "Bearer fault-key"}
+LOG_TAIL_LINES = 40
 
 
 class App:
     """fault_app.py in its own session; `kill()` SIGKILLs it and every process it started, by pid."""
 
-    def __init__(self, db: Path, model: Path, log: Path) -> None:
-        self.db, self.model, self.log = db, model, log
+    def __init__(self, db: Path, model: Path, log: Path, *args: str) -> None:
+        self.db, self.model, self.log, self.args = db, model, log, args
         self.start()
 
     def start(self) -> None:
-        """Start fault_app.py (again) on the same job store and model folder; returns once it serves."""
+        """Start fault_app.py (again) on the same job store and model folder; returns once it serves.
+        The app picks its own HTTP port once its Ray runs (a port picked here could be taken by then by
+        one of the Ray processes of this test session or of the app) and says it in `READY <url>`."""
         db, model, log = self.db, self.model, self.log
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                str(FAULT_APP),
-                "--db",
-                str(db),
-                "--port",
-                str(self.port),
-                "--model",
-                str(model),
-            ],
+            [sys.executable, str(FAULT_APP), "--db", str(db), "--model", str(model), *self.args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=log.open("a"),
@@ -55,31 +45,47 @@ class App:
         )
         self.lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
-        self.expect("READY", 180.0)
+        self.url = self.expect("READY", 180.0).split()[1]
+        self.port = int(self.url.rsplit(":", 1)[1])
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             self.lines.put(line.strip())
 
-    def expect(self, prefix: str, timeout_s: float) -> str:
+    def expect(self, prefix: str | tuple[str, ...], timeout_s: float) -> str:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"fault_app exited with {self.proc.returncode}")
             try:
                 line = self.lines.get(timeout=0.5)
             except queue.Empty:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(
+                        f"fault_app exited with {self.proc.returncode} waiting for {prefix!r}; "
+                        + self.log_tail()
+                    ) from None
                 continue
             if line.startswith(prefix):
                 return line
-        raise TimeoutError(f"fault_app: no {prefix!r} within {timeout_s:g}s")
+        raise TimeoutError(f"fault_app: no {prefix!r} within {timeout_s:g}s; " + self.log_tail())
 
-    def command(self, command: str) -> None:
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        """The last lines of the app's stderr (its log file), for an error that says why."""
+        try:
+            tail = self.log.read_text(errors="replace").splitlines()[-lines:]
+        except OSError as e:
+            return f"its log {self.log} unreadable ({e})"
+        return f"the last {len(tail)} lines of {self.log}:\n" + "\n".join(tail)
+
+    def command(self, command: str, timeout_s: float = 30.0) -> int:
+        """Send a command (fault_app.py's docstring lists them); returns the pid it acted on."""
         assert self.proc.stdin is not None
         self.proc.stdin.write(command + "\n")
         self.proc.stdin.flush()
-        self.expect(f"DONE {command}", 30.0)
+        line = self.expect((f"DONE {command} ", f"FAILED {command} "), timeout_s)
+        if line.startswith("FAILED"):
+            raise RuntimeError(f"fault_app: {line}")
+        return int(line.split()[-1])
 
     def kill(self) -> None:
         """SIGKILL the app process and every process under it (Ray's own included), by their ids."""
