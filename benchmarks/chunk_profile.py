@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from engine_serving import LLAMA, TINY, Engine, text
 
-import entropyinfer.shard.attention as A
+import entropyinfer.shard.sparse_attention as A
 import entropyinfer.shard.engine as E
 import entropyinfer.shard.engine_core as C
 from entropyinfer.shard.dummy_checkpoint import write_dummy_checkpoint

@@ -44,11 +44,13 @@ from common import LLAMA3_8B, cuda_time, decode_ms, environment, markdown_table,
 from entropyinfer.policies.config import load_sparse_config
 from entropyinfer.policies.kv_compression import KVCompressionConfig, load_kv_compression_config
 from entropyinfer.shard.arch import ModelArch
-from entropyinfer.shard.attention import DensePrefill, PrefillAttention, SparsePrefill, warm_up_sparse_prefill
+from entropyinfer.shard.attention import DensePrefill, PrefillAttention
 from entropyinfer.shard.compression import DecodeCompressor
 from entropyinfer.shard.config import EngineConfig
 from entropyinfer.shard.engine import DecodeRunner, Engine
 from entropyinfer.shard.kv_cache import CompactKVCache, KVCache
+from entropyinfer.shard.sparse_attention import SparsePrefill
+from entropyinfer.shard.sparse_warm_up import warm_up_sparse_prefill
 from entropyinfer.shard.weights import model_from_state_dict
 
 GB = 1e9

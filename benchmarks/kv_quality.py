@@ -50,10 +50,11 @@ from common import environment, write_results
 from entropyinfer import LLM
 from entropyinfer.evaluation.corpus import real_document
 from entropyinfer.policies.kv_compression import KVCompressionConfig, load_kv_compression_config
-from entropyinfer.shard.attention import DensePrefill, PrefillAttention, SparsePrefill
+from entropyinfer.shard.attention import DensePrefill, PrefillAttention
 from entropyinfer.shard.compression import DecodeCompressor, ObservationWindow
 from entropyinfer.shard.engine import DecodeRunner
 from entropyinfer.shard.kv_cache import KVCache
+from entropyinfer.shard.sparse_attention import SparsePrefill
 
 CODE_RE = re.compile(r"(?<!\d)\d{5}(?!\d)")
 KEYS = ("violin", "harbor", "meadow", "lantern", "glacier", "orchard", "castle", "rocket")

@@ -23,9 +23,11 @@ from common import LLAMA3_8B, cuda_time, decode_ms, environment, write_results
 
 from entropyinfer.policies.config import load_sparse_config
 from entropyinfer.shard.arch import ModelArch
-from entropyinfer.shard.attention import DensePrefill, PrefillAttention, SparsePrefill, warm_up_sparse_prefill
+from entropyinfer.shard.attention import DensePrefill, PrefillAttention
 from entropyinfer.shard.config import EngineConfig
 from entropyinfer.shard.engine import Engine
+from entropyinfer.shard.sparse_attention import SparsePrefill
+from entropyinfer.shard.sparse_warm_up import warm_up_sparse_prefill
 from entropyinfer.shard.weights import model_from_state_dict
 
 

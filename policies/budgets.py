@@ -121,11 +121,11 @@ def fixed_budget_for_density(
 ) -> int:
     """The fixed budget (tokens, a multiple of b, at least b) whose prefill density is closest to `target`.
 
-    Density as `shard.attention.SparsePrefill` reports it: the mean over `num_layers` layers, of which the
-    first `dense_layers` (layer 0) run dense, of each layer's `fixed_layer_density`. Prompts too short for a
-    sparse segment are dense whatever the budget (then the smallest budget is returned); a target below the
-    smallest reachable density gives one block. Ties go to the larger budget. Host arithmetic only: solving
-    needs the prompt length, never device data.
+    Density as `shard.sparse_attention.SparsePrefill` reports it: the mean over `num_layers` layers, of
+    which the first `dense_layers` (layer 0) run dense, of each layer's `fixed_layer_density`. Prompts too
+    short for a sparse segment are dense whatever the budget (then the smallest budget is returned); a
+    target below the smallest reachable density gives one block. Ties go to the larger budget. Host
+    arithmetic only: solving needs the prompt length, never device data.
     """
     if num_layers < 1 or not 0 <= dense_layers <= num_layers:
         raise ValueError(f"need 0 <= dense_layers <= num_layers >= 1; got {dense_layers}, {num_layers}")

@@ -29,7 +29,7 @@ __all__ = [
 BudgetMode = Literal["causal", "coverage", "per_head", "reference", "spread"]
 _MODES = ("causal", "coverage", "per_head", "reference", "spread")
 # modes whose decision for a segment uses only the segments up to it: chunked prefill and prefix caching
-# reproduce a one-shot prefill's blocks (`shard.attention.SparsePrefill.chunkable`)
+# reproduce a one-shot prefill's blocks (`shard.sparse_attention.SparsePrefill.chunkable`)
 CAUSAL_MODES = ("causal", "coverage", "spread")
 
 
@@ -55,7 +55,7 @@ class SparsePrefillConfig:
     mode: BudgetMode = "causal"
     fixed_budget: int = 2048  # tokens kept per segment and head by the `fixed` (CritiPrefill) policy
     # `fixed` policy: when set, the fixed budget is solved per prompt so that the prefill's mean density
-    # (`shard.attention.SparsePrefill` stats: all layers, layer 0 and dense segments included) is this
+    # (`shard.sparse_attention.SparsePrefill` stats: all layers, layer 0 and dense segments included) is this
     target_density: float | None = None
     # spread mode (`policies/budgets.py`): B = clip(spread_factor * b * V^(1 - spread_power) *
     # exp(Hs)^spread_power, min_budget, 3 * B0) tokens, Hs the entropy of the block distribution at logit

@@ -18,7 +18,7 @@ import torch
 
 from entropyinfer.kernels.block_selection_ref import dense_segment_mask
 from entropyinfer.policies.head_stats import HeadStats
-from entropyinfer.shard.attention import SparsePrefill
+from entropyinfer.shard.sparse_attention import SparsePrefill
 
 __all__ = ["HeadStatsSink", "head_stats"]
 

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import math
 
-from entropyinfer.shard.attention import PrefillAttention, SparsePrefill
+from entropyinfer.shard.attention import PrefillAttention
 from entropyinfer.shard.kv_pages import KVPages
 from entropyinfer.shard.prefix_cache import page_names
 from entropyinfer.shard.sequence import Sequence
+from entropyinfer.shard.sparse_attention import SparsePrefill
 
 
 def plan_chunks(seq: Sequence, attention: PrefillAttention, page_size: int, caching: bool) -> None:

@@ -45,12 +45,12 @@ import torch.distributed as dist
 
 from entropyinfer.errors import ConfigError
 from entropyinfer.shard.arch import ModelArch
-from entropyinfer.shard.attention import warm_up_sparse_prefill
 from entropyinfer.shard.config import LLMConfig
 from entropyinfer.shard.engine import Engine
 from entropyinfer.shard.parallel.all_to_all import SequenceParallelGroup, check_sequence_parallel
 from entropyinfer.shard.parallel.group import TensorParallelGroup, with_kv_replicas
 from entropyinfer.shard.parallel.lockstep import LockstepExecutor, ShardGroupError, WorkerLoop
+from entropyinfer.shard.sparse_warm_up import warm_up_sparse_prefill
 from entropyinfer.shard.weights import build_model
 
 COLLECTIVE_TIMEOUT_S = 30.0  # a model collective that waits longer fails (a hung rank)

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from entropyinfer.policies.kv_compression import KVCompressionConfig, head_capacities, plan_keep
 from entropyinfer.shard.arch import ModelArch
-from entropyinfer.shard.attention import PrefillAttention, SparsePrefill, prompt_attention
+from entropyinfer.shard.attention import PrefillAttention, prompt_attention
 from entropyinfer.shard.compression import ObservationPool, PromptObserver
 from entropyinfer.shard.engine import Engine
 from entropyinfer.shard.kv_pages import KVPages
@@ -56,6 +56,7 @@ from entropyinfer.shard.parallel.messages import (
 from entropyinfer.shard.parallel.sequence import gather_entropy, gather_stats, sequence_parallel_prefill
 from entropyinfer.shard.parallel.sp_compress import Spans, compress_spans
 from entropyinfer.shard.parallel.sp_decode import SequenceParallelDecoder
+from entropyinfer.shard.sparse_attention import SparsePrefill
 
 Allocate = Callable[[torch.Tensor], list[list[int]]]
 _STAT_KEYS = ("density", "rigid_fraction", "rigid_fraction_reference")

@@ -33,11 +33,12 @@ from typing import Any
 import torch
 
 from entropyinfer.policies.kv_compression import KVCompressionConfig
-from entropyinfer.shard.attention import PrefillAttention, SparsePrefill
+from entropyinfer.shard.attention import PrefillAttention
 from entropyinfer.shard.config import ParallelConfig
 from entropyinfer.shard.engine import ChunkQueries, Engine, ProgressFn, _finish_layer
 from entropyinfer.shard.kv_pages import KVPages
 from entropyinfer.shard.parallel.all_to_all import HeadSplit, SequenceParallelGroup, to_heads, to_sequence
+from entropyinfer.shard.sparse_attention import SparsePrefill
 
 _STAT_KEYS = ("density", "rigid_fraction", "rigid_fraction_reference")
 

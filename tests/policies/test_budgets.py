@@ -109,7 +109,7 @@ def test_causal_modes_counts_on_the_real_model(smollm2, mode: str) -> None:
     """In every layer of SmolLM2 the block counts of a causal mode (spread, causal) for a prompt's first
     segments are those of the same prompt with text appended (sparse prefill of each, CPU reference path)."""
     from entropyinfer.evaluation.corpus import prose_text
-    from entropyinfer.shard.attention import SparsePrefill
+    from entropyinfer.shard.sparse_attention import SparsePrefill
 
     ids = smollm2.tokenizer.encode(prose_text(), add_special_tokens=False)[: 12 * 128 + 300]
     cfg = dataclasses.replace(smollm2.sparse_config, mode=mode)

@@ -7,7 +7,8 @@ import pytest
 from entropyinfer.errors import UnknownPolicyError
 from entropyinfer.policies.config import SparsePrefillConfig
 from entropyinfer.policies.registry import POLICIES, POLICY_NAMES, SELECTIONS, Policy, get_policy
-from entropyinfer.shard.attention import DensePrefill, SparsePrefill, build_prefill_attention
+from entropyinfer.shard.attention import DensePrefill, build_prefill_attention
+from entropyinfer.shard.sparse_attention import SparsePrefill
 
 
 def test_the_table_is_the_one_list_of_names() -> None:

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from entropyinfer.policies.config import load_sparse_config
-from entropyinfer.shard.attention import DensePrefill, SparsePrefill, build_prefill_attention
+from entropyinfer.shard.attention import DensePrefill, build_prefill_attention
+from entropyinfer.shard.sparse_attention import SparsePrefill
 
 LAYERS = 3
 CFG = dataclasses.replace(

@@ -81,7 +81,7 @@ def test_cli_generate_answers_a_question_about_a_file(tmp_path, capsys):
 
 
 def test_warm_up_lengths_cover_every_kernel_size_class():
-    from entropyinfer.shard.attention import warm_up_lengths
+    from entropyinfer.shard.sparse_warm_up import warm_up_lengths
 
     for preset, max_len in (("entropy_long", 1 << 20), ("entropy_short", 8192)):
         cfg = load_sparse_config(preset)

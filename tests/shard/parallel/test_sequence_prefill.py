@@ -23,7 +23,7 @@ from entropyinfer.errors import ConfigError
 from entropyinfer.kernels.backend import interpreter_ready
 from entropyinfer.kernels.paged_decode_attention import paged_decode_attention
 from entropyinfer.policies.config import SparsePrefillConfig
-from entropyinfer.shard.attention import DensePrefill, PrefillAttention, SparsePrefill
+from entropyinfer.shard.attention import DensePrefill, PrefillAttention
 from entropyinfer.shard.compression import ObservationPool
 from entropyinfer.shard.dummy_checkpoint import write_dummy_checkpoint
 from entropyinfer.shard.engine import Engine
@@ -37,6 +37,7 @@ from entropyinfer.shard.parallel.all_to_all import (
 from entropyinfer.shard.parallel.sequence import sequence_parallel_prefill
 from entropyinfer.shard.parallel.sp_compress import Spans
 from entropyinfer.shard.parallel.sp_decode import SequenceParallelDecoder, paged_attention_lse
+from entropyinfer.shard.sparse_attention import SparsePrefill
 from entropyinfer.shard.weights import build_model
 
 CPU, F32 = torch.device("cpu"), torch.float32

@@ -28,7 +28,7 @@ from entropyinfer.errors import ConfigError
 from entropyinfer.policies.config import SparsePrefillConfig
 from entropyinfer.policies.entropy import plan_layer
 from entropyinfer.shard.arch import ModelArch
-from entropyinfer.shard.attention import DensePrefill, PrefillAttention, SparsePrefill
+from entropyinfer.shard.attention import DensePrefill, PrefillAttention
 from entropyinfer.shard.compression import ObservationPool
 from entropyinfer.shard.config import ParallelConfig
 from entropyinfer.shard.engine import Engine
@@ -37,6 +37,7 @@ from entropyinfer.shard.model import CausalLM
 from entropyinfer.shard.paged_decode import PagedDecoder
 from entropyinfer.shard.parallel.group import TensorParallelGroup, with_kv_replicas
 from entropyinfer.shard.parallel.heads import HeadShard, head_shard, tensor_parallel_sizes
+from entropyinfer.shard.sparse_attention import SparsePrefill
 from entropyinfer.shard.weights import build_model, empty_model, load_model
 
 CPU, F32 = torch.device("cpu"), torch.float32
