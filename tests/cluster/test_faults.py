@@ -3,7 +3,9 @@ a random-weight Llama: fast to load again): the shard actor SIGKILLed mid-prefil
 mid-job, the engine replica SIGKILLed, and the whole process running the app SIGKILLed and started again
 on the same SQLite job store. Every submitted job must end succeeded (retried) or failed with a reason,
 none lost, none run twice to completion, results readable after the restart. The figure: submitted /
-completed / failed / duplicated per fault. (No policy actor exists yet: its fault is not covered.)
+completed / failed / duplicated per fault. The policy actor killed (`ray.kill`, no restart) mid-job of
+entropy jobs: the same, completions answered during the outage, and the shard links to a new actor.
+(One rank of a tensor-parallel group killed: tests/cluster/test_faults_parallel.py.)
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ def _doc(i: int) -> str:
     return (f"Record {i}: " + "the ledger lists crates of tea and copper; " * 80)[:DOC_CHARS]
 
 
-def _submit(url: str, n_docs: int, tag: str) -> str:
+def _submit(url: str, n_docs: int, tag: str, policy: str = "dense") -> str:
     body = {
+        "policy": policy,
         "documents": [_doc(i) for i in range(n_docs)],
         "question": f"Summarise ({tag}).",
         "max_tokens": ANSWER_TOKENS,
@@ -137,3 +140,60 @@ def test_sigkill_of_the_whole_app_and_a_restart_on_the_same_store(app_process: A
     # A resubmission under the same idempotency key after the restart returns the job, no second one.
     assert _submit(app.url, 3, "killed") == victim
     _figure("whole app SIGKILL + restart", at, outcome, duplicated)
+
+
+def _policy(url: str) -> dict[str, Any]:
+    resp = httpx.get(url + "/v1/policy/heads", headers=AUTH, timeout=30)
+    assert resp.status_code == 200, resp.text
+    return dict(resp.json())
+
+
+def _wait_policy(url: str, cond: Callable[[dict[str, Any]], bool], timeout_s: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while not cond(heads := _policy(url)):
+        assert time.monotonic() < deadline, heads
+        time.sleep(0.1)
+    return heads
+
+
+def _link(heads: dict[str, Any]) -> dict[str, Any]:
+    (link,) = heads["shards"]  # the one shard's link to the actor (`PolicyClient.stats`)
+    return dict(link or {})
+
+
+def test_a_killed_policy_actor_loses_no_job_and_no_request_waits_on_it(app_process: App) -> None:
+    app, tag = app_process, "policy-actor"
+    completion = {"prompt": "Record 7: the ledger", "max_tokens": 4, "policy": "entropy", "ignore_eos": True}
+    victim = _submit(app.url, 3, tag, policy="entropy")
+    others = [_submit(app.url, 1, f"{tag}-{i}", policy="entropy") for i in range(2)]
+    at = _wait_for(app.url, victim, PHASES["shard mid-job"], 60.0)
+    before = _wait_policy(app.url, lambda h: h["actor"]["state"] == "ok" and _link(h)["state"] == "ok", 30)
+    app.command("kill-policy")
+    # Completions while the actor is gone: answered, none waits on it (its calls run in the background)
+    latencies = []
+    down = False
+    for _ in range(8):
+        t0 = time.monotonic()
+        resp = httpx.post(app.url + "/v1/completions", json=completion, headers=AUTH, timeout=60)
+        latencies.append(time.monotonic() - t0)
+        assert resp.status_code == 200, resp.text
+        down = down or _link(_policy(app.url))["state"] == "unavailable"
+    outcome = _outcome(app.url, [victim, *others])
+    # the shard saw the outage (one failure at least) and linked to a new actor that answers
+    after = _wait_policy(
+        app.url,
+        lambda h: (
+            h["actor"]["state"] == "ok"
+            and _link(h)["state"] == "ok"
+            and _link(h)["failures"] > _link(before)["failures"]
+        ),
+        60,
+    )
+    print(
+        f"\nFIGURE policy actor killed: link failures {_link(before)['failures']} -> "
+        f"{_link(after)['failures']}, seen unavailable by a poll {down}; 8 entropy completions during "
+        f"the outage all 200, slowest {max(latencies) * 1000:.0f} ms; new actor's table v"
+        f"{after['table']['version'] if after['table'] else None}"
+    )
+    assert max(latencies) < 10.0
+    _figure("policy actor killed mid-job", at, outcome, duplicated=0)
