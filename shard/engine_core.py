@@ -32,6 +32,7 @@ reports).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -40,8 +41,9 @@ from dataclasses import dataclass
 import torch
 
 from entropyinfer.errors import PromptTooLongError, RequestCancelled
+from entropyinfer.policies.head_stats import HeadStats
 from entropyinfer.policies.kv_compression import KVCompressionConfig
-from entropyinfer.shard.attention import PrefillAttention, SparsePrefill, prompt_attention
+from entropyinfer.shard.attention import PrefillAttention, prompt_attention
 from entropyinfer.shard.compression import PromptObserver, compression_due
 from entropyinfer.shard.engine import Engine
 from entropyinfer.shard.head_report import HeadStatsSink, head_stats
@@ -51,6 +53,8 @@ from entropyinfer.shard.sampling import TokenLogprobs, logprobs_of, make_generat
 from entropyinfer.shard.scheduler import Chunk, Scheduler
 from entropyinfer.shard.sequence import RequestOutput, Sequence, SequenceRequest
 from entropyinfer.shard.sequence_stats import fill_stats
+from entropyinfer.shard.sparse_attention import SparsePrefill
+from entropyinfer.shard.step_inputs import StepInputs
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,7 @@ class EngineCore:
         # prompt's heads across ranks in prefill; the policy actor's table and statistics are per whole model)
         self.single_rank = self.executor.shape == (1, 1)
         self.scheduler = Scheduler(self.config, self.pages)
+        self.inputs = StepInputs(self.device)  # one host-to-device copy per decode step
         self.seqs: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
         # the policy actor's hooks (`shard/head_report.py`): after each sparse prefill the request's head
@@ -115,18 +120,19 @@ class EngineCore:
                 f"the prompt has {n} tokens; with max_tokens={max_tokens} that exceeds the model's context "
                 f"of {self.max_context} tokens: shorten the prompt or lower max_tokens"
             )
-        need = self.pages.pages(_peak_tokens(n, max_tokens, request.kv, self.full_arch.num_kv_heads))
+        stop_ids = set(request.params.stop_token_ids)
+        if not request.params.ignore_eos:
+            stop_ids |= self.eos_token_ids
+        generator = make_generator(request.params, self.device)
+        seq = Sequence(request, self.tokenizer, stop_ids, generator, next(self._arrivals))
+        peak = _peak_tokens(n, max_tokens, request.kv, self.full_arch.num_kv_heads)
+        need = self.pages.pages(self.executor.held_tokens(seq, peak))  # an SP prompt: one rank's span
         if need > self.pages.num_pages:
             raise PromptTooLongError(
                 f"the request needs {need} KV pages of {self.pages.page_size} tokens ({n} prompt tokens, "
                 f"max_tokens={max_tokens}) but the pool has {self.pages.num_pages}: shorten it, lower "
                 "max_tokens, or give the engine more pages (num_kv_pages / gpu_memory_utilization)"
             )
-        stop_ids = set(request.params.stop_token_ids)
-        if not request.params.ignore_eos:
-            stop_ids |= self.eos_token_ids
-        generator = make_generator(request.params, self.device)
-        seq = Sequence(request, self.tokenizer, stop_ids, generator, next(self._arrivals))
         self._plan_prefill(seq)
         self.seqs[request.request_id] = seq
         self.scheduler.add(seq)
@@ -134,9 +140,9 @@ class EngineCore:
     def _new_attention(self, seq: Sequence) -> PrefillAttention:
         req = seq.request
         attention = prompt_attention(req.policy, req.sparse, self.arch.num_layers, seq.num_prompt_tokens)
-        if isinstance(attention, SparsePrefill) and self.single_rank:
+        if isinstance(attention, SparsePrefill):
             table, shape = req.head_budgets, (self.arch.num_layers, self.arch.num_kv_heads)
-            if table is not None and table.version and table.shape == shape:
+            if table is not None and table.version and table.shape == shape and self.single_rank:
                 attention.pin_table(torch.from_numpy(table.scales), table.version)
             attention.collect_mass = self.head_stats_sink is not None
         return attention
@@ -204,6 +210,7 @@ class EngineCore:
             seq.obs_row if seq.observer is not None else None, req.kv,
             entropy=req.kv is not None, stats=not seq.output_ids,
             all_logits=req.params.prompt_logprobs is not None,
+            head_stats=self.head_stats_sink is not None and not self.single_rank,
         )  # fmt: skip
         # a cancel is seen between the layers of one rank only; with several it waits for the next step
         cancel = req.cancel if self.executor.size == 1 else None
@@ -234,16 +241,20 @@ class EngineCore:
         seq.stats.update(result.stats or {})
         if isinstance(attention, SparsePrefill):
             seq.stats["head_table_version"] = attention.table_version
-            self._report_heads(seq, attention)
+            self._report_heads(seq, attention, result.heads)
         return self._emit(seq, token, logits)
 
-    def _report_heads(self, seq: Sequence, attention: SparsePrefill) -> None:
-        """Hand the prefill's head statistics to the sink; a failing sink never fails the request."""
+    def _report_heads(self, seq: Sequence, attention: SparsePrefill, gathered: HeadStats | None) -> None:
+        """Hand the prefill's head statistics to the sink (one rank: read from `attention`; a group: what
+        the executor gathered from every rank, `gathered`); a failing sink never fails the request."""
         sink = self.head_stats_sink
-        if sink is None or not self.single_rank:
+        if sink is None:
             return
         try:
-            stats = head_stats(attention, self.model_name, self.arch.num_layers, self.arch.num_kv_heads)
+            if self.single_rank:
+                stats = head_stats(attention, self.model_name, self.arch.num_layers, self.arch.num_kv_heads)
+            else:
+                stats = None if gathered is None else dataclasses.replace(gathered, model=self.model_name)
             if stats is not None:
                 sink(seq.request_id, stats)
         except Exception:
@@ -261,19 +272,26 @@ class EngineCore:
     def _decode(self, seqs: list[Sequence]) -> list[EngineEvent]:
         dev = self.device
         t0 = _now(dev)
-        tokens = torch.tensor([s.next_input for s in seqs], dtype=torch.long, device=dev)
-        positions = torch.tensor([s.position for s in seqs], dtype=torch.long, device=dev)
-        lengths = torch.stack([s.kv_lengths for s in seqs if s.kv_lengths is not None], dim=1).to(dev)
-        tables = self.pages.batch_tables(seqs)
-        index = None
-        if any(s.obs_row is not None for s in seqs):
+        # the step's inputs and block-table changes go to the device in one copy (`shard/step_inputs.py`)
+        inputs = self.inputs
+        inputs.begin()
+        inputs.longs([s.next_input for s in seqs])
+        inputs.longs([s.position for s in seqs])
+        inputs.stack([s.kv_lengths for s in seqs if s.kv_lengths is not None], dim=1)
+        windows = any(s.obs_row is not None for s in seqs)
+        if windows:
             scratch = self.obs.scratch_row
-            rows = [s.obs_row if s.obs_row is not None else scratch for s in seqs]
-            slots = [
-                s.decode_steps % s.request.kv.window if s.obs_row is not None and s.request.kv else 0
-                for s in seqs
-            ]
-            index = (torch.tensor(rows, device=dev), torch.tensor(slots, device=dev))
+            inputs.longs([s.obs_row if s.obs_row is not None else scratch for s in seqs])
+            inputs.longs(
+                [
+                    s.decode_steps % s.request.kv.window if s.obs_row is not None and s.request.kv else 0
+                    for s in seqs
+                ]
+            )
+        tables = self.pages.batch_tables(seqs, inputs)
+        views = inputs.upload()
+        tokens, positions, lengths = views[:3]
+        index = (views[3], views[4]) if windows else None
         steps_left = max(s.params.max_tokens - len(s.output_ids) for s in seqs)
         ids = [s.request_id for s in seqs]
         logits = self.executor.decode(tokens, positions, tables, lengths, index, steps_left, ids)

@@ -36,9 +36,11 @@ from collections.abc import Callable, Mapping
 import torch
 
 from entropyinfer.shard.arch import ModelArch
+from entropyinfer.shard.block_tables import BatchTables
 from entropyinfer.shard.config import EngineConfig
 from entropyinfer.shard.prefix_cache import PrefixCache
 from entropyinfer.shard.sequence import Sequence
+from entropyinfer.shard.step_inputs import StepInputs
 
 
 def pages_for(tokens: int, page_size: int) -> int:
@@ -111,6 +113,7 @@ class KVPages:
         self._free: list[list[int]] = [list(range(num_pages - 1, -1, -1)) for _ in range(self.num_kv_heads)]
         self.device = device
         self.cache = PrefixCache()
+        self.tables = BatchTables(self.num_kv_heads, device)  # device block tables (`batch_tables`)
 
     def k(self, layer: int) -> torch.Tensor:
         return self.data[layer, 0]
@@ -294,27 +297,15 @@ class KVPages:
         return True
 
     # ------------------------------------------------------------------------------------ batch tensors
-    def batch_tables(self, seqs: list[Sequence]) -> torch.Tensor:
+    def batch_tables(self, seqs: list[Sequence], stage: StepInputs | None = None) -> torch.Tensor:
         """int32 ``[B, Hkv, max_pages]`` block tables of a decode batch (padded with each row's last page).
 
-        Each sequence's table lives on the device and is rebuilt only when its pages change (a new page
-        every `page_size` tokens, compression, preemption), so a step costs no host-to-device copy of
-        tables that grow to thousands of pages per head at 128k tokens."""
-        tables = [self.device_table(s) for s in seqs]
-        if len(tables) == 1:
-            return tables[0][None]
-        width = max(t.shape[1] for t in tables)
-        out = torch.empty(len(seqs), self.num_kv_heads, width, dtype=torch.int32, device=self.device)
-        for i, t in enumerate(tables):
-            out[i, :, : t.shape[1]] = t
-            out[i, :, t.shape[1] :] = t[:, -1:]
-        return out
+        Each sequence's table lives on the device and only its new entries are written (a new page every
+        `page_size` tokens); compression and preemption rebuild it; the batch's rows are copied only when
+        they change (`shard/block_tables.py`). With `stage`, the writes ride with the decode step's one
+        host-to-device copy and the result is valid after ``stage.upload()``."""
+        return self.tables.batch(seqs, stage)
 
     def device_table(self, seq: Sequence) -> torch.Tensor:
         """int32 ``[Hkv, pages]`` on the device, padded per head with the head's last page."""
-        shape = tuple(len(t) for t in seq.block_table)  # pages are only appended between reassignments
-        if seq.table_cache is None or seq.table_cache[0] != shape:
-            width = max(len(t) for t in seq.block_table)
-            rows = [t + [t[-1]] * (width - len(t)) for t in seq.block_table]
-            seq.table_cache = (shape, torch.tensor(rows, dtype=torch.int32, device=self.device))
-        return seq.table_cache[1]
+        return self.tables.table(seq)

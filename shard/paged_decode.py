@@ -194,6 +194,10 @@ class _PaddedStep:
         self.logits: torch.Tensor | None = None
         self.obs_q: torch.Tensor | None = None  # the pool tensor the graph writes (kept alive with it)
         self.used, self.obs_real = 0, False  # rows [used:] are padding; some row [:used] has a window
+        # the tables tensor whose rows [:used] the buffer holds: `KVPages.batch_tables` returns the same
+        # object while the batch's tables are unchanged, and then they are not copied again
+        self.tables_src: torch.Tensor | None = None
+        self.table_loads = 0  # tables copied in (tests)
 
     def reset(self) -> None:
         """Every row padding."""
@@ -201,7 +205,7 @@ class _PaddedStep:
             t.zero_()
         self.tables.fill_(self.scratch_page)
         self.obs[0].fill_(self.scratch_row)
-        self.used, self.obs_real = 0, False
+        self.used, self.obs_real, self.tables_src = 0, False, None
 
     def load(
         self,
@@ -213,11 +217,15 @@ class _PaddedStep:
     ) -> None:
         """Copy a batch in; rows past it become padding (they may hold an earlier, larger batch's rows).
         Table entries past the batch's width keep stale ids: no length reaches them. Only what changed is
-        written: rows that held real rows before, observation rows while some row has a window."""
+        written: the tables when they are another tensor than the last ones copied, rows that held real rows
+        before, observation rows while some row has a window."""
         b, w = tokens.shape[0], tables.shape[2]
         self.tokens[:b].copy_(tokens)
         self.positions[:b].copy_(positions)
-        self.tables[:b, :, :w].copy_(tables)
+        if tables is not self.tables_src:
+            self.tables[:b, :, :w].copy_(tables)
+            self.tables_src = tables
+            self.table_loads += 1
         self.lengths[:, :b].copy_(lengths)
         if obs is not None:
             self.obs[0][:b].copy_(obs[0])

@@ -15,7 +15,7 @@ import enum
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,6 +23,9 @@ from entropyinfer.policies.config import SparsePrefillConfig
 from entropyinfer.policies.head_budgets import HeadBudgetTable
 from entropyinfer.policies.kv_compression import KVCompressionConfig
 from entropyinfer.shard.sampling import SamplingParams, TokenLogprobs
+
+if TYPE_CHECKING:
+    from entropyinfer.shard.block_tables import DeviceTable
 
 Prompt = str | list[dict[str, str]]
 ProgressFn = Callable[[int, int], None]
@@ -137,9 +140,8 @@ class Sequence:
         self.detokenizer = IncrementalDetokenizer(tokenizer)
         # KV state
         self.block_table: list[list[int]] = []
-        # The device copy of block_table for decode and the per-head page counts it was made from (`KVPages`;
-        # reset whenever block_table is replaced).
-        self.table_cache: tuple[tuple[int, ...], torch.Tensor] | None = None
+        # The device copy of block_table (`shard/block_tables.py`; reset whenever block_table is replaced).
+        self.table_cache: DeviceTable | None = None
         self.kv_lengths: torch.Tensor | None = None
         self.swapped_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer, while swapped
         self.swapped_pages: list[int] = []  # pages per head it held when swapped out

@@ -191,3 +191,34 @@ def test_pages_freed_by_compression_serve_another_request(folder: Path) -> None:
     alone = llm.generate("b" * 200, params, policy="snapkv")[0]
     assert outs["b"].token_ids == alone.token_ids
     assert core.pages.used_pages == 0
+
+
+def test_a_decode_step_copies_its_inputs_once_and_block_tables_only_at_page_boundaries(folder: Path) -> None:
+    """The GPU path's host-to-device traffic, counted on the CPU: one copy of the packed inputs per decode
+    step (`StepInputs`), a block-table write only when a sequence gains a page, and the padded step's table
+    buffer reloaded only when the batch's tables changed; the tokens are those of a plain run."""
+    from entropyinfer.shard.step_inputs import StepInputs
+
+    llm = tiny(folder, kv_page_size=8)
+    prompts, params = [PROMPTS[1], PROMPTS[5]], SamplingParams(max_tokens=24, ignore_eos=True)
+    alone = [llm.generate(p, params)[0].token_ids for p in prompts]
+    core = llm.core
+    core.inputs = StepInputs(core.device, copies=True)  # a separate "device" buffer even on the CPU
+    core.decoder.pad_on_cpu = True  # the graphs' padded buffers, run eagerly
+    for i, p in enumerate(prompts):
+        core.add_request(request(llm, str(i), p, params=params))
+    seqs, outs, decode_steps = dict(core.seqs), {}, 0
+    first: dict[str, tuple[int, int]] = {}  # (writes, pages) when first seen decoding
+    while core.has_unfinished():
+        uploads, steps = core.inputs.uploads, {r: s.decode_steps for r, s in seqs.items()}
+        outs.update({e.request_id: e.output for e in core.step() if isinstance(e, Finished)})
+        decoded = any(s.decode_steps > steps[r] for r, s in seqs.items())
+        assert core.inputs.uploads - uploads == int(decoded)
+        decode_steps += decoded
+        for r, s in seqs.items():
+            if s.table_cache is not None and s.decode_steps:
+                writes, pages = first.setdefault(r, (s.table_cache.writes, len(s.block_table[0])))
+                assert s.table_cache.writes - writes == len(s.block_table[0]) - pages  # a write per new page
+    assert [outs[str(i)].token_ids for i in range(2)] == alone
+    loads = sum(step.table_loads for step in core.decoder._steps.values())
+    assert decode_steps >= 23 and 1 <= loads <= 10 < decode_steps  # 24 tokens of pages of 8: a few changes
