@@ -254,6 +254,7 @@ def _block_scores_triton(
     segment_offset: int = 0,
     num_key_blocks: int | None = None,
     logit_reduce: LogitReduce | None = None,
+    key_reps: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> BlockScores:
     hq, n, dim = q.shape
     hkv = k.shape[0]
@@ -263,11 +264,17 @@ def _block_scores_triton(
     width = nblk if num_key_blocks is None else num_key_blocks
     dev = q.device
     t = tiles or scoring_tiles(nseg, nblk, segment_size, block_size, dim, cuda=dev.type == "cuda")
-    q, k = _contiguous_last(q), _contiguous_last(k)
-    if k.dtype != q.dtype:
-        k = k.to(q.dtype)
+    q = _contiguous_last(q)
     qmax, qmin = _minmax(q, segment_size, nseg, n, t.seg_groups, t.seg_rows, t.reps_warps)
-    kmax, kmin = _minmax(k, block_size, nblk, nblk * block_size, t.blk_groups, pow2(block_size), t.reps_warps)
+    if key_reps is None:
+        k = _contiguous_last(k)
+        if k.dtype != q.dtype:
+            k = k.to(q.dtype)
+        kmax, kmin = _minmax(
+            k, block_size, nblk, nblk * block_size, t.blk_groups, pow2(block_size), t.reps_warps
+        )
+    else:  # read from the pages (`paged_block_reps`): the first nblk blocks
+        kmax, kmin = (_contiguous_last(r[:, :nblk]).to(q.dtype) for r in key_reps)
     logits = torch.empty(hkv, nseg, width, dtype=torch.float32, device=dev)
     entropy = torch.empty(hkv, nseg, dtype=torch.float32, device=dev)
     row_max = torch.empty_like(entropy)
@@ -317,6 +324,7 @@ def block_scores(
     num_key_blocks: int | None = None,
     row_invariant: bool = False,
     logit_reduce: LogitReduce | None = None,
+    key_reps: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> BlockScores:
     """Block logits (GQA mean, visible entries), softmax statistics and entropy of one layer; with
     `spread_logit_scale` (>= 0), also the entropy at that logit scale (`BlockScores.spread`, in the same
@@ -334,8 +342,11 @@ def block_scores(
 
     ``logit_reduce``: applied to the logits before the softmax statistics and entropy (a tensor-parallel
     rank holding part of a GQA group's query heads makes them the whole group's mean, `LogitReduce`).
+
+    ``key_reps``: the key blocks' ``(kmax, kmin) [Hkv, >= visible blocks, d]`` computed elsewhere (a chunk
+    over paged KV: `paged_block_reps`); ``k`` is then only checked for its shape (a zero-stride view will do).
     """
-    chunked = segment_offset > 0 or num_key_blocks is not None
+    chunked = segment_offset > 0 or num_key_blocks is not None or key_reps is not None
     if chunked:
         nblk_all = num_key_blocks
         if nblk_all is None:
@@ -351,8 +362,9 @@ def block_scores(
         return block_scores_ref(
             q, k, segment_size, block_size, spread_logit_scale, segment_offset=segment_offset,
             num_key_blocks=num_key_blocks, row_invariant=row_invariant, logit_reduce=logit_reduce,
+            key_reps=key_reps,
         )  # fmt: skip
     return _block_scores_triton(
         q, k, segment_size, block_size, tiles, spread_logit_scale, segment_offset, num_key_blocks,
-        logit_reduce,
+        logit_reduce, key_reps,
     )  # fmt: skip

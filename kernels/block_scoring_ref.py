@@ -84,10 +84,12 @@ def chunk_block_logits_ref(
     segment_offset: int,
     num_key_blocks: int,
     row_invariant: bool = True,
+    key_reps: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """float32 ``[Hkv, nseg_chunk, num_key_blocks]`` logits of a chunk's segments (``q`` from position
     ``segment_offset * S``) against the key blocks of ``k`` (from position 0); blocks the chunk's segments
-    cannot see are 0 (and hidden)."""
+    cannot see are 0 (and hidden). ``key_reps``: the blocks' ``(kmax, kmin) [Hkv, >= visible blocks, d]``
+    computed elsewhere (`paged_block_reps`), so ``k``'s values are never read (only its shape)."""
     check_chunk_qk(q, k, segment_size, block_size, segment_offset, num_key_blocks)
     hq, nq, d = q.shape
     hkv = k.shape[0]
@@ -98,10 +100,13 @@ def chunk_block_logits_ref(
     qmax = torch.cat([qs.amax(dim=2), q[:, full:].amax(dim=1, keepdim=True)], dim=1).float()
     qmin = torch.cat([qs.amin(dim=2), q[:, full:].amin(dim=1, keepdim=True)], dim=1).float()
     avail = (segment_offset + nseg - 1) * s_len // b  # blocks the last segment sees
-    kb = k[:, : avail * b].reshape(hkv, avail, b, d)
-    kmax = k.new_zeros(hkv, num_key_blocks, d, dtype=torch.float32)
+    kmax = q.new_zeros(hkv, num_key_blocks, d, dtype=torch.float32)
     kmin = torch.zeros_like(kmax)
-    kmax[:, :avail], kmin[:, :avail] = kb.amax(dim=2).float(), kb.amin(dim=2).float()
+    if key_reps is None:
+        kb = k[:, : avail * b].reshape(hkv, avail, b, d)
+        kmax[:, :avail], kmin[:, :avail] = kb.amax(dim=2).float(), kb.amin(dim=2).float()
+    else:
+        kmax[:, :avail], kmin[:, :avail] = key_reps[0][:, :avail].float(), key_reps[1][:, :avail].float()
     kmax_t = kmax.repeat_interleave(g, dim=0).transpose(1, 2)
     kmin_t = kmin.repeat_interleave(g, dim=0).transpose(1, 2)
 
@@ -150,6 +155,7 @@ def block_scores_ref(
     num_key_blocks: int | None = None,
     row_invariant: bool = False,
     logit_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    key_reps: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> BlockScores:
     """Logits, masked float32 softmax (``exp(x - max) / sum``) and entropy, as the reference computes them;
     with `spread_logit_scale`, also the spread entropy (`spread_entropy_ref`).
@@ -157,7 +163,7 @@ def block_scores_ref(
     The whole prompt by default (``q``, ``k`` of one length). A prefill chunk, or any row-invariant profiling,
     with `segment_offset` / `num_key_blocks` / `row_invariant` (`chunk_block_logits_ref`): ``q`` holds the
     positions from ``segment_offset * S``, ``k`` the keys from 0 (at least up to the chunk's last segment)."""
-    chunked = segment_offset > 0 or num_key_blocks is not None or row_invariant
+    chunked = segment_offset > 0 or num_key_blocks is not None or row_invariant or key_reps is not None
     if chunked:
         nblk_all = num_key_blocks
         if nblk_all is None:
@@ -165,8 +171,9 @@ def block_scores_ref(
                 (segment_offset + num_segments(q.shape[1], segment_size) - 1) * segment_size // block_size
             )
         logits = chunk_block_logits_ref(
-            q, k, segment_size, block_size, segment_offset, nblk_all, row_invariant=row_invariant
-        )
+            q, k, segment_size, block_size, segment_offset, nblk_all, row_invariant=row_invariant,
+            key_reps=key_reps,
+        )  # fmt: skip
     else:
         logits = block_logits_ref(q, k, segment_size, block_size)
     if logit_reduce is not None:  # a rank's partial GQA group made the whole group's (`block_scoring.py`)

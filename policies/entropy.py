@@ -265,6 +265,7 @@ def plan_chunk(
     head_scale: torch.Tensor | None = None,
     with_mass: bool = False,
     logit_reduce: LogitReduce | None = None,
+    key_reps: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> ChunkPlan:
     """Profile one prefill chunk of one layer and decide its blocks exactly as a one-shot prefill would.
 
@@ -274,7 +275,8 @@ def plan_chunk(
     them; `fixed` ignores them). Row-invariant scoring with the whole prompt's block count as the logits'
     width and the whole prompt's tiles, then the counts of the whole-prompt rule over the history (later
     segments padded: the rule is causal, they change nothing before them), so a chunked prefill gives the
-    one-shot counts (bit for bit on the torch path). ``logit_reduce``: as `plan_layer`.
+    one-shot counts (bit for bit on the torch path). ``logit_reduce``: as `plan_layer`. ``key_reps``: the
+    key blocks' ``(kmax, kmin)`` read from paged KV (`kernels.paged_block_reps`); ``k`` is then only a shape.
     """
     if policy == "entropy" and not cfg.causal:
         raise ValueError(f"mode {cfg.mode!r} is not causal: prefill it in one shot (plan_layer)")
@@ -288,6 +290,7 @@ def plan_chunk(
         spread_logit_scale=spread_logit_scale(cfg, q.shape[-1]) if spread else None, row_invariant=True,
         tiles=scoring_tiles(nseg, nblk, s_len, b, q.shape[-1], cuda=cuda) if on_triton else None,
         logit_reduce=logit_reduce,
+        key_reps=key_reps,
     )  # fmt: skip
     nc = scores.entropy.shape[1]
     end = segment_offset + nc

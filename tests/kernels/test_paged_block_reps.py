@@ -40,3 +40,27 @@ def test_table_too_short_raises() -> None:
     k_pages, _, table = page_keys(k, k, 8, 1)
     with pytest.raises(ValueError, match="the table covers"):
         paged_block_reps(k_pages, table[:, :2], 3, 8)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_block_scores_from_paged_reps_equal_scores_from_keys(backend: str) -> None:
+    """A chunk profiled from the pages' block representations (keys only a zero-stride shape) scores as
+    from the contiguous keys: same visible logits, entropy and softmax statistics."""
+    from entropyinfer.kernels.block_scoring import block_scores
+
+    seg, b, n, offset = 32, 8, 160, 2  # a chunk of segments 2..4 of a 160-token prompt
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(4, n - offset * seg, 16, generator=gen).to(DEVICE)
+    k = torch.randn(2, n, 16, generator=gen).to(DEVICE)
+    k_pages, _, table = page_keys(k, k, 16, 6)
+    visible = (offset + 2) * seg // b  # blocks the chunk's last segment sees
+    reps = paged_block_reps(k_pages, table, visible, b, backend=backend)  # type: ignore[arg-type]
+    kw = dict(segment_offset=offset, num_key_blocks=n // b, row_invariant=True, backend=backend)
+    want = block_scores(q, k, seg, b, **kw)  # type: ignore[arg-type]
+    shape_only = k.new_empty(()).expand(2, n, 16)
+    got = block_scores(q, shape_only, seg, b, key_reps=reps, **kw)  # type: ignore[arg-type]
+    for name in ("entropy", "row_max", "row_sum"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), atol=0, rtol=0)
+    for i in range(3):  # the visible logits of each segment (the kernel leaves the others unwritten)
+        sees = (offset + i) * seg // b
+        torch.testing.assert_close(got.logits[:, i, :sees], want.logits[:, i, :sees], atol=0, rtol=0)
