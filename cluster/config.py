@@ -172,6 +172,10 @@ class PolicyActorConfig:
 
     enabled: bool = False
     density_target: float | None = None  # mean prefill density the tables aim at (None: budget-neutral)
+    # EXPERIMENTAL, off: tables that move budget between heads (measured worse than the entropy rule's own
+    # budgets at matched density, benchmarks/results/policy_rebalance.md); off, the actor only aggregates
+    # statistics and makes tables only for a density_target
+    rebalance_heads: bool = False
     every_requests: int = 32  # at most one new table version per this many requests ...
     every_s: float = 30.0  # ... and per this many seconds (the version is part of the prefix-cache key)
     warmup_requests: int = 8  # no table before this many requests
@@ -194,6 +198,7 @@ class PolicyActorConfig:
         try:
             return RebalanceConfig(
                 density_target=self.density_target,
+                move_budget=self.rebalance_heads,
                 every_requests=self.every_requests,
                 every_s=self.every_s,
                 warmup_requests=self.warmup_requests,

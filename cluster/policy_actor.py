@@ -75,6 +75,7 @@ def settings(config: PolicyActorConfig) -> dict[str, Any]:
     """The fields of `config` the actor itself uses (the rest are the shards' link settings)."""
     c = config
     return {
+        "rebalance_heads": c.rebalance_heads,
         "density_target": c.density_target,
         "every_requests": c.every_requests,
         "every_s": c.every_s,

@@ -6,10 +6,14 @@ request's `HeadStats` goes into its `HeadProfile` (`policies/head_stats.py`), an
 once per `every_requests` requests and `every_s` seconds (the version is part of the prefix-cache key, so
 new versions must be rare).
 
-Rebalancing (`rebalance`), over the heads seen in at least `min_requests` requests:
-- donors: heads reliably rigid (rigid in >= `rigid_reliable` of their requests) or saturated (captured
-  mass >= `mass_saturated`, or their count was everything the segment sees in >= `rigid_reliable` of
-  their segments) keep `donor_scale` of their budget;
+Rebalancing (`rebalance`) is EXPERIMENTAL and off by default (`move_budget`): measured at matched density
+it made the quality worse than the entropy rule's own per-request budgets
+(`benchmarks/results/policy_rebalance.md`). Without it (and without a `density_target`) the rebalancer
+makes no table versions at all: the actor only aggregates statistics (the heat map, the rigid-set
+stability). With `move_budget`, over the heads seen in at least `min_requests` requests:
+- donors: heads reliably rigid (rigid in >= `rigid_reliable` of their requests; only with `rigid_donors`)
+  or saturated (captured mass >= `mass_saturated`, or their count was everything the segment sees in >=
+  `rigid_reliable` of their segments) keep `donor_scale` of their budget;
 - receivers: the other heads whose captured mass is below `mass_target` share what the donors gave up, in
   proportion to their shortfall ``mass_target - captured`` (scale capped at `max_scale`); the total budget
   (tokens, weighted by each head's mean budget) is unchanged;
@@ -98,6 +102,8 @@ class RebalanceConfig:
     """How budget moves between heads, and how often a new table version may appear."""
 
     density_target: float | None = None  # mean prefill density to aim at (None: keep the budget total)
+    move_budget: bool = False  # EXPERIMENTAL: move budget from donor heads to receivers (measured worse)
+    rigid_donors: bool = True  # reliably rigid heads are donors (else only saturated ones)
     every_requests: int = 32  # at most one new version per this many requests ...
     every_s: float = 30.0  # ... and per this many seconds
     warmup_requests: int = 8  # no table before this many requests
@@ -121,16 +127,22 @@ class RebalanceConfig:
             if not 0 < getattr(self, name) <= 1:
                 raise ConfigError(f"{name}: expected a number in (0, 1], got {getattr(self, name)!r}")
 
+    @property
+    def makes_tables(self) -> bool:
+        """Whether tables can differ from the identity (else no versions are made)."""
+        return self.move_budget or self.density_target is not None
+
 
 def rebalance(profile: HeadProfile, cfg: RebalanceConfig) -> np.ndarray:
     """float32 ``[L, Hkv]`` budget factors from `profile` (see the module docstring); 1 for heads not seen."""
     scales = np.ones((profile.num_layers, profile.num_kv_heads))
     seen = (profile.requests >= cfg.min_requests) & (profile.n > 0)
-    if seen.any():
+    if seen.any() and cfg.move_budget:
         budget = np.nan_to_num(profile.budget_mean)
         captured = np.nan_to_num(profile.captured_mean, nan=1.0)
+        rigid = np.nan_to_num(profile.rigid_frequency) >= cfg.rigid_reliable
         donors = seen & (
-            (np.nan_to_num(profile.rigid_frequency) >= cfg.rigid_reliable)
+            (rigid & cfg.rigid_donors)
             | (captured >= cfg.mass_saturated)
             | (np.nan_to_num(profile.saturated_frequency) >= cfg.rigid_reliable)
         )
@@ -188,7 +200,8 @@ class Rebalancer:
     def due(self, now: float) -> bool:
         c = self.config
         return (
-            self.profile.total_requests >= c.warmup_requests
+            c.makes_tables
+            and self.profile.total_requests >= c.warmup_requests
             and self._since >= c.every_requests
             and now - self._last_at >= c.every_s
         )

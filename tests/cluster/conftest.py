@@ -47,7 +47,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
         auth=AuthConfig(api_key=API_KEY, api_keys=(OTHER_KEY,), api_key_env=None),
         # the policy actor (tests/cluster/test_policy_actor.py): a table per 2 entropy requests
         policy=PolicyActorConfig(
-            enabled=True, every_requests=2, every_s=0.0, warmup_requests=2, pull_interval_s=0.2, retry_s=2.0
+            enabled=True,
+            rebalance_heads=True,
+            every_requests=2,
+            every_s=0.0,
+            warmup_requests=2,
+            pull_interval_s=0.2,
+            retry_s=2.0,
         ),
     )
     srv = EmbeddedServer(config, port=None, metrics_port=free_port())

@@ -77,9 +77,9 @@ def _until(predicate: Any, timeout: float = 30.0, every: float = 0.2) -> Any:
 def test_entropy_requests_make_versions_and_the_heat_map_is_served(server: EmbeddedServer) -> None:
     url = server.url
     before = _heads(url)
-    for _ in range(3):
+    for _ in range(2):  # a version per 2 entropy requests (tests/cluster/conftest.py)
         assert _complete(url).status_code == 200
-    seen = _until(lambda: _ready(_heads(url), 3), timeout=60)
+    seen = _until(lambda: _ready(_heads(url), 2), timeout=60)
     assert seen, (_heads(url)["actor"], _heads(url)["shards"])
     assert seen["model"] == "smollm2-135m" and (seen["num_layers"], seen["num_kv_heads"]) == (30, 3)
     assert seen["table"]["version"] >= 1 and len(seen["table"]["scales"]) == 30
@@ -90,7 +90,7 @@ def test_entropy_requests_make_versions_and_the_heat_map_is_served(server: Embed
     assert np.isfinite(rigid[1:]).all() and ((rigid[1:] >= 0) & (rigid[1:] <= 1)).all()
     assert stats["rigid_jaccard"] is not None and 0 <= stats["rigid_jaccard"] <= 1
     link = seen["shards"][0]
-    assert link["state"] == "ok" and link["pushed"] >= 3 and link["dropped"] == 0
+    assert link["state"] == "ok" and link["pushed"] >= 2 and link["dropped"] == 0
     r = httpx.get(url + "/v1/policy/heads.png", headers=AUTH, timeout=30)
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     assert r.content[:8] == b"\x89PNG\r\n\x1a\n"
@@ -129,8 +129,7 @@ def test_a_dead_actor_does_not_stop_serving_and_is_found_again(server: EmbeddedS
     logged = _heads(url)["shards"][0]["logged"]  # earlier outages of this session's shard
     ray.kill(actor, no_restart=True)
     t0 = time.monotonic()
-    for _ in range(2):
-        assert _complete(url).status_code == 200  # serving goes on
+    assert _complete(url).status_code == 200  # serving goes on
     served_s = time.monotonic() - t0
     # the shard notices at its next pull (0.2 s), drops its table (per-request budgets) and logs it
     down = _until(lambda: (h := _heads(url))["shards"][0]["failures"] >= 1 and h, timeout=20)
@@ -328,8 +327,9 @@ def test_two_shard_groups_statistics_aggregate_in_the_actor_as_one() -> None:
 def test_the_actor_warm_starts_from_its_profile_and_refuses_another_models(tmp_path: Path) -> None:
     path = tmp_path / "heads.json"
     cfg = PolicyActorConfig(
-        enabled=True, every_requests=2, every_s=0, warmup_requests=2, profile_path=str(path)
-    )
+        enabled=True, rebalance_heads=True, every_requests=2, every_s=0, warmup_requests=2,
+        profile_path=str(path),
+    )  # fmt: skip
     actor = PolicyActor(cfg, "m", 2, 2)
     rng = np.random.default_rng(1)
     for _ in range(4):

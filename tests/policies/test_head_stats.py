@@ -106,7 +106,7 @@ def test_rigid_set_jaccard_across_documents() -> None:
 
 
 def test_table_versions_are_monotonic_and_rate_limited() -> None:
-    cfg = RebalanceConfig(every_requests=5, every_s=10.0, warmup_requests=3)
+    cfg = RebalanceConfig(move_budget=True, every_requests=5, every_s=10.0, warmup_requests=3)
     rb = Rebalancer(HeadProfile("m", L, H), cfg)
     rng = np.random.default_rng(3)
     versions, made_at = [rb.current.version], []
@@ -122,10 +122,14 @@ def test_table_versions_are_monotonic_and_rate_limited() -> None:
     assert all(dn >= 5 and dt >= 10.0 for dn, dt in gaps), gaps  # both limits hold
     assert made_at[0][0] >= 5  # none before the first every_requests (warm-up 3 is below it)
     # seconds alone: many requests in one second make one version
-    cfg2 = RebalanceConfig(every_requests=1, every_s=60.0, warmup_requests=1)
+    cfg2 = RebalanceConfig(move_budget=True, every_requests=1, every_s=60.0, warmup_requests=1)
     rb2 = Rebalancer(HeadProfile("m", L, H), cfg2)
     made = [rb2.observe(_stats(rng), 5.0) for _ in range(20)]
     assert sum(t is not None for t in made) == 1
+    # rebalancing off (the default) and no density target: statistics only, never a version
+    rb3 = Rebalancer(HeadProfile("m", L, H), RebalanceConfig(every_requests=1, every_s=0, warmup_requests=1))
+    assert all(rb3.observe(_stats(rng), 5.0 + i) is None for i in range(5)) and rb3.current.version == 0
+    assert rb3.profile.total_requests == 5
 
 
 def test_rebalance_moves_budget_from_rigid_heads_to_low_mass_heads() -> None:
@@ -136,7 +140,8 @@ def test_rebalance_moves_budget_from_rigid_heads_to_low_mass_heads() -> None:
         st.captured[:, 3] = np.where(st.dense[None, :], 1.0, 0.4)  # head 3: low captured mass
         st.captured[:, 1] = np.where(st.dense[None, :], 1.0, 0.99)  # head 1: saturated
         p.add(st)
-    cfg = RebalanceConfig(min_requests=4)
+    assert np.all(rebalance(p, RebalanceConfig(min_requests=4)) == 1.0)  # off by default (experimental)
+    cfg = RebalanceConfig(min_requests=4, move_budget=True)
     scales = rebalance(p, cfg)
     assert np.all(scales[0] == 1.0)  # layer 0: never profiled
     assert np.all(scales[1:, 0] == cfg.donor_scale) and np.all(scales[1:, 1] == cfg.donor_scale)
@@ -145,17 +150,21 @@ def test_rebalance_moves_budget_from_rigid_heads_to_low_mass_heads() -> None:
     # budget-neutral unless the receivers hit max_scale
     if np.all(scales[1:, 2:] < cfg.max_scale):
         assert (scales * budget).sum() == pytest.approx(budget.sum(), rel=1e-5)
+    # rigid heads kept out of the donors: only the saturated head gives
+    s1 = rebalance(p, RebalanceConfig(min_requests=4, move_budget=True, rigid_donors=False))
+    assert np.all(s1[1:, 0] >= 1.0) and np.all(s1[1:, 1] == cfg.donor_scale) and np.all(s1[1:, 3] > 1.0)
     # with a density target: the linear density model lands on it
     fixed, moved = p.density or (0.0, 0.0)
     target = fixed + 0.5 * moved
-    s2 = rebalance(p, RebalanceConfig(min_requests=4, density_target=target))
+    s2 = rebalance(p, RebalanceConfig(min_requests=4, move_budget=True, density_target=target))
     w = budget * (p.requests >= 4)
     assert fixed + moved * float((s2 * w).sum() / w.sum()) == pytest.approx(target, rel=1e-4)
 
 
 def test_a_profile_round_trips_on_disk_and_another_models_is_rejected(tmp_path: Path) -> None:
     rng = np.random.default_rng(5)
-    rb = Rebalancer(HeadProfile("m", L, H), RebalanceConfig(every_requests=2, every_s=0, warmup_requests=2))
+    cfg = RebalanceConfig(move_budget=True, every_requests=2, every_s=0, warmup_requests=2)
+    rb = Rebalancer(HeadProfile("m", L, H), cfg)
     for _ in range(4):
         rb.observe(_stats(rng), 1.0)
     path = save_profile(tmp_path / "p" / "heads.json", rb.profile, rb.current)
