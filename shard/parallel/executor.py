@@ -29,15 +29,17 @@ from typing import Any, Protocol
 import torch
 
 from entropyinfer.policies.config import SparsePrefillConfig
+from entropyinfer.policies.head_stats import HeadStats
 from entropyinfer.policies.kv_compression import KVCompressionConfig, head_capacities
 from entropyinfer.shard.arch import ModelArch
-from entropyinfer.shard.attention import PrefillAttention, SparsePrefill
+from entropyinfer.shard.attention import PrefillAttention
 from entropyinfer.shard.compression import ObservationPool, PromptObserver, compress_sequence
 from entropyinfer.shard.engine import Engine
 from entropyinfer.shard.kv_pages import KVPages, pool_pages
 from entropyinfer.shard.paged_decode import ObsIndex, PagedDecoder
 from entropyinfer.shard.prefill_state import LayerState
 from entropyinfer.shard.sequence import Sequence
+from entropyinfer.shard.sparse_attention import SparsePrefill
 
 ProgressFn = Callable[[int, int], None]
 
@@ -53,7 +55,9 @@ class PrefillCall:
     queries go to (None: no compression window); entropy / stats: after the prompt's last chunk, return
     the per-head entropy (KV compression capacities) and the prefill statistics; all_logits: return the
     logits of every position of the chunk (prompt logprobs; computed on rank 0 only); sequence_parallel: the
-    whole prompt, split over the SP ranks (`shard/parallel/sequence.py`; set by `LockstepExecutor`)."""
+    whole prompt, split over the SP ranks (`shard/parallel/sequence.py`; set by `LockstepExecutor`);
+    head_stats: a sparse prefill collects the captured mass and, after the last chunk, returns the whole
+    model's `HeadStats` (gathered from every rank's heads: `head_gather.py`; the policy actor's)."""
 
     request_id: str
     tokens: torch.Tensor
@@ -70,6 +74,7 @@ class PrefillCall:
     stats: bool = False
     all_logits: bool = False
     sequence_parallel: bool = False
+    head_stats: bool = False
 
 
 @dataclass(frozen=True)
@@ -77,11 +82,13 @@ class PrefillResult:
     """logits: fp32 ``[vocab]`` when the chunk ended the prompt (``[C, vocab]``, every position of the
     chunk, with `PrefillCall.all_logits`), else None; entropy: float32 ``[L, Hkv]``
     of the whole model's KV heads (None: not asked, or no layer profiled); stats: the prefill statistics
-    over every head (`PrefillAttention.stats`), when asked."""
+    over every head (`PrefillAttention.stats`), when asked; heads: `PrefillCall.head_stats` (None: not asked,
+    one rank (the engine core reads its attention object), or not profiled)."""
 
     logits: torch.Tensor | None
     entropy: torch.Tensor | None = None
     stats: dict[str, Any] | None = None
+    heads: HeadStats | None = None
 
 
 class Executor(Protocol):
@@ -116,6 +123,11 @@ class Executor(Protocol):
     def sequence_parallel(self, seq_len: int, kv: KVCompressionConfig | None, all_logits: bool) -> bool:
         """Whether such a prompt prefills split over the SP ranks (then in one pass, not prefix-cached);
         `kv`: the request's decode-time compression, None if it keeps its whole cache."""
+        ...
+
+    def held_tokens(self, seq: Sequence, tokens: int) -> int:
+        """Token slots per head `seq`'s block table needs for `tokens` of its tokens (fewer than `tokens`
+        for a sequence-parallel prompt: each rank holds its span, `segment_pages.py`)."""
         ...
 
     def compress(self, seq: Sequence, kv: KVCompressionConfig) -> None: ...
@@ -207,6 +219,9 @@ class LocalExecutor:
 
     def sequence_parallel(self, seq_len: int, kv: KVCompressionConfig | None, all_logits: bool) -> bool:
         return False
+
+    def held_tokens(self, seq: Sequence, tokens: int) -> int:
+        return tokens
 
     def compress(self, seq: Sequence, kv: KVCompressionConfig) -> None:
         compress_sequence(self.pages, self.obs, seq, kv, self.arch)

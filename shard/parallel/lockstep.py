@@ -61,6 +61,7 @@ from entropyinfer.shard.parallel.messages import (
     receive_plan,
 )
 from entropyinfer.shard.parallel.rank import RankRunner
+from entropyinfer.shard.parallel.segment_pages import SegmentPages
 from entropyinfer.shard.parallel.sequence import uses_sequence_parallel
 from entropyinfer.shard.sequence import Sequence
 
@@ -94,8 +95,8 @@ class LockstepExecutor:
         parallel: ParallelConfig | None = None,
     ) -> None:
         num_pages = agree_on_pages(engine, max_context, plan_group)
-        self.runner = RankRunner(engine, group, plan_group, num_pages, full_arch, sp)
         self.parallel = parallel or ParallelConfig(tensor_parallel_size=group.size)
+        self.runner = RankRunner(engine, group, plan_group, num_pages, full_arch, sp, self.parallel)
         self._sp_requests: set[str] = set()  # prefilled sequence-parallel: their decode steps name them
         self.pages, self.obs, self.decoder = self.runner.pages, self.runner.obs, self.runner.decoder
         self.full_arch, self.kv_replicas = full_arch, self.runner.kv_replicas
@@ -170,6 +171,10 @@ class LockstepExecutor:
     def sequence_parallel(self, seq_len: int, kv: KVCompressionConfig | None, all_logits: bool) -> bool:
         return self.runner.sp is not None and uses_sequence_parallel(self.parallel, seq_len, kv, all_logits)
 
+    def held_tokens(self, seq: Sequence, tokens: int) -> int:
+        pages = self.pages
+        return pages.held(seq, tokens) if isinstance(pages, SegmentPages) else tokens
+
     def decode(
         self,
         tokens: torch.Tensor,
@@ -216,9 +221,15 @@ class LockstepExecutor:
     def capacities(self, entropy: torch.Tensor | None, kv: KVCompressionConfig) -> torch.Tensor:
         return self.runner.capacities(entropy, kv)
 
-    def probe(self) -> list[list[int]]:
-        """Per rank: [attention objects, prefix-cache policy states, swapped requests, SP spans] it holds."""
-        return self._run(Probe(), self.runner.probe)
+    def probe(self, reset_peak: bool = False) -> list[list[int]]:
+        """Per rank: [attention objects, prefix-cache policy states, swapped requests, SP spans] it holds,
+        and its peak device memory in bytes (`RankRunner.probe`)."""
+        return self._run(Probe(reset_peak), lambda: self.runner.probe(reset_peak))
+
+    def peak_memory(self, reset: bool = False) -> list[int]:
+        """Every rank's peak device memory in bytes (global rank order; 0 on the CPU); `reset`: then a new
+        peak starts on every rank."""
+        return [row[4] for row in self.probe(reset)]
 
     # -------------------------------------------------------------------------- rank-0 state
     def acquire_row(self, window: int) -> int:
@@ -292,7 +303,7 @@ class WorkerLoop:
         elif isinstance(op, Compress):
             r.compress(op)
         elif isinstance(op, Probe):
-            r.probe()
+            r.probe(op.reset_peak)
         else:
             r.mirror(op)
 

@@ -114,7 +114,10 @@ class Compress:
 
 @dataclass(frozen=True)
 class Probe:
-    """Every rank reports what it holds (tests, health checks)."""
+    """Every rank reports what it holds and its peak device memory (tests, health checks, benchmarks);
+    `reset_peak`: then starts a new peak."""
+
+    reset_peak: bool = False
 
 
 @dataclass(frozen=True)

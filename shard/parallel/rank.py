@@ -25,11 +25,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from entropyinfer.policies.head_stats import HeadStats
 from entropyinfer.policies.kv_compression import KVCompressionConfig, head_capacities, plan_keep
 from entropyinfer.shard.arch import ModelArch
 from entropyinfer.shard.attention import PrefillAttention, prompt_attention
 from entropyinfer.shard.compression import ObservationPool, PromptObserver
+from entropyinfer.shard.config import ParallelConfig
 from entropyinfer.shard.engine import Engine
+from entropyinfer.shard.head_report import head_stats
 from entropyinfer.shard.kv_pages import KVPages
 from entropyinfer.shard.paged_decode import ObsIndex, PagedDecoder
 from entropyinfer.shard.parallel.all_to_all import SequenceParallelGroup, split_heads
@@ -41,6 +44,7 @@ from entropyinfer.shard.parallel.executor import (
     resumable,
 )
 from entropyinfer.shard.parallel.group import TensorParallelGroup
+from entropyinfer.shard.parallel.head_gather import Part, gather_head_stats
 from entropyinfer.shard.parallel.heads import head_shard
 from entropyinfer.shard.parallel.messages import (
     Compress,
@@ -53,6 +57,7 @@ from entropyinfer.shard.parallel.messages import (
     Swap,
     broadcast_object,
 )
+from entropyinfer.shard.parallel.segment_pages import SegmentPages
 from entropyinfer.shard.parallel.sequence import gather_entropy, gather_stats, sequence_parallel_prefill
 from entropyinfer.shard.parallel.sp_compress import Spans, compress_spans
 from entropyinfer.shard.parallel.sp_decode import SequenceParallelDecoder
@@ -71,7 +76,10 @@ class RankRunner:
         num_pages: int,
         full_arch: ModelArch,
         sp: SequenceParallelGroup | None = None,
+        parallel: ParallelConfig | None = None,
     ) -> None:
+        """`parallel`: rank 0's (it keeps the page bookkeeping: an SP sequence gets one rank's span,
+        `segment_pages.py`); the other ranks' pools hold data only."""
         self.engine, self.group, self.plan_group, self.full_arch = engine, group, plan_group, full_arch
         self.sp = sp if sp is not None and sp.size > 1 else None
         arch, tp, r = engine.arch, group.size, group.rank
@@ -80,7 +88,12 @@ class RankRunner:
         self.shards = [head_shard(full_arch.num_heads, full_arch.num_kv_heads, tp, i) for i in range(tp)]
         self.kv_replicas = self.shards[0].kv_replicas
         ps, dev, dt = engine.config.kv_page_size, engine.device, engine.dtype
-        self.pages = KVPages(arch, num_pages, ps, dev, dt, table_heads=tp * kvc, local=self.local)
+        if self.sp is not None and parallel is not None:
+            self.pages = SegmentPages(
+                arch, num_pages, ps, dev, dt, table_heads=tp * kvc, local=self.local, parallel=parallel
+            )
+        else:
+            self.pages = KVPages(arch, num_pages, ps, dev, dt, table_heads=tp * kvc, local=self.local)
         self.obs = ObservationPool(arch, dev, dt)
         self.decoder = PagedDecoder(engine, self.pages, self.obs)
         self.sp_decoder: SequenceParallelDecoder | None = None  # batches with SP rows
@@ -130,11 +143,16 @@ class RankRunner:
         else:
             raise TypeError(f"{type(op).__name__} is not a mirrored op")
 
-    def probe(self) -> list[list[int]]:
+    def probe(self, reset_peak: bool = False) -> list[list[int]]:
         """Per rank (global rank order): [attention objects, prefix-cache policy states, swapped requests,
-        sequence-parallel spans] held."""
+        sequence-parallel spans] held, and the peak device memory in bytes (`torch.cuda.max_memory_allocated`,
+        0 on the CPU; `reset_peak`: then a new peak starts)."""
         held = [len(self.attentions), len(self.snapshots), len(self.swapped), len(self.spans)]
-        every = self.gather(torch.tensor([held]), dim=0)  # [tp, 4]
+        cuda = self.engine.device.type == "cuda"
+        held.append(int(torch.cuda.max_memory_allocated(self.engine.device)) if cuda else 0)
+        if cuda and reset_peak:
+            torch.cuda.reset_peak_memory_stats(self.engine.device)
+        every = self.gather(torch.tensor([held]), dim=0)  # [tp, 5]
         if self.sp is not None:
             every = self.sp.all_gather(every.to(self.engine.device)).cpu().reshape(-1, len(held))
         return every.tolist()
@@ -152,7 +170,7 @@ class RankRunner:
         position's logits (`call.all_logits`, prompt logprobs) are computed on rank 0 only."""
         lead = attention is not None
         if attention is not None:  # rank 0's, built by the engine core
-            self.replicate(attention)
+            self._prepare(attention, call)
         else:
             attention = self._attention(call)
             if call.obs_row is not None and call.kv is not None:
@@ -173,14 +191,36 @@ class RankRunner:
             entropy = self._gather_entropy(entropy)
         if call.stats and stats is not None:
             stats = self._gather_stats(stats)
-        return PrefillResult(logits, entropy, stats)
+        return PrefillResult(logits, entropy, stats, self._gather_heads(call, attention, False))
 
-    def replicate(self, attention: PrefillAttention) -> PrefillAttention:
-        """With replicated KV heads, a sparse prefill whose replicas decide from the GQA group's block
-        logits (`group.mean_over_replicas`); returns `attention`."""
-        if self.group.replicas > 1 and isinstance(attention, SparsePrefill):
-            attention.logit_reduce = self.group.mean_over_replicas
+    def _prepare(self, attention: PrefillAttention, call: PrefillCall) -> PrefillAttention:
+        """A sparse prefill whose replicas of a KV head decide from the GQA group's block logits
+        (`group.mean_over_replicas`), collecting the captured mass when the call reports head statistics;
+        returns `attention`."""
+        if isinstance(attention, SparsePrefill):
+            if self.group.replicas > 1:
+                attention.logit_reduce = self.group.mean_over_replicas
+            attention.collect_mass = attention.collect_mass or call.head_stats
         return attention
+
+    def _gather_heads(self, call: PrefillCall, attention: PrefillAttention, split: bool) -> HeadStats | None:
+        """The whole model's `HeadStats` of a finished sparse prefill (`head_gather.py`; every rank takes
+        part, rank 0 reports it); `split`: a sequence-parallel prefill (the SP ranks hold parts of the
+        heads). None unless `call.head_stats`."""
+        if not call.head_stats or not isinstance(attention, SparsePrefill):
+            return None
+        dev, hkv, tp = self.engine.device, self.arch.num_kv_heads, self.group.size
+        parts = []
+        if split and self.sp is not None:
+            sp = self.sp
+            parts.append(Part(lambda x: sp.all_gather(x.to(dev)).cpu(), self.split.kv, (True,) * sp.size))
+        keep = tuple(i % self.kv_replicas == 0 for i in range(tp))  # one replica of each KV head
+        parts.append(Part(lambda x: self.group.all_gather(x[None].to(dev), dim=0).cpu(), (hkv,) * tp, keep))
+        local_kv = self.split.kv[self.sp.rank] if split and self.sp is not None else hkv
+        local = head_stats(attention, "", self.arch.num_layers, local_kv)
+        cfg = attention.layer_config or attention.config
+        nseg = -(-call.seq_len // cfg.segment_size)
+        return gather_head_stats(local, self.arch.num_layers, local_kv, nseg, parts)
 
     def _prefill_sp(
         self,
@@ -214,13 +254,13 @@ class RankRunner:
             )
         if stats is not None:
             stats["sequence_parallel_size"] = self.sp.size
-        return PrefillResult(logits, entropy, stats)
+        return PrefillResult(logits, entropy, stats, self._gather_heads(call, attention, True))
 
     def _attention(self, call: PrefillCall) -> PrefillAttention:
         if not call.first:
             return self.attentions[call.request_id]
-        attention = self.replicate(
-            prompt_attention(call.policy, call.sparse, self.arch.num_layers, call.seq_len)
+        attention = self._prepare(
+            prompt_attention(call.policy, call.sparse, self.arch.num_layers, call.seq_len), call
         )
         if call.resume is not None:
             snapshot, segments = self.snapshots[call.resume[0]]

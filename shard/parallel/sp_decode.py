@@ -116,7 +116,8 @@ class SequenceParallelDecoder:
             write = torch.where(is_sp, lens - start, lens)
             attend, skip = write + 1, torch.zeros_like(is_sp)
         else:
-            write, attend, skip = lens, torch.where(is_sp, count, lens + 1), is_sp
+            # an SP row's table holds this rank's span only: its (skipped) write indexes page 0
+            write, attend, skip = lens.masked_fill(is_sp, 0), torch.where(is_sp, count, lens + 1), is_sp
         write_page = tables.long()[None].expand(lens.shape[0], -1, -1, -1).gather(3, (write // ps)[..., None])
         write_page = write_page[..., 0].masked_fill(skip, self.pages.scratch_page)
         write_off = (write % ps).masked_fill(skip, 0)

@@ -103,6 +103,26 @@ def test_sp2_generate_equals_one_rank(wide: Path, group: Group, policy: str) -> 
     assert len(held) == 2 and all(h[0] == h[2] == h[3] == 0 for h in held)  # every rank let go
 
 
+def test_sp_ranks_keep_only_their_segments_pages(wide: Path, group: Group) -> None:
+    """An SP prompt's block table holds one rank's span (about n / 2 at SP=2: each rank its segment, the
+    last also the decode tokens), a short one the whole prompt; one rank's tokens."""
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    one = tiny(wide)
+    llm = group.start(wide, 1, 2)
+    for prompt in (PROMPTS[0], PROMPTS[3]):
+        n = llm.count_tokens(prompt)
+        stream = llm.stream(prompt, params)
+        next(stream)  # prefilled, decoding
+        held = llm.core.counts()["kv_pages_used"]  # pages of 8 tokens
+        if n >= MIN_TOKENS:  # the larger of a segment and the last one plus two decode tokens
+            assert held <= -(-(n // 2 + 3) // 8) < -(-n // 8), (n, held)
+        else:
+            assert -(-(n + 1) // 8) <= held <= -(-(n + 2) // 8), (n, held)
+        out = [e for e in stream][-1].output
+        assert out.token_ids == one.generate([prompt], params)[0].token_ids
+    assert llm.core.counts()["kv_pages_used"] == 0
+
+
 def test_tp2_sp2_equals_one_rank(wide: Path, group: Group) -> None:
     ref = tiny(wide, policy="entropy").generate(PROMPTS, PARAMS)
     llm = group.start(wide, 2, 2, "entropy")
@@ -209,30 +229,32 @@ def test_sizes_that_do_not_split_the_kv_heads_fail_before_any_process_starts(wid
         tiny(wide, 1, 2, sequence_parallel_min_tokens=0)
 
 
-@pytest.mark.parametrize(
-    ("policy", "kv"),
-    [("dense", {"kv_compression": "none"}), ("entropy", {**KV, "kv_capacity": 256})],
-    ids=["dense", "entropy-latent"],
-)
 @pytest.mark.slow
-def test_smollm2_sp2_equals_one_rank(group: Group, policy: str, kv: dict) -> None:
+def test_smollm2_sp2_equals_one_rank(group: Group) -> None:
+    """SmolLM2 (9 / 3 heads: 2 + 1 KV heads per SP rank), a prompt of over 1024 tokens split in two and a
+    short one: dense, then entropy with latent compression, on one group (and one reference LLM)."""
     group.close()
     doc = " ".join(
         f"Item {i}: the colour of box {i % 17} is {['red', 'blue', 'green'][i % 3]}." for i in range(120)
     )
     prompts = [doc + " Which colour is box 5?", "What is the capital of France?"]
     params = SamplingParams(max_tokens=12)
-    kw = dict(policy_config="entropy_short", sequence_parallel_min_tokens=1024, **kv)
-    one = LLM("smollm2-135m", policy=policy, device="cpu", **kw)
+    kw = dict(policy_config="entropy_short", sequence_parallel_min_tokens=1024, kv_compression="none")
+    one = LLM("smollm2-135m", device="cpu", **kw)
     assert len(one.encode(prompts[0])) >= 1024
-    ref = one.generate(prompts, params)
-    with LLM("smollm2-135m", policy=policy, device="cpu", sequence_parallel_size=2, **kw) as llm:
-        got = llm.generate(prompts, params)
-    assert_same(got, ref, [True, False], 2)
-    for g, r in zip(got, ref, strict=True):
-        assert all(g.stats.get(key) == r.stats.get(key) for key in KV_STATS)
-    if policy == "entropy":
-        assert got[0].stats["kv_compressions"] >= 1 and got[0].stats["density"] < 1.0
+    with LLM("smollm2-135m", device="cpu", sequence_parallel_size=2, **kw) as llm:
+        for policy, kv in (("dense", None), ("entropy", dict(KV, kv_capacity=256))):
+            if kv is not None:  # latent compression per segment from here on
+                fields = {k.removeprefix("kv_"): v for k, v in kv.items() if k != "kv_compression"}
+                for engine in (one, llm):
+                    engine.set_kv_compression(str(kv["kv_compression"]), **fields)
+            ref = one.generate(prompts, params, policy=policy)
+            got = llm.generate(prompts, params, policy=policy)
+            assert_same(got, ref, [True, False], 2)
+            for g, r in zip(got, ref, strict=True):
+                assert all(g.stats.get(key) == r.stats.get(key) for key in KV_STATS), policy
+            if policy == "entropy":
+                assert got[0].stats["kv_compressions"] >= 1 and got[0].stats["density"] < 1.0
 
 
 @pytest.mark.slow
