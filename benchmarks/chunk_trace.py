@@ -3,7 +3,7 @@
 profiler and under CUDA sync-debug mode: GPU kernels by time, host ops by time, and every host<->device sync
 with the engine frame that caused it.
 
-    python benchmarks/chunk_trace.py [--smoke] [--doc 65536] [--chunk 2048] [--at 16]   # $OUT/chunk_trace.*
+    python benchmarks/chunk_trace.py [--smoke] [--doc 65536] [--chunk 2048] [--at 16] [--gather-prefix]
 """
 
 import argparse
@@ -29,7 +29,14 @@ p.add_argument("--doc", type=int, default=65536)
 p.add_argument("--chunk", type=int, default=2048)
 p.add_argument("--at", type=int, default=16, help="steps before the traced one")
 p.add_argument("--policy", default="entropy")
+p.add_argument(
+    "--gather-prefix", action="store_true", help="sparse chunks gather the prefix (read_pages off)"
+)
 a = p.parse_args()
+if a.gather_prefix:
+    from entropyinfer.shard.sparse_attention import SparsePrefill
+
+    SparsePrefill.read_pages = False
 dev = "cpu" if a.smoke else "cuda"
 out = Path(os.environ.get("OUT", tempfile.mkdtemp()))
 shape = TINY if a.smoke else dict(LLAMA, max_position_embeddings=131072)
@@ -51,7 +58,14 @@ d = eng.submit(text(doc), 2, policy=a.policy)
 for _ in range(at):
     eng.step([s, d])
 sync()
-res = {"doc": doc, "chunk": chunk, "at": at, "policy": a.policy, "steps_ms": []}
+res = {
+    "doc": doc,
+    "chunk": chunk,
+    "at": at,
+    "policy": a.policy,
+    "gather_prefix": a.gather_prefix,
+    "steps_ms": [],
+}
 for _ in range(3):
     t = time.perf_counter()
     eng.step([s, d])

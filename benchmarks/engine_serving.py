@@ -49,6 +49,7 @@ from entropyinfer.shard.dummy_checkpoint import write_dummy_checkpoint
 from entropyinfer.shard.engine_core import Finished, TokenDelta
 from entropyinfer.shard.llm import LLM
 from entropyinfer.shard.sampling import SamplingParams
+from entropyinfer.shard.sparse_attention import SparsePrefill
 
 LLAMA = dict(LLAMA3_8B, model_type="llama", architectures=["LlamaForCausalLM"])
 TINY = dict(LLAMA, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -336,15 +337,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--part", choices=sorted(PARTS), required=True)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, tiny sizes, a temporary folder")
     ap.add_argument("--policies", nargs="+", default=["entropy", "dense"], help="part c")
+    ap.add_argument(
+        "--gather-prefix", action="store_true",
+        help="sparse chunks gather their prefix from the pages (SparsePrefill.read_pages off): the A/B of "
+        "the paged reads",
+    )  # fmt: skip
     for key, value in FULL.items():
         kind = type(value[0]) if isinstance(value, list) else type(value)
         ap.add_argument(
             f"--{key.replace('_', '-')}", type=kind, nargs="+" if isinstance(value, list) else None
         )
     args = ap.parse_args(argv)
+    if args.gather_prefix:
+        SparsePrefill.read_pages = False
     sizes = dict(SMOKE if args.smoke else FULL)
     sizes.update({k: getattr(args, k) for k in FULL if getattr(args, k) is not None})
-    sizes.update(smoke=args.smoke, policies=args.policies)
+    sizes.update(smoke=args.smoke, policies=args.policies, gather_prefix=args.gather_prefix)
     if args.smoke:
         os.environ["OUT"] = tempfile.mkdtemp()
     folder = write_dummy_checkpoint(tempfile.mkdtemp(), TINY if args.smoke else LLAMA)

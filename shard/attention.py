@@ -29,6 +29,7 @@ from entropyinfer.kernels.decode_attention import decode_attention
 from entropyinfer.policies.config import SparsePrefillConfig
 from entropyinfer.policies.registry import get_policy
 from entropyinfer.shard.dense_attention import dense_causal_attention, dense_chunk_attention
+from entropyinfer.shard.paged_prefix import PagedPrefix
 from entropyinfer.shard.prefill_state import PrefillState
 from entropyinfer.shard.sparse_attention import SparsePrefill
 
@@ -64,6 +65,10 @@ class PrefillAttention(Protocol):
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int, seq_len: int
     ) -> torch.Tensor: ...
 
+    def chunk_paged(
+        self, layer: int, q: torch.Tensor, prefix: PagedPrefix, q_offset: int, seq_len: int
+    ) -> torch.Tensor: ...
+
     def state_at(self, segments: int) -> PrefillState: ...
 
     def resume(self, state: PrefillState) -> None: ...
@@ -90,6 +95,12 @@ class DensePrefill:
     ) -> torch.Tensor:
         """``q [Hq, q1 - q0, d]`` at positions ``[q_offset, q1)`` over ``k``, ``v`` ``[Hkv, q1, d]``."""
         return dense_chunk_attention(q, k, v, q_offset)
+
+    def chunk_paged(
+        self, layer: int, q: torch.Tensor, prefix: PagedPrefix, q_offset: int, seq_len: int
+    ) -> torch.Tensor:
+        """`chunk` over the keys in the sequence's pages: fused SDPA needs them contiguous (one gather)."""
+        return dense_chunk_attention(q, *prefix.contiguous(), q_offset)
 
     def state_at(self, segments: int) -> PrefillState:
         return PrefillState("dense", "dense", 1, segments)

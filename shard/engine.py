@@ -23,8 +23,9 @@ from entropyinfer.shard.attention import PrefillAttention, cached_decode_attenti
 from entropyinfer.shard.compression import DecodeCompressor, ObservationWindow
 from entropyinfer.shard.config import EngineConfig
 from entropyinfer.shard.kv_cache import CompactKVCache, KVCache
-from entropyinfer.shard.kv_pages import KVPages, gather_heads
+from entropyinfer.shard.kv_pages import KVPages
 from entropyinfer.shard.model import CausalLM, DecoderLayer
+from entropyinfer.shard.paged_prefix import PagedPrefix
 
 ProgressFn = Callable[[int, int], None]
 
@@ -150,16 +151,12 @@ class Engine:
             v_pages[write_page, heads, write_off] = v
             if observe is not None:
                 observe.record_chunk(li, q, start, seq_len)
-            if start == 0:
-                keys, values = k, v
-            else:
-                keys = gather_heads(k_pages, prefix)[:, :end]
-                values = gather_heads(v_pages, prefix)[:, :end]
             if one_shot:
-                attn = attention(li, q, keys, values)  # [Hq, C, d]
+                attn = attention(li, q, k, v)  # [Hq, C, d]
             else:
-                attn = attention.chunk(li, q, keys, values, start, seq_len)
-            del keys, values
+                paged = PagedPrefix(k_pages, v_pages, prefix, k, v, start, end)
+                attn = attention.chunk_paged(li, q, paged, start, seq_len)
+                del paged
             _finish_layer(layer, h, attn, spans)
             del attn
             if cancel is not None and cancel.is_set():

@@ -190,8 +190,9 @@ class KVPages:
         seq.kv_lengths = torch.zeros(self.num_layers, self.num_kv_heads, dtype=torch.int32)
         seq.kv_lengths.fill_(len(cached) * self.page_size)
 
-    def fits(self, tokens: int, cached: list[bytes]) -> bool:
-        """Could `allocate(seq, tokens, cached)` succeed now?"""
+    def fits(self, tokens: int, cached: list[bytes], seq: Sequence | None = None) -> bool:
+        """Could `allocate(seq, tokens, cached)` succeed now? (`seq`: for pools that hold only part of a
+        sequence, `parallel/segment_pages.py`; every token here.)"""
         idle = sum(1 for name in cached if self.cache.entries[name].ref == 0)
         return self.free_pages - idle >= self.pages(tokens) - len(cached)
 

@@ -186,7 +186,7 @@ class Scheduler:
                 if long:
                     continue
                 return
-            if not self.pages.fits(n + 1, hit):
+            if not self.pages.fits(n + 1, hit, seq):
                 if long:
                     continue
                 return

@@ -12,13 +12,17 @@ from typing import Any
 
 import torch
 
+from entropyinfer.kernels.block_layout import num_segments
 from entropyinfer.kernels.block_scoring import LogitReduce
+from entropyinfer.kernels.paged_block_reps import paged_block_reps
+from entropyinfer.kernels.paged_sparse_prefill import paged_sparse_prefill_attention
 from entropyinfer.kernels.sparse_prefill import sparse_prefill_attention
 from entropyinfer.policies.budgets import fixed_budget_for_density
 from entropyinfer.policies.config import SparsePrefillConfig
 from entropyinfer.policies.entropy import plan_chunk, plan_layer
 from entropyinfer.policies.registry import Selection
 from entropyinfer.shard.dense_attention import dense_causal_attention, dense_chunk_attention
+from entropyinfer.shard.paged_prefix import PagedPrefix
 from entropyinfer.shard.prefill_state import (
     LayerRecord,
     PrefillState,
@@ -42,6 +46,10 @@ class SparsePrefill:
 
     Nothing here waits for the GPU: per-layer statistics stay device tensors until `stats()`, so the host
     keeps queueing the next layers' kernels while this one runs."""
+
+    # `chunk_paged` reads the pages in place (no gather of the prefix): None = on CUDA only (the CPU
+    # references gather anyway); True forces it (the tests of the paged path on CPU)
+    read_pages: bool | None = None
 
     def __init__(self, policy: Selection, config: SparsePrefillConfig):
         self.policy, self.config = policy, config
@@ -162,13 +170,44 @@ class SparsePrefill:
         ``v`` ``[Hkv, q1, d]`` (keys from position 0), ``seq_len`` the whole prompt's length ``n`` ->
         ``[Hq, q1 - q0, d]``. ``q_offset`` a multiple of S, ``q1`` one too or ``n``; chunks in order, each
         through layers 0.. before the next (a layer's record holds its segments so far)."""
+        return self._chunk(layer, q, (k, v), q_offset, seq_len)
+
+    def chunk_paged(
+        self, layer: int, q: torch.Tensor, prefix: PagedPrefix, q_offset: int, seq_len: int
+    ) -> torch.Tensor:
+        """`chunk` over keys that lie in the sequence's KV pages (`Engine.prefill_pages`). With `read_pages`
+        (by default on CUDA) profiling reads the prefix's block representations from the pages and the
+        sparse kernel reads the selected blocks through the page table: no copy of the prefix; dense chunks
+        (layer 0, or every segment of the chunk dense) gather it for fused SDPA. Same blocks and output as
+        `chunk` over the gathered keys (the torch path: bit for bit)."""
+        read = q.device.type == "cuda" if self.read_pages is None else self.read_pages
+        if not read or prefix.start == 0:
+            return self.chunk(layer, q, *prefix.contiguous(), q_offset, seq_len)
+        return self._chunk(layer, q, prefix, q_offset, seq_len)
+
+    def _chunk(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        keys: tuple[torch.Tensor, torch.Tensor] | PagedPrefix,
+        q_offset: int,
+        seq_len: int,
+    ) -> torch.Tensor:
         if not self.chunkable:
             raise ValueError(f"mode {self.config.mode!r} is not causal: prefill it in one shot")
         cfg, s_len = self._cfg(), self.config.segment_size
+        if isinstance(keys, PagedPrefix):
+            hkv, nk = keys.table.shape[0], keys.end
+        else:
+            hkv, nk = keys[0].shape[0], keys[0].shape[1]
+
+        def contiguous() -> tuple[torch.Tensor, torch.Tensor]:
+            return keys.contiguous() if isinstance(keys, PagedPrefix) else keys
+
         q1 = q_offset + q.shape[1]
-        if q_offset % s_len or (q1 % s_len and q1 != seq_len) or q1 > seq_len or k.shape[1] < q1:
+        if q_offset % s_len or (q1 % s_len and q1 != seq_len) or q1 > seq_len or nk < q1:
             raise ValueError(
-                f"chunk [{q_offset}, {q1}) of a {seq_len}-token prompt with {k.shape[1]} keys: it must start "
+                f"chunk [{q_offset}, {q1}) of a {seq_len}-token prompt with {nk} keys: it must start "
                 f"at a multiple of S={s_len} and end at one or at the prompt's end"
             )
         seg0 = q_offset // s_len
@@ -183,17 +222,23 @@ class SparsePrefill:
             self.records, self.seq_len, self._start, rec = {}, seq_len, 0, None
         self._layers = max(self._layers, layer + 1)
         if layer == 0:
-            return dense_chunk_attention(q, k, v, q_offset)
+            return dense_chunk_attention(q, *contiguous(), q_offset)
         if rec is None:
             spread = cfg.mode == "spread" and self.policy == "entropy"
-            rec = self.records[layer] = LayerRecord.empty(k.shape[0], q.device, spread)
+            rec = self.records[layer] = LayerRecord.empty(hkv, q.device, spread)
         rec.to(q.device)
         if rec.segments != seg0:
             raise ValueError(f"layer {layer} has {rec.segments} segments so far; this chunk starts at {seg0}")
+        if isinstance(keys, PagedPrefix):  # profiling reads the blocks' max/min from the pages
+            visible = (seg0 + num_segments(q.shape[1], s_len) - 1) * s_len // cfg.block_size
+            key_reps = paged_block_reps(keys.k_pages, keys.table, visible, cfg.block_size)
+            k = keys.k_chunk.new_empty(()).expand(hkv, nk, q.shape[-1])  # a shape only
+        else:
+            key_reps, k = None, keys[0]
         plan = plan_chunk(
             q, k, cfg, seq_len=seq_len, segment_offset=seg0, entropy_before=rec.entropy,
             spread_before=rec.spread, policy=self.policy, head_scale=self._scale(layer),
-            with_mass=self.collect_mass, logit_reduce=self.logit_reduce,
+            with_mass=self.collect_mass, logit_reduce=self.logit_reduce, key_reps=key_reps,
         )  # fmt: skip
         rec.append(plan.entropy, plan.counts, plan.spread, plan.rigid)
         if plan.captured is not None:
@@ -201,23 +246,22 @@ class SparsePrefill:
         nc = plan.counts.shape[1]
         thr = cfg.threshold_len
         if all(s * s_len < thr or (s + 1) * s_len >= seq_len for s in range(seg0, seg0 + nc)):
-            return dense_chunk_attention(q, k, v, q_offset)  # every segment of the chunk is dense: fused SDPA
+            return dense_chunk_attention(q, *contiguous(), q_offset)  # every segment dense: fused SDPA
         block_idx, kernel_counts = plan.block_idx, plan.kernel_counts
         if seg0:  # the kernel indexes rows by absolute segment; rows < seg0 are never read
-            hkv, width = block_idx.shape[0], block_idx.shape[2]
+            width = block_idx.shape[2]
             block_idx = block_idx.new_empty(hkv, seg0 + nc, width)
             block_idx[:, seg0:] = plan.block_idx
             kernel_counts = kernel_counts.new_full((hkv, seg0 + nc), -1)
             kernel_counts[:, seg0:] = plan.kernel_counts
+        b = cfg.block_size
+        if isinstance(keys, PagedPrefix):
+            return paged_sparse_prefill_attention(
+                q, keys.k_pages, keys.v_pages, keys.table, block_idx, kernel_counts, kv_len=nk,
+                segment_size=s_len, block_size=b, q_offset=q_offset,
+            )  # fmt: skip
         return sparse_prefill_attention(
-            q,
-            k,
-            v,
-            block_idx,
-            kernel_counts,
-            segment_size=s_len,
-            block_size=cfg.block_size,
-            q_offset=q_offset,
+            q, keys[0], keys[1], block_idx, kernel_counts, segment_size=s_len, block_size=b, q_offset=q_offset
         )
 
     # ------------------------------------------------------------------ prefix caching
