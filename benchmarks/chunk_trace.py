@@ -3,7 +3,7 @@
 profiler and under CUDA sync-debug mode: GPU kernels by time, host ops by time, and every host<->device sync
 with the engine frame that caused it.
 
-    python benchmarks/chunk_trace.py [--smoke] [--doc 65536] [--chunk 2048] [--at 16] [--gather-prefix]
+    python benchmarks/chunk_trace.py [--smoke] [--doc 65536] [--chunk 2048] [--at 16] [--paged-prefix]
 """
 
 import argparse
@@ -29,14 +29,12 @@ p.add_argument("--doc", type=int, default=65536)
 p.add_argument("--chunk", type=int, default=2048)
 p.add_argument("--at", type=int, default=16, help="steps before the traced one")
 p.add_argument("--policy", default="entropy")
-p.add_argument(
-    "--gather-prefix", action="store_true", help="sparse chunks gather the prefix (read_pages off)"
-)
+p.add_argument("--paged-prefix", action="store_true", help="sparse chunks read the prefix in the pages")
 a = p.parse_args()
-if a.gather_prefix:
+if a.paged_prefix:
     from entropyinfer.shard.sparse_attention import SparsePrefill
 
-    SparsePrefill.read_pages = False
+    SparsePrefill.read_pages = None
 dev = "cpu" if a.smoke else "cuda"
 out = Path(os.environ.get("OUT", tempfile.mkdtemp()))
 shape = TINY if a.smoke else dict(LLAMA, max_position_embeddings=131072)
@@ -63,7 +61,7 @@ res = {
     "chunk": chunk,
     "at": at,
     "policy": a.policy,
-    "gather_prefix": a.gather_prefix,
+    "paged_prefix": a.paged_prefix,
     "steps_ms": [],
 }
 for _ in range(3):

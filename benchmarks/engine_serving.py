@@ -338,9 +338,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, tiny sizes, a temporary folder")
     ap.add_argument("--policies", nargs="+", default=["entropy", "dense"], help="part c")
     ap.add_argument(
-        "--gather-prefix", action="store_true",
-        help="sparse chunks gather their prefix from the pages (SparsePrefill.read_pages off): the A/B of "
-        "the paged reads",
+        "--paged-prefix", action="store_true",
+        help="sparse chunks read their prefix in the pages (SparsePrefill.read_pages on CUDA; off by default "
+        "until checked on a GPU): the A/B of the paged reads",
     )  # fmt: skip
     for key, value in FULL.items():
         kind = type(value[0]) if isinstance(value, list) else type(value)
@@ -348,11 +348,11 @@ def main(argv: list[str] | None = None) -> None:
             f"--{key.replace('_', '-')}", type=kind, nargs="+" if isinstance(value, list) else None
         )
     args = ap.parse_args(argv)
-    if args.gather_prefix:
-        SparsePrefill.read_pages = False
+    if args.paged_prefix:
+        SparsePrefill.read_pages = None
     sizes = dict(SMOKE if args.smoke else FULL)
     sizes.update({k: getattr(args, k) for k in FULL if getattr(args, k) is not None})
-    sizes.update(smoke=args.smoke, policies=args.policies, gather_prefix=args.gather_prefix)
+    sizes.update(smoke=args.smoke, policies=args.policies, paged_prefix=args.paged_prefix)
     if args.smoke:
         os.environ["OUT"] = tempfile.mkdtemp()
     folder = write_dummy_checkpoint(tempfile.mkdtemp(), TINY if args.smoke else LLAMA)

@@ -47,9 +47,10 @@ class SparsePrefill:
     Nothing here waits for the GPU: per-layer statistics stay device tensors until `stats()`, so the host
     keeps queueing the next layers' kernels while this one runs."""
 
-    # `chunk_paged` reads the pages in place (no gather of the prefix): None = on CUDA only (the CPU
-    # references gather anyway); True forces it (the tests of the paged path on CPU)
-    read_pages: bool | None = None
+    # `chunk_paged` reads the pages in place (no gather of the prefix) when True, or with None on CUDA only
+    # (the CPU references gather anyway). False by default until the paged kernels have run on a GPU: they
+    # are exact under Triton's interpreter and compile for sm_90, but no GPU has executed them yet.
+    read_pages: bool | None = False
 
     def __init__(self, policy: Selection, config: SparsePrefillConfig):
         self.policy, self.config = policy, config
@@ -176,7 +177,7 @@ class SparsePrefill:
         self, layer: int, q: torch.Tensor, prefix: PagedPrefix, q_offset: int, seq_len: int
     ) -> torch.Tensor:
         """`chunk` over keys that lie in the sequence's KV pages (`Engine.prefill_pages`). With `read_pages`
-        (by default on CUDA) profiling reads the prefix's block representations from the pages and the
+        profiling reads the prefix's block representations from the pages and the
         sparse kernel reads the selected blocks through the page table: no copy of the prefix; dense chunks
         (layer 0, or every segment of the chunk dense) gather it for fused SDPA. Same blocks and output as
         `chunk` over the gathered keys (the torch path: bit for bit)."""

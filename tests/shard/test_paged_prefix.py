@@ -101,7 +101,7 @@ def test_engine_core_tokens_with_paged_reads(tiny_checkpoint: Path, monkeypatch:
     prompt = "a long document: " + " ".join(f"w{i % 37}" for i in range(220))
     params = SamplingParams(max_tokens=6, ignore_eos=True)
     results = []
-    for forced in (None, True):
+    for forced in (False, True):
         monkeypatch.setattr(SparsePrefill, "read_pages", forced)
         llm = LLM(
             str(tiny_checkpoint), load_format="dummy", device="cpu", policy="entropy", kv_page_size=16,
