@@ -277,6 +277,30 @@ def test_cpu_path_on_exactly_the_sequences_pages(length: int) -> None:
         paged_decode_attention_cpu(q, kp, vp, tables + 5, lens)
 
 
+def test_cpu_plan_is_shared_by_layers_and_follows_the_tables_content() -> None:
+    """The CPU path plans its gather once per step (`_plan`): calls with equal tables and lengths reuse it,
+    a table changed in place, other lengths or another pool get their own (each equal to the reference)."""
+    gen = torch.Generator().manual_seed(3)
+    kp, vp = torch.randn(12, 2, 8, 64, generator=gen), torch.randn(12, 2, 8, 64, generator=gen)
+    q = torch.randn(2, 6, 64, generator=gen)
+    tables = torch.tensor([[5, 3, 4], [1, 2, 0]], dtype=torch.int32)[:, None, :].expand(2, 2, 3).contiguous()
+    lens = torch.tensor([[20, 20], [9, 17]], dtype=torch.int32)
+
+    def check(kp: torch.Tensor, vp: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor) -> None:
+        got = paged_decode_attention_cpu(q, kp, vp, tables, lens)
+        ref = paged_decode_attention_ref(q, kp, vp, tables, lens)
+        torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
+
+    check(kp, vp, tables, lens)
+    check(kp, vp, tables, lens)  # a second "layer"
+    tables[0, 1, 1] = 9  # in place: the same tensor, other pages
+    check(kp, vp, tables, lens)
+    check(kp, vp, tables, lens - 3)
+    check(kp[:10], vp[:10], tables, lens)  # a smaller pool: page 9 is still in range
+    with pytest.raises(ValueError, match="page ids"):
+        paged_decode_attention_cpu(q, kp[:9], vp[:9], tables, lens)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_input_validation(backend: str) -> None:
     if backend == "triton" and not interpreter_ready():
