@@ -344,46 +344,15 @@ def launch_sparse_prefill(
     assert num_segments(q_offset + nq, segment_size) <= block_cnt.shape[1]
     grid = (n_tiles * hkv,)
     jit_kernel(_sparse_prefill_fwd, q.device)[grid](
-        q,
-        k,
-        v,
-        out,
-        block_idx,
-        block_cnt,
-        table,
-        q.stride(0),
-        q.stride(1),
-        *k_strides,
-        *v_strides,
-        out.stride(0),
-        out.stride(1),
-        block_idx.stride(0),
-        block_idx.stride(1),
-        block_cnt.stride(0),
-        block_cnt.stride(1),
-        stride_th,
-        stride_kp,
-        stride_vp,
-        nq,
-        nk,
-        q_offset,
-        segment_size,
-        first_tile,
-        n_tiles,
-        hkv,
-        scale * _LOG2E,
-        G=group,
-        HEAD_DIM=d,
-        BLOCK_M=block_m,
-        BLOCK_P=block_p,
-        BLOCK_N=block_n,
-        B=block_size,
-        PAGED=paged,
-        PAGE_SIZE=page_size,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )
+        q, k, v, out, block_idx, block_cnt, table,
+        q.stride(0), q.stride(1), *k_strides, *v_strides, out.stride(0), out.stride(1),
+        block_idx.stride(0), block_idx.stride(1), block_cnt.stride(0), block_cnt.stride(1),
+        stride_th, stride_kp, stride_vp,
+        nq, nk, q_offset, segment_size, first_tile, n_tiles, hkv, scale * _LOG2E,
+        G=group, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_N=block_n, B=block_size,
+        PAGED=paged, PAGE_SIZE=page_size, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
     return out
 
 
@@ -408,15 +377,6 @@ def dense_causal_attention(
     block_idx = torch.zeros(hkv, nseg, 1, dtype=torch.int32, device=q.device)
     block_cnt = torch.full((hkv, nseg), -1, dtype=torch.int32, device=q.device)
     return sparse_prefill_attention(
-        q,
-        k,
-        v,
-        block_idx,
-        block_cnt,
-        segment_size=segment_size,
-        block_size=8,
-        scale=scale,
-        q_offset=q_offset,
-        config=config,
-        backend=backend,
-    )
+        q, k, v, block_idx, block_cnt, segment_size=segment_size, block_size=8, scale=scale,
+        q_offset=q_offset, config=config, backend=backend,
+    )  # fmt: skip
