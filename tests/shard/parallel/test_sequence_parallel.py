@@ -161,8 +161,9 @@ def test_sp_kv_compression_keeps_what_one_rank_keeps(wide: Path, group: Group, p
 def test_preemption_of_sp_sequences_by_swap_and_recompute(wide: Path, group: Group) -> None:
     """Too few pages for three SP prompts at once: compressed ones are swapped out (each rank copies its own
     span to host memory and back), uncompressed ones recomputed; one rank's tokens either way."""
-    # 140 pages of 8 tokens: two ~550-token prompts fill them, and cannot both grow; three compressed ones
-    # (16 kept tokens each) cannot all grow by 400 decode tokens
+    # 140 pages of 8 tokens: three 551-token prompts hold one rank's span each (max(S, L - S) tokens, 35
+    # pages at first) and cannot all grow by 120 decode tokens (50 pages each); three compressed ones (16
+    # kept tokens each) cannot all grow by 400
     small = dict(num_kv_pages=140, kv_compression="snapkv", kv_capacity=16, kv_window=8)
     llm, ref = group.start(wide, 1, 2, "snapkv", **small), tiny(wide, policy="snapkv", **small)
     runs = {
@@ -170,7 +171,7 @@ def test_preemption_of_sp_sequences_by_swap_and_recompute(wide: Path, group: Gro
             [text(530 + i, 10 + i) for i in range(3)],
             SamplingParams(max_tokens=400, ignore_eos=True),
         ),
-        "dense": ([text(551, 20 + i) for i in range(3)], SamplingParams(max_tokens=12, ignore_eos=True)),
+        "dense": ([text(551, 20 + i) for i in range(3)], SamplingParams(max_tokens=120, ignore_eos=True)),
     }
     for policy, (prompts, params) in runs.items():
         if policy == "dense":  # uncompressed: recomputed when preempted
