@@ -250,6 +250,23 @@ def interference(
 # ---- c: a document and its questions, prefix cache on / off ------------------------------------------
 
 
+def run_job(
+    engine: Engine, prompts: list[str], answer: int, policy: str
+) -> tuple[float, dict[str, Any], list[float]]:
+    """The prompts submitted together until all answered: (seconds, outputs, each one's seconds to its
+    first token, sorted: when its prefill was done; the rest of the wall time is the answers' decode)."""
+    t0 = time.perf_counter()
+    first: dict[str, float] = {}
+
+    def on_step(now: float, events: dict[str, list[Any]]) -> None:
+        for rid, evs in events.items():
+            if rid not in first and any(isinstance(e, TokenDelta) for e in evs):
+                first[rid] = now - t0
+
+    outs = engine.run([engine.submit(p, answer, policy) for p in prompts], on_step)
+    return time.perf_counter() - t0, outs, sorted(round(x, 2) for x in first.values())
+
+
 def part_c(folder: Path, device: str, s: dict[str, Any], rows: Rows) -> dict[str, Any]:
     for policy in s["policies"]:
         for cache in (True, False):
@@ -257,15 +274,16 @@ def part_c(folder: Path, device: str, s: dict[str, Any], rows: Rows) -> dict[str
             for size, questions in ((s["doc_tokens"] // 8, 2), (s["doc_tokens"], s["questions"])):
                 body = text(size)  # untimed (a smaller job), then timed: each its own document
                 prompts = [f"{body}\n\nQuestion {q}: what does it say?" for q in range(questions)]
-                t0 = time.perf_counter()
-                outs = engine.run([engine.submit(p, s["answer"], policy) for p in prompts])
-                seconds = time.perf_counter() - t0
+                seconds, outs, first = run_job(engine, prompts, s["answer"], policy)
             stats = [o.stats for o in outs.values()]
             prompt = sum(int(st["prompt_tokens"]) for st in stats)
             cached = sum(int(st.get("cached_tokens", 0)) for st in stats)
             rows.append({"policy": policy, "prefix_cache": cache, "questions": len(stats),
                          "wall_s": round(seconds, 2), "prompt_tokens": prompt, "cached_tokens": cached,
-                         "prefilled_tokens": prompt - cached})  # fmt: skip
+                         "prefilled_tokens": prompt - cached,
+                         # where the time goes: each question's first token, then the answers' decode
+                         "first_token_s": first,
+                         "cached_each": [int(st.get("cached_tokens", 0)) for st in stats]})  # fmt: skip
             engine.close()
         on, off = rows[-2], rows[-1]
         on["speedup"], off["speedup"] = round(off["wall_s"] / on["wall_s"], 2), 1.0
