@@ -88,6 +88,7 @@ class RankRunner:
         self.shards = [head_shard(full_arch.num_heads, full_arch.num_kv_heads, tp, i) for i in range(tp)]
         self.kv_replicas = self.shards[0].kv_replicas
         ps, dev, dt = engine.config.kv_page_size, engine.device, engine.dtype
+        self.pages: KVPages
         if self.sp is not None and parallel is not None:
             self.pages = SegmentPages(
                 arch, num_pages, ps, dev, dt, table_heads=tp * kvc, local=self.local, parallel=parallel
