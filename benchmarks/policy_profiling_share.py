@@ -93,7 +93,8 @@ def main() -> None:
     reliable = int((np.nan_to_num(rf) >= args.rigid_reliable).sum())
     llm = LLM(MODEL, device=args.device, policy="entropy")
     cfg = load_sparse_config("entropy_short")
-    ids = list(llm.tokenizer.encode(real_documents(40)[-1], add_special_tokens=False))[: args.length]
+    text = "\n\n".join(reversed(real_documents(40)))  # real documents, the last first, to --length tokens
+    ids = list(llm.tokenizer.encode(text, add_special_tokens=False))[: args.length]
     scoring = Timer(entropy_mod.block_scores, cuda)
     planning = Timer(sparse_mod.plan_layer, cuda)
     chunk_planning = Timer(sparse_mod.plan_chunk, cuda)
