@@ -10,7 +10,8 @@ other ranks as local processes (`shard/parallel/launch.py: LocalRanks`, NCCL), n
 
 Per shape (tp x sp) and policy: one LLM, a 2k-token warm-up request, then one request per length of
 `--max-tokens` greedy tokens. A row: TTFT (the request's prefill_ms, CUDA-synchronised), decode ms/token
-and tokens/s, density, the SP size the prompt ran with, whether the tokens equal the first shape's (the
+and tokens/s, density and the straggler (the densest rank's attention work over the mean rank's), the SP
+size the prompt ran with, whether the tokens equal the first shape's (the
 same weights: dummy weights are seeded per tensor), the peak GPU memory of every rank (GiB, from the
 ranks' own `torch.cuda.max_memory_allocated`, reset before each request), speedup and scaling efficiency
 (``ttft(1 GPU) / (ttft * world_size)``) against the one-GPU row of the same length and policy (from this
@@ -97,6 +98,15 @@ def rank_peaks(llm: LLM, reset: bool) -> list[float] | None:
     return [round(b / 2**30, 2) for b in llm.executor.peak_memory(reset=reset)]
 
 
+def straggler(stats: dict[str, Any]) -> float | None:
+    """The densest rank's attention work over the mean rank's (1.0: balanced), from the per-rank densities
+    of the request's stats (TP ranks, or the SP ranks of rank 0's TP rank); None on one rank / dense."""
+    per = stats.get("density_per_sp_rank") or stats.get("density_per_tp_rank")
+    if not per or sum(per) <= 0:
+        return None
+    return round(max(per) / (sum(per) / len(per)), 3)
+
+
 def baseline_rows(path: str | None) -> dict[tuple[int, str], dict[str, Any]]:
     if not path or not Path(path).exists():
         return {}
@@ -140,6 +150,7 @@ def run_shape(
                     decode_tok_s=round(1e3 / ms, 1) if ms else None,
                     density=round(out.stats.get("density", 1.0), 4),
                     split=out.stats.get("sequence_parallel_size", 1),
+                    straggler=straggler(out.stats),
                     token_ids=out.token_ids,
                 )
                 peaks = rank_peaks(llm, reset=False)
@@ -231,15 +242,17 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, gpus: int, cont
     rows = [dict(r) for r in rows]
     add_scaling(rows, baseline_rows(args.baseline))
     columns = ["tokens", "policy", "tp", "sp", "world_size", "ttft_ms", "speedup", "scaling_efficiency"]
-    columns += ["decode_tok_s", "density", "split", "same_tokens", "peak_gib_max", "peak_gib_per_rank"]
+    columns += ["decode_tok_s", "density", "straggler", "split", "same_tokens", "peak_gib_max"]
+    columns += ["peak_gib_per_rank"]
     meta = {"env": environment(), "args": vars(args), "gpus": gpus, "max_model_len": context}
     notes = (
         "TTFT: the request's prefill_ms (prefill plus the first token's logits). scaling_efficiency = "
         "ttft(1 GPU) / (ttft x world_size), against the one-GPU row of the same length and policy. split: "
         "the SP size the prompt ran with (1: below sequence_parallel_min_tokens). same_tokens: greedy tokens "
         "equal the first row's of that length and policy. peak_gib_per_rank: each rank's "
-        "torch.cuda.max_memory_allocated during the request. Random weights: speed, memory and agreement, "
-        "not quality. Rows with `skipped` / `error` did not run."
+        "torch.cuda.max_memory_allocated during the request. straggler: the densest rank's share of the "
+        "attention work over the mean rank's (entropy budgets differ per head; heads are not rebalanced). "
+        "Random weights: speed, memory and agreement, not quality. Rows with `skipped` / `error` did not run."
     )
     return write_results(args.name, "Tensor / sequence parallel scaling", columns, rows, meta, notes)
 

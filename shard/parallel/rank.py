@@ -291,6 +291,8 @@ class RankRunner:
         for i, key in enumerate(_STAT_KEYS):
             if key in stats:
                 out[key] = float(every[:, i].mean())
+        if "density" in stats and self.group.size > 1:  # each rank's heads' work: the straggler shows here
+            out["density_per_tp_rank"] = [round(float(x), 4) for x in every[:, 0]]
         if budget:
             col = len(_STAT_KEYS)
             out["budget_tokens"] = {

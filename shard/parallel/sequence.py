@@ -22,7 +22,8 @@ runs per segment (`sp_compress.py`). SP prompts prefill in one pass and bypass t
 
 Statistics: each rank's attention object profiles its KV heads over the whole prompt; `gather_entropy` and
 `gather_stats` put the SP ranks' heads together (means weighted by their head counts), so the result
-equals one rank's.
+equals one rank's; ``density_per_sp_rank`` keeps each SP rank's own (its share of the attention work: entropy
+budgets differ per head, so the densest rank is the prefill's straggler).
 """
 
 from __future__ import annotations
@@ -164,6 +165,8 @@ def gather_stats(
     for i, key in enumerate(_STAT_KEYS):
         if key in stats:
             out[key] = float(mean[i])
+    if "density" in stats:  # each SP rank's heads' attention work over the whole prompt (stragglers)
+        out["density_per_sp_rank"] = [round(float(x), 4) for x in every[:, 0]]
     col = len(_STAT_KEYS)
     if budget:
         out["budget_tokens"] = {

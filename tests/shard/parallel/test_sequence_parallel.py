@@ -97,6 +97,10 @@ def test_sp2_generate_equals_one_rank(wide: Path, group: Group, policy: str) -> 
     assert_same(got, ref, SP_PROMPTS, 2)
     if policy == "entropy":
         assert any(o.stats["density"] < 0.9 for o in got), "the long prompts should run sparse"
+        for o, split in zip(got, SP_PROMPTS, strict=True):  # each SP rank's work (2 + 2 KV heads)
+            per = o.stats.get("density_per_sp_rank")
+            assert (per is not None) == split and (not split or len(per) == 2)
+            assert not split or sum(per) / 2 == pytest.approx(o.stats["density"], abs=1e-3)
     counts = llm.core.counts()
     assert counts["kv_pages_used"] == 0 and counts["running"] == 0
     held = llm.executor.probe() if llm.executor is not None else []  # prefix-cache states may stay
@@ -126,7 +130,11 @@ def test_sp_ranks_keep_only_their_segments_pages(wide: Path, group: Group) -> No
 def test_tp2_sp2_equals_one_rank(wide: Path, group: Group) -> None:
     ref = tiny(wide, policy="entropy").generate(PROMPTS, PARAMS)
     llm = group.start(wide, 2, 2, "entropy")
-    assert_same(llm.generate(PROMPTS, PARAMS), ref, SP_PROMPTS, 2)
+    got = llm.generate(PROMPTS, PARAMS)
+    assert_same(got, ref, SP_PROMPTS, 2)
+    for o in got:  # the TP ranks' densities average to the request's
+        per = o.stats["density_per_tp_rank"]
+        assert len(per) == 2 and sum(per) / 2 == pytest.approx(o.stats["density"], abs=1e-3)
     one = tiny(wide, policy="entropy", **KV, kv_head_capacity="entropy")  # and with latent compression
     llm.set_kv_compression("latent", capacity=64, window=8, gap=4, head_capacity="entropy")
     got, ref = llm.generate(PROMPTS, PARAMS), one.generate(PROMPTS, PARAMS)
