@@ -67,7 +67,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         help="dummy: random weights of the checkpoint's shape (overrides engine.llm.load_format)",
     )
     p.add_argument("--host", default=None, help="HTTP bind address (default from config: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=None, help="HTTP port (default from config: 8000)")
+    p.add_argument("--port", type=int, default=None, help="HTTP port (config: 8000; 0: any free)")
     p.add_argument("--db", default=None, help="SQLite job store path (default from config)")
     p.add_argument(
         "--address", default=None, help="connect to this Ray cluster (e.g. auto) instead of starting one here"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,7 +21,6 @@ from entropyinfer import LLM, SamplingParams
 from entropyinfer.cli import build_parser
 from entropyinfer.cluster.cli_commands import serve_file_from_args
 from entropyinfer.cluster.config import app_config
-from entropyinfer.cluster.launcher import free_port
 from entropyinfer.errors import ConfigError
 
 VLLM_KEYWORDS = {
@@ -116,21 +116,25 @@ def test_seed_gives_unseeded_sampled_requests_a_reproducible_stream(tiny_checkpo
 @pytest.mark.slow
 @pytest.mark.serve
 def test_entropyinfer_serve_model_starts_and_answers(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    port, key = free_port(), "cli-key"
+    key = "cli-key"
     cmd = [sys.executable, "-m", "entropyinfer", "serve", str(tiny_checkpoint), "--load-format", "dummy"]
     cmd += ["--max-model-len", "512", "--max-num-seqs", "4", "--seed", "1", "--policy", "dense"]
-    cmd += ["--port", str(port), "--api-key", key, "--served-model-name", "tiny", "--quiet"]
+    # --port 0: the server picks a free port once its Ray runs (a port picked here could be taken by Ray's
+    # own processes before Serve binds it: the CI failure of fault_app) and prints its URL
+    cmd += ["--port", "0", "--api-key", key, "--served-model-name", "tiny", "--quiet"]
     cmd += ["--db", str(tmp_path / "jobs.sqlite")]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
     log = (tmp_path / "serve.log").open("w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    url, auth = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {key}"}
+    auth = {"Authorization": f"Bearer {key}"}
     try:
         deadline = time.monotonic() + 240
-        while "serving on" not in (tmp_path / "serve.log").read_text():
+        while not (found := re.search(r"serving on (http://\S+)", (tmp_path / "serve.log").read_text())):
             assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "entropyinfer serve did not start"
             time.sleep(0.5)
+        url = found.group(1)
+        assert not url.endswith(":0")
         assert httpx.get(url + "/v1/models", timeout=30).status_code == 401  # --api-key is enforced
         models = httpx.get(url + "/v1/models", headers=auth, timeout=30).json()["data"]
         assert models[0]["id"] == "tiny" and models[0]["max_context"] == 512
