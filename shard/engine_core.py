@@ -141,9 +141,9 @@ class EngineCore:
         req = seq.request
         attention = prompt_attention(req.policy, req.sparse, self.arch.num_layers, seq.num_prompt_tokens)
         if isinstance(attention, SparsePrefill):
-            table, shape = req.head_budgets, (self.arch.num_layers, self.arch.num_kv_heads)
-            if table is not None and table.version and table.shape == shape and self.single_rank:
-                attention.pin_table(torch.from_numpy(table.scales), table.version)
+            table, shape = req.head_budgets, (self.full_arch.num_layers, self.full_arch.num_kv_heads)
+            if table is not None and table.version and table.shape == shape:  # every rank: its heads' rows
+                self.executor.pin_table(attention, torch.from_numpy(table.scales), table.version)
             attention.collect_mass = self.head_stats_sink is not None
         return attention
 
@@ -211,6 +211,7 @@ class EngineCore:
             entropy=req.kv is not None, stats=not seq.output_ids,
             all_logits=req.params.prompt_logprobs is not None,
             head_stats=self.head_stats_sink is not None and not self.single_rank,
+            head_table=_pinned(attention, req) if first and not self.single_rank else None,
         )  # fmt: skip
         # a cancel is seen between the layers of one rank only; with several it waits for the next step
         cancel = req.cancel if self.executor.size == 1 else None
@@ -365,6 +366,15 @@ def _peak_tokens(n: int, max_tokens: int, kv: KVCompressionConfig | None, num_kv
     cap = kv.capacity if kv.head_capacity == "uniform" else largest_head
     before = min(n + max_tokens, n + kv.compress_after + 1)
     return max(before, min(n, cap) + max_tokens)
+
+
+def _pinned(attention: PrefillAttention, req: SequenceRequest) -> tuple[torch.Tensor, int] | None:
+    """The whole model's head budget table pinned for a prompt (scales ``[L, Hkv]``, version), if any: what
+    the other ranks of a group pin their heads' rows of."""
+    table = req.head_budgets
+    if isinstance(attention, SparsePrefill) and attention.table_version and table is not None:
+        return torch.from_numpy(table.scales), table.version
+    return None
 
 
 def _now(device: torch.device) -> float:

@@ -57,7 +57,9 @@ class PrefillCall:
     logits of every position of the chunk (prompt logprobs; computed on rank 0 only); sequence_parallel: the
     whole prompt, split over the SP ranks (`shard/parallel/sequence.py`; set by `LockstepExecutor`);
     head_stats: a sparse prefill collects the captured mass and, after the last chunk, returns the whole
-    model's `HeadStats` (gathered from every rank's heads: `head_gather.py`; the policy actor's)."""
+    model's `HeadStats` (gathered from every rank's heads: `head_gather.py`; the policy actor's); head_table:
+    on the first chunk, the policy actor's head budget table pinned for the prompt (scales float32 ``[L,
+    Hkv]`` of the whole model, version): each rank pins its heads' rows."""
 
     request_id: str
     tokens: torch.Tensor
@@ -75,6 +77,7 @@ class PrefillCall:
     all_logits: bool = False
     sequence_parallel: bool = False
     head_stats: bool = False
+    head_table: tuple[torch.Tensor, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,11 @@ class Executor(Protocol):
     def held_tokens(self, seq: Sequence, tokens: int) -> int:
         """Token slots per head `seq`'s block table needs for `tokens` of its tokens (fewer than `tokens`
         for a sequence-parallel prompt: each rank holds its span, `segment_pages.py`)."""
+        ...
+
+    def pin_table(self, attention: SparsePrefill, scales: torch.Tensor, version: int) -> None:
+        """Pin the head budget table ``scales [L, Hkv]`` (the whole model's) on `attention`: the rows of
+        the heads it prefills (rank 0's under TP)."""
         ...
 
     def compress(self, seq: Sequence, kv: KVCompressionConfig) -> None: ...
@@ -222,6 +230,9 @@ class LocalExecutor:
 
     def held_tokens(self, seq: Sequence, tokens: int) -> int:
         return tokens
+
+    def pin_table(self, attention: SparsePrefill, scales: torch.Tensor, version: int) -> None:
+        attention.pin_table(scales, version)
 
     def compress(self, seq: Sequence, kv: KVCompressionConfig) -> None:
         compress_sequence(self.pages, self.obs, seq, kv, self.arch)

@@ -64,6 +64,7 @@ from entropyinfer.shard.parallel.rank import RankRunner
 from entropyinfer.shard.parallel.segment_pages import SegmentPages
 from entropyinfer.shard.parallel.sequence import uses_sequence_parallel
 from entropyinfer.shard.sequence import Sequence
+from entropyinfer.shard.sparse_attention import SparsePrefill
 
 __all__ = ["LockstepExecutor", "ShardGroupError", "WorkerLoop", "agree_on_pages"]
 
@@ -170,6 +171,9 @@ class LockstepExecutor:
 
     def sequence_parallel(self, seq_len: int, kv: KVCompressionConfig | None, all_logits: bool) -> bool:
         return self.runner.sp is not None and uses_sequence_parallel(self.parallel, seq_len, kv, all_logits)
+
+    def pin_table(self, attention: SparsePrefill, scales: torch.Tensor, version: int) -> None:
+        self.runner.pin_rows(attention, scales, version, split=False)
 
     def held_tokens(self, seq: Sequence, tokens: int) -> int:
         pages = self.pages

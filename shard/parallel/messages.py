@@ -141,7 +141,7 @@ _TYPES: dict[str, type] = {
         StepPlan, PrefillCall, SparsePrefillConfig, KVCompressionConfig,
     )
 }  # fmt: skip
-_TUPLES = {("PrefillCall", "resume")}  # fields msgpack turns into lists
+_TUPLES = {("PrefillCall", "resume"), ("PrefillCall", "head_table")}  # fields msgpack turns into lists
 
 
 def _default(obj: Any) -> Any:

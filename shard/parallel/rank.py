@@ -202,7 +202,19 @@ class RankRunner:
             if self.group.replicas > 1:
                 attention.logit_reduce = self.group.mean_over_replicas
             attention.collect_mass = attention.collect_mass or call.head_stats
+            if call.head_table is not None and call.first:  # the policy actor's table: this rank's rows
+                self.pin_rows(attention, *call.head_table, split=call.sequence_parallel)
         return attention
+
+    def pin_rows(self, attention: SparsePrefill, scales: torch.Tensor, version: int, split: bool) -> None:
+        """Pin the rows of the whole model's head budget table ``scales [L, Hkv]`` that this rank's heads
+        use: its TP rank's KV heads, and in a sequence-parallel prefill its SP rank's part of them."""
+        shard = self.shards[self.group.rank]
+        rows = scales[:, shard.kv_start : shard.kv_start + shard.kv_count]
+        if split and self.sp is not None:
+            k0 = self.split.kv_start(self.sp.rank)
+            rows = rows[:, k0 : k0 + self.split.kv[self.sp.rank]]
+        attention.pin_table(rows.contiguous(), version)
 
     def _gather_heads(self, call: PrefillCall, attention: PrefillAttention, split: bool) -> HeadStats | None:
         """The whole model's `HeadStats` of a finished sparse prefill (`head_gather.py`; every rank takes

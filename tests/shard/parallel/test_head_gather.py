@@ -6,17 +6,21 @@ Unit: `gather_head_stats` over fake gathers (a sequence-parallel split of 3 KV h
 that replicate a KV head) puts the heads back in order and drops the replicas. Groups (gloo, CPU): TP=4 on
 the tiny Llama (4 query / 2 KV heads: each KV head on two ranks, whose block logits are all-reduced) gives
 one rank's greedy tokens and statistics under entropy; TP=2 x SP=2 on an 8 / 4-head Llama, with a prompt that
-prefills split over the SP ranks and one that does not, too.
+prefills split over the SP ranks and one that does not, too. A pinned head budget table (the policy actor's)
+applies on every rank (its heads' rows) and gives one rank's tokens and density.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from entropyinfer import LLM, SamplingParams
+from entropyinfer.policies.head_budgets import HeadBudgetTable
 from entropyinfer.policies.head_stats import HeadStats
 from entropyinfer.shard.dummy_checkpoint import write_dummy_checkpoint
 from entropyinfer.shard.parallel.head_gather import Part, gather_head_stats, pack
@@ -100,6 +104,31 @@ def assert_same_stats(got: HeadStats, ref: HeadStats, what: str) -> None:
     np.testing.assert_allclose(got.captured[mask], ref.captured[mask], atol=1e-3, err_msg=what)
 
 
+def pinned(llm: LLM, rid: str, prompt: str, table: HeadBudgetTable) -> dict:
+    """One request with the head budget table pinned: its tokens and stats."""
+    req = llm.request(rid, prompt, PARAMS)
+    llm.submit(dataclasses.replace(req, head_budgets=table))
+    while True:
+        llm.step()
+        for ev in llm.take_events(rid):
+            if hasattr(ev, "output"):
+                return {"ids": ev.output.token_ids, **ev.output.stats}
+
+
+def assert_table_applies(llm: LLM, one: LLM, prompts: list[str], kv_heads: int) -> None:
+    """A table that halves some heads' budgets and doubles others' gives one rank's tokens and density on
+    the group (each rank pinned its heads' rows), and another density than no table."""
+    scales = np.ones((2, kv_heads), dtype=np.float32)
+    scales[1] = [0.25, 2.0, 1.0, 0.5][:kv_heads]  # a different factor per head: rows pinned out of place show
+    table = HeadBudgetTable("tiny", 3, scales)
+    for i, prompt in enumerate(prompts):
+        got, ref = pinned(llm, f"t{i}", prompt, table), pinned(one, f"t{i}", prompt, table)
+        plain = pinned(one, f"p{i}", prompt, HeadBudgetTable.identity("tiny", 2, kv_heads))
+        assert got["ids"] == ref["ids"] and got["head_table_version"] == ref["head_table_version"] == 3
+        assert got["density"] == pytest.approx(ref["density"], abs=1e-3)
+        assert ref["density"] != plain["density"]
+
+
 def tiny(folder: Path, tp: int = 1, sp: int = 1) -> LLM:
     return LLM(
         str(folder), policy="entropy", load_format="dummy", device="cpu", warm_up_kernels=False,
@@ -110,9 +139,11 @@ def tiny(folder: Path, tp: int = 1, sp: int = 1) -> LLM:
 
 def test_tp4_replicas_report_one_ranks_head_stats_and_tokens(tiny_checkpoint: Path) -> None:
     prompts = [text(400, 1)]
-    ref_ids, ref = collect(tiny(tiny_checkpoint), prompts)
+    one = tiny(tiny_checkpoint)
+    ref_ids, ref = collect(one, prompts)
     with tiny(tiny_checkpoint, tp=4) as llm:
         ids, got = collect(llm, prompts)
+        assert_table_applies(llm, one, prompts, 2)
     assert ids == ref_ids
     assert_same_stats(got[0], ref[0], "tp=4")
 
@@ -120,9 +151,11 @@ def test_tp4_replicas_report_one_ranks_head_stats_and_tokens(tiny_checkpoint: Pa
 def test_tp2_sp2_reports_one_ranks_head_stats(tmp_path: Path) -> None:
     wide = write_dummy_checkpoint(tmp_path / "wide", WIDE)
     prompts = [text(600, 2), text(300, 3)]  # split over the SP ranks, and whole on every rank
-    ref_ids, ref = collect(tiny(wide), prompts)
+    one = tiny(wide)
+    ref_ids, ref = collect(one, prompts)
     with tiny(wide, tp=2, sp=2) as llm:
         ids, got = collect(llm, prompts)
+        assert_table_applies(llm, one, prompts, 4)  # SP prefill: each SP rank its part of the rows
     assert ids == ref_ids
     for g, r, what in zip(got, ref, ["sp prompt", "short prompt"], strict=True):
         assert_same_stats(g, r, what)
