@@ -95,8 +95,9 @@ class EngineCore:
         self.full_arch = self.executor.full_arch  # the whole model (capacities, statistics)
         self.pages, self.obs = self.executor.pages, self.executor.obs
         self.decoder = self.executor.decoder  # eager, or CUDA graphs per batch size
-        # one rank holds every head of every prompt: no TP group and no SP group (an SP group splits a long
-        # prompt's heads across ranks in prefill; the policy actor's table and statistics are per whole model)
+        # one rank holds every head of every prompt: no TP group and no SP group. Otherwise the policy actor's
+        # table goes to every rank with the first chunk (each pins its heads' rows) and the head statistics
+        # come back gathered from every rank (`shard/parallel/head_gather.py`)
         self.single_rank = self.executor.shape == (1, 1)
         self.scheduler = Scheduler(self.config, self.pages)
         self.inputs = StepInputs(self.device)  # one host-to-device copy per decode step
