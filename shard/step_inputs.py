@@ -15,6 +15,7 @@ they grow by doubling and are never shrunk. On the CPU nothing is copied: the vi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -70,7 +71,7 @@ class StepInputs:
         offsets, total = [], 0
         for dtype, shape, _ in self._parts:
             offsets.append(total)
-            nbytes = int(np.prod(shape, dtype=np.int64)) * _itemsize(dtype)
+            nbytes = math.prod(shape) * _itemsize(dtype)
             total += -(-nbytes // _ALIGN) * _ALIGN
         self._turn ^= 1
         host, dev = self._buffers(total)
@@ -111,5 +112,5 @@ def _itemsize(dtype: torch.dtype) -> int:
 
 
 def _view(buf: torch.Tensor, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    n = int(np.prod(shape, dtype=np.int64))
+    n = math.prod(shape)
     return buf[offset : offset + n * _itemsize(dtype)].view(dtype).view(shape)
