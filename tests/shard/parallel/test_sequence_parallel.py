@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from entropyinfer import LLM, SamplingParams
-from entropyinfer.errors import ConfigError, ShardGroupError
+from entropyinfer.errors import ConfigError, PromptTooLongError, ShardGroupError
 from entropyinfer.shard.dummy_checkpoint import write_dummy_checkpoint
 
 PARAMS = SamplingParams(max_tokens=8, ignore_eos=True)
@@ -109,10 +109,13 @@ def test_sp2_generate_equals_one_rank(wide: Path, group: Group, policy: str) -> 
 
 def test_sp_ranks_keep_only_their_segments_pages(wide: Path, group: Group) -> None:
     """An SP prompt's block table holds one rank's span (about n / 2 at SP=2: each rank its segment, the
-    last also the decode tokens), a short one the whole prompt; one rank's tokens."""
+    last also the decode tokens), a short one the whole prompt; one rank's tokens. So a pool too small for
+    the long prompt on one rank (140 pages of 8 tokens for 2000 tokens) serves it at SP=2."""
     params = SamplingParams(max_tokens=12, ignore_eos=True)
+    with pytest.raises(PromptTooLongError, match="KV pages"):
+        tiny(wide, num_kv_pages=140).generate([PROMPTS[0]], params)
     one = tiny(wide)
-    llm = group.start(wide, 1, 2)
+    llm = group.start(wide, 1, 2, num_kv_pages=140)
     for prompt in (PROMPTS[0], PROMPTS[3]):
         n = llm.count_tokens(prompt)
         stream = llm.stream(prompt, params)
