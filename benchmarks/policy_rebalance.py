@@ -101,8 +101,10 @@ def matched_budget(
 
 # the tables compared with the default rule: RebalanceConfig fields over move_budget=True
 VARIANTS: dict[str, dict[str, Any]] = {
-    "rebalanced": {},  # the actor's rule: rigid and saturated heads give half, low-mass heads take (<= 2x)
-    "gentle": {"rigid_donors": False, "donor_scale": 0.75, "max_scale": 1.5},  # rigid heads keep theirs
+    # session 5's rule: reliably rigid and saturated heads give half, low-mass heads take (<= 2x)
+    "rebalanced": {"rigid_donors": True, "donor_scale": 0.5, "max_scale": 2.0},
+    # RebalanceConfig's defaults since session 6: rigid heads keep theirs, saturated give a quarter, <= 1.5x
+    "gentle": {},
 }
 
 

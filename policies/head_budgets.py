@@ -6,14 +6,15 @@ request's `HeadStats` goes into its `HeadProfile` (`policies/head_stats.py`), an
 once per `every_requests` requests and `every_s` seconds (the version is part of the prefix-cache key, so
 new versions must be rare).
 
-Rebalancing (`rebalance`) is EXPERIMENTAL and off by default (`move_budget`): measured at matched density
-it made the quality worse than the entropy rule's own per-request budgets
-(`benchmarks/results/policy_rebalance.md`). Without it (and without a `density_target`) the rebalancer
-makes no table versions at all: the actor only aggregates statistics (the heat map, the rigid-set
-stability). With `move_budget`, over the heads seen in at least `min_requests` requests:
-- donors: heads reliably rigid (rigid in >= `rigid_reliable` of their requests; only with `rigid_donors`)
-  or saturated (captured mass >= `mass_saturated`, or their count was everything the segment sees in >=
-  `rigid_reliable` of their segments) keep `donor_scale` of their budget;
+Rebalancing (`rebalance`) is EXPERIMENTAL and off by default (`move_budget`): at matched density it did
+not beat the entropy rule's own per-request budgets (`benchmarks/results/policy_rebalance*.md`: session 5's
+rule lost, these defaults tie). Without it (and without a `density_target`) the rebalancer makes no table
+versions at all: the actor only aggregates statistics (the heat map, the rigid-set stability). With
+`move_budget`, over the heads seen in at least `min_requests` requests:
+- donors: heads saturated (captured mass >= `mass_saturated`, or their count was everything the segment
+  sees in >= `rigid_reliable` of their segments) and, only with `rigid_donors`, heads reliably rigid (rigid
+  in >= `rigid_reliable` of their requests; the causal rule already keeps them at the rigid budget) keep
+  `donor_scale` of their budget;
 - receivers: the other heads whose captured mass is below `mass_target` share what the donors gave up, in
   proportion to their shortfall ``mass_target - captured`` (scale capped at `max_scale`); the total budget
   (tokens, weighted by each head's mean budget) is unchanged;
@@ -103,7 +104,7 @@ class RebalanceConfig:
 
     density_target: float | None = None  # mean prefill density to aim at (None: keep the budget total)
     move_budget: bool = False  # EXPERIMENTAL: move budget from donor heads to receivers (measured worse)
-    rigid_donors: bool = True  # reliably rigid heads are donors (else only saturated ones)
+    rigid_donors: bool = False  # reliably rigid heads are donors too (else only saturated ones)
     every_requests: int = 32  # at most one new version per this many requests ...
     every_s: float = 30.0  # ... and per this many seconds
     warmup_requests: int = 8  # no table before this many requests
@@ -111,8 +112,9 @@ class RebalanceConfig:
     rigid_reliable: float = 0.9
     mass_saturated: float = 0.98
     mass_target: float = 0.95
-    donor_scale: float = 0.5
-    max_scale: float = 2.0
+    # `gentle` in benchmarks/policy_rebalance.py (session 5's rule: rigid donors, 0.5, 2.0, lost more)
+    donor_scale: float = 0.75
+    max_scale: float = 1.5
     min_scale: float = 0.25
 
     def __post_init__(self) -> None:

@@ -3,6 +3,7 @@ profiles on disk, and the per-head budget factors in the entropy rule."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from pathlib import Path
@@ -141,7 +142,7 @@ def test_rebalance_moves_budget_from_rigid_heads_to_low_mass_heads() -> None:
         st.captured[:, 1] = np.where(st.dense[None, :], 1.0, 0.99)  # head 1: saturated
         p.add(st)
     assert np.all(rebalance(p, RebalanceConfig(min_requests=4)) == 1.0)  # off by default (experimental)
-    cfg = RebalanceConfig(min_requests=4, move_budget=True)
+    cfg = RebalanceConfig(min_requests=4, move_budget=True, rigid_donors=True, donor_scale=0.5, max_scale=2.0)
     scales = rebalance(p, cfg)
     assert np.all(scales[0] == 1.0)  # layer 0: never profiled
     assert np.all(scales[1:, 0] == cfg.donor_scale) and np.all(scales[1:, 1] == cfg.donor_scale)
@@ -150,13 +151,15 @@ def test_rebalance_moves_budget_from_rigid_heads_to_low_mass_heads() -> None:
     # budget-neutral unless the receivers hit max_scale
     if np.all(scales[1:, 2:] < cfg.max_scale):
         assert (scales * budget).sum() == pytest.approx(budget.sum(), rel=1e-5)
-    # rigid heads kept out of the donors: only the saturated head gives
-    s1 = rebalance(p, RebalanceConfig(min_requests=4, move_budget=True, rigid_donors=False))
-    assert np.all(s1[1:, 0] >= 1.0) and np.all(s1[1:, 1] == cfg.donor_scale) and np.all(s1[1:, 3] > 1.0)
+    # the defaults: rigid heads kept out of the donors, only the saturated head gives (a quarter)
+    gentle = RebalanceConfig(min_requests=4, move_budget=True)
+    s1 = rebalance(p, gentle)
+    assert np.all(s1[1:, 0] >= 1.0) and np.all(s1[1:, 1] == gentle.donor_scale) and np.all(s1[1:, 3] > 1.0)
+    assert np.all(s1 <= gentle.max_scale)
     # with a density target: the linear density model lands on it
     fixed, moved = p.density or (0.0, 0.0)
     target = fixed + 0.5 * moved
-    s2 = rebalance(p, RebalanceConfig(min_requests=4, move_budget=True, density_target=target))
+    s2 = rebalance(p, dataclasses.replace(cfg, density_target=target))
     w = budget * (p.requests >= 4)
     assert fixed + moved * float((s2 * w).sum() / w.sum()) == pytest.approx(target, rel=1e-4)
 
