@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch
-from engine_serving import LLAMA, TINY, Engine, text
+from engine_serving import ENGINE_DEFAULTS, LLAMA, TINY, Engine, text
 
 from entropyinfer.shard.dummy_checkpoint import write_dummy_checkpoint
 
@@ -32,9 +32,7 @@ p.add_argument("--policy", default="entropy")
 p.add_argument("--paged-prefix", action="store_true", help="sparse chunks read the prefix in the pages")
 a = p.parse_args()
 if a.paged_prefix:
-    from entropyinfer.shard.sparse_attention import SparsePrefill
-
-    SparsePrefill.read_pages = None
+    ENGINE_DEFAULTS["paged_prefix_reads"] = None
 dev = "cpu" if a.smoke else "cuda"
 out = Path(os.environ.get("OUT", tempfile.mkdtemp()))
 shape = TINY if a.smoke else dict(LLAMA, max_position_embeddings=131072)

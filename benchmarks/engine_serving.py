@@ -49,7 +49,6 @@ from entropyinfer.shard.dummy_checkpoint import write_dummy_checkpoint
 from entropyinfer.shard.engine_core import Finished, TokenDelta
 from entropyinfer.shard.llm import LLM
 from entropyinfer.shard.sampling import SamplingParams
-from entropyinfer.shard.sparse_attention import SparsePrefill
 
 LLAMA = dict(LLAMA3_8B, model_type="llama", architectures=["LlamaForCausalLM"])
 TINY = dict(LLAMA, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -72,11 +71,14 @@ def text(n: int, seed: int | None = None) -> str:
     return "".join(rng.choice("abcdefghij ") for _ in range(n - 2))
 
 
+ENGINE_DEFAULTS: dict[str, Any] = {}  # LLM keywords of every engine of a run (main: --paged-prefix)
+
+
 class Engine:
     """One `LLM` over the dummy checkpoint, stepped by hand (submit / step / take_events)."""
 
     def __init__(self, folder: Path, device: str, **keywords: Any) -> None:
-        self.llm = LLM(str(folder), load_format="dummy", device=device, **keywords)
+        self.llm = LLM(str(folder), load_format="dummy", device=device, **{**ENGINE_DEFAULTS, **keywords})
         self.ids = 0
         self.cancels: dict[str, threading.Event] = {}
 
@@ -357,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--policies", nargs="+", default=["entropy", "dense"], help="part c")
     ap.add_argument(
         "--paged-prefix", action="store_true",
-        help="sparse chunks read their prefix in the pages (SparsePrefill.read_pages on CUDA; off by default "
+        help="sparse chunks read their prefix in the pages (paged_prefix_reads=None: on CUDA; off by default "
         "until checked on a GPU): the A/B of the paged reads",
     )  # fmt: skip
     for key, value in FULL.items():
@@ -367,7 +369,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     args = ap.parse_args(argv)
     if args.paged_prefix:
-        SparsePrefill.read_pages = None
+        ENGINE_DEFAULTS["paged_prefix_reads"] = None
     sizes = dict(SMOKE if args.smoke else FULL)
     sizes.update({k: getattr(args, k) for k in FULL if getattr(args, k) is not None})
     sizes.update(smoke=args.smoke, policies=args.policies, paged_prefix=args.paged_prefix)

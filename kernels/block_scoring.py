@@ -273,8 +273,8 @@ def _block_scores_triton(
         kmax, kmin = _minmax(
             k, block_size, nblk, nblk * block_size, t.blk_groups, pow2(block_size), t.reps_warps
         )
-    else:  # read from the pages (`paged_block_reps`): the first nblk blocks
-        kmax, kmin = (_contiguous_last(r[:, :nblk]).to(q.dtype) for r in key_reps)
+    else:  # read from the pages (`paged_block_reps`): the first nblk blocks, kmin read with kmax's strides
+        kmax, kmin = (r[:, :nblk].to(q.dtype).contiguous() for r in key_reps)
     logits = torch.empty(hkv, nseg, width, dtype=torch.float32, device=dev)
     entropy = torch.empty(hkv, nseg, dtype=torch.float32, device=dev)
     row_max = torch.empty_like(entropy)
@@ -305,6 +305,26 @@ def _block_scores_triton(
         if spread is not None:
             spread.zero_()
     return BlockScores(logits, row_max, row_sum, entropy, segment_size, block_size, spread, segment_offset)
+
+
+def _check_key_reps(
+    reps: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor, hkv: int, s_len: int, b: int, seg_off: int
+) -> None:
+    """``(kmax, kmin)`` must each be ``[Hkv, >= the blocks the chunk's last segment sees, d]`` on q's device
+    (the kernels read every one of those rows)."""
+    need = (seg_off + num_segments(q.shape[1], s_len) - 1) * s_len // b
+    for r in reps:
+        if (
+            r.dim() != 3
+            or r.shape[0] != hkv
+            or r.shape[1] < need
+            or r.shape[2] != q.shape[2]
+            or r.device != q.device
+        ):
+            raise ValueError(
+                f"key_reps must be [Hkv={hkv}, >={need}, d={q.shape[2]}] on {q.device}; got {tuple(r.shape)} "
+                f"on {r.device}"
+            )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -358,6 +378,8 @@ def block_scores(
         check_qk(q, k, segment_size, block_size)
     if spread_logit_scale is not None and not spread_logit_scale >= 0:
         raise ValueError(f"spread_logit_scale must be >= 0, got {spread_logit_scale}")
+    if key_reps is not None:
+        _check_key_reps(key_reps, q, k.shape[0], segment_size, block_size, segment_offset)
     if not runs_triton(q.device, backend):
         return block_scores_ref(
             q, k, segment_size, block_size, spread_logit_scale, segment_offset=segment_offset,

@@ -76,6 +76,8 @@ def paged_block_reps(
         raise ValueError(f"block_size {block_size} and page_size {k_pages.shape[2]} must be powers of two")
     if k_pages.stride(-1) != 1:
         raise ValueError("k_pages needs a contiguous last dim")
+    if block_table.stride(1) != 1:  # the kernel steps through a row by one
+        block_table = block_table.contiguous()
     hkv, d = k_pages.shape[1], k_pages.shape[3]
     kmax = torch.empty(hkv, num_blocks, d, dtype=k_pages.dtype, device=k_pages.device)
     kmin = torch.empty_like(kmax)

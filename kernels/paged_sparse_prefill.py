@@ -68,8 +68,10 @@ def paged_sparse_prefill_attention(
         q = q.contiguous()
     if k_pages.stride(-1) != 1 or v_pages.stride(-1) != 1:
         raise ValueError("k_pages and v_pages need a contiguous last dim")
-    if k_pages.stride(2) * k_pages.shape[2] >= 2**31:
+    if max(k_pages.stride(2), v_pages.stride(2)) * k_pages.shape[2] >= 2**31:
         raise ValueError("offsets inside one page overflow int32")
+    if block_table.stride(1) != 1:  # the kernel steps through a row by one
+        block_table = block_table.contiguous()
     return launch_sparse_prefill(
         q, k_pages, v_pages, block_idx, block_cnt, block_table, kv_len, segment_size, block_size, scale,
         q_offset, config,

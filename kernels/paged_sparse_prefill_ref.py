@@ -37,6 +37,9 @@ def check_paged_prefill_args(
             f"k_pages {tuple(k_pages.shape)} and v_pages {tuple(v_pages.shape)} must be one "
             "[num_pages, Hkv, page_size, d] shape"
         )
+    if v_pages.dtype != k_pages.dtype or v_pages.device != k_pages.device:
+        raise ValueError(f"v_pages ({v_pages.dtype}, {v_pages.device}) must match k_pages ({k_pages.dtype}, "
+                         f"{k_pages.device})")  # fmt: skip
     _, hkv, page_size, d = k_pages.shape
     if page_size & (page_size - 1):
         raise ValueError(f"page_size {page_size} must be a power of two")

@@ -19,8 +19,8 @@ with ``scale * log2(e)`` folded into one multiplier):
 
 1. Selected blocks (count > 0): the ``cnt * b`` selected keys are streamed as a list; key tile ``t``
    holds list entries ``e = t*BLOCK_N + c`` for ``c < BLOCK_N``, i.e. ``BLOCK_N / b`` blocks of ``b`` keys
-   gathered from their ids (key ``ids[e // b] * b + e % b``; each block is contiguous in memory). The ids of
-   the next tile are loaded one iteration ahead.
+   gathered from their ids (key ``ids[e // b] * b + e % b``; each block is contiguous in memory unless
+   pages are smaller than a block). The ids of the next tile are loaded one iteration ahead.
 2. Contiguous keys below the diagonal: ``[0, diag)`` for a dense segment (count ``-1``), else
    ``[s*S, diag)``, with ``diag`` the query tile start rounded down to ``BLOCK_N`` inside the segment.
 3. Diagonal tiles ``[diag, p0 + BLOCK_P)`` with the causal mask ``key <= p`` (one tile when
@@ -34,6 +34,10 @@ tiles, and two pipeline fills per program instead of one per part (a sparse prog
 each fill costs a few percent).
 
 Programs run on a 1-D grid, heaviest (last) query tiles first, all KV heads interleaved.
+
+Paged KV (``PAGED``, `paged_sparse_prefill`): K and V are one layer's pools ``[pages, Hkv, page_size, d]``
+and every key position of a tile is turned into its row through the head's page-table row
+(`_kv_offsets`: page ``table[p // page_size]``, slot ``p % page_size``); the rest is unchanged.
 
 Tiles: `tiling.tile_config` (a table keyed on head dim and dtype) or an explicit
 ``config=TileConfig(...)`` for sweeps.
@@ -53,7 +57,7 @@ from entropyinfer.kernels.block_layout import check_sparse_prefill_args, num_seg
 from entropyinfer.kernels.sparse_prefill_ref import sparse_prefill_attention_ref
 from entropyinfer.kernels.tiling import TileConfig, tile_config
 
-__all__ = ["dense_causal_attention", "sparse_prefill_attention"]
+__all__ = ["dense_causal_attention", "launch_sparse_prefill", "sparse_prefill_attention"]
 
 _LOG2E = 1.4426950408889634
 _NEG_INIT = tl.constexpr(-1.0e30)  # finite running-max start: a row fully masked in one tile never makes NaN
@@ -70,7 +74,7 @@ def _kv_offsets(
     PAGED: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
 ) -> tuple[tl.tensor, tl.tensor]:
-    """Offsets of the K and V rows of keys ``kn`` in their head: contiguous, or in page
+    """Offsets of the K and V rows of keys ``kn`` in their head: contiguous (int32), or in page
     ``table[kn // PAGE_SIZE]`` at slot ``kn % PAGE_SIZE`` (int64: a pool can exceed 2**31 elements)."""
     if PAGED:
         page = tl.load(table + kn // PAGE_SIZE).to(tl.int64)
@@ -308,7 +312,7 @@ def launch_sparse_prefill(
     config: TileConfig | None,
 ) -> torch.Tensor:
     """Run `_sparse_prefill_fwd` on checked inputs: contiguous ``k, v [Hkv, Nk, d]`` (``table`` None) or
-    one layer's pools ``[pages, Hkv, page_size, d]`` read through ``table`` int32 ``[Hkv, P]``
+    one layer's pools ``[pages, Hkv, page_size, d]`` read through ``table`` int32 / int64 ``[Hkv, P]``
     (`paged_sparse_prefill.paged_sparse_prefill_attention`); ``nk`` keys ``[0, nk)`` are valid."""
     hq, nq, d = q.shape
     hkv = block_cnt.shape[0]

@@ -9,7 +9,8 @@ blocks (`policies/`), a kernel (`kernels/`) computes; this module only dispatche
 
 A prefill runs in one shot (``attention(layer, q, k, v)`` per layer over the whole prompt) or in chunks
 (``attention.chunk(layer, q, k, v, q_offset, seq_len)``: queries ``[q0, q1)`` over keys ``[0, q1)``, every
-layer of a chunk before the next chunk) where ``chunkable``: dense, `fixed`, and the causal entropy modes
+layer of a chunk before the next chunk; the engine calls ``chunk_paged(layer, q, prefix, ...)`` with the keys
+where they lie, a `paged_prefix.PagedPrefix`) where ``chunkable``: dense, `fixed`, and the causal entropy modes
 (`causal`, `spread`). Chunked output and blocks equal one-shot's; the per-layer state between chunks is a
 `prefill_state.LayerRecord`, and ``state_at`` / ``resume`` carry it across requests for prefix caching.
 
@@ -44,7 +45,8 @@ __all__ = [
 
 class PrefillAttention(Protocol):
     """Attention over a prompt for one layer: one shot, ``q [Hq, N, d]``, ``k`` and ``v [Hkv, N, d]`` ->
-    ``[Hq, N, d]``; or one chunk (`chunk`, where ``chunkable``). ``begin(num_layers, seq_len)`` once per
+    ``[Hq, N, d]``; or one chunk (`chunk` over contiguous keys, `chunk_paged` over the sequence's KV pages,
+    where ``chunkable``). ``begin(num_layers, seq_len)`` once per
     prompt before its first layer (`Engine.prefill` calls it; SparsePrefill solves the `fixed` policy's
     budget for a target density there and resets its per-layer state)."""
 

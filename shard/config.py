@@ -117,6 +117,11 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     # Automatic prefix caching: full KV pages keyed by their tokens and everything that shaped their KV.
     enable_prefix_caching: bool = True
+    # A sparse policy's prefill chunk reads its prefix where it lies, in the KV pages (profiling from the
+    # pages' block max/min, the paged block-sparse kernel), instead of gathering it per layer: True, None (on
+    # CUDA only; the CPU references gather anyway) or False. False by default until the paged kernels have
+    # run on a GPU (exact under Triton's interpreter and compiled for sm_90, never executed on one yet).
+    paged_prefix_reads: bool | None = False
 
     def __post_init__(self) -> None:
         for name in (

@@ -117,12 +117,12 @@ class Engine:
         layer, straight into paged KV (the engine core's prefill, one chunk at a time or the whole prompt).
 
         table: int64 ``[Hkv, pages]`` on the device, the sequence's pages, covering the chunk's end; the
-        chunk's keys and values are written there, and the chunk attends over the keys ``[0, end)``: the
-        chunk's own when it starts at 0, else the prefix gathered from the pages into one contiguous
-        ``[Hkv, end, d]`` per layer (the sparse and fused dense kernels read contiguous keys; the gather is
-        one copy of the prefix per layer, freed before the next). A chunk at 0 that covers the whole prompt
-        runs the attention's one-shot call, any other its `chunk` call (`shard/attention.py`), which picks
-        the same blocks as one-shot under causal budget rules. The caller has run the attention's `begin`
+        chunk's keys and values are written there, and the chunk attends over the keys ``[0, end)``. A
+        chunk at 0 that covers the whole prompt runs the attention's one-shot call on its own keys, any other
+        its `chunk_paged` call over a `PagedPrefix` (`shard/paged_prefix.py`), which picks the same blocks as
+        one-shot under causal budget rules: a sparse chunk reads the prefix in the pages when
+        `EngineConfig.paged_prefix_reads` allows it on this device, otherwise (and for dense chunks) the
+        prefix is gathered into one contiguous ``[Hkv, end, d]`` per layer, freed before the next. The caller has run the attention's `begin`
         (if it has one) for this prompt. -> fp32 logits of the prompt's last position
         [vocab] when the chunk ends the prompt, else None; with `all_logits`, fp32 logits of every position
         of the chunk [C, vocab] when it ends the prompt (prompt logprobs)."""
@@ -140,6 +140,8 @@ class Engine:
         heads = torch.arange(hkv, device=self.device)[:, None]
         prefix = table[:, : -(-end // ps)]  # [Hkv, P]
         one_shot = start == 0 and end == seq_len
+        reads = self.config.paged_prefix_reads
+        in_place = self.device.type == "cuda" if reads is None else reads
         for li, layer in enumerate(self.model.layers):
             for c0, c1 in spans:  # rope writes q and k straight into the chunk buffers
                 _, _, vv = layer.attention_inputs(
@@ -154,7 +156,7 @@ class Engine:
             if one_shot:
                 attn = attention(li, q, k, v)  # [Hq, C, d]
             else:
-                paged = PagedPrefix(k_pages, v_pages, prefix, k, v, start, end)
+                paged = PagedPrefix(k_pages, v_pages, prefix, k, v, start, end, in_place)
                 attn = attention.chunk_paged(li, q, paged, start, seq_len)
                 del paged
             _finish_layer(layer, h, attn, spans)

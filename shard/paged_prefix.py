@@ -4,7 +4,8 @@
 `PagedPrefix`: the layer's pools, the sequence's page table covering ``[0, end)`` and the chunk's own
 contiguous keys. A sparse attention reads the pages in place (`kernels.paged_sparse_prefill` for the chunk's
 selected blocks, `kernels.paged_block_reps` for profiling the prefix); anything that needs contiguous keys
-(a dense chunk: fused SDPA cannot read pages) calls `contiguous`, one gather of ``[0, end)`` per layer.
+(a chunk whose every segment is dense: fused SDPA cannot read pages) calls `contiguous`, one gather of
+``[0, end)`` per layer.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ __all__ = ["PagedPrefix"]
 class PagedPrefix:
     """Keys ``[0, end)`` of one layer: ``k_pages`` / ``v_pages`` ``[pages, Hkv, page_size, d]`` read through
     ``table`` (int64 ``[Hkv, P]`` on the device, ``P * page_size >= end``); ``k_chunk`` / ``v_chunk``
-    ``[Hkv, end - start, d]`` the chunk's own keys and values (already written to the pages)."""
+    ``[Hkv, end - start, d]`` the chunk's own keys and values (already written to the pages); ``in_place``:
+    whether a sparse attention may read the pages in place (`EngineConfig.paged_prefix_reads` on this
+    device), else it gathers like a dense one."""
 
     k_pages: torch.Tensor
     v_pages: torch.Tensor
@@ -31,6 +34,7 @@ class PagedPrefix:
     v_chunk: torch.Tensor
     start: int
     end: int
+    in_place: bool = False
 
     def contiguous(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``k, v [Hkv, end, d]``: the chunk's own when it starts at 0, else one gather from the pages."""

@@ -47,11 +47,6 @@ class SparsePrefill:
     Nothing here waits for the GPU: per-layer statistics stay device tensors until `stats()`, so the host
     keeps queueing the next layers' kernels while this one runs."""
 
-    # `chunk_paged` reads the pages in place (no gather of the prefix) when True, or with None on CUDA only
-    # (the CPU references gather anyway). False by default until the paged kernels have run on a GPU: they
-    # are exact under Triton's interpreter and compile for sm_90, but no GPU has executed them yet.
-    read_pages: bool | None = False
-
     def __init__(self, policy: Selection, config: SparsePrefillConfig):
         self.policy, self.config = policy, config
         # what the layers run with: `config`, or for `fixed` with a target_density the solved budget
@@ -176,13 +171,13 @@ class SparsePrefill:
     def chunk_paged(
         self, layer: int, q: torch.Tensor, prefix: PagedPrefix, q_offset: int, seq_len: int
     ) -> torch.Tensor:
-        """`chunk` over keys that lie in the sequence's KV pages (`Engine.prefill_pages`). With `read_pages`
-        profiling reads the prefix's block representations from the pages and the
-        sparse kernel reads the selected blocks through the page table: no copy of the prefix; dense chunks
-        (layer 0, or every segment of the chunk dense) gather it for fused SDPA. Same blocks and output as
-        `chunk` over the gathered keys (the torch path: bit for bit)."""
-        read = q.device.type == "cuda" if self.read_pages is None else self.read_pages
-        if not read or prefix.start == 0:
+        """`chunk` over keys that lie in the sequence's KV pages (`Engine.prefill_pages`). With
+        ``prefix.in_place`` (`EngineConfig.paged_prefix_reads`) profiling reads the prefix's block max/min
+        from the pages and the sparse kernel reads the selected blocks (and any dense segment's keys)
+        through the page table: no copy of the prefix; a chunk whose every segment is dense (layer 0 among
+        them) gathers it for fused SDPA. Same blocks and output as `chunk` over the gathered keys (the torch
+        path: bit for bit). Without it, `chunk` over the gathered prefix."""
+        if not prefix.in_place or prefix.start == 0:
             return self.chunk(layer, q, *prefix.contiguous(), q_offset, seq_len)
         return self._chunk(layer, q, prefix, q_offset, seq_len)
 

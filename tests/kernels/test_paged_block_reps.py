@@ -35,6 +35,23 @@ def test_paged_reps_equal_contiguous(
         torch.testing.assert_close(got[1], want_min, atol=0, rtol=0)
 
 
+def test_a_transposed_table_reads_the_same() -> None:
+    k = torch.randn(2, 64, 16, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    k_pages, _, table = page_keys(k, k, 8, 4)
+    got = paged_block_reps(k_pages, table.t().contiguous().t(), 8, 8, backend="triton")
+    torch.testing.assert_close(got[0], k.reshape(2, 8, 8, 16).amax(dim=2), atol=0, rtol=0)
+
+
+def test_block_scores_refuses_too_few_key_reps() -> None:
+    from entropyinfer.kernels.block_scoring import block_scores
+
+    q, k = torch.randn(4, 96, 16, device=DEVICE), torch.randn(2, 160, 16, device=DEVICE)
+    few = (k[:, :10], k[:, :10])  # the chunk's last segment sees 16 blocks
+    for backend in ("triton", "torch"):
+        with pytest.raises(ValueError, match="key_reps must be"):
+            block_scores(q, k, 32, 8, segment_offset=2, num_key_blocks=20, key_reps=few, backend=backend)
+
+
 def test_table_too_short_raises() -> None:
     k = torch.randn(2, 40, 16, device=DEVICE)
     k_pages, _, table = page_keys(k, k, 8, 1)

@@ -33,7 +33,8 @@ def page_keys(
     pad = per_head * page_size - n
     for h in range(hkv):
         for t, x in ((k_pages, k), (v_pages, v)):
-            rows = torch.cat([x[h], x.new_zeros(pad, d)]).reshape(per_head, page_size, d)
+            # the last page's slots past N hold NaN: a kernel reading past kv_len fails by construction
+            rows = torch.cat([x[h], x.new_full((pad, d), float("nan"))]).reshape(per_head, page_size, d)
             t[order[h].to(DEVICE), h] = rows
     return k_pages, v_pages, order.to(torch.int32).to(DEVICE)
 
@@ -75,8 +76,9 @@ def test_table_wider_than_needed_and_int64() -> None:
     q, k, v = make_qkv(4, 2, 100, 16, torch.float32, 7)
     idx, cnt = make_blocks(2, 100, 32, 8, "random", 8)
     k_pages, v_pages, table = page_keys(k, v, 16, 9, spare=6)
-    spare = torch.arange(table.shape[1], table.shape[1] + 2, device=DEVICE).expand(2, -1)
-    wide = torch.cat([table.long(), spare], dim=1)  # two more (unused) pages per head
+    # two more columns per head naming a page outside the pool: reading past the used part would fault
+    spare = torch.full((2, 2), k_pages.shape[0] + 1000, dtype=torch.long, device=DEVICE)
+    wide = torch.cat([table.long(), spare], dim=1)
     kw = {"segment_size": 32, "block_size": 8}
     out = paged_sparse_prefill_attention(
         q, k_pages, v_pages, wide, idx, cnt, kv_len=100, backend="triton", **kw
@@ -84,10 +86,24 @@ def test_table_wider_than_needed_and_int64() -> None:
     assert_close(out, sparse_prefill_attention_ref(q, k, v, idx, cnt, **kw), torch.float32)
 
 
+def test_a_transposed_table_reads_the_same() -> None:
+    """A table that is not row-contiguous (a column-major copy) gives the same output."""
+    q, k, v = make_qkv(4, 2, 100, 16, torch.float32, 17)
+    idx, cnt = make_blocks(2, 100, 32, 8, "random", 18)
+    k_pages, v_pages, table = page_keys(k, v, 16, 19)
+    column_major = table.t().contiguous().t()
+    assert column_major.stride(1) != 1
+    kw = {"segment_size": 32, "block_size": 8}
+    out = paged_sparse_prefill_attention(
+        q, k_pages, v_pages, column_major, idx, cnt, kv_len=100, backend="triton", **kw
+    )
+    assert_close(out, sparse_prefill_attention_ref(q, k, v, idx, cnt, **kw), torch.float32)
+
+
 def test_gather_pages_ref_reads_in_order_and_checks_ids() -> None:
     _, k, _ = make_qkv(2, 3, 37, 16, torch.float32, 1)
     k_pages, _, table = page_keys(k, k, 8, 2)
-    torch.testing.assert_close(gather_pages_ref(k_pages, table, 37), k, atol=0, rtol=0)
+    torch.testing.assert_close(gather_pages_ref(k_pages, table, 37), k, atol=0, rtol=0, equal_nan=True)
     bad = table.clone()
     bad[1, 0] = k_pages.shape[0]
     with pytest.raises(ValueError, match="page ids"):
@@ -101,6 +117,7 @@ def test_gather_pages_ref_reads_in_order_and_checks_ids() -> None:
         ("page_size", "power of two"),
         ("table_heads", "block_table must be"),
         ("kv_len", "keys must cover"),
+        ("v_dtype", "must match k_pages"),
     ],
 )
 def test_bad_arguments_raise(change: str, message: str) -> None:
@@ -114,6 +131,8 @@ def test_bad_arguments_raise(change: str, message: str) -> None:
         k_pages, v_pages = k_pages[:, :, :12], v_pages[:, :, :12]
     elif change == "table_heads":
         table = table[:1]
+    elif change == "v_dtype":
+        v_pages = v_pages.double()
     else:
         kv_len = 40
     with pytest.raises(ValueError, match=message):

@@ -14,7 +14,6 @@ import torch
 from test_chunked_attention import LAYERS, RULES, build, layer_inputs, same_plans, same_stats
 
 from entropyinfer.shard.paged_prefix import PagedPrefix
-from entropyinfer.shard.sparse_attention import SparsePrefill
 
 
 def pool_of(k: torch.Tensor, v: torch.Tensor, page_size: int, seed: int) -> PagedPrefix:
@@ -30,20 +29,15 @@ def pool_of(k: torch.Tensor, v: torch.Tensor, page_size: int, seed: int) -> Page
     for h in range(hkv):
         for pool, x in ((k_pages, k), (v_pages, v)):
             pool[table[h], h] = torch.cat([x[h], x.new_zeros(pad, d)]).reshape(per_head, page_size, d)
-    return PagedPrefix(k_pages, v_pages, table, k, v, 0, n)
+    return PagedPrefix(k_pages, v_pages, table, k, v, 0, n, in_place=True)
 
 
 def at(pool: PagedPrefix, q0: int, q1: int) -> PagedPrefix:
     ps = pool.k_pages.shape[2]
     return PagedPrefix(
         pool.k_pages, pool.v_pages, pool.table[:, : -(-q1 // ps)], pool.k_chunk[:, q0:q1],
-        pool.v_chunk[:, q0:q1], q0, q1,
+        pool.v_chunk[:, q0:q1], q0, q1, in_place=True,
     )  # fmt: skip
-
-
-@pytest.fixture
-def paged_reads(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(SparsePrefill, "read_pages", True)
 
 
 @pytest.mark.parametrize(("policy", "overrides"), RULES)
@@ -51,7 +45,7 @@ def paged_reads(monkeypatch: pytest.MonkeyPatch) -> None:
     (300, [0, 64, 96, 224, 300], 16), (320, [0, 32, 160, 320], 64),
 ])  # fmt: skip
 def test_paged_chunks_equal_gathered_chunks(
-    paged_reads: None, policy: str, overrides: dict, n: int, bounds: list[int], page_size: int
+    policy: str, overrides: dict, n: int, bounds: list[int], page_size: int
 ) -> None:
     inputs = layer_inputs(n, seed=n + page_size)
     pools = [pool_of(k, v, page_size, seed=li) for li, (_, k, v) in enumerate(inputs)]
@@ -67,7 +61,7 @@ def test_paged_chunks_equal_gathered_chunks(
     same_stats(ref_attn.stats(), got_attn.stats())
 
 
-def test_paged_chunk_resumes_a_cached_prefix(paged_reads: None) -> None:
+def test_paged_chunk_resumes_a_cached_prefix() -> None:
     """A reader resuming another prompt's state at 4 segments reads its prefix (the writer's keys) from
     the pages: same output and blocks as the gathered reader."""
     n = 300
@@ -92,7 +86,7 @@ def test_paged_chunk_resumes_a_cached_prefix(paged_reads: None) -> None:
         torch.testing.assert_close(b, a, atol=0, rtol=0)
 
 
-def test_engine_core_tokens_with_paged_reads(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_engine_core_tokens_with_paged_reads(tiny_checkpoint: Path) -> None:
     """The whole path (`Engine.prefill_pages` -> `chunk_paged`): a chunked entropy prefill with the paged
     reads forced on gives the gather's greedy tokens and density."""
     from entropyinfer import LLM, SamplingParams
@@ -101,11 +95,11 @@ def test_engine_core_tokens_with_paged_reads(tiny_checkpoint: Path, monkeypatch:
     prompt = "a long document: " + " ".join(f"w{i % 37}" for i in range(220))
     params = SamplingParams(max_tokens=6, ignore_eos=True)
     results = []
-    for forced in (False, True):
-        monkeypatch.setattr(SparsePrefill, "read_pages", forced)
+    for in_place in (False, True):
         llm = LLM(
             str(tiny_checkpoint), load_format="dummy", device="cpu", policy="entropy", kv_page_size=16,
-            max_num_batched_tokens=128, warm_up_kernels=False, enable_prefix_caching=False, **sparse,
+            max_num_batched_tokens=128, warm_up_kernels=False, enable_prefix_caching=False,
+            paged_prefix_reads=in_place, **sparse,
         )  # fmt: skip
         results.append(llm.generate(prompt, params)[0])
     plain, paged = results
