@@ -27,8 +27,9 @@ refs are pruned without waiting) and pulls the current table every `pull_interva
 `table()` returns the cached table, pinned per request by the shard. When the actor is dead, missing or
 slower than `timeout_s`, the client drops its table (requests fall back to the per-request budgets of the
 entropy rule), logs it once, and looks the actor up again after `retry_s` (get_if_exists: a dead one is
-made anew). The first link waits up to `connect_timeout_s` for the actor's `describe` (a new actor's worker
-can take seconds to start on a busy machine) and replaces an actor of other settings.
+made anew). The first call on each new link waits up to `connect_timeout_s` (a new actor's worker can
+take seconds to start on a busy machine; before, each 2 s timeout was a failure and a retry); the first
+link also replaces an actor of other settings.
 """
 
 from __future__ import annotations
@@ -247,7 +248,8 @@ class PolicyClient:
                 self._down(e)
 
     def _tick(self) -> None:
-        if self._handle is None:
+        fresh = self._handle is None  # a (re)made actor's worker may take seconds to start: wait longer
+        if fresh:
             self._handle = self._connect() if self._linked else self._link()
         handle = self._handle
         if self._pending:  # prune finished pushes without waiting; a failed one raises here
@@ -261,9 +263,10 @@ class PolicyClient:
             self._pending.append(handle.push.remote(blob))  # fire and forget
             self.counters["pushed"] += 1
         now = time.monotonic()
-        if now >= self._next_pull:
+        if now >= self._next_pull or fresh:
             self._next_pull = now + self.config.pull_interval_s
-            d = ray.get(handle.table.remote(), timeout=self.config.timeout_s)
+            c = self.config
+            d = ray.get(handle.table.remote(), timeout=c.connect_timeout_s if fresh else c.timeout_s)
             table = HeadBudgetTable.from_dict(d)
             self.counters["pulls"] += 1
             if (table.model, table.shape) == (self.model, self.shape):
