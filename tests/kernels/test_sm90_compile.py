@@ -52,6 +52,8 @@ def launched_kernels() -> set[str]:
     """``module:name`` of every kernel a wrapper in `kernels/` launches (``jit_kernel(<kernel>, ...)``)."""
     names = set()
     for path in KERNELS.glob("*.py"):
+        if path.name == "backend.py":  # defines jit_kernel (its docstring shows a call)
+            continue
         source = path.read_text()
         for name in re.findall(r"jit_kernel\(\s*(\w+)\s*,", source):
             names.add(name)
