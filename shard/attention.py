@@ -9,10 +9,11 @@ blocks (`policies/`), a kernel (`kernels/`) computes; this module only dispatche
 
 A prefill runs in one shot (``attention(layer, q, k, v)`` per layer over the whole prompt) or in chunks
 (``attention.chunk(layer, q, k, v, q_offset, seq_len)``: queries ``[q0, q1)`` over keys ``[0, q1)``, every
-layer of a chunk before the next chunk; the engine calls ``chunk_paged(layer, q, prefix, ...)`` with the keys
-where they lie, a `paged_prefix.PagedPrefix`) where ``chunkable``: dense, `fixed`, and the causal entropy modes
-(`causal`, `spread`). Chunked output and blocks equal one-shot's; the per-layer state between chunks is a
-`prefill_state.LayerRecord`, and ``state_at`` / ``resume`` carry it across requests for prefix caching.
+layer of a chunk before the next chunk; the engine calls ``chunk_paged(layer, q, prefix, ...)`` with the
+keys where they lie, a `paged_prefix.PagedPrefix`) where ``chunkable``: dense, `fixed`, and the causal
+entropy modes (`causal`, `spread`). Chunked output and blocks equal one-shot's; the per-layer state
+between chunks is a `prefill_state.LayerRecord`, and ``state_at`` / ``resume`` carry it across requests for
+prefix caching.
 
 Which policy prefills how is the registry's table (`policies/registry.py`): `build_prefill_attention` turns
 a policy's `prefill` kind ("dense" / "sparse") and `selection` rule into `DensePrefill` (below) or

@@ -122,10 +122,10 @@ class Engine:
         its `chunk_paged` call over a `PagedPrefix` (`shard/paged_prefix.py`), which picks the same blocks as
         one-shot under causal budget rules: a sparse chunk reads the prefix in the pages when
         `EngineConfig.paged_prefix_reads` allows it on this device, otherwise (and for dense chunks) the
-        prefix is gathered into one contiguous ``[Hkv, end, d]`` per layer, freed before the next. The caller has run the attention's `begin`
-        (if it has one) for this prompt. -> fp32 logits of the prompt's last position
-        [vocab] when the chunk ends the prompt, else None; with `all_logits`, fp32 logits of every position
-        of the chunk [C, vocab] when it ends the prompt (prompt logprobs)."""
+        prefix is gathered into one contiguous ``[Hkv, end, d]`` per layer, freed before the next. The
+        caller has run the attention's `begin` (if it has one) for this prompt. -> fp32 logits of the
+        prompt's last position [vocab] when the chunk ends the prompt, else None; with `all_logits`, fp32
+        logits of every position of the chunk [C, vocab] when it ends the prompt (prompt logprobs)."""
         c, end = tokens.shape[0], start + tokens.shape[0]
         hq, hkv, d, ps = self.arch.num_heads, self.arch.num_kv_heads, self.arch.head_dim, pages.page_size
         step = self.config.prefill_chunk_size
