@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from entropyinfer.kernels.backend import Backend, jit_kernel, runs_triton
-from entropyinfer.kernels.block_layout import BlockScores, check_chunk_qk, check_qk, num_segments
+from entropyinfer.kernels.block_layout import BlockScores, check_chunk_qk, check_qk, num_blocks, num_segments
 from entropyinfer.kernels.block_scoring_ref import ENTROPY_EPS, block_scores_ref
 from entropyinfer.kernels.tiling import ScoringTiles, pow2, scoring_tiles
 
@@ -312,7 +312,7 @@ def _check_key_reps(
 ) -> None:
     """``(kmax, kmin)`` must each be ``[Hkv, >= the blocks the chunk's last segment sees, d]`` on q's device
     (the kernels read every one of those rows)."""
-    need = (seg_off + num_segments(q.shape[1], s_len) - 1) * s_len // b
+    need = num_blocks(seg_off * s_len + q.shape[1], s_len, b)
     for r in reps:
         if (
             r.dim() != 3

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from entropyinfer.kernels.paged_sparse_prefill_ref import gather_pages_ref
+from entropyinfer.kernels.paged_sparse_prefill_ref import check_page_table, gather_pages_ref
 
 __all__ = ["check_paged_reps_args", "paged_block_reps_ref"]
 
@@ -20,18 +20,9 @@ def check_paged_reps_args(
     """Shape checks shared by the kernel and the reference (no device sync)."""
     if k_pages.dim() != 4:
         raise ValueError(f"k_pages must be [num_pages, Hkv, page_size, d]; got {tuple(k_pages.shape)}")
-    hkv, page_size = k_pages.shape[1], k_pages.shape[2]
-    if block_table.dim() != 2 or block_table.shape[0] != hkv or block_table.device != k_pages.device:
-        raise ValueError(
-            f"block_table must be [Hkv={hkv}, pages] on {k_pages.device}; got {tuple(block_table.shape)}"
-        )
-    if block_table.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"block_table must be int32 or int64, got {block_table.dtype}")
-    if num_blocks < 0 or block_size <= 0 or block_table.shape[1] * page_size < num_blocks * block_size:
-        raise ValueError(
-            f"{num_blocks} blocks of {block_size} need {num_blocks * block_size} positions; the table covers "
-            f"{block_table.shape[1] * page_size}"
-        )
+    if num_blocks < 0 or block_size <= 0:
+        raise ValueError(f"need num_blocks >= 0 and block_size > 0; got {num_blocks}, {block_size}")
+    check_page_table(k_pages, block_table, num_blocks * block_size)
 
 
 def paged_block_reps_ref(

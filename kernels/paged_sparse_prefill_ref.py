@@ -14,9 +14,15 @@ from __future__ import annotations
 import torch
 
 from entropyinfer.kernels.block_layout import check_sparse_prefill_args
+from entropyinfer.kernels.paged_decode_attention_ref import gather_pages
 from entropyinfer.kernels.sparse_prefill_ref import sparse_prefill_attention_ref
 
-__all__ = ["check_paged_prefill_args", "gather_pages_ref", "paged_sparse_prefill_attention_ref"]
+__all__ = [
+    "check_page_table",
+    "check_paged_prefill_args",
+    "gather_pages_ref",
+    "paged_sparse_prefill_attention_ref",
+]
 
 
 def check_paged_prefill_args(
@@ -43,28 +49,36 @@ def check_paged_prefill_args(
     _, hkv, page_size, d = k_pages.shape
     if page_size & (page_size - 1):
         raise ValueError(f"page_size {page_size} must be a power of two")
-    if block_table.dim() != 2 or block_table.shape[0] != hkv:
-        raise ValueError(f"block_table must be [Hkv={hkv}, pages]; got {tuple(block_table.shape)}")
-    if block_table.dtype not in (torch.int32, torch.int64) or block_table.device != q.device:
-        raise ValueError(f"block_table must be int32 or int64 on {q.device}; got {block_table.dtype}")
-    if block_table.shape[1] * page_size < kv_len:
-        raise ValueError(
-            f"block_table covers {block_table.shape[1] * page_size} positions, fewer than kv_len={kv_len}"
-        )
+    check_page_table(k_pages, block_table, kv_len)
     # the contiguous checks on a [Hkv, kv_len, d] stand-in (zero strides: no memory)
     keys = k_pages.new_empty(()).expand(hkv, kv_len, d)
     check_sparse_prefill_args(q, keys, keys, block_idx, block_cnt, segment_size, block_size, q_offset)
 
 
+def check_page_table(pool: torch.Tensor, block_table: torch.Tensor, n: int) -> None:
+    """``block_table``: int32 / int64 ``[Hkv, P]`` on the pool's device covering positions ``[0, n)`` of
+    ``pool [pages, Hkv, page_size, d]`` (no device sync: the ids are checked by `gather_pages_ref`)."""
+    hkv, page_size = pool.shape[1], pool.shape[2]
+    if block_table.dim() != 2 or block_table.shape[0] != hkv or block_table.device != pool.device:
+        raise ValueError(
+            f"block_table must be [Hkv={hkv}, pages] on {pool.device}; got {tuple(block_table.shape)} on "
+            f"{block_table.device}"
+        )
+    if block_table.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"block_table must be int32 or int64, got {block_table.dtype}")
+    if block_table.shape[1] * page_size < n:
+        raise ValueError(f"{n} positions needed; the table covers {block_table.shape[1] * page_size}")
+
+
 def gather_pages_ref(pool: torch.Tensor, block_table: torch.Tensor, n: int) -> torch.Tensor:
     """Contiguous ``[Hkv, n, d]`` of positions ``[0, n)`` of every head of ``pool [pages, Hkv, ps, d]``
-    through ``block_table [Hkv, P]``; page ids out of the pool raise ``ValueError``."""
-    pages, hkv, ps, d = pool.shape
-    used = block_table[:, : -(-n // ps)].long()
+    through ``block_table [Hkv, P]`` (`paged_decode_attention_ref.gather_pages` of its used pages); page ids
+    out of the pool raise ``ValueError``."""
+    pages, ps = pool.shape[0], pool.shape[2]
+    used = block_table[:, : -(-n // ps)]
     if used.numel() and (int(used.min()) < 0 or int(used.max()) >= pages):
         raise ValueError(f"page ids must lie in [0, {pages})")
-    heads = torch.arange(hkv, device=pool.device)[:, None]
-    return pool[used, heads].reshape(hkv, -1, d)[:, :n]
+    return gather_pages(pool, used[None])[0, :, :n]
 
 
 def paged_sparse_prefill_attention_ref(

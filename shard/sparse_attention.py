@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from entropyinfer.kernels.block_layout import num_segments
+from entropyinfer.kernels.block_layout import num_blocks
 from entropyinfer.kernels.block_scoring import LogitReduce
 from entropyinfer.kernels.paged_block_reps import paged_block_reps
 from entropyinfer.kernels.paged_sparse_prefill import paged_sparse_prefill_attention
@@ -226,7 +226,7 @@ class SparsePrefill:
         if rec.segments != seg0:
             raise ValueError(f"layer {layer} has {rec.segments} segments so far; this chunk starts at {seg0}")
         if isinstance(keys, PagedPrefix):  # profiling reads the blocks' max/min from the pages
-            visible = (seg0 + num_segments(q.shape[1], s_len) - 1) * s_len // cfg.block_size
+            visible = num_blocks(q1, s_len, cfg.block_size)  # those the chunk's last segment sees
             key_reps = paged_block_reps(keys.k_pages, keys.table, visible, cfg.block_size)
             k = keys.k_chunk.new_empty(()).expand(hkv, nk, q.shape[-1])  # a shape only
         else:
