@@ -186,7 +186,7 @@ def part_a(folder: Path, device: str, s: dict[str, Any], rows: Rows) -> dict[str
 def part_b(folder: Path, device: str, s: dict[str, Any], rows: Rows) -> dict[str, Any]:
     for chunk in s["chunks"]:
         engine = Engine(folder, device, max_num_batched_tokens=chunk)
-        for policy in ("entropy", "dense"):
+        for policy in s["policies"]:
             interference(engine, s, policy, s["doc_tokens"] // 8)  # untimed: kernels compiled
             row = {"max_num_batched_tokens": chunk, **interference(engine, s, policy, s["doc_tokens"], chunk)}
             rows.append(row)
@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", choices=sorted(PARTS), required=True)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, tiny sizes, a temporary folder")
-    ap.add_argument("--policies", nargs="+", default=["entropy", "dense"], help="part c")
+    ap.add_argument("--policies", nargs="+", default=["entropy", "dense"], help="parts b and c")
     ap.add_argument(
         "--paged-prefix", action="store_true",
         help="sparse chunks read their prefix in the pages (paged_prefix_reads=None: on CUDA; off by default "
@@ -381,7 +381,8 @@ def main(argv: list[str] | None = None) -> None:
     model = "tiny random llama (smoke)" if args.smoke else "Llama-3-8B shape, random weights, bf16"
     meta = {"env": environment(), "command": " ".join(sys.argv), "part": args.part, "sizes": sizes,
             "model": model}  # fmt: skip
-    name, heading = f"engine_serving_{args.part}", f"Engine serving ({args.part}): {title}"
+    name = f"engine_serving_{args.part}" + ("_paged" if args.paged_prefix else "")
+    heading = f"Engine serving ({args.part}{', paged prefix reads' if args.paged_prefix else ''}): {title}"
 
     def save(so_far: list[dict[str, Any]]) -> None:
         write_results(name, heading, columns, so_far, meta)
