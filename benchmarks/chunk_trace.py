@@ -3,7 +3,7 @@
 profiler and under CUDA sync-debug mode: GPU kernels by time, host ops by time, and every host<->device sync
 with the engine frame that caused it.
 
-    python benchmarks/chunk_trace.py [--smoke] [--doc 65536] [--chunk 2048] [--at 16] [--paged-prefix]
+    python benchmarks/chunk_trace.py [--smoke] [--doc 65536] [--chunk 2048] [--at 16] [--gather-prefix]
 """
 
 import argparse
@@ -29,10 +29,10 @@ p.add_argument("--doc", type=int, default=65536)
 p.add_argument("--chunk", type=int, default=2048)
 p.add_argument("--at", type=int, default=16, help="steps before the traced one")
 p.add_argument("--policy", default="entropy")
-p.add_argument("--paged-prefix", action="store_true", help="sparse chunks read the prefix in the pages")
+p.add_argument("--gather-prefix", action="store_true", help="sparse chunks gather the prefix (the A/B)")
 a = p.parse_args()
-if a.paged_prefix:
-    ENGINE_DEFAULTS["paged_prefix_reads"] = None
+if a.gather_prefix:
+    ENGINE_DEFAULTS["paged_prefix_reads"] = False
 dev = "cpu" if a.smoke else "cuda"
 out = Path(os.environ.get("OUT", tempfile.mkdtemp()))
 shape = TINY if a.smoke else dict(LLAMA, max_position_embeddings=131072)
@@ -59,7 +59,7 @@ res = {
     "chunk": chunk,
     "at": at,
     "policy": a.policy,
-    "paged_prefix": a.paged_prefix,
+    "gather_prefix": a.gather_prefix,
     "steps_ms": [],
 }
 for _ in range(3):
@@ -105,6 +105,6 @@ res["by_gpu"] = ka.table(sort_by=sort, row_limit=40)
 res["by_cpu"] = ka.table(sort_by="self_cpu_time_total", row_limit=40)
 print(res["by_gpu"], flush=True)
 print(res["by_cpu"], flush=True)
-(out / f"chunk_trace{'_paged' if a.paged_prefix else ''}.json").write_text(json.dumps(res, indent=1))
+(out / f"chunk_trace{'_gather' if a.gather_prefix else ''}.json").write_text(json.dumps(res, indent=1))
 eng.cancels[s].set()
 eng.step([s])

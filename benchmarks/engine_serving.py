@@ -71,7 +71,7 @@ def text(n: int, seed: int | None = None) -> str:
     return "".join(rng.choice("abcdefghij ") for _ in range(n - 2))
 
 
-ENGINE_DEFAULTS: dict[str, Any] = {}  # LLM keywords of every engine of a run (main: --paged-prefix)
+ENGINE_DEFAULTS: dict[str, Any] = {}  # LLM keywords of every engine of a run (main: --gather-prefix)
 
 
 class Engine:
@@ -358,9 +358,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, tiny sizes, a temporary folder")
     ap.add_argument("--policies", nargs="+", default=["entropy", "dense"], help="parts b and c")
     ap.add_argument(
-        "--paged-prefix", action="store_true",
-        help="sparse chunks read their prefix in the pages (paged_prefix_reads=None: on CUDA; off by default "
-        "until checked on a GPU): the A/B of the paged reads",
+        "--gather-prefix", action="store_true",
+        help="sparse chunks gather their prefix (paged_prefix_reads=False) instead of reading it in the "
+        "pages (the default on CUDA): the A/B of the paged reads",
     )  # fmt: skip
     for key, value in FULL.items():
         kind = type(value[0]) if isinstance(value, list) else type(value)
@@ -368,11 +368,11 @@ def main(argv: list[str] | None = None) -> None:
             f"--{key.replace('_', '-')}", type=kind, nargs="+" if isinstance(value, list) else None
         )
     args = ap.parse_args(argv)
-    if args.paged_prefix:
-        ENGINE_DEFAULTS["paged_prefix_reads"] = None
+    if args.gather_prefix:
+        ENGINE_DEFAULTS["paged_prefix_reads"] = False
     sizes = dict(SMOKE if args.smoke else FULL)
     sizes.update({k: getattr(args, k) for k in FULL if getattr(args, k) is not None})
-    sizes.update(smoke=args.smoke, policies=args.policies, paged_prefix=args.paged_prefix)
+    sizes.update(smoke=args.smoke, policies=args.policies, gather_prefix=args.gather_prefix)
     if args.smoke:
         os.environ["OUT"] = tempfile.mkdtemp()
     folder = write_dummy_checkpoint(tempfile.mkdtemp(), TINY if args.smoke else LLAMA)
@@ -381,8 +381,8 @@ def main(argv: list[str] | None = None) -> None:
     model = "tiny random llama (smoke)" if args.smoke else "Llama-3-8B shape, random weights, bf16"
     meta = {"env": environment(), "command": " ".join(sys.argv), "part": args.part, "sizes": sizes,
             "model": model}  # fmt: skip
-    name = f"engine_serving_{args.part}" + ("_paged" if args.paged_prefix else "")
-    heading = f"Engine serving ({args.part}{', paged prefix reads' if args.paged_prefix else ''}): {title}"
+    name = f"engine_serving_{args.part}" + ("_gather" if args.gather_prefix else "")
+    heading = f"Engine serving ({args.part}{', prefix gathered' if args.gather_prefix else ''}): {title}"
 
     def save(so_far: list[dict[str, Any]]) -> None:
         write_results(name, heading, columns, so_far, meta)

@@ -122,7 +122,10 @@ def main() -> None:
         ("decode B8 32/8 d128 L32768", lambda: check_decode(8, 32, 8, 128, 32768)),
         ("sparse entropy 32/8 d128 N4196", lambda: check_sparse(4196, 32, 8, 128, "entropy")),
         ("sparse fixed 9/3 d64 N3000", lambda: check_sparse(3000, 9, 3, 64, "fixed")),
-        ("paged sparse 32/8 d128 N8192 chunk@6144 p16", lambda: check_paged_sparse(8192, 6144, 32, 8, 128, 16)),
+        (
+            "paged sparse 32/8 d128 N8192 chunk@6144 p16",
+            lambda: check_paged_sparse(8192, 6144, 32, 8, 128, 16),
+        ),
         ("paged sparse 9/3 d64 N5000 chunk@2048 p64", lambda: check_paged_sparse(5000, 2048, 9, 3, 64, 64)),
         ("paged sparse 32/8 d128 N4196 chunk@0 p128", lambda: check_paged_sparse(4196, 0, 32, 8, 128, 128)),
         ("paged reps 8 d128 N32768 p16 b64", lambda: check_paged_reps(32768, 8, 128, 16, 64)),

@@ -1,11 +1,12 @@
 """Exact dense causal attention of a prompt or of one prefill chunk, through fused SDPA kernels.
 
 A whole prompt: one causal SDPA call (cuDNN first on GPU). A chunk (queries ``[q0, q1)`` over keys
-``[0, q1)``): two fused calls that return their log-sum-exp, the chunk over the prefix ``[0, q0)`` unmasked
-and over its own keys ``[q0, q1)`` causally, merged by their log-sum-exp (what torch's context-parallel
-attention does). Both calls run a fused kernel (FlashAttention, then cuDNN, then the memory-efficient
-kernel on GPU: cuDNN plans per shape and a chunk's prefix grows; the flash kernel on CPU), and no mask is
-ever materialised.
+``[0, q1)``): fused calls that return their log-sum-exp, the chunk over the prefix ``[0, q0)`` unmasked
+(a GQA group's heads stacked on the query axis; on GPU split into key ranges when the chunk is short and
+the prefix long, flash-decoding style) and over its own keys ``[q0, q1)`` causally, merged by their
+log-sum-exp (what torch's context-parallel attention does). Every call runs a fused kernel
+(FlashAttention, then cuDNN, then the memory-efficient kernel on GPU: cuDNN plans per shape and a chunk's
+prefix grows; the flash kernel on CPU), and no mask is ever materialised.
 """
 
 from __future__ import annotations
@@ -100,8 +101,8 @@ _cuda_broken: set[tuple[str, torch.dtype, int]] = set()  # (kernel, dtype, head 
 def _attend_lse(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out [1, H, Nq, d] in q's dtype, lse float32 [1, H, Nq])`` of ``q [1, H, Nq, d]`` over ``k``, ``v``
-    ``[1, H, Nk, d]`` (causal: square, ``Nq == Nk``)."""
+    """``(out [B, H, Nq, d] in q's dtype, lse float32 [B, H, Nq])`` of ``q [B, H, Nq, d]`` over ``k``, ``v``
+    ``[B, H, Nk, d]`` (last dim contiguous; causal: square, ``Nq == Nk``)."""
     fns: list[_LseFn] = [_lse_cpu, _lse_math] if q.device.type != "cuda" else _CUDA_LSE
     if q.dtype not in (torch.float16, torch.bfloat16):  # cuDNN and flash take half types only (in fp32
         fns = [f for f in fns if f not in (_lse_cudnn, _lse_flash)]  # cuDNN answered NaN, not an error)
@@ -116,27 +117,81 @@ def _attend_lse(
                 raise
             _cuda_broken.add(tag)
             continue
-        h, nq = q.shape[1], q.shape[2]
-        return out, lse.float().reshape(1, h, -1)[..., :nq]  # some kernels pad or add a trailing 1
+        b, h, nq = q.shape[:3]
+        return out, lse.float().reshape(b, h, -1)[..., :nq]  # some kernels pad or add a trailing 1
     raise AssertionError("unreachable: the math path always answers")
 
 
-def dense_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int) -> torch.Tensor:
+def _prefix_parts(hkv: int, rows: int, keys: int, device: torch.device) -> int:
+    """How many key ranges the unmasked prefix call splits into: a fused kernel runs one program per
+    (head, 128-query tile), so a short chunk over a long prefix (the prompt's dense last segment: 256
+    queries over 128k keys is 64 programs on 132 SMs, each reading every key) leaves the GPU idle while a
+    few programs walk the whole prefix. Split until about four programs per SM, parts of at least 4096 keys
+    (flash-decoding's split-KV for prefill); one part on the CPU."""
+    if device.type != "cuda" or keys < 8192:
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    programs = hkv * -(-rows // 128)
+    return max(1, min(-(-4 * sms // programs), keys // 4096, 64))
+
+
+def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out float32, lse)`` of attention over the union of disjoint key sets from each set's
+    ``(out [..., N, d], lse float32 [..., N])``."""
+    if len(parts) == 1:
+        return parts[0][0].float(), parts[0][1]
+    lse = torch.stack([p[1] for p in parts])
+    m = lse.amax(dim=0)
+    w = torch.exp(lse - m)
+    out = sum(p[0].float() * w[i, ..., None] for i, p in enumerate(parts))
+    total = w.sum(dim=0)
+    return out / total[..., None], m + torch.log(total)
+
+
+def _prefix_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, parts: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unmasked attention of ``q [Hq, Nq, d]`` over ``k``, ``v`` ``[Hkv, L, d]`` -> ``(out float32 [Hq,
+    Nq, d], lse [Hq, Nq])``. A GQA group's query heads are stacked along the query axis (``[Hkv, G * Nq,
+    d]``: no copy of K/V per query head, G times the rows per program), and the keys split into `parts`
+    ranges that run as one batched call (`_prefix_parts` when None), merged by their log-sum-exp."""
+    hq, nq, d = q.shape
+    hkv, length = k.shape[0], k.shape[1]
+    rows = hq // hkv * nq
+    qf = q.reshape(hkv, rows, d)
+    if parts is None:
+        parts = _prefix_parts(hkv, rows, length, q.device)
+    parts = max(1, min(parts, length))
+    size = length // parts
+    if parts == 1:
+        out, lse = _attend_lse(qf[None], k[None], v[None], False)
+        pieces = [(out[0], lse[0])]
+    else:  # batch = KV head, heads = key range: views of K/V, the queries repeated per range
+        span = parts * size
+        qp = qf[:, None].expand(hkv, parts, rows, d).contiguous()
+        kp, vp = k[:, :span].unflatten(1, (parts, size)), v[:, :span].unflatten(1, (parts, size))
+        out, lse = _attend_lse(qp, kp, vp, False)
+        pieces = [(out[:, i], lse[:, i]) for i in range(parts)]
+        if span < length:  # the keys left over by equal ranges
+            out, lse = _attend_lse(qf[None], k[None, :, span:], v[None, :, span:], False)
+            pieces.append((out[0], lse[0]))
+    out, lse = _merge(pieces)
+    return out.reshape(hq, nq, d), lse.reshape(hq, nq)
+
+
+def dense_chunk_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_offset: int, parts: int | None = None
+) -> torch.Tensor:
     """Exact causal attention of a chunk: ``q [Hq, Nq, d]`` at positions ``[q_offset, q_offset + Nq)`` over
     ``k``, ``v`` ``[Hkv, Nk, d]`` (``Nk >= q_offset + Nq``; keys from position 0) -> ``[Hq, Nq, d]``: query
-    ``p`` attends keys ``[0, p]``."""
+    ``p`` attends keys ``[0, p]``. `parts`: key ranges of the prefix call (`_prefix_attention`)."""
     nq = q.shape[1]
     if k.shape[1] < q_offset + nq or q_offset < 0:
         raise ValueError(f"keys must cover [0, q_offset + Nq): Nk={k.shape[1]}, q_offset={q_offset}, Nq={nq}")
     if q_offset == 0:
         return dense_causal_attention(q, k[:, :nq], v[:, :nq])
-    k, v = _repeat_kv(q, k, v)
-    qb = q[None]
-    o1, lse1 = _attend_lse(qb, k[None, :, :q_offset], v[None, :, :q_offset], False)
-    o2, lse2 = _attend_lse(
-        qb, k[None, :, q_offset : q_offset + nq], v[None, :, q_offset : q_offset + nq], True
-    )
-    m = torch.maximum(lse1, lse2)
-    w1, w2 = torch.exp(lse1 - m)[..., None], torch.exp(lse2 - m)[..., None]
-    out = (o1.float() * w1 + o2.float() * w2) / (w1 + w2)
-    return out[0].to(q.dtype)
+    prefix = _prefix_attention(q, k[:, :q_offset], v[:, :q_offset], parts)
+    k2, v2 = _repeat_kv(q, k[:, q_offset : q_offset + nq], v[:, q_offset : q_offset + nq])
+    own, own_lse = _attend_lse(q[None], k2[None], v2[None], True)
+    out, _ = _merge([prefix, (own[0], own_lse[0])])
+    return out.to(q.dtype)

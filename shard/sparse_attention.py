@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from entropyinfer.kernels.block_layout import num_blocks
+from entropyinfer.kernels.block_layout import num_blocks, num_segments
 from entropyinfer.kernels.block_scoring import LogitReduce
 from entropyinfer.kernels.paged_block_reps import paged_block_reps
 from entropyinfer.kernels.paged_sparse_prefill import paged_sparse_prefill_attention
@@ -32,6 +32,12 @@ from entropyinfer.shard.prefill_state import (
 )
 
 __all__ = ["SparsePrefill"]
+
+# A chunk holding the prompt's last segment (always dense) runs that segment apart, through split-KV dense
+# attention, once the segment's prefix reaches this many keys: in the sparse kernel its few programs each
+# read the whole prefix while the rest of the grid finished long ago (the last chunk of a 128k prompt took
+# 262 ms against 85 ms for the others on an H200, benchmarks/engine_serving.py part b).
+DENSE_TAIL_MIN_PREFIX = 8192
 
 
 class SparsePrefill:
@@ -65,6 +71,7 @@ class SparsePrefill:
         # tensor parallelism with replicated KV heads: the replicas' block logits made the GQA group's
         # (`shard/parallel/group.py`), so every replica picks one rank's blocks; None on one rank
         self.logit_reduce: LogitReduce | None = None
+        self.dense_tail_min_prefix = DENSE_TAIL_MIN_PREFIX
 
     def pin_table(self, scales: torch.Tensor, version: int) -> None:
         """Scale the entropy rule's budget of each (layer, KV head) by ``scales [L, Hkv]`` for this prompt
@@ -251,14 +258,23 @@ class SparsePrefill:
             kernel_counts = kernel_counts.new_full((hkv, seg0 + nc), -1)
             kernel_counts[:, seg0:] = plan.kernel_counts
         b = cfg.block_size
+        last = (num_segments(seq_len, s_len) - 1) * s_len  # where the prompt's dense last segment starts
+        split = q1 == seq_len and q_offset < last and last >= self.dense_tail_min_prefix
+        body = q[:, : last - q_offset] if split else q
         if isinstance(keys, PagedPrefix):
-            return paged_sparse_prefill_attention(
-                q, keys.k_pages, keys.v_pages, keys.table, block_idx, kernel_counts, kv_len=nk,
+            out = paged_sparse_prefill_attention(
+                body, keys.k_pages, keys.v_pages, keys.table, block_idx, kernel_counts, kv_len=nk,
                 segment_size=s_len, block_size=b, q_offset=q_offset,
             )  # fmt: skip
-        return sparse_prefill_attention(
-            q, keys[0], keys[1], block_idx, kernel_counts, segment_size=s_len, block_size=b, q_offset=q_offset
-        )
+        else:
+            out = sparse_prefill_attention(
+                body, keys[0], keys[1], block_idx, kernel_counts, segment_size=s_len, block_size=b,
+                q_offset=q_offset,
+            )  # fmt: skip
+        if not split:
+            return out
+        tail = dense_chunk_attention(q[:, last - q_offset :], *contiguous(), last)
+        return torch.cat([out, tail], dim=1)
 
     # ------------------------------------------------------------------ prefix caching
 

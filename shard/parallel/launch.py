@@ -153,10 +153,12 @@ def build_engine(
     model = build_model(checkpoint, device, dtype, config.model.load_format, group=group)
     engine = Engine(model, config.engine)
     if config.engine.warm_up_kernels:
-        a = engine.arch  # the rank's heads
+        a, reads = engine.arch, config.engine.paged_prefix_reads  # the rank's heads
+        paged = device.type == "cuda" if reads is None else reads
         warm_up_sparse_prefill(
-            config.sparse, a.num_heads, a.num_kv_heads, a.head_dim, max_context, device, dtype
-        )
+            config.sparse, a.num_heads, a.num_kv_heads, a.head_dim, max_context, device, dtype,
+            page_size=config.engine.kv_page_size if paged else None,
+        )  # fmt: skip
     return engine
 
 

@@ -114,6 +114,26 @@ def test_chunks_equal_one_shot(policy: str, overrides: dict, n: int, bounds: lis
             assert stats["fixed_budget"] % CFG.block_size == 0
 
 
+@pytest.mark.parametrize(("policy", "overrides"), [r for r in RULES if r[0] != "dense"])
+@pytest.mark.parametrize("bounds", [[0, 300], [0, 96, 224, 300], [0, 288, 300]])
+def test_dense_last_segment_run_apart_equals_the_kernel(
+    policy: str, overrides: dict, bounds: list[int]
+) -> None:
+    """The prompt's last segment (dense) taken out of the sparse kernel and run by split-KV dense attention
+    (`dense_tail_min_prefix`, on by default from 8192 keys) gives the kernel's output and the same plans."""
+    n = 300
+    inputs = layer_inputs(n, seed=11)
+    ref_attn, got_attn = build(policy, overrides), build(policy, overrides)
+    ref_attn.dense_tail_min_prefix = n + 1  # never apart
+    got_attn.dense_tail_min_prefix = 0  # always apart
+    ref = chunked(ref_attn, inputs, n, bounds)
+    got = chunked(got_attn, inputs, n, bounds)
+    for r, g in zip(ref, got, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+    same_plans(ref_attn, got_attn)
+    same_stats(ref_attn.stats(), got_attn.stats())
+
+
 def test_causal_mode_has_rigid_so_far_heads_and_differs_from_per_head() -> None:
     """The sharp KV head is rigid in early segments only: causal gives it B0 there, per_head its
     recurrence."""

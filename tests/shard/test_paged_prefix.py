@@ -106,3 +106,19 @@ def test_engine_core_tokens_with_paged_reads(tiny_checkpoint: Path) -> None:
     assert len(plain.prompt_token_ids) > 4 * 128  # several chunks
     assert paged.token_ids == plain.token_ids
     assert paged.stats["density"] == plain.stats["density"] < 1.0
+
+
+@pytest.mark.parametrize(("policy", "overrides"), [r for r in RULES if r[0] != "dense"])
+def test_warm_up_paged_chunk_lays_out_pages_the_kernels_read(policy: str, overrides: dict) -> None:
+    """The warm-up's second chunk over its in-order pages equals the one-shot prefill of those positions
+    (a wrong pool layout would still compile the kernels, but read the wrong keys)."""
+    from entropyinfer.shard.sparse_warm_up import warm_up_paged_chunk
+
+    n = 300
+    q, k, _ = layer_inputs(n, seed=5)[1]
+    got = warm_up_paged_chunk(build(policy, overrides), q, k, page_size=16)
+    ref = build(policy, overrides)
+    ref.begin(2, n)
+    whole = ref.chunk(1, q, k, k, 0, n)  # layer 1: sparse (layer 0 always runs dense)
+    assert got.shape[1] == n - 128
+    torch.testing.assert_close(got, whole[:, n - got.shape[1] :], rtol=1e-5, atol=1e-5)
