@@ -33,10 +33,12 @@ from entropyinfer.shard.prefill_state import (
 
 __all__ = ["SparsePrefill"]
 
-# A chunk holding the prompt's last segment (always dense) runs that segment apart, through split-KV dense
-# attention, once the segment's prefix reaches this many keys: in the sparse kernel its few programs each
-# read the whole prefix while the rest of the grid finished long ago (the last chunk of a 128k prompt took
-# 262 ms against 85 ms for the others on an H200, benchmarks/engine_serving.py part b).
+# A chunk at an offset holding the prompt's last segment (always dense) runs that segment apart, through
+# dense chunk attention (the flash kernel splits the keys of a short query block), once the segment's prefix
+# reaches this many keys: in the sparse kernel its few programs each read the whole prefix while the rest of
+# a chunk's grid was long done (the last 2048-token chunk of a 128k prompt took 262 ms against 85 ms for the
+# others on an H200, benchmarks/engine_serving.py part b). A whole prompt in one call keeps it in the kernel,
+# where the rest of the grid overlaps it (apart, a 128k layer took 17.0 ms against 15.4 ms).
 DENSE_TAIL_MIN_PREFIX = 8192
 
 
@@ -259,7 +261,7 @@ class SparsePrefill:
             kernel_counts[:, seg0:] = plan.kernel_counts
         b = cfg.block_size
         last = (num_segments(seq_len, s_len) - 1) * s_len  # where the prompt's dense last segment starts
-        split = q1 == seq_len and q_offset < last and last >= self.dense_tail_min_prefix
+        split = 0 < q_offset < last and q1 == seq_len and last >= self.dense_tail_min_prefix
         body = q[:, : last - q_offset] if split else q
         if isinstance(keys, PagedPrefix):
             out = paged_sparse_prefill_attention(

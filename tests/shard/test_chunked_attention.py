@@ -115,12 +115,13 @@ def test_chunks_equal_one_shot(policy: str, overrides: dict, n: int, bounds: lis
 
 
 @pytest.mark.parametrize(("policy", "overrides"), [r for r in RULES if r[0] != "dense"])
-@pytest.mark.parametrize("bounds", [[0, 300], [0, 96, 224, 300], [0, 288, 300]])
+@pytest.mark.parametrize("bounds", [[0, 64, 300], [0, 96, 224, 300], [0, 288, 300]])
 def test_dense_last_segment_run_apart_equals_the_kernel(
     policy: str, overrides: dict, bounds: list[int]
 ) -> None:
-    """The prompt's last segment (dense) taken out of the sparse kernel and run by split-KV dense attention
-    (`dense_tail_min_prefix`, on by default from 8192 keys) gives the kernel's output and the same plans."""
+    """The prompt's last segment (dense) of a chunk at an offset, taken out of the sparse kernel and run by
+    dense chunk attention (`dense_tail_min_prefix`, on by default from 8192 keys), gives the kernel's output
+    and the same plans."""
     n = 300
     inputs = layer_inputs(n, seed=11)
     ref_attn, got_attn = build(policy, overrides), build(policy, overrides)
