@@ -28,6 +28,7 @@ Runs (device machine, `$OUT` gets parallel_scaling.{json,md}; else benchmarks/re
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import sys
@@ -234,6 +235,9 @@ def main() -> None:
             continue
         for policy in args.policies:
             rows += run_shape(folder, tp, sp, policy, args, context)
+            gc.collect()  # the closed LLM's pool, before the next one sizes its own from free memory
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             report(rows, args, gpus, context)  # after every shape: a command that times out keeps its rows
     print(report(rows, args, gpus, context))
 
