@@ -144,6 +144,11 @@ class EngineConfig:
         if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 1:
             raise ConfigError(f"gpu_memory_utilization: expected a number in (0, 1], got {u!r}")
 
+    def reads_prefix_in_place(self, device_type: str) -> bool:
+        """`paged_prefix_reads` on a device of this type ("cuda", "cpu"): None means on CUDA only."""
+        reads = self.paged_prefix_reads
+        return device_type == "cuda" if reads is None else reads
+
 
 @dataclass(frozen=True)
 class ParallelConfig:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["dense_causal_attention", "dense_chunk_attention"]
+__all__ = ["dense_causal_attention", "dense_chunk_attention", "merge_by_lse"]
 
 _LseFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor]]
 
@@ -121,17 +121,15 @@ def _attend_lse(
     raise AssertionError("unreachable: the math path always answers")
 
 
-def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out float32, lse)`` of attention over the union of disjoint key sets from each set's
-    ``(out [..., N, d], lse float32 [..., N])``."""
-    if len(parts) == 1:
-        return parts[0][0].float(), parts[0][1]
-    lse = torch.stack([p[1] for p in parts])
-    m = lse.amax(dim=0)
-    w = torch.exp(lse - m)
-    out = sum(p[0].float() * w[i, ..., None] for i, p in enumerate(parts))
-    total = w.sum(dim=0)
-    return out / total[..., None], m + torch.log(total)
+def merge_by_lse(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """float32 attention over the union of disjoint key sets from each set's result: ``out [S, ..., d]``
+    (each normalised over its own keys) and ``lse`` float32 ``[S, ...]`` (-inf: a set without keys, whose
+    weight is then 0; no keys anywhere gives zeros, never NaN)."""
+    top = lse.amax(dim=0)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    w = torch.exp(lse - top)
+    total = w.sum(dim=0).clamp_min(torch.finfo(torch.float32).tiny)
+    return (out.float() * w[..., None]).sum(dim=0) / total[..., None]
 
 
 def _prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,5 +156,5 @@ def dense_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_o
     prefix = _prefix_attention(q, k[:, :q_offset], v[:, :q_offset])
     k2, v2 = _repeat_kv(q, k[:, q_offset : q_offset + nq], v[:, q_offset : q_offset + nq])
     own, own_lse = _attend_lse(q[None], k2[None], v2[None], True)
-    out, _ = _merge([prefix, (own[0], own_lse[0])])
+    out = merge_by_lse(torch.stack([prefix[0], own[0]]), torch.stack([prefix[1], own_lse[0]]))
     return out.to(q.dtype)

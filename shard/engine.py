@@ -140,8 +140,7 @@ class Engine:
         heads = torch.arange(hkv, device=self.device)[:, None]
         prefix = table[:, : -(-end // ps)]  # [Hkv, P]
         one_shot = start == 0 and end == seq_len
-        reads = self.config.paged_prefix_reads
-        in_place = self.device.type == "cuda" if reads is None else reads
+        in_place = self.config.reads_prefix_in_place(self.device.type)
         for li, layer in enumerate(self.model.layers):
             for c0, c1 in spans:  # rope writes q and k straight into the chunk buffers
                 _, _, vv = layer.attention_inputs(

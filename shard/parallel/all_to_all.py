@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from entropyinfer.errors import ConfigError
+from entropyinfer.shard.dense_attention import merge_by_lse
 
 
 @dataclass(frozen=True)
@@ -154,9 +155,4 @@ def merge_partials(sp: SequenceParallelGroup, out: torch.Tensor, lse: torch.Tens
     in out's dtype, the same on every rank (one all-gather, a fixed order)."""
     packed = torch.cat([out.float(), lse[..., None]], dim=-1)  # [B, Hq, d + 1]
     every = sp.all_gather(packed)  # [sp, B, Hq, d + 1]
-    o, lses = every[..., :-1], every[..., -1]
-    top = lses.amax(dim=0)
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    w = torch.exp(lses - top)  # [sp, B, Hq]
-    total = w.sum(dim=0).clamp_min(torch.finfo(torch.float32).tiny)
-    return ((o * w[..., None]).sum(dim=0) / total[..., None]).to(out.dtype)
+    return merge_by_lse(every[..., :-1], every[..., -1]).to(out.dtype)

@@ -153,8 +153,7 @@ def build_engine(
     model = build_model(checkpoint, device, dtype, config.model.load_format, group=group)
     engine = Engine(model, config.engine)
     if config.engine.warm_up_kernels:
-        a, reads = engine.arch, config.engine.paged_prefix_reads  # the rank's heads
-        paged = device.type == "cuda" if reads is None else reads
+        a, paged = engine.arch, config.engine.reads_prefix_in_place(device.type)  # a: the rank's heads
         warm_up_sparse_prefill(
             config.sparse, a.num_heads, a.num_kv_heads, a.head_dim, max_context, device, dtype,
             page_size=config.engine.kv_page_size if paged else None,
