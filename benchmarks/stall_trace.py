@@ -1,0 +1,153 @@
+# ruff: noqa  # a GPU diagnostic: what the slowest engine steps of part b's interference run spent time on
+"""Part b's interference run (16 chat streams decoding while a long document prefills in chunks), step by
+step, with what each step did besides computing: Triton compilations (names, seconds), Python garbage
+collections (ms), new CUDA allocator segments (cudaMalloc) and allocator retries, and the step's host time
+(until `LLM.step` returned) against its wall time (after a device sync). Prints the slowest steps.
+
+    python benchmarks/stall_trace.py [--smoke] [--doc 131072] [--chunk 1024] [--policy entropy] [--fresh]
+
+`--fresh` skips part b's untimed smaller document first (so first-use costs show up in the timed run).
+"""
+
+import argparse
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch
+import triton
+from engine_serving import LLAMA, TINY, Engine, TokenDelta, Finished, text
+
+from entropyinfer.shard.dummy_checkpoint import write_dummy_checkpoint
+
+p = argparse.ArgumentParser()
+p.add_argument("--smoke", action="store_true")
+p.add_argument("--doc", type=int, default=131072)
+p.add_argument("--chunk", type=int, nargs="+", default=[1024, 2048])
+p.add_argument("--policy", default="entropy")
+p.add_argument("--streams", type=int, default=16)
+p.add_argument("--fresh", action="store_true")
+a = p.parse_args()
+dev = "cpu" if a.smoke else "cuda"
+out_dir = Path(os.environ.get("OUT", tempfile.mkdtemp()))
+shape = TINY if a.smoke else dict(LLAMA, max_position_embeddings=131072)
+doc_tokens = 3000 if a.smoke else a.doc
+stream_prompt = 32 if a.smoke else 512
+streams_n = 3 if a.smoke else a.streams
+
+events: list[tuple[str, float]] = []  # (what, seconds) since the last step
+_compile_start: dict[str, float] = {}
+
+
+def _name(kw) -> str:
+    consts = kw.get("compile", {}).get("constants", {})
+    small = {k: v for k, v in consts.items() if isinstance(v, (int, bool))}
+    return f"{getattr(kw.get('fn'), 'name', '?')} {small}"
+
+
+def _before(*args, **kw):
+    _compile_start[_name(kw)] = time.perf_counter()
+    return None  # never skip the compilation
+
+
+def _after(*args, **kw):
+    name = _name(kw)
+    t0 = _compile_start.pop(name, None)
+    events.append((f"compile {name}", time.perf_counter() - t0 if t0 else 0.0))
+
+
+triton.knobs.runtime.jit_cache_hook = _before
+triton.knobs.runtime.jit_post_compile_hook = _after
+_gc_start = [0.0]
+
+
+def _gc(phase, info):
+    if phase == "start":
+        _gc_start[0] = time.perf_counter()
+    else:
+        events.append((f"gc gen{info.get('generation')}", time.perf_counter() - _gc_start[0]))
+
+
+gc.callbacks.append(_gc)
+
+
+def mem() -> tuple[int, int]:
+    if dev != "cuda":
+        return 0, 0
+    s = torch.cuda.memory_stats()
+    return int(s.get("segment.all.allocated", 0)), int(s.get("num_alloc_retries", 0))
+
+
+def run(engine: Engine, doc: int, chunk: int) -> dict:
+    streams = [engine.submit(text(stream_prompt), 4096 if not a.smoke else 200) for _ in range(streams_n)]
+    seen: set[str] = set()
+    while len(seen) < len(streams):
+        _, evs = engine.step(streams)
+        seen |= {r for r, e in evs.items() if any(isinstance(x, TokenDelta) for x in e)}
+    for _ in range(4):
+        engine.step(streams)
+    prompt = text(doc)
+    ids = engine.llm.encode(prompt)
+    d = engine.submit(prompt, 1, a.policy, ids)
+    steps = []
+    done = False
+    while not done:
+        events.clear()
+        seg0, retry0 = mem()
+        t0 = time.perf_counter()
+        engine.llm.step()
+        t_host = time.perf_counter()
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        seg1, retry1 = mem()
+        evs = {r: engine.llm.take_events(r) for r in [*streams, d]}
+        done = any(isinstance(e, Finished) for e in evs[d])
+        steps.append(
+            {
+                "ms": round((t1 - t0) * 1e3, 1),
+                "host_ms": round((t_host - t0) * 1e3, 1),
+                "new_segments": seg1 - seg0,
+                "alloc_retries": retry1 - retry0,
+                "events": [(w, round(s * 1e3, 1)) for w, s in events],
+            }
+        )
+    for r in streams:
+        engine.cancels[r].set()
+    engine.run(streams)
+    ms = sorted(s["ms"] for s in steps)
+    slow = sorted(range(len(steps)), key=lambda i: -steps[i]["ms"])[:8]
+    return {
+        "chunk": chunk,
+        "doc": doc,
+        "steps": len(steps),
+        "median_ms": ms[len(ms) // 2],
+        "slowest": [{"step": i, **steps[i]} for i in slow],
+        "with_events": [{"step": i, **s} for i, s in enumerate(steps) if s["events"] or s["new_segments"]][
+            :40
+        ],
+    }
+
+
+folder = write_dummy_checkpoint(Path(tempfile.mkdtemp()), shape)
+results = []
+for chunk in [256] if a.smoke else a.chunk:
+    engine = Engine(folder, dev, max_num_batched_tokens=chunk)
+    if not a.fresh:
+        run(engine, doc_tokens // 8, chunk)  # part b's untimed smaller document
+    r = run(engine, doc_tokens, chunk)
+    results.append(r)
+    print(f"chunk {chunk}: {r['steps']} steps, median {r['median_ms']} ms", flush=True)
+    for s in r["slowest"]:
+        print(
+            f"  step {s['step']}: {s['ms']} ms (host {s['host_ms']}), segments +{s['new_segments']}, "
+            f"retries {s['alloc_retries']}, {s['events']}",
+            flush=True,
+        )
+    engine.close()
+(out_dir / "stall_trace.json").write_text(json.dumps(results, indent=1))
