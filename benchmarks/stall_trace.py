@@ -32,6 +32,9 @@ p.add_argument("--chunk", type=int, nargs="+", default=[1024, 2048])
 p.add_argument("--policy", default="entropy")
 p.add_argument("--streams", type=int, default=16)
 p.add_argument("--fresh", action="store_true")
+p.add_argument(
+    "--profile", type=int, nargs="*", default=[], help="steps of the timed run to profile (-1: last)"
+)
 a = p.parse_args()
 dev = "cpu" if a.smoke else "cuda"
 out_dir = Path(os.environ.get("OUT", tempfile.mkdtemp()))
@@ -83,7 +86,14 @@ def mem() -> tuple[int, int]:
     return int(s.get("segment.all.allocated", 0)), int(s.get("num_alloc_retries", 0))
 
 
-def run(engine: Engine, doc: int, chunk: int) -> dict:
+def objects() -> list:
+    """The 8 most common types among the objects the collector tracks (frozen ones excluded)."""
+    import collections
+
+    return collections.Counter(type(o).__name__ for o in gc.get_objects()).most_common(8)
+
+
+def run(engine: Engine, doc: int, chunk: int, profile: set[int] = frozenset()) -> dict:
     streams = [engine.submit(text(stream_prompt), 4096 if not a.smoke else 200) for _ in range(streams_n)]
     seen: set[str] = set()
     while len(seen) < len(streams):
@@ -95,16 +105,40 @@ def run(engine: Engine, doc: int, chunk: int) -> dict:
     ids = engine.llm.encode(prompt)
     d = engine.submit(prompt, 1, a.policy, ids)
     steps = []
+    profiles = {}
     done = False
+    tracked = len(gc.get_objects())
     while not done:
         events.clear()
         seg0, retry0 = mem()
+        i = len(steps)
+        prof = None
+        seq = engine.llm.core.seqs.get(d)
+        last = seq is not None and seq.prefilling and seq.num_prompt_tokens - seq.num_computed <= chunk
+        if i in profile or (last and -1 in profile):
+            from torch.profiler import ProfilerActivity, profile as torch_profile
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
+            prof = torch_profile(activities=acts)
+            prof.__enter__()
+        if dev == "cuda":
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
         t0 = time.perf_counter()
         engine.llm.step()
         t_host = time.perf_counter()
         if dev == "cuda":
+            e1.record()
             torch.cuda.synchronize()
         t1 = time.perf_counter()
+        if prof is not None:
+            prof.__exit__(None, None, None)
+            ka = prof.key_averages()
+            sort = "self_cuda_time_total" if dev == "cuda" else "self_cpu_time_total"
+            profiles[i] = {
+                "by_gpu": ka.table(sort_by=sort, row_limit=25),
+                "by_cpu": ka.table(sort_by="self_cpu_time_total", row_limit=25),
+            }
         seg1, retry1 = mem()
         evs = {r: engine.llm.take_events(r) for r in [*streams, d]}
         done = any(isinstance(e, Finished) for e in evs[d])
@@ -112,6 +146,7 @@ def run(engine: Engine, doc: int, chunk: int) -> dict:
             {
                 "ms": round((t1 - t0) * 1e3, 1),
                 "host_ms": round((t_host - t0) * 1e3, 1),
+                "gpu_ms": round(e0.elapsed_time(e1), 1) if dev == "cuda" else None,
                 "new_segments": seg1 - seg0,
                 "alloc_retries": retry1 - retry0,
                 "events": [(w, round(s * 1e3, 1)) for w, s in events],
@@ -127,6 +162,9 @@ def run(engine: Engine, doc: int, chunk: int) -> dict:
         "doc": doc,
         "steps": len(steps),
         "median_ms": ms[len(ms) // 2],
+        "tracked_objects": [tracked, len(gc.get_objects())],
+        "top_types": objects(),
+        "profiles": profiles,
         "slowest": [{"step": i, **steps[i]} for i in slow],
         "with_events": [{"step": i, **s} for i, s in enumerate(steps) if s["events"] or s["new_segments"]][
             :40
@@ -140,14 +178,14 @@ for chunk in [256] if a.smoke else a.chunk:
     engine = Engine(folder, dev, max_num_batched_tokens=chunk)
     if not a.fresh:
         run(engine, doc_tokens // 8, chunk)  # part b's untimed smaller document
-    r = run(engine, doc_tokens, chunk)
+    r = run(engine, doc_tokens, chunk, set(a.profile))
     results.append(r)
-    print(f"chunk {chunk}: {r['steps']} steps, median {r['median_ms']} ms", flush=True)
+    print(f"chunk {chunk}: {r['steps']} steps, median {r['median_ms']} ms, tracked objects "
+          f"{r['tracked_objects']}, {r['top_types']}", flush=True)  # fmt: skip
     for s in r["slowest"]:
-        print(
-            f"  step {s['step']}: {s['ms']} ms (host {s['host_ms']}), segments +{s['new_segments']}, "
-            f"retries {s['alloc_retries']}, {s['events']}",
-            flush=True,
-        )
+        print(f"  step {s['step']}: {s['ms']} ms (host {s['host_ms']}, gpu {s['gpu_ms']}), segments "
+              f"+{s['new_segments']}, retries {s['alloc_retries']}, {s['events']}", flush=True)  # fmt: skip
+    for i, pr in r["profiles"].items():
+        print(f"--- step {i}", pr["by_gpu"], pr["by_cpu"], sep="\n", flush=True)
     engine.close()
 (out_dir / "stall_trace.json").write_text(json.dumps(results, indent=1))

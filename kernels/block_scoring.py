@@ -150,7 +150,9 @@ def _logits_kernel(
         tl.store(logit_ptr + l_off, acc, mask=visible)
 
 
-@triton.jit(do_not_specialize=["seg_off", "nseg"])  # one compile for every chunk offset and size
+# one compile for every chunk offset and size (a one-segment chunk's [Hkv, 1] rows have stride 1, which Triton
+# would compile apart: 0.4 s in the first such chunk of an H200 run, benchmarks/stall_trace.py)
+@triton.jit(do_not_specialize=["seg_off", "nseg", "stride_eh"])
 def _entropy_kernel(
     logit_ptr: tl.tensor,
     ent_ptr: tl.tensor,

@@ -137,7 +137,8 @@ def _ordered_key(x: tl.tensor) -> tl.tensor:
     return tl.where((bits >> 31) != 0, ~bits, bits | 0x80000000)
 
 
-@triton.jit(do_not_specialize=["seg_off", "nseg"])  # one compile for every chunk offset and size
+# one compile for every chunk offset and size (with the counts' row stride: 1 in a one-segment chunk)
+@triton.jit(do_not_specialize=["seg_off", "nseg", "stride_ch"])
 def _select_kernel(
     logit_ptr: tl.tensor,
     count_ptr: tl.tensor,
