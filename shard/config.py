@@ -92,9 +92,14 @@ class EngineConfig:
     # Attention itself runs over the whole prompt in one fused kernel, so no N x N matrix ever exists.
     prefill_chunk_size: int = 4096
     max_num_seqs: int = 32  # sequences running at once (decoded together in one step)
-    # Tokens one step runs: one per decoding sequence plus the prompts it prefills. A prompt longer than
-    # what is left still runs when it is the step's first prefill (prefill is one-shot per prompt for now).
+    # Tokens one step runs: one per decoding sequence plus the prompt chunks it prefills (shard/scheduler.py).
     max_num_batched_tokens: int = 8192
+    # Query-key pairs of dense prefill attention one step may run beside decoding streams or other prefills
+    # (None: no limit): dense attention over a long prefix costs by its keys, so a dense prompt's chunks and
+    # a sparse prompt's dense last segment are cut into pieces of about this many pairs (whole pages; the
+    # default is 256 queries over a 128k prefix), and the streams keep their pace. A prefill alone in its
+    # step runs whole.
+    max_dense_prefill_pairs: int | None = 1 << 25
     # Scheduling (shard/scheduler.py): at most `max_long_partial_prefills` prompts longer than
     # `long_prefill_token_threshold` tokens start per step, and shorter ones are admitted past a long one
     # that waits for pages, so chats are not held behind documents.
@@ -140,6 +145,8 @@ class EngineConfig:
             raise ConfigError(f"kv_page_size: a power of two in 8 .. 128 (the paged kernel's), got {ps}")
         if self.num_kv_pages is not None:
             check_int("num_kv_pages", self.num_kv_pages, minimum=1)
+        if self.max_dense_prefill_pairs is not None:
+            check_int("max_dense_prefill_pairs", self.max_dense_prefill_pairs, minimum=1)
         u = self.gpu_memory_utilization
         if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 1:
             raise ConfigError(f"gpu_memory_utilization: expected a number in (0, 1], got {u!r}")

@@ -1,9 +1,10 @@
 """How a sequence prefills against the prefix cache (`shard/prefix_cache.py`), for `EngineCore`.
 
-`plan_chunks` sets a chunkable prompt's chunk unit and what it may take from and give to the cache: a
-dense reader takes pages up to its last one (it recomputes at least its last position and the prompt
-queries KV compression observes); a sparse reader takes pages up to a segment boundary before its own last
-segment (the writer's last segment ran dense), where the writer stored its causal policy state.
+`plan_chunks` sets a chunkable prompt's chunk unit (and where its dense tail starts) and what it may take
+from and give to the cache: a dense reader takes pages up to its last one (it recomputes at least its last
+position and the prompt queries KV compression observes); a sparse reader takes pages up to a segment
+boundary before its own last segment (the writer's last segment ran dense), where the writer stored its
+causal policy state.
 `share_chunk` registers the pages a finished chunk completed, with one policy-state snapshot per chunk at
 the last segment boundary it shares (each boundary page keeps the snapshot and its segment count; a reader
 truncates it; a snapshot per boundary would be O(n^2)).
@@ -31,13 +32,14 @@ def plan_chunks(seq: Sequence, attention: PrefillAttention, page_size: int, cach
         unit = math.lcm(req.sparse.segment_size, ps)
         seq.chunk_unit, seq.resume_unit = unit, unit // ps
         last_segment = (n - 1) // req.sparse.segment_size * req.sparse.segment_size
+        seq.dense_from = last_segment
         limit = min(last_segment, n - keep)
         # the writer's last segment ran dense; a prompt too short for sparse segments still profiles
         # every layer (its state serves longer readers), and its earlier segments are dense for them too
         seq.share_pages = last_segment // ps
         key: tuple = ("sparse", attention.policy, attention.layer_config, attention.key)
     else:
-        seq.chunk_unit = ps
+        seq.chunk_unit, seq.dense_from = ps, 0
         limit, seq.share_pages, key = n - keep, n // ps, ("dense",)
     if caching and attention.prefix_cacheable:
         seq.cache_limit = max(limit, 0) // ps

@@ -24,8 +24,13 @@ Queues: `waiting` (new requests, and sequences preempted by recompute, which go 
 
 Chunk sizes: a chunk is what is left of the budget, cut down to a multiple of the sequence's chunk unit
 (the sparse segment size, so every chunk starts on a segment boundary; a page for dense), at least one unit
-for the step's first prefill. A prefill that is alone in its step (no decode, no other chunk) runs the
-whole rest of its prompt in one chunk: no stream waits on that step, and one chunk is the fastest prefill.
+for the step's first prefill. Dense attention over a long prefix costs by its keys, not its tokens: where
+every position attends densely (a sparse prompt's last segment, all of a dense prompt; from
+`Sequence.dense_from`) a chunk ends on any page and runs at most `max_dense_prefill_pairs` query-key pairs
+(256 queries over a 128k prefix by default; at least one page), so a 128k document's last segment does not
+hold every stream for one long step. A prefill that is alone in its step (no decode, no other chunk) runs
+the whole rest of its prompt in one chunk: no stream waits on that step, and one chunk is the fastest
+prefill.
 Policies whose budget rule is not causal (entropy `per_head` / `reference`) and
 `enable_chunked_prefill=False` prefill one-shot: only as the step's first prefill when the prompt exceeds
 what is left of the budget.
@@ -39,6 +44,7 @@ budget, so their decode keeps its pace while the document prefills.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -131,15 +137,43 @@ class Scheduler:
 
     def _chunk(self, seq: Sequence, start: int, budget: int, step: ScheduledStep) -> int:
         """Tokens of `seq`'s prompt from `start` to prefill this step (0: none; see the module docstring)."""
-        rest = seq.num_prompt_tokens - start
+        n = seq.num_prompt_tokens
         first = not step.prefill  # the step's first prefill always makes progress
-        if rest <= budget or (first and not step.decode):
-            return rest
+        if first and not step.decode:  # alone in its step: the whole rest
+            return n - start
         unit = seq.chunk_unit if self.config.enable_chunked_prefill else 0
-        if unit <= 0:  # one-shot only: as the step's first prefill
-            return rest if first else 0
-        n = budget // unit * unit
-        return min(unit, rest) if n <= 0 and first else max(n, 0)
+        if unit <= 0:  # one-shot only: as the step's first prefill, or when it fits
+            return n - start if first or n - start <= budget else 0
+        end = self._align(seq, start, self._dense_cap(seq, start, min(n, start + max(budget, 0))))
+        if end > start:
+            return end - start
+        return self._next_end(seq, start) - start if first else 0
+
+    def _dense_cap(self, seq: Sequence, start: int, end: int) -> int:
+        """`end`, cut so that the chunk's dense part (positions >= seq.dense_from; position p reads p + 1
+        keys) runs at most `max_dense_prefill_pairs` query-key pairs."""
+        limit = self.config.max_dense_prefill_pairs
+        a = max(start, seq.dense_from)
+        if limit is None or end <= a:
+            return end
+        b = 2 * a + 1  # the pairs of positions [a, a + t) are t * (t + b) / 2
+        return min(end, a + (math.isqrt(b * b + 8 * limit) - b) // 2)
+
+    def _align(self, seq: Sequence, start: int, end: int) -> int:
+        """The last chunk end in ``[start, end]`` the policy allows: the prompt's end, a page past
+        `seq.dense_from`, or a multiple of the chunk unit (`start` if none)."""
+        if end >= seq.num_prompt_tokens:
+            return seq.num_prompt_tokens
+        page = end // self.pages.page_size * self.pages.page_size
+        if page > seq.dense_from:
+            return max(page, start)
+        return max(end // seq.chunk_unit * seq.chunk_unit, start)
+
+    def _next_end(self, seq: Sequence, start: int) -> int:
+        """The first chunk end after `start` the policy allows (one unit, or one page in the dense tail)."""
+        ps, unit = self.pages.page_size, seq.chunk_unit
+        page = (max(start, seq.dense_from) // ps + 1) * ps
+        return min(seq.num_prompt_tokens, (start // unit + 1) * unit, page)
 
     def _continue_prefills(self, step: ScheduledStep, budget: int) -> int:
         for seq in self.running:

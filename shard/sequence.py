@@ -157,6 +157,9 @@ class Sequence:
         self.cache_limit = 0  # pages it may take from the prefix cache (it prefills the rest)
         self.resume_unit = 1  # a cached prefix must be a multiple of this many pages (a segment, sparse)
         self.chunk_unit = 0  # chunks are multiples of this many tokens (0: one-shot prefill only)
+        # ... except from here on, where every position attends densely to the prompt's end (a sparse
+        # prompt's last segment, all of a dense one): chunks may end on any page there
+        self.dense_from = 0
         self.prefill_started: float | None = None
         # decode state: decode steps run on the current KV (the token fed at step i is output_ids[i])
         self.decode_steps = 0

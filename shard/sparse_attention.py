@@ -19,7 +19,7 @@ from entropyinfer.kernels.paged_sparse_prefill import paged_sparse_prefill_atten
 from entropyinfer.kernels.sparse_prefill import sparse_prefill_attention
 from entropyinfer.policies.budgets import fixed_budget_for_density
 from entropyinfer.policies.config import SparsePrefillConfig
-from entropyinfer.policies.entropy import plan_chunk, plan_layer
+from entropyinfer.policies.entropy import ChunkPlan, plan_chunk, plan_layer
 from entropyinfer.policies.registry import Selection
 from entropyinfer.shard.dense_attention import dense_causal_attention, dense_chunk_attention
 from entropyinfer.shard.paged_prefix import PagedPrefix
@@ -74,6 +74,9 @@ class SparsePrefill:
         # (`shard/parallel/group.py`), so every replica picks one rank's blocks; None on one rank
         self.logit_reduce: LogitReduce | None = None
         self.dense_tail_min_prefix = DENSE_TAIL_MIN_PREFIX
+        # per layer, the element-wise max and min of the queries of the last segment's pieces so far (a
+        # chunk that ends inside it), ``[Hq, 1, d]`` each: its profile runs with its last piece
+        self._tail_reps: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def pin_table(self, scales: torch.Tensor, version: int) -> None:
         """Scale the entropy rule's budget of each (layer, KV head) by ``scales [L, Hkv]`` for this prompt
@@ -119,7 +122,7 @@ class SparsePrefill:
         this `seq_len`-token prompt is closest to the target (`policies.budgets.fixed_budget_for_density`;
         host arithmetic, no device sync)."""
         self.records, self.seq_len, self._start, self._layers = {}, seq_len, 0, num_layers
-        self.captured = {}
+        self.captured, self._tail_reps = {}, {}
         if not self._solves_budget:
             return
         cfg = self.config
@@ -201,19 +204,13 @@ class SparsePrefill:
         if not self.chunkable:
             raise ValueError(f"mode {self.config.mode!r} is not causal: prefill it in one shot")
         cfg, s_len = self._cfg(), self.config.segment_size
-        if isinstance(keys, PagedPrefix):
-            hkv, nk = keys.table.shape[0], keys.end
-        else:
-            hkv, nk = keys[0].shape[0], keys[0].shape[1]
-
-        def contiguous() -> tuple[torch.Tensor, torch.Tensor]:
-            return keys.contiguous() if isinstance(keys, PagedPrefix) else keys
-
+        hkv, nk = _kv_shape(keys)
         q1 = q_offset + q.shape[1]
-        if q_offset % s_len or (q1 % s_len and q1 != seq_len) or q1 > seq_len or nk < q1:
+        last = (num_segments(seq_len, s_len) - 1) * s_len  # where the prompt's dense last segment starts
+        if (q_offset % s_len and q_offset < last) or (q1 % s_len and q1 < last) or q1 > seq_len or nk < q1:
             raise ValueError(
                 f"chunk [{q_offset}, {q1}) of a {seq_len}-token prompt with {nk} keys: it must start "
-                f"at a multiple of S={s_len} and end at one or at the prompt's end"
+                f"and end at multiples of S={s_len} or inside the prompt's last segment [{last}, {seq_len})"
             )
         seg0 = q_offset // s_len
         rec = self.records.get(layer)
@@ -225,33 +222,84 @@ class SparsePrefill:
                     f"far, begin({self.seq_len}) prefills from {self._start}): call begin() for a new prompt"
                 )
             self.records, self.seq_len, self._start, rec = {}, seq_len, 0, None
+            self._tail_reps = {}
         self._layers = max(self._layers, layer + 1)
         if layer == 0:
-            return dense_chunk_attention(q, *contiguous(), q_offset)
+            return dense_chunk_attention(q, *_contiguous(keys), q_offset)
         if rec is None:
             spread = cfg.mode == "spread" and self.policy == "entropy"
             rec = self.records[layer] = LayerRecord.empty(hkv, q.device, spread)
         rec.to(q.device)
         if rec.segments != seg0:
             raise ValueError(f"layer {layer} has {rec.segments} segments so far; this chunk starts at {seg0}")
+        if q_offset <= last and not last < q1 < seq_len:  # whole segments (the last one whole too)
+            return self._attend(layer, q, keys, q_offset, seq_len, self._plan(layer, q, keys, q_offset, rec))
+        # a piece of the last segment (the scheduler cuts it, `Scheduler._dense_cap`), after any whole
+        # segments: it attends densely; the segment's profile, which one-shot computes from its queries'
+        # element-wise max and min, runs with its last piece from the max and min of all (the same numbers)
+        head = max(last - q_offset, 0)
+        outs = []
+        if head:
+            plan = self._plan(layer, q[:, :head], keys, q_offset, rec)
+            outs.append(self._attend(layer, q[:, :head], keys, q_offset, seq_len, plan))
+        piece = q[:, head:]
+        qmax, qmin = piece.amax(dim=1, keepdim=True), piece.amin(dim=1, keepdim=True)
+        if layer in self._tail_reps:  # the earlier pieces'
+            pmax, pmin = self._tail_reps.pop(layer)
+            qmax, qmin = torch.maximum(qmax, pmax), torch.minimum(qmin, pmin)
+        if q1 < seq_len:
+            self._tail_reps[layer] = (qmax, qmin)
+        else:  # two query rows whose max and min are the segment's
+            self._plan(layer, torch.cat([qmax, qmin], dim=1), keys, last, rec)
+        outs.append(dense_chunk_attention(piece, *_contiguous(keys), q_offset + head))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+    def _plan(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        keys: tuple[torch.Tensor, torch.Tensor] | PagedPrefix,
+        q_offset: int,
+        rec: LayerRecord,
+    ) -> ChunkPlan:
+        """Profile the whole segments of ``q`` (from `q_offset`, a multiple of S; the prompt's last one
+        perhaps partial) and pick their blocks; their record joins `rec`."""
+        cfg, s_len = self._cfg(), self.config.segment_size
+        hkv, nk = _kv_shape(keys)
         if isinstance(keys, PagedPrefix):  # profiling reads the blocks' max/min from the pages
-            visible = num_blocks(q1, s_len, cfg.block_size)  # those the chunk's last segment sees
+            visible = num_blocks(q_offset + q.shape[1], s_len, cfg.block_size)  # the last segment's
             key_reps = paged_block_reps(keys.k_pages, keys.table, visible, cfg.block_size)
             k = keys.k_chunk.new_empty(()).expand(hkv, nk, q.shape[-1])  # a shape only
         else:
             key_reps, k = None, keys[0]
         plan = plan_chunk(
-            q, k, cfg, seq_len=seq_len, segment_offset=seg0, entropy_before=rec.entropy,
-            spread_before=rec.spread, policy=self.policy, head_scale=self._scale(layer),
-            with_mass=self.collect_mass, logit_reduce=self.logit_reduce, key_reps=key_reps,
+            q, k, cfg, seq_len=self.seq_len or 0, segment_offset=q_offset // s_len,
+            entropy_before=rec.entropy, spread_before=rec.spread, policy=self.policy,
+            head_scale=self._scale(layer), with_mass=self.collect_mass, logit_reduce=self.logit_reduce,
+            key_reps=key_reps,
         )  # fmt: skip
         rec.append(plan.entropy, plan.counts, plan.spread, plan.rigid)
         if plan.captured is not None:
             self.captured.setdefault(layer, []).append(plan.captured)
-        nc = plan.counts.shape[1]
+        return plan
+
+    def _attend(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        keys: tuple[torch.Tensor, torch.Tensor] | PagedPrefix,
+        q_offset: int,
+        seq_len: int,
+        plan: ChunkPlan,
+    ) -> torch.Tensor:
+        """The attention of whole segments with `plan`'s blocks: fused SDPA if every one is dense, else the
+        block-sparse kernel (a long prompt's dense last segment apart, `DENSE_TAIL_MIN_PREFIX`)."""
+        cfg, s_len = self._cfg(), self.config.segment_size
+        hkv, nk = _kv_shape(keys)
+        q1, seg0, nc = q_offset + q.shape[1], q_offset // s_len, plan.counts.shape[1]
         thr = cfg.threshold_len
         if all(s * s_len < thr or (s + 1) * s_len >= seq_len for s in range(seg0, seg0 + nc)):
-            return dense_chunk_attention(q, *contiguous(), q_offset)  # every segment dense: fused SDPA
+            return dense_chunk_attention(q, *_contiguous(keys), q_offset)  # every segment dense: fused SDPA
         block_idx, kernel_counts = plan.block_idx, plan.kernel_counts
         if seg0:  # the kernel indexes rows by absolute segment; rows < seg0 are never read
             width = block_idx.shape[2]
@@ -275,7 +323,7 @@ class SparsePrefill:
             )  # fmt: skip
         if not split:
             return out
-        tail = dense_chunk_attention(q[:, last - q_offset :], *contiguous(), last)
+        tail = dense_chunk_attention(q[:, last - q_offset :], *_contiguous(keys), last)
         return torch.cat([out, tail], dim=1)
 
     # ------------------------------------------------------------------ prefix caching
@@ -342,3 +390,14 @@ class SparsePrefill:
         if self._solves_budget and self.layer_config is not None:
             out["fixed_budget"] = self.layer_config.fixed_budget  # solved for target_density
         return out
+
+
+def _kv_shape(keys: tuple[torch.Tensor, torch.Tensor] | PagedPrefix) -> tuple[int, int]:
+    """(KV heads, keys) of a chunk's keys, contiguous or in pages."""
+    if isinstance(keys, PagedPrefix):
+        return keys.table.shape[0], keys.end
+    return keys[0].shape[0], keys[0].shape[1]
+
+
+def _contiguous(keys: tuple[torch.Tensor, torch.Tensor] | PagedPrefix) -> tuple[torch.Tensor, torch.Tensor]:
+    return keys.contiguous() if isinstance(keys, PagedPrefix) else keys

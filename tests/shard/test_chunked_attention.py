@@ -95,9 +95,15 @@ def build(policy: str, overrides: dict):
         (320, [0, 160, 320]),  # N a multiple of S: the last chunk is whole segments
         (300, [0, 300]),  # one chunk
         (90, [0, 32, 64, 90]),  # too short for a sparse segment: dense everywhere
+        # the dense last segment [288, N) in pieces (`Scheduler._dense_cap`): a chunk ending inside it after
+        # whole segments, pieces inside it, one starting on it
+        (300, [0, 64, 96, 224, 290, 296, 300]),
+        (320, [0, 160, 288, 291, 304, 320]),
+        (300, [0, 288, 289, 300]),
     ],
 )
 def test_chunks_equal_one_shot(policy: str, overrides: dict, n: int, bounds: list[int]) -> None:
+    """Same output, block counts (bit for bit) and statistics as one call over the whole prompt."""
     inputs = layer_inputs(n, seed=n)
     ref_attn, got_attn = build(policy, overrides), build(policy, overrides)
     assert got_attn.chunkable
@@ -215,7 +221,7 @@ def test_state_is_refused_where_it_cannot_be_exact() -> None:
     with pytest.raises(ValueError, match="segments so far"):
         q, k, v = inputs[1]
         other.chunk(1, q[:, :32], k[:, :32], v[:, :32], 0, 400)  # not where the state ends
-    with pytest.raises(ValueError, match="multiple of S"):
+    with pytest.raises(ValueError, match="multiples of S"):
         causal.chunk(1, inputs[1][0][:, 10:40], inputs[1][1][:, :40], inputs[1][2][:, :40], 10, n)
     half = build("entropy", {"mode": "causal"})
     chunked(half, inputs, n, [0, 128])

@@ -43,6 +43,7 @@ def at(pool: PagedPrefix, q0: int, q1: int) -> PagedPrefix:
 @pytest.mark.parametrize(("policy", "overrides"), RULES)
 @pytest.mark.parametrize(("n", "bounds", "page_size"), [
     (300, [0, 64, 96, 224, 300], 16), (320, [0, 32, 160, 320], 64),
+    (300, [0, 96, 224, 290, 296, 300], 16),  # the dense last segment in pieces
 ])  # fmt: skip
 def test_paged_chunks_equal_gathered_chunks(
     policy: str, overrides: dict, n: int, bounds: list[int], page_size: int
