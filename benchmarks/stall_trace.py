@@ -32,6 +32,7 @@ p.add_argument("--chunk", type=int, nargs="+", default=[1024, 2048])
 p.add_argument("--policy", default="entropy")
 p.add_argument("--streams", type=int, default=16)
 p.add_argument("--fresh", action="store_true")
+p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads before the engine starts")
 p.add_argument(
     "--profile", type=int, nargs="*", default=[], help="steps of the timed run to profile (-1: last)"
 )
@@ -173,6 +174,11 @@ def run(engine: Engine, doc: int, chunk: int, profile: set[int] = frozenset()) -
 
 
 folder = write_dummy_checkpoint(Path(tempfile.mkdtemp()), shape)
+if a.threads:
+    torch.set_num_threads(a.threads)
+print(
+    f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}, affinity {len(os.sched_getaffinity(0))}"
+)
 results = []
 for chunk in [256] if a.smoke else a.chunk:
     engine = Engine(folder, dev, max_num_batched_tokens=chunk)

@@ -147,7 +147,9 @@ class KVPages:
         """Pages each head of `seq` lacks to hold `extra` more tokens."""
         lengths = seq.kv_lengths
         assert lengths is not None
-        longest = lengths.max(dim=0).values.tolist()  # per head, over layers
+        # per head, over layers; numpy, not a torch CPU reduction: this runs for every decoding sequence
+        # every step, and torch's took 3.2 ms each on an H200 host (16 streams: 51 ms of a 109 ms step)
+        longest = lengths.numpy().max(axis=0).tolist()
         return [
             max(0, self.pages(int(n) + extra) - len(t)) for n, t in zip(longest, seq.block_table, strict=True)
         ]

@@ -60,7 +60,7 @@ class SegmentPages(KVPages):
     def head_needs(self, seq: Sequence, extra: int = 1) -> list[int]:
         lengths = seq.kv_lengths
         assert lengths is not None
-        longest = lengths.max(dim=0).values.tolist()  # per head, over layers
+        longest = lengths.numpy().max(axis=0).tolist()  # per head, over layers (`KVPages.head_needs`)
         return [
             max(0, self.pages(self.held(seq, int(n) + extra)) - len(t))
             for n, t in zip(longest, seq.block_table, strict=True)
