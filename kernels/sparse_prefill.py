@@ -119,7 +119,12 @@ def _attend_tile(
     return acc, l_i, m_ij
 
 
-@triton.jit
+# One compile for every chunk: Triton compiles integer arguments apart by whether they are 1 or divisible by
+# 16, and these change from chunk to chunk (the counts' row stride is the segments so far: a chunk ending on
+# segment 48 compiled a new variant for 0.6 s mid-prefill on an H200, benchmarks/stall_trace.py).
+@triton.jit(
+    do_not_specialize=["stride_ih", "stride_ch", "stride_th", "Nq", "Nk", "q_offset", "first_tile", "n_tiles"]
+)
 def _sparse_prefill_fwd(
     Q: tl.tensor,
     K: tl.tensor,

@@ -27,10 +27,10 @@ Chunk sizes: a chunk is what is left of the budget, cut down to a multiple of th
 for the step's first prefill. Dense attention over a long prefix costs by its keys, not its tokens: where
 every position attends densely (a sparse prompt's last segment, all of a dense prompt; from
 `Sequence.dense_from`) a chunk ends on any page and runs at most `max_dense_prefill_pairs` query-key pairs
-(256 queries over a 128k prefix by default; at least one page), so a 128k document's last segment does not
-hold every stream for one long step. A prefill that is alone in its step (no decode, no other chunk) runs
-the whole rest of its prompt in one chunk: no stream waits on that step, and one chunk is the fastest
-prefill.
+(128 queries over a 128k prefix by default; at least one page), and a chunk of sparse segments stops where
+such a cut part would start, so a 128k document's last segment does not hold every stream for one long
+step. A prefill that is alone in its step (no decode, no other chunk) runs the whole rest of its prompt in
+one chunk: no stream waits on that step, and one chunk is the fastest prefill.
 Policies whose budget rule is not causal (entropy `per_head` / `reference`) and
 `enable_chunked_prefill=False` prefill one-shot: only as the step's first prefill when the prompt exceeds
 what is left of the budget.
@@ -151,13 +151,17 @@ class Scheduler:
 
     def _dense_cap(self, seq: Sequence, start: int, end: int) -> int:
         """`end`, cut so that the chunk's dense part (positions >= seq.dense_from; position p reads p + 1
-        keys) runs at most `max_dense_prefill_pairs` query-key pairs."""
+        keys) runs at most `max_dense_prefill_pairs` query-key pairs; a chunk of sparse segments whose dense
+        part would be cut stops where that part starts (a piece on top of a full chunk is a slow step)."""
         limit = self.config.max_dense_prefill_pairs
         a = max(start, seq.dense_from)
         if limit is None or end <= a:
             return end
         b = 2 * a + 1  # the pairs of positions [a, a + t) are t * (t + b) / 2
-        return min(end, a + (math.isqrt(b * b + 8 * limit) - b) // 2)
+        cut = a + (math.isqrt(b * b + 8 * limit) - b) // 2
+        if cut >= end:
+            return end
+        return a if start < a else cut
 
     def _align(self, seq: Sequence, start: int, end: int) -> int:
         """The last chunk end in ``[start, end]`` the policy allows: the prompt's end, a page past

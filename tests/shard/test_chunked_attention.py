@@ -250,7 +250,8 @@ def test_dense_chunks_on_gpu(dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("mode", ["causal", "spread"])
 def test_sparse_chunks_on_gpu(mode: str) -> None:
     """The Triton path in bf16: chunked counts agree with one-shot on at least 99% of (layer, KV head,
-    segment) (tile results need not be bit-identical across launches), outputs close."""
+    segment) (tile results need not be bit-identical across launches), outputs close; the dense last
+    segment in two pieces."""
     cfg = dataclasses.replace(load_sparse_config("entropy_long"), mode=mode)
     n, s_len = 16 * 512 + 300, cfg.segment_size
     gen = torch.Generator(device="cuda").manual_seed(1)
@@ -261,13 +262,42 @@ def test_sparse_chunks_on_gpu(mode: str) -> None:
     ref_attn = build_prefill_attention("entropy", cfg)
     ref = one_shot(ref_attn, inputs, n)
     got_attn = build_prefill_attention("entropy", cfg)
-    got = chunked(got_attn, inputs, n, [0, 4 * s_len, 9 * s_len, 10 * s_len, n])
+    got = chunked(got_attn, inputs, n, [0, 4 * s_len, 9 * s_len, 10 * s_len, 16 * s_len, 16 * s_len + 128, n])
     c1 = torch.stack([c for c, _ in ref_attn.sparse_counts])
     c2 = torch.stack([c for c, _ in got_attn.sparse_counts])
     assert float((c1 == c2).float().mean()) >= 0.99
     for r, g in zip(ref, got, strict=True):
         assert float((r.float() - g.float()).abs().mean()) < 1e-2
     assert abs(ref_attn.stats()["density"] - got_attn.stats()["density"]) < 0.01
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_chunks_of_any_size_and_offset_compile_nothing_new_on_gpu() -> None:
+    """After one chunked prefill, another prompt of the same length in chunks of other sizes and offsets
+    (row strides of 1, of multiples of 16 and not, pieces of the last segment) compiles no Triton kernel: a
+    compile costs 0.4-0.6 s in the middle of a serving step."""
+    import triton
+
+    n = 34 * 32 + 12  # the last segment [1088, 1100)
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    inputs = [
+        tuple(torch.randn(h, n, 32, device="cuda", dtype=torch.bfloat16, generator=gen) for h in (6, 2, 2))
+        for _ in range(LAYERS)
+    ]
+    chunked(build("entropy", {"mode": "causal"}), inputs, n, [0, 96, 512, 1088, 1096, 1100])
+    torch.cuda.synchronize()
+    compiled: list[str] = []
+    knobs = triton.knobs.runtime
+    before = knobs.jit_post_compile_hook
+    knobs.jit_post_compile_hook = lambda *a, **kw: compiled.append(str(kw.get("fn"))) and None
+    try:
+        chunked(
+            build("entropy", {"mode": "causal"}), inputs, n, [0, 64, 96, 128, 544, 576, 1056, 1088, 1090, n]
+        )
+        torch.cuda.synchronize()
+    finally:
+        knobs.jit_post_compile_hook = before
+    assert compiled == []
 
 
 class _Recorder(SparsePrefill):
