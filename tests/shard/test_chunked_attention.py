@@ -275,25 +275,27 @@ def test_sparse_chunks_on_gpu(mode: str) -> None:
 def test_chunks_of_any_size_and_offset_compile_nothing_new_on_gpu() -> None:
     """After one chunked prefill, another prompt of the same length in chunks of other sizes and offsets
     (row strides of 1, of multiples of 16 and not, pieces of the last segment) compiles no Triton kernel: a
-    compile costs 0.4-0.6 s in the middle of a serving step."""
+    compile costs 0.4-0.6 s in the middle of a serving step. Segments of 128 tokens, as in every preset
+    (the profiling kernels' row strides are a chunk's segments times the key blocks, a multiple of 16 from
+    S = 128 on)."""
     import triton
 
-    n = 34 * 32 + 12  # the last segment [1088, 1100)
+    cfg = dataclasses.replace(CFG, segment_size=128, threshold_len=256, base_budget=256, fixed_budget=256)
+    n = 34 * 128 + 44  # the last segment [4352, 4396)
     gen = torch.Generator(device="cuda").manual_seed(3)
     inputs = [
         tuple(torch.randn(h, n, 32, device="cuda", dtype=torch.bfloat16, generator=gen) for h in (6, 2, 2))
         for _ in range(LAYERS)
     ]
-    chunked(build("entropy", {"mode": "causal"}), inputs, n, [0, 96, 512, 1088, 1096, 1100])
+    chunked(build_prefill_attention("entropy", cfg), inputs, n, [0, 384, 2048, 4352, 4368, n])
     torch.cuda.synchronize()
     compiled: list[str] = []
     knobs = triton.knobs.runtime
     before = knobs.jit_post_compile_hook
-    knobs.jit_post_compile_hook = lambda *a, **kw: compiled.append(str(kw.get("fn"))) and None
+    knobs.jit_post_compile_hook = lambda *a, **kw: compiled.append(str(kw.get("repr"))[:300]) and None
+    bounds = [0, 256, 384, 512, 2176, 2304, 4224, 4352, 4360, n]
     try:
-        chunked(
-            build("entropy", {"mode": "causal"}), inputs, n, [0, 64, 96, 128, 544, 576, 1056, 1088, 1090, n]
-        )
+        chunked(build_prefill_attention("entropy", cfg), inputs, n, bounds)
         torch.cuda.synchronize()
     finally:
         knobs.jit_post_compile_hook = before
