@@ -94,16 +94,17 @@ class EngineConfig:
     max_num_seqs: int = 32  # sequences running at once (decoded together in one step)
     # Tokens one step runs: one per decoding sequence plus the prompt chunks it prefills (shard/scheduler.py).
     max_num_batched_tokens: int = 8192
-    # Query-key pairs of dense prefill attention one step may run beside decoding streams or other prefills
-    # (None: no limit): dense attention over a long prefix costs by its keys, so a dense prompt's chunks and
-    # a sparse prompt's dense last segment are cut into pieces of about this many pairs (whole pages; the
-    # default is 128 queries over a 128k prefix, about 30 ms of an 8B model's step on an H200: with 256 the
-    # two pieces of a 128k document's last segment were the only steps over 100 ms, 121 and 155 ms,
-    # benchmarks/stall_trace.py), and the streams keep their pace. A prefill alone in its step runs whole.
+    # Query-key pairs of dense prefill attention a prompt's chunk may run beside decoding streams or other
+    # prefills (None: no limit): dense attention over a long prefix costs by its keys, so a dense prompt's
+    # chunks and a sparse prompt's dense last segment are cut into pieces of about this many pairs (whole
+    # pages; the default is 128 queries over a 128k prefix, about 30 ms of an 8B model's step on an H200:
+    # with 256 the two pieces of a 128k document's last segment were the only steps over 100 ms, 121 and
+    # 155 ms, benchmarks/stall_trace.py), and the streams keep their pace. A prefill alone in its step runs
+    # whole.
     max_dense_prefill_pairs: int | None = 1 << 24
-    # Scheduling (shard/scheduler.py): at most `max_long_partial_prefills` prompts longer than
-    # `long_prefill_token_threshold` tokens start per step, and shorter ones are admitted past a long one
-    # that waits for pages, so chats are not held behind documents.
+    # Scheduling (shard/scheduler.py): at most `max_long_partial_prefills` prompts with more than
+    # `long_prefill_token_threshold` tokens left to prefill (after the prefix cache) prefill at once, and
+    # shorter ones are admitted past a long one that waits, so chats are not held behind documents.
     long_prefill_token_threshold: int = 4096
     max_long_partial_prefills: int = 1
     # Paged KV memory (shard/kv_pages.py): pages of `kv_page_size` tokens per KV head, shared by all layers.

@@ -124,16 +124,11 @@ def head_entropy(records: dict[int, LayerRecord], layers: int, num_kv_heads: int
     layers that ran dense; None if no layer was profiled."""
     if not records:
         return None
-    nan = torch.full((num_kv_heads,), float("nan"))
-    rows = [
-        records[li].entropy[:, 1:].float().mean(dim=1).detach().cpu() if li in records else nan
-        for li in range(max(layers, max(records) + 1))
-    ]
-    return torch.stack(rows)
-
-
-def _rigid(rec: LayerRecord | None) -> float | None:
-    return None if rec is None or rec.rigid is None else float(rec.rigid.float().mean())
+    order = sorted(records)
+    means = torch.stack([records[li].entropy[:, 1:].float().mean(dim=1) for li in order]).detach().cpu()
+    out = torch.full((max(layers, order[-1] + 1), num_kv_heads), float("nan"))
+    out[order] = means  # one read from the device, not one per layer
+    return out
 
 
 def prefill_stats(
@@ -145,12 +140,17 @@ def prefill_stats(
     (mean / min / max over sparse (layer, KV head, segment), and the base budget)."""
     layers = max(layers, max(records, default=-1) + 1)
     s_len, b = cfg.segment_size, cfg.block_size
-    counts = dict(zip(sorted(records), sparse_counts(records, seq_len, cfg), strict=True))
-    density = [
-        float(plan_density_tensor(*counts[li], seq_len, s_len, b)) if li in counts else 1.0
-        for li in range(layers)
-    ]
-    rigid = [_rigid(records.get(li)) for li in range(layers)]
+    order = sorted(records)
+    counts = dict(zip(order, sparse_counts(records, seq_len, cfg), strict=True))
+    # every number on the device first, then one read per kind: a sync per layer cost a 128k prompt's last
+    # step ~100 of them (benchmarks/stall_trace.py)
+    sparse_density = [plan_density_tensor(*counts[li], seq_len, s_len, b) for li in order]
+    read = dict(zip(order, torch.stack(sparse_density).tolist() if order else [], strict=True))
+    density = [float(read[li]) if li in read else 1.0 for li in range(layers)]
+    tests = {li: t for li in order if (t := records[li].rigid) is not None}
+    fractions = torch.stack([t.float().mean() for t in tests.values()]).tolist() if tests else []
+    read_rigid = dict(zip(tests, fractions, strict=True))
+    rigid = [read_rigid.get(li) for li in range(layers)]
     profiled = [r for r in rigid if r is not None]
     out: dict[str, Any] = {
         "density": sum(density) / max(len(density), 1),
@@ -158,10 +158,12 @@ def prefill_stats(
         "rigid_fraction_per_layer": rigid,
     }
     if policy == "entropy" and cfg.mode == "spread" and records:
-        ref = [float(rigid_heads(r.entropy, cfg.entropy_threshold).float().mean()) for r in records.values()]
-        out["rigid_fraction_reference"] = sum(ref) / len(ref)
-    tokens = [(c[:, ~d] * b).flatten().float().cpu() for c, d in counts.values()]
-    budget = torch.cat(tokens) if tokens else None
+        ref = torch.stack(
+            [rigid_heads(r.entropy, cfg.entropy_threshold).float().mean() for r in records.values()]
+        )
+        out["rigid_fraction_reference"] = float(ref.mean())
+    tokens = [(c[:, ~d] * b).flatten().float() for c, d in counts.values()]
+    budget = torch.cat(tokens).cpu() if tokens else None
     if budget is not None and budget.numel():
         out["budget_tokens"] = {
             "mean": float(budget.mean()),

@@ -35,11 +35,12 @@ Policies whose budget rule is not causal (entropy `per_head` / `reference`) and
 `enable_chunked_prefill=False` prefill one-shot: only as the step's first prefill when the prompt exceeds
 what is left of the budget.
 
-Short interactive requests are not starved by documents: prompts longer than
-`long_prefill_token_threshold` are "long"; at most `max_long_partial_prefills` of them prefill at once, and
-short prompts behind a long one are admitted past it (in the same step, and whenever the long one waits
-for pages). With chunked prefill a long prompt takes only what the running streams leave of each step's
-budget, so their decode keeps its pace while the document prefills.
+Short interactive requests are not starved by documents: prompts with more than
+`long_prefill_token_threshold` tokens left to prefill (after the prefix cache) are "long"; at most
+`max_long_partial_prefills` of them prefill at once, and short prompts behind a long one are admitted past
+it (in the same step, and whenever the long one waits for pages). With chunked prefill a long prompt takes
+only what the running streams leave of each step's budget, so their decode keeps its pace while the
+document prefills.
 """
 
 from __future__ import annotations
@@ -205,20 +206,22 @@ class Scheduler:
 
     def _admit(self, step: ScheduledStep, budget: int) -> None:
         cfg, ps = self.config, self.pages.page_size
+        thr = cfg.long_prefill_token_threshold
         long_running = sum(
-            1 for s in self.running if s.prefilling and s.num_prompt_tokens > cfg.long_prefill_token_threshold
+            1 for s in self.running if s.prefilling and s.num_prompt_tokens - s.num_computed > thr
         )
         for seq in list(self.waiting):
             if len(self.running) >= cfg.max_num_seqs:
                 return
             n = seq.num_prompt_tokens
-            long = n > cfg.long_prefill_token_threshold
-            if long and long_running >= cfg.max_long_partial_prefills:
-                continue
             hit, wait = self.cached_prefix(seq)
             if wait:  # in-flight sharing: the writer's pages will be there in a step or two
                 continue
             start = len(hit) * ps
+            # long: what is left to prefill (the questions of a cached document are short ones)
+            long = n - start > thr
+            if long and long_running >= cfg.max_long_partial_prefills:
+                continue
             chunk = self._chunk(seq, start, budget, step)
             if chunk == 0:
                 if long:
