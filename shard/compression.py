@@ -351,11 +351,12 @@ def compress_sequence(
     def window(li: int) -> torch.Tensor:
         return pool.ordered(row, li, seq.decode_steps, cfg.window).view(hkv, g, cfg.window, d)
 
+    index = pages.page_index(seq.block_table[pages.local])  # once, not per layer
     scores: list[torch.Tensor] | None = None
     if cfg.adaptive and seq.compressions == 0:  # capacities from this window's scores (kept afterwards)
         scores = []
         for li in range(arch.num_layers):
-            keys, _ = pages.gather(seq, li)
+            keys, _ = pages.gather_table(index, li)
             scores.append(score_keys(window(li), keys, lengths[li].to(keys.device), cfg))
         caps = adaptive_capacities(
             torch.stack(scores), lengths, cfg, across_layers=cfg.head_capacity == "adaptive_layers"
@@ -365,7 +366,7 @@ def compress_sequence(
     kept: list[tuple[torch.Tensor, torch.Tensor]] = []
     counts = []
     for li in range(arch.num_layers):
-        keys, values = pages.gather(seq, li)
+        keys, values = pages.gather_table(index, li)
         sc = None if scores is None else scores[li]
         plan = plan_keep(
             window(li), keys, lengths[li].to(keys.device), caps[li].to(keys.device), cfg, slots, scores=sc

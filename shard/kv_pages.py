@@ -246,12 +246,20 @@ class KVPages:
         any head holds; a head's slots past its length hold whatever its pages hold)."""
         return self.gather_table(seq.block_table[self.local], layer)
 
-    def gather_table(self, block_table: list[list[int]], layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """`gather` of the data heads given their page lists."""
+    def page_index(self, block_table: list[list[int]]) -> torch.Tensor:
+        """int64 ``[H, P]`` on the device: the heads' page lists, each padded with its last page. Build it
+        once for a loop over layers: from lists it is a host conversion and a copy (8192 ids a head at
+        128k tokens)."""
         pages = max(len(t) for t in block_table)
-        table = torch.tensor(
+        return torch.tensor(
             [t + [t[-1]] * (pages - len(t)) for t in block_table], dtype=torch.long, device=self.device
-        )  # [Hkv, P]
+        )
+
+    def gather_table(
+        self, block_table: list[list[int]] | torch.Tensor, layer: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`gather` of the data heads given their page lists (or their `page_index`)."""
+        table = block_table if isinstance(block_table, torch.Tensor) else self.page_index(block_table)
         return gather_heads(self.k(layer), table), gather_heads(self.v(layer), table)
 
     def write_heads(self, seq: Sequence, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:

@@ -134,8 +134,9 @@ class RankRunner:
             table = op.table[self.local]
             if op.out:
                 saved = []
+                index = self.pages.page_index(table)  # once, not per layer
                 for li in range(self.arch.num_layers):
-                    k, v = self.pages.gather_table(table, li)
+                    k, v = self.pages.gather_table(index, li)
                     saved.append((k.to("cpu", copy=True), v.to("cpu", copy=True)))
                 self.swapped[op.request_id] = saved
             else:
@@ -384,8 +385,10 @@ class RankRunner:
                 op.decode_steps, kv, g,
             )  # fmt: skip
             counts = list(total)
+        index = self.pages.page_index(table) if spans is None else None  # once, not per layer
         for li in range(arch.num_layers if spans is None else 0):
-            keys, values = self.pages.gather_table(table, li)
+            assert index is not None
+            keys, values = self.pages.gather_table(index, li)
             q_obs = self.obs.ordered(op.obs_row, li, op.decode_steps, kv.window)  # [Hq_local, W, d]
             if self.kv_replicas > 1:  # score with the whole GQA group's queries, as one rank would
                 q_obs, g = self._group_queries(q_obs), self.full_arch.group_size

@@ -103,8 +103,9 @@ def compress_spans(
     widest = int(counts_now.max())
     new_counts = torch.zeros_like(counts_now)
     kept, totals = [], []
+    index = pages.page_index(table)  # once, not per layer
     for li in range(layers):
-        keys, values = pages.gather_table(table, li)
+        keys, values = pages.gather_table(index, li)
         if keys.shape[1] < widest:
             pad = widest - keys.shape[1]
             keys = torch.nn.functional.pad(keys, (0, 0, 0, pad))
