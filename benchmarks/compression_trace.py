@@ -50,7 +50,9 @@ while not done:
     if prof is not None and not around:
         prof.__exit__(None, None, None)
         ka = prof.key_averages()
-        res["by_gpu"] = ka.table(sort_by="self_cuda_time_total" if dev == "cuda" else "self_cpu_time_total", row_limit=30)
+        res["by_gpu"] = ka.table(
+            sort_by="self_cuda_time_total" if dev == "cuda" else "self_cpu_time_total", row_limit=30
+        )
         res["by_cpu"] = ka.table(sort_by="self_cpu_time_total", row_limit=30)
         prof, profiled = None, True
     for e in events[rid]:
