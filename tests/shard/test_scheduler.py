@@ -83,3 +83,30 @@ def test_no_limit_runs_the_token_budget(tiny_checkpoint: Path) -> None:
     core.step()
     run(core, [req(llm, "doc", DOC, "dense", SamplingParams(max_tokens=2, ignore_eos=True))])
     assert sizes[0] == 248  # the budget less the decoding chat, cut to pages
+
+
+def test_questions_of_a_cached_document_are_short_and_start_together(tiny_checkpoint: Path) -> None:
+    """A prompt is long by what it has left to prefill: with every question of a document over the
+    threshold, the first prefills the document and the cached others start in one step, not one per step
+    (`max_long_partial_prefills=1`)."""
+    from entropyinfer.shard.engine_core import Finished, TokenDelta
+
+    llm = tiny(tiny_checkpoint, long_prefill_token_threshold=200, max_long_partial_prefills=1, mode=MODE)
+    core = llm.core
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    for i in range(4):
+        core.add_request(req(llm, f"q{i}", DOC + f" Q{i}: what is key {i}?", "dense", params))
+    first_step: dict[str, int] = {}
+    cached: dict[str, int] = {}
+    step = 0
+    while core.has_unfinished():
+        for e in core.step():
+            if isinstance(e, TokenDelta):
+                first_step.setdefault(e.request_id, step)
+            elif isinstance(e, Finished):
+                cached[e.request_id] = e.output.stats["cached_tokens"]
+        step += 1
+    assert len(llm.encode(DOC)) > 200 and cached["q0"] == 0
+    assert all(cached[f"q{i}"] >= len(llm.encode(DOC)) - 16 for i in range(1, 4))
+    assert len({first_step[f"q{i}"] for i in range(1, 4)}) == 1  # the three cached questions together
+    assert first_step["q1"] > first_step["q0"]
