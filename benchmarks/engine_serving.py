@@ -48,6 +48,7 @@ from common import LLAMA3_8B, environment, write_results
 from entropyinfer.shard.dummy_checkpoint import write_dummy_checkpoint
 from entropyinfer.shard.engine_core import Finished, TokenDelta
 from entropyinfer.shard.llm import LLM
+from entropyinfer.shard.parallel.launch import freeze_start_up_objects
 from entropyinfer.shard.sampling import SamplingParams
 
 LLAMA = dict(LLAMA3_8B, model_type="llama", architectures=["LlamaForCausalLM"])
@@ -79,6 +80,7 @@ class Engine:
 
     def __init__(self, folder: Path, device: str, **keywords: Any) -> None:
         self.llm = LLM(str(folder), load_format="dummy", device=device, **{**ENGINE_DEFAULTS, **keywords})
+        freeze_start_up_objects()  # as the Serve shard actor does after building its engine
         self.ids = 0
         self.cancels: dict[str, threading.Event] = {}
 

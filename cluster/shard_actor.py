@@ -113,6 +113,9 @@ class ShardActor:
             self._setup(LLM.from_config(config), config.model.model, time.perf_counter() - t0)
         if policy is not None and policy.enabled:
             self.link_policy(policy, app_name)
+        from entropyinfer.shard.parallel.launch import freeze_start_up_objects
+
+        freeze_start_up_objects()  # this actor serves this engine for its whole life
 
     @classmethod
     def with_llm(cls, llm: LLM, model_name: str = "test", rank: int = 0, world_size: int = 1) -> ShardActor:

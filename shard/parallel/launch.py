@@ -160,13 +160,19 @@ def build_engine(
             config.sparse, a.num_heads, a.num_kv_heads, a.head_dim, max_context, device, dtype,
             page_size=config.engine.kv_page_size if paged else None,
         )  # fmt: skip
-    # what start-up made (the model, compiled kernels, modules) lives as long as the process: out of the
-    # collector's reach, so a full collection while serving walks only what requests made (as vLLM does; one
-    # took 0.4 s in the middle of a 128k prefill on an H200, benchmarks/stall_trace.py)
+    return engine
+
+
+def freeze_start_up_objects() -> None:
+    """In a process that serves one engine for its whole life (a Serve shard actor, a rank process): move
+    what start-up made (the model, compiled kernels, modules) out of the garbage collector's reach, so a full
+    collection while serving walks only what requests made (as vLLM's engine process does; one took 0.4 s in
+    the middle of a 128k prefill on an H200, benchmarks/stall_trace.py). Not for a library `LLM` in someone's
+    process: frozen objects that later become cyclic garbage are never freed. At exit they are collected again
+    (nanobind reports what is never freed)."""
     gc.collect()
     gc.freeze()
-    atexit.register(gc.unfreeze)  # at exit, collected again (nanobind reports what is never freed)
-    return engine
+    atexit.register(gc.unfreeze)
 
 
 def worker_main(spec: RankSpec, rank: int) -> None:
@@ -177,6 +183,7 @@ def worker_main(spec: RankSpec, rank: int) -> None:
         device = rank_device(spec, rank)
         engine = build_engine(spec.config, spec.checkpoint, device, spec.dtype, spec.max_context, group)
         full = ModelArch.from_folder(spec.checkpoint)
+        freeze_start_up_objects()
         WorkerLoop(engine, group, plan_group, full, spec.max_context, sp).run()
     finally:
         dist.destroy_process_group()
