@@ -33,6 +33,8 @@ from entropyinfer.shard.prefill_state import (
 
 __all__ = ["SparsePrefill"]
 
+ChunkKeys = tuple[torch.Tensor, torch.Tensor] | PagedPrefix  # a chunk's keys and values from 0, or its pages
+
 # A chunk at an offset holding the prompt's last segment (always dense) runs that segment apart, through
 # dense chunk attention (the flash kernel splits the keys of a short query block), once the segment's prefix
 # reaches this many keys: in the sparse kernel its few programs each read the whole prefix while the rest of
@@ -197,7 +199,7 @@ class SparsePrefill:
         self,
         layer: int,
         q: torch.Tensor,
-        keys: tuple[torch.Tensor, torch.Tensor] | PagedPrefix,
+        keys: ChunkKeys,
         q_offset: int,
         seq_len: int,
     ) -> torch.Tensor:
@@ -258,7 +260,7 @@ class SparsePrefill:
         self,
         layer: int,
         q: torch.Tensor,
-        keys: tuple[torch.Tensor, torch.Tensor] | PagedPrefix,
+        keys: ChunkKeys,
         q_offset: int,
         rec: LayerRecord,
     ) -> ChunkPlan:
@@ -287,7 +289,7 @@ class SparsePrefill:
         self,
         layer: int,
         q: torch.Tensor,
-        keys: tuple[torch.Tensor, torch.Tensor] | PagedPrefix,
+        keys: ChunkKeys,
         q_offset: int,
         seq_len: int,
         plan: ChunkPlan,
@@ -392,12 +394,12 @@ class SparsePrefill:
         return out
 
 
-def _kv_shape(keys: tuple[torch.Tensor, torch.Tensor] | PagedPrefix) -> tuple[int, int]:
+def _kv_shape(keys: ChunkKeys) -> tuple[int, int]:
     """(KV heads, keys) of a chunk's keys, contiguous or in pages."""
     if isinstance(keys, PagedPrefix):
         return keys.table.shape[0], keys.end
     return keys[0].shape[0], keys[0].shape[1]
 
 
-def _contiguous(keys: tuple[torch.Tensor, torch.Tensor] | PagedPrefix) -> tuple[torch.Tensor, torch.Tensor]:
+def _contiguous(keys: ChunkKeys) -> tuple[torch.Tensor, torch.Tensor]:
     return keys.contiguous() if isinstance(keys, PagedPrefix) else keys
