@@ -118,6 +118,7 @@ class Engine:
 
     def close(self) -> None:
         """Free the model, its KV pool and graphs before the next engine sizes its pool from free memory."""
+        gc.unfreeze()  # what the freeze at start kept from the collector (the LLM's cycles among it)
         del self.llm
         gc.collect()
         if torch.cuda.is_available():

@@ -185,7 +185,10 @@ class ShardActor:
     def _rebuild(self, reason: str) -> LLM:
         """On the model thread, after the group failed: close it, build a new one (raises if that fails)."""
         assert self._group is not None
+        from entropyinfer.shard.parallel.launch import freeze_start_up_objects
+
         self.llm = self._group.rebuild(self.llm, reason)
+        freeze_start_up_objects()  # the old group's frozen cycles collected, the new one's frozen
         return self.llm
 
     async def count_tokens(self, prompts: list[Prompt]) -> list[int]:

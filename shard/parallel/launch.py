@@ -168,11 +168,18 @@ def freeze_start_up_objects() -> None:
     what start-up made (the model, compiled kernels, modules) out of the garbage collector's reach, so a full
     collection while serving walks only what requests made (as vLLM's engine process does; one took 0.4 s in
     the middle of a 128k prefill on an H200, benchmarks/stall_trace.py). Not for a library `LLM` in someone's
-    process: frozen objects that later become cyclic garbage are never freed. At exit they are collected again
-    (nanobind reports what is never freed)."""
+    process: frozen objects that later become cyclic garbage are never freed until the next call (a rebuilt
+    engine: it unfreezes first) or exit, where they are collected again (nanobind reports what is never
+    freed)."""
+    gc.unfreeze()
     gc.collect()
     gc.freeze()
-    atexit.register(gc.unfreeze)
+    if not _FROZEN:
+        atexit.register(gc.unfreeze)
+        _FROZEN.append(True)
+
+
+_FROZEN: list[bool] = []  # whether freeze_start_up_objects registered its exit hook
 
 
 def worker_main(spec: RankSpec, rank: int) -> None:
