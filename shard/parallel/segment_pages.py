@@ -58,10 +58,7 @@ class SegmentPages(KVPages):
         return super().fits(tokens if seq is None else self.held(seq, tokens), cached)
 
     def head_needs(self, seq: Sequence, extra: int = 1) -> list[int]:
-        lengths = seq.kv_lengths
-        assert lengths is not None
-        longest = lengths.numpy().max(axis=0).tolist()  # per head, over layers (`KVPages.head_needs`)
         return [
-            max(0, self.pages(self.held(seq, int(n) + extra)) - len(t))
-            for n, t in zip(longest, seq.block_table, strict=True)
+            max(0, self.pages(self.held(seq, n + extra)) - len(t))
+            for n, t in zip(self.longest_per_head(seq), seq.block_table, strict=True)
         ]
