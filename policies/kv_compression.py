@@ -12,6 +12,7 @@ Per KV head (heads here are independent rows: callers flatten (sequence, KV head
 1. ``probs = softmax(q k^T / sqrt(d))`` of every window query over the head's keys, with a causal corner
    (window query ``i`` sits on position ``len - W + i`` and sees keys up to it), averaged over the window
    queries, in float32. GQA: the ``G`` query heads of a KV head are scored against its keys, no K/V repeat.
+   The kernel `kernels/window_scores.py` computes it (fused on CUDA, its torch reference elsewhere).
 2. Over the *prefix* (positions ``0 .. len - W - 1``): 1-D pooling per query head (``avg``: zero padding,
    padded slots counted, as SnapKV's ``F.avg_pool1d``; or ``max``, or ``none``).
 3. Reduce over the ``G`` query heads of the group: ``max`` (default; what BENCHMARKS.md measured) or ``mean``.
@@ -43,6 +44,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from entropyinfer.kernels.window_scores import window_scores
 from entropyinfer.policies.config import (
     GroupReduce,
     KVCompressionConfig,
@@ -65,47 +67,6 @@ __all__ = [
 
 
 # ------------------------------------------------------------------------------------------------- scoring
-def window_scores(
-    q_obs: torch.Tensor,
-    keys: torch.Tensor,
-    lengths: torch.Tensor,
-    *,
-    scale: float | None = None,
-    max_elements: int = 1 << 26,
-) -> torch.Tensor:
-    """Mean attention of the window queries over each head's keys.
-
-    Args:
-        q_obs: ``[H, G, W, d]``: the ``G`` query heads of each of ``H`` KV heads; window query ``i`` sits on
-            position ``lengths[h] - W + i`` (rows with a negative position are ignored).
-        keys: ``[H, S, d]``, the first ``lengths[h]`` valid.
-        lengths: integer ``[H]``, ``1 <= lengths[h] <= S``.
-        max_elements: float32 score elements computed at once (the loop runs over chunks of heads).
-
-    Returns float32 ``[H, G, S]``: the softmax probabilities averaged over the valid window queries; 0 at
-    positions ``>= lengths[h]``.
-    """
-    h, g, w, d = q_obs.shape
-    s = keys.shape[1]
-    scale = d**-0.5 if scale is None else scale
-    lengths = lengths.to(device=keys.device, dtype=torch.long)
-    out = torch.empty(h, g, s, dtype=torch.float32, device=keys.device)
-    step = max(1, max_elements // max(g * w * s, 1))
-    key_pos = torch.arange(s, device=keys.device)
-    for h0 in range(0, h, step):
-        h1 = min(h, h0 + step)
-        q = q_obs[h0:h1].float().reshape(h1 - h0, g * w, d)
-        logits = torch.bmm(q, keys[h0:h1].float().transpose(1, 2)).mul_(scale).view(h1 - h0, g, w, s)
-        q_pos = lengths[h0:h1, None] - w + torch.arange(w, device=keys.device)  # [h, W]
-        visible = key_pos[None, None, :] <= q_pos[:, :, None]  # [h, W, S]: causal (and inside the length)
-        logits.masked_fill_(~visible[:, None], float("-inf"))
-        valid_q = q_pos >= 0  # [h, W]
-        probs = torch.softmax(logits, dim=-1)
-        probs = torch.where(valid_q[:, None, :, None], probs, torch.zeros((), device=keys.device))
-        out[h0:h1] = probs.sum(dim=2) / valid_q.sum(dim=1).clamp(min=1)[:, None, None]
-    return out
-
-
 def prefix_scores(
     probs: torch.Tensor,
     lengths: torch.Tensor,

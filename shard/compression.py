@@ -352,12 +352,13 @@ def compress_sequence(
         return pool.ordered(row, li, seq.decode_steps, cfg.window).view(hkv, g, cfg.window, d)
 
     index = pages.page_index(seq.block_table[pages.local])  # once, not per layer
+    lengths_on = lengths.to(pages.device)  # one copy, not per layer
     scores: list[torch.Tensor] | None = None
     if cfg.adaptive and seq.compressions == 0:  # capacities from this window's scores (kept afterwards)
         scores = []
         for li in range(arch.num_layers):
             keys, _ = pages.gather_table(index, li)
-            scores.append(score_keys(window(li), keys, lengths[li].to(keys.device), cfg))
+            scores.append(score_keys(window(li), keys, lengths_on[li], cfg))
         caps = adaptive_capacities(
             torch.stack(scores), lengths, cfg, across_layers=cfg.head_capacity == "adaptive_layers"
         )
@@ -365,20 +366,20 @@ def compress_sequence(
     slots = int(torch.minimum(caps, lengths.long()).max())
     kept: list[tuple[torch.Tensor, torch.Tensor]] = []
     counts = []
+    caps_on = caps.to(pages.device)
     for li in range(arch.num_layers):
         keys, values = pages.gather_table(index, li)
         sc = None if scores is None else scores[li]
-        plan = plan_keep(
-            window(li), keys, lengths[li].to(keys.device), caps[li].to(keys.device), cfg, slots, scores=sc
-        )
+        plan = plan_keep(window(li), keys, lengths_on[li], caps_on[li], cfg, slots, scores=sc)
         idx = plan.indices[..., None].expand(-1, -1, d)
         kept.append((keys.gather(1, idx), values.gather(1, idx)))
-        counts.append(plan.counts.cpu())
-    new_lengths = torch.stack(counts).to(torch.int32)  # [L, Hkv]
+        counts.append(plan.counts)
+    new_lengths = torch.stack(counts).cpu().to(torch.int32)  # [L, Hkv]: the one sync
     pages.free(seq)
     pages.allocate_heads(seq, [pages.pages(int(n)) for n in new_lengths.max(dim=0).values])
+    windex = pages.write_index(seq.block_table[pages.local])  # once, not per layer
     for li, (k, v) in enumerate(kept):
-        pages.write_heads(seq, li, k, v)
+        pages.write_heads(seq, li, k, v, windex)
     seq.kv_lengths = new_lengths
     seq.compressions += 1
     seq.last_compression = seq.decode_steps

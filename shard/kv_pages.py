@@ -32,6 +32,7 @@ the other ranks what rank 0 did (their prefix-cache policy states, their swapped
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 import torch
 
@@ -74,6 +75,16 @@ def pool_pages(
             f"{reserve / 2**30:.1f} GiB prefill reserve): raise gpu_memory_utilization or lower max_model_len"
         )
     return int(pages)
+
+
+class WriteIndex(NamedTuple):
+    """`KVPages.write_index`: rows of a layer's pool viewed ``[pages * H, page_size * d]`` (``dst``) that take
+    the rows ``src`` of the heads' data viewed ``[H * pages, page_size * d]``; ``pages``: the most any head
+    holds."""
+
+    dst: torch.Tensor
+    src: torch.Tensor
+    pages: int
 
 
 def gather_heads(pool: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -264,25 +275,47 @@ class KVPages:
         table = block_table if isinstance(block_table, torch.Tensor) else self.page_index(block_table)
         return gather_heads(self.k(layer), table), gather_heads(self.v(layer), table)
 
-    def write_heads(self, seq: Sequence, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def write_index(self, block_table: list[list[int]]) -> WriteIndex:
+        """Where `write_table` puts each head's pages of rows; build it once for a loop over layers."""
+        pages = max((len(t) for t in block_table), default=0)
+        heads = len(block_table)
+        dst = [page * heads + h for h, t in enumerate(block_table) for page in t]
+        src = [h * pages + j for h, t in enumerate(block_table) for j in range(len(t))]
+        as_index = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
+        return WriteIndex(as_index(dst), as_index(src), pages)
+
+    def write_heads(
+        self,
+        seq: Sequence,
+        layer: int,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        index: WriteIndex | None = None,
+    ) -> None:
         """Write ``[Hkv, S, d]`` keys and values into the pages of `seq` (each head up to its pages)."""
-        self.write_table(seq.block_table[self.local], layer, keys, values)
+        self.write_table(seq.block_table[self.local], layer, keys, values, index)
 
     def write_table(
-        self, block_table: list[list[int]], layer: int, keys: torch.Tensor, values: torch.Tensor
+        self,
+        block_table: list[list[int]],
+        layer: int,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        index: WriteIndex | None = None,
     ) -> None:
-        """`write_heads` of the data heads given their page lists."""
-        ps = self.page_size
-        for h, table in enumerate(block_table):
-            if not table:
-                continue
-            span = len(table) * ps
-            idx = torch.tensor(table, dtype=torch.long, device=self.device)
-            for dst, src in ((self.k(layer), keys[h]), (self.v(layer), values[h])):
-                x = src[:span]
-                if x.shape[0] < span:
-                    x = torch.nn.functional.pad(x, (0, 0, 0, span - x.shape[0]))
-                dst[idx, h] = x.reshape(len(table), ps, self.head_dim)
+        """`write_heads` of the data heads given their page lists (or their `write_index`): one row copy of
+        whole (page, head) rows per K and V."""
+        index = self.write_index(block_table) if index is None else index
+        if not index.dst.numel():
+            return
+        ps, d = self.page_size, self.head_dim
+        span = index.pages * ps
+        for pool, src in ((self.k(layer), keys), (self.v(layer), values)):
+            x = src[:, :span]
+            if x.shape[1] < span:
+                x = torch.nn.functional.pad(x, (0, 0, 0, span - x.shape[1]))
+            rows = x.reshape(-1, ps * d).index_select(0, index.src)
+            pool.view(-1, ps * d).index_copy_(0, index.dst, rows.to(pool.dtype))
 
     def swap_out(self, seq: Sequence) -> None:
         """Copy the KV of `seq` to host memory and free its pages (preemption of a compressed sequence)."""
@@ -305,8 +338,9 @@ class KVPages:
         self.allocate_heads(seq, needs)
         if self.on_swap is not None:
             self.on_swap("in", seq)
+        windex = self.write_index(seq.block_table[self.local])  # once, not per layer
         for li, (k, v) in enumerate(seq.swapped_kv):
-            self.write_heads(seq, li, k.to(self.device), v.to(self.device))
+            self.write_heads(seq, li, k.to(self.device), v.to(self.device), windex)
         seq.swapped_kv = None
         return True
 

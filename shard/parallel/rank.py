@@ -140,8 +140,10 @@ class RankRunner:
                     saved.append((k.to("cpu", copy=True), v.to("cpu", copy=True)))
                 self.swapped[op.request_id] = saved
             else:
+                windex = self.pages.write_index(table)  # once, not per layer
                 for li, (k, v) in enumerate(self.swapped.pop(op.request_id)):
-                    self.pages.write_table(table, li, k.to(self.engine.device), v.to(self.engine.device))
+                    dev = self.engine.device
+                    self.pages.write_table(table, li, k.to(dev), v.to(dev), windex)
         else:
             raise TypeError(f"{type(op).__name__} is not a mirrored op")
 
@@ -400,6 +402,7 @@ class RankRunner:
         every = self.gather(torch.stack(counts).to(torch.int32), dim=1)  # [L, rows]
         new_table = allocate(every) if allocate is not None else None
         new_table = broadcast_object(new_table, self.plan_group)
+        windex = self.pages.write_index(new_table[self.local])  # once, not per layer
         for li, (k, v) in enumerate(kept):
-            self.pages.write_table(new_table[self.local], li, k, v)
+            self.pages.write_table(new_table[self.local], li, k, v, windex)
         return every, new_table

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from entropyinfer.kernels.window_scores import window_lse, window_probs
 from entropyinfer.policies.kv_compression import KVCompressionConfig, prefix_scores, select_positions
 from entropyinfer.shard.compression import ObservationPool
 from entropyinfer.shard.kv_pages import KVPages
@@ -62,21 +63,8 @@ def _window_probs(
     """`window_scores` of this rank's span: ``q_obs [H, G, W, d]``, ``keys [H, S, d]`` (the first ``count``
     valid, at global indices ``start + i``), global ``lengths [H]`` -> float32 ``[H, G, S]``, softmax over
     every rank's keys."""
-    h, g, w, d = q_obs.shape
-    s, dev = keys.shape[1], keys.device
-    logits = torch.bmm(q_obs.float().reshape(h, g * w, d), keys.float().transpose(1, 2)).mul_(d**-0.5)
-    logits = logits.view(h, g, w, s)
-    local = torch.arange(s, device=dev)[None, :]
-    key_pos = start[:, None] + local  # [H, S]
-    q_pos = lengths[:, None] - w + torch.arange(w, device=dev)  # [H, W]
-    visible = (local < count[:, None])[:, None, :] & (key_pos[:, None, :] <= q_pos[:, :, None])  # [H, W, S]
-    logits.masked_fill_(~visible[:, None], float("-inf"))
-    lse = sp.all_gather(torch.logsumexp(logits, dim=-1)).logsumexp(dim=0)  # [H, G, W], over every key
-    valid_q = q_pos >= 0
-    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    probs = torch.exp(logits - safe[..., None])
-    probs = torch.where(valid_q[:, None, :, None], probs, torch.zeros((), device=dev))
-    return probs.sum(dim=2) / valid_q.sum(dim=1).clamp(min=1)[:, None, None]
+    lse = sp.all_gather(window_lse(q_obs, keys, lengths, starts=start, counts=count)).logsumexp(dim=0)
+    return window_probs(q_obs, keys, lengths, lse, starts=start, counts=count)
 
 
 @torch.inference_mode()

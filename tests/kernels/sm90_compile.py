@@ -366,6 +366,16 @@ def prefill_cases(m: Model, dt: torch.dtype, tier: Tier) -> Iterator[tuple[str, 
         yield "dense_causal_attention", lambda: dense_causal_attention(q, k, k, backend="triton")
 
 
+def compression_cases(m: Model, dt: torch.dtype) -> Iterator[tuple[str, Callable[[], Any]]]:
+    from entropyinfer.kernels.window_scores import window_lse, window_probs
+
+    g, n = m.hq // m.hkv, 4096  # the default observation window: 32 queries
+    q, k = _rand(m.hkv, g, 32, m.d, dtype=dt), _rand(m.hkv, n, m.d, dtype=dt)
+    lengths, lse = torch.full((m.hkv,), n), torch.zeros(m.hkv, g, 32)
+    yield "window_lse", lambda: window_lse(q, k, lengths, backend="triton")
+    yield "window_probs", lambda: window_probs(q, k, lengths, lse, backend="triton")
+
+
 def cases(tier: Tier) -> Iterator[tuple[str, Callable[[], Any]]]:
     """Every wrapper in the shapes production gives it (see `Tier`). The wrappers run one at a time, each
     right after its inputs are made (the lambdas read their loop's current inputs)."""
@@ -377,7 +387,7 @@ def cases(tier: Tier) -> Iterator[tuple[str, Callable[[], Any]]]:
             if dt == torch.float16 and not tier.full and m != MODELS[-1]:
                 continue
             tag = f"{m.name}, {str(dt).removeprefix('torch.')}"
-            gens = [decode_cases(m, dt, tier), prefill_cases(m, dt, tier)]
+            gens = [decode_cases(m, dt, tier), prefill_cases(m, dt, tier), compression_cases(m, dt)]
             if dt == torch.bfloat16 or tier.full:
                 gens += [layer_ops_cases(m, dt, tier), scoring_cases(m, dt, tier)]
             for gen in gens:

@@ -15,7 +15,6 @@ from entropyinfer.policies.kv_compression import (
     plan_keep,
     prefix_scores,
     select_positions,
-    window_scores,
 )
 
 
@@ -64,36 +63,6 @@ def test_per_head_capacities_and_lengths_in_one_call():
 
 
 # ----------------------------------------------------------------------------------------------- scoring
-def naive_window_scores(q, k, n):
-    """q [G, W, d], k [n, d]: mean over valid window queries of causal softmax, per query head."""
-    g, w, d = q.shape
-    out = torch.zeros(g, k.shape[0], dtype=torch.float64)
-    rows = 0
-    for i in range(w):
-        pos = n - w + i
-        if pos < 0:
-            continue
-        rows += 1
-        logits = q[:, i].double() @ k[: pos + 1].double().T / d**0.5
-        out[:, : pos + 1] += torch.softmax(logits, dim=-1)
-    return out / rows
-
-
-@pytest.mark.parametrize("n", [3, 11, 30])
-def test_window_scores_match_a_naive_causal_softmax(n):
-    torch.manual_seed(n)
-    h, g, w, d, s = 2, 3, 6, 16, 32
-    q, k = torch.randn(h, g, w, d), torch.randn(h, s, d)
-    lengths = torch.tensor([n, min(n + 1, s)])
-    got = window_scores(q, k, lengths, max_elements=g * w * s)  # one head per chunk
-    for i in range(h):
-        ni = int(lengths[i])
-        torch.testing.assert_close(
-            got[i, :, :ni].double(), naive_window_scores(q[i], k[i, :ni], ni), atol=1e-5, rtol=1e-5
-        )
-        assert (got[i, :, ni:] == 0).all()
-
-
 def test_pooling_avg_and_max_over_the_prefix_only():
     probs = torch.zeros(1, 1, 10)
     probs[0, 0, 3] = 1.0

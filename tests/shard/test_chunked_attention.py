@@ -110,7 +110,9 @@ def test_chunks_equal_one_shot(policy: str, overrides: dict, n: int, bounds: lis
     ref = one_shot(ref_attn, inputs, n)
     got = chunked(got_attn, inputs, n, bounds)
     for r, g in zip(ref, got, strict=True):
-        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+        # float32 attention of a one-query chunk runs another CPU kernel than a 300-query call: the outputs
+        # differ in rounding (1.2e-5 seen on one machine, at values ~0.07); the block counts are bit-equal
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=3e-5)
     same_plans(ref_attn, got_attn)
     same_stats(ref_attn.stats(), got_attn.stats())
     if policy != "dense" and n > 200:
