@@ -31,6 +31,7 @@ a = p.parse_args()
 dev = "cpu" if a.smoke else "cuda"
 out = Path(os.environ.get("OUT", tempfile.mkdtemp()))
 
+
 def job_trace(eng: Engine, doc: int, questions: int, answer: int, dev: str, out: Path) -> None:
     """part c (prefix cache on): after an untimed smaller job, one document and its questions submitted
     together; every step's wall ms and what it ran; the profiler from the first answer's first token on."""
@@ -41,7 +42,9 @@ def job_trace(eng: Engine, doc: int, questions: int, answer: int, dev: str, out:
 
     def logged_schedule():
         s = schedule()
-        log.append({"decode": len(s.decode), "prefill": [c.end - c.start for c in s.prefill], "compress_ms": []})
+        log.append(
+            {"decode": len(s.decode), "prefill": [c.end - c.start for c in s.prefill], "compress_ms": []}
+        )
         return s
 
     def timed_compress(seq, kv):
