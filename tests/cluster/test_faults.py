@@ -22,7 +22,7 @@ from .app_process import AUTH, App
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
 
 DOC_CHARS = 2500  # one token per byte (the random model's tokenizer): a prefill that takes a moment
-ANSWER_TOKENS = 192  # long enough that each phase (prefill, decode) lasts past a few status polls
+ANSWER_TOKENS = 64  # each phase (prefill, decode) lasts past many 10 ms status polls (0.8 s of decode here)
 FIGURES: list[str] = []
 
 
