@@ -87,6 +87,11 @@ class App:
             raise RuntimeError(f"fault_app: {line}")
         return int(line.split()[-1])
 
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """A clean shutdown (fault_app's `stop`): returns once the app process has exited."""
+        self.command("stop", timeout_s)
+        self.proc.wait(timeout_s)
+
     def kill(self) -> None:
         """SIGKILL the app process and every process under it (Ray's own included), by their ids."""
         try:

@@ -8,7 +8,8 @@ commands on stdin, each answered `DONE <command> <pid>` (or `FAILED <command> <e
 (SIGKILL the shard actor's process), `kill-replica` (SIGKILL the engine replica's), `kill-policy`
 (`ray.kill` of the policy actor, found by its name: not restarted, the shard makes a new one),
 `deploy-tp` (a second app at /tp: the same model as a tensor-parallel group of 2 ranks, its own job store
-`<db>.tp`), `kill-rank` (SIGKILL the process of the /tp group's rank 1), `delete-tp`. The whole process is
+`<db>.tp`), `kill-rank` (SIGKILL the process of the /tp group's rank 1), `delete-tp`, `stop` (a clean
+shutdown, `EmbeddedServer.stop`, answered once it is done; the process then exits). The whole process is
 SIGKILLed by the test itself; started again on the same `--db`, it resumes the jobs.
 """
 
@@ -165,11 +166,14 @@ def main() -> None:
         command = line.strip()
         if not command:
             continue
+        if command == "stop":
+            break
         try:
             print(f"DONE {command} {_command(command, args)}", flush=True)
         except Exception as e:  # the test fails with this; the app serves on
             print(f"FAILED {command} {type(e).__name__}: {e}".replace("\n", " "), flush=True)
     server.stop()
+    print(f"DONE stop {os.getpid()}", flush=True)
 
 
 if __name__ == "__main__":

@@ -4,12 +4,16 @@ mid-job, the engine replica SIGKILLed, and the whole process running the app SIG
 on the same SQLite job store. Every submitted job must end succeeded (retried) or failed with a reason,
 none lost, none run twice to completion, results readable after the restart. The figure: submitted /
 completed / failed / duplicated per fault. The policy actor killed (`ray.kill`, no restart) mid-job of
-entropy jobs: the same, completions answered during the outage, and the shard links to a new actor.
+entropy jobs: the same, completions answered during the outage, and the shard links to a new actor. A
+clean stop of the app while a job runs and a streamed completion decodes: the stream ends, the job finishes
+after the restart.
 (One rank of a tensor-parallel group killed: tests/cluster/test_faults_parallel.py.)
 """
 
 from __future__ import annotations
 
+import json
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -197,3 +201,56 @@ def test_a_killed_policy_actor_loses_no_job_and_no_request_waits_on_it(app_proce
     )
     assert max(latencies) < 10.0
     _figure("policy actor killed mid-job", at, outcome, duplicated=0)
+
+
+def test_a_clean_stop_mid_stream_and_mid_job_loses_nothing(app_process: App) -> None:
+    """A clean shutdown (the app deleted, Ray stopped) while a job runs and a streamed completion with a
+    deadline decodes: the stream ends by the time the app is down (no hang: the whole answer, an error
+    event or a closed connection), and the job, handed back, finishes once after the restart."""
+    app = app_process
+    victim = _submit(app.url, 3, "clean-stop")
+    at = _wait_for(app.url, victim, lambda j: j["progress"]["prefill_tokens_done"] > 0, 60.0)
+    assert at["state"] == "running", at
+    body = {"prompt": _doc(9)[:300], "max_tokens": 512, "ignore_eos": True, "stream": True, "timeout": 120}
+    events: list[Any] = []
+    ended: dict[str, Any] = {}
+    first = threading.Event()
+
+    def read() -> None:
+        try:
+            with httpx.stream("POST", app.url + "/v1/completions", json=body, headers=AUTH, timeout=60) as r:
+                ended["status"] = r.status_code
+                for line in r.iter_lines():
+                    if line.startswith("data:"):
+                        data = line[5:].strip()
+                        events.append(data if data == "[DONE]" else json.loads(data))
+                        first.set()
+            ended["how"] = "[DONE]" if events and events[-1] == "[DONE]" else "closed"
+        except httpx.HTTPError as e:  # the connection dropped under it
+            ended["how"] = type(e).__name__
+        ended["at"] = time.monotonic()
+        first.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert first.wait(60) and ended.get("status", 200) == 200, ended
+    t0 = time.monotonic()
+    app.stop()
+    stopped = time.monotonic() - t0
+    reader.join(5.0)  # the stream has ended by the time the app is down (a hang would hold it open)
+    assert not reader.is_alive(), f"the stream still open {stopped + 5:.0f}s after the stop began"
+    chunks = [e["choices"][0] for e in events if isinstance(e, dict) and "choices" in e]
+    errors = [e["error"] for e in events if isinstance(e, dict) and "error" in e]
+    how = f"an error event {errors[-1]['code']}" if errors else ended["how"]
+    if ended["how"] == "[DONE]":  # a stream that ends normally ends with its finish reason: the whole answer
+        assert chunks[-1]["finish_reason"] == "length", chunks[-3:]
+        how = "the whole answer (finish_reason length, then [DONE])"
+    app.start()  # the same job store
+    outcome = _outcome(app.url, [victim])
+    print(
+        f"\nFIGURE clean stop mid-stream: the app was down {stopped:.1f}s after the stop began; the stream "
+        f"in flight (deadline 120 s, max_tokens {body['max_tokens']}) ended with {how} ({len(chunks)} "
+        f"chunks) {ended['at'] - t0:.1f}s after the stop began"
+    )
+    _figure("clean stop mid-job (and mid-stream)", at, outcome, duplicated=0)
+    assert outcome[victim]["state"] == "succeeded"
