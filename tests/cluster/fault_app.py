@@ -8,7 +8,9 @@ commands on stdin, each answered `DONE <command> <pid>` (or `FAILED <command> <e
 (SIGKILL the shard actor's process), `kill-replica` (SIGKILL the engine replica's), `kill-policy`
 (`ray.kill` of the policy actor, found by its name: not restarted, the shard makes a new one),
 `deploy-tp` (a second app at /tp: the same model as a tensor-parallel group of 2 ranks, its own job store
-`<db>.tp`), `kill-rank` (SIGKILL the process of the /tp group's rank 1), `delete-tp`, `stop` (a clean
+`<db>.tp`), `deploy-sp` (the same at /sp as a sequence-parallel group of 2 ranks, prompts of 512 tokens
+or more split), `kill-rank` (SIGKILL the process of the deployed group's rank 1; one group at a time),
+`delete-tp`, `delete-sp`, `stop` (a clean
 shutdown, `EmbeddedServer.stop`, answered once it is done; the process then exits). The whole process is
 SIGKILLed by the test itself; started again on the same `--db`, it resumes the jobs.
 """
@@ -39,7 +41,8 @@ FAULT_LLAMA = dict(
     rms_norm_eps=1e-5,
 )
 API_KEY = "fault-key"
-TP_APP = "tp"
+GROUP_APPS = {"tp": (2, 1), "sp": (1, 2)}  # a second app at /<name>: (tensor, sequence) parallel sizes
+SP_MIN_TOKENS = 512  # the /sp app splits prompts of at least this many tokens over its 2 ranks
 
 
 def _actor_pid(class_part: str) -> int:
@@ -56,7 +59,9 @@ def _actor_pid(class_part: str) -> int:
     raise RuntimeError(f"no live actor of class {class_part!r}")
 
 
-def _config(db: str, model: Path, tensor_parallel_size: int = 1) -> ServeAppConfig:
+def _config(
+    db: str, model: Path, tensor_parallel_size: int = 1, sequence_parallel_size: int = 1
+) -> ServeAppConfig:
     from entropyinfer.cluster.config import (
         AuthConfig,
         JobsConfig,
@@ -73,8 +78,10 @@ def _config(db: str, model: Path, tensor_parallel_size: int = 1) -> ServeAppConf
         "policy": "dense",
         "warm_up_kernels": False,
         "tensor_parallel_size": tensor_parallel_size,
+        "sequence_parallel_size": sequence_parallel_size,
+        "sequence_parallel_min_tokens": SP_MIN_TOKENS,
     }
-    tp = tensor_parallel_size > 1  # ranks of a quarter CPU each, one torch thread each
+    tp = tensor_parallel_size * sequence_parallel_size > 1  # ranks of a quarter CPU each, one thread each
     return ServeAppConfig(
         engine=ReplicaConfig(
             llm=LLMConfig.from_keywords(llm),
@@ -137,11 +144,13 @@ def _command(command: str, args: argparse.Namespace) -> int:
         return pid
     if command == "kill-policy":
         return _kill_policy_actor()
-    if command == "deploy-tp":
-        serve.run(build_app(_config(args.db + ".tp", Path(args.model), 2)), name=TP_APP, route_prefix="/tp")
-        return 0
-    if command == "delete-tp":
-        serve.delete(TP_APP)
+    kind, _, name = command.partition("-")
+    if kind in ("deploy", "delete") and name in GROUP_APPS:
+        if kind == "deploy":
+            config = _config(f"{args.db}.{name}", Path(args.model), *GROUP_APPS[name])
+            serve.run(build_app(config), name=name, route_prefix=f"/{name}")
+        else:
+            serve.delete(name)
         return 0
     raise ValueError(f"unknown command {command!r}")
 

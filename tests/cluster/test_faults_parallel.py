@@ -3,8 +3,8 @@ a process of its own (tests/cluster/fault_app.py) deploys a second app at /tp, t
 Llama as a TP=2 group on CPU (gloo; rank 0 in the shard actor, rank 1 a `RayRanks` actor). A streamed
 completion in flight ends within seconds with a 503 error event naming the rank, the shard actor rebuilds
 the group, the next request succeeds, and every job ends succeeded (retried) or failed with a reason,
-none lost. The figure: submitted / completed / failed / duplicated, as for the other faults
-(tests/cluster/test_faults.py).
+none lost. The same for rank 1 of a sequence-parallel group (/sp, SP=2) mid-job. The figure: submitted /
+completed / failed / duplicated, as for the other faults (tests/cluster/test_faults.py).
 """
 
 from __future__ import annotations
@@ -25,14 +25,24 @@ pytestmark = [pytest.mark.serve, pytest.mark.slow]
 LONG = {"prompt": "Record 1: the ledger lists", "max_tokens": 500, "ignore_eos": True, "temperature": 0}
 
 
-@pytest.fixture(scope="module")
-def tp(app_process: App) -> Iterator[str]:
-    """The URL of the TP=2 app beside the fault app's own (deleted after this module)."""
-    app_process.command("deploy-tp", timeout_s=240.0)
+def _group_app(app: App, name: str) -> Iterator[str]:
+    """The URL of a parallel group's app beside the fault app's own (fault_app.py `deploy-<name>`),
+    deleted after the test: one group at a time, so `kill-rank` knows its victim."""
+    app.command(f"deploy-{name}", timeout_s=240.0)
     try:
-        yield app_process.url + "/tp"
+        yield app.url + f"/{name}"
     finally:
-        app_process.command("delete-tp", timeout_s=120.0)
+        app.command(f"delete-{name}", timeout_s=120.0)
+
+
+@pytest.fixture
+def tp(app_process: App) -> Iterator[str]:
+    yield from _group_app(app_process, "tp")
+
+
+@pytest.fixture
+def sp(app_process: App) -> Iterator[str]:
+    yield from _group_app(app_process, "sp")
 
 
 def _group(url: str) -> dict[str, Any]:
@@ -83,3 +93,29 @@ def test_a_killed_rank_fails_the_request_in_flight_and_loses_no_job(app_process:
     )
     assert outcome[victim]["resumed"] >= 1  # the victim's engine failed under it: handed back, retried
     _figure("tensor-parallel rank 1 mid-job", at, outcome, duplicated=0)
+
+
+def test_a_killed_sequence_parallel_rank_loses_no_job(app_process: App, sp: str) -> None:
+    """The same fault for an SP=2 group: its documents (2500 tokens, over the app's 512-token threshold)
+    are prefilled in two segments, one on each rank; rank 1 is killed mid-job."""
+    group = _group(sp)
+    assert (group["sequence_parallel_size"], group["tensor_parallel_size"], group["state"]) == (2, 1, "ok")
+    victim = _submit(sp, 2, "sp-rank")
+    others = [_submit(sp, 1, "sp-rank-queued")]
+    at = _wait_for(sp, victim, lambda j: j["progress"]["prefill_tokens_done"] > 0, 60.0)
+    assert at["state"] == "running", at
+    app_process.command("kill-rank")
+    t0 = time.monotonic()
+    deadline = t0 + 120
+    while (group := _group(sp))["state"] != "ok" or group["rebuilds"] < 1:
+        assert time.monotonic() < deadline, group
+        time.sleep(0.2)
+    rebuilt_after = time.monotonic() - t0
+    assert group["failed_ranks"] == [1], group
+    outcome = _outcome(sp, [victim, *others])
+    print(
+        f"\nFIGURE sequence-parallel rank 1 SIGKILLed mid-job: group rebuilt {rebuilt_after:.1f}s after "
+        "the kill"
+    )
+    assert outcome[victim]["resumed"] >= 1  # the victim's engine failed under it: handed back, retried
+    _figure("sequence-parallel rank 1 mid-job", at, outcome, duplicated=0)
