@@ -17,6 +17,7 @@ ranks' before `window_probs`, `shard/parallel/sp_compress.py`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -24,9 +25,15 @@ import triton.language as tl
 
 from entropyinfer.kernels.backend import Backend, jit_kernel, runs_triton
 from entropyinfer.kernels.tiling import pow2
-from entropyinfer.kernels.window_scores_ref import check_window_args, window_lse_ref, window_probs_ref
+from entropyinfer.kernels.window_scores_ref import (
+    check_paged_window_args,
+    check_window_args,
+    paged_window_scores_ref,
+    window_lse_ref,
+    window_probs_ref,
+)
 
-__all__ = ["TILES", "Tiles", "window_lse", "window_probs", "window_scores"]
+__all__ = ["TILES", "Tiles", "paged_window_scores", "window_lse", "window_probs", "window_scores"]
 
 
 @dataclass
@@ -47,9 +54,34 @@ TILES = Tiles()
 
 
 @triton.jit
+def _key_row(
+    k_ptr: tl.tensor,
+    table_ptr: tl.tensor,
+    r: tl.tensor,
+    heads: tl.tensor,
+    stride_kl: tl.tensor,
+    stride_kp: tl.tensor,
+    stride_kh: tl.tensor,
+    stride_t: tl.tensor,
+    PAGE_SIZE: tl.constexpr,
+) -> tuple[tl.tensor, tl.tensor]:
+    """Where row `r`'s keys start: contiguous keys ``[rows, S, d]`` (PAGE_SIZE 0) at row ``r``; paged ones
+    ``[layers, pages, heads, PAGE_SIZE, d]`` of layer ``r // heads``, head ``r % heads`` and that head's page
+    table row."""
+    if PAGE_SIZE > 0:
+        base = k_ptr + (r // heads) * stride_kl + (r % heads) * stride_kh
+        t_row = table_ptr + (r % heads) * stride_t
+    else:
+        base = k_ptr + r * stride_kp
+        t_row = table_ptr
+    return base, t_row
+
+
+@triton.jit
 def _tile_logits(
     q: tl.tensor,
-    k_ptr: tl.tensor,
+    k_base: tl.tensor,
+    t_row: tl.tensor,
     idx: tl.tensor,
     d: tl.tensor,
     d_ok: tl.tensor,
@@ -57,14 +89,21 @@ def _tile_logits(
     start: tl.tensor,
     q_pos: tl.tensor,
     scale: tl.tensor,
+    stride_kp: tl.tensor,
     stride_ks: tl.tensor,
+    PAGE_SIZE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ) -> tuple[tl.tensor, tl.tensor]:
-    """Scaled logits ``[rows, BLOCK_S]`` of the window queries `q` against keys `idx` of one head, and
-    which of them a query sees (a valid key at or before the query's position)."""
+    """Scaled logits ``[rows, BLOCK_S]`` of the window queries `q` against keys `idx` of one head (read
+    through its page table when PAGE_SIZE > 0), and which of them a query sees (a valid key at or before
+    the query's position)."""
     in_span = idx < count
-    at = k_ptr + idx[:, None].to(tl.int64) * stride_ks + d[None, :]
-    k = tl.load(at, mask=in_span[:, None] & d_ok[None, :])
+    if PAGE_SIZE > 0:
+        page = tl.load(t_row + idx // PAGE_SIZE, mask=in_span, other=0).to(tl.int64)
+        at = k_base + page * stride_kp + (idx % PAGE_SIZE).to(tl.int64) * stride_ks
+    else:
+        at = k_base + idx.to(tl.int64) * stride_ks
+    k = tl.load(at[:, None] + d[None, :], mask=in_span[:, None] & d_ok[None, :])
     x = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
     seen = in_span[None, :] & ((start + idx)[None, :] <= q_pos[:, None])
     return x, seen
@@ -96,10 +135,11 @@ def _query_rows(
     return q, g, w, length - window + w, row_ok
 
 
-@triton.jit(do_not_specialize=["window", "dim"])
+@triton.jit(do_not_specialize=["window", "dim", "heads"])
 def _window_lse_kernel(
     q_ptr: tl.tensor,
     k_ptr: tl.tensor,
+    table_ptr: tl.tensor,
     len_ptr: tl.tensor,
     start_ptr: tl.tensor,
     count_ptr: tl.tensor,
@@ -108,8 +148,12 @@ def _window_lse_kernel(
     stride_qh: tl.tensor,
     stride_qg: tl.tensor,
     stride_qw: tl.tensor,
+    stride_kl: tl.tensor,
+    stride_kp: tl.tensor,
     stride_kh: tl.tensor,
     stride_ks: tl.tensor,
+    stride_t: tl.tensor,
+    heads: tl.tensor,
     stride_mh: tl.tensor,
     stride_mg: tl.tensor,
     stride_ms: tl.tensor,
@@ -122,6 +166,7 @@ def _window_lse_kernel(
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
     KEYS_PER_SPLIT: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ) -> None:
     split = tl.program_id(0)
@@ -133,7 +178,7 @@ def _window_lse_kernel(
     count = tl.load(count_ptr + h)
     lo = split * KEYS_PER_SPLIT
     hi = tl.minimum(lo + KEYS_PER_SPLIT, count)
-    k_head = k_ptr + h * stride_kh
+    k_head, t_row = _key_row(k_ptr, table_ptr, h, heads, stride_kl, stride_kp, stride_kh, stride_t, PAGE_SIZE)
     for g0 in tl.static_range(0, G, GROUPS):
         q, g, w, q_pos, row_ok = _query_rows(
             q_ptr, h, g0, G, window, length, d, d_ok, stride_qh, stride_qg, stride_qw, GROUPS, BLOCK_W
@@ -142,8 +187,9 @@ def _window_lse_kernel(
         l_i = tl.zeros([GROUPS * BLOCK_W], tl.float32)
         for s0 in range(lo, hi, BLOCK_S):
             x, seen = _tile_logits(
-                q, k_head, s0 + s, d, d_ok, count, start, q_pos, scale, stride_ks, DOT_PRECISION
-            )
+                q, k_head, t_row, s0 + s, d, d_ok, count, start, q_pos, scale, stride_kp, stride_ks,
+                PAGE_SIZE, DOT_PRECISION,
+            )  # fmt: skip
             x = tl.where(seen, x, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(x, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -154,10 +200,11 @@ def _window_lse_kernel(
         tl.store(l_ptr + out, l_i, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["window", "dim", "n_keys"])
+@triton.jit(do_not_specialize=["window", "dim", "n_keys", "heads"])
 def _window_probs_kernel(
     q_ptr: tl.tensor,
     k_ptr: tl.tensor,
+    table_ptr: tl.tensor,
     len_ptr: tl.tensor,
     start_ptr: tl.tensor,
     count_ptr: tl.tensor,
@@ -166,8 +213,12 @@ def _window_probs_kernel(
     stride_qh: tl.tensor,
     stride_qg: tl.tensor,
     stride_qw: tl.tensor,
+    stride_kl: tl.tensor,
+    stride_kp: tl.tensor,
     stride_kh: tl.tensor,
     stride_ks: tl.tensor,
+    stride_t: tl.tensor,
+    heads: tl.tensor,
     stride_lh: tl.tensor,
     stride_lg: tl.tensor,
     stride_oh: tl.tensor,
@@ -182,6 +233,7 @@ def _window_probs_kernel(
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
     KEYS_PER_PROGRAM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ) -> None:
     h = tl.program_id(1).to(tl.int64)
@@ -195,7 +247,7 @@ def _window_probs_kernel(
     w_all = tl.arange(0, BLOCK_W)
     n_valid = tl.sum(((w_all < window) & (length - window + w_all >= 0)).to(tl.float32), axis=0)
     per_query = 1.0 / tl.maximum(n_valid, 1.0)
-    k_head = k_ptr + h * stride_kh
+    k_head, t_row = _key_row(k_ptr, table_ptr, h, heads, stride_kl, stride_kp, stride_kh, stride_t, PAGE_SIZE)
     for g0 in tl.static_range(0, G, GROUPS):
         q, g, w, q_pos, row_ok = _query_rows(
             q_ptr, h, g0, G, window, length, d, d_ok, stride_qh, stride_qg, stride_qw, GROUPS, BLOCK_W
@@ -207,35 +259,95 @@ def _window_probs_kernel(
         for s0 in range(lo, hi, BLOCK_S):
             idx = s0 + s
             x, seen = _tile_logits(
-                q, k_head, idx, d, d_ok, count, start, q_pos, scale, stride_ks, DOT_PRECISION
-            )
+                q, k_head, t_row, idx, d, d_ok, count, start, q_pos, scale, stride_kp, stride_ks,
+                PAGE_SIZE, DOT_PRECISION,
+            )  # fmt: skip
             p = tl.where(seen & use_q[:, None], tl.exp(x - shift), 0.0)
             per_group = tl.sum(tl.reshape(p, [GROUPS, BLOCK_W, BLOCK_S]), axis=1) * per_query  # [GROUPS, S]
             at = out_ptr + h * stride_oh + gs[:, None] * stride_og + idx[None, :]
             tl.store(at, per_group, mask=(gs[:, None] < G) & (idx[None, :] < n_keys))
 
 
-def _prepare(
-    q_obs: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor, starts: torch.Tensor | None,
-    counts: torch.Tensor | None, scale: float | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float, dict]:  # fmt: skip
-    lens, st, cn = check_window_args(q_obs, keys, lengths, starts, counts)
-    d = q_obs.shape[3]
-    if d < 16 or q_obs.shape[2] > 256:
-        raise ValueError(
-            f"the kernel needs head_dim >= 16 and a window of at most 256, got {d}, {q_obs.shape[2]}"
-        )
-    q = q_obs.to(keys.dtype)
-    if q.stride(-1) != 1:
-        q = q.contiguous()
+class _Keys(NamedTuple):
+    """Where the kernels read keys (`_key_row`): a tensor, a page table (any tensor when contiguous), its
+    strides (layer, page or row, head, slot), the table's row stride, heads per layer, the page size (0:
+    contiguous) and the keys a row can hold."""
+
+    k: torch.Tensor
+    table: torch.Tensor
+    strides: tuple[int, int, int, int]
+    stride_t: int
+    heads: int
+    page_size: int
+    n_keys: int
+
+
+def _contiguous(keys: torch.Tensor) -> _Keys:
     k = keys if keys.stride(-1) == 1 else keys.contiguous()
+    return _Keys(k, k, (0, k.stride(0), 0, k.stride(1)), 0, k.shape[0], 0, k.shape[1])
+
+
+def _consts(q: torch.Tensor, dtype: torch.dtype) -> dict:
+    d = q.shape[3]
+    if d < 16 or q.shape[2] > 256:
+        raise ValueError(
+            f"the kernel needs head_dim >= 16 and a window of at most 256, got {d}, {q.shape[2]}"
+        )
     block_w = max(16, pow2(q.shape[2]))
-    consts = dict(
+    return dict(
         G=q.shape[1], GROUPS=min(pow2(q.shape[1]), max(1, TILES.rows // block_w)), BLOCK_W=block_w,
-        BLOCK_S=TILES.block_s, BLOCK_D=pow2(d),
-        DOT_PRECISION="ieee" if k.dtype == torch.float32 else "tf32",
+        BLOCK_S=TILES.block_s, BLOCK_D=pow2(d), DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
     )  # fmt: skip
-    return q, k, lens, st, cn, d**-0.5 if scale is None else scale, consts
+
+
+def _queries(q_obs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    q = q_obs.to(dtype)
+    return q if q.stride(-1) == 1 else q.contiguous()
+
+
+def _lse(
+    q: torch.Tensor, src: _Keys, rows: tuple[torch.Tensor, ...], scale: float, keys_per_split: int
+) -> torch.Tensor:
+    """The log-sum-exp pass over rows ``q [rows, G, W, d]`` (lengths, starts, counts in `rows`)."""
+    if keys_per_split <= 0 or keys_per_split % TILES.block_s:
+        raise ValueError(
+            f"keys_per_split must be a positive multiple of {TILES.block_s}, got {keys_per_split}"
+        )
+    n, g, w, d = q.shape
+    splits = max(1, triton.cdiv(src.n_keys, keys_per_split))
+    m = torch.empty(n, g, splits, w, dtype=torch.float32, device=q.device)
+    l_sum = torch.empty_like(m)
+    if n:
+        jit_kernel(_window_lse_kernel, q.device)[(splits, n)](
+            q, src.k, src.table, *rows, m, l_sum, q.stride(0), q.stride(1), q.stride(2), *src.strides,
+            src.stride_t, src.heads, m.stride(0), m.stride(1), m.stride(2), w, d, scale,
+            KEYS_PER_SPLIT=keys_per_split, PAGE_SIZE=src.page_size, num_warps=TILES.lse_warps,
+            **_consts(q, src.k.dtype),
+        )  # fmt: skip
+    top = m.amax(dim=2, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    total = (l_sum * torch.exp(m - top)).sum(dim=2)
+    return torch.where(total > 0, top[:, :, 0] + total.log(), torch.full_like(total, float("-inf")))
+
+
+def _probs(
+    q: torch.Tensor, src: _Keys, rows: tuple[torch.Tensor, ...], lse: torch.Tensor, scale: float
+) -> torch.Tensor:
+    n, g, w, d = q.shape
+    if lse.shape != (n, g, w):
+        raise ValueError(f"lse must be [H, G, W] = {[n, g, w]}, got {tuple(lse.shape)}")
+    lse = lse.to(device=q.device, dtype=torch.float32).contiguous()
+    s = src.n_keys
+    out = torch.empty(n, g, s, dtype=torch.float32, device=q.device)
+    if s == 0 or n == 0:
+        return out
+    jit_kernel(_window_probs_kernel, q.device)[(triton.cdiv(s, TILES.probs_keys), n)](
+        q, src.k, src.table, *rows, lse, out, q.stride(0), q.stride(1), q.stride(2), *src.strides,
+        src.stride_t, src.heads, lse.stride(0), lse.stride(1), out.stride(0), out.stride(1), w, d, s, scale,
+        KEYS_PER_PROGRAM=TILES.probs_keys, PAGE_SIZE=src.page_size, num_warps=TILES.probs_warps,
+        **_consts(q, src.k.dtype),
+    )  # fmt: skip
+    return out
 
 
 def window_lse(
@@ -253,25 +365,11 @@ def window_lse(
     ``keys_per_split``: keys per program, a multiple of ``TILES.block_s`` (default: ``TILES``)."""
     if not runs_triton(keys.device, backend):
         return window_lse_ref(q_obs, keys, lengths, starts=starts, counts=counts, scale=scale)
-    q, k, lens, st, cn, scale, consts = _prepare(q_obs, keys, lengths, starts, counts, scale)
-    h, g, w, d = q.shape
-    keys_per_split = TILES.keys_per_split if keys_per_split is None else keys_per_split
-    if keys_per_split <= 0 or keys_per_split % TILES.block_s:
-        raise ValueError(
-            f"keys_per_split must be a positive multiple of {TILES.block_s}, got {keys_per_split}"
-        )
-    splits = max(1, triton.cdiv(k.shape[1], keys_per_split))
-    m = torch.empty(h, g, splits, w, dtype=torch.float32, device=k.device)
-    l_sum = torch.empty_like(m)
-    jit_kernel(_window_lse_kernel, k.device)[(splits, h)](
-        q, k, lens, st, cn, m, l_sum, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-        m.stride(0), m.stride(1), m.stride(2), w, d, scale, KEYS_PER_SPLIT=keys_per_split,
-        num_warps=TILES.lse_warps, **consts,
-    )  # fmt: skip
-    top = m.amax(dim=2, keepdim=True)
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    total = (l_sum * torch.exp(m - top)).sum(dim=2)
-    return torch.where(total > 0, top[:, :, 0] + total.log(), torch.full_like(total, float("-inf")))
+    rows = check_window_args(q_obs, keys, lengths, starts, counts)
+    src = _contiguous(keys)
+    scale = q_obs.shape[3] ** -0.5 if scale is None else scale
+    per = TILES.keys_per_split if keys_per_split is None else keys_per_split
+    return _lse(_queries(q_obs, src.k.dtype), src, rows, scale, per)
 
 
 def window_probs(
@@ -289,21 +387,10 @@ def window_probs(
     over the valid queries (`window_probs_ref`)."""
     if not runs_triton(keys.device, backend):
         return window_probs_ref(q_obs, keys, lengths, lse, starts=starts, counts=counts, scale=scale)
-    q, k, lens, st, cn, scale, consts = _prepare(q_obs, keys, lengths, starts, counts, scale)
-    h, g, w, d = q.shape
-    if lse.shape != (h, g, w):
-        raise ValueError(f"lse must be [H, G, W] = {[h, g, w]}, got {tuple(lse.shape)}")
-    lse = lse.to(device=k.device, dtype=torch.float32).contiguous()
-    s = k.shape[1]
-    out = torch.empty(h, g, s, dtype=torch.float32, device=k.device)
-    if s == 0:
-        return out
-    jit_kernel(_window_probs_kernel, k.device)[(triton.cdiv(s, TILES.probs_keys), h)](
-        q, k, lens, st, cn, lse, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-        lse.stride(0), lse.stride(1), out.stride(0), out.stride(1), w, d, s, scale,
-        KEYS_PER_PROGRAM=TILES.probs_keys, num_warps=TILES.probs_warps, **consts,
-    )  # fmt: skip
-    return out
+    rows = check_window_args(q_obs, keys, lengths, starts, counts)
+    src = _contiguous(keys)
+    scale = q_obs.shape[3] ** -0.5 if scale is None else scale
+    return _probs(_queries(q_obs, src.k.dtype), src, rows, lse, scale)
 
 
 def window_scores(
@@ -317,3 +404,34 @@ def window_scores(
     """float32 ``[H, G, S]``: `window_lse` then `window_probs` over all of each head's keys."""
     lse = window_lse(q_obs, keys, lengths, scale=scale, backend=backend)
     return window_probs(q_obs, keys, lengths, lse, scale=scale, backend=backend)
+
+
+def paged_window_scores(
+    q_obs: torch.Tensor,
+    k_pages: torch.Tensor,
+    table: torch.Tensor,
+    lengths: torch.Tensor,
+    *,
+    scale: float | None = None,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """float32 ``[L, H, G, P * page_size]``: `window_scores` of several layers of one sequence at once,
+    its keys read through its page table (`paged_window_scores_ref`): ``q_obs [L, H, G, W, d]``, ``k_pages
+    [L, pages, H, page_size, d]`` (each layer's key pool, last dim contiguous), ``table [H, P]`` (the head's
+    pages, shared by the layers), ``lengths [L, H]`` (at most ``P * page_size``)."""
+    check_paged_window_args(q_obs, k_pages, table, lengths)
+    if not runs_triton(k_pages.device, backend):
+        return paged_window_scores_ref(q_obs, k_pages, table, lengths, scale=scale)
+    if k_pages.stride(-1) != 1:
+        raise ValueError("k_pages needs a contiguous last dim")
+    nl, h, g, w, d = q_obs.shape
+    table = table if table.stride(1) == 1 else table.contiguous()
+    ps, width = k_pages.shape[3], table.shape[1]
+    kp = k_pages.stride()
+    src = _Keys(k_pages, table, (kp[0], kp[1], kp[2], kp[3]), table.stride(0), h, ps, width * ps)
+    lens = lengths.to(device=k_pages.device, dtype=torch.long).reshape(nl * h)
+    rows = (lens, torch.zeros_like(lens), lens)
+    q = _queries(q_obs, k_pages.dtype).reshape(nl * h, g, w, d)
+    scale = d**-0.5 if scale is None else scale
+    lse = _lse(q, src, rows, scale, TILES.keys_per_split)
+    return _probs(q, src, rows, lse, scale).view(nl, h, g, width * ps)

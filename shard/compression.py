@@ -23,12 +23,15 @@ import time
 
 import torch
 
+from entropyinfer.kernels.window_scores import paged_window_scores
 from entropyinfer.policies.kv_compression import (
     KVCompressionConfig,
     adaptive_capacities,
     head_capacities,
     plan_keep,
+    prefix_scores,
     score_keys,
+    select_positions,
 )
 from entropyinfer.shard.arch import ModelArch
 from entropyinfer.shard.kv_cache import CompactKVCache, KVCache
@@ -334,6 +337,53 @@ def compression_due(seq: Sequence, cfg: KVCompressionConfig) -> bool:
     return r > 0 and seq.decode_steps - seq.last_compression >= r
 
 
+_SCORE_BYTES = 1 << 28  # float32 window probabilities scored at once (layers chunked to stay under it)
+
+
+def sequence_scores(
+    pages: KVPages,
+    pool: ObservationPool,
+    seq: Sequence,
+    cfg: KVCompressionConfig,
+    arch: ModelArch,
+    index: torch.Tensor,
+    lengths: torch.Tensor,
+) -> torch.Tensor:
+    """float32 ``[L, Hkv, S]``: every layer's pooled, group-reduced prefix scores of `seq` (`score_keys`),
+    its keys read through its page table `index` ``[Hkv, P]`` (``S = P * page_size``), several layers a
+    launch (`paged_window_scores`); `lengths` ``[L, Hkv]`` on the device."""
+    assert seq.obs_row is not None
+    hkv, g, d, w = index.shape[0], arch.group_size, arch.head_dim, cfg.window
+    width = index.shape[1] * pages.page_size
+    order = (torch.arange(w, device=pages.device) + seq.decode_steps) % w  # the window ring, oldest first
+    step = max(1, _SCORE_BYTES // (hkv * g * width * 4))
+    out = []
+    for l0 in range(0, arch.num_layers, step):
+        l1 = min(arch.num_layers, l0 + step)
+        q = pool.q[l0:l1, seq.obs_row].index_select(2, order).view(l1 - l0, hkv, g, w, d)
+        probs = paged_window_scores(q, pages.data[l0:l1, 0], index, lengths[l0:l1])
+        flat = prefix_scores(
+            probs.flatten(0, 1), lengths[l0:l1].flatten(), w, pooling=cfg.pooling,
+            kernel_size=cfg.kernel_size, group_reduce=cfg.group_reduce,
+        )  # fmt: skip
+        out.append(flat.view(l1 - l0, hkv, width))
+    return torch.cat(out)
+
+
+def gather_positions(
+    pages: KVPages, index: torch.Tensor, positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V ``[L, Hkv, n, d]`` at ``positions [L, Hkv, n]`` of a sequence whose heads' pages are
+    `index` ``[Hkv, P]``: one indexed read of the pool per K and V."""
+    nl, hkv, _ = positions.shape
+    ps = pages.page_size
+    page = index[None].expand(nl, -1, -1).gather(2, positions // ps)
+    layer = torch.arange(nl, device=pages.device)[:, None, None]
+    head = torch.arange(hkv, device=pages.device)[None, :, None]
+    off = positions % ps
+    return pages.data[:, 0][layer, page, head, off], pages.data[:, 1][layer, page, head, off]
+
+
 @torch.inference_mode()
 def compress_sequence(
     pages: KVPages, pool: ObservationPool, seq: Sequence, cfg: KVCompressionConfig, arch: ModelArch
@@ -346,35 +396,20 @@ def compress_sequence(
     if seq.compressions == 0:
         seq.kv_bytes_before = int(lengths.long().sum()) * 2 * arch.head_dim * pages.data.element_size()
     used = pages.used_pages
-    hkv, g, d, row = arch.num_kv_heads, arch.group_size, arch.head_dim, seq.obs_row
-
-    def window(li: int) -> torch.Tensor:
-        return pool.ordered(row, li, seq.decode_steps, cfg.window).view(hkv, g, cfg.window, d)
-
-    index = pages.page_index(seq.block_table[pages.local])  # once, not per layer
-    lengths_on = lengths.to(pages.device)  # one copy, not per layer
-    scores: list[torch.Tensor] | None = None
+    index = pages.page_index(seq.block_table[pages.local])  # [Hkv, P], shared by the layers
+    lengths_on = lengths.to(pages.device).long()  # one copy, not per layer
+    scores = sequence_scores(pages, pool, seq, cfg, arch, index, lengths_on)  # [L, Hkv, S]
     if cfg.adaptive and seq.compressions == 0:  # capacities from this window's scores (kept afterwards)
-        scores = []
-        for li in range(arch.num_layers):
-            keys, _ = pages.gather_table(index, li)
-            scores.append(score_keys(window(li), keys, lengths_on[li], cfg))
-        caps = adaptive_capacities(
-            torch.stack(scores), lengths, cfg, across_layers=cfg.head_capacity == "adaptive_layers"
-        )
+        caps = adaptive_capacities(scores, lengths, cfg, across_layers=cfg.head_capacity == "adaptive_layers")
         seq.capacities = caps
     slots = int(torch.minimum(caps, lengths.long()).max())
-    kept: list[tuple[torch.Tensor, torch.Tensor]] = []
-    counts = []
-    caps_on = caps.to(pages.device)
-    for li in range(arch.num_layers):
-        keys, values = pages.gather_table(index, li)
-        sc = None if scores is None else scores[li]
-        plan = plan_keep(window(li), keys, lengths_on[li], caps_on[li], cfg, slots, scores=sc)
-        idx = plan.indices[..., None].expand(-1, -1, d)
-        kept.append((keys.gather(1, idx), values.gather(1, idx)))
-        counts.append(plan.counts)
-    new_lengths = torch.stack(counts).cpu().to(torch.int32)  # [L, Hkv]: the one sync
+    nl, hkv = arch.num_layers, index.shape[0]
+    plan = select_positions(
+        scores.flatten(0, 1), lengths_on.flatten(), caps.to(pages.device).flatten(), cfg.window, slots
+    )
+    kept_k, kept_v = gather_positions(pages, index, plan.indices.view(nl, hkv, slots))  # [L, Hkv, slots, d]
+    new_lengths = plan.counts.view(nl, hkv).cpu().to(torch.int32)  # [L, Hkv]: the one sync
+    kept = list(zip(kept_k, kept_v, strict=True))
     pages.free(seq)
     pages.allocate_heads(seq, [pages.pages(int(n)) for n in new_lengths.max(dim=0).values])
     windex = pages.write_index(seq.block_table[pages.local])  # once, not per layer

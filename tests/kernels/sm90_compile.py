@@ -367,13 +367,16 @@ def prefill_cases(m: Model, dt: torch.dtype, tier: Tier) -> Iterator[tuple[str, 
 
 
 def compression_cases(m: Model, dt: torch.dtype) -> Iterator[tuple[str, Callable[[], Any]]]:
-    from entropyinfer.kernels.window_scores import window_lse, window_probs
+    from entropyinfer.kernels.window_scores import paged_window_scores, window_lse, window_probs
 
     g, n = m.hq // m.hkv, 4096  # the default observation window: 32 queries
     q, k = _rand(m.hkv, g, 32, m.d, dtype=dt), _rand(m.hkv, n, m.d, dtype=dt)
     lengths, lse = torch.full((m.hkv,), n), torch.zeros(m.hkv, g, 32)
     yield "window_lse", lambda: window_lse(q, k, lengths, backend="triton")
     yield "window_probs", lambda: window_probs(q, k, lengths, lse, backend="triton")
+    pool, table = _rand(2, 64 * m.hkv, m.hkv, 16, m.d, dtype=dt), torch.arange(64 * m.hkv).view(m.hkv, 64)
+    q2, lens2 = _rand(2, m.hkv, g, 32, m.d, dtype=dt), torch.full((2, m.hkv), 1000)
+    yield "paged_window_scores", lambda: paged_window_scores(q2, pool, table, lens2, backend="triton")
 
 
 def cases(tier: Tier) -> Iterator[tuple[str, Callable[[], Any]]]:
