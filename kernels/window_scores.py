@@ -135,7 +135,12 @@ def _query_rows(
     return q, g, w, length - window + w, row_ok
 
 
-@triton.jit(do_not_specialize=["window", "dim", "heads"])
+# Every integer that follows a sequence's length (strides of the keys, its page table, the outputs) is not
+# specialised on (Triton keys ints on divisibility by 16): a compression must not compile mid-decode.
+_RUNTIME_INTS = ["stride_kl", "stride_kp", "stride_kh", "stride_ks", "stride_t", "heads", "window", "dim"]
+
+
+@triton.jit(do_not_specialize=[*_RUNTIME_INTS, "stride_mh", "stride_mg", "stride_ms"])
 def _window_lse_kernel(
     q_ptr: tl.tensor,
     k_ptr: tl.tensor,
@@ -200,7 +205,7 @@ def _window_lse_kernel(
         tl.store(l_ptr + out, l_i, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["window", "dim", "n_keys", "heads"])
+@triton.jit(do_not_specialize=[*_RUNTIME_INTS, "stride_lh", "stride_lg", "stride_oh", "stride_og", "n_keys"])
 def _window_probs_kernel(
     q_ptr: tl.tensor,
     k_ptr: tl.tensor,

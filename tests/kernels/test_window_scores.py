@@ -165,3 +165,29 @@ def test_paged_scores_refuse_a_length_past_the_table() -> None:
     table = torch.tensor([[0, 1], [2, 3]], device=DEVICE)
     with pytest.raises(ValueError, match="exceeds the table"):
         paged_window_scores(q, pool, table, torch.tensor([[16, 17]]), backend="triton")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_paged_scores_of_another_length_compile_nothing_new() -> None:
+    """A compression runs mid-decode: scoring a sequence of another length (other page-table widths,
+    strides off multiples of 16) after a first one compiles no Triton kernel (a compile costs about 1 s)."""
+    import triton
+
+    def score(pages: int, length: int) -> None:
+        pool = torch.randn(4, 2 * pages + 5, 8, 16, 128, device="cuda", dtype=torch.bfloat16)
+        table = torch.randperm(2 * pages + 5, device="cuda")[:pages][None].expand(8, -1).contiguous()
+        q = torch.randn(4, 8, 4, 32, 128, device="cuda", dtype=torch.bfloat16)
+        paged_window_scores(q, pool, table, torch.full((4, 8), length, device="cuda"))
+        torch.cuda.synchronize()
+
+    score(1024, 16380)
+    compiled: list[str] = []
+    knobs = triton.knobs.runtime
+    before = knobs.jit_post_compile_hook
+    knobs.jit_post_compile_hook = lambda *a, **kw: compiled.append(str(kw.get("repr"))[:300]) and None
+    try:
+        score(8193, 131070)
+        score(333, 5321)
+    finally:
+        knobs.jit_post_compile_hook = before
+    assert compiled == []
