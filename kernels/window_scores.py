@@ -135,12 +135,18 @@ def _query_rows(
     return q, g, w, length - window + w, row_ok
 
 
-# Every integer that follows a sequence's length (strides of the keys, its page table, the outputs) is not
-# specialised on (Triton keys ints on divisibility by 16): a compression must not compile mid-decode.
-_RUNTIME_INTS = ["stride_kl", "stride_kp", "stride_kh", "stride_ks", "stride_t", "heads", "window", "dim"]
+# Triton specialises integer arguments on divisibility by 16, and a compression must not compile mid-decode:
+# the sizes that follow a sequence are not specialised on, and every buffer whose strides follow one (the
+# page table, the partial sums, the log-sum-exp, the output) is allocated with rows padded to 16 elements,
+# so its strides stay multiples of 16 (the loads and stores keep their vector width).
+_RUNTIME_INTS = ["heads", "window", "dim"]
 
 
-@triton.jit(do_not_specialize=[*_RUNTIME_INTS, "stride_mh", "stride_mg", "stride_ms"])
+def _pad16(n: int) -> int:
+    return -(-n // 16) * 16
+
+
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _window_lse_kernel(
     q_ptr: tl.tensor,
     k_ptr: tl.tensor,
@@ -205,7 +211,7 @@ def _window_lse_kernel(
         tl.store(l_ptr + out, l_i, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=[*_RUNTIME_INTS, "stride_lh", "stride_lg", "stride_oh", "stride_og", "n_keys"])
+@triton.jit(do_not_specialize=[*_RUNTIME_INTS, "n_keys"])
 def _window_probs_kernel(
     q_ptr: tl.tensor,
     k_ptr: tl.tensor,
@@ -320,7 +326,7 @@ def _lse(
         )
     n, g, w, d = q.shape
     splits = max(1, triton.cdiv(src.n_keys, keys_per_split))
-    m = torch.empty(n, g, splits, w, dtype=torch.float32, device=q.device)
+    m = torch.empty(n, g, splits, _pad16(w), dtype=torch.float32, device=q.device)  # strides: 16 x k
     l_sum = torch.empty_like(m)
     if n:
         jit_kernel(_window_lse_kernel, q.device)[(splits, n)](
@@ -329,6 +335,7 @@ def _lse(
             KEYS_PER_SPLIT=keys_per_split, PAGE_SIZE=src.page_size, num_warps=TILES.lse_warps,
             **_consts(q, src.k.dtype),
         )  # fmt: skip
+    m, l_sum = m[..., :w], l_sum[..., :w]
     top = m.amax(dim=2, keepdim=True)
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     total = (l_sum * torch.exp(m - top)).sum(dim=2)
@@ -341,9 +348,11 @@ def _probs(
     n, g, w, d = q.shape
     if lse.shape != (n, g, w):
         raise ValueError(f"lse must be [H, G, W] = {[n, g, w]}, got {tuple(lse.shape)}")
-    lse = lse.to(device=q.device, dtype=torch.float32).contiguous()
+    padded = torch.zeros(n, g, _pad16(w), dtype=torch.float32, device=q.device)  # strides: 16 x k
+    padded[..., :w] = lse
+    lse = padded
     s = src.n_keys
-    out = torch.empty(n, g, s, dtype=torch.float32, device=q.device)
+    out = torch.empty(n, g, _pad16(s), dtype=torch.float32, device=q.device)[..., :s]
     if s == 0 or n == 0:
         return out
     jit_kernel(_window_probs_kernel, q.device)[(triton.cdiv(s, TILES.probs_keys), n)](
@@ -430,8 +439,10 @@ def paged_window_scores(
     if k_pages.stride(-1) != 1:
         raise ValueError("k_pages needs a contiguous last dim")
     nl, h, g, w, d = q_obs.shape
-    table = table if table.stride(1) == 1 else table.contiguous()
     ps, width = k_pages.shape[3], table.shape[1]
+    padded = torch.zeros(h, _pad16(width), dtype=table.dtype, device=table.device)  # its row stride: 16 x k
+    padded[:, :width] = table
+    table = padded
     kp = k_pages.stride()
     src = _Keys(k_pages, table, (kp[0], kp[1], kp[2], kp[3]), table.stride(0), h, ps, width * ps)
     lens = lengths.to(device=k_pages.device, dtype=torch.long).reshape(nl * h)
@@ -439,4 +450,4 @@ def paged_window_scores(
     q = _queries(q_obs, k_pages.dtype).reshape(nl * h, g, w, d)
     scale = d**-0.5 if scale is None else scale
     lse = _lse(q, src, rows, scale, TILES.keys_per_split)
-    return _probs(q, src, rows, lse, scale).view(nl, h, g, width * ps)
+    return _probs(q, src, rows, lse, scale).unflatten(0, (nl, h))
