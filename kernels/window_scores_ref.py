@@ -73,9 +73,10 @@ def _visible(
     return seen, q_pos >= 0
 
 
-def _head_chunks(q_obs: torch.Tensor, s: int, max_elements: int) -> range:
-    h, g, w, _ = q_obs.shape
-    return range(0, h, max(1, max_elements // max(g * w * s, 1)))
+def _heads_at_once(q_obs: torch.Tensor, s: int, max_elements: int) -> int:
+    """Heads whose ``G x W x s`` logits fit in `max_elements` (at least one)."""
+    _, g, w, _ = q_obs.shape
+    return max(1, max_elements // max(g * w * s, 1))
 
 
 def window_lse_ref(
@@ -94,7 +95,7 @@ def window_lse_ref(
     s = keys.shape[1]
     scale = d**-0.5 if scale is None else scale
     out = torch.empty(h, g, w, dtype=torch.float32, device=keys.device)
-    step = _head_chunks(q_obs, s, max_elements).step
+    step = _heads_at_once(q_obs, s, max_elements)
     for h0 in range(0, h, step):
         h1 = min(h, h0 + step)
         logits = _logits(q_obs[h0:h1], keys[h0:h1], scale)
@@ -122,7 +123,7 @@ def window_probs_ref(
         raise ValueError(f"lse must be [H, G, W] = {[h, g, w]}, got {tuple(lse.shape)}")
     scale = d**-0.5 if scale is None else scale
     out = torch.empty(h, g, s, dtype=torch.float32, device=keys.device)
-    step = _head_chunks(q_obs, s, max_elements).step
+    step = _heads_at_once(q_obs, s, max_elements)
     zero = torch.zeros((), device=keys.device)
     for h0 in range(0, h, step):
         h1 = min(h, h0 + step)

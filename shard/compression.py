@@ -13,7 +13,10 @@
 
 The engine core compresses each sequence on its own schedule (`compression_due`, `compress_sequence`): its
 observation window is a row of the shared `ObservationPool`, its KV lives in pages (`shard/kv_pages.py`),
-and what it keeps is written into fresh pages of its own while the rest goes back to the pool.
+and what it keeps is written into fresh pages of its own while the rest goes back to the pool. Its scores
+are computed for several layers a launch, the keys read through its page table (`sequence_scores`), and
+the kept entries read from the pool in one indexed read (`gather_positions`): no contiguous copy of a
+128k-token cache per layer.
 The batch classes above remain for the model-level benchmarks (`DecodeRunner`).
 """
 
