@@ -31,14 +31,14 @@ ANSWER_TOKENS = 192  # each phase (prefill, decode) lasts past a few status poll
 FIGURES: list[str] = []
 
 
-def _doc(i: int) -> str:
-    return (f"Record {i}: " + "the ledger lists crates of tea and copper; " * 80)[:DOC_CHARS]
+def _doc(i: int, chars: int = DOC_CHARS) -> str:
+    return (f"Record {i}: " + "the ledger lists crates of tea and copper; " * 80)[:chars]
 
 
-def _submit(url: str, n_docs: int, tag: str, policy: str = "dense") -> str:
+def _submit(url: str, n_docs: int, tag: str, policy: str = "dense", chars: int = DOC_CHARS) -> str:
     body = {
         "policy": policy,
-        "documents": [_doc(i) for i in range(n_docs)],
+        "documents": [_doc(i, chars) for i in range(n_docs)],
         "question": f"Summarise ({tag}).",
         "max_tokens": ANSWER_TOKENS,
         "ignore_eos": True,

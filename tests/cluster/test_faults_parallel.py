@@ -96,12 +96,12 @@ def test_a_killed_rank_fails_the_request_in_flight_and_loses_no_job(app_process:
 
 
 def test_a_killed_sequence_parallel_rank_loses_no_job(app_process: App, sp: str) -> None:
-    """The same fault for an SP=2 group: its documents (2500 tokens, over the app's 512-token threshold)
-    are prefilled in two segments, one on each rank; rank 1 is killed mid-job."""
+    """The same fault for an SP=2 group: its document (1200 tokens, over the app's 512-token threshold) is
+    prefilled in two segments, one on each rank; rank 1 is killed mid-job, a second job queued behind."""
     group = _group(sp)
     assert (group["sequence_parallel_size"], group["tensor_parallel_size"], group["state"]) == (2, 1, "ok")
-    victim = _submit(sp, 2, "sp-rank")
-    others = [_submit(sp, 1, "sp-rank-queued")]
+    victim = _submit(sp, 1, "sp-rank", chars=1200)
+    others = [_submit(sp, 1, "sp-rank-queued", chars=1200)]
     at = _wait_for(sp, victim, lambda j: j["progress"]["prefill_tokens_done"] > 0, 60.0)
     assert at["state"] == "running", at
     app_process.command("kill-rank")
