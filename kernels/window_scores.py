@@ -5,8 +5,13 @@ keys, each reading them once:
 
 - `window_lse`: one program per (span of ``KEYS_PER_SPLIT`` keys, KV head) keeps an online max and sum of
   exponentials for each of the head's ``G x W`` queries over its span; torch combines the spans.
-- `window_probs`: one program per (block of ``BLOCK_S`` keys, KV head) recomputes the logits of its block,
+- `window_probs`: one program per (``probs_keys`` keys, KV head) recomputes the logits of its key blocks,
   turns them into probabilities with the given log-sum-exp and sums them over the valid window queries.
+
+A program's rows are the ``G x W`` window queries of its KV head (groups folded into one tile of at most
+``TILES.rows`` rows). `paged_window_scores` runs both passes for several layers of one sequence at once,
+its keys read through the sequence's page table (one program row per (layer, KV head)), what the engine
+core's compression uses (`shard/compression.py`).
 
 The reference materialises float32 logits of every window query against every key: at 128k keys, 8 KV
 heads and a 4 x 32-query window, 512 MB per layer, written and read five times; here the keys are read twice.
