@@ -9,9 +9,9 @@ keys, each reading them once:
   turns them into probabilities with the given log-sum-exp and sums them over the valid window queries.
 
 A program's rows are the ``G x W`` window queries of its KV head (groups folded into one tile of at most
-``TILES.rows`` rows). `paged_window_scores` runs both passes for several layers of one sequence at once,
-its keys read through the sequence's page table (one program row per (layer, KV head)), what the engine
-core's compression uses (`shard/compression.py`).
+``TILES.rows`` rows). The kernels read keys from a `KeySource`: contiguous ``[rows, S, d]`` here, or
+paged, several layers of one sequence through its page table (`kernels/paged_window_scores.py`, what the
+engine core's compression uses); `lse_pass` and `probs_pass` launch them for either.
 
 The reference materialises float32 logits of every window query against every key: at 128k keys, 8 KV
 heads and a 4 x 32-query window, 512 MB per layer, written and read five times; here the keys are read twice.
@@ -30,15 +30,19 @@ import triton.language as tl
 
 from entropyinfer.kernels.backend import Backend, jit_kernel, runs_triton
 from entropyinfer.kernels.tiling import pow2
-from entropyinfer.kernels.window_scores_ref import (
-    check_paged_window_args,
-    check_window_args,
-    paged_window_scores_ref,
-    window_lse_ref,
-    window_probs_ref,
-)
+from entropyinfer.kernels.window_scores_ref import check_window_args, window_lse_ref, window_probs_ref
 
-__all__ = ["TILES", "Tiles", "paged_window_scores", "window_lse", "window_probs", "window_scores"]
+__all__ = [
+    "TILES",
+    "KeySource",
+    "Tiles",
+    "lse_pass",
+    "probs_pass",
+    "window_lse",
+    "window_probs",
+    "window_queries",
+    "window_scores",
+]
 
 
 @dataclass
@@ -284,7 +288,7 @@ def _window_probs_kernel(
             tl.store(at, per_group, mask=(gs[:, None] < G) & (idx[None, :] < n_keys))
 
 
-class _Keys(NamedTuple):
+class KeySource(NamedTuple):
     """Where the kernels read keys (`_key_row`): a tensor, a page table (any tensor when contiguous), its
     strides (layer, page or row, head, slot), the table's row stride, heads per layer, the page size (0:
     contiguous) and the keys a row can hold."""
@@ -297,10 +301,23 @@ class _Keys(NamedTuple):
     page_size: int
     n_keys: int
 
+    @classmethod
+    def contiguous(cls, keys: torch.Tensor) -> KeySource:
+        """Keys ``[rows, S, d]``."""
+        k = keys if keys.stride(-1) == 1 else keys.contiguous()
+        return cls(k, k, (0, k.stride(0), 0, k.stride(1)), 0, k.shape[0], 0, k.shape[1])
 
-def _contiguous(keys: torch.Tensor) -> _Keys:
-    k = keys if keys.stride(-1) == 1 else keys.contiguous()
-    return _Keys(k, k, (0, k.stride(0), 0, k.stride(1)), 0, k.shape[0], 0, k.shape[1])
+    @classmethod
+    def paged(cls, k_pages: torch.Tensor, table: torch.Tensor) -> KeySource:
+        """Pools ``[layers, pages, heads, page_size, d]`` (last dim contiguous) read through ``table [heads,
+        P]``, copied with its rows padded to 16 entries (its row stride a multiple of 16)."""
+        if k_pages.stride(-1) != 1:
+            raise ValueError("k_pages needs a contiguous last dim")
+        heads, width = table.shape
+        padded = torch.zeros(heads, _pad16(width), dtype=table.dtype, device=table.device)
+        padded[:, :width] = table
+        kp, ps = k_pages.stride(), k_pages.shape[3]
+        return cls(k_pages, padded, (kp[0], kp[1], kp[2], kp[3]), padded.stride(0), heads, ps, width * ps)
 
 
 def _consts(q: torch.Tensor, dtype: torch.dtype) -> dict:
@@ -316,13 +333,13 @@ def _consts(q: torch.Tensor, dtype: torch.dtype) -> dict:
     )  # fmt: skip
 
 
-def _queries(q_obs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def window_queries(q_obs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     q = q_obs.to(dtype)
     return q if q.stride(-1) == 1 else q.contiguous()
 
 
-def _lse(
-    q: torch.Tensor, src: _Keys, rows: tuple[torch.Tensor, ...], scale: float, keys_per_split: int
+def lse_pass(
+    q: torch.Tensor, src: KeySource, rows: tuple[torch.Tensor, ...], scale: float, keys_per_split: int
 ) -> torch.Tensor:
     """The log-sum-exp pass over rows ``q [rows, G, W, d]`` (lengths, starts, counts in `rows`)."""
     if keys_per_split <= 0 or keys_per_split % TILES.block_s:
@@ -347,8 +364,8 @@ def _lse(
     return torch.where(total > 0, top[:, :, 0] + total.log(), torch.full_like(total, float("-inf")))
 
 
-def _probs(
-    q: torch.Tensor, src: _Keys, rows: tuple[torch.Tensor, ...], lse: torch.Tensor, scale: float
+def probs_pass(
+    q: torch.Tensor, src: KeySource, rows: tuple[torch.Tensor, ...], lse: torch.Tensor, scale: float
 ) -> torch.Tensor:
     n, g, w, d = q.shape
     if lse.shape != (n, g, w):
@@ -385,10 +402,10 @@ def window_lse(
     if not runs_triton(keys.device, backend):
         return window_lse_ref(q_obs, keys, lengths, starts=starts, counts=counts, scale=scale)
     rows = check_window_args(q_obs, keys, lengths, starts, counts)
-    src = _contiguous(keys)
+    src = KeySource.contiguous(keys)
     scale = q_obs.shape[3] ** -0.5 if scale is None else scale
     per = TILES.keys_per_split if keys_per_split is None else keys_per_split
-    return _lse(_queries(q_obs, src.k.dtype), src, rows, scale, per)
+    return lse_pass(window_queries(q_obs, src.k.dtype), src, rows, scale, per)
 
 
 def window_probs(
@@ -407,9 +424,9 @@ def window_probs(
     if not runs_triton(keys.device, backend):
         return window_probs_ref(q_obs, keys, lengths, lse, starts=starts, counts=counts, scale=scale)
     rows = check_window_args(q_obs, keys, lengths, starts, counts)
-    src = _contiguous(keys)
+    src = KeySource.contiguous(keys)
     scale = q_obs.shape[3] ** -0.5 if scale is None else scale
-    return _probs(_queries(q_obs, src.k.dtype), src, rows, lse, scale)
+    return probs_pass(window_queries(q_obs, src.k.dtype), src, rows, lse, scale)
 
 
 def window_scores(
@@ -423,36 +440,3 @@ def window_scores(
     """float32 ``[H, G, S]``: `window_lse` then `window_probs` over all of each head's keys."""
     lse = window_lse(q_obs, keys, lengths, scale=scale, backend=backend)
     return window_probs(q_obs, keys, lengths, lse, scale=scale, backend=backend)
-
-
-def paged_window_scores(
-    q_obs: torch.Tensor,
-    k_pages: torch.Tensor,
-    table: torch.Tensor,
-    lengths: torch.Tensor,
-    *,
-    scale: float | None = None,
-    backend: Backend = "auto",
-) -> torch.Tensor:
-    """float32 ``[L, H, G, P * page_size]``: `window_scores` of several layers of one sequence at once,
-    its keys read through its page table (`paged_window_scores_ref`): ``q_obs [L, H, G, W, d]``, ``k_pages
-    [L, pages, H, page_size, d]`` (each layer's key pool, last dim contiguous), ``table [H, P]`` (the head's
-    pages, shared by the layers), ``lengths [L, H]`` (at most ``P * page_size``)."""
-    check_paged_window_args(q_obs, k_pages, table, lengths)
-    if not runs_triton(k_pages.device, backend):
-        return paged_window_scores_ref(q_obs, k_pages, table, lengths, scale=scale)
-    if k_pages.stride(-1) != 1:
-        raise ValueError("k_pages needs a contiguous last dim")
-    nl, h, g, w, d = q_obs.shape
-    ps, width = k_pages.shape[3], table.shape[1]
-    padded = torch.zeros(h, _pad16(width), dtype=table.dtype, device=table.device)  # its row stride: 16 x k
-    padded[:, :width] = table
-    table = padded
-    kp = k_pages.stride()
-    src = _Keys(k_pages, table, (kp[0], kp[1], kp[2], kp[3]), table.stride(0), h, ps, width * ps)
-    lens = lengths.to(device=k_pages.device, dtype=torch.long).reshape(nl * h)
-    rows = (lens, torch.zeros_like(lens), lens)
-    q = _queries(q_obs, k_pages.dtype).reshape(nl * h, g, w, d)
-    scale = d**-0.5 if scale is None else scale
-    lse = _lse(q, src, rows, scale, TILES.keys_per_split)
-    return _probs(q, src, rows, lse, scale).unflatten(0, (nl, h))

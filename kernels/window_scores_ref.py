@@ -16,16 +16,11 @@ for ``j < counts[h]`` (one rank's span of a sequence-parallel sequence; by defau
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
-__all__ = [
-    "check_paged_window_args",
-    "check_window_args",
-    "paged_window_scores_ref",
-    "window_lse_ref",
-    "window_probs_ref",
-    "window_scores_ref",
-]
+__all__ = ["check_window_args", "window_lse_ref", "window_probs_ref", "window_scores_ref"]
 
 
 def check_window_args(
@@ -73,10 +68,25 @@ def _visible(
     return seen, q_pos >= 0
 
 
-def _heads_at_once(q_obs: torch.Tensor, s: int, max_elements: int) -> int:
-    """Heads whose ``G x W x s`` logits fit in `max_elements` (at least one)."""
-    _, g, w, _ = q_obs.shape
-    return max(1, max_elements // max(g * w * s, 1))
+def _chunks(
+    q_obs: torch.Tensor,
+    keys: torch.Tensor,
+    rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    scale: float | None,
+    max_elements: int,
+) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Heads in chunks whose ``G x W x S`` float32 logits fit in `max_elements` (one head at least): each
+    chunk's (heads, logits ``[h, G, W, S]``, which keys each query sees ``[h, W, S]``, which queries exist
+    ``[h, W]``); `rows` are `check_window_args`' lengths, starts and counts."""
+    lengths, starts, counts = rows
+    h, g, w, d = q_obs.shape
+    s = keys.shape[1]
+    scale = d**-0.5 if scale is None else scale
+    step = max(1, max_elements // max(g * w * s, 1))
+    for h0 in range(0, h, step):
+        hs = slice(h0, min(h, h0 + step))
+        seen, valid_q = _visible(lengths[hs], starts[hs], counts[hs], w, s)
+        yield hs, _logits(q_obs[hs], keys[hs], scale), seen, valid_q
 
 
 def window_lse_ref(
@@ -90,17 +100,10 @@ def window_lse_ref(
     max_elements: int = 1 << 26,
 ) -> torch.Tensor:
     """float32 ``[H, G, W]`` (module docstring); ``max_elements``: logits computed at once (heads chunked)."""
-    lengths, starts, counts = check_window_args(q_obs, keys, lengths, starts, counts)
-    h, g, w, d = q_obs.shape
-    s = keys.shape[1]
-    scale = d**-0.5 if scale is None else scale
-    out = torch.empty(h, g, w, dtype=torch.float32, device=keys.device)
-    step = _heads_at_once(q_obs, s, max_elements)
-    for h0 in range(0, h, step):
-        h1 = min(h, h0 + step)
-        logits = _logits(q_obs[h0:h1], keys[h0:h1], scale)
-        seen, _ = _visible(lengths[h0:h1], starts[h0:h1], counts[h0:h1], w, s)
-        out[h0:h1] = logits.masked_fill_(~seen[:, None], float("-inf")).logsumexp(dim=-1)
+    rows = check_window_args(q_obs, keys, lengths, starts, counts)
+    out = torch.empty(q_obs.shape[:3], dtype=torch.float32, device=keys.device)
+    for hs, logits, seen, _ in _chunks(q_obs, keys, rows, scale, max_elements):
+        out[hs] = logits.masked_fill_(~seen[:, None], float("-inf")).logsumexp(dim=-1)
     return out
 
 
@@ -116,23 +119,17 @@ def window_probs_ref(
     max_elements: int = 1 << 26,
 ) -> torch.Tensor:
     """float32 ``[H, G, S]`` (module docstring); ``lse`` float32 ``[H, G, W]``."""
-    lengths, starts, counts = check_window_args(q_obs, keys, lengths, starts, counts)
-    h, g, w, d = q_obs.shape
-    s = keys.shape[1]
+    rows = check_window_args(q_obs, keys, lengths, starts, counts)
+    h, g, w, _ = q_obs.shape
     if lse.shape != (h, g, w):
         raise ValueError(f"lse must be [H, G, W] = {[h, g, w]}, got {tuple(lse.shape)}")
-    scale = d**-0.5 if scale is None else scale
-    out = torch.empty(h, g, s, dtype=torch.float32, device=keys.device)
-    step = _heads_at_once(q_obs, s, max_elements)
+    out = torch.empty(h, g, keys.shape[1], dtype=torch.float32, device=keys.device)
     zero = torch.zeros((), device=keys.device)
-    for h0 in range(0, h, step):
-        h1 = min(h, h0 + step)
-        logits = _logits(q_obs[h0:h1], keys[h0:h1], scale)
-        seen, valid_q = _visible(lengths[h0:h1], starts[h0:h1], counts[h0:h1], w, s)
-        part = lse[h0:h1].float()
+    for hs, logits, seen, valid_q in _chunks(q_obs, keys, rows, scale, max_elements):
+        part = lse[hs].float()
         use = seen[:, None] & valid_q[:, None, :, None] & torch.isfinite(part)[..., None]  # [h, G, W, S]
         probs = torch.where(use, torch.exp(logits - torch.where(use, part[..., None], zero)), zero)
-        out[h0:h1] = probs.sum(dim=2) / valid_q.sum(dim=1).clamp(min=1)[:, None, None]
+        out[hs] = probs.sum(dim=2) / valid_q.sum(dim=1).clamp(min=1)[:, None, None]
     return out
 
 
@@ -143,46 +140,3 @@ def window_scores_ref(
     return window_probs_ref(
         q_obs, keys, lengths, window_lse_ref(q_obs, keys, lengths, scale=scale), scale=scale
     )
-
-
-def check_paged_window_args(
-    q_obs: torch.Tensor, k_pages: torch.Tensor, table: torch.Tensor, lengths: torch.Tensor
-) -> None:
-    """Validate `paged_window_scores`'s shapes (``q_obs [L, H, G, W, d]``, ``k_pages [L, pages, H,
-    page_size, d]``, ``table [H, P]``, ``lengths [L, H]`` at most ``P * page_size``)."""
-    if q_obs.dim() != 5 or k_pages.dim() != 5 or table.dim() != 2:
-        raise ValueError(
-            f"q_obs must be [L, H, G, W, d], k_pages [L, pages, H, page_size, d] and table [H, P], got "
-            f"{tuple(q_obs.shape)}, {tuple(k_pages.shape)}, {tuple(table.shape)}"
-        )
-    nl, h, _, _, d = q_obs.shape
-    if k_pages.shape[0] != nl or k_pages.shape[2] != h or k_pages.shape[4] != d or table.shape[0] != h:
-        raise ValueError(
-            f"k_pages {tuple(k_pages.shape)} and table {tuple(table.shape)} do not match q_obs "
-            f"{tuple(q_obs.shape)}"
-        )
-    if lengths.shape != (nl, h):
-        raise ValueError(f"lengths must be [L, H] = [{nl}, {h}], got {tuple(lengths.shape)}")
-    if lengths.numel() and int(lengths.max()) > table.shape[1] * k_pages.shape[3]:
-        raise ValueError(f"a length exceeds the table's {table.shape[1]} pages of {k_pages.shape[3]} tokens")
-
-
-def paged_window_scores_ref(
-    q_obs: torch.Tensor,
-    k_pages: torch.Tensor,
-    table: torch.Tensor,
-    lengths: torch.Tensor,
-    *,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """float32 ``[L, H, G, P * page_size]``: each layer's keys gathered through the table, then
-    `window_scores_ref` (see `kernels/window_scores.py` `paged_window_scores`)."""
-    check_paged_window_args(q_obs, k_pages, table, lengths)
-    nl, h, _, _, d = q_obs.shape
-    heads = torch.arange(h, device=k_pages.device)[:, None]
-    idx = table.to(device=k_pages.device, dtype=torch.long)
-    out = []
-    for li in range(nl):
-        keys = k_pages[li][idx, heads].reshape(h, -1, d)  # [H, P, page_size, d] -> [H, S, d]
-        out.append(window_scores_ref(q_obs[li], keys, lengths[li], scale=scale))
-    return torch.stack(out)

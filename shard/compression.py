@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from entropyinfer.kernels.window_scores import paged_window_scores
+from entropyinfer.kernels.paged_window_scores import paged_window_scores
 from entropyinfer.policies.kv_compression import (
     KVCompressionConfig,
     adaptive_capacities,

@@ -367,7 +367,8 @@ def prefill_cases(m: Model, dt: torch.dtype, tier: Tier) -> Iterator[tuple[str, 
 
 
 def compression_cases(m: Model, dt: torch.dtype) -> Iterator[tuple[str, Callable[[], Any]]]:
-    from entropyinfer.kernels.window_scores import paged_window_scores, window_lse, window_probs
+    from entropyinfer.kernels.paged_window_scores import paged_window_scores
+    from entropyinfer.kernels.window_scores import window_lse, window_probs
 
     g, n = m.hq // m.hkv, 4096  # the default observation window: 32 queries
     q, k = _rand(m.hkv, g, 32, m.d, dtype=dt), _rand(m.hkv, n, m.d, dtype=dt)
