@@ -281,8 +281,12 @@ class KVPages:
         heads = len(block_table)
         dst = [page * heads + h for h, t in enumerate(block_table) for page in t]
         src = [h * pages + j for h, t in enumerate(block_table) for j in range(len(t))]
-        as_index = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
-        return WriteIndex(as_index(dst), as_index(src), pages)
+        dev = self.device
+        return WriteIndex(
+            torch.tensor(dst, dtype=torch.long, device=dev),
+            torch.tensor(src, dtype=torch.long, device=dev),
+            pages,
+        )
 
     def write_heads(
         self,
