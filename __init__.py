@@ -6,6 +6,8 @@ The engine (`LLM`, `SamplingParams`) imports without Ray; the client SDK
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import TYPE_CHECKING, Any
 
 from entropyinfer.errors import (
@@ -18,6 +20,26 @@ from entropyinfer.errors import (
     UnknownPolicyError,
     UnsupportedArchitectureError,
 )
+
+
+def _unshadow_top_level_names() -> None:
+    """Take this repository's root off `sys.path`.
+
+    The root is the package `entropyinfer` itself, never a place to import from: as a path entry (`''`
+    when Python starts in it: `python -m pytest`, `python -m entropyinfer`, a Ray worker given the
+    driver's directory) its folders would shadow other distributions' top-level packages of the same
+    name, and transformers imports Hugging Face's `kernels` package, which our `kernels/` would hide.
+    """
+    root = os.path.realpath(os.path.dirname(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != root]
+    shadowed = sys.modules.get("kernels")
+    if shadowed is not None and os.path.realpath(os.path.dirname(shadowed.__file__ or "")) == os.path.join(
+        root, "kernels"
+    ):
+        del sys.modules["kernels"]
+
+
+_unshadow_top_level_names()
 
 __version__ = "0.1.0"
 

@@ -7,6 +7,10 @@ import os
 
 import torch
 
+# First, before any test module imports transformers: importing the package takes the repository root off
+# sys.path, where `python -m pytest` puts it and where our kernels/ would shadow Hugging Face's `kernels`.
+import entropyinfer  # noqa: F401
+
 # Without a GPU, kernel tests run the Triton kernels (backend="triton") in Triton's interpreter, which
 # triton.language binds at its first import: set it here, before anything imports triton (torch does not).
 if not torch.cuda.is_available():
