@@ -1,12 +1,16 @@
 """The central policy actor: one named, detached Ray actor per Serve application (ARCHITECTURE.md).
 
     shard actor --push(HeadStats msgpack), fire and forget--> PolicyActor --table()--> shard (background)
+    shard actor --push_kept(KeepStats msgpack), likewise--> PolicyActor --shares()--> shard (background)
 
 `PolicyActor` holds one model's `Rebalancer` (`policies/head_budgets.py`): every request's head statistics
 go into its `HeadProfile`, and a new `HeadBudgetTable` is made at most once per `every_requests` requests
 and `every_s` seconds; with `profile_path` the profile is loaded at start (warm start; a profile of another
 model fails the actor's start with `ProfileMismatchError`, which every caller then sees) and saved with each
-new version. It is named ``entropyinfer-policy-<app>`` in the ``entropyinfer`` namespace, detached (it
+new version. Beside it a `ShareLearner` (`policies/segment_shares.py`) averages where each sequence's first
+compression kept prompt positions and makes versioned `SegmentShares` (the learned split of an SP
+sequence's compression capacity; same rate limit; kept in memory only, relearned after a restart).
+It is named ``entropyinfer-policy-<app>`` in the ``entropyinfer`` namespace, detached (it
 outlives the replicas that made it) and restarted by Ray when it dies (``max_restarts=-1``; the restarted
 one warm-starts from the profile file). It is scheduled outside every placement group (``"DEFAULT"``): the
 shard that makes it runs in its Serve replica's placement group, which captures child actors, and Ray kills
@@ -35,6 +39,7 @@ link also replaces an actor of other settings.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import threading
 import time
@@ -51,6 +56,13 @@ from entropyinfer.policies.head_budgets import (
     save_profile,
 )
 from entropyinfer.policies.head_stats import HeadProfile, HeadStats, decode_stats, encode_stats
+from entropyinfer.policies.segment_shares import (
+    KeepStats,
+    SegmentShares,
+    ShareLearner,
+    decode_keep_stats,
+    encode_keep_stats,
+)
 
 __all__ = [
     "NAMESPACE",
@@ -104,6 +116,10 @@ class PolicyActor:
             log.info("policy actor: warm start from %s (%d requests)", path, profile.total_requests)
         self.path = path
         self.rebalancer = Rebalancer(profile, config.rebalance, table)
+        c = config  # where compression keeps positions: the learned split of SP capacity (not persisted)
+        self.learner = ShareLearner(
+            model, num_layers, num_kv_heads, c.every_requests, c.every_s, c.warmup_requests
+        )
         self.rejected = 0  # pushes of another model or shape, or undecodable
 
     def push(self, blob: bytes) -> int:
@@ -118,6 +134,19 @@ class PolicyActor:
         if table is not None:
             self.save()
         return self.rebalancer.current.version
+
+    def push_kept(self, blob: bytes) -> int:
+        """One sequence's `KeepStats` (msgpack); returns the current segment-shares version."""
+        try:
+            self.learner.observe(decode_keep_stats(blob))
+        except ValueError:
+            self.rejected += 1
+            log.warning("policy actor: rejected keep statistics (another model, shape or wire version)")
+        return self.learner.current.version
+
+    def shares(self) -> dict[str, Any]:
+        """The current `SegmentShares` (version 0: none yet)."""
+        return self.learner.current.to_dict()
 
     def merge(self, profile: dict[str, Any]) -> int:
         """Another group's whole profile (`HeadProfile.to_dict`); returns the current table version."""
@@ -144,6 +173,11 @@ class PolicyActor:
             "num_kv_heads": heads,
             "table": self.table(),
             "statistics": self.rebalancer.profile.summary(),
+            "segment_shares": {
+                "version": self.learner.current.version,
+                "compressions": self.learner.requests,
+                "bins": self.learner.mean().tolist(),
+            },
             "rejected": self.rejected,
             "config": settings(self.config),
         }
@@ -190,9 +224,10 @@ class PolicyClient:
         self.config, self.model = config, model
         self.shape = (num_layers, num_kv_heads)
         self._connect = connect  # () -> actor handle
-        self._queue: collections.deque[bytes] = collections.deque()
+        self._queue: collections.deque[tuple[str, bytes]] = collections.deque()  # (actor method, blob)
         self._pending: list[Any] = []
         self._table: HeadBudgetTable | None = None
+        self._shares: SegmentShares | None = None
         self._handle: Any = None
         self._linked = False  # the first link checked the actor's settings (see `_link`)
         self._retry_at = 0.0
@@ -211,14 +246,24 @@ class PolicyClient:
         """The table to pin for a new request (None: the entropy rule's own budgets)."""
         return self._table
 
+    def shares(self) -> SegmentShares | None:
+        """The segment shares to pin for a new request (None: the exact split)."""
+        return self._shares
+
     def sink(self, request_id: str, stats: HeadStats) -> None:
         """The engine core's head statistics sink (model thread): encode and queue, at once."""
-        blob = encode_stats(stats)
+        self._enqueue("push", encode_stats(stats))
+
+    def sink_kept(self, request_id: str, stats: KeepStats) -> None:
+        """The engine core's sink of where compression kept positions (model thread): likewise."""
+        self._enqueue("push_kept", encode_keep_stats(stats))
+
+    def _enqueue(self, method: str, blob: bytes) -> None:
         with self._lock:
             if len(self._queue) + len(self._pending) >= self.config.max_pending:
                 self.counters["dropped"] += 1
                 return
-            self._queue.append(blob)
+            self._queue.append((method, blob))
             self.counters["queued"] += 1
         self._wake.set()
 
@@ -259,18 +304,29 @@ class PolicyClient:
             with self._lock:
                 if not self._queue:
                     break
-                blob = self._queue.popleft()
-            self._pending.append(handle.push.remote(blob))  # fire and forget
+                method, blob = self._queue.popleft()
+            try:
+                remote = getattr(handle, method)
+            except AttributeError:  # an actor of an older entropyinfer, without `push_kept`
+                self.counters["dropped"] += 1
+                continue
+            self._pending.append(remote.remote(blob))  # fire and forget
             self.counters["pushed"] += 1
         now = time.monotonic()
         if now >= self._next_pull or fresh:
             self._next_pull = now + self.config.pull_interval_s
             c = self.config
-            d = ray.get(handle.table.remote(), timeout=c.connect_timeout_s if fresh else c.timeout_s)
-            table = HeadBudgetTable.from_dict(d)
+            refs = [handle.table.remote()]
+            with contextlib.suppress(AttributeError):  # an actor of an older entropyinfer: no shares
+                refs.append(handle.shares.remote())
+            got = ray.get(refs, timeout=c.connect_timeout_s if fresh else c.timeout_s)
+            table = HeadBudgetTable.from_dict(got[0])
+            shares = SegmentShares.from_dict(got[1]) if len(got) > 1 else None
             self.counters["pulls"] += 1
             if (table.model, table.shape) == (self.model, self.shape):
                 self._table = table
+            if shares is not None and (shares.model, shares.shape) == (self.model, self.shape):
+                self._shares = shares
             if self.state != "ok":
                 if self.state == "unavailable":
                     log.warning("policy actor is back: head budget tables again (v%d)", table.version)
@@ -300,7 +356,7 @@ class PolicyClient:
 
     def _down(self, error: Exception) -> None:
         self.counters["failures"] += 1
-        self._table, self._handle, self._pending = None, None, []
+        self._table, self._shares, self._handle, self._pending = None, None, None, []
         self._retry_at = time.monotonic() + self.config.retry_s
         if self.state != "unavailable":
             self.state = "unavailable"

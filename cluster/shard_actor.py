@@ -147,6 +147,7 @@ class ShardActor:
             connect = lambda: get_or_create(config, app_name, name, arch.num_layers, arch.num_kv_heads)  # noqa: E731
         self._policy = PolicyClient(config, name, arch.num_layers, arch.num_kv_heads, connect)
         self.llm.core.head_stats_sink, self.llm.core.model_name = self._policy.sink, name
+        self.llm.core.kept_stats_sink = self._policy.sink_kept
 
     async def ready(self) -> ShardInfo:
         return {
@@ -297,8 +298,9 @@ class ShardActor:
                 raise
             yield rejected
             return
-        if self._policy is not None:  # the actor's current table, pinned for this request (never waits)
-            seq_request = dataclasses.replace(seq_request, head_budgets=self._policy.table())
+        if self._policy is not None:  # the actor's current tables, pinned for this request (never waits)
+            table, shares = self._policy.table(), self._policy.shares()
+            seq_request = dataclasses.replace(seq_request, head_budgets=table, keep_shares=shares)
         self._busy += 1
         self._steps.submit(seq_request, sink)
         finished = False

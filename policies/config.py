@@ -146,6 +146,8 @@ HeadCapacity = Literal["uniform", "entropy", "adaptive", "adaptive_layers"]
 _POOLINGS = ("avg", "max", "none")
 _REDUCES = ("max", "mean")
 _HEAD_CAPACITIES = ("uniform", "entropy", "adaptive", "adaptive_layers")
+SpSplit = Literal["exact", "learned"]
+_SP_SPLITS = ("exact", "learned")
 # capacities decided at compression time from the observation window's own scores (AdaKV-style)
 ADAPTIVE_CAPACITIES = ("adaptive", "adaptive_layers")
 
@@ -168,6 +170,11 @@ class KVCompressionConfig:
     head_capacity: HeadCapacity = "uniform"
     min_head_fraction: float = 0.5  # non-uniform capacities: each head keeps at least this part of C (and W)
     recompress_every: int = 0  # R: compress the compact cache again every R generated tokens; 0 = never
+    # a sequence-parallel sequence's capacity over its segments: exact (each keeps its part of the global
+    # top C - W, the whole score row all-gathered per layer) or learned (each keeps its share by the policy
+    # actor's table of where compression keeps positions, `policies/segment_shares.py`; exact until the
+    # actor has a table)
+    sp_split: SpSplit = "exact"
 
     def __post_init__(self) -> None:
         for name, minimum in (("window", 1), ("capacity", 1), ("kernel_size", 1), ("recompress_every", 0)):
@@ -186,6 +193,7 @@ class KVCompressionConfig:
             ("pooling", self.pooling, _POOLINGS),
             ("group_reduce", self.group_reduce, _REDUCES),
             ("head_capacity", self.head_capacity, _HEAD_CAPACITIES),
+            ("sp_split", self.sp_split, _SP_SPLITS),
         ):
             if value not in allowed:
                 raise ConfigError(f"{name}: {value!r} is not one of {list(allowed)}")

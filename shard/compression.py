@@ -36,6 +36,7 @@ from entropyinfer.policies.kv_compression import (
     score_keys,
     select_positions,
 )
+from entropyinfer.policies.segment_shares import kept_histogram
 from entropyinfer.shard.arch import ModelArch
 from entropyinfer.shard.kv_cache import CompactKVCache, KVCache
 from entropyinfer.shard.kv_pages import KVPages
@@ -412,6 +413,9 @@ def compress_sequence(
     )
     kept_k, kept_v = gather_positions(pages, index, plan.indices.view(nl, hkv, slots))  # [L, Hkv, slots, d]
     new_lengths = plan.counts.view(nl, hkv).cpu().to(torch.int32)  # [L, Hkv]: the one sync
+    if seq.compressions == 0:  # where the prompt's kept positions lie (the policy actor learns shares)
+        fractions, weights = kept_histogram(plan.indices, plan.counts, lengths_on.flatten(), cfg.window)
+        seq.kept_bins = (fractions.view(nl, hkv, -1).cpu(), weights.view(nl, hkv).cpu())
     kept = list(zip(kept_k, kept_v, strict=True))
     pages.free(seq)
     pages.allocate_heads(seq, [pages.pages(int(n)) for n in new_lengths.max(dim=0).values])

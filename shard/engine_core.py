@@ -43,10 +43,11 @@ import torch
 from entropyinfer.errors import PromptTooLongError, RequestCancelled
 from entropyinfer.policies.head_stats import HeadStats
 from entropyinfer.policies.kv_compression import KVCompressionConfig
+from entropyinfer.policies.segment_shares import KeepStats
 from entropyinfer.shard.attention import PrefillAttention, prompt_attention
 from entropyinfer.shard.compression import PromptObserver, compression_due
 from entropyinfer.shard.engine import Engine
-from entropyinfer.shard.head_report import HeadStatsSink, head_stats
+from entropyinfer.shard.head_report import HeadStatsSink, KeptStatsSink, head_stats
 from entropyinfer.shard.parallel.executor import Executor, LocalExecutor, PrefillCall, resumable
 from entropyinfer.shard.prefix_sharing import plan_chunks, share_chunk
 from entropyinfer.shard.sampling import TokenLogprobs, logprobs_of, make_generator, sample
@@ -106,6 +107,8 @@ class EngineCore:
         # the policy actor's hooks (`shard/head_report.py`): after each sparse prefill the request's head
         # statistics go to `head_stats_sink` (None: not collected); `model_name` labels them
         self.head_stats_sink: HeadStatsSink | None = None
+        # and after each first compression by an exact plan, where it kept the prompt's positions
+        self.kept_stats_sink: KeptStatsSink | None = None
         self.model_name = ""
         self._sink_failed = False
 
@@ -178,6 +181,7 @@ class EngineCore:
             kv = seq.request.kv
             if kv is not None and seq.obs_row is not None and compression_due(seq, kv):
                 self.executor.compress(seq, kv)
+                self._report_kept(seq)
                 if kv.recompress_every <= 0:
                     self._release_window(seq)
         scheduled = self.scheduler.schedule()
@@ -260,9 +264,22 @@ class EngineCore:
             if stats is not None:
                 sink(seq.request_id, stats)
         except Exception:
-            if not self._sink_failed:
-                self._sink_failed = True
-                logging.getLogger(__name__).exception("head statistics sink failed (logged once)")
+            self._sink_failure()
+
+    def _report_kept(self, seq: Sequence) -> None:
+        """Hand where the first compression kept the prompt's positions to its sink (at most once)."""
+        kept, seq.kept_bins = seq.kept_bins, None
+        if self.kept_stats_sink is None or kept is None:
+            return
+        try:
+            self.kept_stats_sink(seq.request_id, KeepStats(self.model_name, kept[0].numpy(), kept[1].numpy()))
+        except Exception:
+            self._sink_failure()
+
+    def _sink_failure(self) -> None:
+        if not self._sink_failed:
+            self._sink_failed = True
+            logging.getLogger(__name__).exception("policy statistics sink failed (logged once)")
 
     def _share(self, seq: Sequence, end: int) -> None:
         """Share the pages this chunk completed (`prefix_sharing.share_chunk`)."""

@@ -7,6 +7,8 @@ What is read (`SparsePrefill`): per profiled layer the entropy the budget rule u
 prefill here have NaN captured mass. One device-to-host copy per layer, after the prefill (the engine core
 reports only when a sink is installed: no cost otherwise). No Ray here: the sink is any callable; the
 shard actor's (`cluster/policy_actor.py`) queues the stats for the policy actor and returns at once.
+`KeptStatsSink` is its twin for where a sequence's first compression kept prompt positions
+(`policies/segment_shares.KeepStats`).
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ import torch
 
 from entropyinfer.kernels.block_selection_ref import dense_segment_mask
 from entropyinfer.policies.head_stats import HeadStats
+from entropyinfer.policies.segment_shares import KeepStats
 from entropyinfer.shard.sparse_attention import SparsePrefill
 
-__all__ = ["HeadStatsSink", "head_stats"]
+__all__ = ["HeadStatsSink", "KeptStatsSink", "head_stats"]
 
 HeadStatsSink = Callable[[str, HeadStats], None]  # (request id, stats)
+KeptStatsSink = Callable[[str, KeepStats], None]  # (request id, where the first compression kept positions)
 
 
 def head_stats(attention: SparsePrefill, model: str, num_layers: int, num_kv_heads: int) -> HeadStats | None:

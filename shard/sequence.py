@@ -22,6 +22,7 @@ import torch
 from entropyinfer.policies.config import SparsePrefillConfig
 from entropyinfer.policies.head_budgets import HeadBudgetTable
 from entropyinfer.policies.kv_compression import KVCompressionConfig
+from entropyinfer.policies.segment_shares import SegmentShares
 from entropyinfer.shard.sampling import SamplingParams, TokenLogprobs
 
 if TYPE_CHECKING:
@@ -106,6 +107,9 @@ class SequenceRequest:
     # the policy actor's per-head budget factors, pinned for the whole request (None or version 0: the
     # entropy rule's own budgets); its version is part of the prefix-cache key
     head_budgets: HeadBudgetTable | None = None
+    # the policy actor's table of where compression keeps positions, pinned likewise (the learned split of
+    # a sequence-parallel sequence's capacity; not in the prefix-cache key)
+    keep_shares: SegmentShares | None = None
 
 
 class Sequence:
@@ -167,6 +171,9 @@ class Sequence:
         self.compressions = 0
         self.last_compression = 0
         self.capacities: torch.Tensor | None = None  # int64 [L, Hkv] tokens kept per head by compression
+        # where the first compression kept prompt positions (`kept_histogram`: fractions [L, Hkv, B],
+        # weights [L, Hkv]), until the engine core hands it to its sink; None: not an exact plan
+        self.kept_bins: tuple[torch.Tensor, torch.Tensor] | None = None
         # statistics
         self.stats: dict[str, Any] = {"prompt_tokens": len(request.prompt_ids), "policy": request.policy}
         self.decode_seconds = 0.0

@@ -208,14 +208,23 @@ class LockstepExecutor:
             )
         used = pages.used_pages
         table = [list(t) for t in seq.block_table]
-        op = Compress(seq.request_id, seq.obs_row, seq.decode_steps, kv, lengths, caps, table)
+        r = self.kv_replicas
+        pinned = seq.request.keep_shares  # the learned split of an SP sequence, once the actor has a table
+        learned = kv.sp_split == "learned" and seq.request_id in self._sp_requests and seq.compressions == 0
+        shares = None
+        model_heads = (lengths.shape[0], lengths.shape[1] // r)
+        if learned and pinned is not None and pinned.version > 0 and pinned.shape == model_heads:
+            shares = torch.from_numpy(pinned.bins).repeat_interleave(r, dim=1)  # model heads -> rows
+        op = Compress(seq.request_id, seq.obs_row, seq.decode_steps, kv, lengths, caps, table, shares)
 
         def allocate(counts: torch.Tensor) -> list[list[int]]:
             pages.free(seq)
             pages.allocate_heads(seq, [pages.pages(int(n)) for n in counts.max(dim=0).values])
             return [list(t) for t in seq.block_table]
 
-        counts, _ = self._run(op, lambda: self.runner.compress(op, allocate))
+        counts, _, hist = self._run(op, lambda: self.runner.compress(op, allocate))
+        if hist is not None and seq.compressions == 0:  # rows -> the model's KV heads (replicas agree)
+            seq.kept_bins = (hist[0][:, ::r].contiguous(), hist[1][:, ::r].contiguous())
         seq.kv_lengths = counts.to(torch.int32)
         seq.compressions += 1
         seq.last_compression = seq.decode_steps

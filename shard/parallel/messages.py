@@ -110,6 +110,7 @@ class Compress:
     lengths: torch.Tensor
     capacities: torch.Tensor
     table: list[list[int]]
+    shares: torch.Tensor | None = None  # learned SP split: the pinned `SegmentShares` bins [L, rows, B]
 
 
 @dataclass(frozen=True)

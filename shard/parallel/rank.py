@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from entropyinfer.policies.head_stats import HeadStats
 from entropyinfer.policies.kv_compression import KVCompressionConfig, head_capacities, plan_keep
+from entropyinfer.policies.segment_shares import kept_histogram
 from entropyinfer.shard.arch import ModelArch
 from entropyinfer.shard.attention import PrefillAttention, prompt_attention
 from entropyinfer.shard.compression import ObservationPool, PromptObserver
@@ -59,7 +60,7 @@ from entropyinfer.shard.parallel.messages import (
 )
 from entropyinfer.shard.parallel.segment_pages import SegmentPages
 from entropyinfer.shard.parallel.sequence import gather_entropy, gather_stats, sequence_parallel_prefill
-from entropyinfer.shard.parallel.sp_compress import Spans, compress_spans
+from entropyinfer.shard.parallel.sp_compress import Kept, Spans, compress_spans, segment_shares
 from entropyinfer.shard.parallel.sp_decode import SequenceParallelDecoder
 from entropyinfer.shard.sparse_attention import SparsePrefill
 
@@ -368,10 +369,12 @@ class RankRunner:
     @torch.inference_mode()
     def compress(
         self, op: Compress, allocate: Allocate | None = None
-    ) -> tuple[torch.Tensor, list[list[int]]]:
-        """Keep each of this rank's heads' top positions (`compress_sequence`'s plan), all-gather the
-        counts, get the new pages (rank 0: `allocate(counts)`; the others: its broadcast) and write what
-        was kept there. -> (int32 counts ``[L, rows]``, the new table)."""
+    ) -> tuple[torch.Tensor, list[list[int]], Kept | None]:
+        """Keep each of this rank's heads' top positions (`compress_sequence`'s plan; an SP sequence:
+        `compress_spans`, by the learned split when `op.shares` is given), all-gather the counts, get the
+        new pages (rank 0: `allocate(counts)`; the others: its broadcast) and write what was kept there.
+        -> (int32 counts ``[L, rows]``, the new table, the exact plans' `kept_histogram` ``[L, rows, B]``,
+        ``[L, rows]`` (None after a learned split))."""
         arch, kv = self.arch, op.kv
         hkv, g, d = arch.num_kv_heads, arch.group_size, arch.head_dim
         lengths, caps = op.lengths[:, self.local], op.capacities[:, self.local]
@@ -380,11 +383,16 @@ class RankRunner:
         dev = self.engine.device
         kept: list[tuple[torch.Tensor, torch.Tensor]] = []
         counts: list[torch.Tensor] = []
+        hists: list[Kept] = []
+        hist: Kept | None = None
         spans = self.spans.get(op.request_id)
         if spans is not None and self.sp is not None:  # each SP rank its share of one rank's plan
-            kept, total, self.spans[op.request_id] = compress_spans(
+            shares = None
+            if op.shares is not None:
+                shares = segment_shares(spans, lengths, kv.window, op.shares[:, self.local])
+            kept, total, self.spans[op.request_id], hist = compress_spans(
                 self.sp, self.pages, self.obs, spans, table, lengths, caps, slots, op.obs_row,
-                op.decode_steps, kv, g,
+                op.decode_steps, kv, g, shares,
             )  # fmt: skip
             counts = list(total)
         index = self.pages.page_index(table) if spans is None else None  # once, not per layer
@@ -395,14 +403,20 @@ class RankRunner:
             if self.kv_replicas > 1:  # score with the whole GQA group's queries, as one rank would
                 q_obs, g = self._group_queries(q_obs), self.full_arch.group_size
             q_obs = q_obs.reshape(hkv, g, kv.window, d)
-            plan = plan_keep(q_obs, keys, lengths[li].to(dev), caps[li].to(dev), kv, slots)
+            length = lengths[li].to(dev)
+            plan = plan_keep(q_obs, keys, length, caps[li].to(dev), kv, slots)
             idx = plan.indices[..., None].expand(-1, -1, d)
             kept.append((keys.gather(1, idx), values.gather(1, idx)))
             counts.append(plan.counts.cpu())
+            hists.append(kept_histogram(plan.indices, plan.counts, length, kv.window))
+        if hists:
+            hist = (torch.stack([h for h, _ in hists]), torch.stack([w for _, w in hists]))
         every = self.gather(torch.stack(counts).to(torch.int32), dim=1)  # [L, rows]
+        if hist is not None:  # every rank agrees: the same op, the same split
+            hist = (self.gather(hist[0], dim=1), self.gather(hist[1], dim=1))
         new_table = allocate(every) if allocate is not None else None
         new_table = broadcast_object(new_table, self.plan_group)
         windex = self.pages.write_index(new_table[self.local])  # once, not per layer
         for li, (k, v) in enumerate(kept):
             self.pages.write_table(new_table[self.local], li, k, v, windex)
-        return every, new_table
+        return every, new_table, hist

@@ -24,9 +24,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from entropyinfer.kernels.window_scores import window_lse, window_probs
-from entropyinfer.policies.kv_compression import KVCompressionConfig, prefix_scores, select_positions
+from entropyinfer.policies.kv_compression import (
+    KeepPlan,
+    KVCompressionConfig,
+    prefix_scores,
+    select_positions,
+)
+from entropyinfer.policies.segment_shares import kept_histogram, span_shares, split_budget
 from entropyinfer.shard.compression import ObservationPool
 from entropyinfer.shard.kv_pages import KVPages
 from entropyinfer.shard.parallel.all_to_all import SequenceParallelGroup
@@ -67,6 +74,117 @@ def _window_probs(
     return window_probs(q_obs, keys, lengths, lse, starts=start, counts=count)
 
 
+def segment_shares(spans: Spans, lengths: torch.Tensor, window: int, bins: torch.Tensor) -> torch.Tensor:
+    """float64 ``[sp, L, Hkv]``: each span's share of its (layer, head)'s prefix from the pinned table's
+    `bins` ``[L, Hkv, B]`` (`policies/segment_shares.span_shares`); `lengths` ``[L, Hkv]`` global."""
+    counts = spans.current(lengths)
+    prefix = lengths.long() - lengths.long().clamp(max=window)
+    return span_shares(bins.double(), spans.starts, spans.starts + counts, prefix)
+
+
+Kept = tuple[
+    torch.Tensor, torch.Tensor
+]  # `kept_histogram` per layer: fractions [L, Hkv, B], weights [L, Hkv]
+
+
+@dataclass
+class _Layer:
+    """One layer's keys of this rank's span and what every rank holds of it (``[sp, Hkv]`` on the device)."""
+
+    keys: torch.Tensor  # [Hkv, widest, d], the first count[rank] valid
+    start: torch.Tensor
+    count: torch.Tensor
+    length: torch.Tensor  # [Hkv] global
+    probs: torch.Tensor  # [Hkv, G, widest]: window probabilities of this rank's keys, softmax over all
+
+
+def _exact(
+    sp: SequenceParallelGroup, x: _Layer, cap: torch.Tensor, slots: int, kv: KVCompressionConfig
+) -> tuple[torch.Tensor, torch.Tensor, KeepPlan]:
+    """One rank's plan on the all-gathered row -> (this rank's local indices ``[H, slots]``, mine first;
+    every rank's kept counts ``[sp, H]``; the global plan)."""
+    start, count, length = x.start, x.count, x.length
+    hkv, g, _ = x.probs.shape
+    every = sp.all_gather(x.probs)  # [sp, H, G, widest]
+    whole = torch.zeros(hkv, g, int(length.max()), dtype=torch.float32, device=x.probs.device)
+    for j in range(sp.size):
+        for h in range(hkv):
+            a, n = int(start[j, h]), int(count[j, h])
+            whole[h, :, a : a + n] = every[j, h, :, :n]
+    scores = prefix_scores(
+        whole, length, kv.window, pooling=kv.pooling, kernel_size=kv.kernel_size, group_reduce=kv.group_reduce
+    )
+    plan = select_positions(scores, length, cap, kv.window, slots)
+    chosen = torch.arange(slots, device=whole.device)[None, :] < plan.counts[:, None]
+    lo, hi = start[:, :, None], (start + count)[:, :, None]  # [sp, H, 1]
+    inside = chosen[None] & (plan.indices[None] >= lo) & (plan.indices[None] < hi)  # [sp, H, slots]
+    mine = inside[sp.rank]
+    order = torch.sort((~mine).to(torch.int8), dim=1, stable=True).indices  # mine first, in order
+    local = (plan.indices - lo[sp.rank]).gather(1, order).masked_fill(~mine.gather(1, order), 0)
+    return local, inside.sum(dim=2), plan
+
+
+def _learned(
+    sp: SequenceParallelGroup, x: _Layer, cap: torch.Tensor, shares: torch.Tensor, slots: int,
+    kv: KVCompressionConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Each rank its own top ``b_j`` (`split_budget` of the prefix budget by `shares` ``[sp, H]``) by the
+    scores of its span, pooled across the span edges with the neighbours' edge columns (all-gathered: the
+    only exchange besides the log-sum-exp) -> (local indices ``[H, slots]``; every rank's counts
+    ``[sp, H]``)."""
+    start, count, length, probs = x.start, x.count, x.length, x.probs
+    hkv, g, widest = probs.shape
+    dev, w, me = probs.device, kv.window, sp.rank
+    k = kv.kernel_size // 2 if kv.pooling != "none" else 0
+    cols = torch.arange(widest, device=dev)
+    probs = probs.masked_fill((cols[None, :] >= count[me][:, None])[:, None, :], 0.0)
+    ext = torch.zeros(hkv, g, widest + 2 * k + 1, dtype=torch.float32, device=dev)  # the last: a dump column
+    ext[:, :, k : k + widest] = probs
+    if k > 0 and sp.size > 1:
+        off = torch.arange(k, device=dev)
+        loc = torch.cat([off.expand(sp.size, hkv, k), count[:, :, None] - k + off], dim=2)  # [sp, H, 2k]
+        ok = (loc >= 0) & (loc < count[:, :, None])
+        mine_loc = loc[me].clamp(0, widest - 1)
+        edges = sp.all_gather(probs.gather(2, mine_loc[:, None, :].expand(hkv, g, 2 * k)))  # [sp, H, G, 2k]
+        q = start[:, :, None] + loc - (start[me][None, :, None] - k)  # their columns in ext
+        c = count[me][None, :, None]
+        outside = (q < k) | (q >= k + c)  # not this rank's own keys
+        fill = ok & outside & (q >= 0) & (q < widest + 2 * k)
+        fill[me] = False
+        q = torch.where(fill, q, torch.full_like(q, widest + 2 * k))
+        src = edges.permute(1, 2, 0, 3).reshape(hkv, g, sp.size * 2 * k)
+        ext.scatter_(2, q.permute(1, 0, 2).reshape(hkv, 1, -1).expand(hkv, g, -1), src)
+    ext = ext[:, :, :-1]
+    pos = start[me][:, None] - k + torch.arange(widest + 2 * k, device=dev)[None, :]  # global positions
+    prefix = length - length.clamp(max=w)
+    in_prefix = (pos >= 0) & (pos < prefix[:, None])
+    ext = ext * in_prefix[:, None, :]
+    if k > 0:
+        flat = ext.reshape(hkv * g, 1, -1)
+        if kv.pooling == "avg":
+            flat = F.avg_pool1d(flat, kv.kernel_size, stride=1, padding=0)
+        else:
+            flat = F.max_pool1d(flat, kv.kernel_size, stride=1, padding=0)
+        ext = flat.view(hkv, g, widest)
+    scores = ext.amax(dim=1) if kv.group_reduce == "max" else ext.mean(dim=1)  # [H, widest]
+    room = (torch.minimum(start + count, prefix[None, :]) - start).clamp(min=0)  # prefix positions held
+    room = torch.minimum(room, count)
+    valid = cols[None, :] < room[me][:, None]
+    scores = scores.masked_fill(~valid, float("-inf"))
+    total = torch.minimum((cap - w).clamp(min=0), prefix)
+    budget = split_budget(total.cpu(), shares.cpu(), room.cpu()).to(dev)  # [sp, H]
+    counts = budget + (count - room)  # plus the recent positions each span holds
+    b = budget[me]
+    kmax = min(slots, widest)
+    top = scores.topk(kmax, dim=1).indices
+    top = torch.where(torch.arange(kmax, device=dev)[None, :] < b[:, None], top, widest).sort(dim=1).values
+    top = F.pad(top, (0, slots - kmax), value=widest)
+    slot = torch.arange(slots, device=dev)[None, :]
+    local = torch.where(slot < b[:, None], top, room[me][:, None] + slot - b[:, None])
+    local = torch.where(slot < counts[me][:, None], local, torch.zeros_like(local))
+    return local, counts
+
+
 @torch.inference_mode()
 def compress_spans(
     sp: SequenceParallelGroup,
@@ -81,16 +199,19 @@ def compress_spans(
     decode_steps: int,
     kv: KVCompressionConfig,
     group_size: int,
-) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, Spans]:
+    shares: torch.Tensor | None = None,
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, Spans, Kept | None]:
     """Plan and gather what this SP rank keeps of one sequence (see the module docstring): `table` its
-    pages per local KV head, `lengths` / `capacities` ``[L, Hkv]`` global. -> (per layer (keys, values)
-    ``[Hkv, slots, d]`` kept here, in order; the global kept counts int64 ``[L, Hkv]``; the new spans)."""
+    pages per local KV head, `lengths` / `capacities` ``[L, Hkv]`` global; `shares` ``[sp, L, Hkv]``: the
+    learned split by these span shares (`segment_shares`), else the exact one. -> (per layer (keys,
+    values) ``[Hkv, slots, d]`` kept here, in order; the global kept counts int64 ``[L, Hkv]``; the new
+    spans; the exact plan's `kept_histogram` per layer ``([L, Hkv, B], [L, Hkv])``, None when learned)."""
     layers, hkv = lengths.shape
     dev, d, w = pages.device, pages.head_dim, kv.window
     counts_now = spans.current(lengths)  # [sp, L, Hkv]
     widest = int(counts_now.max())
     new_counts = torch.zeros_like(counts_now)
-    kept, totals = [], []
+    kept, hists = [], []
     index = pages.page_index(table)  # once, not per layer
     for li in range(layers):
         keys, values = pages.gather_table(index, li)
@@ -103,28 +224,18 @@ def compress_spans(
         start, count = spans.starts[:, li].to(dev), counts_now[:, li].to(dev)  # [sp, Hkv]
         length = lengths[li].to(dev).long()
         probs = _window_probs(sp, q_obs, keys, start[sp.rank], count[sp.rank], length)  # [H, G, widest]
-        every = sp.all_gather(probs)  # [sp, H, G, widest]
-        total = int(length.max())
-        whole = torch.zeros(hkv, group_size, total, dtype=torch.float32, device=dev)
-        for j in range(sp.size):
-            for h in range(hkv):
-                a, n = int(start[j, h]), int(count[j, h])
-                whole[h, :, a : a + n] = every[j, h, :, :n]
-        scores = prefix_scores(
-            whole, length, w, pooling=kv.pooling, kernel_size=kv.kernel_size, group_reduce=kv.group_reduce
-        )
-        plan = select_positions(scores, length, capacities[li].to(dev), w, slots)
-        cols = torch.arange(slots, device=dev)[None, :]
-        chosen = cols < plan.counts[:, None]
-        for j in range(sp.size):  # every rank's share of the plan (the new spans)
-            lo, hi = start[j][:, None], (start[j] + count[j])[:, None]
-            new_counts[j, li] = (chosen & (plan.indices >= lo) & (plan.indices < hi)).sum(dim=1).cpu()
-        lo, hi = start[sp.rank][:, None], (start[sp.rank] + count[sp.rank])[:, None]
-        mine = chosen & (plan.indices >= lo) & (plan.indices < hi)
-        order = torch.sort((~mine).to(torch.int8), dim=1, stable=True).indices  # mine first, in order
-        local = (plan.indices - lo).gather(1, order).masked_fill(~mine.gather(1, order), 0)
+        layer = _Layer(keys, start, count, length, probs)
+        cap = capacities[li].to(dev)
+        if shares is None:
+            local, counts, plan = _exact(sp, layer, cap, slots, kv)
+            hists.append(kept_histogram(plan.indices, plan.counts, length, w))
+        else:
+            local, counts = _learned(sp, layer, cap, shares[:, li].to(dev), slots, kv)
+        new_counts[:, li] = counts.cpu()
         idx = local[..., None].expand(-1, -1, d)
         kept.append((keys.gather(1, idx), values.gather(1, idx)))
-        totals.append(plan.counts.cpu())
     starts = torch.cumsum(new_counts, dim=0) - new_counts
-    return kept, torch.stack(totals), Spans(starts, new_counts)
+    hist = None
+    if hists:
+        hist = (torch.stack([h for h, _ in hists]).cpu(), torch.stack([wt for _, wt in hists]).cpu())
+    return kept, new_counts.sum(dim=0), Spans(starts, new_counts), hist

@@ -35,6 +35,7 @@ from entropyinfer.cluster.policy_actor import (
 from entropyinfer.cluster.shard_actor import ShardActor
 from entropyinfer.policies.head_budgets import ProfileMismatchError, save_profile
 from entropyinfer.policies.head_stats import HeadProfile, HeadStats, encode_stats
+from entropyinfer.policies.segment_shares import POSITION_BINS, KeepStats, encode_keep_stats
 from entropyinfer.shard.llm import LLM
 from entropyinfer.shard.sampling import SamplingParams
 
@@ -233,6 +234,32 @@ def test_a_new_deploys_settings_replace_the_actor_and_the_old_deploy_does_not_fl
             ray.kill(actor, no_restart=True)
 
 
+def test_kept_positions_reach_the_actor_and_its_segment_shares_come_back(server: EmbeddedServer) -> None:
+    """A shard's kept-position statistics (fire and forget) make the actor's segment shares, which the
+    client pulls in the background and hands out for pinning (the learned SP split)."""
+    import ray
+
+    app = "test-shares"
+    cfg = PolicyActorConfig(
+        enabled=True, every_requests=2, every_s=0.0, warmup_requests=2, pull_interval_s=0.05
+    )
+    client = PolicyClient(cfg, "m", 2, 2, lambda: get_or_create(cfg, app, "m", 2, 2))
+    try:
+        assert _until(lambda: client.state == "ok", timeout=60)
+        assert client.shares() is not None and client.shares().version == 0  # type: ignore[union-attr]
+        for _ in range(2):
+            client.sink_kept("r", _kept([0.75, 0.25]))
+        shares = _until(lambda: (t := client.shares()) is not None and t.version >= 1 and t, timeout=30)
+        assert shares, client.stats()
+        np.testing.assert_allclose(shares.bins[..., :2], np.broadcast_to([0.75, 0.25], (2, 2, 2)), rtol=1e-6)
+        assert client.table() is not None and client.table().version == 0  # type: ignore[union-attr]
+    finally:
+        client.close()
+        actor = find_actor(app)
+        if actor is not None:
+            ray.kill(actor, no_restart=True)
+
+
 @pytest.fixture(scope="module")
 def tiny_shard(tiny_checkpoint: Path) -> ShardActor:
     llm = LLM(
@@ -287,6 +314,7 @@ def test_a_slow_actor_does_not_slow_a_shards_requests(
         finally:
             client.close()
             tiny_shard._policy, tiny_shard.llm.core.head_stats_sink = None, None
+            tiny_shard.llm.core.kept_stats_sink = None
             ray.kill(slow)
     assert max(linked + after) < 2 * max(baseline) + 1.0, (baseline, linked, after)
     assert client.counters["queued"] >= 4 and client.table() is None
@@ -322,6 +350,28 @@ def test_two_shard_groups_statistics_aggregate_in_the_actor_as_one() -> None:
         )
     assert a["requests"] == b["requests"] == 8
     assert one.push(encode_stats(_stats(rng, model="other"))) == 0 and one.rejected == 1
+
+
+def _kept(row: list[float], model: str = "m") -> KeepStats:
+    fractions = np.zeros((2, 2, POSITION_BINS), dtype=np.float32)
+    fractions[..., : len(row)] = row
+    return KeepStats(model, fractions, np.ones((2, 2), dtype=np.float32))
+
+
+def test_kept_statistics_make_rate_limited_segment_shares() -> None:
+    cfg = PolicyActorConfig(enabled=True, every_requests=2, every_s=0.0, warmup_requests=3)
+    actor = PolicyActor(cfg, "m", 2, 2)  # no head rebalancing, yet segment shares: not in the cache key
+    versions = [
+        actor.push_kept(encode_keep_stats(_kept([1.0, 0.0] if i % 2 else [0.0, 1.0]))) for i in range(5)
+    ]
+    assert versions == [0, 0, 1, 1, 2]
+    shares = actor.shares()
+    assert shares["version"] == 2 and np.allclose(np.array(shares["bins"])[..., :2], [0.4, 0.6])
+    assert actor.push_kept(encode_keep_stats(_kept([1.0], model="other"))) == 2 and actor.rejected == 1
+    assert actor.push_kept(b"not msgpack of keep stats") == 2 and actor.rejected == 2
+    snap = actor.snapshot()["segment_shares"]
+    assert snap["version"] == 2 and snap["compressions"] == 5
+    assert actor.table()["version"] == 0  # head tables untouched
 
 
 def test_the_actor_warm_starts_from_its_profile_and_refuses_another_models(tmp_path: Path) -> None:

@@ -6,26 +6,32 @@ Prompts of at least `sequence_parallel_min_tokens` prefill split over the SP ran
 ``sequence_parallel_size``), shorter ones run whole on every rank, and both decode in the same batches:
 SP=2 equals one rank for dense and entropy (tokens; density within 0.01), TP=2 x SP=2 too; latent KV
 compression over the segments keeps what one rank keeps (entropy head capacities, re-compression, SnapKV);
-an SP prompt is not prefix-cached; adaptive capacities run without SP; a killed SP rank fails the request;
+the learned split (exact until a table, then by its shares); an SP prompt is not prefix-cached; adaptive
+capacities run without SP; a killed SP rank fails the request;
 sizes that do not split the KV heads fail before any process starts. Slow: SmolLM2 (9 / 3 heads, uneven at
 SP=2, with latent compression too); preempted SP sequences swapped (compressed) or recomputed; Ray ranks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 from entropyinfer import LLM, SamplingParams
 from entropyinfer.errors import ConfigError, PromptTooLongError, ShardGroupError
+from entropyinfer.policies.segment_shares import KeepStats, SegmentShares, ShareLearner
 from entropyinfer.shard.dummy_checkpoint import write_dummy_checkpoint
 
 PARAMS = SamplingParams(max_tokens=8, ignore_eos=True)
+PARAMS_12 = SamplingParams(max_tokens=12, ignore_eos=True)
 SPARSE = dict(segment_size=64, block_size=8, threshold_len=64, base_budget=32, fixed_budget=32)
 WIDE = dict(
     model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=320, hidden_size=64,
@@ -166,6 +172,49 @@ def test_sp_kv_compression_keeps_what_one_rank_keeps(wide: Path, group: Group, p
         assert g.stats["kv_compressions"] >= 1
         for key in KV_STATS:
             assert g.stats.get(key) == r.stats.get(key), key
+
+
+def run_pinned(llm: LLM, rid: str, prompt: str, shares: SegmentShares | None) -> tuple[dict, Any]:
+    """One request with `shares` pinned: its tokens and stats, and rank 0's spans right after compression."""
+    llm.submit(dataclasses.replace(llm.request(rid, prompt, PARAMS_12), keep_shares=shares))
+    spans = None
+    while True:
+        llm.step()
+        seq = llm.core.seqs.get(rid)
+        if spans is None and seq is not None and seq.compressions:
+            spans = llm.core.executor.runner.spans[rid].counts.clone()  # type: ignore[attr-defined]
+        for ev in llm.take_events(rid):
+            if hasattr(ev, "output"):
+                return {"ids": ev.output.token_ids, **ev.output.stats}, spans
+
+
+def test_sp_learned_split_runs_exact_until_a_table_then_by_its_shares(wide: Path, group: Group) -> None:
+    """``kv_sp_split="learned"``: with no table the exact split runs (one rank's tokens and kept counts) and
+    its plan's kept positions reach the kept-stats sink; with a table pinned that puts every kept position
+    at the prompt's start, segment 0 keeps the whole prefix budget and segment 1 only the window, the same
+    tokens kept in all; a learned plan is not reported (the table never learns from itself)."""
+    kv = {**KV, "kv_sp_split": "learned"}
+    ref = tiny(wide, policy="entropy", **KV).generate(PROMPTS[:1], PARAMS_12)[0]
+    llm = group.start(wide, 1, 2, "entropy", **kv)
+    seen: list[KeepStats] = []
+    llm.core.kept_stats_sink, llm.core.model_name = lambda rid, s: seen.append(s), "tiny"
+    cold, spans = run_pinned(llm, "cold", PROMPTS[0], None)
+    assert cold["ids"] == ref.token_ids and cold["sequence_parallel_size"] == 2
+    assert cold["kv_tokens_kept"] == ref.stats["kv_tokens_kept"]
+    assert len(seen) == 1 and seen[0].fractions.shape == (2, 4, 16) and seen[0].model == "tiny"
+    assert (seen[0].weights == 1).all() and np.allclose(seen[0].fractions.sum(-1), 1, atol=1e-5)
+    assert (spans[1] > KV["kv_window"]).any()  # the exact split kept prompt positions in segment 1 too
+    learner = ShareLearner("tiny", 2, 4, every_requests=1, every_s=0.0, warmup_requests=1)
+    learner.observe(seen[0])
+    assert learner.current.version == 1
+    bins = np.zeros((2, 4, 16), dtype=np.float32)
+    bins[..., 0] = 1.0  # everything kept from the first sixteenth
+    skewed = SegmentShares("tiny", 2, bins)
+    warm, spans = run_pinned(llm, "warm", PROMPTS[0], skewed)
+    assert warm["kv_tokens_kept"] == ref.stats["kv_tokens_kept"] and len(warm["ids"]) == 12
+    assert (spans[1] == KV["kv_window"]).all() and (spans[0] == KV["kv_capacity"] - KV["kv_window"]).all()
+    assert len(seen) == 1
+    llm.core.kept_stats_sink = None
 
 
 @pytest.mark.slow  # 400 decode steps of three sequences, twice
