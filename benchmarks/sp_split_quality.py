@@ -17,7 +17,7 @@ capacity and SP size (equal segments of the prompt, the last also holding the de
 Splits: ``learned`` (the table), ``length`` (uniform bins: each segment by its share of the prefix, what a
 split without statistics would do). Window positions, kept by every split, are left out of both measures.
 
-`python benchmarks/sp_split_quality.py` (CPU, ~3 min). Writes `sp_split_quality.{json,md}`.
+`python benchmarks/sp_split_quality.py` (CPU, ~5 min). Writes `sp_split_quality.{json,md}`.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from common import environment, write_results
 
 import entropyinfer.shard.compression as compression_mod
 from entropyinfer import LLM, SamplingParams
-from entropyinfer.evaluation.corpus import unique_prose_text
+from entropyinfer.evaluation.corpus import real_document
 from entropyinfer.policies.kv_compression import select_positions
 from entropyinfer.policies.segment_shares import (
     POSITION_BINS,
@@ -134,7 +134,7 @@ def main() -> None:
     w = args.window
     kw = dict(kv_compression="latent", kv_window=w, kv_gap=args.gap, kv_capacity=max(args.capacities))
     llm = LLM(MODEL, device=args.device, policy="dense", **kw)
-    text = llm.encode(unique_prose_text())
+    text = llm.encode(real_document(args.docs * args.tokens + 2000))
     assert len(text) >= args.docs * args.tokens, "not enough text"
     docs = [text[i * args.tokens : (i + 1) * args.tokens] for i in range(args.docs)]
     captured = [capture_scores(llm, ids, args.gap) for ids in docs]
@@ -163,7 +163,8 @@ def main() -> None:
     meta = {"env": environment(), "model": MODEL, "args": vars(args)}
     columns = ["capacity", "sp", "learned_mass", "length_mass", "learned_overlap", "length_overlap"]
     notes = (
-        f"{args.docs - args.warmup} evaluation documents of {args.tokens} SmolLM2 tokens (unique prose), the "
+        f"{args.docs - args.warmup} evaluation documents of {args.tokens} SmolLM2 tokens "
+        "(consecutive slices of the pydoc topics, `real_document`), the "
         f"table learned from {args.warmup} others; W={w}, N_D={args.gap}, dense prefill. mass: pooled score "
         "mass kept over the exact split's; overlap: part of the exact split's positions kept. "
         "Command: `python benchmarks/sp_split_quality.py`."

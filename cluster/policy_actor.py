@@ -9,7 +9,7 @@ and `every_s` seconds; with `profile_path` the profile is loaded at start (warm 
 model fails the actor's start with `ProfileMismatchError`, which every caller then sees) and saved with each
 new version. Beside it a `ShareLearner` (`policies/segment_shares.py`) averages where each sequence's first
 compression kept prompt positions and makes versioned `SegmentShares` (the learned split of an SP
-sequence's compression capacity; same rate limit; kept in memory only, relearned after a restart).
+sequence's compression capacity; same rate limit; saved in the profile file too).
 It is named ``entropyinfer-policy-<app>`` in the ``entropyinfer`` namespace, detached (it
 outlives the replicas that made it) and restarted by Ray when it dies (``max_restarts=-1``; the restarted
 one warm-starts from the profile file). It is scheduled outside every placement group (``"DEFAULT"``): the
@@ -53,6 +53,7 @@ from entropyinfer.policies.head_budgets import (
     HeadBudgetTable,
     Rebalancer,
     load_profile,
+    load_shares,
     save_profile,
 )
 from entropyinfer.policies.head_stats import HeadProfile, HeadStats, decode_stats, encode_stats
@@ -116,10 +117,13 @@ class PolicyActor:
             log.info("policy actor: warm start from %s (%d requests)", path, profile.total_requests)
         self.path = path
         self.rebalancer = Rebalancer(profile, config.rebalance, table)
-        c = config  # where compression keeps positions: the learned split of SP capacity (not persisted)
+        c = config  # where compression keeps positions: the learned split of SP capacity
         self.learner = ShareLearner(
             model, num_layers, num_kv_heads, c.every_requests, c.every_s, c.warmup_requests
         )
+        saved = load_shares(path) if path is not None and path.exists() else None
+        if saved is not None:
+            self.learner.restore(saved)
         self.rejected = 0  # pushes of another model or shape, or undecodable
 
     def push(self, blob: bytes) -> int:
@@ -138,7 +142,8 @@ class PolicyActor:
     def push_kept(self, blob: bytes) -> int:
         """One sequence's `KeepStats` (msgpack); returns the current segment-shares version."""
         try:
-            self.learner.observe(decode_keep_stats(blob))
+            if self.learner.observe(decode_keep_stats(blob)) is not None:
+                self.save()
         except ValueError:
             self.rejected += 1
             log.warning("policy actor: rejected keep statistics (another model, shape or wire version)")
@@ -186,7 +191,8 @@ class PolicyActor:
         """Write the profile and table to `profile_path` (None: not configured)."""
         if self.path is None:
             return None
-        return str(save_profile(self.path, self.rebalancer.profile, self.rebalancer.current))
+        rb = self.rebalancer
+        return str(save_profile(self.path, rb.profile, rb.current, self.learner.to_dict()))
 
 
 def get_or_create(

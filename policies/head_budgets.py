@@ -46,6 +46,7 @@ __all__ = [
     "RebalanceConfig",
     "Rebalancer",
     "load_profile",
+    "load_shares",
     "rebalance",
     "save_profile",
 ]
@@ -223,8 +224,14 @@ class Rebalancer:
 # ------------------------------------------------------------------------------------------ persistence
 
 
-def save_profile(path: str | Path, profile: HeadProfile, table: HeadBudgetTable | None = None) -> Path:
-    """Write the profile (and table) as JSON with the model's identity; atomic (a temporary file renamed)."""
+def save_profile(
+    path: str | Path,
+    profile: HeadProfile,
+    table: HeadBudgetTable | None = None,
+    shares: dict[str, Any] | None = None,
+) -> Path:
+    """Write the profile (and table, and the segment shares' `ShareLearner.to_dict`) as JSON with the
+    model's identity; atomic (a temporary file renamed)."""
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     body = {
@@ -234,6 +241,7 @@ def save_profile(path: str | Path, profile: HeadProfile, table: HeadBudgetTable 
         "num_kv_heads": profile.num_kv_heads,
         "profile": profile.to_dict(),
         "table": None if table is None else table.to_dict(),
+        "segment_shares": shares,
     }
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(body, allow_nan=False))
@@ -259,3 +267,11 @@ def load_profile(
         )
     table = HeadBudgetTable.from_dict(body["table"]) if body.get("table") else None
     return HeadProfile.from_dict(body["profile"]), table
+
+
+def load_shares(path: str | Path) -> dict[str, Any] | None:
+    """The segment shares saved beside a head profile (`save_profile`), None if it holds none; call after
+    `load_profile` has checked the file's model."""
+    body = json.loads(Path(path).expanduser().read_text())
+    shares = body.get("segment_shares") if isinstance(body, dict) else None
+    return shares if isinstance(shares, dict) else None

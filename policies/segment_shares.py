@@ -193,6 +193,20 @@ class ShareLearner:
         self._since, self._last_at = 0, now
         return self.table
 
+    def to_dict(self) -> dict[str, Any]:
+        """What the policy actor saves beside its head profile (`head_budgets.save_profile`)."""
+        table = None if self.table is None else self.table.to_dict()
+        return {"sums": self.sums.tolist(), "weights": self.weights.tolist(), "requests": self.requests,
+                "table": table}  # fmt: skip
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        """Continue from `to_dict` (a warm start; ValueError if its shape is not this learner's)."""
+        sums, weights = np.asarray(saved["sums"], dtype=np.float64), np.asarray(saved["weights"], np.float64)
+        if sums.shape != self.sums.shape or weights.shape != self.weights.shape:
+            raise ValueError(f"segment shares of shape {sums.shape}, expected {self.sums.shape}")
+        self.sums, self.weights, self.requests = sums, weights, int(saved["requests"])
+        self.table = SegmentShares.from_dict(saved["table"]) if saved.get("table") else None
+
     def mean(self) -> np.ndarray:
         """float32 ``[L, Hkv, bins]``: the mean fractions, uniform where a head was never observed."""
         w = self.weights[..., None]

@@ -358,8 +358,11 @@ def _kept(row: list[float], model: str = "m") -> KeepStats:
     return KeepStats(model, fractions, np.ones((2, 2), dtype=np.float32))
 
 
-def test_kept_statistics_make_rate_limited_segment_shares() -> None:
-    cfg = PolicyActorConfig(enabled=True, every_requests=2, every_s=0.0, warmup_requests=3)
+def test_kept_statistics_make_rate_limited_segment_shares_saved_for_a_warm_start(tmp_path: Path) -> None:
+    path = tmp_path / "heads.json"
+    cfg = PolicyActorConfig(
+        enabled=True, every_requests=2, every_s=0.0, warmup_requests=3, profile_path=str(path)
+    )
     actor = PolicyActor(cfg, "m", 2, 2)  # no head rebalancing, yet segment shares: not in the cache key
     versions = [
         actor.push_kept(encode_keep_stats(_kept([1.0, 0.0] if i % 2 else [0.0, 1.0]))) for i in range(5)
@@ -372,6 +375,8 @@ def test_kept_statistics_make_rate_limited_segment_shares() -> None:
     snap = actor.snapshot()["segment_shares"]
     assert snap["version"] == 2 and snap["compressions"] == 5
     assert actor.table()["version"] == 0  # head tables untouched
+    again = PolicyActor(cfg, "m", 2, 2)  # saved with each shares version: a restart continues from it
+    assert again.shares() == shares and again.learner.requests == 5
 
 
 def test_the_actor_warm_starts_from_its_profile_and_refuses_another_models(tmp_path: Path) -> None:
