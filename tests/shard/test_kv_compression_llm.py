@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 
 from entropyinfer import LLM, ConfigError, SamplingParams
@@ -59,6 +60,29 @@ def test_batch_with_compression_equals_one_by_one_and_recompression(smollm2):
     assert st["kv_compression"] == "snapkv" and st["kv_compressions"] == 3  # after prefill, steps 8, 16
     assert st["kv_tokens_kept"] == 48 + 19 - 16  # re-compressed to 48 at step 16, 3 steps since
     assert batch[1].stats["kv_tokens_kept"] == batch[1].stats["prompt_tokens"] + 19  # short: all kept
+
+
+def test_the_first_compression_reports_where_it_kept_the_prompt(smollm2):
+    """The kept-stats sink (the policy actor's segment shares learn from it) gets one `KeepStats` per
+    compressed sequence, after its first compression only: per (layer, KV head) the fractions of the kept
+    prompt positions over 16 bins of relative position, weight 1 where the plan chose, 0 where it kept all."""
+    llm = copy.copy(smollm2)
+    llm.set_kv_compression("auto", capacity=48, recompress_every=8)
+    seen = []
+    llm.core.kept_stats_sink = lambda rid, stats: seen.append(stats)
+    try:
+        out = llm.generate([SHORT, OTHER], SamplingParams(max_tokens=20, ignore_eos=True), policy="snapkv")
+    finally:
+        llm.core.kept_stats_sink = None
+    assert out[0].stats["kv_compressions"] == 3 and len(seen) == 2  # re-compressions do not report
+    layers, heads = llm.arch.num_layers, llm.arch.num_kv_heads
+    chose, kept_all = sorted(seen, key=lambda s: -float(s.weights.sum()))
+    for stats in seen:
+        assert stats.fractions.shape == (layers, heads, 16) and stats.weights.shape == (layers, heads)
+    assert (chose.weights == 1).all() and np.allclose(chose.fractions.sum(-1), 1.0, atol=1e-5)
+    kept = 48 - 32  # C - W prefix positions chosen per head: every fraction is a count of them
+    assert np.allclose(chose.fractions * kept, np.round(chose.fractions * kept), atol=1e-4)
+    assert (kept_all.weights == 0).all() and (kept_all.fractions == 0).all()  # OTHER is shorter than 48
 
 
 def test_kv_overrides_are_checked_and_named(smollm2):
