@@ -28,6 +28,7 @@ pytestmark = [pytest.mark.serve, pytest.mark.slow]
 DOC_CHARS = 2500  # one token per byte (the random model's tokenizer): a prefill that takes a moment
 ANSWER_TOKENS = 192  # each phase (prefill, decode) lasts past a few status polls, also under a loaded suite
 # (64 was tried: a full run once saw a 3-document job finish before any poll caught its first decode)
+QUEUED_TOKENS = 16  # the jobs queued behind a victim: they must not be lost, their phases do not matter
 FIGURES: list[str] = []
 
 
@@ -35,12 +36,15 @@ def _doc(i: int, chars: int = DOC_CHARS) -> str:
     return (f"Record {i}: " + "the ledger lists crates of tea and copper; " * 80)[:chars]
 
 
-def _submit(url: str, n_docs: int, tag: str, policy: str = "dense", chars: int = DOC_CHARS) -> str:
+def _submit(
+    url: str, n_docs: int, tag: str, policy: str = "dense", chars: int = DOC_CHARS, tokens: int = 0
+) -> str:
+    """A job of `n_docs` documents answered with `tokens` tokens each (0: `ANSWER_TOKENS`)."""
     body = {
         "policy": policy,
         "documents": [_doc(i, chars) for i in range(n_docs)],
         "question": f"Summarise ({tag}).",
-        "max_tokens": ANSWER_TOKENS,
+        "max_tokens": tokens or ANSWER_TOKENS,
         "ignore_eos": True,
         "idempotency_key": tag,
     }
@@ -118,7 +122,7 @@ PHASES: dict[str, Callable[[dict[str, Any]], bool]] = {
 def test_a_killed_shard_or_replica_loses_no_job(app_process: App, fault: str) -> None:
     app, tag = app_process, fault.replace(" ", "-")
     victim = _submit(app.url, 3, tag)
-    others = [_submit(app.url, 1, f"{tag}-{i}") for i in range(2)]  # queued behind it
+    others = [_submit(app.url, 1, f"{tag}-queued", tokens=QUEUED_TOKENS)]  # queued behind it
     at = _wait_for(app.url, victim, PHASES[fault], 60.0)
     assert at["state"] == "running", at
     app.command("kill-replica" if "replica" in fault else "kill-shard")
@@ -128,10 +132,10 @@ def test_a_killed_shard_or_replica_loses_no_job(app_process: App, fault: str) ->
 
 def test_sigkill_of_the_whole_app_and_a_restart_on_the_same_store(app_process: App) -> None:
     app = app_process
-    done = _submit(app.url, 1, "before-kill")
+    done = _submit(app.url, 1, "before-kill", tokens=QUEUED_TOKENS)
     finished_before = _outcome(app.url, [done])[done]
     victim = _submit(app.url, 3, "killed")
-    queued = [_submit(app.url, 1, f"queued-{i}") for i in range(2)]
+    queued = [_submit(app.url, 1, "queued", tokens=QUEUED_TOKENS)]
     at = _wait_for(app.url, victim, PHASES["shard mid-job"], 60.0)
     app.kill()
     app.start()  # the same job store
@@ -170,7 +174,7 @@ def test_a_killed_policy_actor_loses_no_job_and_no_request_waits_on_it(app_proce
     app, tag = app_process, "policy-actor"
     completion = {"prompt": "Record 7: the ledger", "max_tokens": 4, "policy": "entropy", "ignore_eos": True}
     victim = _submit(app.url, 3, tag, policy="entropy")
-    others = [_submit(app.url, 1, f"{tag}-{i}", policy="entropy") for i in range(2)]
+    others = [_submit(app.url, 1, f"{tag}-queued", policy="entropy", tokens=QUEUED_TOKENS)]
     at = _wait_for(app.url, victim, PHASES["shard mid-job"], 60.0)
     before = _wait_policy(app.url, lambda h: h["actor"]["state"] == "ok" and _link(h)["state"] == "ok", 30)
     app.command("kill-policy")

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from .app_process import AUTH, App
-from .test_faults import _figure, _outcome, _submit, _wait_for
+from .test_faults import QUEUED_TOKENS, _figure, _outcome, _submit, _wait_for
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
 
@@ -55,7 +55,7 @@ def test_a_killed_rank_fails_the_request_in_flight_and_loses_no_job(app_process:
     group = _group(tp)
     assert group["tensor_parallel_size"] == 2 and group["state"] == "ok", group
     victim = _submit(tp, 2, "tp-rank")  # fewer documents than test_faults.py's: a TP=2 step is slower
-    others = [_submit(tp, 1, "tp-rank-queued")]
+    others = [_submit(tp, 1, "tp-rank-queued", tokens=QUEUED_TOKENS)]
     at = _wait_for(tp, victim, lambda j: j["progress"]["prefill_tokens_done"] > 0, 60.0)
     assert at["state"] == "running", at
     # a streamed completion in flight: the rank is killed after its first token
@@ -101,7 +101,7 @@ def test_a_killed_sequence_parallel_rank_loses_no_job(app_process: App, sp: str)
     group = _group(sp)
     assert (group["sequence_parallel_size"], group["tensor_parallel_size"], group["state"]) == (2, 1, "ok")
     victim = _submit(sp, 1, "sp-rank", chars=1200)
-    others = [_submit(sp, 1, "sp-rank-queued", chars=1200)]
+    others = [_submit(sp, 1, "sp-rank-queued", chars=1200, tokens=QUEUED_TOKENS)]
     at = _wait_for(sp, victim, lambda j: j["progress"]["prefill_tokens_done"] > 0, 60.0)
     assert at["state"] == "running", at
     app_process.command("kill-rank")
