@@ -39,7 +39,6 @@ link also replaces an actor of other settings.
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import threading
 import time
@@ -123,7 +122,10 @@ class PolicyActor:
         )
         saved = load_shares(path) if path is not None and path.exists() else None
         if saved is not None:
-            self.learner.restore(saved)
+            try:
+                self.learner.restore(saved)
+            except (ValueError, KeyError, TypeError) as e:  # the head profile stays; shares start anew
+                log.warning("policy actor: saved segment shares not usable (%s); learning them anew", e)
         self.rejected = 0  # pushes of another model or shape, or undecodable
 
     def push(self, blob: bytes) -> int:
@@ -142,11 +144,13 @@ class PolicyActor:
     def push_kept(self, blob: bytes) -> int:
         """One sequence's `KeepStats` (msgpack); returns the current segment-shares version."""
         try:
-            if self.learner.observe(decode_keep_stats(blob)) is not None:
-                self.save()
-        except ValueError:
+            made = self.learner.observe(decode_keep_stats(blob))
+        except (ValueError, TypeError):
             self.rejected += 1
             log.warning("policy actor: rejected keep statistics (another model, shape or wire version)")
+            return self.learner.current.version
+        if made is not None:
+            self.save()
         return self.learner.current.version
 
     def shares(self) -> dict[str, Any]:
@@ -242,7 +246,7 @@ class PolicyClient:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self.state = "starting"  # "ok" | "unavailable"
-        names = ("queued", "pushed", "dropped", "failures", "logged", "pulls", "replaced")
+        names = ("queued", "pushed", "dropped", "failures", "logged", "pulls", "replaced", "share_failures")
         self.counters = dict.fromkeys(names, 0)
         self._thread = threading.Thread(target=self._loop, name="policy-client", daemon=True)
         self._thread.start()
@@ -278,6 +282,7 @@ class PolicyClient:
         return {
             "state": self.state,
             "table_version": 0 if table is None else table.version,
+            "shares_version": 0 if self._shares is None else self._shares.version,
             "pending": len(self._queue) + len(self._pending),
             **self.counters,
         }
@@ -322,21 +327,28 @@ class PolicyClient:
         if now >= self._next_pull or fresh:
             self._next_pull = now + self.config.pull_interval_s
             c = self.config
-            refs = [handle.table.remote()]
-            with contextlib.suppress(AttributeError):  # an actor of an older entropyinfer: no shares
-                refs.append(handle.shares.remote())
-            got = ray.get(refs, timeout=c.connect_timeout_s if fresh else c.timeout_s)
-            table = HeadBudgetTable.from_dict(got[0])
-            shares = SegmentShares.from_dict(got[1]) if len(got) > 1 else None
+            wait = c.connect_timeout_s if fresh else c.timeout_s
+            table = HeadBudgetTable.from_dict(ray.get(handle.table.remote(), timeout=wait))
             self.counters["pulls"] += 1
             if (table.model, table.shape) == (self.model, self.shape):
                 self._table = table
-            if shares is not None and (shares.model, shares.shape) == (self.model, self.shape):
-                self._shares = shares
+            self._pull_shares(handle, wait)
             if self.state != "ok":
                 if self.state == "unavailable":
                     log.warning("policy actor is back: head budget tables again (v%d)", table.version)
                 self.state = "ok"
+
+    def _pull_shares(self, handle: Any, wait: float) -> None:
+        """The segment shares; a failure here (an older actor without them, a bad table) only means the
+        exact SP split, never the loss of the head table."""
+        try:
+            shares = SegmentShares.from_dict(ray.get(handle.shares.remote(), timeout=wait))
+        except Exception:
+            self._shares = None
+            self.counters["share_failures"] += 1
+            return
+        if (shares.model, shares.shape) == (self.model, self.shape):
+            self._shares = shares
 
     def _link(self) -> Any:
         """The first link: the actor if it was made with this shard's model and settings, else a new one

@@ -146,8 +146,14 @@ class ShardActor:
         if connect is None:
             connect = lambda: get_or_create(config, app_name, name, arch.num_layers, arch.num_kv_heads)  # noqa: E731
         self._policy = PolicyClient(config, name, arch.num_layers, arch.num_kv_heads, connect)
-        self.llm.core.head_stats_sink, self.llm.core.model_name = self._policy.sink, name
-        self.llm.core.kept_stats_sink = self._policy.sink_kept
+        self._install_sinks()
+
+    def _install_sinks(self) -> None:
+        """The policy client's statistics sinks on the current engine core (again after a rebuild)."""
+        if self._policy is not None:
+            core = self.llm.core
+            core.head_stats_sink, core.kept_stats_sink = self._policy.sink, self._policy.sink_kept
+            core.model_name = self.model_name
 
     async def ready(self) -> ShardInfo:
         return {
@@ -189,6 +195,7 @@ class ShardActor:
         from entropyinfer.shard.parallel.launch import freeze_start_up_objects
 
         self.llm = self._group.rebuild(self.llm, reason)
+        self._install_sinks()  # the new group's engine core starts without them
         freeze_start_up_objects()  # the old group's frozen cycles collected, the new one's frozen
         return self.llm
 

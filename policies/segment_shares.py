@@ -7,7 +7,8 @@ probabilities to every SP rank, per layer. The learned split (``sp_split: learne
 per-query log-sum-exp and the pooling edge columns of every rank: each segment keeps its own top ``b_j``
 positions, ``b_j`` its share of the head's prefix budget ``C - W``, learned across requests:
 
-1. `kept_histogram`: after every exact compression (one rank, a TP group, or SP with the exact split) the
+1. `kept_histogram`: after each sequence's first compression by an exact plan (one rank, a TP group, or SP
+   with the exact split; never a learned one, which would teach the table itself) the
    fraction of the positions kept from the prefix in each of `POSITION_BINS` equal bins of relative
    position (``position / prefix length``), per (layer, KV head), weight 1 where a selection happened
    (the prefix longer than what it keeps). The shard pushes them as `KeepStats` (msgpack) to the policy
@@ -96,9 +97,11 @@ def _pack(a: np.ndarray) -> dict[str, Any]:
 
 
 def _unpack(d: Any, ndim: int) -> np.ndarray:
-    if not isinstance(d, dict) or not isinstance(d.get("data"), bytes) or len(d.get("shape", ())) != ndim:
+    shape: list[int] = d.get("shape") if isinstance(d, dict) else None  # type: ignore[assignment]
+    ok = isinstance(shape, list) and len(shape) == ndim and all(type(n) is int and n >= 0 for n in shape)
+    if not ok or not isinstance(d.get("data"), bytes) or len(d["data"]) != 4 * math.prod(shape):
         raise ValueError("keep stats: malformed array")
-    return np.frombuffer(d["data"], dtype=np.float32).reshape(d["shape"]).copy()
+    return np.frombuffer(d["data"], dtype=np.float32).reshape(shape).copy()
 
 
 def encode_keep_stats(stats: KeepStats) -> bytes:
@@ -146,8 +149,8 @@ class SegmentShares:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SegmentShares:
         bins = np.asarray(d["bins"], dtype=np.float32)
-        if bins.ndim != 3:
-            raise ValueError("segment shares: bins must be [layers, kv heads, bins]")
+        if bins.ndim != 3 or not np.isfinite(bins).all() or (bins < 0).any():
+            raise ValueError("segment shares: bins must be finite, >= 0, [layers, kv heads, bins]")
         return cls(str(d["model"]), int(d["version"]), bins, int(d.get("requests", 0)), float(d["made_at"]))
 
 
@@ -247,6 +250,8 @@ def split_budget(total: torch.Tensor, shares: torch.Tensor, room: torch.Tensor) 
     segment's overflow beyond its room goes to the others in proportion to their shares (a head whose
     shares are all 0 where room is left spreads by room). Deterministic: every rank computes the same."""
     room = room.long()
+    shares = torch.nan_to_num(shares.double(), nan=0.0, posinf=0.0, neginf=0.0).clamp(min=0)
+    shares = shares / shares.amax(0, keepdim=True).clamp(min=1e-300)  # scale-free: no overflow
     left = torch.minimum(total.long(), room.sum(0))
     cap, want = room.double(), torch.zeros(room.shape, dtype=torch.float64)
     free = room > 0

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from entropyinfer.policies.config import KVCompressionConfig, SparsePrefillConfig
 from entropyinfer.shard.parallel.executor import PrefillCall
 
-VERSION = 2  # of the plan format; a rank refuses a plan of another version
+VERSION = 3  # of the plan format; a rank refuses a plan of another version
 
 
 @dataclass(frozen=True)

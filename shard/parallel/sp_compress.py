@@ -15,8 +15,10 @@ probabilities of all spans are all-gathered into the whole ``[Hkv, G, length]`` 
 span edges, and every rank runs one rank's `prefix_scores` + `select_positions` on it: the same global top
 ``C - W`` and last ``W`` on every rank. Each rank keeps the selected indices inside its span (its share of
 the global top), in order; the new spans follow from the counts. The all-gathered row is ``G x length``
-floats per head and layer (fine for tests and moderate prompts; a 1M-token prompt would want only the pooled
-edges exchanged). Adaptive capacities are not supported here (such requests run without SP).
+floats per head and layer. The learned split (`_learned`: a first compression with a pinned segment-shares
+table, ``sp_split: learned``) exchanges only the pooled edges: each rank keeps its own top ``b_j``, its
+`split_budget` share of the prefix budget (`policies/segment_shares.py`); re-compressions always run
+exact. Adaptive capacities are not supported here (such requests run without SP).
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ one, a profile of another model is refused at start."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import struct
 import time
@@ -377,6 +378,11 @@ def test_kept_statistics_make_rate_limited_segment_shares_saved_for_a_warm_start
     assert actor.table()["version"] == 0  # head tables untouched
     again = PolicyActor(cfg, "m", 2, 2)  # saved with each shares version: a restart continues from it
     assert again.shares() == shares and again.learner.requests == 5
+    body = json.loads(path.read_text())
+    body["segment_shares"]["sums"] = [[1.0]]  # unusable shares: the actor starts, the head profile kept
+    path.write_text(json.dumps(body))
+    fresh = PolicyActor(cfg, "m", 2, 2)
+    assert fresh.shares()["version"] == 0 and fresh.snapshot()["statistics"]["requests"] == 0
 
 
 def test_the_actor_warm_starts_from_its_profile_and_refuses_another_models(tmp_path: Path) -> None:

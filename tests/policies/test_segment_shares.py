@@ -81,6 +81,10 @@ def test_split_budget_follows_shares_within_each_segments_room() -> None:
     b = split_budget(torch.tensor([10, 7]), torch.tensor([[0.5, 0.0], [0.3, 0.0], [0.2, 0.0]]),
                      torch.tensor([[3, 5], [10, 0], [10, 5]]))  # fmt: skip
     assert b.T.tolist() == [[3, 4, 3], [4, 0, 3]]
+    # shares of any scale, even non-finite ones, never give a budget outside the room or a wrong total
+    for bad in ([float("inf"), 1.0, 1.0], [1e308] * 3, [float("nan"), 2.0, 0.0]):
+        b = split_budget(torch.tensor(12), torch.tensor(bad, dtype=torch.float64), torch.tensor([10, 10, 10]))
+        assert b.sum() == 12 and (b >= 0).all() and (b <= 10).all(), (bad, b)
     # integer shares (a plan's own counts) come back exactly, float noise or not
     counts = torch.tensor([[7, 0], [2, 9], [11, 1]])
     assert torch.equal(split_budget(counts.sum(0), counts.float() / 3, counts + 5), counts)
@@ -109,6 +113,11 @@ def test_learner_averages_and_makes_rate_limited_versions() -> None:
     np.testing.assert_allclose(v2.bins.sum(-1), 1.0, rtol=1e-6)
     back = SegmentShares.from_dict(v2.to_dict())
     assert back.version == 2 and np.array_equal(back.bins, v2.bins)
+    for bad in (np.nan, -1.0, np.inf):  # a table of bins no split could use is refused, not pinned
+        d = v2.to_dict()
+        d["bins"][0][0][0] = bad
+        with pytest.raises(ValueError, match="finite"):
+            SegmentShares.from_dict(d)
     with pytest.raises(ValueError, match="expected"):
         learner.observe(stats(2, 4, [1.0]))  # another shape
 
@@ -130,6 +139,17 @@ def test_keep_stats_round_trip_and_reject_malformed_bytes() -> None:
             }
         ),
         msgpack.packb([1, 2, 3]),
+        msgpack.packb(
+            {"v": 1, "model": "m", "fractions": {"shape": 3, "data": b""}, "weights": {"shape": [1]}}
+        ),
+        msgpack.packb(
+            {
+                "v": 1,
+                "model": "m",
+                "fractions": {"shape": [1, 1, "x"], "data": b""},
+                "weights": {"shape": [1, 1], "data": b"\0" * 4},
+            }
+        ),
     ]
     for blob in bad:
         with pytest.raises(ValueError):
