@@ -264,7 +264,7 @@ class EngineCore:
             if stats is not None:
                 sink(seq.request_id, stats)
         except Exception:
-            self._sink_failure()
+            self._sink_failure("head statistics")
 
     def _report_kept(self, seq: Sequence) -> None:
         """Hand where the first compression kept the prompt's positions to its sink (at most once)."""
@@ -274,12 +274,12 @@ class EngineCore:
         try:
             self.kept_stats_sink(seq.request_id, KeepStats(self.model_name, kept[0].numpy(), kept[1].numpy()))
         except Exception:
-            self._sink_failure()
+            self._sink_failure("kept-position statistics")
 
-    def _sink_failure(self) -> None:
-        if not self._sink_failed:
+    def _sink_failure(self, what: str) -> None:
+        if not self._sink_failed:  # once for both sinks: they feed the same policy client
             self._sink_failed = True
-            logging.getLogger(__name__).exception("policy statistics sink failed (logged once)")
+            logging.getLogger(__name__).exception("%s sink failed (logged once)", what)
 
     def _share(self, seq: Sequence, end: int) -> None:
         """Share the pages this chunk completed (`prefix_sharing.share_chunk`)."""
