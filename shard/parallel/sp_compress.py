@@ -175,6 +175,8 @@ def _learned(
     scores = scores.masked_fill(~valid, float("-inf"))
     total = torch.minimum((cap - w).clamp(min=0), prefix)
     budget = split_budget(total.cpu(), shares.cpu(), room.cpu()).to(dev)  # [sp, H]
+    # rank 0's, on every rank: float rounding may differ between hosts' CPUs, the spans must not (sp x H ints)
+    budget = sp.all_gather(budget)[0]
     counts = budget + (count - room)  # plus the recent positions each span holds
     b = budget[me]
     kmax = min(slots, widest)

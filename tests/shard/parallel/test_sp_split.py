@@ -96,7 +96,7 @@ def _ranks(sp: CountingGroup, seed: int) -> None:
             else:
                 assert torch.equal(got[h, :n], local[h, :n]), (kv, h)
         k = kv.kernel_size // 2 if kv.pooling != "none" else 0
-        assert sum(sp.sent) == H * G * 2 * k, sp.sent  # only the pooling edges, not the whole row
+        assert sum(sp.sent) == H * G * 2 * k + sp.size * H, sp.sent  # the pooling edges and rank 0's budgets
         assert exact_sent == H * G * int(counts.max())
 
         # learned with other shares: each rank its `split_budget` of the prefix budget, its own top by the
