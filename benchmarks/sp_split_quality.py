@@ -41,10 +41,8 @@ from entropyinfer.policies.segment_shares import (
     POSITION_BINS,
     KeepStats,
     ShareLearner,
-    kept_histogram,
-    span_shares,
-    split_budget,
 )
+from entropyinfer.policies.segment_split import kept_histogram, span_shares, split_budget
 
 MODEL = "smollm2-135m"
 

@@ -36,7 +36,7 @@ from entropyinfer.policies.kv_compression import (
     score_keys,
     select_positions,
 )
-from entropyinfer.policies.segment_shares import kept_histogram
+from entropyinfer.policies.segment_split import kept_histogram
 from entropyinfer.shard.arch import ModelArch
 from entropyinfer.shard.kv_cache import CompactKVCache, KVCache
 from entropyinfer.shard.kv_pages import KVPages

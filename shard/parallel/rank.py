@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from entropyinfer.policies.head_stats import HeadStats
 from entropyinfer.policies.kv_compression import KVCompressionConfig, head_capacities, plan_keep
-from entropyinfer.policies.segment_shares import kept_histogram
+from entropyinfer.policies.segment_split import kept_histogram
 from entropyinfer.shard.arch import ModelArch
 from entropyinfer.shard.attention import PrefillAttention, prompt_attention
 from entropyinfer.shard.compression import ObservationPool, PromptObserver

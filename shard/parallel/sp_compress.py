@@ -35,7 +35,7 @@ from entropyinfer.policies.kv_compression import (
     prefix_scores,
     select_positions,
 )
-from entropyinfer.policies.segment_shares import kept_histogram, span_shares, split_budget
+from entropyinfer.policies.segment_split import kept_histogram, span_shares, split_budget
 from entropyinfer.shard.compression import ObservationPool
 from entropyinfer.shard.kv_pages import KVPages
 from entropyinfer.shard.parallel.all_to_all import SequenceParallelGroup

@@ -16,10 +16,8 @@ from entropyinfer.policies.segment_shares import (
     ShareLearner,
     decode_keep_stats,
     encode_keep_stats,
-    kept_histogram,
-    span_shares,
-    split_budget,
 )
+from entropyinfer.policies.segment_split import kept_histogram, span_shares, split_budget
 
 W = 4
 

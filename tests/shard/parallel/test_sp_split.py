@@ -13,7 +13,7 @@ from spawning import spawn
 
 from entropyinfer.policies.config import KVCompressionConfig
 from entropyinfer.policies.kv_compression import prefix_scores, select_positions
-from entropyinfer.policies.segment_shares import split_budget
+from entropyinfer.policies.segment_split import split_budget
 from entropyinfer.shard.parallel.all_to_all import SequenceParallelGroup
 from entropyinfer.shard.parallel.sp_compress import _exact, _Layer, _learned
 
