@@ -125,6 +125,18 @@ def step_ms(llm: LLM, batch: int, context: int, steps: int, graphs: bool) -> dic
     return {"batch": batch, "context": context, "cuda_graphs": graphed, "step_ms": round(ms, 2)}
 
 
+def profile_step(llm: LLM, batch: int, context: int, steps: int = 10) -> str:
+    """torch.profiler's CUDA kernels of `steps` decode steps without graphs (`step_ms`'s inputs): where a
+    step's GPU time goes, kernel by kernel (the graph replays the same kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        step_ms(llm, batch, context, steps, graphs=False)
+    key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    return str(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70))
+
+
 def pre_core(context: int) -> float | None:
     """Decode ms/token of `ttft_decode.json` (batch 1, contiguous cache, CUDA graph) at this context."""
     path = RESULTS / "ttft_decode.json"
@@ -140,6 +152,9 @@ def main() -> None:
     ap.add_argument("--warm", type=int, default=8)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument(
+        "--profile", action="store_true", help="print the first config's kernels (10 steps, no graphs)"
+    )
     args = ap.parse_args()
     if args.smoke:
         args.configs, args.warm, args.new = ["1x600", "3x300"], 2, 4
@@ -150,6 +165,8 @@ def main() -> None:
     # prefix cache off: graphs on and off run the same prompts
     kw = dict(load_format="dummy", device=device, warm_up_kernels=False, enable_prefix_caching=False)
     llm = LLM(str(folder), max_num_seqs=max(most, 32), **kw)  # type: ignore[arg-type]
+    if args.profile:
+        print(profile_step(llm, *configs[0]), flush=True)
     alone = {(b, n, g): step_ms(llm, b, n, args.new, g)["step_ms"] for b, n in configs for g in (True, False)}
     columns = ["batch", "context", "cuda_graphs", "decode_ms_per_token", "decoder_ms", "host_ms", "step_ms",
                "pre_core_ms", "vs_pre_core", "prefill_s"]  # fmt: skip

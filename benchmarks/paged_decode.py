@@ -16,6 +16,9 @@ it measured):
 5. SmolLM2's shape (9/3 heads, d=64), page 16.
 6. tile sweep: ``(BLOCK_N, num_warps, num_stages)`` of the paged kernel at three shapes, to tune
    `tiling.paged_decode_tiles` (last: the longest section).
+7. splits (``--sections splits``): as the engine runs it, a CUDA graph of 32 calls (one per layer), per
+   call: the paged kernel at each (num_splits, tiles) against the contiguous one at its default, batch
+   1 and 8 at 4k / 32k (the lone-request decode gap of engine_serving part d).
 
 Usage: ``python benchmarks/paged_decode.py OUT_DIR`` on the GPU; ``--smoke`` runs every section on tiny
 shapes (on a CPU through Triton's interpreter, float32) to test the script.
@@ -270,6 +273,71 @@ def section_sweep(ctx: Ctx) -> list[Row]:
     return rows
 
 
+def _graph_us(ctx: Ctx, fn: Callable[[], Any], calls: int = 32) -> float:
+    """Microseconds per call of ``fn`` replayed ``calls`` times in one CUDA graph (median of 20 replays)."""
+    if not ctx.cuda:
+        return ctx.bench(fn) * 1e3
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    times = []
+    for _ in range(20):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return statistics.median(times)
+
+
+def section_splits(ctx: Ctx) -> list[Row]:
+    shapes = [(1, 32768), (1, 4096), (8, 32768)] if not ctx.smoke else [(1, 128)]
+    splits = [None, 8, 16, 24, 48, 64] if not ctx.smoke else [None, 2]
+    tiles = [None, [32, 4, 2], [64, 4, 2], [128, 4, 2], [64, 8, 3], [128, 8, 3]] if not ctx.smoke else [None]
+    rows = []
+    for b, c in shapes:
+        rows += _split_rows(ctx, b, c, splits, tiles)
+        if ctx.cuda:
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _split_rows(
+    ctx: Ctx, b: int, c: int, splits: list[int | None], tiles: list[list[int] | None]
+) -> list[Row]:
+    """Every (num_splits, tiles) of one shape against the contiguous kernel, all inside CUDA graphs."""
+    q, k, v, kp, vp, tables, lengths = make_paged(ctx, torch.full((b, 8), c), 32, 128, 16, shared=True)
+    out_c, out_p = torch.empty_like(q), torch.empty_like(q)
+    contig_us = _graph_us(ctx, lambda: ctx.contig(q, k, v, lengths, backend=ctx.backend, out=out_c))
+    rows = []
+    for n in splits:
+        for t in tiles:
+            row: Row = {"batch": b, "context": c, "num_splits": n or "default", "tiles": str(t or "default")}
+            tt = tuple(t) if t else None
+
+            def paged(n: int | None = n, tt: tuple[int, ...] | None = tt) -> torch.Tensor:
+                return ctx.paged(
+                    q, kp, vp, tables, lengths, backend=ctx.backend, num_splits=n, tiles=tt, out=out_p
+                )
+
+            try:
+                us = _graph_us(ctx, paged)
+                row.update(
+                    paged_us=round(us, 1), contig_us=round(contig_us, 1), ratio=round(us / contig_us, 3)
+                )
+                row["max_abs_diff"] = (out_p.float() - out_c.float()).abs().max().item()
+            except Exception:
+                row["error"] = traceback.format_exc(limit=3)[-800:]
+            print(row, flush=True)
+            rows.append(row)
+    return rows
+
+
 def section_smollm2(ctx: Ctx) -> list[Row]:
     shapes = [(1, 32768), (16, 8192), (64, 32768)] if not ctx.smoke else [(2, 64)]
     rows = []
@@ -326,6 +394,7 @@ def main() -> None:
         "page_sizes": section_page_sizes,
         "sweep": section_sweep,
         "smollm2": section_smollm2,
+        "splits": section_splits,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     result: Row = {"env": environment(ctx), "sections": {}}

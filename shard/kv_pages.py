@@ -126,6 +126,10 @@ class KVPages:
         self.cache = PrefixCache()
         self.tables = BatchTables(self.num_kv_heads, device)  # device block tables (`batch_tables`)
 
+    def kv(self, layer: int) -> torch.Tensor:
+        """One layer's keys and values, ``[2, num_pages + 1, Hkv, page_size, d]`` (`paged_kv_write`)."""
+        return self.data[layer]
+
     def k(self, layer: int) -> torch.Tensor:
         return self.data[layer, 0]
 

@@ -35,6 +35,7 @@ from collections import OrderedDict
 import torch
 
 from entropyinfer.kernels.paged_decode_attention import paged_decode_attention
+from entropyinfer.kernels.paged_kv_write import paged_kv_write
 from entropyinfer.shard.compression import ObservationPool
 from entropyinfer.shard.engine import Engine
 from entropyinfer.shard.kv_pages import KVPages
@@ -157,19 +158,18 @@ class PagedDecoder:
         hq, d, ps = self.arch.num_heads, self.arch.head_dim, self.pages.page_size
         h = self.model.model.embed_tokens(tokens)[:, None]  # [B, 1, hidden]
         cos, sin = self.model.rotary(positions[:, None], self.dtype)
-        heads = torch.arange(self.arch.num_kv_heads, device=tokens.device)[None, :]
         lens = lengths.long()
         write_page = tables.long()[None].expand(lens.shape[0], -1, -1, -1).gather(3, (lens // ps)[..., None])
         write_page, write_off = write_page[..., 0], lens % ps  # [L, B, Hkv]
         after = lengths + 1
         for li, layer in enumerate(self.model.layers):
             q, k, v = layer.attention_inputs(h, cos, sin)  # [B, H, 1, d]
-            k_pages, v_pages = self.pages.k(li), self.pages.v(li)
-            k_pages[write_page[li], heads, write_off[li]] = k[:, :, 0]
-            v_pages[write_page[li], heads, write_off[li]] = v[:, :, 0]
+            paged_kv_write(k[:, :, 0], v[:, :, 0], self.pages.kv(li), write_page[li], write_off[li])
             if obs is not None:
                 self.obs_pool.append(li, obs[0], obs[1], q)
-            o = paged_decode_attention(q[:, :, 0], k_pages, v_pages, tables, after[li])  # [B, Hq, d]
+            o = paged_decode_attention(
+                q[:, :, 0], self.pages.k(li), self.pages.v(li), tables, after[li]
+            )  # [B, Hq, d]
             h = layer.finish(h, o.reshape(b, 1, hq * d))
         return self.model.logits(h[:, 0])
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from entropyinfer.kernels.paged_decode_attention import paged_decode_attention
+from entropyinfer.kernels.paged_kv_write import paged_kv_write
 from entropyinfer.shard.compression import ObservationPool
 from entropyinfer.shard.engine import Engine
 from entropyinfer.shard.kv_pages import KVPages
@@ -125,12 +126,10 @@ class SequenceParallelDecoder:
         attend = attend.to(torch.int32)
         h = self.model.model.embed_tokens(tokens)[:, None]  # [B, 1, hidden]
         cos, sin = self.model.rotary(positions[:, None], self.engine.dtype)
-        heads = torch.arange(self.arch.num_kv_heads, device=dev)[None, :]
         for li, layer in enumerate(self.model.layers):
             q, k, v = layer.attention_inputs(h, cos, sin)  # [B, H, 1, d]
+            paged_kv_write(k[:, :, 0], v[:, :, 0], self.pages.kv(li), write_page[li], write_off[li])
             k_pages, v_pages = self.pages.k(li), self.pages.v(li)
-            k_pages[write_page[li], heads, write_off[li]] = k[:, :, 0]
-            v_pages[write_page[li], heads, write_off[li]] = v[:, :, 0]
             if obs is not None:
                 self.obs_pool.append(li, obs[0], obs[1], q)
             o, lse = partial_attention(q[:, :, 0], k_pages, v_pages, tables, attend[li])

@@ -228,11 +228,15 @@ def test_a_killed_rank_fails_the_request_with_503_then_the_group_is_rebuilt(tp: 
     assert error["type"] == "unavailable" and "rank 1" in error["message"], error
     assert failed.headers.get("retry-after")
     deadline = time.monotonic() + 120
-    while (group := _status()["group"])["state"] != "ok" or group["rebuilds"] < 1:
+
+    def rebuilt(group: dict[str, Any]) -> bool:  # replaced, and every rank of the new group up
+        return group["state"] == "ok" and group["rebuilds"] >= 1 and all(r["healthy"] for r in group["ranks"])
+
+    while not rebuilt(group := _status()["group"]):
         assert time.monotonic() < deadline, group
         time.sleep(0.2)
-    assert group["failed_ranks"] == [1] and "rank 1" in (group["last_failure"] or "")
-    assert all(r["healthy"] for r in group["ranks"]) and group["ranks"][1]["actor"] != name
+    assert group["failed_ranks"] == [1] and "rank 1" in (group["last_failure"] or ""), group
+    assert group["ranks"][1]["actor"] != name, group
     again = _complete(tp, 12)
     assert again.status_code == 200, again.text
     assert again.json()["choices"][0]["text"] == _reference(one, PROMPT, 12)
