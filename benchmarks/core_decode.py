@@ -18,7 +18,9 @@ sequence), hence the default mix.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import sys
 import tempfile
 import time
@@ -47,7 +49,9 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def decode_ms(llm: LLM, batch: int, context: int, warm: int, new: int, graphs: bool) -> dict[str, Any]:
+def decode_ms(
+    llm: LLM, batch: int, context: int, warm: int, new: int, graphs: bool, host_profile: bool = False
+) -> dict[str, Any]:
     core = llm.core
     core.decoder.graphs = graphs and torch.cuda.is_available()
     # contexts stay below `context` while the first sequences decode during the others' chunked prefill
@@ -78,9 +82,15 @@ def decode_ms(llm: LLM, batch: int, context: int, warm: int, new: int, graphs: b
     before = [len(core.seqs[r].output_ids) for r in rids]
     sync()
     t0 = time.perf_counter()
+    profiler = cProfile.Profile() if host_profile else None
+    if profiler is not None:
+        profiler.enable()
     for _ in range(new):
         core.step()
     sync()
+    if profiler is not None:
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(40)
     ms = (time.perf_counter() - t0) * 1e3 / new
     core.executor.decode = decode  # type: ignore[method-assign]
     made = [len(core.seqs[r].output_ids) - k for r, k in zip(rids, before, strict=True)]
@@ -155,6 +165,9 @@ def main() -> None:
     ap.add_argument(
         "--profile", action="store_true", help="print the first config's kernels (10 steps, no graphs)"
     )
+    ap.add_argument(
+        "--host-profile", action="store_true", help="print cProfile of the first config's timed core steps"
+    )
     args = ap.parse_args()
     if args.smoke:
         args.configs, args.warm, args.new = ["1x600", "3x300"], 2, 4
@@ -190,7 +203,8 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     for batch, context in configs:
         for graphs in (True, False):
-            row = decode_ms(llm, batch, context, args.warm, args.new, graphs)
+            first = args.host_profile and graphs and not rows
+            row = decode_ms(llm, batch, context, args.warm, args.new, graphs, first)
             row["step_ms"] = alone[batch, context, graphs]
             before = pre_core(context) if batch == 1 else None
             row["pre_core_ms"] = round(before, 2) if before else None
