@@ -299,6 +299,7 @@ def selection_cases() -> Iterator[tuple[str, Callable[[], Any]]]:
 def decode_cases(m: Model, dt: torch.dtype, tier: Tier) -> Iterator[tuple[str, Callable[[], Any]]]:
     from entropyinfer.kernels.decode_attention import decode_attention
     from entropyinfer.kernels.paged_decode_attention import paged_decode_attention
+    from entropyinfer.kernels.paged_kv_write import paged_kv_write
 
     # (batch, keys): one split per head writes the output itself; one sequence of 4096 keys in many splits
     # (the merge's widest split count); full: 8 sequences (a few splits)
@@ -321,6 +322,11 @@ def decode_cases(m: Model, dt: torch.dtype, tier: Tier) -> Iterator[tuple[str, C
                 f"paged_decode_attention[page {ps}, B={batch}, L={n}]",
                 lambda: paged_decode_attention(q, k_pages, v_pages, tables, lengths, backend="triton"),
             )
+    # the decode step's KV write: k, v views of the projection [B, Hkv, 1, d]; int64 pages and offsets
+    kv = torch.stack(_pages(m, 4096, 16, dt, torch.int32)[:2])
+    kv_new = _rand(8, m.hkv, 3, m.d, dtype=dt)[:, :, 0]
+    page, offset = torch.zeros(8, m.hkv, dtype=torch.long), torch.arange(8 * m.hkv).view(8, m.hkv) % 16
+    yield ("paged_kv_write[B=8]", lambda: paged_kv_write(kv_new, kv_new, kv, page, offset, backend="triton"))
     k_pages, v_pages, table = _pages(m, 4096, 16, dt, torch.int32)
     q, lengths = _rand(1, m.hq, m.d, dtype=dt), torch.full((1, m.hkv), 4096, dtype=torch.int32)
     lse = torch.empty(1, m.hq)

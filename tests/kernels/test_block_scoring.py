@@ -125,11 +125,13 @@ def test_chunk_scores_kernel_matches_reference(
         # the torch path, row-invariant: bit for bit the whole prompt's rows
         rows = slice(s0, s0 + nc)
         assert torch.equal(ref.logits[vis], whole.logits[:, rows][vis])
-        assert torch.equal(ref.entropy, whole.entropy[:, rows])
         assert whole.spread is not None and ref.spread is not None
         if DEVICE == "cpu":
+            assert torch.equal(ref.entropy, whole.entropy[:, rows])
             assert torch.equal(ref.spread, whole.spread[:, rows])
-        else:  # on an H200 the spread's reduction over fewer rows differed in the last bit (2026-12-02)
+        else:  # on an H200 the reductions over fewer rows differed in the last bit (spread 2026-12-02,
+            # entropy 2026-12-04: 8 x 2 heads, N=1000, 3-segment chunks)
+            torch.testing.assert_close(ref.entropy, whole.entropy[:, rows], rtol=1e-6, atol=1e-6)
             torch.testing.assert_close(ref.spread, whole.spread[:, rows], rtol=1e-6, atol=1e-6)
 
 
