@@ -41,6 +41,9 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cuda_time
+
 Row = dict[str, Any]
 
 
@@ -284,15 +287,7 @@ def _graph_us(ctx: Ctx, fn: Callable[[], Any], calls: int = 32) -> float:
     with torch.cuda.graph(graph):
         for _ in range(calls):
             fn()
-    times = []
-    for _ in range(20):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    return statistics.median(times)
+    return cuda_time(graph.replay, reps=20) * 1e3 / calls
 
 
 def section_splits(ctx: Ctx) -> list[Row]:

@@ -70,10 +70,10 @@ def paged_kv_write(
 ) -> None:
     """Write ``k, v [B, Hkv, d]`` into one layer's ``kv_pages [2, num_pages, Hkv, page_size, d]`` in place,
     at ``kv_pages[:, page[b, h], h, offset[b, h]]`` (page ids and offsets must be in range: not checked)."""
-    check_kv_write_args(k, v, kv_pages, page, offset)
     if not runs_triton(k.device, backend) or k.numel() == 0:
-        paged_kv_write_ref(k, v, kv_pages, page, offset)
+        paged_kv_write_ref(k, v, kv_pages, page, offset)  # checks the arguments itself
         return
+    check_kv_write_args(k, v, kv_pages, page, offset)
     if not kv_pages.is_contiguous() or k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError(
             "paged_kv_write: kv_pages must be contiguous, k and v need a contiguous last dimension"
