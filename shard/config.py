@@ -115,6 +115,11 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     cuda_graphs: bool = True  # capture the decode step in a CUDA graph (GPU only) ...
     cuda_graph_min_tokens: int = 8  # ... when at least this many tokens are generated
+    # Overlapped decode (shard/engine_core.py): a greedy decode step is launched before the previous one's
+    # tokens are read back (its inputs fed from the device), so the host's per-step work runs while the GPU
+    # computes. True, False, or None: on CUDA only (on the CPU nothing overlaps; it would only delay each
+    # streamed token by one step).
+    async_decode: bool | None = None
     # GPU: compile the sparse-prefill kernels for every block-count size class when the model loads, so the
     # first long request of each size does not pay Triton's compile time (a few seconds, once per process).
     warm_up_kernels: bool = True
@@ -149,6 +154,8 @@ class EngineConfig:
             check_int("num_kv_pages", self.num_kv_pages, minimum=1)
         if self.max_dense_prefill_pairs is not None:
             check_int("max_dense_prefill_pairs", self.max_dense_prefill_pairs, minimum=1)
+        if self.async_decode not in (None, True, False):
+            raise ConfigError(f"async_decode: expected true, false or null, got {self.async_decode!r}")
         u = self.gpu_memory_utilization
         if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 1:
             raise ConfigError(f"gpu_memory_utilization: expected a number in (0, 1], got {u!r}")
@@ -157,6 +164,10 @@ class EngineConfig:
         """`paged_prefix_reads` on a device of this type ("cuda", "cpu"): None means on CUDA only."""
         reads = self.paged_prefix_reads
         return device_type == "cuda" if reads is None else reads
+
+    def overlaps_decode(self, device_type: str) -> bool:
+        """`async_decode` on a device of this type: None means on CUDA only."""
+        return device_type == "cuda" if self.async_decode is None else self.async_decode
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ from entropyinfer.policies.kv_compression import KVCompressionConfig
 from entropyinfer.policies.segment_shares import KeepStats
 from entropyinfer.shard.attention import PrefillAttention, prompt_attention
 from entropyinfer.shard.compression import PromptObserver, compression_due
+from entropyinfer.shard.decode_overlap import InFlight, deferrable, feeds_from
 from entropyinfer.shard.engine import Engine
 from entropyinfer.shard.head_report import HeadStatsSink, KeptStatsSink, head_stats
 from entropyinfer.shard.parallel.executor import Executor, LocalExecutor, PrefillCall, resumable
@@ -102,6 +103,11 @@ class EngineCore:
         self.single_rank = self.executor.shape == (1, 1)
         self.scheduler = Scheduler(self.config, self.pages)
         self.inputs = StepInputs(self.device)  # one host-to-device copy per decode step
+        # overlapped decode (`shard/decode_overlap.py`): the step whose tokens are still on the device
+        self.overlap = self.config.overlaps_decode(self.device.type)
+        self._flight: InFlight | None = None
+        self._landed_at = 0.0  # when the last decode step's tokens were read back
+        self.overlapped_steps = 0  # decode steps launched before the previous one was read back
         self.seqs: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
         # the policy actor's hooks (`shard/head_report.py`): after each sparse prefill the request's head
@@ -185,8 +191,12 @@ class EngineCore:
                 if kv.recompress_every <= 0:
                     self._release_window(seq)
         scheduled = self.scheduler.schedule()
-        if scheduled.decode:
-            events += self._decode(scheduled.decode)
+        decode = scheduled.decode
+        if self._flight is not None and not feeds_from(self._flight, decode):
+            events += self._land()  # a cancel or preemption changed the batch: read the step back first
+            decode = [s for s in decode if not s.finished]
+        if decode:
+            events += self._decode(decode)
         for chunk in scheduled.prefill:
             events += self._prefill(chunk)
         return events
@@ -289,12 +299,12 @@ class EngineCore:
 
     @torch.inference_mode()
     def _decode(self, seqs: list[Sequence]) -> list[EngineEvent]:
-        dev = self.device
-        t0 = _now(dev)
+        fed = feeds_from(self._flight, seqs)  # inputs from the step in flight, on the device
+        t0 = time.perf_counter() if fed else _now(self.device)
         # the step's inputs and block-table changes go to the device in one copy (`shard/step_inputs.py`)
         inputs = self.inputs
         inputs.begin()
-        inputs.longs([s.next_input for s in seqs])
+        inputs.longs([0] * fed + [s.next_input for s in seqs[fed:]])
         inputs.longs([s.position for s in seqs])
         inputs.stack([s.kv_lengths for s in seqs if s.kv_lengths is not None], dim=1)
         windows = any(s.obs_row is not None for s in seqs)
@@ -310,19 +320,27 @@ class EngineCore:
         tables = self.pages.batch_tables(seqs, inputs)
         views = inputs.upload()
         tokens, positions, lengths = views[:3]
+        if fed:
+            assert self._flight is not None
+            tokens[:fed].copy_(self._flight.tokens)
         index = (views[3], views[4]) if windows else None
         steps_left = max(s.params.max_tokens - len(s.output_ids) for s in seqs)
         ids = [s.request_id for s in seqs]
         logits = self.executor.decode(tokens, positions, tables, lengths, index, steps_left, ids)
-        greedy = logits.argmax(-1).tolist()
-        elapsed = _now(dev) - t0
-        events: list[EngineEvent] = []
-        for i, s in enumerate(seqs):
+        replays = [s.replaying for s in seqs]
+        for s in seqs:
             assert s.kv_lengths is not None
             s.kv_lengths += 1
-            replay = s.replaying
             s.decode_steps += 1
-            if replay:
+        if self.overlap and deferrable(seqs, fed):  # read back while the next step runs
+            events, self._flight = self._land(), InFlight(seqs, logits.argmax(-1), t0)
+            self.overlapped_steps += fed > 0
+            return events
+        events = self._land()
+        greedy = logits.argmax(-1).tolist()
+        elapsed = self._read_back(t0)
+        for i, s in enumerate(seqs):
+            if replays[i] or s.finished:  # a replayed token; or it stopped at the token in flight
                 continue
             s.decoded_tokens += 1
             s.decode_seconds += elapsed
@@ -330,10 +348,34 @@ class EngineCore:
             events += self._emit(s, token, logits[i])
         return events
 
-    def _emit(self, seq: Sequence, token: int, logits: torch.Tensor) -> list[EngineEvent]:
+    def _land(self) -> list[EngineEvent]:
+        """Read the step in flight back (if any) and emit its tokens."""
+        flight, self._flight = self._flight, None
+        if flight is None:
+            return []
+        greedy = flight.tokens.tolist()
+        elapsed = self._read_back(flight.started)
+        events: list[EngineEvent] = []
+        for s, token in zip(flight.seqs, greedy, strict=True):
+            if s.finished:  # cancelled or aborted since: its token is dropped
+                continue
+            s.decoded_tokens += 1
+            s.decode_seconds += elapsed
+            events += self._emit(s, token, None)
+        return events
+
+    def _read_back(self, started: float) -> float:
+        """Seconds a decode step's tokens took: since its launch began, or, when it was launched before the
+        previous step was read back, since that read-back (the time between tokens)."""
+        now = time.perf_counter()
+        elapsed, self._landed_at = now - max(started, self._landed_at), now
+        return elapsed
+
+    def _emit(self, seq: Sequence, token: int, logits: torch.Tensor | None) -> list[EngineEvent]:
         """The events of a sampled token (`logits`: its row, fp32 [vocab], for the logprobs asked)."""
         lp = None
         if seq.logprobs is not None:
+            assert logits is not None
             lp = logprobs_of(logits[None], torch.tensor([token]), seq.params.logprobs or 0)[0]
             seq.logprobs.append(lp)
         events: list[EngineEvent] = [TokenDelta(seq.request_id, token, seq.append(token), lp)]
