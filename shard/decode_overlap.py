@@ -28,11 +28,42 @@ from entropyinfer.shard.sequence import Sequence
 
 @dataclass
 class InFlight:
-    """A launched decode step whose tokens are still on the device."""
+    """A launched decode step whose tokens are still on the device: `host` receives them (a pinned copy
+    queued right after the step, so reading it waits for this step only, not for the next one queued
+    behind it on the stream; on the CPU, the ids themselves)."""
 
     seqs: list[Sequence]
     tokens: torch.Tensor  # int64 [len(seqs)] greedy ids, on the device
+    host: torch.Tensor
+    ready: torch.cuda.Event | None
     started: float  # perf_counter when its launch began
+
+    def ids(self) -> list[int]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return [int(t) for t in self.host.tolist()]
+
+
+class ReadBack:
+    """Copies of a step's ids into one of two pinned host buffers (a step's buffer is read before the
+    step after next reuses it)."""
+
+    def __init__(self) -> None:
+        self._buffers: list[torch.Tensor | None] = [None, None]
+        self._turn = 0
+
+    def start(self, seqs: list[Sequence], tokens: torch.Tensor, started: float) -> InFlight:
+        if tokens.device.type != "cuda":
+            return InFlight(seqs, tokens, tokens, None, started)
+        self._turn ^= 1
+        buf, n = self._buffers[self._turn], tokens.numel()
+        if buf is None or buf.numel() < n:
+            buf = self._buffers[self._turn] = torch.empty(max(64, 2 * n), dtype=tokens.dtype, pin_memory=True)
+        host = buf[:n]
+        host.copy_(tokens, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return InFlight(seqs, tokens, host, ready, started)
 
 
 def deferrable(seqs: list[Sequence], fed: int) -> bool:

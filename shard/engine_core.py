@@ -46,7 +46,7 @@ from entropyinfer.policies.kv_compression import KVCompressionConfig
 from entropyinfer.policies.segment_shares import KeepStats
 from entropyinfer.shard.attention import PrefillAttention, prompt_attention
 from entropyinfer.shard.compression import PromptObserver, compression_due
-from entropyinfer.shard.decode_overlap import InFlight, deferrable, feeds_from
+from entropyinfer.shard.decode_overlap import InFlight, ReadBack, deferrable, feeds_from
 from entropyinfer.shard.engine import Engine
 from entropyinfer.shard.head_report import HeadStatsSink, KeptStatsSink, head_stats
 from entropyinfer.shard.parallel.executor import Executor, LocalExecutor, PrefillCall, resumable
@@ -106,6 +106,7 @@ class EngineCore:
         # overlapped decode (`shard/decode_overlap.py`): the step whose tokens are still on the device
         self.overlap = self.config.overlaps_decode(self.device.type)
         self._flight: InFlight | None = None
+        self._read_backs = ReadBack()
         self._landed_at = 0.0  # when the last decode step's tokens were read back
         self.overlapped_steps = 0  # decode steps launched before the previous one was read back
         self.seqs: dict[str, Sequence] = {}
@@ -333,7 +334,8 @@ class EngineCore:
             s.kv_lengths += 1
             s.decode_steps += 1
         if self.overlap and deferrable(seqs, fed):  # read back while the next step runs
-            events, self._flight = self._land(), InFlight(seqs, logits.argmax(-1), t0)
+            events = self._land()
+            self._flight = self._read_backs.start(seqs, logits.argmax(-1), t0)
             self.overlapped_steps += fed > 0
             return events
         events = self._land()
@@ -353,7 +355,7 @@ class EngineCore:
         flight, self._flight = self._flight, None
         if flight is None:
             return []
-        greedy = flight.tokens.tolist()
+        greedy = flight.ids()
         elapsed = self._read_back(flight.started)
         events: list[EngineEvent] = []
         for s, token in zip(flight.seqs, greedy, strict=True):
