@@ -4,11 +4,11 @@ rigid so far, what chunked prefill and prefix caching need), the causal spread r
 rule (`mode: coverage`: blocks that cover a share of the block attention at 1/sqrt(d)).
 
 One run does everything (`evaluation/matched.py`):
-1. Retrieval cases: the passkey task at every length x depth; dense answers all, the cases dense solves are
-   the retrieval set.
+1. Retrieval cases: the retrieval task (`--task`, passkey by default) at every length x depth; dense answers
+   all, the cases dense solves are the retrieval set.
 2. Calibration, per density level: `fixed` takes the level as its `target_density` (solved per prompt); the
    entropy rules' knob (base budget; the spread factor) is bisected so that their density on a prompt is the
-   level: on one passkey prompt per length (for that length's cases), and on each text prompt.
+   level: on one prompt of the task per length (for that length's cases), and on each text prompt.
 3. Retrieval on the dense-solved cases, for every (level, rule), plus `fixed matched`: fixed at the spread
    rule's own density on each case (the sharpest pair).
 4. KL(dense || rule) per position over every sparse position, top-1 agreement and perplexity on real text that
@@ -22,6 +22,8 @@ causal,spread,coverage --deadline-s 400 --out $OUT` (about 7-8 minutes, Triton c
 commit 88a6478 the knobs were calibrated to the mean density over all prompts, which gives short prompts more
 density than `fixed target` did (benchmarks/results/budget_rules_verdict.md, section 1).
 CPU check: `--smoke` (1k-1.5k tokens, one level; a few minutes).
+More retrieval evidence at lower densities, no KL phase: `--task multikey --depths 17 --levels
+0.15,0.2,0.25,0.3 --no-text --families causal` (the passkey task saturates near dense at 0.25-0.30).
 `--families causal,per_head,reference` runs only those entropy rules (fixed always runs).
 """
 
@@ -53,7 +55,7 @@ from entropyinfer.evaluation.matched import (
 from entropyinfer.evaluation.plans import DENSE, PolicySpec
 from entropyinfer.evaluation.report import markdown_table
 from entropyinfer.evaluation.runner import run_case
-from entropyinfer.evaluation.tasks import passkey_case
+from entropyinfer.evaluation.tasks import TASKS
 from entropyinfer.policies.config import load_sparse_config
 
 PRESET = "entropy_short"
@@ -118,12 +120,24 @@ def main() -> None:
         help="KL only, no calibration: comma-separated family=knob (e.g. causal=200,per_head=200) plus "
         "fixed at the plan's first level, on the plan's text prompts",
     )
+    ap.add_argument("--task", choices=sorted(TASKS), default="passkey", help="the retrieval task")
+    ap.add_argument("--levels", default="", help="comma-separated density levels (default: the plan's)")
+    ap.add_argument("--depths", type=int, default=0, help="this many evenly spaced needle depths")
+    ap.add_argument("--no-text", action="store_true", help="retrieval only: skip the KL phase")
     args = ap.parse_args()
     wanted = {f"entropy {name.strip()}" for name in args.families.split(",") if name.strip()}
     families = [f for f in FAMILIES if not wanted or f.name in wanted]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(args.threads)
-    plan = SMOKE if args.smoke else CPU if args.cpu_plan else FULL
+    plan = dict(SMOKE if args.smoke else CPU if args.cpu_plan else FULL)
+    if args.levels:
+        plan["levels"] = tuple(float(x) for x in args.levels.split(","))
+    if args.depths:
+        plan["depths"] = tuple(round((i + 0.5) / args.depths, 4) for i in range(args.depths))
+    if args.no_text:
+        plan["text_lengths"] = ()
+    plan["task"] = args.task
+    make_case = TASKS[args.task]
     t0 = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -171,7 +185,7 @@ def main() -> None:
         (out / "budget_quality.md").write_text(report(meta, rows, verdict, state))
 
     # 1. retrieval cases, dense
-    cases = [passkey_case(llm, n, d) for n in plan["lengths"] for d in plan["depths"]]
+    cases = [make_case(llm, n, d) for n in plan["lengths"] for d in plan["depths"]]
     for case in cases:
         rec, _ = run_case(llm, case, DENSE, base)
         state["dense_cases"].append(_brief(rec, None, "dense"))
@@ -202,7 +216,7 @@ def main() -> None:
     for n in plan["lengths"]:
         if late():
             break
-        specs = matched_specs(passkey_case(llm, n, 0.5).prompt_ids, f"passkey {n}")
+        specs = matched_specs(make_case(llm, n, 0.5).prompt_ids, f"{args.task} {n}")
         save("calibration")
         for level, fam_name, spec in specs:
             for case in [c for c in solved if c.length == n]:
@@ -312,14 +326,15 @@ def report(
         f"device {meta['device']}, {meta['dtype']}; preset `{meta['preset']}`; run: `{meta['command']}`; "
         f"phase {meta['phase']}, {'complete' if meta['complete'] else 'PARTIAL'}, {meta['seconds']} s.",
         "",
-        f"Retrieval: passkey at lengths {meta['plan']['lengths']} x depths {meta['plan']['depths']}: dense "
+        f"Retrieval: {meta['plan']['task']} at lengths {meta['plan']['lengths']} x depths "
+        f"{meta['plan']['depths']}: dense "
         f"solves {sum(r['correct'] for r in dense)} of {len(dense)}; every sparse configuration runs on "
         "those cases (`correct` of `cases`). KL: KL(dense || rule) per position over every position from "
         f"the first sparse segment on, on de-duplicated real prose, lengths {meta['plan']['text_lengths']} x "
         f"{meta['plan']['text_slices']} slices (`kl_window`: the last 1024 positions only; `ppl_ratio`: "
         "perplexity over dense's). density: the retrieval cases' mean; density_text: the text prompts'.",
         "`fixed`: target_density = the level, solved per prompt; `fixed matched`: fixed at the spread rule's "
-        "own density on each prompt; entropy rules: knob bisected to the level on one passkey prompt per "
+        "own density on each prompt; entropy rules: knob bisected to the level on one prompt of the task per "
         "length (retrieval) and on each text prompt (KL); the knob values are in the JSON (`calibration`).",
         "",
         markdown_table(COLUMNS, rows),  # type: ignore[arg-type]

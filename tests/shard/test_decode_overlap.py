@@ -1,7 +1,10 @@
 """Overlapped decode (`shard/decode_overlap.py`) on a tiny random model (CPU, fp32): with `async_decode`
 on, a step is launched before the previous one is read back, and every request's tokens, text, finish
 reason and pages are those of the synchronous core: in a batch that changes every step, with stop tokens,
-`max_tokens`, sampled and logprobs requests beside greedy ones, a cancel, and preemption."""
+`max_tokens`, sampled and logprobs requests beside greedy ones, a cancel, and preemption.
+
+On the CPU a device copy is synchronous, so only the bookkeeping is tested there; the same tests run on CUDA
+(bf16, CUDA graphs), where the next step really is queued behind the one whose ids it reads."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 from entropyinfer import LLM, SamplingParams
 from entropyinfer.shard.engine_core import EngineCore, Finished, TokenDelta
@@ -17,13 +21,17 @@ from entropyinfer.shard.sequence import RequestOutput, SequenceRequest
 PROMPTS = [f"overlap {i}: " + "abc " * (2 * i + 1) for i in range(6)]
 
 
-@pytest.fixture(scope="module")
-def llms(tiny_checkpoint: Path) -> dict[bool, LLM]:
-    kw = dict(load_format="dummy", device="cpu", warm_up_kernels=False, num_kv_pages=24, kv_page_size=8)
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(scope="module", params=["cpu", pytest.param("cuda", marks=CUDA)])
+def llms(request: pytest.FixtureRequest, tiny_checkpoint: Path) -> dict[bool, LLM]:
+    kw = dict(load_format="dummy", warm_up_kernels=False, num_kv_pages=24, kv_page_size=8)
+    kw["device"] = request.param
     return {on: LLM(str(tiny_checkpoint), async_decode=on, **kw) for on in (False, True)}  # type: ignore[arg-type]
 
 
-def request(llm: LLM, rid: str, prompt: str, params: SamplingParams, **kw: object) -> SequenceRequest:
+def seq_request(llm: LLM, rid: str, prompt: str, params: SamplingParams, **kw: object) -> SequenceRequest:
     ids = llm.encode(prompt)
     return SequenceRequest(rid, prompt, ids, params, "dense", llm.config.sparse, None, **kw)  # type: ignore[arg-type]
 
@@ -41,7 +49,7 @@ def run(
     step, most = 0, 0
     while step in arrivals or core.has_unfinished() or any(k > step for k in arrivals):
         for rid, prompt, params in arrivals.get(step, []):
-            core.add_request(request(llm, rid, prompt, params))
+            core.add_request(seq_request(llm, rid, prompt, params))
         if cancel_at and step in cancel_at:
             cancel_at[step].set()
         for e in core.step():
@@ -97,7 +105,7 @@ def test_a_cancel_mid_stream_frees_the_pages_and_spares_the_others(llms: dict[bo
         cancel = threading.Event()
         arrivals: Arrivals = {0: [("x", PROMPTS[1], greedy(12)), ("y", PROMPTS[3], greedy(12))]}
         core = llms[on].core
-        core.add_request(request(llms[on], "z", PROMPTS[4], greedy(30), cancel=cancel))
+        core.add_request(seq_request(llms[on], "z", PROMPTS[4], greedy(30), cancel=cancel))
         outs[on], _, _ = run(llms[on], arrivals, {5: cancel})
     for on in (False, True):
         assert outs[on]["z"].finish_reason == "cancelled"
