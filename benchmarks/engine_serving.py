@@ -214,7 +214,9 @@ def interference(
 
     prompt = text(doc_tokens)  # made and tokenized before the streams' clock runs (0.1 s of host time that
     ids = engine.llm.encode(prompt)  # was the streams' first gap during the prefill, and set p99 at 186 ms)
-    while len(last) < len(streams) or len(before) < 4 * len(streams):  # every stream decoding
+    while len(last) < len(streams):  # until every stream decodes (their own prefill chunks are done)
+        on_step(*engine.step(streams), [])
+    while len(before) < 4 * len(streams):  # the streams' decode alone: 4 tokens each
         on_step(*engine.step(streams), before)
     t0 = time.perf_counter()
     doc = engine.submit(prompt, 1, policy, ids)
