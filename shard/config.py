@@ -86,6 +86,13 @@ class ModelConfig:
             check_int("seed", self.seed, minimum=0)
 
 
+DENSE_PAIRS_PER_BATCHED_TOKEN = 1 << 14
+"""Dense prefill query-key pairs a step may run beside decoding streams, per token of its budget
+(`EngineConfig.max_dense_prefill_pairs = "auto"`). A pair costs about 4 x d x Hq x layers FLOPs (0.5 MFLOP
+in an 8B model), a token of the linear layers about 2 x parameters (16 GFLOP): ~30k pairs cost one token's
+work; 16384 keeps a step's dense attention at about half its token budget's."""
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     # Tokens per chunk of the token-wise prefill work (norms, projections, MLP): bounds activation memory.
@@ -95,13 +102,16 @@ class EngineConfig:
     # Tokens one step runs: one per decoding sequence plus the prompt chunks it prefills (shard/scheduler.py).
     max_num_batched_tokens: int = 8192
     # Query-key pairs of dense prefill attention a prompt's chunk may run beside decoding streams or other
-    # prefills (None: no limit): dense attention over a long prefix costs by its keys, so a dense prompt's
-    # chunks and a sparse prompt's dense last segment are cut into pieces of about this many pairs (whole
-    # pages; the default is 128 queries over a 128k prefix, about 30 ms of an 8B model's step on an H200:
-    # with 256 the two pieces of a 128k document's last segment were the only steps over 100 ms, 121 and
-    # 155 ms, benchmarks/stall_trace.py), and the streams keep their pace. A prefill alone in its step runs
-    # whole.
-    max_dense_prefill_pairs: int | None = 1 << 24
+    # prefills: dense attention over a long prefix costs by its keys, so a dense prompt's chunks and a sparse
+    # prompt's dense last segment are cut into pieces of about this many pairs (whole pages), and the streams
+    # keep their pace. A prefill alone in its step runs whole. "auto": `max_num_batched_tokens` x
+    # `DENSE_PAIRS_PER_BATCHED_TOKEN` (16384), so the one knob trades latency for throughput: 2^24 pairs (128
+    # queries over a 128k prefix, about 30 ms of an 8B model's step on an H200) at 1024 tokens, the setting
+    # measured for the streams' p99 (pieces of 2^25 pairs were a 128k document's only steps over 100 ms,
+    # benchmarks/stall_trace.py); 2^27 at the default 8192, where 2^24 cut a batch of 32k dense prompts into
+    # ~500-token chunks and took 1.5x their prefill time (benchmarks/results/core_decode.md).
+    # An int: that many pairs; None: no limit.
+    max_dense_prefill_pairs: int | Literal["auto"] | None = "auto"
     # Scheduling (shard/scheduler.py): at most `max_long_partial_prefills` prompts with more than
     # `long_prefill_token_threshold` tokens left to prefill (after the prefix cache) prefill at once, and
     # shorter ones are admitted past a long one that waits, so chats are not held behind documents.
@@ -152,7 +162,7 @@ class EngineConfig:
             raise ConfigError(f"kv_page_size: a power of two in 8 .. 128 (the paged kernel's), got {ps}")
         if self.num_kv_pages is not None:
             check_int("num_kv_pages", self.num_kv_pages, minimum=1)
-        if self.max_dense_prefill_pairs is not None:
+        if self.max_dense_prefill_pairs not in (None, "auto"):
             check_int("max_dense_prefill_pairs", self.max_dense_prefill_pairs, minimum=1)
         if self.async_decode not in (None, True, False):
             raise ConfigError(f"async_decode: expected true, false or null, got {self.async_decode!r}")
@@ -164,6 +174,11 @@ class EngineConfig:
         """`paged_prefix_reads` on a device of this type ("cuda", "cpu"): None means on CUDA only."""
         reads = self.paged_prefix_reads
         return device_type == "cuda" if reads is None else reads
+
+    def dense_prefill_pairs(self) -> int | None:
+        """`max_dense_prefill_pairs` with "auto" resolved (None: no limit)."""
+        pairs = self.max_dense_prefill_pairs
+        return self.max_num_batched_tokens * DENSE_PAIRS_PER_BATCHED_TOKEN if pairs == "auto" else pairs
 
     def overlaps_decode(self, device_type: str) -> bool:
         """`async_decode` on a device of this type: None means on CUDA only."""

@@ -154,7 +154,7 @@ class Scheduler:
         """`end`, cut so that the chunk's dense part (positions >= seq.dense_from; position p reads p + 1
         keys) runs at most `max_dense_prefill_pairs` query-key pairs; a chunk of sparse segments whose dense
         part would be cut stops where that part starts (a piece on top of a full chunk is a slow step)."""
-        limit = self.config.max_dense_prefill_pairs
+        limit = self.config.dense_prefill_pairs()
         a = max(start, seq.dense_from)
         if limit is None or end <= a:
             return end

@@ -10,7 +10,12 @@ import pytest
 from entropyinfer import LLM, ConfigError, SamplingParams, UnknownPolicyError
 from entropyinfer.configs.loader import KeywordSection, split_keywords
 from entropyinfer.policies.registry import POLICY_NAMES
-from entropyinfer.shard.config import EngineConfig, LLMConfig, default_sparse_preset
+from entropyinfer.shard.config import (
+    DENSE_PAIRS_PER_BATCHED_TOKEN,
+    EngineConfig,
+    LLMConfig,
+    default_sparse_preset,
+)
 
 
 @pytest.fixture(scope="module")
@@ -64,12 +69,24 @@ def test_auto_kv_compression_follows_the_registry() -> None:
         ({"kv_compression": "nope"}, ConfigError, "nope"),
         ({"policy_config": "nope"}, ConfigError, "nope"),
         ({"sequence_parallel_size": 0}, ConfigError, "sequence_parallel_size: must be >= 1"),
+        ({"max_dense_prefill_pairs": "max"}, ConfigError, "max_dense_prefill_pairs: 'max' matches none"),
+        ({"max_dense_prefill_pairs": 0}, ConfigError, "max_dense_prefill_pairs: must be >= 1"),
         ({"policy": "magic"}, UnknownPolicyError, "dense, entropy, fixed, snapkv"),
     ],
 )
 def test_bad_keywords_name_the_key(keywords: dict[str, object], error: type, message: str) -> None:
     with pytest.raises(error, match=message):
         LLMConfig.from_keywords(keywords)
+
+
+def test_the_dense_prefill_cut_follows_the_token_budget_unless_set() -> None:
+    def pairs(**kw: object) -> int | None:
+        return LLMConfig.from_keywords(kw).engine.dense_prefill_pairs()
+
+    assert pairs(max_num_batched_tokens=1024) == 1 << 24  # the latency setting measured on the H200
+    assert pairs() == 8192 * DENSE_PAIRS_PER_BATCHED_TOKEN == 1 << 27
+    assert pairs(max_num_batched_tokens=512, max_dense_prefill_pairs=1 << 20) == 1 << 20
+    assert pairs(max_dense_prefill_pairs=None) is None
 
 
 def test_split_keywords_prefixes_and_unknown_keys() -> None:
