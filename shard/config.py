@@ -91,6 +91,7 @@ DENSE_PAIRS_PER_BATCHED_TOKEN = 1 << 14
 (`EngineConfig.max_dense_prefill_pairs = "auto"`). A pair costs about 4 x d x Hq x layers FLOPs (0.5 MFLOP
 in an 8B model), a token of the linear layers about 2 x parameters (16 GFLOP): ~30k pairs cost one token's
 work; 16384 keeps a step's dense attention at about half its token budget's."""
+MIN_DENSE_PREFILL_PAIRS = 1 << 24  # "auto" never cuts finer (smaller pieces only add steps)
 
 
 @dataclass(frozen=True)
@@ -105,11 +106,12 @@ class EngineConfig:
     # prefills: dense attention over a long prefix costs by its keys, so a dense prompt's chunks and a sparse
     # prompt's dense last segment are cut into pieces of about this many pairs (whole pages), and the streams
     # keep their pace. A prefill alone in its step runs whole. "auto": `max_num_batched_tokens` x
-    # `DENSE_PAIRS_PER_BATCHED_TOKEN` (16384), so the one knob trades latency for throughput: 2^24 pairs (128
-    # queries over a 128k prefix, about 30 ms of an 8B model's step on an H200) at 1024 tokens, the setting
-    # measured for the streams' p99 (pieces of 2^25 pairs were a 128k document's only steps over 100 ms,
-    # benchmarks/stall_trace.py); 2^27 at the default 8192, where 2^24 cut a batch of 32k dense prompts into
-    # ~500-token chunks and took 1.5x their prefill time (benchmarks/results/core_decode.md).
+    # `DENSE_PAIRS_PER_BATCHED_TOKEN` (16384), at least 2^24, so the one knob trades latency for throughput:
+    # 2^24 pairs (128 queries over a 128k prefix, about 30 ms of an 8B model's step on an H200) up to 1024
+    # tokens, the setting measured for the streams' p99 (pieces of 2^25 pairs were a 128k document's only
+    # steps over 100 ms, benchmarks/stall_trace.py; 2^23 at 512 doubled a dense document's prefill, 63.9 s
+    # against 29 s, without lowering p99); 2^27 at the default 8192, where 2^24 cut a batch of 32k dense
+    # prompts into ~500-token chunks and took 1.5x their prefill time (benchmarks/results/core_decode.md).
     # An int: that many pairs; None: no limit.
     max_dense_prefill_pairs: int | Literal["auto"] | None = "auto"
     # Scheduling (shard/scheduler.py): at most `max_long_partial_prefills` prompts with more than
@@ -178,7 +180,9 @@ class EngineConfig:
     def dense_prefill_pairs(self) -> int | None:
         """`max_dense_prefill_pairs` with "auto" resolved (None: no limit)."""
         pairs = self.max_dense_prefill_pairs
-        return self.max_num_batched_tokens * DENSE_PAIRS_PER_BATCHED_TOKEN if pairs == "auto" else pairs
+        if pairs == "auto":
+            return max(MIN_DENSE_PREFILL_PAIRS, self.max_num_batched_tokens * DENSE_PAIRS_PER_BATCHED_TOKEN)
+        return pairs
 
     def overlaps_decode(self, device_type: str) -> bool:
         """`async_decode` on a device of this type: None means on CUDA only."""

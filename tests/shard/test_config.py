@@ -84,6 +84,8 @@ def test_the_dense_prefill_cut_follows_the_token_budget_unless_set() -> None:
         return LLMConfig.from_keywords(kw).engine.dense_prefill_pairs()
 
     assert pairs(max_num_batched_tokens=1024) == 1 << 24  # the latency setting measured on the H200
+    assert pairs(max_num_batched_tokens=256) == 1 << 24  # never finer
+    assert pairs(max_num_batched_tokens=4096) == 1 << 26
     assert pairs() == 8192 * DENSE_PAIRS_PER_BATCHED_TOKEN == 1 << 27
     assert pairs(max_num_batched_tokens=512, max_dense_prefill_pairs=1 << 20) == 1 << 20
     assert pairs(max_dense_prefill_pairs=None) is None
