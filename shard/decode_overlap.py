@@ -67,15 +67,15 @@ class ReadBack:
 
 
 def deferrable(seqs: list[Sequence], fed: int) -> bool:
-    """Whether a just-launched step of `seqs` may stay in flight (see the module docstring). Called after
-    the launch bookkeeping (``decode_steps`` counts the launched step); the first `fed` sequences also have
-    the in-flight step's token still out of ``output_ids``."""
+    """Whether a just-launched step of `seqs` may stay in flight (see the module docstring). Called before
+    the launched step is counted (``decode_steps`` does not include it yet); the first `fed` sequences also
+    have the in-flight step's token still out of ``output_ids``."""
     for i, s in enumerate(seqs):
         p = s.params
         if not p.greedy or s.logprobs is not None or s.obs_row is not None:
             return False
         tokens = len(s.output_ids) + (i < fed)  # with the one in flight
-        if s.decode_steps != tokens or tokens + 1 >= p.max_tokens:
+        if s.decode_steps + 1 != tokens or tokens + 1 >= p.max_tokens:
             return False  # a replayed token (after a recompute), or its last token
     return True
 

@@ -104,7 +104,9 @@ class EngineCore:
         self.scheduler = Scheduler(self.config, self.pages)
         self.inputs = StepInputs(self.device)  # one host-to-device copy per decode step
         # overlapped decode (`shard/decode_overlap.py`): the step whose tokens are still on the device
-        self.overlap = self.config.overlaps_decode(self.device.type)
+        # (not with several ranks: sending a step's plan to them reads its inputs back, which waits for the step
+        # in flight, so nothing would overlap)
+        self.overlap = self.config.overlaps_decode(self.device.type) and self.executor.size == 1
         self._flight: InFlight | None = None
         self._read_backs = ReadBack()
         self._landed_at = 0.0  # when the last decode step's tokens were read back
@@ -199,6 +201,8 @@ class EngineCore:
         if decode:
             events += self._decode(decode)
         for chunk in scheduled.prefill:
+            if chunk.seq.finished:  # preempted, admitted again, then stopped at the token that landed since
+                continue
             events += self._prefill(chunk)
         return events
 
@@ -329,16 +333,16 @@ class EngineCore:
         ids = [s.request_id for s in seqs]
         logits = self.executor.decode(tokens, positions, tables, lengths, index, steps_left, ids)
         replays = [s.replaying for s in seqs]
-        for s in seqs:
-            assert s.kv_lengths is not None
-            s.kv_lengths += 1
-            s.decode_steps += 1
+        # the step in flight lands after this one is launched: a sequence that stops there had one more token
+        # computed here, which is dropped, and is not counted (its KV lengths and stats are the synchronous ones)
         if self.overlap and deferrable(seqs, fed):  # read back while the next step runs
             events = self._land()
+            self._advance(seqs)
             self._flight = self._read_backs.start(seqs, logits.argmax(-1), t0)
             self.overlapped_steps += fed > 0
             return events
         events = self._land()
+        self._advance(seqs)
         greedy = logits.argmax(-1).tolist()
         elapsed = self._read_back(t0)
         for i, s in enumerate(seqs):
@@ -349,6 +353,15 @@ class EngineCore:
             token = greedy[i] if s.params.greedy else sample(logits[i], s.params, s.generator)
             events += self._emit(s, token, logits[i])
         return events
+
+    @staticmethod
+    def _advance(seqs: list[Sequence]) -> None:
+        """The decode step of `seqs` ran: one more KV entry each (not for those finished since it launched)."""
+        for s in seqs:
+            if not s.finished:
+                assert s.kv_lengths is not None
+                s.kv_lengths += 1
+                s.decode_steps += 1
 
     def _land(self) -> list[EngineEvent]:
         """Read the step in flight back (if any) and emit its tokens."""
@@ -368,7 +381,8 @@ class EngineCore:
 
     def _read_back(self, started: float) -> float:
         """Seconds a decode step's tokens took: since its launch began, or, when it was launched before the
-        previous step was read back, since that read-back (the time between tokens)."""
+        previous step was read back, since that read-back: the time between tokens, which in a step that also
+        ran prefill chunks includes them (the synchronous path reads its tokens back before the chunks)."""
         now = time.perf_counter()
         elapsed, self._landed_at = now - max(started, self._landed_at), now
         return elapsed

@@ -16,7 +16,7 @@ import torch
 
 from entropyinfer import LLM, SamplingParams
 from entropyinfer.shard.engine_core import EngineCore, Finished, TokenDelta
-from entropyinfer.shard.sequence import RequestOutput, SequenceRequest
+from entropyinfer.shard.sequence import RequestOutput, SequenceRequest, SequenceStatus
 
 PROMPTS = [f"overlap {i}: " + "abc " * (2 * i + 1) for i in range(6)]
 
@@ -97,6 +97,9 @@ def test_a_stop_token_ends_the_sequence_at_the_same_token(llms: dict[bool, LLM])
     over, _, _ = run(llms[True], arrivals)
     assert over["s"].finish_reason == "stop" and over["s"].token_ids == ref[: ref.index(stop) + 1]
     assert {k: o.token_ids for k, o in over.items()} == {k: o.token_ids for k, o in sync.items()}
+    # the token computed after the stop (the next step was in flight) is not counted in the KV it kept
+    for key in ("kv_tokens_kept", "kv_bytes"):
+        assert over["s"].stats[key] == sync["s"].stats[key], key
 
 
 def test_a_cancel_mid_stream_frees_the_pages_and_spares_the_others(llms: dict[bool, LLM]) -> None:
@@ -121,4 +124,45 @@ def test_preemption_under_overlap_resumes_with_the_same_output(llms: dict[bool, 
     before = llms[True].core.scheduler.num_preempted
     over, _, _ = run(llms[True], arrivals)
     assert llms[True].core.scheduler.num_preempted > before
+    assert {k: o.token_ids for k, o in over.items()} == {k: o.token_ids for k, o in sync.items()}
+
+
+def test_a_sequence_preempted_then_stopped_by_its_token_in_flight_is_not_prefilled(
+    llms: dict[bool, LLM],
+) -> None:
+    """A sequence in flight is preempted (recompute) and admitted again in the same step; the token that
+    lands then is a stop token, so the prefill chunk scheduled for it must not run (its pages are gone)."""
+    core = llms[True].core
+    for variant in range(24):
+        prompts = [
+            (str(i), f"victim {variant} {i} " + "qrst"[(variant + i) % 4] * (18 + variant % 5))
+            for i in range(3)
+        ]
+        for rid, prompt in prompts:
+            core.add_request(seq_request(llms[True], rid, prompt, greedy(40)))
+        victim = None
+        while core.has_unfinished():
+            flight = {s.request_id for s in core._flight.seqs} if core._flight is not None else set()
+            before = {rid: s.preemptions for rid, s in core.seqs.items()}
+            core.step()
+            for rid, seq in core.seqs.items():  # preempted while in flight, admitted again in the same step
+                again = (
+                    seq.preemptions > before.get(rid, 0)
+                    and rid in flight
+                    and seq.status is SequenceStatus.RUNNING
+                )
+                tok = seq.output_ids[-1] if seq.output_ids else None  # the in-flight token: it landed
+                if victim is None and again and tok not in seq.output_ids[:-1]:
+                    victim = (rid, tok, len(seq.output_ids))
+        if victim is not None:
+            break
+    assert victim is not None, "no variant gave a preemption of a sequence in flight"
+    rid, tok, n = victim
+    arrivals: Arrivals = {0: []}
+    for i, prompt in prompts:
+        stops = [tok] if i == rid else []
+        arrivals[0].append((i, prompt, SamplingParams(max_tokens=40, ignore_eos=True, stop_token_ids=stops)))
+    sync, _, _ = run(llms[False], arrivals)
+    over, _, _ = run(llms[True], arrivals)
+    assert over[rid].finish_reason == "stop" and len(over[rid].token_ids) == n
     assert {k: o.token_ids for k, o in over.items()} == {k: o.token_ids for k, o in sync.items()}
