@@ -104,8 +104,8 @@ class EngineCore:
         self.scheduler = Scheduler(self.config, self.pages)
         self.inputs = StepInputs(self.device)  # one host-to-device copy per decode step
         # overlapped decode (`shard/decode_overlap.py`): the step whose tokens are still on the device
-        # (not with several ranks: sending a step's plan to them reads its inputs back, which waits for the step
-        # in flight, so nothing would overlap)
+        # (not with several ranks: sending a step's plan to them reads its inputs back, which waits for the
+        # step in flight, so nothing would overlap)
         self.overlap = self.config.overlaps_decode(self.device.type) and self.executor.size == 1
         self._flight: InFlight | None = None
         self._read_backs = ReadBack()
@@ -333,8 +333,8 @@ class EngineCore:
         ids = [s.request_id for s in seqs]
         logits = self.executor.decode(tokens, positions, tables, lengths, index, steps_left, ids)
         replays = [s.replaying for s in seqs]
-        # the step in flight lands after this one is launched: a sequence that stops there had one more token
-        # computed here, which is dropped, and is not counted (its KV lengths and stats are the synchronous ones)
+        # the step in flight lands after this one is launched: a sequence that stops there had one more
+        # token computed here, which is dropped and not counted (KV lengths and stats as the synchronous core)
         if self.overlap and deferrable(seqs, fed):  # read back while the next step runs
             events = self._land()
             self._advance(seqs)
@@ -356,7 +356,7 @@ class EngineCore:
 
     @staticmethod
     def _advance(seqs: list[Sequence]) -> None:
-        """The decode step of `seqs` ran: one more KV entry each (not for those finished since it launched)."""
+        """The decode step of `seqs` ran: one more KV entry each (not those finished since it launched)."""
         for s in seqs:
             if not s.finished:
                 assert s.kv_lengths is not None
