@@ -131,7 +131,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     plan = dict(SMOKE if args.smoke else CPU if args.cpu_plan else FULL)
     if args.levels:
-        plan["levels"] = tuple(float(x) for x in args.levels.split(","))
+        plan["levels"] = tuple(float(x) for x in args.levels.split(",") if x.strip())
     if args.depths:
         plan["depths"] = tuple(round((i + 0.5) / args.depths, 4) for i in range(args.depths))
     if args.no_text:

@@ -130,7 +130,7 @@ class EngineConfig:
     # Overlapped decode (shard/engine_core.py): a greedy decode step is launched before the previous one's
     # tokens are read back (its inputs fed from the device), so the host's per-step work runs while the GPU
     # computes. True, False, or None: on CUDA only (on the CPU nothing overlaps; it would only delay each
-    # streamed token by one step).
+    # streamed token by one step). One rank only: with several, sending a step's plan waits for the step.
     async_decode: bool | None = None
     # GPU: compile the sparse-prefill kernels for every block-count size class when the model loads, so the
     # first long request of each size does not pay Triton's compile time (a few seconds, once per process).

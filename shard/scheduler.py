@@ -27,7 +27,8 @@ Chunk sizes: a chunk is what is left of the budget, cut down to a multiple of th
 for the step's first prefill. Dense attention over a long prefix costs by its keys, not its tokens: where
 every position attends densely (a sparse prompt's last segment, all of a dense prompt; from
 `Sequence.dense_from`) a chunk ends on any page and runs at most `max_dense_prefill_pairs` query-key pairs
-(128 queries over a 128k prefix by default; at least one page), and a chunk of sparse segments stops where
+(`EngineConfig.dense_prefill_pairs`: 16384 per token of the step budget, at least 2^24 = 128 queries over a
+128k prefix; at least one page), and a chunk of sparse segments stops where
 such a cut part would start, so a 128k document's last segment does not hold every stream for one long
 step. A prefill that is alone in its step (no decode, no other chunk) runs the whole rest of its prompt in
 one chunk: no stream waits on that step, and one chunk is the fastest prefill.

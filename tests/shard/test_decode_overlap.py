@@ -163,6 +163,8 @@ def test_a_sequence_preempted_then_stopped_by_its_token_in_flight_is_not_prefill
         stops = [tok] if i == rid else []
         arrivals[0].append((i, prompt, SamplingParams(max_tokens=40, ignore_eos=True, stop_token_ids=stops)))
     sync, _, _ = run(llms[False], arrivals)
+    preempted = core.scheduler.num_preempted
     over, _, _ = run(llms[True], arrivals)
+    assert core.scheduler.num_preempted > preempted  # the scenario happened again
     assert over[rid].finish_reason == "stop" and len(over[rid].token_ids) == n
     assert {k: o.token_ids for k, o in over.items()} == {k: o.token_ids for k, o in sync.items()}
