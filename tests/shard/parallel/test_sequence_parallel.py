@@ -113,6 +113,19 @@ def test_sp2_generate_equals_one_rank(wide: Path, group: Group, policy: str) -> 
     assert len(held) == 2 and all(h[0] == h[2] == h[3] == 0 for h in held)  # every rank let go
 
 
+def test_overlapped_decode_stays_off_with_several_ranks(wide: Path, group: Group) -> None:
+    """`async_decode=True` on a group: sending each step's plan to the other ranks reads its inputs back, so
+    nothing could overlap; the core decodes synchronously and gives one rank's tokens."""
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    one = tiny(wide, async_decode=True)
+    assert one.core.overlap
+    ref = one.generate(PROMPTS[1:2], params)
+    llm = group.start(wide, 2, 1, async_decode=True)
+    assert not llm.core.overlap
+    assert [o.token_ids for o in llm.generate(PROMPTS[1:2], params)] == [o.token_ids for o in ref]
+    assert llm.core.overlapped_steps == 0 and one.core.overlapped_steps > 0
+
+
 def test_sp_ranks_keep_only_their_segments_pages(wide: Path, group: Group) -> None:
     """An SP prompt's block table holds one rank's span (about n / 2 at SP=2: each rank its segment, the
     last also the decode tokens), a short one the whole prompt; one rank's tokens. So a pool too small for
