@@ -22,8 +22,6 @@ The batch classes above remain for the model-level benchmarks (`DecodeRunner`).
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from entropyinfer.kernels.paged_window_scores import paged_window_scores
@@ -38,6 +36,7 @@ from entropyinfer.policies.kv_compression import (
 )
 from entropyinfer.policies.segment_split import kept_histogram
 from entropyinfer.shard.arch import ModelArch
+from entropyinfer.shard.devices import synced_now
 from entropyinfer.shard.kv_cache import CompactKVCache, KVCache
 from entropyinfer.shard.kv_pages import KVPages
 from entropyinfer.shard.sequence import Sequence
@@ -229,7 +228,7 @@ class DecodeCompressor:
     def run(self, cache: AnyCache, steps: int) -> CompactKVCache:
         """Compress (the first time: into a new compact buffer, and release ``cache``; later: in place)."""
         device = cache.data.device
-        t0 = _now(device)
+        t0 = synced_now(device)
         first = self.compressions == 0
         if first:
             self.bytes_before = [cache.bytes_used(i) for i in range(cache.batch)]
@@ -248,7 +247,7 @@ class DecodeCompressor:
             self.cuda_memory = (mem_before, torch.cuda.memory_allocated(device))
         self.compressions += 1
         self.last_step = steps
-        self.compression_ms += (_now(device) - t0) * 1e3
+        self.compression_ms += (synced_now(device) - t0) * 1e3
         return out
 
     def stats(self, slot: int) -> dict:
@@ -265,12 +264,6 @@ class DecodeCompressor:
         if self.cfg.head_capacity != "uniform":
             out["kv_head_capacities"] = self.capacities[:, slot].tolist()
         return out
-
-
-def _now(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 # ------------------------------------------------------------------------------- per sequence, paged KV
@@ -396,7 +389,7 @@ def compress_sequence(
     same plan as `compress`), write them into fresh pages of the sequence and return the rest to the pool."""
     lengths, caps = seq.kv_lengths, seq.capacities
     assert lengths is not None and caps is not None and seq.obs_row is not None
-    t0 = _now(pages.device)
+    t0 = synced_now(pages.device)
     if seq.compressions == 0:
         seq.kv_bytes_before = int(lengths.long().sum()) * 2 * arch.head_dim * pages.data.element_size()
     used = pages.used_pages
@@ -426,4 +419,4 @@ def compress_sequence(
     seq.compressions += 1
     seq.last_compression = seq.decode_steps
     seq.stats["kv_pages_freed"] = seq.stats.get("kv_pages_freed", 0) + used - pages.used_pages
-    seq.compression_ms += (_now(pages.device) - t0) * 1e3
+    seq.compression_ms += (synced_now(pages.device) - t0) * 1e3

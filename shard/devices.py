@@ -1,13 +1,16 @@
 """Where a model runs and in which dtype: `resolve_device`, `resolve_dtype` (the `device` and `dtype` of
-`LLM(...)` and `ModelConfig`), `dtype_name` (a torch dtype as its config name)."""
+`LLM(...)` and `ModelConfig`), `dtype_name` (a torch dtype as its config name), and `synced_now` (a clock
+reading after the device's queued work)."""
 
 from __future__ import annotations
+
+import time
 
 import torch
 
 from entropyinfer.errors import ConfigError
 
-__all__ = ["dtype_name", "resolve_device", "resolve_dtype"]
+__all__ = ["dtype_name", "resolve_device", "resolve_dtype", "synced_now"]
 
 _DTYPES = {  # vLLM's names ("half", "float") and ours; the canonical name of a torch dtype is the last
     "float": torch.float32,
@@ -46,3 +49,10 @@ def dtype_name(dtype: str | torch.dtype | None) -> str:
             raise ConfigError(f"dtype {dtype} is not one of {', '.join(_DTYPES)}")
         return names[dtype]
     return dtype
+
+
+def synced_now(device: torch.device) -> float:
+    """`time.perf_counter()` once the device has finished its queued work (CUDA: a synchronize)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

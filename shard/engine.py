@@ -12,7 +12,6 @@ position's logits are computed. Decode is one static-shape step, CUDA-graph capt
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -22,6 +21,7 @@ from entropyinfer.errors import RequestCancelled
 from entropyinfer.shard.attention import PrefillAttention, cached_decode_attention
 from entropyinfer.shard.compression import DecodeCompressor, ObservationWindow
 from entropyinfer.shard.config import EngineConfig
+from entropyinfer.shard.devices import synced_now
 from entropyinfer.shard.kv_cache import CompactKVCache, KVCache
 from entropyinfer.shard.kv_pages import KVPages
 from entropyinfer.shard.model import CausalLM, DecoderLayer
@@ -301,14 +301,14 @@ class DecodeRunner:
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One step: tokens [B] at positions [B] -> fp32 logits [B, vocab]."""
         if self._step is None or (self.compressor is not None and self.compressor.due(self.steps)):
-            t0 = _now(self.engine.device)
+            t0 = synced_now(self.engine.device)
             if self.compressor is not None and self.compressor.due(self.steps):
                 compact = self.compressor.run(self.cache, self.steps)
                 if compact is not self.cache:
                     self.cache, self._step = compact, None
             if self._step is None:
                 self._step = self._build()
-            self.paused_s += _now(self.engine.device) - t0
+            self.paused_s += synced_now(self.engine.device) - t0
         logits = self._step(tokens, positions)
         self.steps += 1
         return logits
@@ -323,9 +323,3 @@ def _finish_layer(
     for c0, c1 in spans:
         a = attn[:, c0:c1].transpose(0, 1).reshape(1, c1 - c0, hq * d)
         h[c0:c1] = layer.finish(h[None, c0:c1], a)[0]
-
-
-def _now(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()

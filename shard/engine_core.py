@@ -47,6 +47,7 @@ from entropyinfer.policies.segment_shares import KeepStats
 from entropyinfer.shard.attention import PrefillAttention, prompt_attention
 from entropyinfer.shard.compression import PromptObserver, compression_due
 from entropyinfer.shard.decode_overlap import InFlight, ReadBack, deferrable, feeds_from
+from entropyinfer.shard.devices import synced_now
 from entropyinfer.shard.engine import Engine
 from entropyinfer.shard.head_report import HeadStatsSink, KeptStatsSink, head_stats
 from entropyinfer.shard.parallel.executor import Executor, LocalExecutor, PrefillCall, resumable
@@ -214,7 +215,7 @@ class EngineCore:
             seq.attention = self._new_attention(seq)
         attention, first, resume = seq.attention, seq.prefill_started is None, None
         if first:  # the prompt's first chunk
-            seq.prefill_started = _now(self.device)
+            seq.prefill_started = synced_now(self.device)
             stored = self.pages.cache.entries[seq.cached_names[-1]].state if start else None
             if stored is not None:  # a sparse prefix from the cache: continue its causal policy state
                 snapshot, segments = stored
@@ -251,7 +252,7 @@ class EngineCore:
             k, targets = req.params.prompt_logprobs or 0, torch.tensor(seq.prompt_ids[1:])
             seq.prompt_logprobs = [None, *logprobs_of(logits[:-1], targets, k)]
             logits = logits[-1]
-        prefill_s = _now(self.device) - (seq.prefill_started or 0.0)
+        prefill_s = synced_now(self.device) - (seq.prefill_started or 0.0)
         seq.prefill_started, seq.observer = None, None
         if req.kv is not None:
             seq.capacities = self.executor.capacities(result.entropy, req.kv)
@@ -305,7 +306,7 @@ class EngineCore:
     @torch.inference_mode()
     def _decode(self, seqs: list[Sequence]) -> list[EngineEvent]:
         fed = feeds_from(self._flight, seqs)  # inputs from the step in flight, on the device
-        t0 = time.perf_counter() if fed else _now(self.device)
+        t0 = time.perf_counter() if fed else synced_now(self.device)
         # the step's inputs and block-table changes go to the device in one copy (`shard/step_inputs.py`)
         inputs = self.inputs
         inputs.begin()
@@ -451,9 +452,3 @@ def _pinned(attention: PrefillAttention, req: SequenceRequest) -> tuple[torch.Te
     if isinstance(attention, SparsePrefill) and attention.table_version and table is not None:
         return torch.from_numpy(table.scales), table.version
     return None
-
-
-def _now(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
