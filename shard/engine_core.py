@@ -49,7 +49,7 @@ from entropyinfer.shard.compression import PromptObserver, compression_due
 from entropyinfer.shard.decode_overlap import InFlight, ReadBack, deferrable, feeds_from
 from entropyinfer.shard.devices import synced_now
 from entropyinfer.shard.engine import Engine
-from entropyinfer.shard.head_report import HeadStatsSink, KeptStatsSink, head_stats
+from entropyinfer.shard.head_report import HeadStatsSink, KeptStatsSink, head_stats, pinned_head_table
 from entropyinfer.shard.parallel.executor import Executor, LocalExecutor, PrefillCall, resumable
 from entropyinfer.shard.prefix_sharing import plan_chunks, share_chunk
 from entropyinfer.shard.sampling import TokenLogprobs, logprobs_of, make_generator, sample
@@ -232,7 +232,7 @@ class EngineCore:
             entropy=req.kv is not None, stats=not seq.output_ids,
             all_logits=req.params.prompt_logprobs is not None,
             head_stats=self.head_stats_sink is not None and not self.single_rank,
-            head_table=_pinned(attention, req) if first and not self.single_rank else None,
+            head_table=pinned_head_table(attention, req) if first and not self.single_rank else None,
         )  # fmt: skip
         # a cancel is seen between the layers of one rank only; with several it waits for the next step
         cancel = req.cancel if self.executor.size == 1 else None
@@ -443,12 +443,3 @@ def _peak_tokens(n: int, max_tokens: int, kv: KVCompressionConfig | None, num_kv
     cap = kv.capacity if kv.head_capacity == "uniform" else largest_head
     before = min(n + max_tokens, n + kv.compress_after + 1)
     return max(before, min(n, cap) + max_tokens)
-
-
-def _pinned(attention: PrefillAttention, req: SequenceRequest) -> tuple[torch.Tensor, int] | None:
-    """The whole model's head budget table pinned for a prompt (scales ``[L, Hkv]``, version), if any: what
-    the other ranks of a group pin their heads' rows of."""
-    table = req.head_budgets
-    if isinstance(attention, SparsePrefill) and attention.table_version and table is not None:
-        return torch.from_numpy(table.scales), table.version
-    return None

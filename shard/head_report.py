@@ -14,6 +14,7 @@ shard actor's (`cluster/policy_actor.py`) queues the stats for the policy actor 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,7 +24,11 @@ from entropyinfer.policies.head_stats import HeadStats
 from entropyinfer.policies.segment_shares import KeepStats
 from entropyinfer.shard.sparse_attention import SparsePrefill
 
-__all__ = ["HeadStatsSink", "KeptStatsSink", "head_stats"]
+if TYPE_CHECKING:
+    from entropyinfer.shard.attention import PrefillAttention
+    from entropyinfer.shard.sequence import SequenceRequest
+
+__all__ = ["HeadStatsSink", "KeptStatsSink", "head_stats", "pinned_head_table"]
 
 HeadStatsSink = Callable[[str, HeadStats], None]  # (request id, stats)
 KeptStatsSink = Callable[[str, KeepStats], None]  # (request id, where the first compression kept positions)
@@ -73,3 +78,12 @@ def head_stats(attention: SparsePrefill, model: str, num_layers: int, num_kv_hea
         table_version=attention.table_version,
         mode=cfg.mode if attention.policy == "entropy" else attention.policy,
     )
+
+
+def pinned_head_table(attention: PrefillAttention, req: SequenceRequest) -> tuple[torch.Tensor, int] | None:
+    """The whole model's head budget table pinned for a prompt (scales ``[L, Hkv]``, version), if any: what
+    the other ranks of a group pin their heads' rows of."""
+    table = req.head_budgets
+    if isinstance(attention, SparsePrefill) and attention.table_version and table is not None:
+        return torch.from_numpy(table.scales), table.version
+    return None
