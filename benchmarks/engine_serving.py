@@ -369,6 +369,11 @@ def main(argv: list[str] | None = None) -> None:
         help="read every decode step back before the next is launched (async_decode=False): the A/B of "
         "overlapped decode",
     )  # fmt: skip
+    ap.add_argument(
+        "--eager-prefill", action="store_true",
+        help="prefill chunks run every op eagerly (prefill_graphs=False) instead of replaying each layer's "
+        "token-wise parts (shard/prefill_graphs.py, the CUDA default): the A/B of the prefill graphs",
+    )  # fmt: skip
     for key, value in FULL.items():
         kind = type(value[0]) if isinstance(value, list) else type(value)
         ap.add_argument(
@@ -379,10 +384,12 @@ def main(argv: list[str] | None = None) -> None:
         ENGINE_DEFAULTS["paged_prefix_reads"] = False
     if args.sync_decode:
         ENGINE_DEFAULTS["async_decode"] = False
+    if args.eager_prefill:
+        ENGINE_DEFAULTS["prefill_graphs"] = False
     sizes = dict(SMOKE if args.smoke else FULL)
     sizes.update({k: getattr(args, k) for k in FULL if getattr(args, k) is not None})
     sizes.update(smoke=args.smoke, policies=args.policies, gather_prefix=args.gather_prefix)
-    sizes.update(sync_decode=args.sync_decode)
+    sizes.update(sync_decode=args.sync_decode, eager_prefill=args.eager_prefill)
     if args.smoke:
         os.environ["OUT"] = tempfile.mkdtemp()
     folder = write_dummy_checkpoint(tempfile.mkdtemp(), TINY if args.smoke else LLAMA)
@@ -393,6 +400,7 @@ def main(argv: list[str] | None = None) -> None:
             "model": model}  # fmt: skip
     name = f"engine_serving_{args.part}" + ("_gather" if args.gather_prefix else "")
     name += "_sync" if args.sync_decode else ""
+    name += "_eager" if args.eager_prefill else ""
     heading = f"Engine serving ({args.part}{', prefix gathered' if args.gather_prefix else ''}): {title}"
 
     def save(so_far: list[dict[str, Any]]) -> None:

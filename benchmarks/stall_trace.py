@@ -32,6 +32,15 @@ p.add_argument("--chunk", type=int, nargs="+", default=[1024, 2048])
 p.add_argument("--policy", default="entropy")
 p.add_argument("--streams", type=int, default=16)
 p.add_argument("--fresh", action="store_true")
+p.add_argument(
+    "--cprofile",
+    type=int,
+    nargs=2,
+    default=None,
+    metavar=("FIRST", "N"),
+    help="cProfile the host side of N steps of the timed run from FIRST (printed by tottime)",
+)
+p.add_argument("--eager-prefill", action="store_true", help="prefill_graphs=False (shard/prefill_graphs.py)")
 p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads before the engine starts")
 p.add_argument(
     "--profile", type=int, nargs="*", default=[], help="steps of the timed run to profile (-1: last)"
@@ -94,7 +103,7 @@ def objects() -> list:
     return collections.Counter(type(o).__name__ for o in gc.get_objects()).most_common(8)
 
 
-def run(engine: Engine, doc: int, chunk: int, profile: set[int] = frozenset()) -> dict:
+def run(engine: Engine, doc: int, chunk: int, profile: set[int] = frozenset(), timed: bool = False) -> dict:
     streams = [engine.submit(text(stream_prompt), 4096 if not a.smoke else 200) for _ in range(streams_n)]
     seen: set[str] = set()
     while len(seen) < len(streams):
@@ -107,6 +116,7 @@ def run(engine: Engine, doc: int, chunk: int, profile: set[int] = frozenset()) -
     d = engine.submit(prompt, 1, a.policy, ids)
     steps = []
     profiles = {}
+    cprofiles: dict = {}
     done = False
     tracked = len(gc.get_objects())
     while not done:
@@ -125,9 +135,17 @@ def run(engine: Engine, doc: int, chunk: int, profile: set[int] = frozenset()) -
         if dev == "cuda":
             e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             e0.record()
+        cp = None
+        if a.cprofile and timed and a.cprofile[0] <= i < sum(a.cprofile):
+            import cProfile
+
+            cp = cprofiles.setdefault("p", cProfile.Profile())
+            cp.enable()
         t0 = time.perf_counter()
         engine.llm.step()
         t_host = time.perf_counter()
+        if cp is not None:
+            cp.disable()
         if dev == "cuda":
             e1.record()
             torch.cuda.synchronize()
@@ -136,10 +154,15 @@ def run(engine: Engine, doc: int, chunk: int, profile: set[int] = frozenset()) -
             prof.__exit__(None, None, None)
             ka = prof.key_averages()
             sort = "self_cuda_time_total" if dev == "cuda" else "self_cpu_time_total"
+            kernels_us = sum(
+                e.self_device_time_total for e in ka if e.device_type == torch.autograd.DeviceType.CUDA
+            )
             profiles[i] = {
-                "by_gpu": ka.table(sort_by=sort, row_limit=25),
-                "by_cpu": ka.table(sort_by="self_cpu_time_total", row_limit=25),
+                "kernel_ms": round(kernels_us / 1e3, 2),
+                "by_gpu": ka.table(sort_by=sort, row_limit=30),
+                "by_cpu": ka.table(sort_by="self_cpu_time_total", row_limit=40),
             }
+            prof.export_chrome_trace(str(out_dir / f"trace_chunk{chunk}_step{i}.json"))
         seg1, retry1 = mem()
         evs = {r: engine.llm.take_events(r) for r in [*streams, d]}
         done = any(isinstance(e, Finished) for e in evs[d])
@@ -153,16 +176,31 @@ def run(engine: Engine, doc: int, chunk: int, profile: set[int] = frozenset()) -
                 "events": [(w, round(s * 1e3, 1)) for w, s in events],
             }
         )
+    if cprofiles:
+        import io
+        import pstats
+
+        buf = io.StringIO()
+        st = pstats.Stats(cprofiles["p"], stream=buf)
+        st.sort_stats("tottime").print_stats(45)
+        st.sort_stats("cumulative").print_stats(60)
+        (out_dir / f"cprofile_chunk{chunk}.txt").write_text(buf.getvalue())
+        print(buf.getvalue()[:6000], flush=True)
     for r in streams:
         engine.cancels[r].set()
     engine.run(streams)
     ms = sorted(s["ms"] for s in steps)
+    host = sorted(s["host_ms"] for s in steps)
+    gpu = sorted(s["gpu_ms"] or 0.0 for s in steps)
     slow = sorted(range(len(steps)), key=lambda i: -steps[i]["ms"])[:8]
     return {
         "chunk": chunk,
         "doc": doc,
         "steps": len(steps),
         "median_ms": ms[len(ms) // 2],
+        "median_host_ms": host[len(host) // 2],
+        "median_gpu_ms": gpu[len(gpu) // 2],
+        "all_steps": [(s["ms"], s["host_ms"], s["gpu_ms"]) for s in steps],
         "tracked_objects": [tracked, len(gc.get_objects())],
         "top_types": objects(),
         "profiles": profiles,
@@ -181,17 +219,22 @@ print(
 )
 results = []
 for chunk in [256] if a.smoke else a.chunk:
-    engine = Engine(folder, dev, max_num_batched_tokens=chunk)
+    engine = Engine(
+        folder, dev, max_num_batched_tokens=chunk, prefill_graphs=False if a.eager_prefill else None
+    )
     if not a.fresh:
         run(engine, doc_tokens // 8, chunk)  # part b's untimed smaller document
-    r = run(engine, doc_tokens, chunk, set(a.profile))
+    r = run(engine, doc_tokens, chunk, set(a.profile), timed=True)
     results.append(r)
-    print(f"chunk {chunk}: {r['steps']} steps, median {r['median_ms']} ms, tracked objects "
+    print(f"chunk {chunk}: {r['steps']} steps, median {r['median_ms']} ms (host {r['median_host_ms']}, "
+          f"gpu {r['median_gpu_ms']}), tracked objects "
           f"{r['tracked_objects']}, {r['top_types']}", flush=True)  # fmt: skip
     for s in r["slowest"]:
         print(f"  step {s['step']}: {s['ms']} ms (host {s['host_ms']}, gpu {s['gpu_ms']}), segments "
               f"+{s['new_segments']}, retries {s['alloc_retries']}, {s['events']}", flush=True)  # fmt: skip
     for i, pr in r["profiles"].items():
-        print(f"--- step {i}", pr["by_gpu"], pr["by_cpu"], sep="\n", flush=True)
+        print(f"--- step {i}: kernels {pr['kernel_ms']} ms", flush=True)
+        (out_dir / f"profile_chunk{chunk}_step{i}.txt").write_text(pr["by_gpu"] + "\n" + pr["by_cpu"])
     engine.close()
-(out_dir / "stall_trace.json").write_text(json.dumps(results, indent=1))
+name = "stall_trace_eager" if a.eager_prefill else "stall_trace"
+(out_dir / f"{name}.json").write_text(json.dumps(results, indent=1))

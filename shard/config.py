@@ -132,6 +132,11 @@ class EngineConfig:
     # computes. True, False, or None: on CUDA only (on the CPU nothing overlaps; it would only delay each
     # streamed token by one step). One rank only: with several, sending a step's plan waits for the step.
     async_decode: bool | None = None
+    # Piecewise CUDA graphs of prefill chunks of up to 512 tokens (shard/prefill_graphs.py): each layer's
+    # token-wise parts (norms, projections, rope, MLP) replayed, attention eager, so a chunk's step beside
+    # decoding streams is not host-bound. True, False, or None: on CUDA only (True on the CPU runs the same
+    # static buffers without graphs, for tests). One rank only.
+    prefill_graphs: bool | None = None
     # GPU: compile the sparse-prefill kernels for every block-count size class when the model loads, so the
     # first long request of each size does not pay Triton's compile time (a few seconds, once per process).
     warm_up_kernels: bool = True
@@ -166,8 +171,9 @@ class EngineConfig:
             check_int("num_kv_pages", self.num_kv_pages, minimum=1)
         if self.max_dense_prefill_pairs not in (None, "auto"):
             check_int("max_dense_prefill_pairs", self.max_dense_prefill_pairs, minimum=1)
-        if self.async_decode not in (None, True, False):
-            raise ConfigError(f"async_decode: expected true, false or null, got {self.async_decode!r}")
+        for name in ("async_decode", "prefill_graphs"):
+            if getattr(self, name) not in (None, True, False):
+                raise ConfigError(f"{name}: expected true, false or null, got {getattr(self, name)!r}")
         u = self.gpu_memory_utilization
         if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 1:
             raise ConfigError(f"gpu_memory_utilization: expected a number in (0, 1], got {u!r}")
@@ -183,6 +189,10 @@ class EngineConfig:
         if pairs == "auto":
             return max(MIN_DENSE_PREFILL_PAIRS, self.max_num_batched_tokens * DENSE_PAIRS_PER_BATCHED_TOKEN)
         return pairs
+
+    def graphs_prefill(self, device_type: str) -> bool:
+        """`prefill_graphs` on a device of this type: None means on CUDA only."""
+        return device_type == "cuda" if self.prefill_graphs is None else self.prefill_graphs
 
     def overlaps_decode(self, device_type: str) -> bool:
         """`async_decode` on a device of this type: None means on CUDA only."""

@@ -18,6 +18,7 @@ from typing import Protocol
 import torch
 
 from entropyinfer.errors import RequestCancelled
+from entropyinfer.kernels.paged_kv_write import paged_kv_write
 from entropyinfer.shard.attention import PrefillAttention, cached_decode_attention
 from entropyinfer.shard.compression import DecodeCompressor, ObservationWindow
 from entropyinfer.shard.config import EngineConfig
@@ -26,6 +27,7 @@ from entropyinfer.shard.kv_cache import CompactKVCache, KVCache
 from entropyinfer.shard.kv_pages import KVPages
 from entropyinfer.shard.model import CausalLM, DecoderLayer
 from entropyinfer.shard.paged_prefix import PagedPrefix
+from entropyinfer.shard.prefill_graphs import PrefillGraphs
 
 ProgressFn = Callable[[int, int], None]
 
@@ -49,6 +51,9 @@ class Engine:
         self.config = config or EngineConfig()
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
+        # piecewise graphs of short prefill chunks: one rank only (a row-parallel projection all-reduces)
+        on = self.config.graphs_prefill(self.device.type) and model.group is None
+        self.prefill_graphs = PrefillGraphs(self) if on else None
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         return KVCache(self.arch, batch, capacity, self.device, self.dtype)
@@ -130,26 +135,36 @@ class Engine:
         hq, hkv, d, ps = self.arch.num_heads, self.arch.num_kv_heads, self.arch.head_dim, pages.page_size
         step = self.config.prefill_chunk_size
         spans = [(c0, min(c, c0 + step)) for c0 in range(0, c, step)]
-        h = self.model.model.embed_tokens(tokens.to(self.device))  # [C, hidden]
+        # non_blocking: a blocking copy would wait for the decode step queued before this chunk
+        h = self.model.model.embed_tokens(tokens.to(self.device, non_blocking=True))  # [C, hidden]
         cos, sin = self.model.rotary(torch.arange(start, end, device=self.device), self.dtype)
-        q = torch.empty(hq, c, d, device=self.device, dtype=self.dtype)
-        k = torch.empty(hkv, c, d, device=self.device, dtype=self.dtype)
-        v = torch.empty(hkv, c, d, device=self.device, dtype=self.dtype)
+        graphs = self.prefill_graphs.get(c) if self.prefill_graphs is not None else None
+        if graphs is not None:  # the token-wise parts replayed on static buffers (`shard/prefill_graphs.py`)
+            graphs.h[:c].copy_(h)
+            graphs.h[c:].zero_()  # rows past the chunk: kept small, never read
+            graphs.cos[:c].copy_(cos)
+            graphs.sin[:c].copy_(sin)
+            h, q, k, v = graphs.h[:c], graphs.q[:, :c], graphs.k[:, :c], graphs.v[:, :c]
+        else:
+            q = torch.empty(hq, c, d, device=self.device, dtype=self.dtype)
+            k = torch.empty(hkv, c, d, device=self.device, dtype=self.dtype)
+            v = torch.empty(hkv, c, d, device=self.device, dtype=self.dtype)
         pos = torch.arange(start, end, device=self.device)
-        write_page, write_off = table[:, pos // ps], (pos % ps)[None, :]  # [Hkv, C], [1, C]
-        heads = torch.arange(hkv, device=self.device)[:, None]
+        # where each position's key and value go, per KV head: [C, Hkv] (`paged_kv_write`'s layout)
+        write_page, write_off = table[:, pos // ps].T, (pos % ps)[:, None].expand(c, hkv)
         prefix = table[:, : -(-end // ps)]  # [Hkv, P]
         one_shot = start == 0 and end == seq_len
         in_place = self.config.reads_prefix_in_place(self.device.type)
         for li, layer in enumerate(self.model.layers):
-            for c0, c1 in spans:  # rope writes q and k straight into the chunk buffers
+            if graphs is not None:
+                graphs.run_inputs(li)
+            for c0, c1 in spans if graphs is None else ():  # rope writes q and k into the chunk buffers
                 _, _, vv = layer.attention_inputs(
                     h[None, c0:c1], cos[c0:c1], sin[c0:c1], q[None, :, c0:c1], k[None, :, c0:c1]
                 )
                 v[:, c0:c1] = vv[0]
             k_pages, v_pages = pages.k(li), pages.v(li)
-            k_pages[write_page, heads, write_off] = k
-            v_pages[write_page, heads, write_off] = v
+            paged_kv_write(k.transpose(0, 1), v.transpose(0, 1), pages.kv(li), write_page, write_off)
             if observe is not None:
                 observe.record_chunk(li, q, start, seq_len)
             if one_shot:
@@ -158,7 +173,11 @@ class Engine:
                 paged = PagedPrefix(k_pages, v_pages, prefix, k, v, start, end, in_place)
                 attn = attention.chunk_paged(li, q, paged, start, seq_len)
                 del paged
-            _finish_layer(layer, h, attn, spans)
+            if graphs is not None:
+                graphs.attn[:, :c].copy_(attn)
+                graphs.run_outputs(li)
+            else:
+                _finish_layer(layer, h, attn, spans)
             del attn
             if cancel is not None and cancel.is_set():
                 raise RequestCancelled("request cancelled during prefill")

@@ -151,7 +151,7 @@ def build_engine(
     group: TensorParallelGroup | None = None,
 ) -> Engine:
     """The model runner of this rank (its slice of the checkpoint; all of it without a group), with the
-    sparse kernels warmed up on GPU (`EngineConfig.warm_up_kernels`)."""
+    sparse kernels warmed up and the prefill graphs captured on GPU (`EngineConfig.warm_up_kernels`)."""
     model = build_model(checkpoint, device, dtype, config.model.load_format, group=group)
     engine = Engine(model, config.engine)
     if config.engine.warm_up_kernels:
@@ -160,6 +160,8 @@ def build_engine(
             config.sparse, a.num_heads, a.num_kv_heads, a.head_dim, max_context, device, dtype,
             page_size=config.engine.kv_page_size if paged else None,
         )  # fmt: skip
+        if engine.prefill_graphs is not None:  # before the KV pool takes the free memory
+            engine.prefill_graphs.capture_all(config.engine.max_num_batched_tokens)
     return engine
 
 

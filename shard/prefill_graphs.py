@@ -1,0 +1,137 @@
+"""Piecewise CUDA graphs for short prefill chunks: the token-wise parts of every layer captured, the attention
+between them eager (vLLM's piecewise graphs do the same for its mixed batches).
+
+A chunked prefill beside decoding streams runs chunks of a few hundred tokens, and there the host, not the
+GPU, set the step's time: on the lent H200 hosts a 512-token chunk of Llama-3-8B's shape over a 128k prefix
+took 46-83 ms of host time per step against 25-29 ms of kernels (`benchmarks/stall_trace.py`), a few hundred
+torch ops and Triton launches per layer. Per layer, two graphs replace the ops outside attention:
+
+- ``inputs[layer]``: input norm, the q|k|v projection, rope; writes the static ``q, k, v``;
+- ``outputs[layer]``: o projection, the residual add and norm, the MLP; reads the static ``attn`` and
+  updates the static hidden states ``h`` in place.
+
+A chunk of ``c`` tokens runs in the set of the smallest size ``>= c`` in `PREFILL_GRAPH_SIZES` (rows past
+``c`` hold stale values; every op here is token-wise, so they never reach the chunk's rows). Longer chunks run
+eagerly: there the GPU work dominates. The sets share one graph memory pool; `build_engine` captures them
+when it warms the kernels up (`capture_all`), otherwise each on first use. One rank only (a row-parallel
+projection all-reduces inside).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from entropyinfer.shard.engine import Engine
+
+__all__ = ["PREFILL_GRAPH_SIZES", "PrefillGraphs"]
+
+PREFILL_GRAPH_SIZES = (16, 32, 64, 128, 256, 512)
+
+
+class GraphSet:
+    """Static buffers of chunks of up to `size` tokens and each layer's two graphs: captured on CUDA
+    (`capture`), else the same functions run eagerly on the same buffers (how the CPU tests cover the
+    static-buffer path)."""
+
+    @torch.inference_mode()
+    def __init__(self, engine: Engine, size: int, pool: Any, capture: bool) -> None:
+        arch, dev, dt = engine.arch, engine.device, engine.dtype
+        hq, hkv, d = arch.num_heads, arch.num_kv_heads, arch.head_dim
+        self.size = size
+        self.h = torch.zeros(size, arch.hidden_size, device=dev, dtype=dt)
+        self.cos = torch.zeros(size, d, device=dev, dtype=dt)
+        self.sin = torch.zeros(size, d, device=dev, dtype=dt)
+        self.q = torch.zeros(hq, size, d, device=dev, dtype=dt)
+        self.k = torch.zeros(hkv, size, d, device=dev, dtype=dt)
+        self.v = torch.zeros(hkv, size, d, device=dev, dtype=dt)
+        self.attn = torch.zeros(hq, size, d, device=dev, dtype=dt)
+        layers = engine.model.layers
+        hd = hq * d
+
+        def inputs(li: int) -> None:
+            layer = layers[li]
+            _, _, v = layer.attention_inputs(self.h[None], self.cos, self.sin, self.q[None], self.k[None])
+            self.v.copy_(v[0])
+
+        def outputs(li: int) -> None:
+            a = self.attn.transpose(0, 1).reshape(1, size, hd)
+            self.h.copy_(layers[li].finish(self.h[None], a)[0])
+
+        self._inputs, self._outputs = inputs, outputs
+        self.inputs: list[torch.cuda.CUDAGraph] = []
+        self.outputs: list[torch.cuda.CUDAGraph] = []
+        if capture:
+            self._capture(len(layers), pool)
+
+    def run_inputs(self, layer: int) -> None:
+        """q, k, v of the chunk in `h` at this layer."""
+        if self.inputs:
+            self.inputs[layer].replay()
+        else:
+            self._inputs(layer)
+
+    def run_outputs(self, layer: int) -> None:
+        """`h` after this layer, from `attn`."""
+        if self.outputs:
+            self.outputs[layer].replay()
+        else:
+            self._outputs(layer)
+
+    def _capture(self, num_layers: int, pool: Any) -> None:
+        inputs, outputs = self._inputs, self._outputs
+        h0 = self.h.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up: Triton compiles and the allocator settles outside capture
+            for li in range(num_layers):
+                inputs(li)
+                outputs(li)
+            stream.synchronize()
+            # capture_begin / capture_end, not `torch.cuda.graph`: that empties the allocator's cache and
+            # syncs the device around each of the 2 x layers captures
+            for li in range(num_layers):
+                for fn, graphs in ((inputs, self.inputs), (outputs, self.outputs)):
+                    g = torch.cuda.CUDAGraph()
+                    g.capture_begin(pool=pool)
+                    try:
+                        fn(li)
+                    finally:
+                        g.capture_end()
+                    graphs.append(g)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.h.copy_(h0)
+
+
+class PrefillGraphs:
+    """The graph sets of one engine, by chunk size (see the module docstring)."""
+
+    def __init__(self, engine: Engine, sizes: tuple[int, ...] = PREFILL_GRAPH_SIZES) -> None:
+        self.engine, self.sizes = engine, tuple(sorted(sizes))
+        self.sets: dict[int, GraphSet] = {}
+        self.capture = engine.device.type == "cuda"
+        self._pool = torch.cuda.graph_pool_handle() if self.capture else None
+        self.replayed_chunks = 0  # chunks run through a set (the benchmarks' check that graphs ran)
+
+    def size_for(self, tokens: int) -> int | None:
+        """The set size a chunk of `tokens` runs in, or None (longer than the largest: eager)."""
+        return next((s for s in self.sizes if s >= tokens), None)
+
+    def get(self, tokens: int) -> GraphSet | None:
+        size = self.size_for(tokens)
+        if size is None:
+            return None
+        if size not in self.sets:
+            self.sets[size] = GraphSet(self.engine, size, self._pool, self.capture)
+        self.replayed_chunks += 1
+        return self.sets[size]
+
+    def capture_all(self, max_tokens: int) -> None:
+        """Capture now every size a chunk of at most `max_tokens` can use (largest first: the shared pool then
+        serves the smaller ones)."""
+        top = self.size_for(max_tokens) or self.sizes[-1]
+        for size in reversed(self.sizes):
+            if size <= top and size not in self.sets:
+                self.sets[size] = GraphSet(self.engine, size, self._pool, self.capture)
