@@ -1,7 +1,6 @@
 # ruff: noqa  # a GPU diagnostic: the start-up cost of the piecewise prefill graphs
 """How long `PrefillGraphs.capture_all` takes and how much device memory it reserves, on the random-weight
-Llama-3-8B shape (bf16): every set a chunk of at most 8192 tokens can use (16 .. 512 tokens, two graphs per
-layer each). `build_engine` runs it at start-up when the kernels are warmed up (shard/prefill_graphs.py).
+Llama-3-8B shape (bf16): every set (16 .. 512 tokens, two graphs per layer each). `build_engine` runs it at start-up when the kernels are warmed up (shard/prefill_graphs.py).
 
     python benchmarks/prefill_graphs_capture.py
 """
@@ -26,7 +25,7 @@ g = llm.engine.prefill_graphs
 torch.cuda.synchronize()
 m0 = torch.cuda.memory_reserved()
 t0 = time.perf_counter()
-g.capture_all(8192)
+g.capture_all()
 torch.cuda.synchronize()
 seconds, mib = time.perf_counter() - t0, (torch.cuda.memory_reserved() - m0) / 2**20
 print(f"capture_all: {seconds:.2f} s, sizes {sorted(g.sets)}, reserved +{mib:.0f} MiB")

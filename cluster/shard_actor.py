@@ -151,9 +151,9 @@ class ShardActor:
     def _install_sinks(self) -> None:
         """The policy client's statistics sinks on the current engine core (again after a rebuild)."""
         if self._policy is not None:
-            core = self.llm.core
-            core.head_stats_sink, core.kept_stats_sink = self._policy.sink, self._policy.sink_kept
-            core.model_name = self.model_name
+            from entropyinfer.shard.head_report import StatsSinks
+
+            self.llm.core.sinks = StatsSinks(self.model_name, self._policy.sink, self._policy.sink_kept)
 
     async def ready(self) -> ShardInfo:
         return {

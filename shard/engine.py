@@ -150,8 +150,10 @@ class Engine:
             k = torch.empty(hkv, c, d, device=self.device, dtype=self.dtype)
             v = torch.empty(hkv, c, d, device=self.device, dtype=self.dtype)
         pos = torch.arange(start, end, device=self.device)
-        # where each position's key and value go, per KV head: [C, Hkv] (`paged_kv_write`'s layout)
-        write_page, write_off = table[:, pos // ps].T, (pos % ps)[:, None].expand(c, hkv)
+        # where each position's key and value go, per KV head: [C, Hkv] (`paged_kv_write`'s layout),
+        # contiguous as in decode: strides that do not depend on C, so no kernel variant per chunk length
+        write_page = table[:, pos // ps].T.contiguous()
+        write_off = (pos % ps)[:, None].expand(c, hkv).contiguous()
         prefix = table[:, : -(-end // ps)]  # [Hkv, P]
         one_shot = start == 0 and end == seq_len
         in_place = self.config.reads_prefix_in_place(self.device.type)

@@ -32,24 +32,20 @@ reports).
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
-import logging
 import time
 from dataclasses import dataclass
 
 import torch
 
 from entropyinfer.errors import PromptTooLongError, RequestCancelled
-from entropyinfer.policies.head_stats import HeadStats
 from entropyinfer.policies.kv_compression import KVCompressionConfig
-from entropyinfer.policies.segment_shares import KeepStats
 from entropyinfer.shard.attention import PrefillAttention, prompt_attention
 from entropyinfer.shard.compression import PromptObserver, compression_due
 from entropyinfer.shard.decode_overlap import InFlight, ReadBack, deferrable, feeds_from
 from entropyinfer.shard.devices import synced_now
 from entropyinfer.shard.engine import Engine
-from entropyinfer.shard.head_report import HeadStatsSink, KeptStatsSink, head_stats, pinned_head_table
+from entropyinfer.shard.head_report import StatsSinks, pinned_head_table
 from entropyinfer.shard.parallel.executor import Executor, LocalExecutor, PrefillCall, resumable
 from entropyinfer.shard.prefix_sharing import plan_chunks, share_chunk
 from entropyinfer.shard.sampling import TokenLogprobs, logprobs_of, make_generator, sample
@@ -114,13 +110,7 @@ class EngineCore:
         self.overlapped_steps = 0  # decode steps launched before the previous one was read back
         self.seqs: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
-        # the policy actor's hooks (`shard/head_report.py`): after each sparse prefill the request's head
-        # statistics go to `head_stats_sink` (None: not collected); `model_name` labels them
-        self.head_stats_sink: HeadStatsSink | None = None
-        # and after each first compression by an exact plan, where it kept the prompt's positions
-        self.kept_stats_sink: KeptStatsSink | None = None
-        self.model_name = ""
-        self._sink_failed = False
+        self.sinks = StatsSinks()  # the policy actor's hooks (`shard/head_report.py`); none by default
 
     # --------------------------------------------------------------------------------------- requests
     def add_request(self, request: SequenceRequest) -> None:
@@ -158,7 +148,7 @@ class EngineCore:
             table, shape = req.head_budgets, (self.full_arch.num_layers, self.full_arch.num_kv_heads)
             if table is not None and table.version and table.shape == shape:  # every rank: its heads' rows
                 self.executor.pin_table(attention, torch.from_numpy(table.scales), table.version)
-            attention.collect_mass = self.head_stats_sink is not None
+            attention.collect_mass = self.sinks.heads is not None
         return attention
 
     def _plan_prefill(self, seq: Sequence) -> None:
@@ -191,7 +181,8 @@ class EngineCore:
             kv = seq.request.kv
             if kv is not None and seq.obs_row is not None and compression_due(seq, kv):
                 self.executor.compress(seq, kv)
-                self._report_kept(seq)
+                kept, seq.kept_bins = seq.kept_bins, None  # reported at most once
+                self.sinks.report_kept(seq.request_id, kept)
                 if kv.recompress_every <= 0:
                     self._release_window(seq)
         scheduled = self.scheduler.schedule()
@@ -231,7 +222,7 @@ class EngineCore:
             seq.obs_row if seq.observer is not None else None, req.kv,
             entropy=req.kv is not None, stats=not seq.output_ids,
             all_logits=req.params.prompt_logprobs is not None,
-            head_stats=self.head_stats_sink is not None and not self.single_rank,
+            head_stats=self.sinks.heads is not None and not self.single_rank,
             head_table=pinned_head_table(attention, req) if first and not self.single_rank else None,
         )  # fmt: skip
         # a cancel is seen between the layers of one rank only; with several it waits for the next step
@@ -263,39 +254,9 @@ class EngineCore:
         seq.stats.update(result.stats or {})
         if isinstance(attention, SparsePrefill):
             seq.stats["head_table_version"] = attention.table_version
-            self._report_heads(seq, attention, result.heads)
+            shape = (self.arch.num_layers, self.arch.num_kv_heads) if self.single_rank else None
+            self.sinks.report_heads(seq.request_id, attention, result.heads, shape)
         return self._emit(seq, token, logits)
-
-    def _report_heads(self, seq: Sequence, attention: SparsePrefill, gathered: HeadStats | None) -> None:
-        """Hand the prefill's head statistics to the sink (one rank: read from `attention`; a group: what
-        the executor gathered from every rank, `gathered`); a failing sink never fails the request."""
-        sink = self.head_stats_sink
-        if sink is None:
-            return
-        try:
-            if self.single_rank:
-                stats = head_stats(attention, self.model_name, self.arch.num_layers, self.arch.num_kv_heads)
-            else:
-                stats = None if gathered is None else dataclasses.replace(gathered, model=self.model_name)
-            if stats is not None:
-                sink(seq.request_id, stats)
-        except Exception:
-            self._sink_failure("head statistics")
-
-    def _report_kept(self, seq: Sequence) -> None:
-        """Hand where the first compression kept the prompt's positions to its sink (at most once)."""
-        kept, seq.kept_bins = seq.kept_bins, None
-        if self.kept_stats_sink is None or kept is None:
-            return
-        try:
-            self.kept_stats_sink(seq.request_id, KeepStats(self.model_name, kept[0].numpy(), kept[1].numpy()))
-        except Exception:
-            self._sink_failure("kept-position statistics")
-
-    def _sink_failure(self, what: str) -> None:
-        if not self._sink_failed:  # once for both sinks: they feed the same policy client
-            self._sink_failed = True
-            logging.getLogger(__name__).exception("%s sink failed (logged once)", what)
 
     def _share(self, seq: Sequence, end: int) -> None:
         """Share the pages this chunk completed (`prefix_sharing.share_chunk`)."""

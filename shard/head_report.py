@@ -1,5 +1,5 @@
 """A sparse prefill's per-request head statistics (`policies.head_stats.HeadStats`), read from its attention
-object after the prompt's last chunk, and the sink the engine core hands them to.
+object after the prompt's last chunk, and `StatsSinks`, where the engine core hands them.
 
 What is read (`SparsePrefill`): per profiled layer the entropy the budget rule used (spread entropy in mode
 `spread`, else the block entropy), the blocks kept, the rigid test after the last segment, and with
@@ -13,7 +13,10 @@ shard actor's (`cluster/policy_actor.py`) queues the stats for the policy actor 
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -28,10 +31,58 @@ if TYPE_CHECKING:
     from entropyinfer.shard.attention import PrefillAttention
     from entropyinfer.shard.sequence import SequenceRequest
 
-__all__ = ["HeadStatsSink", "KeptStatsSink", "head_stats", "pinned_head_table"]
+__all__ = ["HeadStatsSink", "KeptStatsSink", "StatsSinks", "head_stats", "pinned_head_table"]
 
 HeadStatsSink = Callable[[str, HeadStats], None]  # (request id, stats)
 KeptStatsSink = Callable[[str, KeepStats], None]  # (request id, where the first compression kept positions)
+
+
+@dataclass
+class StatsSinks:
+    """The policy actor's hooks on one engine core (`EngineCore.sinks`; the Serve shard installs its policy
+    client's, `cluster/shard_actor.py`): `heads` takes a request's head statistics after its sparse prefill,
+    `kept` where its first compression by an exact plan kept the prompt's positions; `model` labels both.
+    None: not collected (and not computed). A failing sink is logged once and never fails a request."""
+
+    model: str = ""
+    heads: HeadStatsSink | None = None
+    kept: KeptStatsSink | None = None
+    _failed: bool = field(default=False, repr=False)
+
+    def report_heads(
+        self,
+        request_id: str,
+        attention: SparsePrefill,
+        gathered: HeadStats | None,
+        shape: tuple[int, int] | None,
+    ) -> None:
+        """One rank (``shape``: the model's layers and KV heads): the stats read from `attention`; a group
+        (``shape`` None): what the executor gathered from every rank, `gathered`."""
+        if self.heads is None:
+            return
+        try:
+            if shape is not None:
+                stats = head_stats(attention, self.model, *shape)
+            else:
+                stats = None if gathered is None else dataclasses.replace(gathered, model=self.model)
+            if stats is not None:
+                self.heads(request_id, stats)
+        except Exception:
+            self._failure("head statistics")
+
+    def report_kept(self, request_id: str, kept: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """`kept` (a sequence's kept-position histogram and weights, CPU tensors) to the `kept` sink."""
+        if self.kept is None or kept is None:
+            return
+        try:
+            self.kept(request_id, KeepStats(self.model, kept[0].numpy(), kept[1].numpy()))
+        except Exception:
+            self._failure("kept-position statistics")
+
+    def _failure(self, what: str) -> None:
+        if not self._failed:  # once for both sinks: they feed the same policy client
+            self._failed = True
+            logging.getLogger(__name__).exception("%s sink failed (logged once)", what)
 
 
 def head_stats(attention: SparsePrefill, model: str, num_layers: int, num_kv_heads: int) -> HeadStats | None:

@@ -12,13 +12,16 @@ torch ops and Triton launches per layer. Per layer, two graphs replace the ops o
 
 A chunk of ``c`` tokens runs in the set of the smallest size ``>= c`` in `PREFILL_GRAPH_SIZES` (rows past
 ``c`` hold stale values; every op here is token-wise, so they never reach the chunk's rows). Longer chunks run
-eagerly: there the GPU work dominates. The sets share one graph memory pool; `build_engine` captures them
-when it warms the kernels up (`capture_all`), otherwise each on first use. One rank only (a row-parallel
-projection all-reduces inside).
+eagerly: there the GPU work dominates. The sets share one graph memory pool and one capture stream;
+`build_engine` captures them all when it warms the kernels up (`capture_all`), otherwise each is captured on
+first use (mid-serving: a device sync and 2 x layers captures). One rank only (a row-parallel projection
+all-reduces inside).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -37,7 +40,7 @@ class GraphSet:
     static-buffer path)."""
 
     @torch.inference_mode()
-    def __init__(self, engine: Engine, size: int, pool: Any, capture: bool) -> None:
+    def __init__(self, engine: Engine, size: int, pool: Any, stream: torch.cuda.Stream | None) -> None:
         arch, dev, dt = engine.arch, engine.device, engine.dtype
         hq, hkv, d = arch.num_heads, arch.num_kv_heads, arch.head_dim
         self.size = size
@@ -63,8 +66,8 @@ class GraphSet:
         self._inputs, self._outputs = inputs, outputs
         self.inputs: list[torch.cuda.CUDAGraph] = []
         self.outputs: list[torch.cuda.CUDAGraph] = []
-        if capture:
-            self._capture(len(layers), pool)
+        if stream is not None:
+            self._capture(len(layers), pool, stream)
 
     def run_inputs(self, layer: int) -> None:
         """q, k, v of the chunk in `h` at this layer."""
@@ -80,11 +83,9 @@ class GraphSet:
         else:
             self._outputs(layer)
 
-    def _capture(self, num_layers: int, pool: Any) -> None:
+    def _capture(self, num_layers: int, pool: Any, stream: torch.cuda.Stream) -> None:
         inputs, outputs = self._inputs, self._outputs
-        h0 = self.h.clone()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
+        stream.wait_stream(torch.cuda.current_stream(stream.device))
         with torch.cuda.stream(stream):  # warm-up: Triton compiles and the allocator settles outside capture
             for li in range(num_layers):
                 inputs(li)
@@ -98,21 +99,28 @@ class GraphSet:
                     g.capture_begin(pool=pool)
                     try:
                         fn(li)
-                    finally:
-                        g.capture_end()
+                    except BaseException:
+                        with contextlib.suppress(Exception):  # keep the capture's own error
+                            g.capture_end()
+                        raise
+                    g.capture_end()
                     graphs.append(g)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.h.copy_(h0)
+        torch.cuda.current_stream(stream.device).wait_stream(stream)
+        self.h.zero_()
 
 
 class PrefillGraphs:
-    """The graph sets of one engine, by chunk size (see the module docstring)."""
+    """The graph sets of one engine, by chunk size (see the module docstring). On CUDA every set is captured
+    on one stream of the engine's device, so the shared pool's blocks serve every set (the caching allocator
+    reuses a block only on the stream that freed it). A size whose capture failed runs eagerly from then on
+    (logged once)."""
 
     def __init__(self, engine: Engine, sizes: tuple[int, ...] = PREFILL_GRAPH_SIZES) -> None:
         self.engine, self.sizes = engine, tuple(sorted(sizes))
-        self.sets: dict[int, GraphSet] = {}
-        self.capture = engine.device.type == "cuda"
-        self._pool = torch.cuda.graph_pool_handle() if self.capture else None
+        self.sets: dict[int, GraphSet | None] = {}  # None: the capture failed, eager
+        cuda = engine.device.type == "cuda"
+        self._stream = torch.cuda.Stream(engine.device) if cuda else None
+        self._pool = torch.cuda.graph_pool_handle() if cuda else None
         self.replayed_chunks = 0  # chunks run through a set (the benchmarks' check that graphs ran)
 
     def size_for(self, tokens: int) -> int | None:
@@ -120,18 +128,32 @@ class PrefillGraphs:
         return next((s for s in self.sizes if s >= tokens), None)
 
     def get(self, tokens: int) -> GraphSet | None:
+        """The set for a chunk of `tokens` (built on first use unless `capture_all` ran), or None: eager."""
         size = self.size_for(tokens)
         if size is None:
             return None
         if size not in self.sets:
-            self.sets[size] = GraphSet(self.engine, size, self._pool, self.capture)
-        self.replayed_chunks += 1
-        return self.sets[size]
+            self._build(size)
+        graphs = self.sets[size]
+        if graphs is not None:
+            self.replayed_chunks += 1
+        return graphs
 
-    def capture_all(self, max_tokens: int) -> None:
-        """Capture now every size a chunk of at most `max_tokens` can use (largest first: the shared pool then
-        serves the smaller ones)."""
-        top = self.size_for(max_tokens) or self.sizes[-1]
+    def capture_all(self) -> None:
+        """Build every size now, largest first (`build_engine`, before the KV pool takes the free memory):
+        any chunk up to the largest size may come, since a prompt alone in its step runs whole."""
         for size in reversed(self.sizes):
-            if size <= top and size not in self.sets:
-                self.sets[size] = GraphSet(self.engine, size, self._pool, self.capture)
+            if size not in self.sets:
+                self._build(size)
+
+    def _build(self, size: int) -> None:
+        try:
+            with (
+                torch.cuda.device(self.engine.device)
+                if self._stream is not None
+                else contextlib.nullcontext()
+            ):
+                self.sets[size] = GraphSet(self.engine, size, self._pool, self._stream)
+        except Exception:  # e.g. out of memory after the KV pool took it: this size stays eager
+            logging.getLogger(__name__).exception("prefill graphs of %d tokens failed: eager instead", size)
+            self.sets[size] = None

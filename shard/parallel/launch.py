@@ -161,7 +161,7 @@ def build_engine(
             page_size=config.engine.kv_page_size if paged else None,
         )  # fmt: skip
         if engine.prefill_graphs is not None:  # before the KV pool takes the free memory
-            engine.prefill_graphs.capture_all(config.engine.max_num_batched_tokens)
+            engine.prefill_graphs.capture_all()
     return engine
 
 

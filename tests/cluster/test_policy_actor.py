@@ -37,6 +37,7 @@ from entropyinfer.cluster.shard_actor import ShardActor
 from entropyinfer.policies.head_budgets import ProfileMismatchError, save_profile
 from entropyinfer.policies.head_stats import HeadProfile, HeadStats, encode_stats
 from entropyinfer.policies.segment_shares import POSITION_BINS, KeepStats, encode_keep_stats
+from entropyinfer.shard.head_report import StatsSinks
 from entropyinfer.shard.llm import LLM
 from entropyinfer.shard.sampling import SamplingParams
 
@@ -314,8 +315,7 @@ def test_a_slow_actor_does_not_slow_a_shards_requests(
             after = _timed_requests(tiny_shard, "after")
         finally:
             client.close()
-            tiny_shard._policy, tiny_shard.llm.core.head_stats_sink = None, None
-            tiny_shard.llm.core.kept_stats_sink = None
+            tiny_shard._policy, tiny_shard.llm.core.sinks = None, StatsSinks()
             ray.kill(slow)
     assert max(linked + after) < 2 * max(baseline) + 1.0, (baseline, linked, after)
     assert client.counters["queued"] >= 4 and client.table() is None

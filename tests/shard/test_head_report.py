@@ -16,6 +16,7 @@ import pytest
 from entropyinfer.policies.head_budgets import HeadBudgetTable
 from entropyinfer.policies.head_heatmap import request_heatmap
 from entropyinfer.policies.head_stats import HeadStats, decode_stats, encode_stats
+from entropyinfer.shard.head_report import StatsSinks
 from entropyinfer.shard.llm import LLM
 from entropyinfer.shard.sampling import SamplingParams
 
@@ -41,11 +42,11 @@ def _run(llm: LLM, rid: str, table: HeadBudgetTable | None = None, prompt: str =
 
 def test_the_sink_gets_each_sparse_prefills_head_stats(llm: LLM, tmp_path: Path) -> None:
     got: list[tuple[str, HeadStats]] = []
-    llm.core.head_stats_sink, llm.core.model_name = lambda rid, st: got.append((rid, st)), "tiny"
+    llm.core.sinks = StatsSinks("tiny", heads=lambda rid, st: got.append((rid, st)))
     try:
         out = _run(llm, "r1")
     finally:
-        llm.core.head_stats_sink = None
+        llm.core.sinks = StatsSinks()
     assert [rid for rid, _ in got] == ["r1"]
     st = got[0][1]
     assert st.model == "tiny" and st.shape == (2, 2) and st.table_version == 0
@@ -57,12 +58,12 @@ def test_the_sink_gets_each_sparse_prefills_head_stats(llm: LLM, tmp_path: Path)
     cap = st.captured[1][:, sparse]
     assert ((cap > 0) & (cap <= 1)).all()
     assert out["head_table_version"] == 0
-    llm.core.head_stats_sink = lambda rid, st: got.append((rid, st))
+    llm.core.sinks = StatsSinks(heads=lambda rid, st: got.append((rid, st)))
     try:  # prompts of one segment or too short to run sparse: answered, nothing reported
         for i, n in enumerate((5, 127, 128, 300)):
             assert len(_run(llm, f"short{i}", prompt=PROMPT[:n])["ids"]) == 2
     finally:
-        llm.core.head_stats_sink = None
+        llm.core.sinks = StatsSinks()
     assert len(got) == 1
     back = decode_stats(encode_stats(st))  # what goes on the wire
     assert np.array_equal(back.counts, st.counts)
@@ -92,11 +93,11 @@ def test_a_failing_sink_never_fails_a_request_and_logs_once(
     def broken(rid: str, st: HeadStats) -> None:
         raise RuntimeError("sink down")
 
-    llm.core.head_stats_sink, llm.core._sink_failed = broken, False
+    llm.core.sinks = StatsSinks(heads=broken)
     try:
         with caplog.at_level(logging.ERROR, logger="entropyinfer.shard.engine_core"):
             outs = [_run(llm, f"f{i}", prompt=PROMPT[: 899 - i]) for i in range(3)]
     finally:
-        llm.core.head_stats_sink = None
+        llm.core.sinks = StatsSinks()
     assert all(len(o["ids"]) == 2 for o in outs)
     assert sum("head statistics sink failed" in r.getMessage() for r in caplog.records) == 1

@@ -9,6 +9,7 @@ import pytest
 
 from entropyinfer import LLM, ConfigError, SamplingParams
 from entropyinfer.evaluation.corpus import real_document
+from entropyinfer.shard.head_report import StatsSinks
 
 SHORT = [{"role": "user", "content": "Summarize in one sentence:\n\n" + real_document()[:1200]}]
 OTHER = "The three primary colors are"
@@ -69,11 +70,11 @@ def test_the_first_compression_reports_where_it_kept_the_prompt(smollm2):
     llm = copy.copy(smollm2)
     llm.set_kv_compression("auto", capacity=48, recompress_every=8)
     seen = []
-    llm.core.kept_stats_sink = lambda rid, stats: seen.append(stats)
+    llm.core.sinks = StatsSinks(kept=lambda rid, stats: seen.append(stats))
     try:
         out = llm.generate([SHORT, OTHER], SamplingParams(max_tokens=20, ignore_eos=True), policy="snapkv")
     finally:
-        llm.core.kept_stats_sink = None
+        llm.core.sinks = StatsSinks()
     assert out[0].stats["kv_compressions"] == 3 and len(seen) == 2  # re-compressions do not report
     layers, heads = llm.arch.num_layers, llm.arch.num_kv_heads
     chose, kept_all = sorted(seen, key=lambda s: -float(s.weights.sum()))

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from entropyinfer import LLM, SamplingParams
+from entropyinfer.shard import prefill_graphs
 from entropyinfer.shard.prefill_graphs import PREFILL_GRAPH_SIZES, PrefillGraphs
 
 SPARSE = dict(segment_size=64, block_size=8, threshold_len=64, base_budget=32, fixed_budget=32)
@@ -33,6 +34,13 @@ def test_the_static_buffers_exist_only_when_asked(llms: dict[bool, LLM]) -> None
     graphs = llms[True].engine.prefill_graphs
     assert isinstance(graphs, PrefillGraphs) and graphs.sizes == PREFILL_GRAPH_SIZES
     assert [graphs.size_for(n) for n in (1, 16, 17, 192, 512, 513)] == [16, 16, 32, 256, 512, None]
+    graphs.capture_all()  # what build_engine runs at start-up: every size, whatever the token budget
+    assert sorted(graphs.sets) == list(PREFILL_GRAPH_SIZES)
+    layers = len(llms[True].engine.model.layers)
+    for size, graph_set in graphs.sets.items():
+        assert graph_set is not None and graph_set.h.shape[0] == size
+        captured = llms[True].engine.device.type == "cuda"  # on the CPU the same buffers, no graphs
+        assert len(graph_set.inputs) == len(graph_set.outputs) == (layers if captured else 0)
 
 
 @pytest.mark.parametrize("policy", ["dense", "entropy", "fixed"])
@@ -58,3 +66,28 @@ def test_a_prefix_cache_hit_gives_the_same_tokens(llms: dict[bool, LLM]) -> None
         assert second.stats["cached_tokens"] > 0
     assert [o.token_ids for o in runs[True]] == [o.token_ids for o in runs[False]]
     assert runs[True][1].stats["cached_tokens"] == runs[False][1].stats["cached_tokens"]
+
+
+def test_a_size_whose_set_fails_to_build_runs_eagerly(
+    llms: dict[bool, LLM], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A capture that fails (out of memory once the KV pool took the device, say) leaves that size eager for
+    good: the request is served, with the eager path's tokens."""
+    llm = llms[True]
+    graphs = llm.engine.prefill_graphs
+    assert graphs is not None
+    saved = dict(graphs.sets)
+
+    def fail(*args: object, **kw: object) -> None:
+        raise RuntimeError("injected capture failure")
+
+    try:
+        graphs.sets.clear()
+        monkeypatch.setattr(prefill_graphs, "GraphSet", fail)
+        out = llm.generate(PROMPTS[1], PARAMS, policy="dense")[0]
+        assert out.token_ids == llms[False].generate(PROMPTS[1], PARAMS, policy="dense")[0].token_ids
+        assert graphs.sets and all(v is None for v in graphs.sets.values())
+        assert graphs.get(100) is None  # not tried again
+    finally:
+        graphs.sets.clear()
+        graphs.sets.update(saved)

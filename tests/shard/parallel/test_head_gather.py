@@ -23,6 +23,7 @@ from entropyinfer import LLM, SamplingParams
 from entropyinfer.policies.head_budgets import HeadBudgetTable
 from entropyinfer.policies.head_stats import HeadStats
 from entropyinfer.shard.dummy_checkpoint import write_dummy_checkpoint
+from entropyinfer.shard.head_report import StatsSinks
 from entropyinfer.shard.parallel.head_gather import Part, gather_head_stats, pack
 
 SPARSE = dict(segment_size=64, block_size=8, threshold_len=64, base_budget=32, fixed_budget=32)
@@ -81,14 +82,14 @@ def test_gather_puts_sp_split_and_tp_replicas_in_global_head_order() -> None:
 def collect(llm: LLM, prompts: list[str]) -> tuple[list[list[int]], list[HeadStats]]:
     """Each prompt's greedy tokens and the one report the sink got for it."""
     got: list[HeadStats] = []
-    llm.core.head_stats_sink, llm.core.model_name = lambda rid, st: got.append(st), "tiny"
+    llm.core.sinks = StatsSinks("tiny", heads=lambda rid, st: got.append(st))
     ids = []
     try:
         for i, p in enumerate(prompts):
             ids.append(llm.generate([p], PARAMS)[0].token_ids)
             assert len(got) == i + 1, "one report per request"
     finally:
-        llm.core.head_stats_sink = None
+        llm.core.sinks = StatsSinks()
     return ids, got
 
 

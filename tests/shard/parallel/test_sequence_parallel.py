@@ -29,6 +29,7 @@ from entropyinfer import LLM, SamplingParams
 from entropyinfer.errors import ConfigError, PromptTooLongError, ShardGroupError
 from entropyinfer.policies.segment_shares import KeepStats, SegmentShares, ShareLearner
 from entropyinfer.shard.dummy_checkpoint import write_dummy_checkpoint
+from entropyinfer.shard.head_report import StatsSinks
 
 PARAMS = SamplingParams(max_tokens=8, ignore_eos=True)
 PARAMS_12 = SamplingParams(max_tokens=12, ignore_eos=True)
@@ -210,7 +211,7 @@ def test_sp_learned_split_runs_exact_until_a_table_then_by_its_shares(wide: Path
     ref = tiny(wide, policy="entropy", **KV).generate(PROMPTS[:1], PARAMS_12)[0]
     llm = group.start(wide, 1, 2, "entropy", **kv)
     seen: list[KeepStats] = []
-    llm.core.kept_stats_sink, llm.core.model_name = lambda rid, s: seen.append(s), "tiny"
+    llm.core.sinks = StatsSinks("tiny", kept=lambda rid, s: seen.append(s))
     cold, spans = run_pinned(llm, "cold", PROMPTS[0], None)
     assert cold["ids"] == ref.token_ids and cold["sequence_parallel_size"] == 2
     assert cold["kv_tokens_kept"] == ref.stats["kv_tokens_kept"]
@@ -227,7 +228,7 @@ def test_sp_learned_split_runs_exact_until_a_table_then_by_its_shares(wide: Path
     assert warm["kv_tokens_kept"] == ref.stats["kv_tokens_kept"] and len(warm["ids"]) == 12
     assert (spans[1] == KV["kv_window"]).all() and (spans[0] == KV["kv_capacity"] - KV["kv_window"]).all()
     assert len(seen) == 1
-    llm.core.kept_stats_sink = None
+    llm.core.sinks = StatsSinks()
 
 
 @pytest.mark.slow  # 400 decode steps of three sequences, twice
