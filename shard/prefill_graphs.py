@@ -10,12 +10,12 @@ torch ops and Triton launches per layer. Per layer, two graphs replace the ops o
 - ``outputs[layer]``: o projection, the residual add and norm, the MLP; reads the static ``attn`` and
   updates the static hidden states ``h`` in place.
 
-A chunk of ``c`` tokens runs in the set of the smallest size ``>= c`` in `PREFILL_GRAPH_SIZES` (rows past
-``c`` hold stale values; every op here is token-wise, so they never reach the chunk's rows). Longer chunks run
-eagerly: there the GPU work dominates. The sets share one graph memory pool and one capture stream;
-`build_engine` captures them all when it warms the kernels up (`capture_all`), otherwise each is captured on
-first use (mid-serving: a device sync and 2 x layers captures). One rank only (a row-parallel projection
-all-reduces inside).
+A chunk of ``c`` tokens runs in the set of the smallest size ``>= c`` in `PREFILL_GRAPH_SIZES` (the rows
+past ``c`` start each chunk as zeros; every op here is token-wise, so they never reach the chunk's rows).
+Longer chunks run eagerly: there the GPU work dominates. The sets share one graph memory pool and one
+capture stream; `build_engine` captures them all when it warms the kernels up (`capture_all`), otherwise each
+is captured on first use (mid-serving: a device sync and 2 x layers captures). One rank only (a row-parallel
+projection all-reduces inside).
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ PREFILL_GRAPH_SIZES = (16, 32, 64, 128, 256, 512)
 
 
 class GraphSet:
-    """Static buffers of chunks of up to `size` tokens and each layer's two graphs: captured on CUDA
-    (`capture`), else the same functions run eagerly on the same buffers (how the CPU tests cover the
+    """Static buffers of chunks of up to `size` tokens and each layer's two graphs: captured on `stream`
+    (CUDA), else (None) the same functions run eagerly on the same buffers (how the CPU tests cover the
     static-buffer path)."""
 
     @torch.inference_mode()
