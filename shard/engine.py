@@ -25,7 +25,7 @@ from entropyinfer.shard.config import EngineConfig
 from entropyinfer.shard.devices import synced_now
 from entropyinfer.shard.kv_cache import CompactKVCache, KVCache
 from entropyinfer.shard.kv_pages import KVPages
-from entropyinfer.shard.model import CausalLM, DecoderLayer
+from entropyinfer.shard.model import CausalLM
 from entropyinfer.shard.paged_prefix import PagedPrefix
 from entropyinfer.shard.prefill_graphs import PrefillGraphs
 
@@ -84,15 +84,12 @@ class Engine:
         attention.begin(len(self.model.layers), n)  # per-prompt setup (SparsePrefill's budget solve, state)
         for li, layer in enumerate(self.model.layers):
             k_cache, v_cache = cache.k(li)[slot], cache.v(li)[slot]
-            for c0, c1 in spans:  # rope writes q and k straight into the query buffer and the cache
-                _, _, v = layer.attention_inputs(
-                    h[None, c0:c1], cos[c0:c1], sin[c0:c1], q_all[None, :, c0:c1], k_cache[None, :, c0:c1]
-                )
-                v_cache[:, c0:c1] = v[0]
+            # rope writes q and k straight into the query buffer and the cache
+            layer.prefill_inputs(h, cos, sin, q_all, k_cache, v_cache, spans)
             if observe is not None:
                 observe.record_prompt(li, slot, q_all, n)
             attn = attention(li, q_all, k_cache[:, :n], v_cache[:, :n])  # [Hq, N, d]
-            _finish_layer(layer, h, attn, spans)
+            layer.prefill_finish(h, attn, spans)
             del attn
             if cancel is not None and cancel.is_set():
                 raise RequestCancelled("request cancelled during prefill")
@@ -160,11 +157,8 @@ class Engine:
         for li, layer in enumerate(self.model.layers):
             if graphs is not None:
                 graphs.run_inputs(li)
-            for c0, c1 in spans if graphs is None else ():  # rope writes q and k into the chunk buffers
-                _, _, vv = layer.attention_inputs(
-                    h[None, c0:c1], cos[c0:c1], sin[c0:c1], q[None, :, c0:c1], k[None, :, c0:c1]
-                )
-                v[:, c0:c1] = vv[0]
+            else:  # rope writes q and k straight into the chunk buffers
+                layer.prefill_inputs(h, cos, sin, q, k, v, spans)
             k_pages, v_pages = pages.k(li), pages.v(li)
             paged_kv_write(k.transpose(0, 1), v.transpose(0, 1), pages.kv(li), write_page, write_off)
             if observe is not None:
@@ -179,7 +173,7 @@ class Engine:
                 graphs.attn[:, :c].copy_(attn)
                 graphs.run_outputs(li)
             else:
-                _finish_layer(layer, h, attn, spans)
+                layer.prefill_finish(h, attn, spans)
             del attn
             if cancel is not None and cancel.is_set():
                 raise RequestCancelled("request cancelled during prefill")
@@ -333,14 +327,3 @@ class DecodeRunner:
         logits = self._step(tokens, positions)
         self.steps += 1
         return logits
-
-
-def _finish_layer(
-    layer: DecoderLayer, h: torch.Tensor, attn: torch.Tensor, spans: list[tuple[int, int]]
-) -> None:
-    """The token-wise rest of a prefill layer after attention, in place on the hidden states ``h [N, hidden]``
-    one sub-chunk (`spans`) at a time: o projection, residual, MLP (`DecoderLayer.finish`)."""
-    hq, d = attn.shape[0], attn.shape[2]
-    for c0, c1 in spans:
-        a = attn[:, c0:c1].transpose(0, 1).reshape(1, c1 - c0, hq * d)
-        h[c0:c1] = layer.finish(h[None, c0:c1], a)[0]

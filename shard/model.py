@@ -142,6 +142,32 @@ class DecoderLayer(nn.Module):
         normed, h = add_rms_norm(o, h, norm.weight, norm.eps)
         return h + self.mlp(normed)
 
+    def prefill_inputs(
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        spans: list[tuple[int, int]],
+    ) -> None:
+        """A prompt chunk's attention inputs, in place, one sub-chunk (`spans`) of ``h [N, hidden]`` at a
+        time: rope writes ``q [Hq, N, d]`` and ``k [Hkv, N, d]`` (a cache's rows, say), ``v`` is copied."""
+        for c0, c1 in spans:
+            _, _, vv = self.attention_inputs(
+                h[None, c0:c1], cos[c0:c1], sin[c0:c1], q[None, :, c0:c1], k[None, :, c0:c1]
+            )
+            v[:, c0:c1] = vv[0]
+
+    def prefill_finish(self, h: torch.Tensor, attn: torch.Tensor, spans: list[tuple[int, int]]) -> None:
+        """The token-wise rest of a prefill layer after attention ``attn [Hq, N, d]``, in place on ``h [N,
+        hidden]`` one sub-chunk (`spans`) at a time: o projection, residual, MLP (`finish`)."""
+        hq, d = attn.shape[0], attn.shape[2]
+        for c0, c1 in spans:
+            a = attn[:, c0:c1].transpose(0, 1).reshape(1, c1 - c0, hq * d)
+            h[c0:c1] = self.finish(h[None, c0:c1], a)[0]
+
 
 class Backbone(nn.Module):
     def __init__(self, arch: ModelArch, group: TensorParallelGroup | None = None, **kw: Any) -> None:

@@ -36,7 +36,7 @@ import torch
 from entropyinfer.policies.kv_compression import KVCompressionConfig
 from entropyinfer.shard.attention import PrefillAttention
 from entropyinfer.shard.config import ParallelConfig
-from entropyinfer.shard.engine import ChunkQueries, Engine, ProgressFn, _finish_layer
+from entropyinfer.shard.engine import ChunkQueries, Engine, ProgressFn
 from entropyinfer.shard.kv_pages import KVPages
 from entropyinfer.shard.parallel.all_to_all import HeadSplit, SequenceParallelGroup, to_heads, to_sequence
 from entropyinfer.shard.sparse_attention import SparsePrefill
@@ -97,11 +97,7 @@ def sequence_parallel_prefill(
     heads = torch.arange(hkv, device=dev)[:, None]
     layers = engine.model.layers
     for li, layer in enumerate(layers):
-        for c0, c1 in spans:
-            _, _, vv = layer.attention_inputs(
-                h[None, c0:c1], cos[c0:c1], sin[c0:c1], q[None, :, c0:c1], k[None, :, c0:c1]
-            )
-            v[:, c0:c1] = vv[0]
+        layer.prefill_inputs(h, cos, sin, q, k, v, spans)
         pages.k(li)[write_page, heads, write_off] = k[:, :real]
         pages.v(li)[write_page, heads, write_off] = v[:, :real]
         if observe is not None and observed > 0:  # the last prompt queries, wherever they are, on every rank
@@ -117,7 +113,7 @@ def sequence_parallel_prefill(
         del q_h, k_h, v_h
         if attn.shape[1] != sp.size * s:
             attn = torch.nn.functional.pad(attn, (0, 0, 0, sp.size * s - attn.shape[1]))
-        _finish_layer(layer, h, to_sequence(sp, split, attn), spans)
+        layer.prefill_finish(h, to_sequence(sp, split, attn), spans)
         del attn
         if progress is not None:
             progress(n * (li + 1) // len(layers), n)
