@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from entropyinfer.kernels.paged_kv_write import paged_kv_write
 from entropyinfer.policies.kv_compression import KVCompressionConfig
 from entropyinfer.shard.attention import PrefillAttention
 from entropyinfer.shard.config import ParallelConfig
@@ -93,13 +94,15 @@ def sequence_parallel_prefill(
     k = torch.empty(hkv, s, d, device=dev, dtype=dt)
     v = torch.empty(hkv, s, d, device=dev, dtype=dt)
     local = torch.arange(real, device=dev)  # where the segment's K/V go: local positions of the table
-    write_page, write_off = table[:, local // ps], (local % ps)[None, :]
-    heads = torch.arange(hkv, device=dev)[:, None]
+    # [real, Hkv] each, contiguous (`paged_kv_write`'s layout, as in `Engine.prefill_pages`)
+    write_page = table[:, local // ps].T.contiguous()
+    write_off = (local % ps)[:, None].expand(real, hkv).contiguous()
     layers = engine.model.layers
     for li, layer in enumerate(layers):
         layer.prefill_inputs(h, cos, sin, q, k, v, spans)
-        pages.k(li)[write_page, heads, write_off] = k[:, :real]
-        pages.v(li)[write_page, heads, write_off] = v[:, :real]
+        paged_kv_write(
+            k[:, :real].transpose(0, 1), v[:, :real].transpose(0, 1), pages.kv(li), write_page, write_off
+        )
         if observe is not None and observed > 0:  # the last prompt queries, wherever they are, on every rank
             window = torch.zeros(hq, observed, d, device=dev, dtype=dt)
             lo, hi = max(start, n - observed), min(start + real, n)
