@@ -1,12 +1,14 @@
 """One attention layer (Llama-3-8B shape: 32 query / 8 KV heads, d=128, bf16, random data) at 32k / 64k /
 128k: entropy-sparse prefill (profiling included) and the fixed-budget baseline against dense cuDNN SDPA and
 dense FlashAttention-2 SDPA, with density, rigid-head fraction and the profiling / attention time split.
-Writes sparse_layer.{json,md}.
+Writes sparse_layer.{json,md}; with `--ranking-strides 8 16 32` also `ranking: queries` at those strides
+(`kernels/query_ranking.py`), into sparse_layer_ranking.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import traceback
 from pathlib import Path
@@ -90,8 +92,17 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", type=int, nargs="+", default=[32768, 65536, 131072])
+    ap.add_argument(
+        "--ranking-strides", type=int, nargs="*", default=[],
+        help="also time `ranking: queries` at these ranking_stride values (rows entropy_queries<s>_*, ...)",
+    )  # fmt: skip
     args = ap.parse_args()
     cfg = load_sparse_config("entropy_long")
+    runs = [(p, p, cfg) for p in ("entropy", "fixed")] + [
+        (f"{p}_queries{st}", p, dataclasses.replace(cfg, ranking="queries", ranking_stride=st))
+        for st in args.ranking_strides
+        for p in ("entropy", "fixed")
+    ]
     rows = []
     for n in args.lengths:
         torch.manual_seed(0)
@@ -107,9 +118,9 @@ def main() -> None:
                 row[name] = sdpa_ms(q, k, v, backend)
             except Exception:
                 row[name + "_error"] = traceback.format_exc(limit=2)
-        for policy in ("entropy", "fixed"):
+        for policy, rule, run_cfg in runs:
             try:
-                r = sparse_ms(q, k, v, policy, cfg)
+                r = sparse_ms(q, k, v, rule, run_cfg)
                 row.update({f"{policy}_{key}": val for key, val in r.items()})
                 if "cudnn_ms" in row:
                     row[f"{policy}_vs_cudnn"] = row["cudnn_ms"] / r["total_ms"]
@@ -145,12 +156,15 @@ def main() -> None:
         "fixed_vs_cudnn",
         "fixed_density",
     ]
+    for name, _, _ in runs[2:]:  # query ranking: its whole time, its profiling and its speed-up
+        cols += [f"{name}_total_ms", f"{name}_profile_ms", f"{name}_vs_cudnn"]
+    name = "sparse_layer" if not args.ranking_strides else "sparse_layer_ranking"
     meta = {
         "env": environment(),
         "shape": "32 q / 8 KV heads, d=128, bf16, random data, batch 1, causal",
         "config": vars(cfg) if hasattr(cfg, "__dict__") else str(cfg),
     }
-    print(write_results("sparse_layer", "One attention layer: entropy-sparse vs dense", cols, rows, meta))
+    print(write_results(name, "One attention layer: entropy-sparse vs dense", cols, rows, meta))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ __all__ = [
 ]
 
 BudgetMode = Literal["causal", "coverage", "per_head", "reference", "spread"]
+Ranking = Literal["box", "queries"]
+_RANKINGS = ("box", "queries")
 _MODES = ("causal", "coverage", "per_head", "reference", "spread")
 # modes whose decision for a segment uses only the segments up to it: chunked prefill and prefix caching
 # reproduce a one-shot prefill's blocks (`shard.sparse_attention.SparsePrefill.chunkable`)
@@ -72,6 +74,13 @@ class SparsePrefillConfig:
     # [min_budget, 3 * B0] tokens; causal (a segment's own logits only)
     coverage: float = 0.9
     coverage_scale: float = 1.0
+    # which blocks a (KV head, segment) takes, its count given: box (the paper's: top block logits of the
+    # segment's query max/min against the blocks' key max/min) or queries (`kernels/query_ranking.py`: the
+    # largest softmax probability any sampled query of the segment gives the block, its logit the exact max
+    # of q.k / sqrt(d) over the block's keys; every ranking_stride-th query is sampled). Budgets, entropy and
+    # the rigid test come from the box profiling either way.
+    ranking: Ranking = "box"
+    ranking_stride: int = 8
 
     def __post_init__(self) -> None:
         for name in (
@@ -81,6 +90,7 @@ class SparsePrefillConfig:
             "fixed_budget",
             "min_budget",
             "rigid_budget",
+            "ranking_stride",
         ):
             check_int(name, getattr(self, name), minimum=1)
         check_int("threshold_len", self.threshold_len, minimum=0)
@@ -104,6 +114,12 @@ class SparsePrefillConfig:
                 raise ConfigError(f"{name}: must be >= 0, got {value}")
         if self.mode not in _MODES:
             raise ConfigError(f"mode: {self.mode!r} is not one of {list(_MODES)}")
+        if self.ranking not in _RANKINGS:
+            raise ConfigError(f"ranking: {self.ranking!r} is not one of {list(_RANKINGS)}")
+        if self.segment_size % self.ranking_stride:
+            raise ConfigError(
+                f"ranking_stride: must divide segment_size ({self.segment_size}), got {self.ranking_stride}"
+            )
         p = self.spread_power
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p):
             raise ConfigError(f"spread_power: expected a finite number, got {p!r}")

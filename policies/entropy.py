@@ -24,6 +24,7 @@ from entropyinfer.kernels.block_selection_ref import (
     rigid_heads,
     spread_budgets_ref,
 )
+from entropyinfer.kernels.query_ranking import query_block_scores
 from entropyinfer.kernels.tiling import scoring_tiles, select_tiles
 from entropyinfer.policies.budgets import coverage_budgets, spread_logit_scale, spread_rule
 from entropyinfer.policies.config import SparsePrefillConfig
@@ -38,6 +39,7 @@ __all__ = [
     "plan_density_tensor",
     "plan_from_scores",
     "plan_layer",
+    "rank_blocks",
 ]
 
 
@@ -128,9 +130,11 @@ def plan_from_scores(
     head_scale: torch.Tensor | None = None,
     head_dim: int | None = None,
     logit_dim: int | None = None,
+    ranking: torch.Tensor | None = None,
 ) -> LayerPlan:
     """Budgets, counts and block selection from a layer's profiling (see `plan_layer`). ``head_dim``: return
-    the captured mass at that temperature; ``logit_dim``: the queries' head size (mode `coverage`)."""
+    the captured mass at that temperature; ``logit_dim``: the queries' head size (mode `coverage`);
+    ``ranking``: the order blocks are taken in (`ranking: queries`, `rank_blocks`; None: the block logits)."""
     if policy not in SELECTIONS:
         raise ValueError(f"unknown block-selection rule {policy!r}; choose one of: {', '.join(SELECTIONS)}")
     s_len, b = cfg.segment_size, cfg.block_size
@@ -163,7 +167,8 @@ def plan_from_scores(
     max_budget = cfg.max_budget if policy == "entropy" else cfg.fixed_budget
     nseg = entropy.shape[1]
     max_count = min(int(max_budget * max_scale(scale)) // b, max((nseg - 1) * (s_len // b), 0))
-    block_idx = select_blocks(scores.logits, counts, s_len, b, max_count, backend=backend)
+    order = scores.logits if ranking is None else ranking
+    block_idx = select_blocks(order, counts, s_len, b, max_count, backend=backend)
     captured = None
     if head_dim is not None:
         captured = captured_mass(
@@ -198,6 +203,7 @@ def plan_layer(
     head_scale: torch.Tensor | None = None,
     with_mass: bool = False,
     logit_reduce: LogitReduce | None = None,
+    rank_reduce: LogitReduce | None = None,
 ) -> LayerPlan:
     """Profile one layer and decide its sparse prefill.
 
@@ -216,16 +222,44 @@ def plan_layer(
         with_mass: also return the captured-mass proxy (``LayerPlan.captured``, `policies.head_scaling`).
         logit_reduce: makes a tensor-parallel rank's block logits (part of a GQA group's query heads) the
             whole group's (`kernels.block_scoring.LogitReduce`), so the replicas of a KV head decide alike.
+        rank_reduce: the same for the query-ranking scores (`ranking: queries`; a max over the replicas).
     """
     scale = spread_logit_scale(cfg, q.shape[-1]) if policy == "entropy" and cfg.mode == "spread" else None
     scores = block_scores(
         q, k, cfg.segment_size, cfg.block_size, backend=backend, spread_logit_scale=scale,
         logit_reduce=logit_reduce,
     )  # fmt: skip
+    ranking = rank_blocks(q, k, cfg, scores.logits.shape[2], backend=backend, rank_reduce=rank_reduce)
     return plan_from_scores(
         scores, cfg, q.shape[1], policy=policy, backend=backend, with_probs=with_probs,
         head_scale=head_scale, head_dim=q.shape[-1] if with_mass else None, logit_dim=q.shape[-1],
+        ranking=ranking,
     )  # fmt: skip
+
+
+def rank_blocks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cfg: SparsePrefillConfig,
+    num_key_blocks: int,
+    *,
+    segment_offset: int = 0,
+    key_pages: tuple[torch.Tensor, torch.Tensor] | None = None,
+    backend: Backend = "auto",
+    rank_reduce: LogitReduce | None = None,
+) -> torch.Tensor | None:
+    """The order in which `select_blocks` takes a segment's blocks: None for `ranking: box` (the block
+    logits), else the query-ranking scores ``[Hkv, nseg_chunk, num_key_blocks]`` (`kernels.query_ranking`) of
+    ``q`` (from ``segment_offset * S``) against ``k`` (from 0), or the keys read through ``key_pages``
+    (``k_pages``, ``block_table``) when given."""
+    if cfg.ranking == "box":
+        return None
+    keys, table = key_pages if key_pages is not None else (k, None)
+    out = query_block_scores(
+        q, keys, cfg.segment_size, cfg.block_size, cfg.ranking_stride, segment_offset=segment_offset,
+        num_key_blocks=num_key_blocks, block_table=table, backend=backend,
+    )  # fmt: skip
+    return out if rank_reduce is None else rank_reduce(out)
 
 
 @dataclass(frozen=True)
@@ -266,6 +300,8 @@ def plan_chunk(
     with_mass: bool = False,
     logit_reduce: LogitReduce | None = None,
     key_reps: tuple[torch.Tensor, torch.Tensor] | None = None,
+    key_pages: tuple[torch.Tensor, torch.Tensor] | None = None,
+    rank_reduce: LogitReduce | None = None,
 ) -> ChunkPlan:
     """Profile one prefill chunk of one layer and decide its blocks exactly as a one-shot prefill would.
 
@@ -276,7 +312,8 @@ def plan_chunk(
     width and the whole prompt's tiles, then the counts of the whole-prompt rule over the history (later
     segments padded: the rule is causal, they change nothing before them), so a chunked prefill gives the
     one-shot counts (bit for bit on the torch path). ``logit_reduce``: as `plan_layer`. ``key_reps``: the
-    key blocks' ``(kmax, kmin)`` read from paged KV (`kernels.paged_block_reps`); ``k`` is then only a shape.
+    key blocks' ``(kmax, kmin)`` read from paged KV (`kernels.paged_block_reps`); ``k`` is then only a shape,
+    and ``key_pages`` (``k_pages``, ``block_table``) gives `ranking: queries` the keys themselves.
     """
     if policy == "entropy" and not cfg.causal:
         raise ValueError(f"mode {cfg.mode!r} is not causal: prefill it in one shot (plan_layer)")
@@ -319,8 +356,12 @@ def plan_chunk(
     max_budget = cfg.max_budget if policy == "entropy" else cfg.fixed_budget
     max_count = min(int(max_budget * max_scale(scale)) // b, max((nseg - 1) * (s_len // b), 0))
     tiles = select_tiles(nseg, nblk, cuda=cuda) if on_triton else None
+    ranking = rank_blocks(
+        q, k, cfg, nblk, segment_offset=segment_offset, key_pages=key_pages, backend=backend,
+        rank_reduce=rank_reduce,
+    )  # fmt: skip
     block_idx = select_blocks(
-        scores.logits,
+        scores.logits if ranking is None else ranking,
         counts,
         s_len,
         b,

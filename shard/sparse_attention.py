@@ -75,6 +75,7 @@ class SparsePrefill:
         # tensor parallelism with replicated KV heads: the replicas' block logits made the GQA group's
         # (`shard/parallel/group.py`), so every replica picks one rank's blocks; None on one rank
         self.logit_reduce: LogitReduce | None = None
+        self.rank_reduce: LogitReduce | None = None  # the same for `ranking: queries` (a max)
         self.dense_tail_min_prefix = DENSE_TAIL_MIN_PREFIX
         # per layer, the element-wise max and min of the queries of the last segment's pieces so far (a
         # chunk that ends inside it), ``[Hq, 1, d]`` each: its profile runs with its last piece
@@ -162,7 +163,7 @@ class SparsePrefill:
             return dense_causal_attention(q, k, v)
         plan = plan_layer(
             q, k, cfg, policy=self.policy, head_scale=self._scale(layer), with_mass=self.collect_mass,
-            logit_reduce=self.logit_reduce,
+            logit_reduce=self.logit_reduce, rank_reduce=self.rank_reduce,
         )  # fmt: skip
         if plan.captured is not None:
             self.captured[layer] = [plan.captured]
@@ -272,13 +273,14 @@ class SparsePrefill:
             visible = num_blocks(q_offset + q.shape[1], s_len, cfg.block_size)  # the last segment's
             key_reps = paged_block_reps(keys.k_pages, keys.table, visible, cfg.block_size)
             k = keys.k_chunk.new_empty(()).expand(hkv, nk, q.shape[-1])  # a shape only
+            key_pages: tuple[torch.Tensor, torch.Tensor] | None = (keys.k_pages, keys.table)
         else:
-            key_reps, k = None, keys[0]
+            key_reps, k, key_pages = None, keys[0], None
         plan = plan_chunk(
             q, k, cfg, seq_len=self.seq_len or 0, segment_offset=q_offset // s_len,
             entropy_before=rec.entropy, spread_before=rec.spread, policy=self.policy,
             head_scale=self._scale(layer), with_mass=self.collect_mass, logit_reduce=self.logit_reduce,
-            key_reps=key_reps,
+            key_reps=key_reps, key_pages=key_pages, rank_reduce=self.rank_reduce,
         )  # fmt: skip
         rec.append(plan.entropy, plan.counts, plan.spread, plan.rigid)
         if plan.captured is not None:

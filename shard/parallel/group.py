@@ -65,6 +65,13 @@ class TensorParallelGroup:
             x.div_(self.replicas)
         return x
 
+    def max_over_replicas(self, x: torch.Tensor) -> torch.Tensor:
+        """The element-wise max of `x` over the ranks that hold this rank's KV head, in place (a no-op
+        without replicas); returns `x` (the query-ranking scores' `LogitReduce`)."""
+        if self.replicas > 1:
+            dist.all_reduce(x, op=dist.ReduceOp.MAX, group=self.replica_group)
+        return x
+
     def global_rank(self, rank: int) -> int:
         return rank if self.process_group is None else int(dist.get_global_rank(self.process_group, rank))
 

@@ -205,6 +205,7 @@ class RankRunner:
         if isinstance(attention, SparsePrefill):
             if self.group.replicas > 1:
                 attention.logit_reduce = self.group.mean_over_replicas
+                attention.rank_reduce = self.group.max_over_replicas
             attention.collect_mass = attention.collect_mass or call.head_stats
             if call.head_table is not None and call.first:  # the policy actor's table: this rank's rows
                 self.pin_rows(attention, *call.head_table, split=call.sequence_parallel)

@@ -25,6 +25,9 @@ RULES = [
     ("entropy", {"mode": "spread", "min_budget": 16, "rigid_budget": 8}),
     ("fixed", {}),
     ("fixed", {"target_density": 0.6}),
+    # blocks taken in query-ranking order (`kernels/query_ranking.py`): still one-shot's blocks in chunks
+    ("entropy", {"mode": "causal", "ranking": "queries"}),
+    ("fixed", {"ranking": "queries", "ranking_stride": 4}),
     ("dense", {}),
 ]
 

@@ -72,6 +72,8 @@ def test_auto_kv_compression_follows_the_registry() -> None:
         ({"max_dense_prefill_pairs": "max"}, ConfigError, "max_dense_prefill_pairs: 'max' matches none"),
         ({"max_dense_prefill_pairs": 0}, ConfigError, "max_dense_prefill_pairs: must be >= 1"),
         ({"policy": "magic"}, UnknownPolicyError, "dense, entropy, fixed, snapkv"),
+        ({"ranking": "best"}, ConfigError, "ranking: 'best' is not one of"),
+        ({"ranking_stride": 3}, ConfigError, "ranking_stride: must divide segment_size"),
     ],
 )
 def test_bad_keywords_name_the_key(keywords: dict[str, object], error: type, message: str) -> None:
@@ -125,6 +127,9 @@ def test_per_call_policy_options_are_checked_and_applied(folder: Path) -> None:
     assert llm.config.sparse.fixed_budget == 256  # the instance's config is unchanged
     with pytest.raises(ConfigError, match="fixed_budgt"):
         llm.generate(prompt, params, policy_options={"fixed_budgt": 8})
+    # the block order is a per-call option too: same count of blocks, another choice of them
+    ranked = llm.generate(prompt, params, policy_options={"fixed_budget": 8, "ranking": "queries"})[0]
+    assert ranked.stats["density"] == small
 
 
 def test_an_automatic_preset_is_settled_where_the_model_loads(folder: Path, tmp_path: Path) -> None:

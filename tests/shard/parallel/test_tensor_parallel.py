@@ -114,16 +114,20 @@ def run_tiny(engine: Engine, group: TensorParallelGroup | None = None) -> dict[s
 def replicas_pick_one_ranks_blocks(group: TensorParallelGroup, full: ModelArch, shard: HeadShard) -> None:
     """Random post-RoPE q / k of every head (the same on every rank): a rank's query heads with the mean
     over its KV head's replicas choose one rank's blocks, counts and entropy for that KV head (one-shot
-    modes per_head and spread); without it they would not (the partial group's logits)."""
+    modes per_head and spread, and query ranking with the max over the replicas); without it they would not
+    (the partial group's logits)."""
     gen = torch.Generator().manual_seed(3)
     q = torch.randn(full.num_heads, 192, 16, generator=gen)
     k = torch.randn(full.num_kv_heads, 192, 16, generator=gen)
     mq, kv = q[shard.q_start : shard.q_start + shard.q_count], slice(shard.kv_start, shard.kv_start + 1)
     alone_differs = False
-    for mode in ("per_head", "spread"):
-        cfg = dataclasses.replace(SPARSE, mode=mode, min_budget=8, rigid_budget=16)
+    # (mode, ranking): query ranking's scores are a max over the group's heads, made whole by a max
+    for mode, ranking in (("per_head", "box"), ("spread", "box"), ("per_head", "queries")):
+        cfg = dataclasses.replace(SPARSE, mode=mode, min_budget=8, rigid_budget=16, ranking=ranking)
         one = plan_layer(q, k, cfg)
-        mine = plan_layer(mq, k[kv], cfg, logit_reduce=group.mean_over_replicas)
+        mine = plan_layer(
+            mq, k[kv], cfg, logit_reduce=group.mean_over_replicas, rank_reduce=group.max_over_replicas
+        )
         assert torch.equal(mine.block_idx, one.block_idx[kv]), f"{mode}: blocks differ from one rank's"
         assert torch.equal(mine.counts, one.counts[kv]), f"{mode}: counts differ from one rank's"
         torch.testing.assert_close(mine.entropy, one.entropy[kv], atol=1e-6, rtol=1e-6)
