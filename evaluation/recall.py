@@ -3,14 +3,19 @@
 The retrieval tasks of `evaluation/tasks.py` ask their question at the prompt's end, and the prompt's last
 segment runs dense (and decoding is dense while KV compression is off), so the answer can always attend to
 the needle: what sparse prefill changes there is only how the needle's own tokens were encoded. Here the
-retrieval happens *inside* the prompt, at positions whose attention the budget rule chooses.
+retrieval happens *inside* the prompt, at positions whose keys the sparse prefill chooses (the budget sets
+how many blocks, the block ranking which).
 
-A prompt is real prose (`haystack_tokens`) with `pairs` definitions ("The secret code of the castle is
-48213.") in its first part and, later, one recall of each ("As said before, the secret code of the castle is
-48213."), in another order, so the distances vary. Teacher-forced, one prefill gives every probe: a probe is
-the recall's code, and it is correct when the model's top-1 prediction is the right digit at each of its
-code tokens given the true tokens before (its first digit, which only the definition far back can give, is
-reported as well). The code is the only digit run of the haystack, and each code occurs exactly twice.
+A prompt is real prose (`haystack_tokens`) with `pairs` definitions ("Code name Willow Anchor: 48213.", a
+two-word name drawn from `RECALL_KEYS`) in its first part and, later, the same sentence again for each, in
+another order, so the distances vary. Teacher-forced, one prefill gives every probe: a probe is the repeated
+sentence's code, and it is correct when the model's top-1 prediction is the right digit at each of its code
+tokens given the true tokens before (the first digit alone is reported as well). The codes are the only digits
+of the prompt, and each occurs exactly twice.
+
+Pilot (SmolLM2-135M dense, 4096 tokens, 8 pairs): with the wording "The secret code of the castle is X."
+and the recall "As said before, the secret code of the castle is X." dense got 3 of 8; with the two-word
+names and the definition repeated word for word, 7 of 8.
 
 - `recall_prompt(llm, length, seed)`: a `RecallPrompt` of exactly `length` tokens (ids, probes);
 - `score_recall(logits, prompt)`: per probe, (all code tokens right, first code token right).
@@ -58,6 +63,8 @@ class Probe:
 
 @dataclass(frozen=True)
 class RecallPrompt:
+    """A recall prompt's token ids (exactly `length`) and its probes, in prompt order."""
+
     length: int
     seed: int
     ids: list[int]
