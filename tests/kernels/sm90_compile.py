@@ -271,6 +271,28 @@ def scoring_cases(m: Model, dt: torch.dtype, tier: Tier) -> Iterator[tuple[str, 
         )  # fmt: skip
 
 
+def ranking_cases(m: Model, dt: torch.dtype, tier: Tier) -> Iterator[tuple[str, Callable[[], Any]]]:
+    from entropyinfer.kernels.query_ranking import query_block_scores
+
+    for s in tier.segments():
+        for stride in (8, 32) if tier.full else (8,):
+            n = 4 * s
+            q, k = _rand(m.hq, n, m.d, dtype=dt), _rand(m.hkv, n, m.d, dtype=dt)
+            yield (
+                f"query_ranking[S={s}, stride {stride}]",
+                lambda: query_block_scores(q, k, s, BLOCK, stride, backend="triton"),
+            )
+            for ps in tier.pages(dt):
+                k_pages, _, table = _pages(m, n, ps, dt, torch.int32)
+                qc = q[:, 2 * s :]  # a chunk from segment 2, its keys in the pages
+                yield (
+                    f"query_ranking[S={s}, stride {stride}, page {ps}]",
+                    lambda: query_block_scores(
+                        qc, k_pages, s, BLOCK, stride, segment_offset=2, block_table=table, backend="triton"
+                    ),
+                )
+
+
 def selection_cases() -> Iterator[tuple[str, Callable[[], Any]]]:
     from entropyinfer.kernels.block_selection import block_counts, select_blocks
     from entropyinfer.kernels.block_selection_ref import SpreadRule
@@ -399,7 +421,7 @@ def cases(tier: Tier) -> Iterator[tuple[str, Callable[[], Any]]]:
             tag = f"{m.name}, {str(dt).removeprefix('torch.')}"
             gens = [decode_cases(m, dt, tier), prefill_cases(m, dt, tier), compression_cases(m, dt)]
             if dt == torch.bfloat16 or tier.full:
-                gens += [layer_ops_cases(m, dt, tier), scoring_cases(m, dt, tier)]
+                gens += [layer_ops_cases(m, dt, tier), scoring_cases(m, dt, tier), ranking_cases(m, dt, tier)]
             for gen in gens:
                 for name, call in gen:
                     yield f"{name} ({tag})", call
