@@ -5,7 +5,8 @@ with the block's logit the exact max of ``q . k / sqrt(d)`` over its keys.
 One program per (segment, KV head). Its sampled query rows (``G * S / stride``, in tiles of ``BLOCK_M``) are
 loaded once per tile; two passes over the keys the segment sees, ``BLOCK_N`` keys at a time: the first
 keeps each row's running max and softmax normaliser over the block logits, the second recomputes the block
-logits, normalises them and keeps the column max over the rows, merged into the output. Keys are read
+logits, normalises them and keeps the column max over the rows, merged into the output (so ``G * S /
+stride`` rows cost ``2 * ceil(rows / BLOCK_M)`` passes; float32 inputs use IEEE dots). Keys are read
 contiguous (``k [Hkv, N, d]``) or through a page table (``PAGED``: ``k_pages [num_pages, Hkv, page, d]``), so
 a prefill chunk over paged KV needs no gather.
 """
@@ -54,6 +55,7 @@ def _query_ranking_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ) -> None:
     seg = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
@@ -76,13 +78,15 @@ def _query_ranking_kernel(
         row_sum = tl.zeros([BLOCK_M], tl.float32)
         for n0 in range(0, n_keys, BLOCK_N):  # pass 1: per row, max and normaliser over the block logits
             x = _block_logits(k_ptr, table_ptr, qt, n0, kn, d, d_ok, n_keys, h, stride_kp, stride_kh,
-                              stride_kn, stride_th, scale, B, PAGED, PAGE_SIZE, BLOCK_M, BLOCK_N)  # fmt: skip
+                              stride_kn, stride_th, scale, B, PAGED, PAGE_SIZE, BLOCK_M, BLOCK_N,
+                              DOT_PRECISION)  # fmt: skip
             new_max = tl.maximum(row_max, tl.max(x, axis=1))
             row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(x - new_max[:, None]), axis=1)
             row_max = new_max
         for n0 in range(0, n_keys, BLOCK_N):  # pass 2: probabilities, max over the rows
             x = _block_logits(k_ptr, table_ptr, qt, n0, kn, d, d_ok, n_keys, h, stride_kp, stride_kh,
-                              stride_kn, stride_th, scale, B, PAGED, PAGE_SIZE, BLOCK_M, BLOCK_N)  # fmt: skip
+                              stride_kn, stride_th, scale, B, PAGED, PAGE_SIZE, BLOCK_M, BLOCK_N,
+                              DOT_PRECISION)  # fmt: skip
             p = tl.exp(x - row_max[:, None]) / row_sum[:, None]
             p = tl.where(m_ok[:, None], p, 0.0)
             best = tl.max(p, axis=0)
@@ -115,6 +119,7 @@ def _block_logits(
     PAGE_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ) -> tl.tensor:
     """float32 ``[BLOCK_M, BLOCK_N // B]``: per row, the max scaled logit over each block's keys of the tile
     of keys ``[n0, n0 + BLOCK_N)`` (-inf for blocks past ``n_keys``)."""
@@ -126,7 +131,7 @@ def _block_logits(
     else:
         row = h * stride_kh + pos.to(tl.int64) * stride_kn
     kt = tl.load(k_ptr + row[:, None] + d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
-    s = tl.dot(qt, tl.trans(kt)).to(tl.float32) * scale
+    s = tl.dot(qt, tl.trans(kt), input_precision=DOT_PRECISION).to(tl.float32) * scale
     s = tl.where(ok[None, :], s, float("-inf"))
     return tl.max(tl.reshape(s, (BLOCK_M, BLOCK_N // B, B)), axis=2)
 
@@ -187,6 +192,7 @@ def query_block_scores(
         q, k, table, out, q.stride(0), q.stride(1), *strides, out.stride(0), out.stride(1),
         q.shape[1], segment_offset, d, 1.0 / math.sqrt(d),
         G=g, S=segment_size, STRIDE=stride, B=block_size, PAGED=paged, PAGE_SIZE=page_size,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(pow2(d), 16), num_warps=4,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(pow2(d), 16),
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4,
     )  # fmt: skip
     return out

@@ -116,7 +116,7 @@ class SparsePrefillConfig:
             raise ConfigError(f"mode: {self.mode!r} is not one of {list(_MODES)}")
         if self.ranking not in _RANKINGS:
             raise ConfigError(f"ranking: {self.ranking!r} is not one of {list(_RANKINGS)}")
-        if self.segment_size % self.ranking_stride:
+        if self.ranking == "queries" and self.segment_size % self.ranking_stride:
             raise ConfigError(
                 f"ranking_stride: must divide segment_size ({self.segment_size}), got {self.ranking_stride}"
             )

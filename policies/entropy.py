@@ -229,7 +229,9 @@ def plan_layer(
         q, k, cfg.segment_size, cfg.block_size, backend=backend, spread_logit_scale=scale,
         logit_reduce=logit_reduce,
     )  # fmt: skip
-    ranking = rank_blocks(q, k, cfg, scores.logits.shape[2], backend=backend, rank_reduce=rank_reduce)
+    ranking = rank_blocks(
+        q, k, cfg, scores.logits.shape[2], backend=backend, rank_reduce=rank_reduce, logit_reduce=logit_reduce
+    )
     return plan_from_scores(
         scores, cfg, q.shape[1], policy=policy, backend=backend, with_probs=with_probs,
         head_scale=head_scale, head_dim=q.shape[-1] if with_mass else None, logit_dim=q.shape[-1],
@@ -247,12 +249,22 @@ def rank_blocks(
     key_pages: tuple[torch.Tensor, torch.Tensor] | None = None,
     backend: Backend = "auto",
     rank_reduce: LogitReduce | None = None,
+    logit_reduce: LogitReduce | None = None,
+    seq_len: int | None = None,
 ) -> torch.Tensor | None:
     """The order in which `select_blocks` takes a segment's blocks: None for `ranking: box` (the block
-    logits), else the query-ranking scores ``[Hkv, nseg_chunk, num_key_blocks]`` (`kernels.query_ranking`) of
-    ``q`` (from ``segment_offset * S``) against ``k`` (from 0), or the keys read through ``key_pages``
-    (``k_pages``, ``block_table``) when given."""
+    logits) or when no segment of the chunk is sparse (of a ``seq_len``-token prompt: each starts before
+    threshold_len or is the last; host arithmetic), else the query-ranking scores ``[Hkv, nseg_chunk,
+    num_key_blocks]`` (`kernels.query_ranking`) of ``q`` (from ``segment_offset * S``) against ``k`` (from
+    0), or the keys read through ``key_pages`` (``k_pages``, ``block_table``) when given. A tensor-parallel
+    replica (``logit_reduce`` set) needs ``rank_reduce`` too, or the replicas would pick different blocks."""
     if cfg.ranking == "box":
+        return None
+    if logit_reduce is not None and rank_reduce is None:
+        raise ValueError("ranking 'queries' on a KV-head replica needs rank_reduce (a max over the replicas)")
+    s_len, n = cfg.segment_size, q.shape[1] if seq_len is None else seq_len
+    first, count = segment_offset, num_segments(q.shape[1], s_len)
+    if all(s * s_len < cfg.threshold_len or (s + 1) * s_len >= n for s in range(first, first + count)):
         return None
     keys, table = key_pages if key_pages is not None else (k, None)
     out = query_block_scores(
@@ -358,7 +370,7 @@ def plan_chunk(
     tiles = select_tiles(nseg, nblk, cuda=cuda) if on_triton else None
     ranking = rank_blocks(
         q, k, cfg, nblk, segment_offset=segment_offset, key_pages=key_pages, backend=backend,
-        rank_reduce=rank_reduce,
+        rank_reduce=rank_reduce, logit_reduce=logit_reduce, seq_len=seq_len,
     )  # fmt: skip
     block_idx = select_blocks(
         scores.logits if ranking is None else ranking,

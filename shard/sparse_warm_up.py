@@ -5,6 +5,8 @@ compile (the paged variants compile apart from the contiguous ones)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from entropyinfer.kernels.tiling import row_chunk
@@ -46,18 +48,23 @@ def warm_up_sparse_prefill(
     dtype: torch.dtype,
     page_size: int | None = None,
 ) -> None:
-    """Run both sparse policies once at every `warm_up_lengths` length on random data (GPU only), so that
-    requests never wait for a kernel compile; a no-op on the CPU (the torch references need none). With
-    `page_size` (the engine reads prefixes in place), each chunkable policy also prefills the prompt in two
-    chunks, the second over pages of that size (`SparsePrefill.chunk_paged`)."""
+    """Run both sparse policies once at every `warm_up_lengths` length on random data (GPU only), and
+    `fixed` with the other block ranking (`ranking`, at the config's `ranking_stride`: a request that asks
+    another stride compiles its variant), so that requests never wait for a kernel compile; a no-op on the
+    CPU (the torch references need none). With `page_size` (the engine reads prefixes in place), each
+    chunkable policy also prefills the prompt in two chunks, the second over pages of that size
+    (`SparsePrefill.chunk_paged`)."""
     if device.type != "cuda":
         return
     gen = torch.Generator(device=device).manual_seed(0)
     for n in warm_up_lengths(config, max_len):
         q = torch.randn(num_heads, n, head_dim, device=device, dtype=dtype, generator=gen)
         k = torch.randn(num_kv_heads, n, head_dim, device=device, dtype=dtype, generator=gen)
-        for policy in SELECTIONS:
-            attn = SparsePrefill(policy, config)
+        # every policy as configured, and `fixed` with the other block ranking (a per-request option), whose
+        # kernels do not depend on the policy
+        other = dataclasses.replace(config, ranking="queries" if config.ranking == "box" else "box")
+        for policy, cfg in [(p, config) for p in SELECTIONS] + [("fixed", other)]:
+            attn = SparsePrefill(policy, cfg)
             attn(1, q, k, k)
             if page_size is not None and attn.chunkable:
                 warm_up_paged_chunk(attn, q, k, page_size)

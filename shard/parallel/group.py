@@ -11,7 +11,8 @@ With more ranks than KV heads, ``tp / Hkv`` consecutive ranks hold one KV head, 
 group's query heads (`heads.py`). The sparse policies decide per KV head from the group's mean block
 logits, so those replicas all-reduce their partial means (`mean_over_replicas`, a subgroup of the tensor-
 parallel group per KV head) before the entropy and the top blocks: every replica then picks the blocks one
-rank would (one all-reduce of ``[1, nseg, nblocks]`` float32 per profiled layer and chunk).
+rank would (one all-reduce of ``[1, nseg, nblocks]`` float32 per profiled layer and chunk; with `ranking:
+queries` a second one, a max, of the query-ranking scores: `max_over_replicas`).
 """
 
 from __future__ import annotations

@@ -283,14 +283,22 @@ def ranking_cases(m: Model, dt: torch.dtype, tier: Tier) -> Iterator[tuple[str, 
                 lambda: query_block_scores(q, k, s, BLOCK, stride, backend="triton"),
             )
             for ps in tier.pages(dt):
-                k_pages, _, table = _pages(m, n, ps, dt, torch.int32)
-                qc = q[:, 2 * s :]  # a chunk from segment 2, its keys in the pages
-                yield (
-                    f"query_ranking[S={s}, stride {stride}, page {ps}]",
-                    lambda: query_block_scores(
-                        qc, k_pages, s, BLOCK, stride, segment_offset=2, block_table=table, backend="triton"
-                    ),
-                )
+                for table_dtype in (torch.int32, torch.int64):  # the engine's tables are int64
+                    k_pages, _, table = _pages(m, n, ps, dt, table_dtype)
+                    qc = q[:, 2 * s :]  # a chunk from segment 2, its keys in the pages
+                    yield (
+                        f"query_ranking[S={s}, stride {stride}, page {ps}, {table_dtype}]",
+                        lambda: query_block_scores(
+                            qc,
+                            k_pages,
+                            s,
+                            BLOCK,
+                            stride,
+                            segment_offset=2,
+                            block_table=table,
+                            backend="triton",
+                        ),
+                    )
 
 
 def selection_cases() -> Iterator[tuple[str, Callable[[], Any]]]:

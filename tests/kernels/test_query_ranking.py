@@ -10,11 +10,12 @@ import math
 import pytest
 import torch
 
+from entropyinfer.errors import ConfigError
 from entropyinfer.kernels.backend import interpreter_ready
 from entropyinfer.kernels.query_ranking import query_block_scores
 from entropyinfer.kernels.query_ranking_ref import query_block_scores_ref, sampled_rows
 from entropyinfer.policies.config import SparsePrefillConfig
-from entropyinfer.policies.entropy import plan_layer
+from entropyinfer.policies.entropy import plan_layer, rank_blocks
 
 needs_triton = pytest.mark.skipif(
     not (torch.cuda.is_available() or interpreter_ready()), reason="needs a GPU or TRITON_INTERPRET=1"
@@ -151,3 +152,20 @@ def test_selection_finds_the_block_one_query_needs() -> None:
         picks[ranking] = plan.block_idx[0, 7, : int(plan.counts[0, 7])].tolist()
     assert 12 in picks["queries"]
     assert 12 not in picks["box"]
+
+
+def test_box_ranking_takes_any_stride_and_a_replica_needs_its_max() -> None:
+    """The stride is checked only where it is used; a KV-head replica (block logits reduced over the
+    replicas) cannot rank by queries without the max over them; a chunk with no sparse segment ranks
+    nothing."""
+    assert SparsePrefillConfig(segment_size=36, block_size=4).ranking_stride == 8  # box: not checked
+    with pytest.raises(ConfigError, match="ranking_stride"):
+        SparsePrefillConfig(segment_size=36, block_size=4, ranking="queries")
+    q, k = inputs(SHAPES[0], seed=2)
+    cfg = SparsePrefillConfig(
+        segment_size=32, block_size=8, threshold_len=32, fixed_budget=16, ranking="queries"
+    )
+    with pytest.raises(ValueError, match="rank_reduce"):
+        plan_layer(q, k, cfg, policy="fixed", logit_reduce=lambda x: x)
+    assert rank_blocks(q[:, :64], k, cfg, 4) is None  # two segments: both dense
+    assert rank_blocks(q, k, cfg, 24) is not None

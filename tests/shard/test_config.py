@@ -73,7 +73,11 @@ def test_auto_kv_compression_follows_the_registry() -> None:
         ({"max_dense_prefill_pairs": 0}, ConfigError, "max_dense_prefill_pairs: must be >= 1"),
         ({"policy": "magic"}, UnknownPolicyError, "dense, entropy, fixed, snapkv"),
         ({"ranking": "best"}, ConfigError, "ranking: 'best' is not one of"),
-        ({"ranking_stride": 3}, ConfigError, "ranking_stride: must divide segment_size"),
+        (
+            {"ranking": "queries", "ranking_stride": 3},
+            ConfigError,
+            "ranking_stride: must divide segment_size",
+        ),
     ],
 )
 def test_bad_keywords_name_the_key(keywords: dict[str, object], error: type, message: str) -> None:
