@@ -1,17 +1,18 @@
 """Block ranking at matched density on SmolLM2-135M-Instruct: the paper's box ranking against query ranking
-(`ranking: queries`, `kernels/query_ranking.py`), for `fixed` and the default entropy rule (causal), on
-in-prompt recall (`evaluation/recall.py`) and on KL against dense over real prose.
+(`ranking: queries`, `kernels/query_ranking.py`), for `fixed` and the entropy rules (causal, the default;
+`--rules causal,reference` adds the paper's rule), on in-prompt recall (`evaluation/recall.py`) and on KL
+against dense over real prose.
 
 Why in-prompt recall: the passkey tasks ask at the prompt's end, whose segment runs dense, so they cannot see
 which blocks a sparse segment kept. Here each probe is a code that a sparse segment must copy from a
 definition thousands of tokens back; one teacher-forced prefill scores every probe of a prompt.
 
-Per prompt length: `fixed` takes the level as its `target_density`; the causal rule's base budget is bisected
-to the level on the length's first recall prompt (box ranking; the ranking does not change the counts, only
-which blocks, so the densities agree up to how the changed hidden states move the entropies; each row's
-measured density is reported). Probes: those dense gets right (every code digit top-1). KL: every position
-from the first sparse segment on, KL(dense || config), on de-duplicated prose, each rule's knob bisected on
-that very prompt.
+Per prompt length: `fixed` takes the level as its `target_density`; each entropy rule's base budget is
+bisected to the level on the length's first recall prompt (the preset's own ranking; the ranking does not
+change the counts, only which blocks, so the densities agree up to how the changed hidden states move the
+entropies; each row's measured density is reported). Probes: those dense gets right (every code digit
+top-1). KL: every position from the first sparse segment on, KL(dense || config), on de-duplicated prose,
+each rule's knob bisected on that very prompt.
 
 CPU (what fits in ~25 minutes on 2 shared cores, one torch thread): `python benchmarks/recall_quality.py
 --out benchmarks/results` (the defaults). GPU: `--device cuda --lengths 2048,3072,4096,5120,6144,7168,8176
@@ -42,16 +43,20 @@ from entropyinfer.policies.config import load_sparse_config
 
 PRESET = "entropy_short"
 CAUSAL = Family("entropy causal", "entropy", "base_budget", 32, 1024, step=8, fixed=(("mode", "causal"),))
+REFERENCE = Family(
+    "entropy reference", "entropy", "base_budget", 32, 1024, step=8, fixed=(("mode", "reference"),)
+)
+RULES = {"causal": CAUSAL, "reference": REFERENCE}
 
 
-def configs(level: float, causal_budget: int, strides: list[int]) -> list[tuple[str, PolicySpec]]:
-    """(row name, spec) at one level: fixed and causal, each with box and query ranking."""
+def configs(level: float, budgets: dict[str, int], strides: list[int]) -> list[tuple[str, PolicySpec]]:
+    """(row name, spec) at one level: fixed and each entropy rule in `budgets` (its calibrated base budget),
+    each with box and query ranking (always explicit, whatever the preset's default)."""
+    specs = [("fixed", PolicySpec("fixed", "fixed", (("target_density", level),)))]
+    specs += [(rule, RULES[rule].spec(budget)) for rule, budget in budgets.items()]
     out = []
-    for rule, spec in (
-        ("fixed", PolicySpec("fixed", "fixed", (("target_density", level),))),
-        ("causal", CAUSAL.spec(causal_budget)),
-    ):
-        out.append((f"{rule} box", spec))
+    for rule, spec in specs:
+        out.append((f"{rule} box", PolicySpec(spec.name, spec.policy, (*spec.overrides, ("ranking", "box")))))
         for st in strides:
             opts = (*spec.overrides, ("ranking", "queries"), ("ranking_stride", st))
             out.append((f"{rule} queries/{st}", PolicySpec(spec.name, spec.policy, opts)))
@@ -69,7 +74,8 @@ def main() -> None:
     ap.add_argument("--levels", default="0.2")
     ap.add_argument("--strides", default="8", help="ranking_stride values of the query-ranking rows")
     ap.add_argument("--text", default="4096", help="lengths of the KL prompts (one slice each)")
-    ap.add_argument("--iters", type=int, default=6, help="bisection steps of the causal base budget")
+    ap.add_argument("--iters", type=int, default=6, help="bisection steps of the entropy rules' base budget")
+    ap.add_argument("--rules", default="causal", help="entropy rules beside fixed: causal, reference")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -79,6 +85,7 @@ def main() -> None:
     lengths = [int(x) for x in args.lengths.split(",") if x]
     levels = [float(x) for x in args.levels.split(",") if x]
     strides = [int(x) for x in args.strides.split(",") if x]
+    rules = [x for x in args.rules.split(",") if x]
     meta = {"env": environment(), "command": " ".join(["python", *sys.argv]), "device": args.device,
             "dtype": str(llm.dtype), "preset": PRESET, "pairs": args.pairs}  # fmt: skip
     probes: list[dict[str, Any]] = []
@@ -96,12 +103,16 @@ def main() -> None:
 
     for n in lengths:
         prompts = [recall_prompt(llm, n, seed, pairs=args.pairs) for seed in range(args.seeds)]
-        budgets = {}
+        budgets: dict[float, dict[str, int]] = {}
         for level in levels:
-            value, density, tried = calibrate(llm, [prompts[0].ids], CAUSAL, base, level, iters=args.iters)
-            budgets[level] = int(value)
-            calib.append({"prompt": f"recall {n}", "level": level, "value": value, "density": density,
-                          "tried": tried})  # fmt: skip
+            budgets[level] = {}
+            for rule in rules:
+                value, density, tried = calibrate(
+                    llm, [prompts[0].ids], RULES[rule], base, level, iters=args.iters
+                )
+                budgets[level][rule] = int(value)
+                calib.append({"prompt": f"recall {n}", "rule": rule, "level": level, "value": value,
+                              "density": density, "tried": tried})  # fmt: skip
         for p in prompts:
             logits, _ = prefill_logits(llm, p.ids, DENSE, base, True)
             dense = score_recall(logits, p)
@@ -131,10 +142,13 @@ def main() -> None:
         dense_lp = torch.log_softmax(dense_logits[start : n - 1].float(), dim=-1)
         del dense_logits
         for level in levels:
-            value, density, tried = calibrate(llm, [ids], CAUSAL, base, level, iters=args.iters)
-            calib.append({"prompt": f"text {n}", "level": level, "value": value, "density": density,
-                          "tried": tried})  # fmt: skip
-            for name, spec in configs(level, int(value), strides):
+            text_budgets = {}
+            for rule in rules:
+                value, density, tried = calibrate(llm, [ids], RULES[rule], base, level, iters=args.iters)
+                text_budgets[rule] = int(value)
+                calib.append({"prompt": f"text {n}", "rule": rule, "level": level, "value": value,
+                              "density": density, "tried": tried})  # fmt: skip
+            for name, spec in configs(level, text_budgets, strides):
                 logits, stats = prefill_logits(llm, ids, spec, base, True)
                 text.append({"level": level, "config": name, "length": n, "density": float(stats["density"]),
                              **text_metrics(logits, dense_lp, ids, start, 1024)})  # fmt: skip

@@ -159,7 +159,7 @@ def test_dynamic_budgets_stay_in_range_and_rigid_heads_get_base() -> None:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fixed_policy_gives_fixed_counts(backend: str) -> None:
-    cfg = load_sparse_config("entropy_short", fixed_budget=200)
+    cfg = load_sparse_config("entropy_short", fixed_budget=200, ranking="box")  # the fixture's ranking
     q, k = inputs("synth")
     plan = plan_layer(q, k, cfg, policy="fixed", backend=backend)  # type: ignore[arg-type]
     caps = count_caps(q.shape[1], cfg.segment_size, cfg.block_size, DEVICE)
