@@ -90,6 +90,7 @@ def main() -> None:
         del engine
         gc.collect()
         torch.cuda.empty_cache()
+    command = " ".join(["python", *sys.argv])
     labels = [label for label, _ in runs]
     cols = ["model", "tokens", "dense_ms"] + [f"{x}_{k}" for x in labels for k in ("ms", "vs_dense")]
     cols += [f"{x}_density" for x in labels[:1]]
@@ -98,8 +99,9 @@ def main() -> None:
         "Whole-model prefill ms: box vs query ranking (entropy_short), random weights, bf16",
         cols,
         rows,
-        {"env": environment(), "command": " ".join(["python", *sys.argv])},
-        notes="`queries<s>`: `ranking: queries` with ranking_stride s; `vs_dense`: dense ms / this ms.",
+        {"env": environment(), "command": command},
+        notes=f"Run: `{command}`. Median of 5 timed prefills after 2 warm-up (CUDA events); `queries<s>`: "
+        "`ranking: queries` with ranking_stride s; `vs_dense`: dense ms / this ms.",
     )
     print(table)
 

@@ -33,7 +33,6 @@ import atexit
 import gc
 import multiprocessing
 import os
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -77,10 +76,12 @@ class RankSpec:
     timeout_s: float = COLLECTIVE_TIMEOUT_S
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def master_store(host: str, world: int) -> dist.TCPStore:
+    """Rank 0's rendezvous store, listening on a port the OS picks when it binds (``store.port``): no window
+    between choosing a free port and binding it in which another process can take it."""
+    return dist.TCPStore(
+        host, 0, world, is_master=True, timeout=timedelta(seconds=JOIN_TIMEOUT_S), wait_for_workers=False
+    )
 
 
 def rank_device(spec: RankSpec, rank: int) -> torch.device:
@@ -90,20 +91,23 @@ def rank_device(spec: RankSpec, rank: int) -> torch.device:
 
 
 def join_group(
-    spec: RankSpec, rank: int, dead: Callable[[], str | None] | None = None
+    spec: RankSpec,
+    rank: int,
+    dead: Callable[[], str | None] | None = None,
+    store: dist.TCPStore | None = None,
 ) -> tuple[TensorParallelGroup, SequenceParallelGroup | None, dist.ProcessGroup | None]:
     """Initialise torch.distributed for `rank`: the default group (gloo, `PLAN_TIMEOUT`) carries the plans
     (returned as None: the default group); the model's collectives get groups of their own (NCCL on GPU)
     that time out after `timeout_s`: this rank's tensor-parallel group, and its sequence-parallel group
     (None when ``sp == 1``). Rank 0 waits up to `JOIN_TIMEOUT_S` for every rank to check in, and fails at
-    once when `dead()` names a rank that stopped meanwhile."""
+    once when `dead()` names a rank that stopped meanwhile. Rank 0 passes the `master_store` it bound before
+    the other ranks started (on `spec.port`); the others connect to it."""
     cuda = spec.device == "cuda"
     if cuda:
         torch.cuda.set_device(rank_device(spec, rank))
-    join = timedelta(seconds=JOIN_TIMEOUT_S)
-    store = dist.TCPStore(
-        spec.host, spec.port, spec.world, is_master=rank == 0, timeout=join, wait_for_workers=False
-    )
+    if store is None:
+        join = timedelta(seconds=JOIN_TIMEOUT_S)
+        store = dist.TCPStore(spec.host, spec.port, spec.world, is_master=False, timeout=join)
     if rank:
         store.set(f"joined/{rank}", "1")
     else:
@@ -276,8 +280,9 @@ def start_group(
         )
     ranks = ranks or LocalRanks()
     threads = cpu_threads(world) if device.type == "cpu" else torch.get_num_threads()
+    store = master_store(ranks.host, world)
     spec = RankSpec(
-        config, str(checkpoint), world, free_port(), device.type, dtype, max_context, threads,
+        config, str(checkpoint), world, store.port, device.type, dtype, max_context, threads,
         host=ranks.host, one_gpu=ranks.gpus_per_process == 1,
     )  # fmt: skip
     ranks.start(spec)
@@ -291,7 +296,7 @@ def start_group(
         torch.set_num_threads(old_threads)
 
     try:
-        group, sp, plan_group = join_group(spec, 0, ranks.dead)
+        group, sp, plan_group = join_group(spec, 0, ranks.dead, store)
         engine = build_engine(config, checkpoint, device, dtype, max_context, group)
         executor = LockstepExecutor(
             engine, group, plan_group, full_arch, max_context, ranks.dead, on_close, sp, config.parallel
