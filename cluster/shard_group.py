@@ -6,8 +6,8 @@ first).
     llm = LLM.from_config(config, ranks=ranks)                        # rank 0 here, in the shard actor
 
 Each actor (`RankActor`) runs `launch.worker_main` in one long actor call: it joins rank 0's
-torch.distributed group (rank 0's node address, a free port chosen there), builds its slice of the model
-and runs plans until rank 0 shuts the group down, so no Ray call happens per step. A rank whose call
+torch.distributed group (rank 0's node address, the port the OS gave rank 0's store), builds its slice of
+the model and runs plans until rank 0 shuts the group down, so no Ray call happens per step. A rank whose call
 ends (an error, a killed actor or node) shows up in `dead()`, which rank 0 checks before every plan. On
 CPU the actors take fractional CPUs and set their torch threads (`RankSpec.threads`); on GPU each takes
 one GPU of its bundle and sees it as ``cuda:0``. With a `name`, rank r's actor is the named actor

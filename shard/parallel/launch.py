@@ -15,7 +15,8 @@ group lives), so 4 ranks share 2 cores. GPU: NCCL for the model's collectives, r
 ``cuda:0`` where each process sees one GPU).
 Plans travel over the default group (gloo, host tensors) whose timeout is long, since idle workers wait on
 it; the model's collectives run in a group of their own that times out after `COLLECTIVE_TIMEOUT_S`.
-Rank 0 listens on `Ranks.host` at a free port chosen now and waits up to `JOIN_TIMEOUT_S` for the others.
+Rank 0 binds its rendezvous store before the others start, on a port the OS picks (`master_store`), and
+waits up to `JOIN_TIMEOUT_S` for them to connect to it at `Ranks.host`.
 One group per process at a time (it is torch.distributed's default group): close one before starting
 the next.
 
@@ -106,6 +107,8 @@ def join_group(
     if cuda:
         torch.cuda.set_device(rank_device(spec, rank))
     if store is None:
+        if rank == 0:
+            raise ValueError("rank 0 joins with the master_store it bound before starting the other ranks")
         join = timedelta(seconds=JOIN_TIMEOUT_S)
         store = dist.TCPStore(spec.host, spec.port, spec.world, is_master=False, timeout=join)
     if rank:
@@ -251,6 +254,7 @@ class LocalRanks:
 
     def stop(self, graceful: bool) -> None:
         wait_s = 5.0 if graceful else 0.2
+        self.processes = [p for p in self.processes if p.pid is not None]  # those `start` got to start
         for p in self.processes:
             p.join(timeout=wait_s)
         for p in self.processes:
@@ -285,7 +289,6 @@ def start_group(
         config, str(checkpoint), world, store.port, device.type, dtype, max_context, threads,
         host=ranks.host, one_gpu=ranks.gpus_per_process == 1,
     )  # fmt: skip
-    ranks.start(spec)
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
 
@@ -296,6 +299,7 @@ def start_group(
         torch.set_num_threads(old_threads)
 
     try:
+        ranks.start(spec)  # inside: ranks that started before one failed are stopped
         group, sp, plan_group = join_group(spec, 0, ranks.dead, store)
         engine = build_engine(config, checkpoint, device, dtype, max_context, group)
         executor = LockstepExecutor(
