@@ -64,7 +64,7 @@ def sparse_prefill_attention_ref(
         p_lo, p_hi = max(seg_start, q_offset), min(seg_start + seg, q_offset + nq)
         pos = torch.arange(p_lo, p_hi, device=q.device)
         own = torch.arange(seg_start, p_hi, device=k.device)
-        own_mask = own[None, :] <= pos[:, None]  # [L, own]
+        future = own[None, :] > pos[:, None]  # [L, own]: the segment's own keys a row may not see
         for hk in range(hkv):
             cnt = counts[hk][s]
             if cnt < 0:
@@ -82,9 +82,8 @@ def sparse_prefill_attention_ref(
             kh = k[hk, keys].float()  # [K, d]
             vh = v[hk, keys].float()
             qs = q[hk * group : (hk + 1) * group, p_lo - q_offset : p_hi - q_offset].float()  # [G, L, d]
-            scores = torch.matmul(qs, kh.T) * scale  # [G, L, K]
-            mask = torch.cat([own_mask.new_ones(len(pos), len(prefix)), own_mask], dim=1)
-            scores = scores.masked_fill(~mask, float("-inf"))
+            scores = torch.matmul(qs * scale, kh.T)  # [G, L, K]; scaled on the (smaller) queries
+            scores[..., len(prefix) :].masked_fill_(future, float("-inf"))  # the prefix is all visible
             probs = torch.softmax(scores, dim=-1)
             out[hk * group : (hk + 1) * group, p_lo - q_offset : p_hi - q_offset] = torch.matmul(
                 probs, vh
