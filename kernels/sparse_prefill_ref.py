@@ -82,7 +82,7 @@ def sparse_prefill_attention_ref(
             kh = k[hk, keys].float()  # [K, d]
             vh = v[hk, keys].float()
             qs = q[hk * group : (hk + 1) * group, p_lo - q_offset : p_hi - q_offset].float()  # [G, L, d]
-            scores = torch.matmul(qs * scale, kh.T)  # [G, L, K]; scaled on the (smaller) queries
+            scores = torch.matmul(qs, kh.T).mul_(scale)  # [G, L, K], scaled in place
             scores[..., len(prefix) :].masked_fill_(future, float("-inf"))  # the prefix is all visible
             probs = torch.softmax(scores, dim=-1)
             out[hk * group : (hk + 1) * group, p_lo - q_offset : p_hi - q_offset] = torch.matmul(
