@@ -95,8 +95,9 @@ def query_block_scores_ref(
     for s, v in enumerate(vis):
         if v == 0:
             continue
-        qs = q[:, rows[s]].float().view(hkv, g * rows.shape[1], d) * scale  # scaled before the product: one
-        kb = k[:, : v * block_size].float()  # pass fewer over the logits (the CPU path's largest tensor)
+        # the queries take the scale (not the logits, the largest tensor here: one pass fewer over them)
+        qs = q[:, rows[s]].float().view(hkv, g * rows.shape[1], d) * scale
+        kb = k[:, : v * block_size].float()
         # per block, the max over its keys: max_pool1d is ~3x faster than amax over a last dim of b on CPU
         logits = F.max_pool1d(qs @ kb.transpose(1, 2), block_size)  # [Hkv, rows, v]
         out[:, s, :v] = torch.softmax(logits, dim=-1).amax(dim=1)

@@ -85,6 +85,11 @@ def master_store(host: str, world: int) -> dist.TCPStore:
     )
 
 
+def rank_store(host: str, port: int, world: int) -> dist.TCPStore:
+    """A rank's connection to rank 0's `master_store` at ``host:port`` (waits up to `JOIN_TIMEOUT_S`)."""
+    return dist.TCPStore(host, port, world, is_master=False, timeout=timedelta(seconds=JOIN_TIMEOUT_S))
+
+
 def rank_device(spec: RankSpec, rank: int) -> torch.device:
     if spec.device != "cuda":
         return torch.device(spec.device)
@@ -109,8 +114,7 @@ def join_group(
     if store is None:
         if rank == 0:
             raise ValueError("rank 0 joins with the master_store it bound before starting the other ranks")
-        join = timedelta(seconds=JOIN_TIMEOUT_S)
-        store = dist.TCPStore(spec.host, spec.port, spec.world, is_master=False, timeout=join)
+        store = rank_store(spec.host, spec.port, spec.world)
     if rank:
         store.set(f"joined/{rank}", "1")
     else:

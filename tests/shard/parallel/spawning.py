@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import multiprocessing
 from collections.abc import Callable
-from datetime import timedelta
 from typing import Any, Protocol
 
 import torch
@@ -20,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from entropyinfer.shard.parallel.group import TensorParallelGroup
-from entropyinfer.shard.parallel.launch import master_store
+from entropyinfer.shard.parallel.launch import master_store, rank_store
 
 PRELOAD = ["torch", "entropyinfer.shard.engine", "entropyinfer.shard.weights"]
 
@@ -34,8 +33,7 @@ def _rank_main(
     rank: int, world: int, port: int, factory: GroupFactory, fn: Callable[..., None], args: tuple[Any, ...]
 ) -> None:
     torch.set_num_threads(1)
-    store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=timedelta(seconds=300))
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    dist.init_process_group("gloo", store=rank_store("127.0.0.1", port, world), rank=rank, world_size=world)
     try:
         fn(factory.from_world(), *args)
     finally:
